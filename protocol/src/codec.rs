@@ -1,0 +1,166 @@
+//! Encoding and decoding of frames: JSON in text frames, MessagePack (named fields,
+//! human-readable ids) in binary frames, one serde model for both.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::{ClientFrame, ErrorCode, ServerFrame};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Encoding {
+    /// UTF-8 JSON, sent in WebSocket text frames.
+    Json,
+    /// MessagePack with named fields, sent in WebSocket binary frames.
+    MsgPack,
+}
+
+/// Why a frame could not be decoded; maps onto a wire [`ErrorCode`].
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("unknown frame type `{0}`")]
+    UnknownType(String),
+}
+
+impl DecodeError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DecodeError::Malformed(_) => ErrorCode::MalformedFrame,
+            DecodeError::UnknownType(_) => ErrorCode::UnknownType,
+        }
+    }
+}
+
+/// Just enough of a frame to tell an unknown `type` from a malformed frame.
+#[derive(Deserialize)]
+struct Envelope {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+const CLIENT_TYPES: &[&str] = &["hello", "push", "auth", "resume", "snapshot", "ping"];
+const SERVER_TYPES: &[&str] = &[
+    "welcome", "ack", "catch_up", "up_to_date", "delta", "must_resync", "snapshot_page", "auth_ok", "pong", "error",
+];
+
+fn decode_value<T: DeserializeOwned>(encoding: Encoding, bytes: &[u8]) -> Result<T, String> {
+    match encoding {
+        Encoding::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
+        Encoding::MsgPack => {
+            let mut de = rmp_serde::Deserializer::from_read_ref(bytes).with_human_readable();
+            T::deserialize(&mut de).map_err(|e| e.to_string())
+        }
+    }
+}
+
+fn decode_frame<T: DeserializeOwned>(encoding: Encoding, bytes: &[u8], known: &[&str]) -> Result<T, DecodeError> {
+    decode_value::<T>(encoding, bytes).map_err(|message| {
+        // Only on the error path: find out whether the type tag was the problem.
+        match decode_value::<Envelope>(encoding, bytes) {
+            Ok(env) if !known.contains(&env.kind.as_str()) => DecodeError::UnknownType(env.kind),
+            _ => DecodeError::Malformed(message),
+        }
+    })
+}
+
+/// Serialize any value the way frames are serialized.
+pub fn encode<T: Serialize>(encoding: Encoding, value: &T) -> Vec<u8> {
+    match encoding {
+        // unwrap: our frame types contain only maps with string keys, which always encode.
+        Encoding::Json => serde_json::to_vec(value).expect("frame encodes as JSON"),
+        Encoding::MsgPack => {
+            let mut buf = Vec::with_capacity(128);
+            let mut ser = rmp_serde::Serializer::new(&mut buf).with_struct_map().with_human_readable();
+            value.serialize(&mut ser).expect("frame encodes as MessagePack");
+            buf
+        }
+    }
+}
+
+pub fn decode_client(encoding: Encoding, bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
+    decode_frame(encoding, bytes, CLIENT_TYPES)
+}
+
+pub fn decode_server(encoding: Encoding, bytes: &[u8]) -> Result<ServerFrame, DecodeError> {
+    decode_frame(encoding, bytes, SERVER_TYPES)
+}
+
+pub fn encode_client(encoding: Encoding, frame: &ClientFrame) -> Vec<u8> {
+    encode(encoding, frame)
+}
+
+pub fn encode_server(encoding: Encoding, frame: &ServerFrame) -> Vec<u8> {
+    encode(encoding, frame)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::*;
+    use serde_json::json;
+
+    fn sample_push() -> ClientFrame {
+        let mut key = Object::new();
+        key.insert("id".into(), json!("9f1c"));
+        let mut fields = Object::new();
+        fields.insert("price_cents".into(), json!(450));
+        fields.insert("name".into(), json!("Flat white"));
+        ClientFrame::Push {
+            id: 7,
+            batch_id: uuid::Uuid::from_u128(1),
+            changes: vec![Change {
+                change_id: uuid::Uuid::from_u128(2),
+                device_seq: 1,
+                table: "products".into(),
+                op: Op::Upsert,
+                key,
+                fields,
+                hlc: Hlc { wall_ms: 1_700_000_000_000, counter: 3 },
+                base_version: 0,
+            }],
+        }
+    }
+
+    #[test]
+    fn both_encodings_round_trip() {
+        for enc in [Encoding::Json, Encoding::MsgPack] {
+            let frame = sample_push();
+            let bytes = encode_client(enc, &frame);
+            assert_eq!(decode_client(enc, &bytes).unwrap(), frame);
+        }
+    }
+
+    #[test]
+    fn msgpack_uses_named_fields_and_string_uuids() {
+        let bytes = encode_client(Encoding::MsgPack, &sample_push());
+        let value: serde_json::Value = decode_value(Encoding::MsgPack, &bytes).unwrap();
+        assert_eq!(value["type"], "push");
+        assert_eq!(value["batch_id"], "00000000-0000-0000-0000-000000000001");
+    }
+
+    #[test]
+    fn unknown_type_is_told_apart_from_malformed() {
+        let err = decode_client(Encoding::Json, br#"{"type":"teleport","id":1}"#).unwrap_err();
+        assert_eq!(err, DecodeError::UnknownType("teleport".into()));
+        let err = decode_client(Encoding::Json, br#"{"type":"push","id":1}"#).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::MalformedFrame);
+        let err = decode_client(Encoding::Json, b"{not json").unwrap_err();
+        assert_eq!(err.code(), ErrorCode::MalformedFrame);
+        let err = decode_client(Encoding::MsgPack, &[0xc1, 0x00]).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::MalformedFrame);
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let frame = decode_client(Encoding::Json, br#"{"type":"ping","id":5,"future":true}"#).unwrap();
+        assert_eq!(frame, ClientFrame::Ping { id: 5 });
+    }
+
+    #[test]
+    fn error_code_spelling_matches_serde() {
+        for code in [ErrorCode::SeqGap, ErrorCode::TenantMismatch, ErrorCode::MalformedFrame, ErrorCode::Busy] {
+            assert_eq!(serde_json::to_value(code).unwrap(), json!(code.as_str()));
+        }
+    }
+}

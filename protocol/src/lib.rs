@@ -1,0 +1,269 @@
+//! synchub wire protocol v1: the frames a device and the hub exchange over one WebSocket.
+//!
+//! The same serde model is used for JSON (text frames) and MessagePack with named fields
+//! (binary frames); see [`codec`]. `README.md` beside this crate is the normative spec.
+//!
+//! Every request a client sends carries an `id` that the reply echoes; frames the hub pushes
+//! on its own (deltas, catch-up pages, must-resync) carry none. Unknown fields are ignored;
+//! an unknown `type` is answered with [`ErrorCode::UnknownType`].
+
+pub mod codec;
+mod error_codes;
+
+pub use codec::{DecodeError, Encoding};
+pub use error_codes::{CloseCode, ErrorCode};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+/// Protocol versions this crate speaks, newest last. The hub picks the highest one
+/// that the client also offers in `hello.versions`.
+pub const SUPPORTED_VERSIONS: &[u32] = &[1];
+
+/// A JSON object: a row image, a primary key, or the fields a change writes.
+pub type Object = Map<String, Value>;
+
+/// Request id chosen by the client; replies echo it.
+pub type RequestId = u64;
+
+/// Where a device stands in its tenant's change stream: the last tenant seq it applied,
+/// valid only within `epoch`. A new epoch means the log was reset and the device must resync.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    pub epoch: String,
+    pub seq: u64,
+}
+
+/// Hybrid logical clock of a change as the device stamped it. The device id completes it
+/// (ties between equal clocks are broken by device id); the hub adds that from the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Hlc {
+    /// Physical time in milliseconds since the Unix epoch.
+    pub wall_ms: u64,
+    /// Logical counter for events within the same millisecond.
+    pub counter: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    /// Insert the row or update the given fields of it.
+    Upsert,
+    /// Delete the row (it becomes a tombstone).
+    Delete,
+}
+
+/// One change a device made offline or online.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    /// Globally unique id of this change (UUIDv7 recommended).
+    pub change_id: Uuid,
+    /// Per-device sequence number: 1 for the device's first change, +1 for each next one.
+    pub device_seq: u64,
+    pub table: String,
+    pub op: Op,
+    /// Primary-key columns and their values.
+    pub key: Object,
+    /// Columns written (upsert only; must be empty or absent for delete).
+    #[serde(default)]
+    pub fields: Object,
+    pub hlc: Hlc,
+    /// The row version (tenant seq of its last write) the device had seen when it made
+    /// this change; 0 when it had never seen the row.
+    #[serde(default)]
+    pub base_version: u64,
+}
+
+/// Frames a client sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    /// First frame on every socket: authenticate and say where the device stands.
+    Hello {
+        id: RequestId,
+        /// Protocol versions the client speaks.
+        versions: Vec<u32>,
+        token: String,
+        /// Device id; required when the token carries none, must match when it does.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device_id: Option<String>,
+        /// Last position the device applied; absent on first start (catch up from 0).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        position: Option<Position>,
+    },
+    /// A batch of the device's changes, in `device_seq` order.
+    Push {
+        id: RequestId,
+        batch_id: Uuid,
+        changes: Vec<Change>,
+    },
+    /// Replace the session's token before it expires.
+    Auth { id: RequestId, token: String },
+    /// Restart catch-up from a position (after a snapshot taken on must-resync).
+    Resume { id: RequestId, position: Position },
+    /// Read one page of the current rows of a table, in primary-key order.
+    Snapshot {
+        id: RequestId,
+        table: String,
+        /// The `next_after` of the previous page; absent for the first page.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<Object>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
+    /// Application-level keepalive; answered with `pong`.
+    Ping { id: RequestId },
+}
+
+impl ClientFrame {
+    pub fn request_id(&self) -> RequestId {
+        match self {
+            ClientFrame::Hello { id, .. }
+            | ClientFrame::Push { id, .. }
+            | ClientFrame::Auth { id, .. }
+            | ClientFrame::Resume { id, .. }
+            | ClientFrame::Snapshot { id, .. }
+            | ClientFrame::Ping { id } => *id,
+        }
+    }
+}
+
+/// Limits the hub enforces on this session, announced in `welcome`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub max_frame_bytes: u64,
+    pub max_batch_changes: u32,
+    pub catch_up_page_changes: u32,
+    pub snapshot_page_rows: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeStatus {
+    /// Committed; every field was written and nothing concurrent touched the row.
+    Applied,
+    /// Committed; the row had changed since `base_version` but on other fields only.
+    Merged,
+    /// Committed; at least one field was written concurrently by another device. The
+    /// conflict was decided by the table's policy and recorded for review.
+    Conflict,
+    /// Not applied, for good (see `reason`). The device's cursor still advanced past it.
+    Rejected,
+    /// Already applied earlier (a re-sent change); not applied again.
+    Duplicate,
+}
+
+/// The outcome of one change of a pushed batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChangeResult {
+    pub change_id: Uuid,
+    pub device_seq: u64,
+    pub status: ChangeStatus,
+    /// Tenant seq the change was committed at (absent when rejected, or for a
+    /// duplicate whose original is no longer in the log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// Fields whose incoming value lost (conflict status only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lost_fields: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<ErrorCode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The row as committed, for `merged` and `conflict` results: it differs from what the
+    /// device wrote, and live deltas leave out the device's own changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row: Option<Object>,
+}
+
+/// One committed change of the tenant's log, as every subscriber sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Delta {
+    pub seq: u64,
+    pub table: String,
+    pub op: Op,
+    pub key: Object,
+    /// The full row after the change; absent for a delete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row: Option<Object>,
+    /// Old values of the columns this change modified (the whole old row for a delete).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old: Option<Object>,
+    /// Device that made the change; absent for writes by other SQL clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_id: Option<Uuid>,
+}
+
+/// A current row and its version (the tenant seq of its last write), which the device
+/// sends back as `base_version` when it changes the row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotRow {
+    pub row: Object,
+    pub version: u64,
+}
+
+/// Frames the hub sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    Welcome {
+        id: RequestId,
+        version: u32,
+        session_id: Uuid,
+        device_id: String,
+        epoch: String,
+        head_seq: u64,
+        limits: Limits,
+    },
+    Ack {
+        id: RequestId,
+        batch_id: Uuid,
+        results: Vec<ChangeResult>,
+    },
+    /// A page of the log after the device's position, sent after `welcome` or `resume`.
+    CatchUp {
+        deltas: Vec<Delta>,
+        /// The last seq this page covers: the device's position once it has applied the page.
+        seq: u64,
+        /// The tenant's head when the page was read; more pages follow while `seq < head_seq`.
+        head_seq: u64,
+    },
+    /// Catch-up is complete up to `seq`; live `delta` frames follow, starting at `seq + 1`.
+    UpToDate { seq: u64 },
+    /// Newly committed changes, pushed live in seq order. Covers the seqs after the previous
+    /// frame's `seq` up to this `seq`; the receiving device's own changes are left out
+    /// (it has their acks), so `deltas` may skip those seqs.
+    Delta { deltas: Vec<Delta>, seq: u64 },
+    /// The device's position cannot be resumed (other epoch, or older than the log keeps).
+    /// Drop local state, page a snapshot of each table, then `resume` from `seq` in `epoch`.
+    MustResync {
+        epoch: String,
+        head_seq: u64,
+        reason: ErrorCode,
+    },
+    SnapshotPage {
+        id: RequestId,
+        table: String,
+        rows: Vec<SnapshotRow>,
+        /// Tenant seq the page was read at; resume from the smallest `seq` of all pages.
+        seq: u64,
+        epoch: String,
+        /// Pass as `after` to read the next page; absent on the last page.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next_after: Option<Object>,
+    },
+    /// Reply to `auth`: the new token is in force until `expires_at` (Unix seconds).
+    AuthOk { id: RequestId, expires_at: u64 },
+    Pong { id: RequestId },
+    Error {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+        code: ErrorCode,
+        message: String,
+        /// True when the same request may succeed if retried later.
+        temporary: bool,
+    },
+}

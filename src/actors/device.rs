@@ -1,0 +1,599 @@
+//! `DeviceSession`: one actor per WebSocket. It authenticates the device, forwards its
+//! batches to the tenant actor and acks them after commit, catches the device up from the
+//! log and then switches to live deltas with no gap and no duplicate, and bounds what it
+//! buffers for a client that reads slowly (pings every N bytes; unconfirmed bytes over budget
+//! pause catch-up or end the session with `slow_consumer`).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_web_actors::ws;
+use bytes::{Bytes, BytesMut};
+use protocol::{ClientFrame, CloseCode, Encoding, ErrorCode, Limits, Position, ServerFrame, SUPPORTED_VERSIONS};
+use uuid::Uuid;
+
+use super::messages::{ApplyBatch, Encoded, LiveFrame, SessionControl, SharedFrame, Subscribe, Unsubscribe};
+use super::tenant::TenantActor;
+use crate::auth::{unix_now, Identity};
+use crate::error::Error;
+use crate::ids::{DeviceId, Seq, SessionId};
+use crate::server::Hub;
+use crate::storage::apply::BatchInput;
+
+/// Live frames a catching-up session keeps; past this it drops them and reads the log again.
+const CATCH_UP_BUFFER_FRAMES: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    AwaitHello,
+    /// `hello` is being verified and the session registered.
+    Starting,
+    /// must_resync was sent; waiting for `resume`.
+    AwaitResume,
+    CatchingUp,
+    Live,
+}
+
+struct Authenticated {
+    identity: Identity,
+    device: DeviceId,
+    tenant: Addr<TenantActor>,
+    expiry: Option<SpawnHandle>,
+}
+
+pub struct DeviceSession {
+    id: SessionId,
+    hub: Arc<Hub>,
+    encoding: Encoding,
+    phase: Phase,
+    auth: Option<Authenticated>,
+    epoch: String,
+    /// Last seq delivered to the client.
+    position: Seq,
+    /// Live frames received while catching up.
+    buffered: VecDeque<Arc<SharedFrame>>,
+    /// Highest seq of a live frame dropped while catching up.
+    dropped_upto: Seq,
+    catch_up_running: bool,
+    /// Catch-up waits for pongs before sending more.
+    catch_up_paused: bool,
+    bytes_written: u64,
+    bytes_confirmed: u64,
+    next_ping_at: u64,
+    last_heard: Instant,
+    errors: VecDeque<Instant>,
+    pushes_in_flight: usize,
+    closing: bool,
+    /// A fragmented message being reassembled: (is text, bytes so far).
+    partial: Option<(bool, BytesMut)>,
+}
+
+impl DeviceSession {
+    pub fn new(hub: Arc<Hub>) -> DeviceSession {
+        DeviceSession {
+            id: Uuid::new_v4(),
+            hub,
+            encoding: Encoding::Json,
+            phase: Phase::AwaitHello,
+            auth: None,
+            epoch: String::new(),
+            position: 0,
+            buffered: VecDeque::new(),
+            dropped_upto: 0,
+            catch_up_running: false,
+            catch_up_paused: false,
+            bytes_written: 0,
+            bytes_confirmed: 0,
+            next_ping_at: 0,
+            last_heard: Instant::now(),
+            errors: VecDeque::new(),
+            pushes_in_flight: 0,
+            closing: false,
+            partial: None,
+        }
+    }
+
+    fn unconfirmed(&self) -> u64 {
+        self.bytes_written.saturating_sub(self.bytes_confirmed)
+    }
+
+    fn write(&mut self, ctx: &mut ws::WebsocketContext<Self>, encoded: Encoded) {
+        self.bytes_written += encoded.len() as u64;
+        match encoded {
+            Encoded::Text(text) => ctx.text(text),
+            Encoded::Binary(bytes) => ctx.binary(bytes),
+        }
+        if self.bytes_written >= self.next_ping_at {
+            // The pong echoes this count: everything before it has been read by the client.
+            ctx.ping(&self.bytes_written.to_be_bytes());
+            self.next_ping_at = self.bytes_written + self.hub.config.ping_every_bytes as u64;
+        }
+    }
+
+    fn send(&mut self, ctx: &mut ws::WebsocketContext<Self>, frame: &ServerFrame) {
+        let encoded = Encoded::of(self.encoding, frame);
+        self.write(ctx, encoded);
+    }
+
+    fn send_error(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: Option<u64>, code: ErrorCode, message: impl Into<String>) {
+        let frame = ServerFrame::Error { id, code, message: message.into(), temporary: code.is_temporary() };
+        self.send(ctx, &frame);
+    }
+
+    fn close(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: CloseCode, reason: &str) {
+        tracing::debug!(session = %self.id, code = code.code(), reason, "closing session");
+        ctx.close(Some(ws::CloseReason { code: ws::CloseCode::Other(code.code()), description: Some(reason.to_owned()) }));
+        ctx.stop();
+    }
+
+    /// Count a bad frame; too many in a minute closes the socket.
+    fn bad_frame(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: Option<u64>, code: ErrorCode, message: String) {
+        let now = Instant::now();
+        while self.errors.front().is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60)) {
+            self.errors.pop_front();
+        }
+        self.errors.push_back(now);
+        self.send_error(ctx, id, code, message);
+        if self.errors.len() > self.hub.config.max_errors_per_minute as usize {
+            self.close(ctx, CloseCode::TooManyErrors, "too many bad frames");
+        }
+    }
+
+    fn handle_payload(&mut self, ctx: &mut ws::WebsocketContext<Self>, bytes: &[u8], encoding: Encoding) {
+        if self.phase == Phase::AwaitHello {
+            // The encoding of `hello` is the session's encoding.
+            self.encoding = encoding;
+        }
+        match protocol::codec::decode_client(encoding, bytes) {
+            Ok(frame) => self.handle_frame(ctx, frame),
+            Err(err) => self.bad_frame(ctx, None, err.code(), err.to_string()),
+        }
+    }
+
+    fn handle_frame(&mut self, ctx: &mut ws::WebsocketContext<Self>, frame: ClientFrame) {
+        let id = frame.request_id();
+        match frame {
+            ClientFrame::Hello { versions, token, device_id, position, .. } => {
+                self.hello(ctx, id, versions, token, device_id, position)
+            }
+            ClientFrame::Ping { .. } => self.send(ctx, &ServerFrame::Pong { id }),
+            _ if self.auth.is_none() || self.phase == Phase::Starting => {
+                self.bad_frame(ctx, Some(id), ErrorCode::NotAuthenticated, "send hello first".into())
+            }
+            ClientFrame::Push { batch_id, changes, .. } => self.push(ctx, id, batch_id, changes),
+            ClientFrame::Auth { token, .. } => self.refresh_token(ctx, id, &token),
+            ClientFrame::Resume { position, .. } => self.resume(ctx, id, position),
+            ClientFrame::Snapshot { table, after, limit, .. } => self.snapshot(ctx, id, table, after, limit),
+        }
+    }
+
+    fn hello(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        id: u64,
+        versions: Vec<u32>,
+        token: String,
+        device_id: Option<String>,
+        position: Option<Position>,
+    ) {
+        if self.phase != Phase::AwaitHello {
+            return self.bad_frame(ctx, Some(id), ErrorCode::AlreadyAuthenticated, "hello was already sent".into());
+        }
+        let Some(version) = SUPPORTED_VERSIONS.iter().rev().find(|v| versions.contains(v)).copied() else {
+            self.send_error(ctx, Some(id), ErrorCode::UnsupportedVersion, format!("this hub speaks versions {SUPPORTED_VERSIONS:?}"));
+            return self.close(ctx, CloseCode::UnsupportedVersion, "no common protocol version");
+        };
+        if !self.hub.accepting() {
+            self.send_error(ctx, Some(id), ErrorCode::ShuttingDown, "the hub is shutting down");
+            return self.close(ctx, CloseCode::GoingAway, "shutting down");
+        }
+        let identity = match self.hub.verifier.verify(&token) {
+            Ok(identity) => identity,
+            Err(err) => {
+                self.send_error(ctx, Some(id), err.code(), err.public_message());
+                return self.close(ctx, CloseCode::Unauthorized, "token refused");
+            }
+        };
+        let device = match (&identity.device, device_id) {
+            (Some(claimed), Some(given)) if claimed.as_str() != given => {
+                self.send_error(ctx, Some(id), ErrorCode::Forbidden, "device_id differs from the token's device");
+                return self.close(ctx, CloseCode::Unauthorized, "device mismatch");
+            }
+            (Some(claimed), _) => claimed.clone(),
+            (None, Some(given)) if !given.is_empty() && given.len() <= 200 => DeviceId::new(given),
+            (None, _) => {
+                self.send_error(ctx, Some(id), ErrorCode::InvalidToken, "the token names no device: hello.device_id is required");
+                return self.close(ctx, CloseCode::Unauthorized, "no device id");
+            }
+        };
+        let tenant = self.hub.registry.get(&identity.tenant);
+        let expiry = self.schedule_expiry(ctx, identity.expires_at);
+        self.auth = Some(Authenticated { identity: identity.clone(), device: device.clone(), tenant: tenant.clone(), expiry });
+        self.phase = Phase::Starting;
+        let subscribe = Subscribe {
+            session: self.id,
+            device: device.clone(),
+            live: ctx.address().recipient(),
+            control: ctx.address().recipient(),
+        };
+        let store = self.hub.store.clone();
+        let tenant_id = identity.tenant.clone();
+        let work = async move {
+            tenant.send(subscribe).await.map_err(|_| Error::Busy)?;
+            store.tenant_head(&tenant_id).await
+        };
+        ctx.spawn(work.into_actor(self).map(move |result, session, ctx| {
+            let head = match result {
+                Ok(head) => head,
+                Err(err) => {
+                    session.send_error(ctx, Some(id), err.code(), err.public_message());
+                    return session.close(ctx, CloseCode::GoingAway, "hub unavailable");
+                }
+            };
+            let limits = Limits {
+                max_frame_bytes: session.hub.config.max_frame_bytes as u64,
+                max_batch_changes: session.hub.config.max_batch_changes as u32,
+                catch_up_page_changes: session.hub.config.catch_up_page_changes,
+                snapshot_page_rows: session.hub.config.snapshot_page_rows,
+            };
+            session.send(
+                ctx,
+                &ServerFrame::Welcome {
+                    id,
+                    version,
+                    session_id: session.id,
+                    device_id: device.to_string(),
+                    epoch: head.epoch.clone(),
+                    head_seq: head.head_seq,
+                    limits,
+                },
+            );
+            session.epoch = head.epoch.clone();
+            match position {
+                None => session.start_catch_up(ctx, 0),
+                Some(p) if p.epoch != head.epoch || p.seq > head.head_seq => {
+                    session.must_resync(ctx, head.head_seq, ErrorCode::EpochMismatch)
+                }
+                Some(p) if p.seq < head.log_floor => session.must_resync(ctx, head.head_seq, ErrorCode::PositionTooOld),
+                Some(p) => session.start_catch_up(ctx, p.seq),
+            }
+        }));
+    }
+
+    fn must_resync(&mut self, ctx: &mut ws::WebsocketContext<Self>, head_seq: Seq, reason: ErrorCode) {
+        self.phase = Phase::AwaitResume;
+        self.buffered.clear();
+        let frame = ServerFrame::MustResync { epoch: self.epoch.clone(), head_seq, reason };
+        self.send(ctx, &frame);
+    }
+
+    fn schedule_expiry(&mut self, ctx: &mut ws::WebsocketContext<Self>, expires_at: u64) -> Option<SpawnHandle> {
+        let now = unix_now();
+        let left = Duration::from_secs(expires_at.saturating_sub(now)) + Duration::from_secs(self.hub.config.jwt_leeway_secs);
+        Some(ctx.run_later(left, |session, ctx| {
+            session.send_error(ctx, None, ErrorCode::TokenExpired, "the session's token expired");
+            session.close(ctx, CloseCode::TokenExpired, "token expired");
+        }))
+    }
+
+    fn refresh_token(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: u64, token: &str) {
+        let identity = match self.hub.verifier.verify(token) {
+            Ok(identity) => identity,
+            Err(err) => return self.send_error(ctx, Some(id), err.code(), err.public_message()),
+        };
+        // unwrap: handle_frame only routes `auth` to authenticated sessions.
+        let auth = self.auth.as_ref().expect("authenticated");
+        let same_device = identity.device.as_ref().is_none_or(|d| *d == auth.device);
+        if identity.tenant != auth.identity.tenant || identity.user != auth.identity.user || !same_device {
+            return self.send_error(ctx, Some(id), ErrorCode::Forbidden, "a refreshed token must name the same tenant, user and device");
+        }
+        let expires_at = identity.expires_at;
+        if let Some(handle) = self.auth.as_mut().and_then(|a| a.expiry.take()) {
+            ctx.cancel_future(handle);
+        }
+        let expiry = self.schedule_expiry(ctx, expires_at);
+        if let Some(auth) = self.auth.as_mut() {
+            auth.identity = identity;
+            auth.expiry = expiry;
+        }
+        self.send(ctx, &ServerFrame::AuthOk { id, expires_at });
+    }
+
+    fn push(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: u64, batch_id: Uuid, changes: Vec<protocol::Change>) {
+        if self.closing {
+            return self.send_error(ctx, Some(id), ErrorCode::ShuttingDown, "the hub is shutting down; reconnect");
+        }
+        if changes.is_empty() {
+            return self.bad_frame(ctx, Some(id), ErrorCode::InvalidBatch, "a batch needs at least one change".into());
+        }
+        if changes.len() > self.hub.config.max_batch_changes {
+            let max = self.hub.config.max_batch_changes;
+            return self.bad_frame(ctx, Some(id), ErrorCode::BatchTooLarge, format!("{} changes; at most {max} per batch", changes.len()));
+        }
+        // unwrap: only authenticated sessions reach here.
+        let auth = self.auth.as_ref().expect("authenticated");
+        let input = BatchInput { device: auth.device.clone(), user: auth.identity.user.clone(), batch_id, changes };
+        let tenant = auth.tenant.clone();
+        self.pushes_in_flight += 1;
+        ctx.spawn(async move { tenant.send(ApplyBatch { input }).await }.into_actor(self).map(move |reply, session, ctx| {
+            session.pushes_in_flight -= 1;
+            match reply {
+                Ok(Ok(results)) => session.send(ctx, &ServerFrame::Ack { id, batch_id, results }),
+                Ok(Err(err)) => session.send_error(ctx, Some(id), err.code(), err.public_message()),
+                Err(_) => session.send_error(ctx, Some(id), ErrorCode::Unavailable, "tenant actor unavailable; retry"),
+            }
+            if session.closing && session.pushes_in_flight == 0 {
+                session.close(ctx, CloseCode::GoingAway, "shutting down");
+            }
+        }));
+    }
+
+    fn resume(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: u64, position: Position) {
+        if matches!(self.phase, Phase::CatchingUp | Phase::Live) {
+            return self.bad_frame(ctx, Some(id), ErrorCode::InvalidBatch, "resume is only valid after must_resync".into());
+        }
+        if position.epoch != self.epoch {
+            return self.must_resync(ctx, position.seq, ErrorCode::EpochMismatch);
+        }
+        self.start_catch_up(ctx, position.seq);
+    }
+
+    fn snapshot(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: u64, table: String, after: Option<protocol::Object>, limit: Option<u32>) {
+        let store = self.hub.store.clone();
+        // unwrap: only authenticated sessions reach here.
+        let tenant = self.auth.as_ref().expect("authenticated").identity.tenant.clone();
+        let limit = limit.unwrap_or(self.hub.config.snapshot_page_rows).clamp(1, self.hub.config.snapshot_page_rows);
+        let work = async move {
+            let catalog = store.catalog_with(&table).await;
+            let Some(schema) = catalog.get(&table).cloned() else {
+                return Err(Error::client(ErrorCode::UnknownTable, format!("`{table}` is not a synced table")));
+            };
+            let (rows, seq, epoch) = store.snapshot_page(&tenant, &schema, after.as_ref(), limit).await.map_err(|e| match e {
+                Error::Database(ref db) if db.as_database_error().is_some() => {
+                    Error::client(ErrorCode::InvalidKey, "`after` does not match the table's primary key")
+                }
+                other => other,
+            })?;
+            let next_after = (rows.len() as u32 == limit)
+                .then(|| rows.last().map(|r| schema.key.iter().filter_map(|k| Some((k.clone(), r.row.get(k)?.clone()))).collect()))
+                .flatten();
+            Ok(ServerFrame::SnapshotPage { id, table, rows, seq, epoch, next_after })
+        };
+        ctx.spawn(work.into_actor(self).map(move |result, session, ctx| match result {
+            Ok(frame) => session.send(ctx, &frame),
+            Err(err) => session.send_error(ctx, Some(id), err.code(), err.public_message()),
+        }));
+    }
+
+    fn start_catch_up(&mut self, ctx: &mut ws::WebsocketContext<Self>, from: Seq) {
+        self.phase = Phase::CatchingUp;
+        self.position = from;
+        self.catch_up_step(ctx);
+    }
+
+    /// Read one page of the log after `position`; when the log is exhausted and the buffered
+    /// live frames continue where it ended, switch to live.
+    fn catch_up_step(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        if self.catch_up_running || self.phase != Phase::CatchingUp {
+            return;
+        }
+        if self.unconfirmed() > self.hub.config.session_outbound_budget_bytes as u64 / 2 {
+            // Flow control: wait for the client to read what was sent (resumed on pong).
+            self.catch_up_paused = true;
+            ctx.ping(&self.bytes_written.to_be_bytes());
+            return;
+        }
+        self.catch_up_running = true;
+        let store = self.hub.store.clone();
+        // unwrap: catch-up only starts after hello succeeded.
+        let tenant = self.auth.as_ref().expect("authenticated").identity.tenant.clone();
+        let after = self.position;
+        let page = self.hub.config.catch_up_page_changes;
+        ctx.spawn(async move { store.read_log(&tenant, after, None, page).await }.into_actor(self).map(move |result, session, ctx| {
+            session.catch_up_running = false;
+            let (deltas, head) = match result {
+                Ok(read) => read,
+                Err(err) => {
+                    tracing::warn!(session = %session.id, %err, "catch-up read failed");
+                    session.send_error(ctx, None, err.code(), err.public_message());
+                    return session.close(ctx, CloseCode::GoingAway, "storage unavailable");
+                }
+            };
+            let exhausted = (deltas.len() as u32) < page;
+            if let Some(last) = deltas.last().map(|d| d.seq) {
+                session.send(ctx, &ServerFrame::CatchUp { deltas, seq: last, head_seq: head });
+                session.position = last;
+            }
+            if exhausted && session.try_go_live(ctx) {
+                return;
+            }
+            session.catch_up_step(ctx);
+        }));
+    }
+
+    /// Switch to live if the buffered frames continue right after `position`.
+    fn try_go_live(&mut self, ctx: &mut ws::WebsocketContext<Self>) -> bool {
+        if self.dropped_upto > self.position {
+            return false;
+        }
+        while self.buffered.front().is_some_and(|f| f.seq <= self.position) {
+            self.buffered.pop_front();
+        }
+        if self.buffered.front().is_some_and(|f| f.after > self.position) {
+            return false; // a gap the log has not shown us yet: read again
+        }
+        self.phase = Phase::Live;
+        self.send(ctx, &ServerFrame::UpToDate { seq: self.position });
+        let frames: Vec<_> = self.buffered.drain(..).collect();
+        for frame in frames {
+            self.deliver(ctx, frame);
+        }
+        true
+    }
+
+    /// Send a live frame, dropping deltas the client already has.
+    fn deliver(&mut self, ctx: &mut ws::WebsocketContext<Self>, frame: Arc<SharedFrame>) {
+        if frame.seq <= self.position {
+            return;
+        }
+        if frame.after > self.position {
+            // Frames went missing (mailbox was full): fall back to the log.
+            self.buffered.push_back(frame);
+            return self.start_catch_up(ctx, self.position);
+        }
+        if self.unconfirmed() > self.hub.config.session_outbound_budget_bytes as u64 {
+            self.hub.metrics_slow_consumer();
+            return self.close(ctx, CloseCode::SlowConsumer, "client is not reading; resume from your last seq");
+        }
+        let encoded = if frame.after == self.position {
+            (!frame.deltas.is_empty()).then(|| frame.encoded(self.encoding))
+        } else {
+            let rest: Vec<_> = frame.deltas.iter().filter(|d| d.seq > self.position).cloned().collect();
+            (!rest.is_empty()).then(|| Encoded::of(self.encoding, &ServerFrame::Delta { deltas: rest, seq: frame.seq }))
+        };
+        self.position = frame.seq;
+        if let Some(encoded) = encoded {
+            self.write(ctx, encoded);
+        }
+    }
+
+    fn heartbeat(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        if self.last_heard.elapsed() > self.hub.config.heartbeat_timeout() {
+            return self.close(ctx, CloseCode::HeartbeatTimeout, "no pong or frame within the heartbeat timeout");
+        }
+        ctx.ping(&self.bytes_written.to_be_bytes());
+    }
+}
+
+impl Actor for DeviceSession {
+    type Context = ws::WebsocketContext<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(self.hub.config.session_mailbox);
+        self.next_ping_at = self.hub.config.ping_every_bytes as u64;
+        self.hub.sessions.insert(self.id, ctx.address().recipient());
+        ctx.run_later(self.hub.config.hello_timeout(), |session, ctx| {
+            if session.phase == Phase::AwaitHello {
+                session.close(ctx, CloseCode::HelloTimeout, "hello did not arrive in time");
+            }
+        });
+        ctx.run_interval(self.hub.config.heartbeat_interval(), |session, ctx| session.heartbeat(ctx));
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        self.hub.sessions.remove(&self.id);
+        if let Some(auth) = &self.auth {
+            let _ = auth.tenant.try_send(Unsubscribe { session: self.id });
+        }
+    }
+}
+
+impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for DeviceSession {
+    fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+        self.last_heard = Instant::now();
+        let msg = match msg {
+            Ok(msg) => msg,
+            Err(ws::ProtocolError::Overflow) => {
+                return self.close(ctx, CloseCode::MessageTooBig, "frame larger than max_frame_bytes");
+            }
+            Err(err) => {
+                tracing::debug!(session = %self.id, %err, "websocket protocol error");
+                return self.close(ctx, CloseCode::MessageTooBig, "websocket protocol error");
+            }
+        };
+        match msg {
+            ws::Message::Text(text) => self.handle_payload(ctx, text.as_bytes(), Encoding::Json),
+            ws::Message::Binary(bytes) => self.handle_payload(ctx, &bytes, Encoding::MsgPack),
+            ws::Message::Ping(payload) => ctx.pong(&payload),
+            ws::Message::Pong(payload) => {
+                if let Ok(count) = <[u8; 8]>::try_from(payload.as_ref()) {
+                    self.bytes_confirmed = self.bytes_confirmed.max(u64::from_be_bytes(count).min(self.bytes_written));
+                }
+                if self.catch_up_paused && self.unconfirmed() <= self.hub.config.session_outbound_budget_bytes as u64 / 2 {
+                    self.catch_up_paused = false;
+                    self.catch_up_step(ctx);
+                }
+            }
+            ws::Message::Continuation(item) => self.continuation(ctx, item),
+            ws::Message::Close(_) => ctx.stop(),
+            ws::Message::Nop => {}
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}
+
+impl DeviceSession {
+    /// Reassemble fragmented messages, bounded by `max_frame_bytes`.
+    fn continuation(&mut self, ctx: &mut ws::WebsocketContext<Self>, item: actix_http::ws::Item) {
+        let max = self.hub.config.max_frame_bytes;
+        let (is_text, chunk, last) = match item {
+            actix_http::ws::Item::FirstText(b) => (Some(true), b, false),
+            actix_http::ws::Item::FirstBinary(b) => (Some(false), b, false),
+            actix_http::ws::Item::Continue(b) => (None, b, false),
+            actix_http::ws::Item::Last(b) => (None, b, true),
+        };
+        if let Some(text) = is_text {
+            self.partial = Some((text, BytesMut::new()));
+        }
+        let Some((text, buf)) = self.partial.as_mut() else {
+            return self.close(ctx, CloseCode::MessageTooBig, "continuation without a first fragment");
+        };
+        buf.extend_from_slice(&chunk);
+        if buf.len() > max {
+            return self.close(ctx, CloseCode::MessageTooBig, "message larger than max_frame_bytes");
+        }
+        if last {
+            let text = *text;
+            let whole: Bytes = self.partial.take().map(|(_, b)| b.freeze()).unwrap_or_default();
+            let encoding = if text { Encoding::Json } else { Encoding::MsgPack };
+            self.handle_payload(ctx, &whole, encoding);
+        }
+    }
+}
+
+impl Handler<LiveFrame> for DeviceSession {
+    type Result = ();
+
+    fn handle(&mut self, LiveFrame(frame): LiveFrame, ctx: &mut Self::Context) {
+        match self.phase {
+            Phase::Live => self.deliver(ctx, frame),
+            Phase::CatchingUp | Phase::Starting => {
+                if self.buffered.len() >= CATCH_UP_BUFFER_FRAMES {
+                    // Bounded: forget what is buffered; the log has it, and buffering restarts.
+                    self.buffered.clear();
+                    self.dropped_upto = self.dropped_upto.max(frame.seq);
+                } else {
+                    self.buffered.push_back(frame);
+                }
+            }
+            Phase::AwaitHello | Phase::AwaitResume => {}
+        }
+    }
+}
+
+impl Handler<SessionControl> for DeviceSession {
+    type Result = ();
+
+    fn handle(&mut self, msg: SessionControl, ctx: &mut Self::Context) {
+        match msg {
+            SessionControl::Replaced => self.close(ctx, CloseCode::Replaced, "the device opened a newer session"),
+            SessionControl::Lagged => {
+                if self.phase == Phase::Live {
+                    let position = self.position;
+                    self.start_catch_up(ctx, position);
+                }
+            }
+            SessionControl::Shutdown => {
+                self.closing = true;
+                if self.pushes_in_flight == 0 {
+                    self.close(ctx, CloseCode::GoingAway, "the hub is shutting down; reconnect");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! Messages between actors (named fields, not wire types). Delivery to sessions always uses
+//! `try_send` on bounded mailboxes; a full mailbox makes the session catch up from the log.
+
+use std::sync::{Arc, OnceLock};
+
+use actix::prelude::*;
+use bytes::Bytes;
+use bytestring::ByteString;
+use protocol::{ChangeResult, Delta, Encoding, ServerFrame};
+
+use crate::error::Result;
+use crate::ids::{DeviceId, Seq, SessionId};
+use crate::storage::apply::BatchInput;
+
+/// A device's batch for its tenant actor; answered after commit.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<ChangeResult>>")]
+pub struct ApplyBatch {
+    pub input: BatchInput,
+}
+
+/// A session asks for the tenant's live stream.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Subscribe {
+    pub session: SessionId,
+    pub device: DeviceId,
+    pub live: Recipient<LiveFrame>,
+    pub control: Recipient<SessionControl>,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unsubscribe {
+    pub session: SessionId,
+}
+
+/// Rows were written to the tenant's log by someone else (another SQL client).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LogAppended;
+
+/// Orders from the hub to a session.
+#[derive(Message, Debug, Clone, Copy, PartialEq, Eq)]
+#[rtype(result = "()")]
+pub enum SessionControl {
+    /// The same device opened a newer session.
+    Replaced,
+    /// Frames for this session were dropped (mailbox full): catch up from the log.
+    Lagged,
+    /// The hub is shutting down.
+    Shutdown,
+}
+
+/// Committed deltas covering seqs `(after, seq]`, shared by every receiver.
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct LiveFrame(pub Arc<SharedFrame>);
+
+/// One `delta` frame, encoded at most once per encoding however many sessions receive it.
+pub struct SharedFrame {
+    pub after: Seq,
+    pub seq: Seq,
+    pub deltas: Vec<Delta>,
+    json: OnceLock<ByteString>,
+    msgpack: OnceLock<Bytes>,
+}
+
+/// Bytes of a frame, ready for a text or binary WebSocket message.
+#[derive(Clone)]
+pub enum Encoded {
+    Text(ByteString),
+    Binary(Bytes),
+}
+
+impl Encoded {
+    pub fn len(&self) -> usize {
+        match self {
+            Encoded::Text(s) => s.len(),
+            Encoded::Binary(b) => b.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn of(encoding: Encoding, frame: &ServerFrame) -> Encoded {
+        let bytes = protocol::codec::encode_server(encoding, frame);
+        match encoding {
+            // unwrap: serde_json produces UTF-8.
+            Encoding::Json => Encoded::Text(ByteString::try_from(Bytes::from(bytes)).expect("JSON is UTF-8")),
+            Encoding::MsgPack => Encoded::Binary(Bytes::from(bytes)),
+        }
+    }
+}
+
+impl SharedFrame {
+    pub fn new(after: Seq, seq: Seq, deltas: Vec<Delta>) -> SharedFrame {
+        SharedFrame { after, seq, deltas, json: OnceLock::new(), msgpack: OnceLock::new() }
+    }
+
+    fn frame(&self) -> ServerFrame {
+        ServerFrame::Delta { deltas: self.deltas.clone(), seq: self.seq }
+    }
+
+    pub fn encoded(&self, encoding: Encoding) -> Encoded {
+        match encoding {
+            Encoding::Json => Encoded::Text(
+                self.json
+                    .get_or_init(|| match Encoded::of(Encoding::Json, &self.frame()) {
+                        Encoded::Text(s) => s,
+                        Encoded::Binary(_) => unreachable!("JSON encodes to text"),
+                    })
+                    .clone(),
+            ),
+            Encoding::MsgPack => Encoded::Binary(
+                self.msgpack
+                    .get_or_init(|| protocol::codec::encode_server(Encoding::MsgPack, &self.frame()).into())
+                    .clone(),
+            ),
+        }
+    }
+}

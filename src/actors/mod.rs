@@ -1,0 +1,5 @@
+//! Actors: per-socket device sessions, per-tenant actors, and the registry between them.
+pub mod device;
+pub mod messages;
+pub mod registry;
+pub mod tenant;

@@ -1,0 +1,75 @@
+//! The registry of tenant actors: finds a tenant's actor, starting it on demand on one of a
+//! fixed set of arbiters (so tenants spread over threads), and forgets it when it stops.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Weak};
+
+use actix::prelude::*;
+use dashmap::DashMap;
+
+use super::messages::LogAppended;
+use super::tenant::TenantActor;
+use crate::config::Config;
+use crate::ids::TenantId;
+use crate::storage::Store;
+
+pub struct TenantRegistry {
+    actors: DashMap<TenantId, Addr<TenantActor>>,
+    arbiters: Vec<ArbiterHandle>,
+    store: Arc<Store>,
+    config: Arc<Config>,
+    this: Weak<TenantRegistry>,
+}
+
+impl TenantRegistry {
+    pub fn new(store: Arc<Store>, config: Arc<Config>, arbiters: Vec<ArbiterHandle>) -> Arc<TenantRegistry> {
+        assert!(!arbiters.is_empty(), "at least one arbiter");
+        Arc::new_cyclic(|this| TenantRegistry { actors: DashMap::new(), arbiters, store, config, this: this.clone() })
+    }
+
+    /// The tenant's actor, started if it is not running.
+    pub fn get(&self, tenant: &TenantId) -> Addr<TenantActor> {
+        if let Some(addr) = self.actors.get(tenant).filter(|a| a.connected()) {
+            return addr.clone();
+        }
+        let mut entry = self.actors.entry(tenant.clone()).or_insert_with(|| self.start(tenant));
+        if !entry.connected() {
+            *entry = self.start(tenant);
+        }
+        entry.clone()
+    }
+
+    fn start(&self, tenant: &TenantId) -> Addr<TenantActor> {
+        let mut hasher = DefaultHasher::new();
+        tenant.hash(&mut hasher);
+        let arbiter = &self.arbiters[(hasher.finish() % self.arbiters.len() as u64) as usize];
+        let actor = TenantActor::new(tenant.clone(), self.store.clone(), self.config.clone(), self.this.clone());
+        TenantActor::start_in_arbiter(arbiter, move |_| actor)
+    }
+
+    /// Called by a stopping actor; only removes the entry if it is still that actor.
+    pub fn forget(&self, tenant: &TenantId, addr: &Addr<TenantActor>) {
+        self.actors.remove_if(tenant, |_, current| current == addr);
+    }
+
+    /// Tell a running tenant actor that other writers appended to its log.
+    pub fn log_appended(&self, tenant: &TenantId) {
+        if let Some(addr) = self.actors.get(tenant) {
+            // A full mailbox means the actor is busy and will read the log anyway soon;
+            // dropping the nudge is safe because its tick re-reads when marked dirty.
+            let _ = addr.try_send(LogAppended);
+        }
+    }
+
+    /// Nudge every running tenant actor (after the notification listener reconnected).
+    pub fn log_appended_all(&self) {
+        for entry in self.actors.iter() {
+            let _ = entry.value().try_send(LogAppended);
+        }
+    }
+
+    pub fn tenant_count(&self) -> usize {
+        self.actors.len()
+    }
+}

@@ -1,0 +1,310 @@
+//! `TenantActor`: one per tenant. It serializes the tenant's merges, commits the batches that
+//! queued up while a transaction was in flight in one transaction (group commit), and after
+//! commit fans the deltas out to the tenant's sessions in seq order, with no gap.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use protocol::{ChangeResult, Delta};
+use tokio::sync::oneshot;
+
+use super::messages::{ApplyBatch, LiveFrame, LogAppended, SessionControl, SharedFrame, Subscribe, Unsubscribe};
+use super::registry::TenantRegistry;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::ids::{DeviceId, Seq, SessionId, TenantId};
+use crate::storage::apply::{ApplyLimits, BatchInput};
+use crate::storage::Store;
+
+/// How often the actor retries nudging lagged sessions and checks for idleness.
+const TICK: Duration = Duration::from_millis(250);
+/// Log entries read per query when filling a gap left by other SQL writers.
+const LOG_READ_PAGE: u32 = 1000;
+
+struct Subscriber {
+    device: DeviceId,
+    live: Recipient<LiveFrame>,
+    control: Recipient<SessionControl>,
+    /// A frame could not be delivered; the session must be told to catch up.
+    lagged: bool,
+}
+
+struct Queued {
+    input: BatchInput,
+    reply: oneshot::Sender<Result<Vec<ChangeResult>>>,
+}
+
+pub struct TenantActor {
+    tenant: TenantId,
+    store: Arc<Store>,
+    config: Arc<Config>,
+    registry: std::sync::Weak<TenantRegistry>,
+    sessions: HashMap<SessionId, Subscriber>,
+    queue: VecDeque<Queued>,
+    committing: bool,
+    /// Last seq handed to subscribers; fan-out continues at `fanned + 1`.
+    fanned: Seq,
+    /// Committed deltas not yet fanned out because an earlier seq is still missing.
+    ready: BTreeMap<Seq, Delta>,
+    reading_log: bool,
+    /// The log grew while a read was under way: read again after it.
+    log_dirty: bool,
+    last_activity: Instant,
+}
+
+impl TenantActor {
+    pub fn new(tenant: TenantId, store: Arc<Store>, config: Arc<Config>, registry: std::sync::Weak<TenantRegistry>) -> Self {
+        TenantActor {
+            tenant,
+            store,
+            config,
+            registry,
+            sessions: HashMap::new(),
+            queue: VecDeque::new(),
+            committing: false,
+            fanned: 0,
+            ready: BTreeMap::new(),
+            reading_log: false,
+            log_dirty: false,
+            last_activity: Instant::now(),
+        }
+    }
+
+    fn limits(&self) -> ApplyLimits {
+        ApplyLimits { max_field_bytes: self.config.max_field_bytes, max_clock_skew_ms: self.config.max_clock_skew_ms }
+    }
+
+    /// Start the next group transaction if none is in flight.
+    fn pump(&mut self, ctx: &mut Context<Self>) {
+        if self.committing || self.queue.is_empty() {
+            return;
+        }
+        let mut group = Vec::new();
+        let mut changes = 0;
+        while let Some(next) = self.queue.front() {
+            if !group.is_empty() && changes + next.input.changes.len() > self.config.group_commit_max_changes {
+                break;
+            }
+            changes += next.input.changes.len();
+            // unwrap: front() was Some.
+            group.push(self.queue.pop_front().expect("queued batch"));
+        }
+        self.committing = true;
+        let store = self.store.clone();
+        let tenant = self.tenant.clone();
+        let limits = self.limits();
+        let inputs: Vec<BatchInput> = group.iter().map(|q| q.input.clone()).collect();
+        let work = async move {
+            let mut attempt = 0;
+            loop {
+                match store.commit_group(&tenant, &inputs, limits).await {
+                    Err(Error::Database(err)) if attempt < 2 && is_retryable(&err) => attempt += 1,
+                    other => return other,
+                }
+            }
+        };
+        ctx.spawn(work.into_actor(self).map(move |outcome, actor, ctx| {
+            actor.committing = false;
+            actor.last_activity = Instant::now();
+            match outcome {
+                Ok(output) => {
+                    for (queued, results) in group.into_iter().zip(output.results) {
+                        let _ = queued.reply.send(Ok(results));
+                    }
+                    actor.accept(output.deltas, ctx);
+                }
+                Err(err) => {
+                    tracing::error!(tenant = %actor.tenant, %err, "group commit failed");
+                    for queued in group {
+                        let _ = queued.reply.send(Err(Error::client(err.code(), err.public_message())));
+                    }
+                }
+            }
+            actor.pump(ctx);
+        }));
+    }
+
+    /// Take committed deltas (own or read from the log) and fan out what is contiguous.
+    fn accept(&mut self, deltas: Vec<Delta>, ctx: &mut Context<Self>) {
+        for delta in deltas {
+            if delta.seq > self.fanned {
+                self.ready.insert(delta.seq, delta);
+            }
+        }
+        let mut batch = Vec::new();
+        while let Some(entry) = self.ready.first_entry() {
+            if *entry.key() != self.fanned + batch.len() as u64 + 1 {
+                break;
+            }
+            batch.push(entry.remove());
+        }
+        if !batch.is_empty() {
+            self.fan_out(batch);
+        }
+        if !self.ready.is_empty() {
+            // Someone else wrote seqs before ours: read them from the log.
+            self.read_log(ctx);
+        }
+    }
+
+    fn fan_out(&mut self, deltas: Vec<Delta>) {
+        let after = self.fanned;
+        let seq = deltas.last().map(|d| d.seq).unwrap_or(after);
+        self.fanned = seq;
+        if self.sessions.is_empty() {
+            return;
+        }
+        let origins: HashSet<&str> = deltas.iter().filter_map(|d| d.origin.as_deref()).collect();
+        let mut per_origin: HashMap<String, Arc<SharedFrame>> = HashMap::new();
+        for origin in origins {
+            let own_excluded: Vec<Delta> = deltas.iter().filter(|d| d.origin.as_deref() != Some(origin)).cloned().collect();
+            per_origin.insert(origin.to_owned(), Arc::new(SharedFrame::new(after, seq, own_excluded)));
+        }
+        let shared = Arc::new(SharedFrame::new(after, seq, deltas));
+        let mut gone = Vec::new();
+        for (id, sub) in self.sessions.iter_mut() {
+            let frame = per_origin.get(sub.device.as_str()).unwrap_or(&shared).clone();
+            match sub.live.try_send(LiveFrame(frame)) {
+                Ok(()) => {}
+                Err(SendError::Full(_)) => sub.lagged = true,
+                Err(SendError::Closed(_)) => gone.push(*id),
+            }
+        }
+        for id in gone {
+            self.sessions.remove(&id);
+        }
+        self.nudge_lagged();
+    }
+
+    fn nudge_lagged(&mut self) {
+        for sub in self.sessions.values_mut().filter(|s| s.lagged) {
+            if sub.control.try_send(SessionControl::Lagged).is_ok() {
+                sub.lagged = false;
+            }
+        }
+    }
+
+    /// Read log entries after `fanned` (written by other SQL clients) and fan them out.
+    fn read_log(&mut self, ctx: &mut Context<Self>) {
+        if self.reading_log {
+            self.log_dirty = true;
+            return;
+        }
+        self.reading_log = true;
+        self.log_dirty = false;
+        let store = self.store.clone();
+        let tenant = self.tenant.clone();
+        let after = self.fanned;
+        let upto = self.ready.first_key_value().map(|(s, _)| s - 1);
+        ctx.spawn(async move { store.read_log(&tenant, after, upto, LOG_READ_PAGE).await }.into_actor(self).map(
+            |result, actor, ctx| {
+                actor.reading_log = false;
+                match result {
+                    Ok((deltas, _head)) => {
+                        let full_page = deltas.len() as u32 == LOG_READ_PAGE;
+                        actor.accept(deltas, ctx);
+                        if full_page || actor.log_dirty {
+                            actor.read_log(ctx);
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(tenant = %actor.tenant, %err, "log read failed; retrying on the next tick");
+                        actor.log_dirty = true;
+                    }
+                }
+            },
+        ));
+    }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        self.nudge_lagged();
+        if self.log_dirty && !self.reading_log {
+            self.read_log(ctx);
+        }
+        let idle = self.sessions.is_empty() && self.queue.is_empty() && !self.committing && !self.reading_log;
+        if idle && self.last_activity.elapsed() >= self.config.tenant_idle() {
+            if let Some(registry) = self.registry.upgrade() {
+                registry.forget(&self.tenant, &ctx.address());
+            }
+            ctx.stop();
+        }
+    }
+}
+
+fn is_retryable(err: &sqlx::Error) -> bool {
+    // Deadlock with another writer's trigger, or a serialization failure: redo the group.
+    err.as_database_error().and_then(|e| e.code()).is_some_and(|c| c == "40P01" || c == "40001")
+}
+
+impl Actor for TenantActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(self.config.tenant_mailbox);
+        ctx.run_interval(TICK, |actor, ctx| actor.tick(ctx));
+        // Learn where the log stands before handling anything else.
+        let store = self.store.clone();
+        let tenant = self.tenant.clone();
+        ctx.wait(async move { store.tenant_head(&tenant).await }.into_actor(self).map(|head, actor, ctx| match head {
+            Ok(head) => actor.fanned = head.head_seq,
+            Err(err) => {
+                tracing::error!(tenant = %actor.tenant, %err, "cannot read tenant head; tenant actor stops");
+                if let Some(registry) = actor.registry.upgrade() {
+                    registry.forget(&actor.tenant, &ctx.address());
+                }
+                ctx.stop();
+            }
+        }));
+    }
+}
+
+impl Handler<ApplyBatch> for TenantActor {
+    type Result = ResponseFuture<Result<Vec<ChangeResult>>>;
+
+    fn handle(&mut self, msg: ApplyBatch, ctx: &mut Context<Self>) -> Self::Result {
+        self.last_activity = Instant::now();
+        if self.queue.len() >= self.config.tenant_queue_batches {
+            return Box::pin(async { Err(Error::Busy) });
+        }
+        let (reply, answer) = oneshot::channel();
+        self.queue.push_back(Queued { input: msg.input, reply });
+        self.pump(ctx);
+        Box::pin(async move { answer.await.unwrap_or(Err(Error::ShuttingDown)) })
+    }
+}
+
+impl Handler<Subscribe> for TenantActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Subscribe, _ctx: &mut Context<Self>) {
+        self.last_activity = Instant::now();
+        // One live session per device: the newer one replaces the older.
+        let replaced: Vec<SessionId> = self.sessions.iter().filter(|(_, s)| s.device == msg.device).map(|(id, _)| *id).collect();
+        for id in replaced {
+            if let Some(old) = self.sessions.remove(&id) {
+                let _ = old.control.try_send(SessionControl::Replaced);
+            }
+        }
+        self.sessions.insert(msg.session, Subscriber { device: msg.device, live: msg.live, control: msg.control, lagged: false });
+    }
+}
+
+impl Handler<Unsubscribe> for TenantActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unsubscribe, _ctx: &mut Context<Self>) {
+        self.sessions.remove(&msg.session);
+        self.last_activity = Instant::now();
+    }
+}
+
+impl Handler<LogAppended> for TenantActor {
+    type Result = ();
+
+    fn handle(&mut self, _: LogAppended, ctx: &mut Context<Self>) {
+        self.last_activity = Instant::now();
+        self.read_log(ctx);
+    }
+}

@@ -1,0 +1,231 @@
+//! Token verification: JWT (HS256 secret, RS256/ES256 public keys from PEM or JWKS) → the
+//! session's identity. Which claim holds tenant, user, role and device is configurable.
+//! No database access here.
+
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
+use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
+use protocol::ErrorCode;
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::ids::{DeviceId, TenantId, UserId};
+
+/// Who a verified token speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub tenant: TenantId,
+    pub user: UserId,
+    pub role: String,
+    /// Present when the token names a device; then the session must use it.
+    pub device: Option<DeviceId>,
+    /// `exp`, Unix seconds.
+    pub expires_at: u64,
+}
+
+struct VerifyingKey {
+    kid: Option<String>,
+    algorithm: Algorithm,
+    key: DecodingKey,
+}
+
+pub struct TokenVerifier {
+    keys: Vec<VerifyingKey>,
+    audience: Option<String>,
+    issuer: Option<String>,
+    leeway_secs: u64,
+    claim_tenant: Vec<String>,
+    claim_user: Vec<String>,
+    claim_role: Vec<String>,
+    claim_device: Vec<String>,
+}
+
+fn claim_path(path: &str) -> Vec<String> {
+    path.split('.').map(str::to_owned).collect()
+}
+
+fn config_error(what: &str, err: impl std::fmt::Display) -> Error {
+    Error::Config(format!("{what}: {err}"))
+}
+
+impl TokenVerifier {
+    pub fn from_config(config: &Config) -> Result<TokenVerifier> {
+        let mut keys = Vec::new();
+        if !config.jwt_hs256_secret.0.is_empty() {
+            keys.push(VerifyingKey {
+                kid: None,
+                algorithm: Algorithm::HS256,
+                key: DecodingKey::from_secret(config.jwt_hs256_secret.0.as_bytes()),
+            });
+        }
+        if let Some(path) = &config.jwt_public_key_file {
+            let pem = std::fs::read(path).map_err(|e| config_error(&path.display().to_string(), e))?;
+            let (algorithm, key) = match DecodingKey::from_rsa_pem(&pem) {
+                Ok(key) => (Algorithm::RS256, key),
+                Err(_) => (
+                    Algorithm::ES256,
+                    DecodingKey::from_ec_pem(&pem).map_err(|e| config_error("jwt_public_key_file is neither RSA nor EC PEM", e))?,
+                ),
+            };
+            keys.push(VerifyingKey { kid: None, algorithm, key });
+        }
+        if let Some(path) = &config.jwt_jwks_file {
+            let text = std::fs::read_to_string(path).map_err(|e| config_error(&path.display().to_string(), e))?;
+            let set: JwkSet = serde_json::from_str(&text).map_err(|e| config_error("jwt_jwks_file", e))?;
+            for jwk in &set.keys {
+                let algorithm = match &jwk.algorithm {
+                    AlgorithmParameters::RSA(_) => Algorithm::RS256,
+                    AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
+                    _ => continue, // symmetric keys do not belong in a published key set
+                };
+                let key = DecodingKey::from_jwk(jwk).map_err(|e| config_error("jwt_jwks_file key", e))?;
+                keys.push(VerifyingKey { kid: jwk.common.key_id.clone(), algorithm, key });
+            }
+        }
+        if keys.is_empty() {
+            return Err(Error::Config(
+                "no token key configured: set jwt_hs256_secret, jwt_public_key_file or jwt_jwks_file".into(),
+            ));
+        }
+        Ok(TokenVerifier {
+            keys,
+            audience: config.jwt_audience.clone(),
+            issuer: config.jwt_issuer.clone(),
+            leeway_secs: config.jwt_leeway_secs,
+            claim_tenant: claim_path(&config.claim_tenant),
+            claim_user: claim_path(&config.claim_user),
+            claim_role: claim_path(&config.claim_role),
+            claim_device: claim_path(&config.claim_device),
+        })
+    }
+
+    pub fn verify(&self, token: &str) -> Result<Identity> {
+        let invalid = |msg: String| Error::client(ErrorCode::InvalidToken, msg);
+        let header = decode_header(token).map_err(|e| invalid(format!("token header: {e}")))?;
+        let key = self
+            .keys
+            .iter()
+            .find(|k| k.algorithm == header.alg && (k.kid.is_none() || k.kid == header.kid))
+            .ok_or_else(|| invalid(format!("no key for algorithm {:?} and kid {:?}", header.alg, header.kid)))?;
+        let mut validation = Validation::new(key.algorithm);
+        validation.leeway = self.leeway_secs;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp"]);
+        match &self.audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        if let Some(iss) = &self.issuer {
+            validation.set_issuer(&[iss]);
+        }
+        let data = decode::<Value>(token, &key.key, &validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind;
+            match e.kind() {
+                ErrorKind::ExpiredSignature | ErrorKind::ImmatureSignature => {
+                    Error::client(ErrorCode::TokenExpired, "token expired or not yet valid")
+                }
+                _ => invalid(format!("token rejected: {e}")),
+            }
+        })?;
+        let claims = data.claims;
+        let text = |path: &[String], name: &str| -> Result<Option<String>> {
+            let mut value = &claims;
+            for part in path {
+                match value.get(part) {
+                    Some(v) => value = v,
+                    None => return Ok(None),
+                }
+            }
+            match value {
+                Value::String(s) if !s.is_empty() => Ok(Some(s.clone())),
+                Value::Number(n) => Ok(Some(n.to_string())),
+                Value::Null => Ok(None),
+                _ => Err(invalid(format!("claim {name} is not a string"))),
+            }
+        };
+        let required = |path: &[String], name: &str| -> Result<String> {
+            text(path, name)?.ok_or_else(|| invalid(format!("token lacks the {name} claim `{}`", path.join("."))))
+        };
+        Ok(Identity {
+            tenant: TenantId::new(required(&self.claim_tenant, "tenant")?),
+            user: UserId::new(required(&self.claim_user, "user")?),
+            role: required(&self.claim_role, "role")?,
+            device: text(&self.claim_device, "device")?.map(DeviceId::new),
+            expires_at: claims.get("exp").and_then(Value::as_u64).unwrap_or(0),
+        })
+    }
+}
+
+/// Mint an HS256 token (used by `synchub dev` to print ready-made tokens, and by tests).
+pub fn mint_hs256(secret: &str, claims: &Value) -> String {
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
+    // unwrap: HS256 signing of a JSON object cannot fail.
+    jsonwebtoken::encode(&jsonwebtoken::Header::new(Algorithm::HS256), claims, &key).expect("HS256 signs")
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn verifier(config: Config) -> TokenVerifier {
+        TokenVerifier::from_config(&config).unwrap()
+    }
+
+    fn hs_config() -> Config {
+        Config { jwt_hs256_secret: crate::config::Secret("s3cret".into()), ..Config::default() }
+    }
+
+    #[test]
+    fn reads_identity_from_configured_claims() {
+        let config = Config {
+            claim_tenant: "app_metadata.tenant_id".into(),
+            jwt_audience: Some("authenticated".into()),
+            ..hs_config()
+        };
+        let token = mint_hs256(
+            "s3cret",
+            &json!({"sub": "u1", "role": "Manager", "aud": "authenticated", "exp": unix_now() + 60,
+                    "app_metadata": {"tenant_id": "t-9"}, "device_id": "pos-1"}),
+        );
+        let id = verifier(config).verify(&token).unwrap();
+        assert_eq!(id.tenant.as_str(), "t-9");
+        assert_eq!(id.user.as_str(), "u1");
+        assert_eq!(id.role, "Manager");
+        assert_eq!(id.device.unwrap().as_str(), "pos-1");
+    }
+
+    #[test]
+    fn refuses_expired_wrong_audience_wrong_key_and_missing_tenant() {
+        let v = verifier(Config { jwt_audience: Some("hub".into()), ..hs_config() });
+        let base = json!({"sub": "u", "role": "Employee", "tenant_id": "t", "aud": "hub", "exp": unix_now() + 60});
+        assert!(v.verify(&mint_hs256("s3cret", &base)).is_ok());
+
+        let mut expired = base.clone();
+        expired["exp"] = json!(unix_now() - 3600);
+        assert_eq!(v.verify(&mint_hs256("s3cret", &expired)).unwrap_err().code(), ErrorCode::TokenExpired);
+
+        let mut aud = base.clone();
+        aud["aud"] = json!("other");
+        assert_eq!(v.verify(&mint_hs256("s3cret", &aud)).unwrap_err().code(), ErrorCode::InvalidToken);
+
+        assert_eq!(v.verify(&mint_hs256("wrong", &base)).unwrap_err().code(), ErrorCode::InvalidToken);
+
+        let mut no_tenant = base.clone();
+        no_tenant.as_object_mut().unwrap().remove("tenant_id");
+        assert_eq!(v.verify(&mint_hs256("s3cret", &no_tenant)).unwrap_err().code(), ErrorCode::InvalidToken);
+
+        let mut future = base;
+        future["nbf"] = json!(unix_now() + 3600);
+        assert_eq!(v.verify(&mint_hs256("s3cret", &future)).unwrap_err().code(), ErrorCode::TokenExpired);
+    }
+
+    #[test]
+    fn no_key_is_a_config_error() {
+        assert!(TokenVerifier::from_config(&Config::default()).is_err());
+    }
+}

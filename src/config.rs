@@ -1,0 +1,306 @@
+//! Hub configuration: one struct, loaded from an optional TOML file and then overridden by
+//! `SYNCHUB_<FIELD>` environment variables. Every limit lives here with its unit and default;
+//! the README's configuration table mirrors this file.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// A secret that never appears in logs or debug output.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MergePolicy {
+    /// Per-field last-write-wins by hybrid logical clock.
+    #[default]
+    Lww,
+    /// The change that arrives last wins.
+    ClientWins,
+}
+
+impl MergePolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MergePolicy::Lww => "lww",
+            MergePolicy::ClientWins => "client_wins",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "lww" => Some(MergePolicy::Lww),
+            "client_wins" => Some(MergePolicy::ClientWins),
+            _ => None,
+        }
+    }
+}
+
+/// A table to register for sync at start-up (tables may also be registered in SQL with
+/// `select synchub.register_table('products', 'tenant_id')`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct TableConfig {
+    /// Table name, optionally schema-qualified.
+    pub name: String,
+    /// Column that holds the tenant id.
+    pub tenant_column: String,
+    #[serde(default)]
+    pub policy: MergePolicy,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the HTTP / WebSocket server binds. Default `127.0.0.1:8080`.
+    pub listen: String,
+    /// Postgres URL; `synchub dev` fills it with its private cluster's. Env: `DATABASE_URL`
+    /// is read as well.
+    pub database_url: Secret,
+    /// Connections in the hub's Postgres pool. Default 16.
+    pub db_pool_size: u32,
+    /// HTTP worker threads (each also hosts tenant actors). Default: number of cores.
+    pub workers: usize,
+
+    // ---- authentication ----
+    /// HS256 shared secret. Default empty (HS256 disabled unless set).
+    pub jwt_hs256_secret: Secret,
+    /// PEM file with an RS256 or ES256 public key.
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// JWKS file (RS256/ES256 keys, chosen by `kid`).
+    pub jwt_jwks_file: Option<PathBuf>,
+    /// Required `aud`, if set.
+    pub jwt_audience: Option<String>,
+    /// Required `iss`, if set.
+    pub jwt_issuer: Option<String>,
+    /// Clock leeway for `exp`/`nbf`, seconds. Default 30.
+    pub jwt_leeway_secs: u64,
+    /// Claim path (dots for nesting, e.g. `app_metadata.tenant_id`) of the tenant. Default `tenant_id`.
+    pub claim_tenant: String,
+    /// Claim path of the user. Default `sub`.
+    pub claim_user: String,
+    /// Claim path of the role. Default `role`.
+    pub claim_role: String,
+    /// Claim path of the device id (optional in tokens). Default `device_id`.
+    pub claim_device: String,
+
+    // ---- protocol limits ----
+    /// Largest WebSocket frame accepted, bytes. Default 2 MiB; larger closes with 1009.
+    pub max_frame_bytes: usize,
+    /// Most changes in one push. Default 1000; more is refused with `batch_too_large`.
+    pub max_batch_changes: usize,
+    /// Largest JSON size of one field value, bytes. Default 64 KiB; larger rejects the change.
+    pub max_field_bytes: usize,
+    /// Deltas per catch-up page. Default 1000.
+    pub catch_up_page_changes: u32,
+    /// Most rows per snapshot page. Default 1000.
+    pub snapshot_page_rows: u32,
+    /// Time allowed between socket open and `hello`, ms. Default 10000; then close 4000.
+    pub hello_timeout_ms: u64,
+    /// Interval of WebSocket pings, ms. Default 15000.
+    pub heartbeat_interval_ms: u64,
+    /// Silence (no frame, no pong) after which a session is closed with 4011, ms. Default 45000.
+    pub heartbeat_timeout_ms: u64,
+    /// Bad frames per minute tolerated on one socket before it is closed with 4009. Default 20.
+    pub max_errors_per_minute: u32,
+    /// Outbound bytes a session may have written that the client has not yet confirmed by a
+    /// pong. Default 4 MiB; catch-up pauses at half of it, live delivery past it closes 4008.
+    pub session_outbound_budget_bytes: usize,
+    /// A ping is sent after every this many outbound bytes, to measure what was read. Default 64 KiB.
+    pub ping_every_bytes: usize,
+    /// Capacity of each session's mailbox, messages. Default 64; a full one makes the
+    /// session catch up from the log.
+    pub session_mailbox: usize,
+
+    // ---- merge ----
+    /// How far ahead of the hub's clock a change's HLC may be before it is clamped, ms. Default 300000.
+    pub max_clock_skew_ms: u64,
+    /// Batches queued at one tenant actor (beyond the transaction in flight). Default 256;
+    /// more are refused with `busy`.
+    pub tenant_queue_batches: usize,
+    /// Most changes committed in one group transaction. Default 5000.
+    pub group_commit_max_changes: usize,
+    /// Capacity of each tenant actor's mailbox, messages. Default 1024.
+    pub tenant_mailbox: usize,
+    /// A tenant actor with no session and no work for this long stops, ms. Default 60000.
+    pub tenant_idle_ms: u64,
+    /// Log entries kept per tenant; older positions get `must_resync`. Default 0 (keep all).
+    pub log_retention_changes: u64,
+
+    /// Graceful shutdown: how long in-flight work may take, ms. Default 10000.
+    pub shutdown_timeout_ms: u64,
+
+    /// Tables to register at start-up.
+    pub tables: Vec<TableConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".into(),
+            database_url: Secret::default(),
+            db_pool_size: 16,
+            workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            jwt_hs256_secret: Secret::default(),
+            jwt_public_key_file: None,
+            jwt_jwks_file: None,
+            jwt_audience: None,
+            jwt_issuer: None,
+            jwt_leeway_secs: 30,
+            claim_tenant: "tenant_id".into(),
+            claim_user: "sub".into(),
+            claim_role: "role".into(),
+            claim_device: "device_id".into(),
+            max_frame_bytes: 2 * 1024 * 1024,
+            max_batch_changes: 1000,
+            max_field_bytes: 64 * 1024,
+            catch_up_page_changes: 1000,
+            snapshot_page_rows: 1000,
+            hello_timeout_ms: 10_000,
+            heartbeat_interval_ms: 15_000,
+            heartbeat_timeout_ms: 45_000,
+            max_errors_per_minute: 20,
+            session_outbound_budget_bytes: 4 * 1024 * 1024,
+            ping_every_bytes: 64 * 1024,
+            session_mailbox: 64,
+            max_clock_skew_ms: 300_000,
+            tenant_queue_batches: 256,
+            group_commit_max_changes: 5000,
+            tenant_mailbox: 1024,
+            tenant_idle_ms: 60_000,
+            log_retention_changes: 0,
+            shutdown_timeout_ms: 10_000,
+            tables: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Load from `file` (if any), then apply `SYNCHUB_*` environment overrides and `DATABASE_URL`.
+    pub fn load(file: Option<&Path>) -> Result<Config> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+                text.parse::<toml::Table>().map_err(|e| Error::Config(format!("{}: {e}", path.display())))?
+            }
+            None => toml::Table::new(),
+        };
+        apply_env_overrides(&mut table, std::env::vars())?;
+        let mut config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::Config(e.to_string()))?;
+        if config.database_url.0.is_empty() {
+            if let Ok(url) = std::env::var("DATABASE_URL") {
+                config.database_url = Secret(url);
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("max_frame_bytes", self.max_frame_bytes as u64),
+            ("max_batch_changes", self.max_batch_changes as u64),
+            ("catch_up_page_changes", self.catch_up_page_changes as u64),
+            ("snapshot_page_rows", self.snapshot_page_rows as u64),
+            ("session_outbound_budget_bytes", self.session_outbound_budget_bytes as u64),
+            ("ping_every_bytes", self.ping_every_bytes as u64),
+            ("session_mailbox", self.session_mailbox as u64),
+            ("tenant_queue_batches", self.tenant_queue_batches as u64),
+            ("group_commit_max_changes", self.group_commit_max_changes as u64),
+            ("tenant_mailbox", self.tenant_mailbox as u64),
+            ("db_pool_size", self.db_pool_size as u64),
+            ("workers", self.workers as u64),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(Error::Config(format!("{name} must be greater than 0")));
+            }
+        }
+        if self.group_commit_max_changes < self.max_batch_changes {
+            return Err(Error::Config("group_commit_max_changes must be at least max_batch_changes".into()));
+        }
+        Ok(())
+    }
+
+    pub fn hello_timeout(&self) -> Duration {
+        Duration::from_millis(self.hello_timeout_ms)
+    }
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+    pub fn heartbeat_timeout(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_timeout_ms)
+    }
+    pub fn tenant_idle(&self) -> Duration {
+        Duration::from_millis(self.tenant_idle_ms)
+    }
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+}
+
+/// `SYNCHUB_MAX_FRAME_BYTES=1048576` sets `max_frame_bytes`; the value is read as a TOML value
+/// (number, bool, array…) and, failing that, as a plain string.
+fn apply_env_overrides(table: &mut toml::Table, vars: impl Iterator<Item = (String, String)>) -> Result<()> {
+    for (name, raw) in vars {
+        let Some(field) = name.strip_prefix("SYNCHUB_") else { continue };
+        let field = field.to_ascii_lowercase();
+        if field == "config" || field.starts_with("pg_") || field.starts_with("test_") {
+            continue; // read elsewhere, not config fields
+        }
+        let value = format!("v = {raw}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(toml::Value::String(raw));
+        table.insert(field, value);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_typed_values_and_strings() {
+        let mut table = "listen = \"0.0.0.0:1\"\nmax_batch_changes = 5".parse::<toml::Table>().unwrap();
+        let vars = vec![
+            ("SYNCHUB_MAX_BATCH_CHANGES".to_string(), "7".to_string()),
+            ("SYNCHUB_CLAIM_TENANT".to_string(), "app_metadata.tenant_id".to_string()),
+            ("HOME".to_string(), "/root".to_string()),
+        ];
+        apply_env_overrides(&mut table, vars.into_iter()).unwrap();
+        let config: Config = toml::Value::Table(table).try_into().unwrap();
+        assert_eq!(config.max_batch_changes, 7);
+        assert_eq!(config.claim_tenant, "app_metadata.tenant_id");
+        assert_eq!(config.listen, "0.0.0.0:1");
+    }
+
+    #[test]
+    fn unknown_keys_and_zero_limits_are_refused() {
+        let table = "max_batch_chnges = 5".parse::<toml::Table>().unwrap();
+        assert!(toml::Value::Table(table).try_into::<Config>().is_err());
+        let config = Config { max_batch_changes: 0, ..Config::default() };
+        assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let config = Config { jwt_hs256_secret: Secret("hunter2".into()), ..Config::default() };
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,760 @@
+//! Owns the private PostgreSQL cluster behind `synchub dev` and the integration tests: finding the binaries, initdb, starting (or adopting) the server on a socket-only config, a watchdog that stops it when its owner dies, and teardown.
+
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::process::Command;
+
+/// Only names the socket file (`.s.PGSQL.5432`). TCP is off, so this cannot
+/// clash with a system server that owns TCP port 5432.
+const PORT: u16 = 5432;
+const SOCKET_FILE: &str = ".s.PGSQL.5432";
+/// `sun_path` holds 108 bytes including the trailing NUL; postgres refuses
+/// longer socket paths.
+const MAX_SOCKET_PATH: usize = 107;
+/// Written into `data_dir` when the cluster itself has to live elsewhere.
+const POINTER_FILE: &str = "pgdata-location";
+/// Our settings live in their own file, rewritten on every start, so that
+/// postgresql.conf stays the user's and options like `ephemeral` can change.
+const CONF_FILE: &str = "synchub.conf";
+const INCLUDE_LINE: &str = "include_if_exists = 'synchub.conf'";
+/// How long a server from an earlier run may take to finish starting or stopping.
+const ADOPT_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("no PostgreSQL installation found: {0}")]
+    BinariesNotFound(String),
+    #[error(
+        "running as root, which PostgreSQL refuses, and there is no `postgres` user to run it as"
+    )]
+    NoPostgresUser,
+    #[error("path is not valid UTF-8: {}", .0.display())]
+    NonUtf8Path(PathBuf),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("could not run {cmd}: {source}")]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{cmd} failed ({status}): {output}")]
+    CommandFailed {
+        cmd: String,
+        status: ExitStatus,
+        output: String,
+    },
+    #[error("PostgreSQL did not start: {reason}\n--- last lines of {} ---\n{tail}", log.display())]
+    StartFailed {
+        reason: String,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("socket directory {} exists but is not a directory owned by the cluster's user", .0.display())]
+    SocketDirNotOurs(PathBuf),
+    #[error("a server from an earlier run in {} neither became ready nor went away", .0.display())]
+    AdoptTimeout(PathBuf),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ClusterError + '_ {
+    move |source| ClusterError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+pub struct ClusterOptions {
+    /// Where this cluster's state belongs. Created if missing.
+    pub data_dir: PathBuf,
+    /// For tests: no durability, and `data_dir` (and the cluster) are
+    /// deleted on `stop()` or when the owning process exits.
+    pub ephemeral: bool,
+}
+
+/// A running cluster. Dropping it does not stop the server; the watchdog does
+/// that once this process exits. Call `stop()` to stop it sooner.
+pub struct PgCluster {
+    data_dir: PathBuf,
+    cluster_dir: PathBuf,
+    socket_dir: PathBuf,
+    ephemeral: bool,
+    bin_dir: PathBuf,
+    run_as: RunAs,
+    watchdog: Option<std::process::Child>,
+}
+
+impl PgCluster {
+    pub async fn start(opts: ClusterOptions) -> Result<PgCluster, ClusterError> {
+        let bin_dir = find_bin_dir().await?;
+        let run_as = RunAs::detect().await;
+
+        tokio::fs::create_dir_all(&opts.data_dir)
+            .await
+            .map_err(io_err(&opts.data_dir))?;
+        let data_dir = tokio::fs::canonicalize(&opts.data_dir)
+            .await
+            .map_err(io_err(&opts.data_dir))?;
+        // Paths end up in shell lines (su, watchdog) and config files. Every
+        // other path is built from these two, ASCII, or getent's (UTF-8) output.
+        for p in [&data_dir, &bin_dir] {
+            if p.to_str().is_none() {
+                return Err(ClusterError::NonUtf8Path(p.clone()));
+            }
+        }
+
+        let cluster_dir = if run_as.is_root() {
+            // The postgres user usually cannot traverse into a root-owned
+            // data_dir (mktemp -d gives 0700), so the cluster lives in its home.
+            let parent = postgres_home().await?.join("synchub");
+            let mkdir = run_as.command(Path::new("mkdir"), &["-p", "-m", "0700", &lossy(&parent)]);
+            run_ok(mkdir, "mkdir (as postgres)").await?;
+            let dir = parent.join(format!("{:016x}", fnv1a(&data_dir)));
+            let pointer = data_dir.join(POINTER_FILE);
+            tokio::fs::write(&pointer, format!("{}\n", dir.display()))
+                .await
+                .map_err(io_err(&pointer))?;
+            dir
+        } else {
+            data_dir.join("pgdata")
+        };
+        let socket_dir = socket_dir_for(&cluster_dir);
+
+        let mut pg = PgCluster {
+            data_dir,
+            cluster_dir,
+            socket_dir,
+            ephemeral: opts.ephemeral,
+            bin_dir,
+            run_as,
+            watchdog: None,
+        };
+        if !pg.cluster_dir.join("PG_VERSION").exists() {
+            pg.initdb().await?;
+        }
+        pg.ensure_socket_dir().await?;
+        pg.write_config().await?;
+        if !pg.adopt_running_server().await? {
+            pg.pg_ctl_start().await?;
+        }
+        let postmaster = read_pid_file(&pg.cluster_dir.join("postmaster.pid"))
+            .await
+            .map(|p| p.pid)
+            .unwrap_or(0);
+        pg.watchdog = Some(pg.spawn_watchdog(postmaster)?);
+        Ok(pg)
+    }
+
+    /// A URL sqlx accepts: the `host` query parameter points at the socket dir.
+    pub fn database_url(&self, dbname: &str) -> String {
+        format!(
+            "postgres://postgres@localhost/{}?host={}&port={PORT}",
+            percent_encode(dbname, b""),
+            percent_encode(&lossy(&self.socket_dir), b"/"),
+        )
+    }
+
+    /// The directory this cluster belongs to (absolute form of `ClusterOptions::data_dir`).
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The actual PGDATA: `data_dir/pgdata`, or under the postgres user's home when root.
+    pub fn cluster_dir(&self) -> &Path {
+        &self.cluster_dir
+    }
+
+    /// Fast shutdown; ephemeral clusters are also deleted. Failures are only
+    /// logged: there is nothing useful a caller can do about them at shutdown.
+    pub async fn stop(mut self) {
+        let dir = lossy(&self.cluster_dir);
+        match run(
+            self.pg_ctl(&["-D", &dir, "stop", "-m", "fast"]),
+            "pg_ctl stop",
+        )
+        .await
+        {
+            Ok(out) if !out.status.success() => {
+                tracing::warn!(cluster = %dir, output = %output_text(&out), "pg_ctl stop failed")
+            }
+            Err(e) => tracing::warn!(cluster = %dir, error = %e, "pg_ctl stop failed"),
+            Ok(_) => {}
+        }
+        if self.ephemeral {
+            for path in self.ephemeral_paths() {
+                match tokio::fs::remove_dir_all(&path).await {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        tracing::warn!(path = %path.display(), error = %e, "could not remove ephemeral cluster")
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // Only now: had we died above, the watchdog would have finished the job.
+        if let Some(mut watchdog) = self.watchdog.take() {
+            let _ = watchdog.kill();
+            let _ = watchdog.wait();
+        }
+    }
+
+    fn ephemeral_paths(&self) -> Vec<PathBuf> {
+        let mut paths = vec![self.cluster_dir.clone()];
+        if !self.socket_dir.starts_with(&self.cluster_dir) {
+            paths.push(self.socket_dir.clone());
+        }
+        paths.push(self.data_dir.clone());
+        paths
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Command {
+        self.run_as.command(&self.bin_dir.join("pg_ctl"), args)
+    }
+
+    async fn initdb(&self) -> Result<(), ClusterError> {
+        let dir = lossy(&self.cluster_dir);
+        let mut args = vec![
+            "-D",
+            &dir,
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ];
+        if self.ephemeral {
+            // Nothing to make durable for a throwaway cluster; saves seconds per test.
+            args.push("--no-sync");
+        }
+        run_ok(
+            self.run_as.command(&self.bin_dir.join("initdb"), &args),
+            "initdb",
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn ensure_socket_dir(&self) -> Result<(), ClusterError> {
+        // Whoever owns PGDATA (after initdb) is the user the server runs as.
+        let owner = tokio::fs::metadata(&self.cluster_dir)
+            .await
+            .map_err(io_err(&self.cluster_dir))?;
+        let sock = &self.socket_dir;
+        match tokio::fs::symlink_metadata(sock).await {
+            // symlink_metadata: a pre-planted symlink in /tmp must not pass.
+            Ok(m) if m.is_dir() && m.uid() == owner.uid() => {}
+            Ok(_) => return Err(ClusterError::SocketDirNotOurs(sock.clone())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                tokio::fs::create_dir(sock).await.map_err(io_err(sock))?;
+                if self.run_as.is_root() {
+                    std::os::unix::fs::chown(sock, Some(owner.uid()), Some(owner.gid()))
+                        .map_err(io_err(sock))?;
+                }
+            }
+            Err(e) => return Err(io_err(sock)(e)),
+        }
+        // Only the cluster's user needs in; root gets in regardless.
+        tokio::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o700))
+            .await
+            .map_err(io_err(sock))
+    }
+
+    async fn write_config(&self) -> Result<(), ClusterError> {
+        // Double quotes protect spaces/commas inside the directory list; single
+        // quotes are the config file's own string quoting.
+        let sock =
+            format!("\"{}\"", lossy(&self.socket_dir).replace('"', "\"\"")).replace('\'', "''");
+        let mut conf = format!(
+            "# Written by synchub on every start; put your own settings in postgresql.conf.\n\
+             listen_addresses = ''\n\
+             port = {PORT}\n\
+             unix_socket_directories = '{sock}'\n\
+             max_connections = 200\n\
+             shared_buffers = 128MB\n"
+        );
+        if self.ephemeral {
+            conf.push_str("fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n");
+        }
+        let conf_path = self.cluster_dir.join(CONF_FILE);
+        tokio::fs::write(&conf_path, conf)
+            .await
+            .map_err(io_err(&conf_path))?;
+        if self.run_as.is_root() {
+            let owner = tokio::fs::metadata(&self.cluster_dir)
+                .await
+                .map_err(io_err(&self.cluster_dir))?;
+            std::os::unix::fs::chown(&conf_path, Some(owner.uid()), Some(owner.gid()))
+                .map_err(io_err(&conf_path))?;
+        }
+
+        let main_conf = self.cluster_dir.join("postgresql.conf");
+        let text = tokio::fs::read_to_string(&main_conf)
+            .await
+            .map_err(io_err(&main_conf))?;
+        if !text.lines().any(|l| l.trim() == INCLUDE_LINE) {
+            // Last in the file, so our settings win over initdb's defaults.
+            let appended = format!("{text}\n# synchub: socket-only, dev tuning\n{INCLUDE_LINE}\n");
+            tokio::fs::write(&main_conf, appended)
+                .await
+                .map_err(io_err(&main_conf))?;
+        }
+        Ok(())
+    }
+
+    /// True if a server from an earlier run is up on this cluster and usable.
+    async fn adopt_running_server(&self) -> Result<bool, ClusterError> {
+        let pid_file = self.cluster_dir.join("postmaster.pid");
+        let socket_lock = self.socket_dir.join(format!("{SOCKET_FILE}.lock"));
+        let deadline = Instant::now() + ADOPT_TIMEOUT;
+        loop {
+            let pm = read_pid_file(&pid_file).await;
+            if !pm.as_ref().is_some_and(|pm| postmaster_alive(pm.pid)) {
+                // Lock files left by a crash or kill -9. Postgres checks them
+                // itself but takes a zombie or recycled pid for a live server.
+                remove_stale_lock(&pid_file).await?;
+                remove_stale_lock(&socket_lock).await?;
+                return Ok(false);
+            }
+            let dir = lossy(&self.cluster_dir);
+            let answers = run(self.pg_ctl(&["-D", &dir, "status"]), "pg_ctl status")
+                .await?
+                .status
+                .success();
+            // No status line (pre-10 servers) counts as ready.
+            let ready = !matches!(pm.and_then(|pm| pm.status), Some(s) if s != "ready");
+            if answers && ready {
+                return Ok(true);
+            }
+            // Still starting, or stopping (e.g. a dead owner's watchdog is at
+            // work): wait to see which way it goes.
+            if Instant::now() >= deadline {
+                return Err(ClusterError::AdoptTimeout(self.cluster_dir.clone()));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn pg_ctl_start(&self) -> Result<(), ClusterError> {
+        let dir = lossy(&self.cluster_dir);
+        let log = self.cluster_dir.join("server.log");
+        let log_arg = lossy(&log);
+        let out = run(
+            self.pg_ctl(&["-D", &dir, "-l", &log_arg, "-w", "-t", "60", "start"]),
+            "pg_ctl start",
+        )
+        .await?;
+        if out.status.success() {
+            return Ok(());
+        }
+        // pg_ctl gives up at the timeout but leaves a slow postmaster running.
+        // Any pid file now is from this attempt: we only get here without one.
+        if self.cluster_dir.join("postmaster.pid").exists() {
+            let _ = run(
+                self.pg_ctl(&["-D", &dir, "stop", "-m", "immediate"]),
+                "pg_ctl stop",
+            )
+            .await;
+        }
+        Err(ClusterError::StartFailed {
+            reason: output_text(&out),
+            tail: tail_lines(&log, 20).await,
+            log,
+        })
+    }
+
+    /// A detached shell that outlives us, even on SIGKILL, and stops the
+    /// server once our pid is gone.
+    fn spawn_watchdog(&self, postmaster: u32) -> Result<std::process::Child, ClusterError> {
+        let dir = lossy(&self.cluster_dir);
+        let stop = self.run_as.shell_line(
+            &self.bin_dir.join("pg_ctl"),
+            &["-D", &dir, "stop", "-m", "fast"],
+        );
+        let cleanup = if self.ephemeral {
+            let paths: Vec<String> = self
+                .ephemeral_paths()
+                .iter()
+                .map(|p| sh_quote(&lossy(p)))
+                .collect();
+            format!(" rm -rf -- {};", paths.join(" "))
+        } else {
+            String::new()
+        };
+        // A zombie owner is a dead owner, even if its parent is slow to reap it.
+        // The postmaster.pid check keeps us from stopping a successor's server
+        // started on the same cluster after ours went away.
+        let script = format!(
+            "while kill -0 {me} 2>/dev/null && ! grep -q '^State:.*Z' /proc/{me}/status 2>/dev/null; \
+             do sleep 1; done; \
+             cur=$(head -n 1 {pid_file} 2>/dev/null); \
+             if [ -z \"$cur\" ] || [ \"$cur\" = {postmaster} ]; then {stop};{cleanup} fi",
+            me = std::process::id(),
+            pid_file = sh_quote(&lossy(&self.cluster_dir.join("postmaster.pid"))),
+        );
+        let spawn = |program: &str, args: &[&str]| {
+            std::process::Command::new(program)
+                .args(args)
+                .current_dir("/")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+        };
+        // setsid: a new session, so neither the terminal's ^C/SIGHUP nor a
+        // kill of our process group reaches it.
+        match spawn("setsid", &["sh", "-c", &script]) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                use std::os::unix::process::CommandExt;
+                std::process::Command::new("nohup")
+                    .args(["sh", "-c", &script])
+                    .process_group(0)
+                    .current_dir("/")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+            }
+            other => other,
+        }
+        .map_err(|source| ClusterError::Spawn {
+            cmd: "watchdog".into(),
+            source,
+        })
+    }
+}
+
+/// How PostgreSQL's tools are run: as ourselves, or, because the server
+/// refuses to run as root, as the `postgres` user.
+#[derive(Debug, Clone, Copy)]
+enum RunAs {
+    Me,
+    Runuser,
+    Su,
+}
+
+impl RunAs {
+    async fn detect() -> RunAs {
+        if !running_as_root().await {
+            return RunAs::Me;
+        }
+        let runuser = Command::new("runuser")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await;
+        if matches!(runuser, Ok(s) if s.success()) {
+            RunAs::Runuser
+        } else {
+            RunAs::Su
+        }
+    }
+
+    fn is_root(self) -> bool {
+        !matches!(self, RunAs::Me)
+    }
+
+    fn command(self, program: &Path, args: &[&str]) -> Command {
+        let mut cmd = match self {
+            RunAs::Me => Command::new(program),
+            RunAs::Runuser => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", "postgres", "--"]).arg(program);
+                c
+            }
+            RunAs::Su => {
+                let mut c = Command::new("su");
+                c.args([
+                    "postgres",
+                    "-s",
+                    "/bin/sh",
+                    "-c",
+                    &shell_words(program, args),
+                ]);
+                c
+            }
+        };
+        if !matches!(self, RunAs::Su) {
+            cmd.args(args);
+        }
+        // The tools chdir to where they started; a cwd postgres cannot enter
+        // (e.g. /root) only produces noise, so start somewhere everyone can.
+        cmd.current_dir("/").stdin(Stdio::null());
+        cmd
+    }
+
+    fn shell_line(self, program: &Path, args: &[&str]) -> String {
+        let line = shell_words(program, args);
+        match self {
+            RunAs::Me => line,
+            RunAs::Runuser => format!("runuser -u postgres -- {line}"),
+            RunAs::Su => format!("su postgres -s /bin/sh -c {}", sh_quote(&line)),
+        }
+    }
+}
+
+async fn running_as_root() -> bool {
+    // Postgres checks the effective uid: the second field of the Uid line.
+    if let Ok(status) = tokio::fs::read_to_string("/proc/self/status").await {
+        if let Some(euid) = status
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(2))
+        {
+            return euid == "0";
+        }
+    }
+    matches!(Command::new("id").arg("-u").output().await,
+             Ok(out) if out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "0")
+}
+
+async fn postgres_home() -> Result<PathBuf, ClusterError> {
+    let out = Command::new("getent")
+        .args(["passwd", "postgres"])
+        .output()
+        .await
+        .map_err(|_| ClusterError::NoPostgresUser)?;
+    // name:password:uid:gid:gecos:home:shell
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .split(':')
+        .nth(5)
+        .filter(|home| out.status.success() && !home.is_empty())
+        .map(PathBuf::from)
+        .ok_or(ClusterError::NoPostgresUser)
+}
+
+async fn find_bin_dir() -> Result<PathBuf, ClusterError> {
+    if let Some(dir) = std::env::var_os("SYNCHUB_PG_BIN") {
+        // An explicit choice that is wrong should fail loudly, not be second-guessed.
+        let dir = PathBuf::from(dir);
+        return if has_tools(&dir) {
+            Ok(dir)
+        } else {
+            Err(ClusterError::BinariesNotFound(format!(
+                "SYNCHUB_PG_BIN={} has no initdb/pg_ctl/postgres",
+                dir.display()
+            )))
+        };
+    }
+    if let Some(dir) = newest_packaged_bin_dir() {
+        return Ok(dir);
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output().await {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if out.status.success() && has_tools(&dir) {
+            return Ok(dir);
+        }
+    }
+    Err(ClusterError::BinariesNotFound(
+        "looked at $SYNCHUB_PG_BIN, /usr/lib/postgresql/*/bin and `pg_config --bindir`; \
+         install PostgreSQL or set SYNCHUB_PG_BIN"
+            .into(),
+    ))
+}
+
+fn has_tools(dir: &Path) -> bool {
+    ["initdb", "pg_ctl", "postgres"]
+        .iter()
+        .all(|t| dir.join(t).is_file())
+}
+
+/// Debian/Ubuntu install each major version side by side; take the newest.
+fn newest_packaged_bin_dir() -> Option<PathBuf> {
+    std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            // Numeric, so that 10 sorts above 9.6.
+            let version: Vec<u32> = entry
+                .file_name()
+                .to_str()?
+                .split('.')
+                .map(|part| part.parse().ok())
+                .collect::<Option<_>>()?;
+            let bin = entry.path().join("bin");
+            has_tools(&bin).then_some((version, bin))
+        })
+        .max_by(|a, b| a.0.cmp(&b.0))
+        .map(|(_, bin)| bin)
+}
+
+fn socket_dir_for(cluster_dir: &Path) -> PathBuf {
+    let inside = cluster_dir.join("sock");
+    if inside.as_os_str().len() + 1 + SOCKET_FILE.len() <= MAX_SOCKET_PATH {
+        inside
+    } else {
+        PathBuf::from(format!("/tmp/synchub-{:016x}", fnv1a(cluster_dir)))
+    }
+}
+
+/// FNV-1a rather than `DefaultHasher`, whose output may change between Rust
+/// releases: a changed name would silently orphan a dev cluster.
+fn fnv1a(path: &Path) -> u64 {
+    path.as_os_str()
+        .as_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        })
+}
+
+struct PidFile {
+    pid: u32,
+    /// Line 8 ("starting", "ready", "stopping", ...); absent before PG 10.
+    status: Option<String>,
+}
+
+async fn read_pid_file(path: &Path) -> Option<PidFile> {
+    let text = tokio::fs::read_to_string(path).await.ok()?;
+    let mut lines = text.lines();
+    let pid = lines.next()?.trim().parse().ok()?;
+    let status = lines.nth(6).map(|s| s.trim().to_string());
+    Some(PidFile { pid, status })
+}
+
+/// Removes a postmaster.pid-style lock file unless its pid is a live postmaster.
+async fn remove_stale_lock(path: &Path) -> Result<(), ClusterError> {
+    let Some(lock) = read_pid_file(path).await else {
+        return Ok(()); // absent, or not ours to judge
+    };
+    if postmaster_alive(lock.pid) {
+        return Ok(());
+    }
+    match tokio::fs::remove_file(path).await {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(path)(e)),
+        _ => Ok(()),
+    }
+}
+
+fn postmaster_alive(pid: u32) -> bool {
+    // /proc/<pid>/stat is "pid (comm) state ...". The name guards against a
+    // recycled pid; the state against a killed postmaster that lingers as a
+    // zombie (containers whose init reaps slowly), which `kill -0` and hence
+    // `pg_ctl status` still report as running.
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+        return false;
+    };
+    let comm = &stat[open + 1..close];
+    let state = stat[close + 1..].trim_start().chars().next();
+    matches!(comm, "postgres" | "postmaster") && !matches!(state, Some('Z' | 'X') | None)
+}
+
+async fn run(mut cmd: Command, what: &str) -> Result<Output, ClusterError> {
+    cmd.output().await.map_err(|source| ClusterError::Spawn {
+        cmd: what.to_string(),
+        source,
+    })
+}
+
+async fn run_ok(cmd: Command, what: &str) -> Result<Output, ClusterError> {
+    let out = run(cmd, what).await?;
+    if !out.status.success() {
+        return Err(ClusterError::CommandFailed {
+            cmd: what.to_string(),
+            status: out.status,
+            output: output_text(&out),
+        });
+    }
+    Ok(out)
+}
+
+fn output_text(out: &Output) -> String {
+    let mut text = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !stdout.trim().is_empty() {
+        text = format!("{}\n{}", stdout.trim(), text);
+    }
+    text
+}
+
+async fn tail_lines(path: &Path, n: usize) -> String {
+    match tokio::fs::read_to_string(path).await {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        Err(e) => format!("(could not read log: {e})"),
+    }
+}
+
+/// Start checked that the paths we build from are UTF-8, so this is exact.
+fn lossy(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+fn shell_words(program: &Path, args: &[&str]) -> String {
+    std::iter::once(sh_quote(&lossy(program)))
+        .chain(args.iter().map(|a| sh_quote(a)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn percent_encode(s: &str, keep: &[u8]) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || keep.contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn ephemeral_cluster_serves_queries_and_cleans_up() {
+        let dir =
+            std::env::temp_dir().join(format!("synchub-pg-test-{}", uuid::Uuid::new_v4().simple()));
+        let pg = PgCluster::start(ClusterOptions {
+            data_dir: dir.clone(),
+            ephemeral: true,
+        })
+        .await
+        .expect("cluster starts");
+        let cluster_dir = pg.cluster_dir().to_path_buf();
+
+        let pool = sqlx::PgPool::connect(&pg.database_url("postgres"))
+            .await
+            .expect("connect over the unix socket");
+        let one: i32 = sqlx::query_scalar("select 1")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(one, 1);
+        // We must have reached our own server, not one the machine runs.
+        let served_from: String = sqlx::query_scalar("select current_setting('data_directory')")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(Path::new(&served_from), cluster_dir);
+        pool.close().await;
+
+        pg.stop().await;
+        assert!(!dir.exists(), "data dir {} should be gone", dir.display());
+        assert!(
+            !cluster_dir.exists(),
+            "cluster dir {} should be gone",
+            cluster_dir.display()
+        );
+    }
+}

@@ -1,0 +1,48 @@
+//! The hub's error type and its mapping onto stable wire codes. Database text is logged,
+//! never sent to clients.
+
+use protocol::ErrorCode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{message}")]
+    Client { code: ErrorCode, message: String },
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("the hub is saturated")]
+    Busy,
+    #[error("the hub is shutting down")]
+    ShuttingDown,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn client(code: ErrorCode, message: impl Into<String>) -> Self {
+        Error::Client { code, message: message.into() }
+    }
+
+    /// The code a client sees for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::Client { code, .. } => *code,
+            Error::Database(_) | Error::Migrate(_) => ErrorCode::Unavailable,
+            Error::Config(_) => ErrorCode::Internal,
+            Error::Busy => ErrorCode::Busy,
+            Error::ShuttingDown => ErrorCode::ShuttingDown,
+        }
+    }
+
+    /// The message a client sees: never database internals.
+    pub fn public_message(&self) -> String {
+        match self {
+            Error::Client { message, .. } => message.clone(),
+            Error::Database(_) | Error::Migrate(_) => "storage is unavailable; retry later".into(),
+            other => other.to_string(),
+        }
+    }
+}

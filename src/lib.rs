@@ -1,0 +1,29 @@
+//! synchub: a realtime sync hub. Devices keep one WebSocket, push offline batches that are
+//! merged into the application's own Postgres tables with a conflict log, and receive every
+//! other change of their tenant in one gap-free order.
+//!
+//! # Layout
+//! - [`config`]: every setting and limit, from a TOML file and `SYNCHUB_*` variables.
+//! - [`auth`]: JWT → [`auth::Identity`] (tenant, user, role, device).
+//! - [`transport`]: the WebSocket endpoint: frames, codec, byte budget, heartbeats.
+//! - [`actors`]: one `DeviceSession` per socket, one `TenantActor` per tenant (serial merges,
+//!   group commit, fan-out after commit), and the registry that finds tenant actors.
+//! - [`sync::merge`]: the pure merge decision (per-field LWW on HLCs, client-wins, tombstones).
+//! - [`storage`]: Postgres: migrations, synced-table catalog, group-commit transaction, log reads.
+//! - [`server`]: HTTP routes, start-up and graceful shutdown.
+//! - [`embedded_pg`] and [`demo`]: the private cluster and demo schema of `synchub dev`.
+//!
+//! Data flows one way: transport → actors → storage; deltas come back actors → transport.
+
+pub mod actors;
+pub mod auth;
+pub mod config;
+pub mod demo;
+pub mod embedded_pg;
+pub mod error;
+pub mod ids;
+pub mod server;
+pub mod storage;
+pub mod sync;
+pub mod telemetry;
+pub mod transport;

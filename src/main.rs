@@ -1,0 +1,106 @@
+//! `synchub serve` runs against `DATABASE_URL`; `synchub dev` brings up a private Postgres
+//! cluster, a demo schema and tenant, and prints ready-to-use tokens.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use synchub::config::{Config, Secret};
+use synchub::embedded_pg::{ClusterOptions, PgCluster};
+use synchub::{demo, server, telemetry};
+
+#[derive(Parser)]
+#[command(name = "synchub", version, about = "Realtime sync hub for offline-first apps")]
+struct Cli {
+    /// TOML configuration file (env: SYNCHUB_CONFIG); `SYNCHUB_<FIELD>` variables override it.
+    #[arg(long, env = "SYNCHUB_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve against the database in `DATABASE_URL` (or `database_url` in the config).
+    Serve,
+    /// Development hub: a private Postgres cluster in `--data-dir` (unless DATABASE_URL is
+    /// set), the demo point-of-sale schema and tenant, and printed tokens.
+    Dev {
+        /// Folder for the private cluster and the dev token secret.
+        #[arg(long, default_value = ".synchub")]
+        data_dir: PathBuf,
+    },
+}
+
+#[actix_web::main]
+async fn main() -> anyhow::Result<()> {
+    telemetry::init();
+    let cli = Cli::parse();
+    let mut config = Config::load(cli.config.as_deref()).context("loading configuration")?;
+    let mut cluster = None;
+    let dev = matches!(cli.command, Command::Dev { .. });
+    if let Command::Dev { data_dir } = &cli.command {
+        std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+        if config.database_url.0.is_empty() {
+            let started = PgCluster::start(ClusterOptions { data_dir: data_dir.clone(), ephemeral: false })
+                .await
+                .context("starting the private PostgreSQL cluster")?;
+            config.database_url = Secret(started.database_url("postgres"));
+            tracing::info!(dir = %started.cluster_dir().display(), "private PostgreSQL cluster running");
+            cluster = Some(started);
+        }
+        if config.jwt_hs256_secret.0.is_empty() && config.jwt_public_key_file.is_none() && config.jwt_jwks_file.is_none() {
+            config.jwt_hs256_secret = Secret(dev_secret(data_dir)?);
+        }
+        let pool = sqlx::PgPool::connect(&config.database_url.0).await.context("connecting to PostgreSQL")?;
+        demo::install_schema(&pool).await.context("installing the demo schema")?;
+        pool.close().await;
+        let registered: Vec<String> = config.tables.iter().map(|t| t.name.clone()).collect();
+        config.tables.extend(demo::tables().into_iter().filter(|t| !registered.contains(&t.name)));
+    }
+
+    let running = server::start(config.clone()).await.context("starting the hub")?;
+    if dev {
+        demo::seed(&running.hub.store.pool).await.context("seeding the demo tenant")?;
+        println!("\nsynchub dev is ready: ws://{}/v1/ws  (tenant `{}`)", running.addr, demo::DEMO_TENANT);
+        for (who, token) in demo::tokens(&config.jwt_hs256_secret.0, 30) {
+            println!("  {who}:\n    {token}");
+        }
+        println!();
+    }
+
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    if let Some(cluster) = cluster {
+        cluster.stop().await;
+    }
+    Ok(())
+}
+
+/// The dev secret persists in the data folder so printed tokens stay valid across restarts.
+fn dev_secret(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = data_dir.join("dev-jwt-secret");
+    if let Ok(secret) = std::fs::read_to_string(&path) {
+        if !secret.trim().is_empty() {
+            return Ok(secret.trim().to_owned());
+        }
+    }
+    let secret = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+    std::fs::write(&path, &secret).with_context(|| format!("writing {}", path.display()))?;
+    Ok(secret)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,175 @@
+//! The HTTP server: routes (`/v1/ws`, `/healthz`, `/readyz`), start-up of the hub's parts,
+//! the notification listener for other SQL writers, and the one graceful shutdown sequence:
+//! stop accepting → sessions finish in-flight pushes and close with going-away → stop.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_web::dev::ServerHandle;
+use actix_web::{web, App, HttpResponse, HttpServer};
+use dashmap::DashMap;
+use sqlx::postgres::PgListener;
+
+use crate::actors::messages::SessionControl;
+use crate::actors::registry::TenantRegistry;
+use crate::auth::TokenVerifier;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::ids::{SessionId, TenantId};
+use crate::storage::Store;
+
+/// Shared state of a running hub, handed to every session.
+pub struct Hub {
+    pub config: Arc<Config>,
+    pub verifier: TokenVerifier,
+    pub registry: Arc<TenantRegistry>,
+    pub store: Arc<Store>,
+    /// Every open session, for shutdown.
+    pub sessions: DashMap<SessionId, Recipient<SessionControl>>,
+    accepting: AtomicBool,
+    slow_consumer_closes: AtomicU64,
+}
+
+impl Hub {
+    pub fn accepting(&self) -> bool {
+        self.accepting.load(Ordering::Relaxed)
+    }
+
+    pub fn metrics_slow_consumer(&self) {
+        self.slow_consumer_closes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn slow_consumer_closes(&self) -> u64 {
+        self.slow_consumer_closes.load(Ordering::Relaxed)
+    }
+}
+
+/// A started hub: its bound address, and the handle to stop it.
+pub struct RunningHub {
+    pub addr: SocketAddr,
+    pub hub: Arc<Hub>,
+    handle: ServerHandle,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    listener: tokio::task::JoinHandle<()>,
+    arbiters: Vec<Arbiter>,
+}
+
+/// Start the hub inside the current actix system. `config.listen` may use port 0.
+pub async fn start(config: Config) -> Result<RunningHub> {
+    let config = Arc::new(config);
+    let verifier = TokenVerifier::from_config(&config)?;
+    let store = Store::open(&config).await?;
+    let arbiters: Vec<Arbiter> = (0..config.workers).map(|_| Arbiter::new()).collect();
+    let registry = TenantRegistry::new(store.clone(), config.clone(), arbiters.iter().map(Arbiter::handle).collect());
+    let hub = Arc::new(Hub {
+        config: config.clone(),
+        verifier,
+        registry: registry.clone(),
+        store: store.clone(),
+        sessions: DashMap::new(),
+        accepting: AtomicBool::new(true),
+        slow_consumer_closes: AtomicU64::new(0),
+    });
+    let listener = tokio::spawn(listen_for_log_writes(store.clone(), registry));
+
+    let data = web::Data::new(hub.clone());
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .route("/v1/ws", web::get().to(crate::transport::ws::upgrade))
+            .route("/healthz", web::get().to(|| async { HttpResponse::Ok().body("ok") }))
+            .route("/readyz", web::get().to(readyz))
+    })
+    .workers(config.workers)
+    .disable_signals()
+    .shutdown_timeout(config.shutdown_timeout().as_secs().max(1))
+    .bind(&config.listen)
+    .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.listen)))?;
+    let addr = server.addrs()[0];
+    let server = server.run();
+    let handle = server.handle();
+    let server = tokio::spawn(server);
+    tracing::info!(%addr, "synchub listening; WebSocket at /v1/ws");
+    Ok(RunningHub { addr, hub, handle, server, listener, arbiters })
+}
+
+async fn readyz(hub: web::Data<Arc<Hub>>) -> HttpResponse {
+    if !hub.accepting() {
+        return HttpResponse::ServiceUnavailable().body("shutting down");
+    }
+    match hub.store.ping().await {
+        Ok(()) => HttpResponse::Ok().body("ready"),
+        Err(err) => {
+            tracing::warn!(%err, "readiness check failed");
+            HttpResponse::ServiceUnavailable().body("database unavailable")
+        }
+    }
+}
+
+/// Forward `synchub_log` notifications (sent by the capture trigger when another SQL client
+/// writes a synced table) to the tenant's actor.
+async fn listen_for_log_writes(store: Arc<Store>, registry: Arc<TenantRegistry>) {
+    loop {
+        let mut listener = match PgListener::connect_with(&store.pool).await {
+            Ok(l) => l,
+            Err(err) => {
+                tracing::warn!(%err, "cannot open the notification listener; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if let Err(err) = listener.listen("synchub_log").await {
+            tracing::warn!(%err, "LISTEN failed; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        // Anything written while we were not listening is read now.
+        registry.log_appended_all();
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(note)) => registry.log_appended(&TenantId::new(note.payload())),
+                // The connection was lost and re-established: notifications may be missing.
+                Ok(None) => registry.log_appended_all(),
+                Err(err) => {
+                    tracing::warn!(%err, "notification listener failed; reconnecting");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+impl RunningHub {
+    /// Graceful shutdown: refuse new sessions, let sessions finish their in-flight pushes
+    /// (whose transactions the tenant actors complete) and close them with 1001, then stop.
+    pub async fn shutdown(self) {
+        let RunningHub { hub, handle, server, listener, arbiters, .. } = self;
+        hub.accepting.store(false, Ordering::Relaxed);
+        let deadline = Instant::now() + hub.config.shutdown_timeout();
+        let mut told = std::collections::HashSet::new();
+        while !hub.sessions.is_empty() && Instant::now() < deadline {
+            for entry in hub.sessions.iter() {
+                if !told.contains(entry.key()) && entry.value().try_send(SessionControl::Shutdown).is_ok() {
+                    told.insert(*entry.key());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        handle.stop(true).await;
+        let _ = server.await;
+        listener.abort();
+        for arbiter in arbiters {
+            arbiter.stop();
+        }
+        hub.store.pool.close().await;
+        tracing::info!("synchub stopped");
+    }
+
+    /// Wait until the server stops by itself (it does not, unless stopped).
+    pub async fn stopped(&mut self) {
+        let _ = (&mut self.server).await;
+    }
+}

@@ -1,0 +1,737 @@
+//! The group-commit transaction: several devices' batches for one tenant are checked against
+//! device cursors, merged into the application's tables, logged with gap-free seqs, and
+//! committed together. Writes are set-based (one statement per table and column set); when
+//! one of them fails, the group is redone change by change under savepoints so that only the
+//! bad change is rejected.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use protocol::{Change, ChangeResult, ChangeStatus, Delta, ErrorCode, Hlc, Object, Op};
+use serde_json::{json, Value};
+use sqlx::postgres::PgDatabaseError;
+use sqlx::{PgConnection, Row};
+use uuid::Uuid;
+
+use super::catalog::{Catalog, TableSchema};
+use super::Store;
+use crate::error::{Error, Result};
+use crate::ids::{DeviceId, Seq, TenantId, UserId};
+use crate::sync::merge::{self, Decision, Effect, FieldClock, Incoming, RowState};
+
+/// One device's pushed batch, as handed to storage.
+#[derive(Debug, Clone)]
+pub struct BatchInput {
+    pub device: DeviceId,
+    pub user: UserId,
+    pub batch_id: Uuid,
+    pub changes: Vec<Change>,
+}
+
+/// What a committed group produced.
+#[derive(Debug, Default)]
+pub struct GroupOutput {
+    /// Results per input batch, in input order, one per change.
+    pub results: Vec<Vec<ChangeResult>>,
+    /// The committed changes in seq order (possibly none).
+    pub deltas: Vec<Delta>,
+    /// Head seq after the commit.
+    pub head_seq: Seq,
+}
+
+/// Versions assigned before the tenant's head is locked are provisional: this base plus the
+/// change's ordinal in the group. They compare above every real version, which is what a
+/// concurrent write in the same group must do.
+const PROVISIONAL: u64 = 1 << 62;
+
+/// Limits applied while validating changes.
+#[derive(Debug, Clone, Copy)]
+pub struct ApplyLimits {
+    pub max_field_bytes: usize,
+    pub max_clock_skew_ms: u64,
+}
+
+/// A change that passed the cursor check and validation, on its way to be merged.
+struct Pending<'a> {
+    batch: usize,
+    index: usize,
+    change: &'a Change,
+    table: Arc<TableSchema>,
+    /// Normalized key (as Postgres renders it), set once the row has been read.
+    row_key: Option<String>,
+    clock: FieldClock,
+}
+
+/// Per-row state during the group.
+#[derive(Clone)]
+struct RowSlot {
+    key: Object,
+    state: RowState,
+    /// Writes to this row so far in the group (a row appears once per statement).
+    writes: usize,
+}
+
+type RowId = (String, String); // (table, normalized key)
+
+#[derive(Clone, Default)]
+struct MergeState {
+    rows: HashMap<RowId, RowSlot>,
+    /// Merge decisions in the order they were taken.
+    decided: Vec<Decided>,
+    /// Changes with an effect so far; the next one takes seq `head + next_ordinal + 1`.
+    next_ordinal: u64,
+}
+
+#[derive(Clone)]
+struct Decided {
+    /// Index into the group's pending changes.
+    pending: usize,
+    decision: Decision,
+    /// Row image before and after the change.
+    before: Option<Object>,
+    after: Option<Object>,
+    /// Position among the changes that wrote something; `None` when it wrote nothing.
+    ordinal: Option<u64>,
+}
+
+struct Outcome {
+    status: ChangeStatus,
+    reason: Option<(ErrorCode, String)>,
+}
+
+fn reject(code: ErrorCode, message: impl Into<String>) -> Outcome {
+    Outcome { status: ChangeStatus::Rejected, reason: Some((code, message.into())) }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Validate one change against the catalog; `None` when it may go on.
+fn validate(change: &Change, table: &TableSchema, tenant: &TenantId, limits: ApplyLimits) -> Option<Outcome> {
+    let tenant_matches = |v: &Value| match v {
+        Value::String(s) => s == tenant.as_str(),
+        other => other.to_string() == tenant.as_str(),
+    };
+    for column in &table.key {
+        if !change.key.get(column).is_some_and(|v| !v.is_null()) {
+            return Some(reject(ErrorCode::InvalidKey, format!("key lacks primary-key column `{column}`")));
+        }
+    }
+    for (name, value) in &change.key {
+        if *name == table.tenant_column {
+            if !tenant_matches(value) {
+                return Some(reject(ErrorCode::TenantMismatch, "tenant value differs from the token's tenant"));
+            }
+        } else if !table.key.contains(name) {
+            return Some(reject(ErrorCode::InvalidKey, format!("`{name}` is not a primary-key column of {}", table.name)));
+        }
+    }
+    if change.op == Op::Delete && !change.fields.is_empty() {
+        return Some(reject(ErrorCode::InvalidValue, "a delete carries no fields"));
+    }
+    for (name, value) in &change.fields {
+        if *name == table.tenant_column {
+            if !tenant_matches(value) {
+                return Some(reject(ErrorCode::TenantMismatch, "tenant value differs from the token's tenant"));
+            }
+            continue;
+        }
+        if !table.columns.contains_key(name) {
+            return Some(reject(ErrorCode::UnknownColumn, format!("{} has no column `{name}`", table.name)));
+        }
+        if let Some(key_value) = change.key.get(name) {
+            if key_value != value {
+                return Some(reject(ErrorCode::InvalidKey, format!("fields change primary-key column `{name}`")));
+            }
+        }
+        let size = serde_json::to_string(value).map(|s| s.len()).unwrap_or(usize::MAX);
+        if size > limits.max_field_bytes {
+            return Some(reject(ErrorCode::ValueTooLarge, format!("`{name}` is {size} bytes, more than {}", limits.max_field_bytes)));
+        }
+    }
+    None
+}
+
+/// Postgres errors caused by a value (class 22 data exception, 23 integrity violation):
+/// these reject one change. Anything else fails the whole group.
+fn value_error(err: &sqlx::Error) -> Option<String> {
+    let db = err.as_database_error()?.try_downcast_ref::<PgDatabaseError>()?;
+    let code = db.code();
+    (code.starts_with("22") || code.starts_with("23") || code == "42804").then(|| format!("{} ({code})", db.message()))
+}
+
+fn clock_json(clock: &FieldClock) -> Value {
+    json!([clock.hlc.wall_ms, clock.hlc.counter, clock.device, clock.version, clock.user])
+}
+
+fn clock_from_json(value: &Value) -> Option<FieldClock> {
+    let a = value.as_array()?;
+    Some(FieldClock {
+        hlc: Hlc { wall_ms: a.first()?.as_u64()?, counter: a.get(1)?.as_u64()? as u32 },
+        device: a.get(2)?.as_str()?.to_owned(),
+        version: a.get(3)?.as_u64()?,
+        user: a.get(4).and_then(Value::as_str).map(str::to_owned),
+    })
+}
+
+fn hlc_json(hlc: Hlc) -> Value {
+    json!({"wall_ms": hlc.wall_ms, "counter": hlc.counter})
+}
+
+fn real_version(version: u64, head: Seq) -> u64 {
+    if version >= PROVISIONAL {
+        head + (version - PROVISIONAL) + 1
+    } else {
+        version
+    }
+}
+
+fn as_object(value: Value) -> Option<Object> {
+    match value {
+        Value::Object(m) => Some(m),
+        _ => None,
+    }
+}
+
+impl Store {
+    /// Commit one group of batches for a tenant. Errors are group-wide and temporary
+    /// (nothing was committed); per-change problems come back as rejected results.
+    pub async fn commit_group(&self, tenant: &TenantId, batches: &[BatchInput], limits: ApplyLimits) -> Result<GroupOutput> {
+        let catalog = match batches.iter().flat_map(|b| &b.changes).map(|c| c.table.as_str()).find(|t| self.catalog().get(t).is_none()) {
+            Some(unknown) => self.catalog_with(unknown).await,
+            None => self.catalog(),
+        };
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("select set_config('synchub.origin', 'hub', true)").execute(&mut *tx).await?;
+        let output = apply_group(&mut tx, &catalog, tenant, batches, limits).await?;
+        tx.commit().await?;
+        Ok(output)
+    }
+}
+
+async fn apply_group(
+    conn: &mut PgConnection,
+    catalog: &Catalog,
+    tenant: &TenantId,
+    batches: &[BatchInput],
+    limits: ApplyLimits,
+) -> Result<GroupOutput> {
+    let now = now_ms();
+    let mut outcomes: Vec<Vec<Option<Outcome>>> = batches.iter().map(|b| b.changes.iter().map(|_| None).collect()).collect();
+
+    // 1. Device cursors: duplicates, gaps, and the changes to process.
+    let devices: Vec<&str> = batches.iter().map(|b| b.device.as_str()).collect();
+    let cursor_rows: Vec<(String, i64)> = sqlx::query_as(
+        "select device_id, last_device_seq from synchub.device_cursors where tenant_id = $1 and device_id = any($2) for update",
+    )
+    .bind(tenant.as_str())
+    .bind(&devices)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut cursors: HashMap<&str, u64> = cursor_rows.iter().map(|(d, s)| (d.as_str(), *s as u64)).collect();
+    let mut devices_users: BTreeMap<&str, (&str, u64)> = BTreeMap::new();
+    let mut duplicates = Vec::new();
+    let mut pending: Vec<Pending> = Vec::new();
+    for (b, batch) in batches.iter().enumerate() {
+        let cursor = cursors.entry(batch.device.as_str()).or_insert(0);
+        let mut gap = false;
+        for (i, change) in batch.changes.iter().enumerate() {
+            if gap || change.device_seq > *cursor + 1 {
+                gap = true;
+                outcomes[b][i] = Some(reject(ErrorCode::SeqGap, format!("expected device_seq {}", *cursor + 1)));
+                continue;
+            }
+            if change.device_seq <= *cursor {
+                outcomes[b][i] = Some(Outcome { status: ChangeStatus::Duplicate, reason: None });
+                duplicates.push(change.change_id);
+                continue;
+            }
+            *cursor = change.device_seq;
+            let Some(table) = catalog.get(&change.table) else {
+                outcomes[b][i] = Some(reject(ErrorCode::UnknownTable, format!("`{}` is not a synced table", change.table)));
+                continue;
+            };
+            if let Some(bad) = validate(change, table, tenant, limits) {
+                outcomes[b][i] = Some(bad);
+                continue;
+            }
+            let (hlc, clamped) = merge::clamp_hlc(change.hlc, now, limits.max_clock_skew_ms);
+            if clamped {
+                tracing::warn!(tenant = %tenant, device = %batch.device, change = %change.change_id, wall_ms = change.hlc.wall_ms, "clock too far ahead; clamped");
+            }
+            pending.push(Pending {
+                batch: b,
+                index: i,
+                change,
+                table: table.clone(),
+                row_key: None,
+                clock: FieldClock { hlc, device: batch.device.to_string(), user: Some(batch.user.to_string()), version: 0 },
+            });
+        }
+        devices_users.insert(batch.device.as_str(), (batch.user.as_str(), *cursor));
+    }
+
+    // 2. Current rows (locked) and their versions.
+    sqlx::query("savepoint synchub_group").execute(&mut *conn).await?;
+    let mut state = MergeState::default();
+    if let Err(err) = load_rows(conn, tenant, &mut pending, &mut state, None).await {
+        if value_error(&err).is_none() {
+            return Err(err.into());
+        }
+        // A key of the wrong type: read key by key to find which.
+        sqlx::query("rollback to savepoint synchub_group").execute(&mut *conn).await?;
+        for p in 0..pending.len() {
+            sqlx::query("savepoint synchub_change").execute(&mut *conn).await?;
+            if let Err(err) = load_rows(conn, tenant, &mut pending, &mut state, Some(p)).await {
+                let message = value_error(&err).ok_or(Error::Database(err))?;
+                sqlx::query("rollback to savepoint synchub_change").execute(&mut *conn).await?;
+                outcomes[pending[p].batch][pending[p].index] = Some(reject(ErrorCode::InvalidKey, message));
+            }
+        }
+    }
+    let initial = state.clone();
+
+    // 3. Merge and write: all at once, or change by change when a value is refused.
+    let all: Vec<usize> = (0..pending.len()).filter(|&p| pending[p].row_key.is_some()).collect();
+    let fast = merge_and_write(conn, tenant, &pending, &mut state, &all).await;
+    if let Err(err) = fast {
+        if value_error(&err).is_none() {
+            return Err(err.into());
+        }
+        sqlx::query("rollback to savepoint synchub_group").execute(&mut *conn).await?;
+        state = initial;
+        for &p in &all {
+            let before = state.clone();
+            sqlx::query("savepoint synchub_change").execute(&mut *conn).await?;
+            if let Err(err) = merge_and_write(conn, tenant, &pending, &mut state, &[p]).await {
+                let message = value_error(&err).ok_or(Error::Database(err))?;
+                sqlx::query("rollback to savepoint synchub_change").execute(&mut *conn).await?;
+                state = before;
+                outcomes[pending[p].batch][pending[p].index] = Some(reject(ErrorCode::InvalidValue, message));
+            }
+        }
+    }
+
+    // 4. Seqs: lock the head (after the app rows, the order other writers' triggers use).
+    let head: i64 = sqlx::query_scalar("select head_seq from synchub.tenants where tenant_id = $1 for update")
+        .bind(tenant.as_str())
+        .fetch_one(&mut *conn)
+        .await?;
+    let head = head as Seq;
+    let new_head = head + state.next_ordinal;
+
+    // 5. Log entries, deltas, conflict records and results of the decided changes.
+    let mut deltas = Vec::with_capacity(state.next_ordinal as usize);
+    let mut log = LogColumns::default();
+    let mut conflicts = Vec::new();
+    let mut results_by_change: HashMap<(usize, usize), ChangeResult> = HashMap::new();
+    for decided in &state.decided {
+        let pend = &pending[decided.pending];
+        let row_key = pend.row_key.clone().unwrap_or_default();
+        let slot = &state.rows[&(pend.table.name.clone(), row_key)];
+        let seq = decided.ordinal.map(|o| head + o + 1);
+        let decision = &decided.decision;
+        if let Some(seq) = seq {
+            let (op, old) = log_op_and_old(decision, decided.before.as_ref(), decided.after.as_ref());
+            log.push(seq, pend, &slot.key, op, decided.after.clone(), old.clone());
+            deltas.push(Delta {
+                seq,
+                table: pend.table.name.clone(),
+                op: if op == "delete" { Op::Delete } else { Op::Upsert },
+                key: slot.key.clone(),
+                row: decided.after.clone(),
+                old,
+                origin: Some(batches[pend.batch].device.to_string()),
+                change_id: Some(pend.change.change_id),
+            });
+        }
+        for c in &decision.conflicts {
+            conflicts.push(json!({
+                "table_name": pend.table.name, "pk": slot.key, "field": c.field,
+                "base_version": pend.change.base_version, "server_version": real_version(c.server_clock.version, head),
+                "server_value": c.server_value, "server_hlc": hlc_json(c.server_clock.hlc),
+                "server_device": c.server_clock.device, "server_user": c.server_clock.user,
+                "incoming_value": c.incoming_value, "incoming_hlc": hlc_json(pend.clock.hlc),
+                "incoming_device": pend.clock.device, "incoming_user": pend.clock.user,
+                "winner": c.winner.as_str(),
+                "policy": if c.by_delete { "delete_wins" } else { pend.table.policy.as_str() },
+                "change_id": pend.change.change_id, "batch_id": batches[pend.batch].batch_id, "seq": seq,
+            }));
+        }
+        let status = if decision.rejection.is_some() { ChangeStatus::Rejected } else { decision.status };
+        let row = match status {
+            ChangeStatus::Merged | ChangeStatus::Conflict => decided.after.clone().or_else(|| slot.state.values.clone()),
+            _ => None,
+        };
+        results_by_change.insert(
+            (pend.batch, pend.index),
+            ChangeResult {
+                change_id: pend.change.change_id,
+                device_seq: pend.change.device_seq,
+                status,
+                seq,
+                lost_fields: decision.lost_fields.clone(),
+                reason: decision.rejection,
+                message: decision.rejection.map(|_| "the row was deleted; re-create it under a new key".to_string()),
+                row,
+            },
+        );
+    }
+
+    if !log.seq.is_empty() {
+        log.insert(conn, tenant).await?;
+        save_row_versions(conn, tenant, &state, head).await?;
+        sqlx::query("update synchub.tenants set head_seq = $2 where tenant_id = $1")
+            .bind(tenant.as_str())
+            .bind(new_head as i64)
+            .execute(&mut *conn)
+            .await?;
+    }
+    if !conflicts.is_empty() {
+        sqlx::query(
+            "insert into synchub.conflicts (tenant_id, table_name, pk, field, base_version, server_version, server_value, server_hlc, \
+               server_device, server_user, incoming_value, incoming_hlc, incoming_device, incoming_user, winner, policy, change_id, batch_id, seq) \
+             select $1, table_name, pk, field, base_version, server_version, server_value, server_hlc, server_device, server_user, \
+               incoming_value, incoming_hlc, incoming_device, incoming_user, winner, policy, change_id, batch_id, seq \
+             from jsonb_to_recordset($2) as x(table_name text, pk jsonb, field text, base_version int8, server_version int8, \
+               server_value jsonb, server_hlc jsonb, server_device text, server_user text, incoming_value jsonb, incoming_hlc jsonb, \
+               incoming_device text, incoming_user text, winner text, policy text, change_id uuid, batch_id uuid, seq int8)",
+        )
+        .bind(tenant.as_str())
+        .bind(Value::Array(conflicts))
+        .execute(&mut *conn)
+        .await?;
+    }
+    let (cursor_devices, (cursor_users, cursor_seqs)): (Vec<&str>, (Vec<&str>, Vec<i64>)) =
+        devices_users.iter().map(|(d, (u, s))| (*d, (*u, *s as i64))).unzip();
+    sqlx::query(
+        "insert into synchub.device_cursors (tenant_id, device_id, user_id, last_device_seq) \
+         select $1, d, u, s from unnest($2::text[], $3::text[], $4::int8[]) as x(d, u, s) \
+         on conflict (tenant_id, device_id) do update set last_device_seq = greatest(device_cursors.last_device_seq, excluded.last_device_seq), \
+           user_id = excluded.user_id, updated_at = now()",
+    )
+    .bind(tenant.as_str())
+    .bind(&cursor_devices)
+    .bind(&cursor_users)
+    .bind(&cursor_seqs)
+    .execute(&mut *conn)
+    .await?;
+
+    let original_seqs: HashMap<Uuid, Seq> = if duplicates.is_empty() {
+        HashMap::new()
+    } else {
+        let rows: Vec<(Uuid, i64)> =
+            sqlx::query_as("select change_id, seq from synchub.change_log where tenant_id = $1 and change_id = any($2)")
+                .bind(tenant.as_str())
+                .bind(&duplicates)
+                .fetch_all(&mut *conn)
+                .await?;
+        rows.into_iter().map(|(id, s)| (id, s as Seq)).collect()
+    };
+
+    // 6. Results, in input order.
+    let results = batches
+        .iter()
+        .enumerate()
+        .map(|(b, batch)| {
+            batch
+                .changes
+                .iter()
+                .enumerate()
+                .map(|(i, change)| {
+                    if let Some(outcome) = outcomes[b][i].take() {
+                        return ChangeResult {
+                            change_id: change.change_id,
+                            device_seq: change.device_seq,
+                            status: outcome.status,
+                            seq: if outcome.status == ChangeStatus::Duplicate { original_seqs.get(&change.change_id).copied() } else { None },
+                            lost_fields: vec![],
+                            reason: outcome.reason.as_ref().map(|r| r.0),
+                            message: outcome.reason.map(|r| r.1),
+                            row: None,
+                        };
+                    }
+                    // unwrap: every change without an early outcome was decided above.
+                    results_by_change.remove(&(b, i)).expect("decided change")
+                })
+                .collect()
+        })
+        .collect();
+    Ok(GroupOutput { results, deltas, head_seq: new_head })
+}
+
+/// The log's op and old values: old values of changed columns for an update, the whole old
+/// row for a delete, none for an insert.
+fn log_op_and_old(decision: &Decision, before: Option<&Object>, after: Option<&Object>) -> (&'static str, Option<Object>) {
+    match (&decision.effect, before) {
+        (Effect::Delete, _) => ("delete", before.cloned()),
+        (_, None) => ("insert", None),
+        (_, Some(before)) => {
+            let after = after.cloned().unwrap_or_default();
+            let changed: Object = after
+                .keys()
+                .filter(|k| before.get(*k) != after.get(*k))
+                .map(|k| (k.clone(), before.get(k).cloned().unwrap_or(Value::Null)))
+                .collect();
+            ("update", Some(changed))
+        }
+    }
+}
+
+/// Persist versions, tombstones and field clocks of the rows this group wrote.
+async fn save_row_versions(conn: &mut PgConnection, tenant: &TenantId, state: &MergeState, head: Seq) -> std::result::Result<(), sqlx::Error> {
+    let real_clock = |c: &FieldClock| clock_json(&FieldClock { version: real_version(c.version, head), ..c.clone() });
+    let mut tables = Vec::new();
+    let mut keys = Vec::new();
+    let mut versions = Vec::new();
+    let mut deleted = Vec::new();
+    let mut clocks = Vec::new();
+    for ((table, _), slot) in state.rows.iter().filter(|(_, s)| s.writes > 0) {
+        tables.push(table.as_str());
+        keys.push(Value::Object(slot.key.clone()));
+        versions.push(real_version(slot.state.version, head) as i64);
+        deleted.push(slot.state.deleted.as_ref().map(real_clock));
+        clocks.push(Value::Object(slot.state.clocks.iter().map(|(f, c)| (f.clone(), real_clock(c))).collect()));
+    }
+    sqlx::query(
+        "insert into synchub.row_versions (tenant_id, table_name, pk, version, deleted, clocks) \
+         select $1, t, k, v, d, c from unnest($2::text[], $3::jsonb[], $4::int8[], $5::jsonb[], $6::jsonb[]) as x(t, k, v, d, c) \
+         on conflict (tenant_id, table_name, pk) do update set version = excluded.version, deleted = excluded.deleted, clocks = excluded.clocks",
+    )
+    .bind(tenant.as_str())
+    .bind(&tables)
+    .bind(&keys)
+    .bind(&versions)
+    .bind(&deleted)
+    .bind(&clocks)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Read the current rows and versions for `pending` (or only `only`), filling row slots and
+/// each change's normalized key.
+async fn load_rows(
+    conn: &mut PgConnection,
+    tenant: &TenantId,
+    pending: &mut [Pending<'_>],
+    state: &mut MergeState,
+    only: Option<usize>,
+) -> std::result::Result<(), sqlx::Error> {
+    let mut by_table: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (p, pend) in pending.iter().enumerate() {
+        if only.is_none_or(|o| o == p) {
+            by_table.entry(pend.table.name.clone()).or_default().push(p);
+        }
+    }
+    let mut new_slots: Vec<RowId> = Vec::new();
+    for (table_name, members) in by_table {
+        let table = pending[members[0]].table.clone();
+        let keys: Vec<Value> = members.iter().map(|&p| Value::Object(pending[p].change.key.clone())).collect();
+        let rows = sqlx::query(&table.read_sql).bind(tenant.as_str()).bind(&keys).fetch_all(&mut *conn).await?;
+        for row in rows {
+            let ordinal: i64 = row.get("i");
+            let key: Value = row.get("key");
+            let current: Option<Value> = row.get("row");
+            let p = members[(ordinal - 1) as usize];
+            let key_text = key.to_string();
+            pending[p].row_key = Some(key_text.clone());
+            let id = (table_name.clone(), key_text);
+            if !state.rows.contains_key(&id) {
+                let values = current.and_then(as_object);
+                state.rows.insert(
+                    id.clone(),
+                    RowSlot {
+                        key: as_object(key).unwrap_or_default(),
+                        state: RowState { values, ..RowState::default() },
+                        writes: 0,
+                    },
+                );
+                new_slots.push(id);
+            }
+        }
+    }
+    if new_slots.is_empty() {
+        return Ok(());
+    }
+    let tables: Vec<&str> = new_slots.iter().map(|(t, _)| t.as_str()).collect();
+    let keys: Vec<Value> = new_slots.iter().map(|id| Value::Object(state.rows[id].key.clone())).collect();
+    let versions = sqlx::query(
+        "select rv.table_name, rv.pk, rv.version, rv.deleted, rv.clocks from synchub.row_versions rv \
+         join unnest($2::text[], $3::jsonb[]) as x(t, k) on rv.table_name = x.t and rv.pk = x.k where rv.tenant_id = $1",
+    )
+    .bind(tenant.as_str())
+    .bind(&tables)
+    .bind(&keys)
+    .fetch_all(&mut *conn)
+    .await?;
+    for row in versions {
+        let id: RowId = (row.get("table_name"), row.get::<Value, _>("pk").to_string());
+        let Some(slot) = state.rows.get_mut(&id) else { continue };
+        slot.state.version = row.get::<i64, _>("version") as u64;
+        slot.state.deleted = row.get::<Option<Value>, _>("deleted").as_ref().and_then(clock_from_json);
+        if slot.state.values.is_some() {
+            // The row exists again (re-inserted by SQL before the trigger saw it): not a tombstone.
+            slot.state.deleted = None;
+        }
+        if let Some(Value::Object(clocks)) = row.get::<Option<Value>, _>("clocks") {
+            slot.state.clocks = clocks.iter().filter_map(|(f, c)| Some((f.clone(), clock_from_json(c)?))).collect();
+        }
+    }
+    Ok(())
+}
+
+/// Write statements of one merge pass: one per (round, table, kind, column set). A row
+/// written twice in the group goes into two rounds, since a statement touches a row once.
+type WritePlan = BTreeMap<(usize, String, WriteKind, Vec<String>), (Vec<usize>, Vec<Value>)>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum WriteKind {
+    Insert,
+    Update,
+    Delete,
+}
+
+/// Decide each of `which` in order against the row state, then write the effects.
+async fn merge_and_write(
+    conn: &mut PgConnection,
+    tenant: &TenantId,
+    pending: &[Pending<'_>],
+    state: &mut MergeState,
+    which: &[usize],
+) -> std::result::Result<(), sqlx::Error> {
+    let mut plan = WritePlan::new();
+    for &p in which {
+        let pend = &pending[p];
+        let Some(row_key) = &pend.row_key else { continue };
+        // unwrap: load_rows created a slot for every key it normalized.
+        let slot = state.rows.get_mut(&(pend.table.name.clone(), row_key.clone())).expect("row slot");
+        // Key and tenant columns are identity, not fields to merge.
+        let mut fields = pend.change.fields.clone();
+        fields.remove(&pend.table.tenant_column);
+        pend.table.key.iter().for_each(|k| {
+            fields.remove(k);
+        });
+        let incoming = Incoming { op: pend.change.op, fields: &fields, clock: pend.clock.clone(), base_version: pend.change.base_version };
+        let decision = merge::decide(&slot.state, &incoming, pend.table.policy);
+        let before = slot.state.values.clone();
+        if decision.effect == Effect::Nothing {
+            state.decided.push(Decided { pending: p, decision, before, after: None, ordinal: None });
+            continue;
+        }
+        let ordinal = state.next_ordinal;
+        state.next_ordinal += 1;
+        let round = slot.writes;
+        slot.writes += 1;
+        let (kind, columns, json_row) = match &decision.effect {
+            Effect::Write(written) => {
+                let mut json_row = slot.key.clone();
+                json_row.extend(written.iter().map(|(c, v)| (c.clone(), v.clone())));
+                let kind = if slot.state.values.is_none() { WriteKind::Insert } else { WriteKind::Update };
+                (kind, written.keys().cloned().collect(), json_row)
+            }
+            _ => (WriteKind::Delete, Vec::new(), slot.key.clone()),
+        };
+        merge::advance(&mut slot.state, &decision, &pend.clock, PROVISIONAL + ordinal, None);
+        let entry = plan.entry((round, pend.table.name.clone(), kind, columns)).or_default();
+        entry.0.push(state.decided.len());
+        entry.1.push(Value::Object(json_row));
+        state.decided.push(Decided { pending: p, decision, before, after: None, ordinal: Some(ordinal) });
+    }
+
+    for ((_, table_name, kind, columns), (positions, rows)) in plan {
+        let table = pending[state.decided[positions[0]].pending].table.clone();
+        let cols: Vec<&str> = columns.iter().map(String::as_str).collect();
+        let images: HashMap<String, Object> = if kind == WriteKind::Update && cols.is_empty() {
+            HashMap::new() // nothing but the key: the row stays as it is
+        } else {
+            let sql = match kind {
+                WriteKind::Insert => table.insert_sql(&cols),
+                WriteKind::Update => table.update_sql(&cols),
+                WriteKind::Delete => table.delete_sql.clone(),
+            };
+            let returned = sqlx::query(&sql).bind(tenant.as_str()).bind(Value::Array(rows)).fetch_all(&mut *conn).await?;
+            returned
+                .into_iter()
+                .filter_map(|r| Some((r.get::<Value, _>("key").to_string(), as_object(r.get("row"))?)))
+                .collect()
+        };
+        for pos in positions {
+            let row_key = pending[state.decided[pos].pending].row_key.clone().unwrap_or_default();
+            let slot = state.rows.get_mut(&(table_name.clone(), row_key.clone()));
+            let after = match kind {
+                WriteKind::Delete => None,
+                _ => images.get(&row_key).cloned().or_else(|| slot.as_ref().and_then(|s| s.state.values.clone())),
+            };
+            // Keep the database's rendering of the row for later changes and the log.
+            if let (Some(slot), Some(image)) = (slot, &after) {
+                slot.state.values = Some(image.clone());
+            }
+            state.decided[pos].after = after;
+        }
+    }
+    Ok(())
+}
+
+/// Columns of the change log insert, one vector per column.
+#[derive(Default)]
+struct LogColumns {
+    seq: Vec<i64>,
+    table: Vec<String>,
+    op: Vec<&'static str>,
+    pk: Vec<Value>,
+    new_row: Vec<Option<Value>>,
+    old: Vec<Option<Value>>,
+    written: Vec<Option<Value>>,
+    origin: Vec<String>,
+    user: Vec<Option<String>>,
+    change_id: Vec<Uuid>,
+    device_seq: Vec<i64>,
+    wall: Vec<i64>,
+    counter: Vec<i32>,
+}
+
+impl LogColumns {
+    fn push(&mut self, seq: Seq, pend: &Pending<'_>, key: &Object, op: &'static str, new_row: Option<Object>, old: Option<Object>) {
+        self.seq.push(seq as i64);
+        self.table.push(pend.table.name.clone());
+        self.op.push(op);
+        self.pk.push(Value::Object(key.clone()));
+        self.new_row.push(new_row.map(Value::Object));
+        self.old.push(old.map(Value::Object));
+        self.written.push((pend.change.op == Op::Upsert).then(|| Value::Object(pend.change.fields.clone())));
+        self.origin.push(pend.clock.device.clone());
+        self.user.push(pend.clock.user.clone());
+        self.change_id.push(pend.change.change_id);
+        self.device_seq.push(pend.change.device_seq as i64);
+        self.wall.push(pend.clock.hlc.wall_ms as i64);
+        self.counter.push(pend.clock.hlc.counter as i32);
+    }
+
+    async fn insert(&self, conn: &mut PgConnection, tenant: &TenantId) -> std::result::Result<(), sqlx::Error> {
+        sqlx::query(
+            "insert into synchub.change_log (tenant_id, seq, table_name, op, pk, new_row, old_values, written, origin_device, user_id, \
+               change_id, device_seq, hlc_wall_ms, hlc_counter) \
+             select $1, * from unnest($2::int8[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[], $7::jsonb[], $8::jsonb[], \
+               $9::text[], $10::text[], $11::uuid[], $12::int8[], $13::int8[], $14::int4[])",
+        )
+        .bind(tenant.as_str())
+        .bind(&self.seq)
+        .bind(&self.table)
+        .bind(&self.op)
+        .bind(&self.pk)
+        .bind(&self.new_row)
+        .bind(&self.old)
+        .bind(&self.written)
+        .bind(&self.origin)
+        .bind(&self.user)
+        .bind(&self.change_id)
+        .bind(&self.device_seq)
+        .bind(&self.wall)
+        .bind(&self.counter)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+}

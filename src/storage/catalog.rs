@@ -1,0 +1,222 @@
+//! The synced tables as Postgres describes them: columns, primary key, tenant column, merge
+//! policy, and the SQL the hub runs against each, built once when the catalog is loaded.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use sqlx::{PgPool, Row};
+
+use crate::config::MergePolicy;
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct Column {
+    pub name: String,
+    /// `format_type` of the column, e.g. `integer`, `numeric(10,2)`, `uuid`.
+    pub sql_type: String,
+}
+
+#[derive(Debug)]
+pub struct TableSchema {
+    /// Name on the wire and in the log: the table's `regclass::text`.
+    pub name: String,
+    pub tenant_column: String,
+    pub tenant_type: String,
+    /// Primary-key columns other than the tenant column, in key order.
+    pub key: Vec<String>,
+    /// Writable columns (generated columns are left out).
+    pub columns: BTreeMap<String, Column>,
+    pub policy: MergePolicy,
+    /// Reads the current rows of a set of keys and locks them; see [`TableSchema::read_sql`].
+    pub read_sql: String,
+    pub delete_sql: String,
+}
+
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+impl TableSchema {
+    fn key_list(&self, alias: &str) -> String {
+        self.key.iter().map(|k| format!("{alias}.{}", quote_ident(k))).collect::<Vec<_>>().join(", ")
+    }
+
+    /// `jsonb_build_object('k1', alias.k1, ...)`: the normalized key as Postgres renders it.
+    pub fn key_object(&self, alias: &str) -> String {
+        let parts: Vec<String> =
+            self.key.iter().map(|k| format!("'{}', {alias}.{}", k.replace('\'', "''"), quote_ident(k))).collect();
+        format!("jsonb_build_object({})", parts.join(", "))
+    }
+
+    fn tenant_match(&self, alias: &str) -> String {
+        format!("{alias}.{} = $1::{}", quote_ident(&self.tenant_column), self.tenant_type)
+    }
+
+    /// `$1` tenant, `$2` jsonb[] of keys → (ordinal, normalized key, current row or null).
+    /// Key values are cast by Postgres, so a key of the wrong type fails the statement.
+    fn build_read_sql(&self) -> String {
+        let table = &self.name;
+        let first = quote_ident(&self.key[0]);
+        format!(
+            "with keys as (select x.i, k.* from unnest($2::jsonb[]) with ordinality as x(kj, i), \
+               lateral jsonb_populate_record(null::{table}, x.kj) as k), \
+             locked as (select t.* from {table} t where {tenant} and ({tk}) in (select {kk} from keys k) for update) \
+             select keys.i, {keyobj} as key, case when locked.{first} is null then null else to_jsonb(locked) end as row \
+             from keys left join locked on ({lk}) = ({kk2})",
+            tenant = self.tenant_match("t"),
+            tk = self.key_list("t"),
+            kk = self.key_list("k"),
+            keyobj = self.key_object("keys"),
+            lk = self.key_list("locked"),
+            kk2 = self.key_list("keys"),
+        )
+    }
+
+    fn build_delete_sql(&self) -> String {
+        format!(
+            "delete from {table} t using jsonb_populate_recordset(null::{table}, $2) v where {tenant} and ({tk}) = ({vk}) \
+             returning {keyobj} as key, to_jsonb(t) as row",
+            table = self.name,
+            tenant = self.tenant_match("t"),
+            tk = self.key_list("t"),
+            vk = self.key_list("v"),
+            keyobj = self.key_object("t"),
+        )
+    }
+
+    /// Update existing rows: `$1` tenant, `$2` jsonb array of {key columns, `columns`}.
+    pub fn update_sql(&self, columns: &[&str]) -> String {
+        let sets: Vec<String> = columns.iter().map(|c| format!("{q} = v.{q}", q = quote_ident(c))).collect();
+        format!(
+            "update {table} t set {sets} from jsonb_populate_recordset(null::{table}, $2) v where {tenant} and ({tk}) = ({vk}) \
+             returning {keyobj} as key, to_jsonb(t) as row",
+            table = self.name,
+            sets = sets.join(", "),
+            tenant = self.tenant_match("t"),
+            tk = self.key_list("t"),
+            vk = self.key_list("v"),
+            keyobj = self.key_object("t"),
+        )
+    }
+
+    /// Insert new rows: `$1` tenant, `$2` jsonb array of {key columns, `columns`}; columns
+    /// not named take their defaults.
+    pub fn insert_sql(&self, columns: &[&str]) -> String {
+        let mut names = vec![quote_ident(&self.tenant_column)];
+        let mut values = vec![format!("$1::{}", self.tenant_type)];
+        for c in self.key.iter().map(String::as_str).chain(columns.iter().copied()) {
+            names.push(quote_ident(c));
+            values.push(format!("v.{}", quote_ident(c)));
+        }
+        format!(
+            "insert into {table} as t ({names}) select {values} from jsonb_populate_recordset(null::{table}, $2) v \
+             returning {keyobj} as key, to_jsonb(t) as row",
+            table = self.name,
+            names = names.join(", "),
+            values = values.join(", "),
+            keyobj = self.key_object("t"),
+        )
+    }
+
+    /// Snapshot page: `$1` tenant, `$2` key to start after (jsonb, may be null), `$3` limit.
+    pub fn snapshot_sql(&self) -> String {
+        format!(
+            "select {keyobj} as key, to_jsonb(t) as row from {table} t \
+             where {tenant} and ($2::jsonb is null or ({tk}) > (select {ak} from jsonb_populate_record(null::{table}, $2) a)) \
+             order by {tk} limit $3",
+            table = self.name,
+            keyobj = self.key_object("t"),
+            tenant = self.tenant_match("t"),
+            tk = self.key_list("t"),
+            ak = self.key_list("a"),
+        )
+    }
+}
+
+/// All synced tables by wire name.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    tables: HashMap<String, Arc<TableSchema>>,
+}
+
+impl Catalog {
+    pub fn get(&self, name: &str) -> Option<&Arc<TableSchema>> {
+        self.tables.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tables.keys().map(String::as_str)
+    }
+
+    pub async fn load(pool: &PgPool) -> Result<Catalog> {
+        let registered = sqlx::query("select table_name, tenant_column, policy, to_regclass(table_name)::oid::int8 as oid from synchub.synced_tables")
+            .fetch_all(pool)
+            .await?;
+        let mut tables = HashMap::new();
+        for row in registered {
+            let name: String = row.get("table_name");
+            let Some(oid) = row.get::<Option<i64>, _>("oid") else {
+                tracing::warn!(table = %name, "registered table no longer exists; skipped");
+                continue;
+            };
+            let tenant_column: String = row.get("tenant_column");
+            let policy = MergePolicy::parse(row.get::<&str, _>("policy")).unwrap_or_default();
+            let cols = sqlx::query(
+                "select attname::text as name, format_type(atttypid, atttypmod) as ty, attgenerated <> '' as generated \
+                 from pg_attribute where attrelid = $1::int8::oid and attnum > 0 and not attisdropped order by attnum",
+            )
+            .bind(oid)
+            .fetch_all(pool)
+            .await?;
+            let key: Vec<String> = sqlx::query_scalar(
+                "select a.attname::text from pg_index i join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey) \
+                 where i.indrelid = $1::int8::oid and i.indisprimary order by array_position(i.indkey::int2[], a.attnum)",
+            )
+            .bind(oid)
+            .fetch_all(pool)
+            .await?;
+            let key: Vec<String> = key.into_iter().filter(|k| *k != tenant_column).collect();
+            let mut columns = BTreeMap::new();
+            let mut tenant_type = None;
+            for c in cols {
+                let col = Column { name: c.get("name"), sql_type: c.get("ty") };
+                if col.name == tenant_column {
+                    tenant_type = Some(col.sql_type.clone());
+                }
+                if !c.get::<bool, _>("generated") {
+                    columns.insert(col.name.clone(), col);
+                }
+            }
+            let (Some(tenant_type), false) = (tenant_type, key.is_empty()) else {
+                tracing::warn!(table = %name, "registered table lacks its tenant column or a primary key; skipped");
+                continue;
+            };
+            let mut schema = TableSchema {
+                name: name.clone(),
+                tenant_column,
+                tenant_type,
+                key,
+                columns,
+                policy,
+                read_sql: String::new(),
+                delete_sql: String::new(),
+            };
+            schema.read_sql = schema.build_read_sql();
+            schema.delete_sql = schema.build_delete_sql();
+            tables.insert(name, Arc::new(schema));
+        }
+        Ok(Catalog { tables })
+    }
+}
+
+/// Register a table through the SQL function (which also installs the capture trigger).
+pub async fn register_table(pool: &PgPool, name: &str, tenant_column: &str, policy: MergePolicy) -> Result<()> {
+    sqlx::query("select synchub.register_table($1::regclass, $2, $3)")
+        .bind(name)
+        .bind(tenant_column)
+        .bind(policy.as_str())
+        .execute(pool)
+        .await
+        .map_err(|e| Error::Config(format!("cannot register table {name}: {e}")))?;
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! Reads of the change log and of tenant state: the tenant's head and epoch, catch-up pages
+//! after a position, and snapshot pages of a table's current rows with their versions.
+
+use protocol::{Delta, Object, Op, SnapshotRow};
+use serde_json::Value;
+use sqlx::Row;
+
+use super::Store;
+use crate::error::Result;
+use crate::ids::{Seq, TenantId};
+use crate::storage::catalog::TableSchema;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantHead {
+    pub epoch: String,
+    pub head_seq: Seq,
+    pub log_floor: Seq,
+}
+
+fn object(value: Option<Value>) -> Option<Object> {
+    match value {
+        Some(Value::Object(map)) => Some(map),
+        _ => None,
+    }
+}
+
+impl Store {
+    /// The tenant's head, creating the tenant on first sight.
+    pub async fn tenant_head(&self, tenant: &TenantId) -> Result<TenantHead> {
+        let row = sqlx::query(
+            "with ins as (insert into synchub.tenants (tenant_id) values ($1) on conflict do nothing returning epoch, head_seq, log_floor) \
+             select epoch, head_seq, log_floor from ins union all \
+             select epoch, head_seq, log_floor from synchub.tenants where tenant_id = $1 limit 1",
+        )
+        .bind(tenant.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(TenantHead {
+            epoch: row.get("epoch"),
+            head_seq: row.get::<i64, _>("head_seq") as Seq,
+            log_floor: row.get::<i64, _>("log_floor") as Seq,
+        })
+    }
+
+    /// Up to `limit` log entries with `after < seq <= upto`, in seq order, and the tenant's
+    /// head seq as of the read.
+    pub async fn read_log(&self, tenant: &TenantId, after: Seq, upto: Option<Seq>, limit: u32) -> Result<(Vec<Delta>, Seq)> {
+        let head: Option<i64> = sqlx::query_scalar("select head_seq from synchub.tenants where tenant_id = $1")
+            .bind(tenant.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        let rows = sqlx::query(
+            "select seq, table_name, op, pk, new_row, old_values, origin_device, change_id from synchub.change_log \
+             where tenant_id = $1 and seq > $2 and ($3::int8 is null or seq <= $3) order by seq limit $4",
+        )
+        .bind(tenant.as_str())
+        .bind(after as i64)
+        .bind(upto.map(|s| s as i64))
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        let deltas = rows
+            .into_iter()
+            .map(|r| Delta {
+                seq: r.get::<i64, _>("seq") as Seq,
+                table: r.get("table_name"),
+                op: if r.get::<&str, _>("op") == "delete" { Op::Delete } else { Op::Upsert },
+                key: object(r.get("pk")).unwrap_or_default(),
+                row: object(r.get("new_row")),
+                old: object(r.get("old_values")),
+                origin: r.get("origin_device"),
+                change_id: r.get("change_id"),
+            })
+            .collect::<Vec<_>>();
+        let head = (head.unwrap_or(0) as Seq).max(deltas.last().map_or(0, |d| d.seq));
+        Ok((deltas, head))
+    }
+
+    /// One page of a table's rows in key order, read together with the head seq in one
+    /// repeatable-read snapshot, so a device can resume from that seq without a gap.
+    pub async fn snapshot_page(
+        &self,
+        tenant: &TenantId,
+        table: &TableSchema,
+        after: Option<&Object>,
+        limit: u32,
+    ) -> Result<(Vec<SnapshotRow>, Seq, String)> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("set transaction isolation level repeatable read, read only").execute(&mut *tx).await?;
+        let head = sqlx::query("select epoch, head_seq from synchub.tenants where tenant_id = $1")
+            .bind(tenant.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let (epoch, head_seq) = match head {
+            Some(r) => (r.get::<String, _>("epoch"), r.get::<i64, _>("head_seq") as Seq),
+            None => (String::new(), 0),
+        };
+        let rows = sqlx::query(&table.snapshot_sql())
+            .bind(tenant.as_str())
+            .bind(after.map(|a| Value::Object(a.clone())))
+            .bind(limit as i64)
+            .fetch_all(&mut *tx)
+            .await?;
+        let keys: Vec<Value> = rows.iter().map(|r| r.get::<Value, _>("key")).collect();
+        let versions: Vec<(Value, i64)> = sqlx::query_as(
+            "select pk, version from synchub.row_versions where tenant_id = $1 and table_name = $2 and pk = any($3::jsonb[])",
+        )
+        .bind(tenant.as_str())
+        .bind(&table.name)
+        .bind(&keys)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let versions: std::collections::HashMap<String, i64> =
+            versions.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let page = rows
+            .into_iter()
+            .zip(keys)
+            .map(|(r, key)| SnapshotRow {
+                row: object(r.get("row")).unwrap_or_default(),
+                version: versions.get(&key.to_string()).copied().unwrap_or(0) as Seq,
+            })
+            .collect();
+        Ok((page, head_seq, epoch))
+    }
+
+    /// The seqs at which these change ids were committed (for acks of re-sent changes).
+    pub async fn committed_seqs(&self, tenant: &TenantId, change_ids: &[uuid::Uuid]) -> Result<Vec<(uuid::Uuid, Seq)>> {
+        let rows: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
+            "select change_id, seq from synchub.change_log where tenant_id = $1 and change_id = any($2)",
+        )
+        .bind(tenant.as_str())
+        .bind(change_ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(id, seq)| (id, seq as Seq)).collect())
+    }
+}

@@ -1,0 +1,2 @@
+//! Merge logic, independent of storage and transport.
+pub mod merge;

@@ -1,0 +1,3 @@
+//! Transport: the HTTP endpoints that carry the protocol. The WebSocket upgrade lives here;
+//! frame handling is the `DeviceSession` actor's.
+pub mod ws;
