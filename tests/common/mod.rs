@@ -1,0 +1,274 @@
+//! Test harness: a private Postgres cluster per test process, a fresh database per test, a hub
+//! on port 0, and a WebSocket client that speaks the protocol crate's codec.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use protocol::{Change, ClientFrame, Encoding, Hlc, Object, Op, Position, ServerFrame};
+use serde_json::{json, Value};
+use synchub::config::{Config, Secret};
+use synchub::embedded_pg::{ClusterOptions, PgCluster};
+use synchub::server::RunningHub;
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+
+pub const SECRET: &str = "test-secret";
+pub const WAIT: Duration = Duration::from_secs(15);
+
+static CLUSTER: OnceLock<PgCluster> = OnceLock::new();
+
+/// The process's private cluster (started on first use, stopped by its watchdog at exit).
+pub fn cluster() -> &'static PgCluster {
+    CLUSTER.get_or_init(|| {
+        std::thread::spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let dir = std::env::temp_dir().join(format!("synchub-test-{}", Uuid::new_v4().simple()));
+            rt.block_on(PgCluster::start(ClusterOptions { data_dir: dir, ephemeral: true })).expect("test cluster starts")
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// A fresh database with the demo schema; returns its URL.
+pub async fn fresh_database() -> String {
+    let admin = sqlx::PgPool::connect(&cluster().database_url("postgres")).await.unwrap();
+    let name = format!("t_{}", Uuid::new_v4().simple());
+    sqlx::query(&format!("create database {name}")).execute(&admin).await.unwrap();
+    admin.close().await;
+    let url = cluster().database_url(&name);
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    synchub::demo::install_schema(&pool).await.unwrap();
+    pool.close().await;
+    url
+}
+
+pub fn test_config(database_url: String) -> Config {
+    Config {
+        listen: "127.0.0.1:0".into(),
+        database_url: Secret(database_url),
+        db_pool_size: 8,
+        workers: 2,
+        jwt_hs256_secret: Secret(SECRET.into()),
+        tables: synchub::demo::tables(),
+        ..Config::default()
+    }
+}
+
+pub struct TestHub {
+    pub running: Option<RunningHub>,
+    pub addr: SocketAddr,
+    pub db: sqlx::PgPool,
+    pub database_url: String,
+}
+
+impl TestHub {
+    pub async fn start() -> TestHub {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestHub {
+        if std::env::var_os("TEST_LOG").is_some() {
+            synchub::telemetry::init();
+        }
+        let url = fresh_database().await;
+        let mut config = test_config(url.clone());
+        adjust(&mut config);
+        let running = synchub::server::start(config).await.expect("hub starts");
+        let db = sqlx::PgPool::connect(&url).await.unwrap();
+        TestHub { addr: running.addr, running: Some(running), db, database_url: url }
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(self.addr, Encoding::Json).await
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+    }
+}
+
+pub fn token(tenant: &str, user: &str, role: &str, device: Option<&str>) -> String {
+    let mut claims = json!({"sub": user, "role": role, "tenant_id": tenant, "exp": synchub::auth::unix_now() + 3600});
+    if let Some(d) = device {
+        claims["device_id"] = json!(d);
+    }
+    synchub::auth::mint_hs256(SECRET, &claims)
+}
+
+pub fn obj(v: Value) -> Object {
+    v.as_object().expect("object").clone()
+}
+
+pub fn upsert(table: &str, key: Value, fields: Value, device_seq: u64, wall_ms: u64, base_version: u64) -> Change {
+    Change {
+        change_id: Uuid::now_v7(),
+        device_seq,
+        table: table.into(),
+        op: Op::Upsert,
+        key: obj(key),
+        fields: obj(fields),
+        hlc: Hlc { wall_ms, counter: 0 },
+        base_version,
+    }
+}
+
+pub fn delete(table: &str, key: Value, device_seq: u64, wall_ms: u64, base_version: u64) -> Change {
+    Change { op: Op::Delete, fields: Object::new(), ..upsert(table, key, json!({}), device_seq, wall_ms, base_version) }
+}
+
+/// A product row for the demo schema.
+pub fn product(id: Uuid, name: &str, price: i64) -> Value {
+    json!({"sku": format!("SKU-{}", &id.simple().to_string()[..6]), "name": name, "price_cents": price})
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub struct Client {
+    pub ws: Ws,
+    pub encoding: Encoding,
+    next_id: u64,
+    /// Frames received but not yet consumed by an expectation.
+    pub inbox: std::collections::VecDeque<ServerFrame>,
+    pub closed: Option<(u16, String)>,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr, encoding: Encoding) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws")).await.expect("websocket connects");
+        Client { ws, encoding, next_id: 1, inbox: Default::default(), closed: None }
+    }
+
+    pub fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    pub async fn send(&mut self, frame: &ClientFrame) {
+        let bytes = protocol::codec::encode_client(self.encoding, frame);
+        let msg = match self.encoding {
+            Encoding::Json => Message::Text(String::from_utf8(bytes).unwrap()),
+            Encoding::MsgPack => Message::Binary(bytes),
+        };
+        self.ws.send(msg).await.expect("send");
+    }
+
+    pub async fn send_raw(&mut self, msg: Message) {
+        self.ws.send(msg).await.expect("send raw");
+    }
+
+    /// Next frame from the hub; `None` when the socket closed (see `closed`) or on timeout.
+    pub async fn recv_timeout(&mut self, wait: Duration) -> Option<ServerFrame> {
+        if let Some(f) = self.inbox.pop_front() {
+            return Some(f);
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.ws.next()).await.ok()??;
+            match msg {
+                Ok(Message::Text(t)) => return Some(protocol::codec::decode_server(Encoding::Json, t.as_bytes()).expect("valid JSON frame")),
+                Ok(Message::Binary(b)) => return Some(protocol::codec::decode_server(Encoding::MsgPack, &b).expect("valid MsgPack frame")),
+                Ok(Message::Close(reason)) => {
+                    self.closed = Some(reason.map(|r| (u16::from(r.code), r.reason.to_string())).unwrap_or((1005, String::new())));
+                    return None;
+                }
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    pub async fn recv(&mut self) -> ServerFrame {
+        self.recv_timeout(WAIT).await.unwrap_or_else(|| panic!("no frame within {WAIT:?}; closed: {:?}", self.closed))
+    }
+
+    /// Receive until `pick` returns Some; other frames are kept in the inbox for later.
+    pub async fn expect<T>(&mut self, mut pick: impl FnMut(&ServerFrame) -> Option<T>) -> T {
+        let mut skipped = Vec::new();
+        let found = loop {
+            let frame = self.recv().await;
+            if let Some(t) = pick(&frame) {
+                break t;
+            }
+            skipped.push(frame);
+        };
+        for f in skipped.into_iter().rev() {
+            self.inbox.push_front(f);
+        }
+        found
+    }
+
+    /// Wait for the socket to close; returns the close code.
+    pub async fn expect_close(&mut self) -> u16 {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.closed.is_none() && tokio::time::Instant::now() < deadline {
+            if self.recv_timeout(deadline - tokio::time::Instant::now()).await.is_none() && self.closed.is_none() {
+                break;
+            }
+        }
+        self.closed.as_ref().map(|c| c.0).expect("socket closed with a code")
+    }
+
+    /// `hello`, returning the `welcome` frame's (epoch, head_seq).
+    pub async fn hello(&mut self, token: &str, device: Option<&str>, position: Option<Position>) -> (String, u64) {
+        let id = self.next_id();
+        self.send(&ClientFrame::Hello { id, versions: vec![1], token: token.into(), device_id: device.map(Into::into), position }).await;
+        match self.recv().await {
+            ServerFrame::Welcome { id: got, epoch, head_seq, .. } => {
+                assert_eq!(got, id);
+                (epoch, head_seq)
+            }
+            other => panic!("expected welcome, got {other:?}"),
+        }
+    }
+
+    /// Drain catch-up until `up_to_date`; returns every delta seen and the final seq.
+    pub async fn until_up_to_date(&mut self) -> (Vec<protocol::Delta>, u64) {
+        let mut deltas = Vec::new();
+        loop {
+            match self.recv().await {
+                ServerFrame::CatchUp { deltas: page, .. } => deltas.extend(page),
+                ServerFrame::UpToDate { seq } => return (deltas, seq),
+                other => self.inbox.push_back(other),
+            }
+        }
+    }
+
+    /// A device that connects and is live: hello + catch-up. Returns its position.
+    pub async fn device(hub: &TestHub, tenant: &str, device: &str) -> (Client, String, u64) {
+        let mut c = hub.client().await;
+        let (epoch, _) = c.hello(&token(tenant, &format!("user-{device}"), "Employee", Some(device)), None, None).await;
+        let (_, seq) = c.until_up_to_date().await;
+        (c, epoch, seq)
+    }
+
+    pub async fn push(&mut self, changes: Vec<Change>) -> Vec<protocol::ChangeResult> {
+        let id = self.next_id();
+        let batch_id = Uuid::now_v7();
+        self.send(&ClientFrame::Push { id, batch_id, changes }).await;
+        self.expect(|f| match f {
+            ServerFrame::Ack { id: got, results, .. } if *got == id => Some(results.clone()),
+            ServerFrame::Error { id: Some(got), code, message, .. } if *got == id => panic!("push refused: {code:?} {message}"),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Next live delta frame's deltas.
+    pub async fn next_deltas(&mut self) -> (Vec<protocol::Delta>, u64) {
+        self.expect(|f| match f {
+            ServerFrame::Delta { deltas, seq } => Some((deltas.clone(), *seq)),
+            _ => None,
+        })
+        .await
+    }
+}
