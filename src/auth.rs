@@ -224,6 +224,27 @@ mod tests {
         assert_eq!(v.verify(&mint_hs256("s3cret", &future)).unwrap_err().code(), ErrorCode::TokenExpired);
     }
 
+    fn es256_token(kid: Option<&str>) -> String {
+        let key = jsonwebtoken::EncodingKey::from_ec_pem(include_bytes!("../tests/fixtures/ec_private.pem")).unwrap();
+        let mut header = jsonwebtoken::Header::new(Algorithm::ES256);
+        header.kid = kid.map(str::to_owned);
+        let claims = json!({"sub": "u", "role": "Manager", "tenant_id": "t", "exp": unix_now() + 60});
+        jsonwebtoken::encode(&header, &claims, &key).unwrap()
+    }
+
+    #[test]
+    fn es256_from_pem_and_from_jwks() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let pem = verifier(Config { jwt_public_key_file: Some(fixtures.join("ec_public.pem")), ..Config::default() });
+        assert_eq!(pem.verify(&es256_token(None)).unwrap().tenant.as_str(), "t");
+        let jwks = verifier(Config { jwt_jwks_file: Some(fixtures.join("jwks.json")), ..Config::default() });
+        assert_eq!(jwks.verify(&es256_token(Some("test-key-1"))).unwrap().role, "Manager");
+        assert_eq!(jwks.verify(&es256_token(Some("other-kid"))).unwrap_err().code(), ErrorCode::InvalidToken);
+        // An HS256 token is refused where only public keys are configured.
+        let hs = mint_hs256("x", &json!({"sub": "u", "role": "r", "tenant_id": "t", "exp": unix_now() + 60}));
+        assert_eq!(pem.verify(&hs).unwrap_err().code(), ErrorCode::InvalidToken);
+    }
+
     #[test]
     fn no_key_is_a_config_error() {
         assert!(TokenVerifier::from_config(&Config::default()).is_err());

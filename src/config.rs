@@ -134,9 +134,6 @@ pub struct Config {
     pub tenant_mailbox: usize,
     /// A tenant actor with no session and no work for this long stops, ms. Default 60000.
     pub tenant_idle_ms: u64,
-    /// Log entries kept per tenant; older positions get `must_resync`. Default 0 (keep all).
-    pub log_retention_changes: u64,
-
     /// Graceful shutdown: how long in-flight work may take, ms. Default 10000.
     pub shutdown_timeout_ms: u64,
 
@@ -178,7 +175,6 @@ impl Default for Config {
             group_commit_max_changes: 5000,
             tenant_mailbox: 1024,
             tenant_idle_ms: 60_000,
-            log_retention_changes: 0,
             shutdown_timeout_ms: 10_000,
             tables: Vec::new(),
         }

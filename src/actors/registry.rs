@@ -56,8 +56,7 @@ impl TenantRegistry {
     /// Tell a running tenant actor that other writers appended to its log.
     pub fn log_appended(&self, tenant: &TenantId) {
         if let Some(addr) = self.actors.get(tenant) {
-            // A full mailbox means the actor is busy and will read the log anyway soon;
-            // dropping the nudge is safe because its tick re-reads when marked dirty.
+            // A full mailbox means the actor is busy; its periodic re-read picks the rows up.
             let _ = addr.try_send(LogAppended);
         }
     }

@@ -22,6 +22,8 @@ use crate::storage::Store;
 const TICK: Duration = Duration::from_millis(250);
 /// Log entries read per query when filling a gap left by other SQL writers.
 const LOG_READ_PAGE: u32 = 1000;
+/// Backstop for a lost notification: while sessions are connected, re-read the log this often.
+const LOG_REREAD_EVERY: Duration = Duration::from_secs(5);
 
 struct Subscriber {
     device: DeviceId,
@@ -49,6 +51,7 @@ pub struct TenantActor {
     /// Committed deltas not yet fanned out because an earlier seq is still missing.
     ready: BTreeMap<Seq, Delta>,
     reading_log: bool,
+    last_log_read: Instant,
     /// The log grew while a read was under way: read again after it.
     log_dirty: bool,
     last_activity: Instant,
@@ -67,6 +70,7 @@ impl TenantActor {
             fanned: 0,
             ready: BTreeMap::new(),
             reading_log: false,
+            last_log_read: Instant::now(),
             log_dirty: false,
             last_activity: Instant::now(),
         }
@@ -194,6 +198,7 @@ impl TenantActor {
         }
         self.reading_log = true;
         self.log_dirty = false;
+        self.last_log_read = Instant::now();
         let store = self.store.clone();
         let tenant = self.tenant.clone();
         let after = self.fanned;
@@ -220,6 +225,9 @@ impl TenantActor {
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
         self.nudge_lagged();
+        if !self.sessions.is_empty() && self.last_log_read.elapsed() >= LOG_REREAD_EVERY {
+            self.log_dirty = true;
+        }
         if self.log_dirty && !self.reading_log {
             self.read_log(ctx);
         }
