@@ -23,9 +23,9 @@ pub enum ErrorCode {
     TokenExpired,
     /// The token's identity may not do this.
     Forbidden,
-    /// The batch has more changes or bytes than the hub's limit.
+    /// The batch has more changes than `limits.max_batch_changes`.
     BatchTooLarge,
-    /// The batch is empty, its `device_seq`s are not consecutive, or a field is out of range.
+    /// The batch is empty, or a request came at the wrong time (e.g. `resume` while live).
     InvalidBatch,
     /// The table is not registered for sync.
     UnknownTable,
@@ -100,7 +100,7 @@ impl ErrorCode {
 pub enum CloseCode {
     /// The hub is shutting down or restarting: reconnect with backoff and resume.
     GoingAway = 1001,
-    /// A frame larger than `max_frame_bytes`, or a WebSocket protocol violation.
+    /// A frame larger than `max_frame_bytes` (also sent when the WebSocket framing cannot be read).
     MessageTooBig = 1009,
     /// `hello` did not arrive in time after the socket opened.
     HelloTimeout = 4000,

@@ -148,7 +148,8 @@ pub enum ChangeStatus {
     /// Committed; at least one field was written concurrently by another device. The
     /// conflict was decided by the table's policy and recorded for review.
     Conflict,
-    /// Not applied, for good (see `reason`). The device's cursor still advanced past it.
+    /// Not applied (see `reason`). For every reason but `seq_gap` this is final and the
+    /// device's cursor advanced past the change; after `seq_gap` re-send from the cursor.
     Rejected,
     /// Already applied earlier (a re-sent change); not applied again.
     Duplicate,
@@ -238,7 +239,8 @@ pub enum ServerFrame {
     /// (it has their acks), so `deltas` may skip those seqs.
     Delta { deltas: Vec<Delta>, seq: u64 },
     /// The device's position cannot be resumed (other epoch, or older than the log keeps).
-    /// Drop local state, page a snapshot of each table, then `resume` from `seq` in `epoch`.
+    /// Drop local state, page a snapshot of each table, then `resume` in `epoch` from the
+    /// smallest `snapshot_page.seq` received.
     MustResync {
         epoch: String,
         head_seq: u64,

@@ -224,6 +224,8 @@ impl TenantActor {
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
+        // Unsubscribe is best-effort (try_send); sessions that are gone are dropped here.
+        self.sessions.retain(|_, s| s.live.connected());
         self.nudge_lagged();
         if !self.sessions.is_empty() && self.last_log_read.elapsed() >= LOG_REREAD_EVERY {
             self.log_dirty = true;
