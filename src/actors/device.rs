@@ -443,6 +443,11 @@ impl DeviceSession {
             self.buffered.push_back(frame);
             return self.start_catch_up(ctx, self.position);
         }
+        if frame.origin.is_some() && frame.origin.as_deref() == self.auth.as_ref().map(|a| a.device.as_str()) {
+            // The device's own changes: it has their acks, so only the position moves.
+            self.position = frame.seq;
+            return;
+        }
         if self.unconfirmed() > self.hub.config.session_outbound_budget_bytes as u64 {
             self.hub.metrics_slow_consumer();
             return self.close(ctx, CloseCode::SlowConsumer, "client is not reading; resume from your last seq");
@@ -559,19 +564,21 @@ impl DeviceSession {
 impl Handler<LiveFrame> for DeviceSession {
     type Result = ();
 
-    fn handle(&mut self, LiveFrame(frame): LiveFrame, ctx: &mut Self::Context) {
-        match self.phase {
-            Phase::Live => self.deliver(ctx, frame),
-            Phase::CatchingUp | Phase::Starting => {
-                if self.buffered.len() >= CATCH_UP_BUFFER_FRAMES {
-                    // Bounded: forget what is buffered; the log has it, and buffering restarts.
-                    self.buffered.clear();
-                    self.dropped_upto = self.dropped_upto.max(frame.seq);
-                } else {
-                    self.buffered.push_back(frame);
+    fn handle(&mut self, LiveFrame(frames): LiveFrame, ctx: &mut Self::Context) {
+        for frame in frames.iter() {
+            match self.phase {
+                Phase::Live => self.deliver(ctx, frame.clone()),
+                Phase::CatchingUp | Phase::Starting => {
+                    if self.buffered.len() >= CATCH_UP_BUFFER_FRAMES {
+                        // Bounded: forget what is buffered; the log has it, and buffering restarts.
+                        self.buffered.clear();
+                        self.dropped_upto = self.dropped_upto.max(frame.seq);
+                    } else {
+                        self.buffered.push_back(frame.clone());
+                    }
                 }
+                Phase::AwaitHello | Phase::AwaitResume => {}
             }
-            Phase::AwaitHello | Phase::AwaitResume => {}
         }
     }
 }

@@ -52,15 +52,19 @@ pub enum SessionControl {
     Shutdown,
 }
 
-/// Committed deltas covering seqs `(after, seq]`, shared by every receiver.
+/// One commit's deltas as consecutive frames, shared by every receiver of the tenant.
 #[derive(Message, Clone)]
 #[rtype(result = "()")]
-pub struct LiveFrame(pub Arc<SharedFrame>);
+pub struct LiveFrame(pub Arc<Vec<Arc<SharedFrame>>>);
 
-/// One `delta` frame, encoded at most once per encoding however many sessions receive it.
+/// One `delta` frame covering seqs `(after, seq]`, encoded at most once per encoding however
+/// many sessions receive it. A commit is cut into frames at every change of origin, so the
+/// origin device can skip its own frame (it has the acks) while everyone shares the others.
 pub struct SharedFrame {
     pub after: Seq,
     pub seq: Seq,
+    /// The device every delta of this frame came from; `None` for other SQL writers.
+    pub origin: Option<String>,
     pub deltas: Vec<Delta>,
     json: OnceLock<ByteString>,
     msgpack: OnceLock<Bytes>,
@@ -96,8 +100,28 @@ impl Encoded {
 }
 
 impl SharedFrame {
-    pub fn new(after: Seq, seq: Seq, deltas: Vec<Delta>) -> SharedFrame {
-        SharedFrame { after, seq, deltas, json: OnceLock::new(), msgpack: OnceLock::new() }
+    /// Cut `deltas` (consecutive seqs after `after`) into frames, one per run of one origin.
+    pub fn split_by_origin(mut after: Seq, deltas: Vec<Delta>) -> Vec<Arc<SharedFrame>> {
+        let mut frames = Vec::new();
+        let mut run: Vec<Delta> = Vec::new();
+        for delta in deltas {
+            if run.last().is_some_and(|last| last.origin != delta.origin) {
+                let frame = SharedFrame::new(after, std::mem::take(&mut run));
+                after = frame.seq;
+                frames.push(Arc::new(frame));
+            }
+            run.push(delta);
+        }
+        if !run.is_empty() {
+            frames.push(Arc::new(SharedFrame::new(after, run)));
+        }
+        frames
+    }
+
+    fn new(after: Seq, deltas: Vec<Delta>) -> SharedFrame {
+        let seq = deltas.last().map_or(after, |d| d.seq);
+        let origin = deltas.first().and_then(|d| d.origin.clone());
+        SharedFrame { after, seq, origin, deltas, json: OnceLock::new(), msgpack: OnceLock::new() }
     }
 
     fn frame(&self) -> ServerFrame {

@@ -2,7 +2,7 @@
 //! queued up while a transaction was in flight in one transaction (group commit), and after
 //! commit fans the deltas out to the tenant's sessions in seq order, with no gap.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -160,17 +160,10 @@ impl TenantActor {
         if self.sessions.is_empty() {
             return;
         }
-        let origins: HashSet<&str> = deltas.iter().filter_map(|d| d.origin.as_deref()).collect();
-        let mut per_origin: HashMap<String, Arc<SharedFrame>> = HashMap::new();
-        for origin in origins {
-            let own_excluded: Vec<Delta> = deltas.iter().filter(|d| d.origin.as_deref() != Some(origin)).cloned().collect();
-            per_origin.insert(origin.to_owned(), Arc::new(SharedFrame::new(after, seq, own_excluded)));
-        }
-        let shared = Arc::new(SharedFrame::new(after, seq, deltas));
+        let frames = Arc::new(SharedFrame::split_by_origin(after, deltas));
         let mut gone = Vec::new();
         for (id, sub) in self.sessions.iter_mut() {
-            let frame = per_origin.get(sub.device.as_str()).unwrap_or(&shared).clone();
-            match sub.live.try_send(LiveFrame(frame)) {
+            match sub.live.try_send(LiveFrame(frames.clone())) {
                 Ok(()) => {}
                 Err(SendError::Full(_)) => sub.lagged = true,
                 Err(SendError::Closed(_)) => gone.push(*id),
