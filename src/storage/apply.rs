@@ -203,7 +203,15 @@ impl Store {
             None => self.catalog(),
         };
         let mut tx = self.pool.begin().await?;
-        sqlx::query("select set_config('synchub.origin', 'hub', true)").execute(&mut *tx).await?;
+        // Every statement of the group looks rows up by primary key. Tenants are often newer
+        // than the planner's statistics, which then expect one row per tenant and pick a
+        // sequential scan of the whole table; a key lookup is always the right plan here.
+        // JIT off: the disabled plan's nominal cost would otherwise trigger it.
+        sqlx::query(
+            "select set_config('synchub.origin', 'hub', true), set_config('enable_seqscan', 'off', true), set_config('jit', 'off', true)",
+        )
+        .execute(&mut *tx)
+        .await?;
         let output = apply_group(&mut tx, &catalog, tenant, batches, limits).await?;
         tx.commit().await?;
         Ok(output)
@@ -525,7 +533,6 @@ async fn load_rows(
             by_table.entry(pend.table.name.clone()).or_default().push(p);
         }
     }
-    let mut new_slots: Vec<RowId> = Vec::new();
     for (table_name, members) in by_table {
         let table = pending[members[0]].table.clone();
         let keys: Vec<Value> = members.iter().map(|&p| Value::Object(pending[p].change.key.clone())).collect();
@@ -533,50 +540,24 @@ async fn load_rows(
         for row in rows {
             let ordinal: i64 = row.get("i");
             let key: Value = row.get("key");
-            let current: Option<Value> = row.get("row");
             let p = members[(ordinal - 1) as usize];
             let key_text = key.to_string();
             pending[p].row_key = Some(key_text.clone());
             let id = (table_name.clone(), key_text);
-            if !state.rows.contains_key(&id) {
-                let values = current.and_then(as_object);
-                state.rows.insert(
-                    id.clone(),
-                    RowSlot {
-                        key: as_object(key).unwrap_or_default(),
-                        state: RowState { values, ..RowState::default() },
-                        writes: 0,
-                    },
-                );
-                new_slots.push(id);
+            if state.rows.contains_key(&id) {
+                continue;
             }
-        }
-    }
-    if new_slots.is_empty() {
-        return Ok(());
-    }
-    let tables: Vec<&str> = new_slots.iter().map(|(t, _)| t.as_str()).collect();
-    let keys: Vec<Value> = new_slots.iter().map(|id| Value::Object(state.rows[id].key.clone())).collect();
-    let versions = sqlx::query(
-        "select rv.table_name, rv.pk, rv.version, rv.deleted, rv.clocks from synchub.row_versions rv \
-         join unnest($2::text[], $3::jsonb[]) as x(t, k) on rv.table_name = x.t and rv.pk = x.k where rv.tenant_id = $1",
-    )
-    .bind(tenant.as_str())
-    .bind(&tables)
-    .bind(&keys)
-    .fetch_all(&mut *conn)
-    .await?;
-    for row in versions {
-        let id: RowId = (row.get("table_name"), row.get::<Value, _>("pk").to_string());
-        let Some(slot) = state.rows.get_mut(&id) else { continue };
-        slot.state.version = row.get::<i64, _>("version") as u64;
-        slot.state.deleted = row.get::<Option<Value>, _>("deleted").as_ref().and_then(clock_from_json);
-        if slot.state.values.is_some() {
-            // The row exists again (re-inserted by SQL before the trigger saw it): not a tombstone.
-            slot.state.deleted = None;
-        }
-        if let Some(Value::Object(clocks)) = row.get::<Option<Value>, _>("clocks") {
-            slot.state.clocks = clocks.iter().filter_map(|(f, c)| Some((f.clone(), clock_from_json(c)?))).collect();
+            let values = row.get::<Option<Value>, _>("row").and_then(as_object);
+            let mut row_state = RowState { version: row.get::<Option<i64>, _>("version").unwrap_or(0) as u64, ..RowState::default() };
+            // A row that exists again (re-inserted by SQL before the trigger saw it) is not a tombstone.
+            if values.is_none() {
+                row_state.deleted = row.get::<Option<Value>, _>("deleted").as_ref().and_then(clock_from_json);
+            }
+            if let Some(Value::Object(clocks)) = row.get::<Option<Value>, _>("clocks") {
+                row_state.clocks = clocks.iter().filter_map(|(f, c)| Some((f.clone(), clock_from_json(c)?))).collect();
+            }
+            row_state.values = values;
+            state.rows.insert(id, RowSlot { key: as_object(key).unwrap_or_default(), state: row_state, writes: 0 });
         }
     }
     Ok(())

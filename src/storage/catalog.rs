@@ -52,23 +52,28 @@ impl TableSchema {
         format!("{alias}.{} = $1::{}", quote_ident(&self.tenant_column), self.tenant_type)
     }
 
-    /// `$1` tenant, `$2` jsonb[] of keys → (ordinal, normalized key, current row or null).
+    /// `$1` tenant, `$2` jsonb[] of keys → (ordinal, normalized key, current row or null,
+    /// and the row's version, tombstone clock and field clocks from `synchub.row_versions`).
     /// Key values are cast by Postgres, so a key of the wrong type fails the statement.
+    /// Both lookups are lateral with `limit 1` so that each stays a primary-key probe per key
+    /// (and locks just that row): as joins, the planner's guess for a young tenant could read
+    /// the tenant's whole table.
     fn build_read_sql(&self) -> String {
         let table = &self.name;
         let first = quote_ident(&self.key[0]);
         format!(
-            "with keys as (select x.i, k.* from unnest($2::jsonb[]) with ordinality as x(kj, i), \
-               lateral jsonb_populate_record(null::{table}, x.kj) as k), \
-             locked as (select t.* from {table} t where {tenant} and ({tk}) in (select {kk} from keys k) for update) \
-             select keys.i, {keyobj} as key, case when locked.{first} is null then null else to_jsonb(locked) end as row \
-             from keys left join locked on ({lk}) = ({kk2})",
+            "select x.i, {keyobj} as key, case when t.{first} is null then null else to_jsonb(t) end as row, \
+               rv.version, rv.deleted, rv.clocks \
+             from unnest($2::jsonb[]) with ordinality as x(kj, i) \
+             cross join lateral jsonb_populate_record(null::{table}, x.kj) as k \
+             left join lateral (select * from {table} t where {tenant} and ({tk}) = ({kk}) limit 1 for update) t on true \
+             left join lateral (select v.version, v.deleted, v.clocks from synchub.row_versions v \
+               where v.tenant_id = $1 and v.table_name = '{table_literal}' and v.pk = {keyobj} limit 1) rv on true",
+            table_literal = self.name.replace('\'', "''"),
             tenant = self.tenant_match("t"),
             tk = self.key_list("t"),
             kk = self.key_list("k"),
-            keyobj = self.key_object("keys"),
-            lk = self.key_list("locked"),
-            kk2 = self.key_list("keys"),
+            keyobj = self.key_object("k"),
         )
     }
 
