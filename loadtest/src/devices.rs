@@ -1,0 +1,364 @@
+//! The `devices` scenario: N devices over T tenants connect, catch up, then push batches of
+//! changes (inserts and updates of their own rows, plus a share of changes to rows every
+//! device of the tenant writes, which conflict), while receiving each other's deltas.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use protocol::{Change, ChangeStatus, ClientFrame, Hlc, Object, Op, ServerFrame};
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::sync::{watch, Semaphore};
+use uuid::Uuid;
+
+use crate::client::{Receiver, Sender, Target};
+use crate::report::{Monitor, Report, Stats};
+use crate::tokens::TokenSource;
+
+#[derive(Debug, Clone, Serialize, clap::Args)]
+pub struct DevicesArgs {
+    /// Number of tenants; devices are spread over them evenly.
+    #[arg(long, default_value_t = 4)]
+    pub tenants: usize,
+    /// Number of devices (sockets) in all.
+    #[arg(long, default_value_t = 40)]
+    pub devices: usize,
+    /// Changes per pushed batch.
+    #[arg(long, default_value_t = 100)]
+    pub batch: usize,
+    /// Batches each device pushes at most (the run also stops at --duration-secs).
+    #[arg(long, default_value_t = 1_000)]
+    pub batches_per_device: usize,
+    /// Seconds of pushing at most.
+    #[arg(long, default_value_t = 20)]
+    pub duration_secs: u64,
+    /// Share of changes (0..1) written to rows that all devices of the tenant write (conflicts).
+    #[arg(long, default_value_t = 0.0)]
+    pub conflict_rate: f64,
+    /// Changes per second per device; 0 pushes the next batch as soon as the last is acked.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Rows of its own that each device creates and then updates.
+    #[arg(long, default_value_t = 200)]
+    pub rows_per_device: usize,
+    /// Rows per tenant that every device writes (the targets of conflicting changes).
+    #[arg(long, default_value_t = 20)]
+    pub shared_rows: usize,
+    /// Prefix of tenant and device ids; a fresh random one by default, so runs never collide.
+    #[arg(long)]
+    pub id_prefix: Option<String>,
+}
+
+/// Change ids whose delivery to other devices is timed, with their push time.
+type Timed = Mutex<HashMap<Uuid, Instant>>;
+
+/// One device's changes: own rows first inserted then updated; shared rows written blind.
+pub struct Workload {
+    tenant_key: u128,
+    device_key: u128,
+    rows: usize,
+    shared: usize,
+    conflict_rate: f64,
+    next_device_seq: u64,
+    counter: u32,
+    created: usize,
+    /// Versions of own rows, learned from acks (so updates merge cleanly).
+    versions: Vec<u64>,
+    rng: u64,
+}
+
+impl Workload {
+    pub fn new(tenant: &str, device: &str, rows: usize, shared: usize, conflict_rate: f64) -> Workload {
+        let rows = rows.max(1);
+        Workload {
+            tenant_key: hash128(tenant),
+            device_key: hash128(device),
+            rows,
+            shared,
+            conflict_rate,
+            next_device_seq: 1,
+            counter: 0,
+            created: 0,
+            versions: vec![0; rows],
+            rng: hash128(device) as u64 | 1,
+        }
+    }
+
+    fn uniform(&mut self) -> f64 {
+        // xorshift64*: enough randomness for picking rows, no dependency.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        (self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// The next change, and which own row it writes (`None` for a shared row).
+    pub fn next(&mut self) -> (Change, Option<usize>) {
+        self.counter = self.counter.wrapping_add(1);
+        let device_seq = self.next_device_seq;
+        self.next_device_seq += 1;
+        let hlc = Hlc { wall_ms: now_ms(), counter: self.counter };
+        let price = (self.uniform() * 10_000.0) as i64;
+        let stock = (self.uniform() * 500.0) as i64;
+        let (key, fields, base_version, own) = if self.shared > 0 && self.uniform() < self.conflict_rate {
+            let r = (self.uniform() * self.shared as f64) as u128;
+            let id = Uuid::from_u128(self.tenant_key ^ (r + 1));
+            // Blind write (base 0): concurrent with every other device's write of the row.
+            (id, json!({"sku": format!("SH-{r}"), "name": format!("Shared {r}"), "price_cents": price, "stock": stock}), 0, None)
+        } else if self.created < self.rows {
+            let r = self.created;
+            self.created += 1;
+            let id = Uuid::from_u128(self.device_key ^ (r as u128 + 1));
+            (id, json!({"sku": format!("SKU-{r}"), "name": format!("Item {r}"), "price_cents": price, "stock": stock}), 0, Some(r))
+        } else {
+            let r = (self.uniform() * self.rows as f64) as usize;
+            let id = Uuid::from_u128(self.device_key ^ (r as u128 + 1));
+            (id, json!({"price_cents": price, "stock": stock}), self.versions[r], Some(r))
+        };
+        let change = Change {
+            change_id: Uuid::now_v7(),
+            device_seq,
+            table: "products".into(),
+            op: Op::Upsert,
+            key: obj(json!({ "id": key })),
+            fields: obj(fields),
+            hlc,
+            base_version,
+        };
+        (change, own)
+    }
+}
+
+/// The `id` key of a change made by [`Workload`].
+pub fn key_uuid(change: &Change) -> Uuid {
+    change.key.get("id").and_then(Value::as_str).and_then(|s| s.parse().ok()).unwrap_or_default()
+}
+
+fn obj(v: Value) -> Object {
+    match v {
+        Value::Object(m) => m,
+        _ => Object::new(),
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn hash128(s: &str) -> u128 {
+    // FNV-1a, 128-bit: stable row ids per tenant and device name.
+    let mut h: u128 = 0x6c62272e07bb014262b821756295c58d;
+    for b in s.bytes() {
+        h ^= b as u128;
+        h = h.wrapping_mul(0x0000000001000000000000000000013B);
+    }
+    h
+}
+
+struct Device {
+    n: usize,
+    tenant: String,
+    name: String,
+}
+
+pub async fn run(target: Target, tokens: TokenSource, args: DevicesArgs, hub_pid: Option<u32>) -> Report {
+    let prefix = args.id_prefix.clone().unwrap_or_else(|| format!("lt-{}", &Uuid::new_v4().simple().to_string()[..8]));
+    let stats = Arc::new(Stats::default());
+    let timed: Arc<Timed> = Arc::new(Mutex::new(HashMap::new()));
+    let (go_tx, go_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let connecting = Arc::new(Semaphore::new(64));
+    let tenants = args.tenants.max(1);
+    let mut tasks = Vec::new();
+    for n in 0..args.devices {
+        let tenant = format!("{prefix}-t{}", n % tenants);
+        let device = Device { n, name: format!("{prefix}-d{n}"), tenant };
+        let token = tokens.token(&device.tenant, &device.name, n, "Employee");
+        let (target, stats, timed, args) = (target.clone(), stats.clone(), timed.clone(), args.clone());
+        let (go, stop, connecting) = (go_rx.clone(), stop_rx.clone(), connecting.clone());
+        tasks.push(tokio::spawn(async move { run_device(device, token, target, args, stats, timed, go, stop, connecting).await }));
+    }
+
+    // Connect everyone first, then measure the pushing phase only.
+    let t0 = Instant::now();
+    let mut monitor = Monitor::new(hub_pid);
+    while stats.connections_opened.load(Ordering::Relaxed) + stats.connections_failed.load(Ordering::Relaxed) < args.devices as u64 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if t0.elapsed() > Duration::from_secs(120) {
+            eprintln!("not every device connected within 120 s; going on with those that did");
+            break;
+        }
+    }
+    eprintln!(
+        "{} devices connected in {:.1} s ({} failed); pushing for at most {} s",
+        stats.connections_opened.load(Ordering::Relaxed),
+        t0.elapsed().as_secs_f64(),
+        stats.connections_failed.load(Ordering::Relaxed),
+        args.duration_secs
+    );
+    monitor.reset(&stats);
+    let started = Instant::now();
+    let _ = go_tx.send(true);
+    let deadline = started + Duration::from_secs(args.duration_secs);
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                monitor.tick(&stats, started);
+                timed.lock().unwrap().retain(|_, t| t.elapsed() < Duration::from_secs(30));
+                if tasks.iter().all(|t| t.is_finished()) { break; }
+                if Instant::now() >= deadline { break; }
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    let measured = started.elapsed();
+    for task in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+    }
+    let parameters = serde_json::to_value(&args).unwrap_or(Value::Null);
+    monitor.finish("devices", parameters, &stats, measured)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_device(
+    device: Device,
+    token: String,
+    target: Target,
+    args: DevicesArgs,
+    stats: Arc<Stats>,
+    timed: Arc<Timed>,
+    mut go: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
+    connecting: Arc<Semaphore>,
+) {
+    let client = {
+        let _permit = connecting.acquire().await;
+        let mut client = match target.connect(device.n).await {
+            Ok(c) => c,
+            Err(err) => {
+                stats.connections_failed.fetch_add(1, Ordering::Relaxed);
+                stats.error(&format!("connect: {err}"));
+                return;
+            }
+        };
+        if let Err(err) = client.handshake(token, &device.name, None).await {
+            stats.connections_failed.fetch_add(1, Ordering::Relaxed);
+            stats.error(&format!("handshake: {err}"));
+            return;
+        }
+        client
+    };
+    stats.connections_opened.fetch_add(1, Ordering::Relaxed);
+    let workload = Workload::new(&device.tenant, &device.name, args.rows_per_device, args.shared_rows, args.conflict_rate);
+    let _ = go.wait_for(|g| *g).await;
+    let crate::client::Client { sender, receiver } = client;
+    let (ack_tx, ack_rx) = tokio::sync::mpsc::channel::<Vec<protocol::ChangeResult>>(4);
+    let pushing = tokio::spawn(push_loop(sender, workload, args.clone(), stats.clone(), timed.clone(), stop.clone(), ack_rx));
+    receive_loop(receiver, stats, timed, ack_tx, pushing).await;
+}
+
+/// Push batches (closed loop, or paced by --rate) until told to stop or out of batches.
+async fn push_loop(
+    mut sender: Sender,
+    mut workload: Workload,
+    args: DevicesArgs,
+    stats: Arc<Stats>,
+    timed: Arc<Timed>,
+    stop: watch::Receiver<bool>,
+    mut acks: tokio::sync::mpsc::Receiver<Vec<protocol::ChangeResult>>,
+) -> Sender {
+    let pace = (args.rate > 0.0).then(|| Duration::from_secs_f64(args.batch as f64 / args.rate));
+    let mut next_at = Instant::now();
+    for id in 1..=args.batches_per_device as u64 {
+        if *stop.borrow() {
+            break;
+        }
+        if let Some(pace) = pace {
+            tokio::time::sleep_until(next_at.into()).await;
+            next_at += pace;
+        }
+        let mut changes = Vec::with_capacity(args.batch);
+        let mut own = Vec::with_capacity(args.batch);
+        for _ in 0..args.batch {
+            let (change, row) = workload.next();
+            own.push(row);
+            changes.push(change);
+        }
+        let sent_at = Instant::now();
+        timed.lock().unwrap().insert(changes[0].change_id, sent_at);
+        let count = changes.len() as u64;
+        if let Err(err) = sender.send(&ClientFrame::Push { id: id + 10, batch_id: Uuid::now_v7(), changes }).await {
+            stats.error(&format!("send: {err}"));
+            break;
+        }
+        stats.changes_sent.fetch_add(count, Ordering::Relaxed);
+        let Some(results) = acks.recv().await else { break };
+        stats.ack_latency(sent_at.elapsed());
+        for (result, row) in results.iter().zip(own) {
+            if let (Some(r), Some(seq)) = (row, result.seq) {
+                workload.versions[r] = seq;
+            }
+        }
+    }
+    sender
+}
+
+async fn receive_loop(
+    mut receiver: Receiver,
+    stats: Arc<Stats>,
+    timed: Arc<Timed>,
+    acks: tokio::sync::mpsc::Sender<Vec<protocol::ChangeResult>>,
+    mut pushing: tokio::task::JoinHandle<Sender>,
+) {
+    loop {
+        let frame = tokio::select! {
+            frame = receiver.recv() => frame,
+            sender = &mut pushing => {
+                if let Ok(mut sender) = sender { sender.close().await; }
+                return;
+            }
+        };
+        match frame {
+            Ok(ServerFrame::Ack { results, .. }) => {
+                stats.batches_acked.fetch_add(1, Ordering::Relaxed);
+                for r in &results {
+                    let counter = match r.status {
+                        ChangeStatus::Applied => &stats.applied,
+                        ChangeStatus::Merged => &stats.merged,
+                        ChangeStatus::Conflict => &stats.conflict,
+                        ChangeStatus::Rejected => {
+                            stats.error(r.reason.map(|c| c.as_str()).unwrap_or("rejected"));
+                            &stats.rejected
+                        }
+                        ChangeStatus::Duplicate => &stats.duplicate,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                let _ = acks.send(results).await;
+            }
+            Ok(ServerFrame::Delta { deltas, .. }) => {
+                stats.deltas_received.fetch_add(deltas.len() as u64, Ordering::Relaxed);
+                let timed = timed.lock().unwrap();
+                for d in &deltas {
+                    if let Some(sent) = d.change_id.and_then(|id| timed.get(&id)) {
+                        stats.delivery_latency(sent.elapsed());
+                    }
+                }
+            }
+            Ok(ServerFrame::Error { code, .. }) => stats.error(code.as_str()),
+            Ok(ServerFrame::CatchUp { deltas, .. }) => {
+                stats.deltas_received.fetch_add(deltas.len() as u64, Ordering::Relaxed);
+            }
+            Ok(_) => {}
+            Err(err) => {
+                stats.error(&err.to_string());
+                pushing.abort();
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! `synchub-loadtest`: drives a synchub hub over real WebSockets on loopback with bounded,
+//! self-stopping scenarios, and reports latency, throughput, errors and hub CPU/memory.
+
+mod client;
+mod devices;
+mod error;
+mod pg_ceiling;
+mod proc_stats;
+mod report;
+mod tokens;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use protocol::Encoding;
+
+#[derive(Parser)]
+#[command(name = "synchub-loadtest", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Write the JSON report here as well as printing the table.
+    #[arg(long, global = true)]
+    json: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct HubArgs {
+    /// WebSocket URL of the hub (loopback only).
+    #[arg(long, default_value = "ws://127.0.0.1:8080/v1/ws")]
+    url: String,
+    /// The hub's HS256 secret, to mint device tokens.
+    #[arg(long, env = "SYNCHUB_JWT_HS256_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// File holding the secret (`synchub dev` writes `.synchub/dev-jwt-secret`).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    /// File of ready-made tokens, one per line, used round-robin.
+    #[arg(long)]
+    tokens_file: Option<PathBuf>,
+    /// Speak MessagePack (binary frames) instead of JSON.
+    #[arg(long)]
+    msgpack: bool,
+    /// Spread sockets over this many source addresses 127.0.0.1..=127.0.0.N (0: kernel's choice).
+    #[arg(long, default_value_t = 0)]
+    source_addrs: usize,
+    /// Pid of the hub, to report its CPU time and memory.
+    #[arg(long)]
+    hub_pid: Option<u32>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Devices pushing batches and receiving each other's deltas (merge throughput, latency).
+    Devices {
+        #[command(flatten)]
+        hub: HubArgs,
+        #[command(flatten)]
+        args: devices::DevicesArgs,
+    },
+    /// The same rows written straight to Postgres with plain SQL: the ceiling for merge.
+    PgCeiling {
+        #[command(flatten)]
+        args: pg_ceiling::CeilingArgs,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let report = match cli.command {
+        Command::Devices { hub, args } => {
+            let encoding = if hub.msgpack { Encoding::MsgPack } else { Encoding::Json };
+            let target = client::Target::new(&hub.url, encoding, hub.source_addrs)?;
+            let tokens = tokens::TokenSource::from_args(hub.secret, hub.secret_file, hub.tokens_file)?;
+            devices::run(target, tokens, args, hub.hub_pid).await
+        }
+        Command::PgCeiling { args } => pg_ceiling::run(args).await?,
+    };
+    print!("{}", report.table());
+    if let Some(path) = cli.json {
+        std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
+        eprintln!("report written to {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,257 @@
+//! Measurements of a run: latency histograms, counters by outcome and error code, a per-second
+//! timeline, the live progress line, and the final table and JSON report.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::proc_stats::{self, Sample};
+
+/// Latency histogram in microseconds, 1 µs to 60 s at 3 significant digits.
+fn histogram() -> Histogram<u64> {
+    // unwrap: the bounds are valid constants.
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Counters and histograms shared by every task of a run.
+pub struct Stats {
+    pub changes_sent: AtomicU64,
+    pub batches_acked: AtomicU64,
+    pub applied: AtomicU64,
+    pub merged: AtomicU64,
+    pub conflict: AtomicU64,
+    pub rejected: AtomicU64,
+    pub duplicate: AtomicU64,
+    pub deltas_received: AtomicU64,
+    pub connections_opened: AtomicU64,
+    pub connections_failed: AtomicU64,
+    errors: Mutex<BTreeMap<String, u64>>,
+    ack_latency: Mutex<Histogram<u64>>,
+    delivery_latency: Mutex<Histogram<u64>>,
+    /// Histogram of the current second, for the timeline.
+    window_ack: Mutex<Histogram<u64>>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            changes_sent: AtomicU64::new(0),
+            batches_acked: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
+            merged: AtomicU64::new(0),
+            conflict: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            duplicate: AtomicU64::new(0),
+            deltas_received: AtomicU64::new(0),
+            connections_opened: AtomicU64::new(0),
+            connections_failed: AtomicU64::new(0),
+            errors: Mutex::new(BTreeMap::new()),
+            ack_latency: Mutex::new(histogram()),
+            delivery_latency: Mutex::new(histogram()),
+            window_ack: Mutex::new(histogram()),
+        }
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    (d.as_micros() as u64).clamp(1, 60_000_000)
+}
+
+impl Stats {
+    pub fn error(&self, code: &str) {
+        // unwrap (here and below): a poisoned lock means a task panicked; the run is void anyway.
+        *self.errors.lock().unwrap().entry(code.to_string()).or_default() += 1;
+    }
+
+    pub fn ack_latency(&self, d: Duration) {
+        let us = micros(d);
+        let _ = self.ack_latency.lock().unwrap().record(us);
+        let _ = self.window_ack.lock().unwrap().record(us);
+    }
+
+    pub fn delivery_latency(&self, d: Duration) {
+        let _ = self.delivery_latency.lock().unwrap().record(micros(d));
+    }
+
+    pub fn merged_total(&self) -> u64 {
+        self.applied.load(Ordering::Relaxed) + self.merged.load(Ordering::Relaxed) + self.conflict.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Latency {
+    fn of(h: &Histogram<u64>) -> Latency {
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        Latency { count: h.len(), p50_ms: ms(0.5), p90_ms: ms(0.9), p99_ms: ms(0.99), p999_ms: ms(0.999), max_ms: h.max() as f64 / 1000.0 }
+    }
+}
+
+/// One second of the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tick {
+    pub t_s: f64,
+    pub changes_merged_per_s: f64,
+    pub deltas_per_s: f64,
+    pub ack_p99_ms: f64,
+    pub hub_rss_kib: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub parameters: Value,
+    pub duration_s: f64,
+    pub changes_sent: u64,
+    pub batches_acked: u64,
+    pub outcomes: BTreeMap<&'static str, u64>,
+    pub changes_merged_per_s: f64,
+    pub deltas_received: u64,
+    pub deltas_per_s: f64,
+    pub ack_latency: Latency,
+    pub delivery_latency: Latency,
+    pub connections_opened: u64,
+    pub connections_failed: u64,
+    pub errors: BTreeMap<String, u64>,
+    pub hub_cpu_s: f64,
+    pub hub_rss_max_kib: u64,
+    pub postgres_cpu_s: f64,
+    pub loadgen_cpu_s: f64,
+    pub timeline: Vec<Tick>,
+}
+
+/// Prints a progress line every second and keeps the timeline; stop it to get the report.
+pub struct Monitor {
+    hub_pid: Option<u32>,
+    start_sample: Sample,
+    start_cpu: f64,
+    timeline: Vec<Tick>,
+    rss_max: u64,
+    last: (Instant, u64, u64),
+}
+
+impl Monitor {
+    pub fn new(hub_pid: Option<u32>) -> Monitor {
+        let start_sample = proc_stats::sample(hub_pid);
+        Monitor {
+            hub_pid,
+            start_sample,
+            start_cpu: proc_stats::own_cpu_seconds(),
+            timeline: Vec::new(),
+            rss_max: start_sample.hub_rss_kib,
+            last: (Instant::now(), 0, 0),
+        }
+    }
+
+    /// Restart the clock and counters' baseline (after connecting, before the measured phase).
+    pub fn reset(&mut self, stats: &Stats) {
+        self.start_sample = proc_stats::sample(self.hub_pid);
+        self.start_cpu = proc_stats::own_cpu_seconds();
+        self.last = (Instant::now(), stats.merged_total(), stats.deltas_received.load(Ordering::Relaxed));
+    }
+
+    pub fn tick(&mut self, stats: &Stats, t0: Instant) {
+        let now = Instant::now();
+        let merged = stats.merged_total();
+        let deltas = stats.deltas_received.load(Ordering::Relaxed);
+        let dt = now.duration_since(self.last.0).as_secs_f64().max(1e-6);
+        let sample = proc_stats::sample(self.hub_pid);
+        self.rss_max = self.rss_max.max(sample.hub_rss_kib);
+        let p99 = {
+            let mut w = stats.window_ack.lock().unwrap();
+            let p = w.value_at_quantile(0.99) as f64 / 1000.0;
+            w.reset();
+            p
+        };
+        let tick = Tick {
+            t_s: now.duration_since(t0).as_secs_f64(),
+            changes_merged_per_s: (merged - self.last.1) as f64 / dt,
+            deltas_per_s: (deltas - self.last.2) as f64 / dt,
+            ack_p99_ms: p99,
+            hub_rss_kib: sample.hub_rss_kib,
+        };
+        let errors: u64 = stats.errors.lock().unwrap().values().sum();
+        eprint!(
+            "\r{:>6.1}s  merged {:>9} ({:>8.0}/s)  deltas {:>9} ({:>8.0}/s)  ack p99 {:>7.2} ms  errors {:>5}  hub rss {:>7} KiB   ",
+            tick.t_s, merged, tick.changes_merged_per_s, deltas, tick.deltas_per_s, p99, errors, sample.hub_rss_kib
+        );
+        self.timeline.push(tick);
+        self.last = (now, merged, deltas);
+    }
+
+    pub fn finish(self, scenario: &str, parameters: Value, stats: &Stats, measured: Duration) -> Report {
+        eprintln!();
+        let end = proc_stats::sample(self.hub_pid);
+        let secs = measured.as_secs_f64().max(1e-6);
+        let outcomes = BTreeMap::from([
+            ("applied", stats.applied.load(Ordering::Relaxed)),
+            ("merged", stats.merged.load(Ordering::Relaxed)),
+            ("conflict", stats.conflict.load(Ordering::Relaxed)),
+            ("rejected", stats.rejected.load(Ordering::Relaxed)),
+            ("duplicate", stats.duplicate.load(Ordering::Relaxed)),
+        ]);
+        Report {
+            scenario: scenario.to_string(),
+            parameters,
+            duration_s: secs,
+            changes_sent: stats.changes_sent.load(Ordering::Relaxed),
+            batches_acked: stats.batches_acked.load(Ordering::Relaxed),
+            outcomes,
+            changes_merged_per_s: stats.merged_total() as f64 / secs,
+            deltas_received: stats.deltas_received.load(Ordering::Relaxed),
+            deltas_per_s: stats.deltas_received.load(Ordering::Relaxed) as f64 / secs,
+            ack_latency: Latency::of(&stats.ack_latency.lock().unwrap()),
+            delivery_latency: Latency::of(&stats.delivery_latency.lock().unwrap()),
+            connections_opened: stats.connections_opened.load(Ordering::Relaxed),
+            connections_failed: stats.connections_failed.load(Ordering::Relaxed),
+            errors: stats.errors.lock().unwrap().clone(),
+            hub_cpu_s: end.hub_cpu_s - self.start_sample.hub_cpu_s,
+            hub_rss_max_kib: self.rss_max.max(end.hub_rss_kib),
+            postgres_cpu_s: end.postgres_cpu_s - self.start_sample.postgres_cpu_s,
+            loadgen_cpu_s: proc_stats::own_cpu_seconds() - self.start_cpu,
+            timeline: self.timeline,
+        }
+    }
+}
+
+impl Report {
+    /// The human-readable table printed at the end of a run.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let mut row = |k: &str, v: String| out.push_str(&format!("  {k:<28} {v}\n"));
+        row("scenario", self.scenario.clone());
+        row("parameters", self.parameters.to_string());
+        row("measured for", format!("{:.1} s", self.duration_s));
+        row("changes sent", self.changes_sent.to_string());
+        row("outcomes", self.outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "));
+        row("changes merged / s", format!("{:.0}", self.changes_merged_per_s));
+        row("deltas delivered / s", format!("{:.0} ({} in all)", self.deltas_per_s, self.deltas_received));
+        for (name, l) in [("push→ack", &self.ack_latency), ("push→other device", &self.delivery_latency)] {
+            row(
+                &format!("{name} latency (ms)"),
+                format!("p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}  (n={})", l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms, l.count),
+            );
+        }
+        row("connections", format!("{} opened, {} failed", self.connections_opened, self.connections_failed));
+        row("errors", if self.errors.is_empty() { "none".into() } else { format!("{:?}", self.errors) });
+        row(
+            "CPU seconds",
+            format!("hub {:.1}, postgres {:.1}, load generator {:.1}", self.hub_cpu_s, self.postgres_cpu_s, self.loadgen_cpu_s),
+        );
+        row("hub RSS max", format!("{} KiB", self.hub_rss_max_kib));
+        out
+    }
+}
