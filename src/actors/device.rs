@@ -312,6 +312,18 @@ impl DeviceSession {
             let max = self.hub.config.max_batch_changes;
             return self.bad_frame(ctx, Some(id), ErrorCode::BatchTooLarge, format!("{} changes; at most {max} per batch", changes.len()));
         }
+        // device_seqs count from 1, fit the log's bigint, and are consecutive within a batch;
+        // otherwise nothing of the batch is applied.
+        if changes.iter().any(|c| c.device_seq == 0 || c.device_seq > i64::MAX as u64)
+            || changes.windows(2).any(|w| w[0].device_seq.checked_add(1) != Some(w[1].device_seq))
+        {
+            return self.bad_frame(
+                ctx,
+                Some(id),
+                ErrorCode::InvalidBatch,
+                "device_seqs must start at 1 or more and be consecutive and increasing within a batch".into(),
+            );
+        }
         // unwrap: only authenticated sessions reach here.
         let auth = self.auth.as_ref().expect("authenticated");
         let input = BatchInput { device: auth.device.clone(), user: auth.identity.user.clone(), batch_id, changes };
