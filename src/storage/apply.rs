@@ -282,23 +282,7 @@ async fn apply_group(
 
     // 2. Current rows (locked) and their versions.
     sqlx::query("savepoint synchub_group").execute(&mut *conn).await?;
-    let mut state = MergeState::default();
-    if let Err(err) = load_rows(conn, tenant, &mut pending, &mut state, None).await {
-        if value_error(&err).is_none() {
-            return Err(err.into());
-        }
-        // A key of the wrong type: read key by key to find which.
-        sqlx::query("rollback to savepoint synchub_group").execute(&mut *conn).await?;
-        for p in 0..pending.len() {
-            sqlx::query("savepoint synchub_change").execute(&mut *conn).await?;
-            if let Err(err) = load_rows(conn, tenant, &mut pending, &mut state, Some(p)).await {
-                let message = value_error(&err).ok_or(Error::Database(err))?;
-                sqlx::query("rollback to savepoint synchub_change").execute(&mut *conn).await?;
-                outcomes[pending[p].batch][pending[p].index] = Some(reject(ErrorCode::InvalidKey, message));
-            }
-        }
-    }
-    let initial = state.clone();
+    let mut state = load_all_rows(conn, tenant, &mut pending, &mut outcomes).await?;
 
     // 3. Merge and write: all at once, or change by change when a value is refused.
     let all: Vec<usize> = (0..pending.len()).filter(|&p| pending[p].row_key.is_some()).collect();
@@ -307,15 +291,25 @@ async fn apply_group(
         if value_error(&err).is_none() {
             return Err(err.into());
         }
+        // Rare: start over from the rows as loaded (reading them again is cheaper than
+        // keeping a copy of the group's state on the common path).
         sqlx::query("rollback to savepoint synchub_group").execute(&mut *conn).await?;
-        state = initial;
+        sqlx::query("savepoint synchub_group").execute(&mut *conn).await?;
+        state = load_all_rows(conn, tenant, &mut pending, &mut outcomes).await?;
         for &p in &all {
-            let before = state.clone();
+            let pend = &pending[p];
+            let id = (pend.table.name.clone(), pend.row_key.clone().unwrap_or_default());
+            let before = (state.rows.get(&id).cloned(), state.decided.len(), state.next_ordinal);
             sqlx::query("savepoint synchub_change").execute(&mut *conn).await?;
             if let Err(err) = merge_and_write(conn, tenant, &pending, &mut state, &[p]).await {
                 let message = value_error(&err).ok_or(Error::Database(err))?;
                 sqlx::query("rollback to savepoint synchub_change").execute(&mut *conn).await?;
-                state = before;
+                // Only this change's row and its decision moved: put them back.
+                if let Some(slot) = before.0 {
+                    state.rows.insert(id, slot);
+                }
+                state.decided.truncate(before.1);
+                state.next_ordinal = before.2;
                 outcomes[pending[p].batch][pending[p].index] = Some(reject(ErrorCode::InvalidValue, message));
             }
         }
@@ -516,6 +510,35 @@ async fn save_row_versions(conn: &mut PgConnection, tenant: &TenantId, state: &M
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// Read and lock the rows of every pending change; a key of the wrong type rejects that
+/// change (found by reading key by key) and the others go on.
+async fn load_all_rows(
+    conn: &mut PgConnection,
+    tenant: &TenantId,
+    pending: &mut [Pending<'_>],
+    outcomes: &mut [Vec<Option<Outcome>>],
+) -> Result<MergeState> {
+    let mut state = MergeState::default();
+    sqlx::query("savepoint synchub_load").execute(&mut *conn).await?;
+    if let Err(err) = load_rows(conn, tenant, pending, &mut state, None).await {
+        if value_error(&err).is_none() {
+            return Err(err.into());
+        }
+        sqlx::query("rollback to savepoint synchub_load").execute(&mut *conn).await?;
+        state = MergeState::default();
+        for p in 0..pending.len() {
+            sqlx::query("savepoint synchub_change").execute(&mut *conn).await?;
+            if let Err(err) = load_rows(conn, tenant, pending, &mut state, Some(p)).await {
+                let message = value_error(&err).ok_or(Error::Database(err))?;
+                sqlx::query("rollback to savepoint synchub_change").execute(&mut *conn).await?;
+                pending[p].row_key = None;
+                outcomes[pending[p].batch][pending[p].index] = Some(reject(ErrorCode::InvalidKey, message));
+            }
+        }
+    }
+    Ok(state)
 }
 
 /// Read the current rows and versions for `pending` (or only `only`), filling row slots and
