@@ -315,11 +315,17 @@ async fn apply_group(
         }
     }
 
-    // 4. Seqs: lock the head (after the app rows, the order other writers' triggers use).
-    let head: i64 = sqlx::query_scalar("select head_seq from synchub.tenants where tenant_id = $1 for update")
-        .bind(tenant.as_str())
-        .fetch_one(&mut *conn)
-        .await?;
+    // 4. Seqs: take them from the head, which stays locked to commit (after the app rows,
+    // the order other writers' triggers use).
+    let head: i64 = if state.next_ordinal > 0 {
+        sqlx::query_scalar("update synchub.tenants set head_seq = head_seq + $2 where tenant_id = $1 returning head_seq - $2")
+            .bind(tenant.as_str())
+            .bind(state.next_ordinal as i64)
+            .fetch_one(&mut *conn)
+            .await?
+    } else {
+        sqlx::query_scalar("select head_seq from synchub.tenants where tenant_id = $1").bind(tenant.as_str()).fetch_one(&mut *conn).await?
+    };
     let head = head as Seq;
     let new_head = head + state.next_ordinal;
 
@@ -381,39 +387,53 @@ async fn apply_group(
         );
     }
 
-    if !log.seq.is_empty() {
-        log.insert(conn, tenant).await?;
-        save_row_versions(conn, tenant, &state, head).await?;
-        sqlx::query("update synchub.tenants set head_seq = $2 where tenant_id = $1")
-            .bind(tenant.as_str())
-            .bind(new_head as i64)
-            .execute(&mut *conn)
-            .await?;
-    }
-    if !conflicts.is_empty() {
-        sqlx::query(
-            "insert into synchub.conflicts (tenant_id, table_name, pk, field, base_version, server_version, server_value, server_hlc, \
-               server_device, server_user, incoming_value, incoming_hlc, incoming_device, incoming_user, winner, policy, change_id, batch_id, seq) \
-             select $1, table_name, pk, field, base_version, server_version, server_value, server_hlc, server_device, server_user, \
-               incoming_value, incoming_hlc, incoming_device, incoming_user, winner, policy, change_id, batch_id, seq \
-             from jsonb_to_recordset($2) as x(table_name text, pk jsonb, field text, base_version int8, server_version int8, \
-               server_value jsonb, server_hlc jsonb, server_device text, server_user text, incoming_value jsonb, incoming_hlc jsonb, \
-               incoming_device text, incoming_user text, winner text, policy text, change_id uuid, batch_id uuid, seq int8)",
-        )
-        .bind(tenant.as_str())
-        .bind(Value::Array(conflicts))
-        .execute(&mut *conn)
-        .await?;
-    }
     let (cursor_devices, (cursor_users, cursor_seqs)): (Vec<&str>, (Vec<&str>, Vec<i64>)) =
         devices_users.iter().map(|(d, (u, s))| (*d, (*u, *s as i64))).unzip();
+    let versions = RowVersionColumns::of(&state, head);
+    // One statement for the hub's own bookkeeping: log, versions, conflicts and cursors.
     sqlx::query(
-        "insert into synchub.device_cursors (tenant_id, device_id, user_id, last_device_seq) \
-         select $1, d, u, s from unnest($2::text[], $3::text[], $4::int8[]) as x(d, u, s) \
+        "with log as (\
+           insert into synchub.change_log (tenant_id, seq, table_name, op, pk, new_row, old_values, written, origin_device, user_id, \
+             change_id, device_seq, hlc_wall_ms, hlc_counter) \
+           select $1, * from unnest($2::int8[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[], $7::jsonb[], $8::jsonb[], \
+             $9::text[], $10::text[], $11::uuid[], $12::int8[], $13::int8[], $14::int4[])), \
+         versions as (\
+           insert into synchub.row_versions (tenant_id, table_name, pk, version, deleted, clocks) \
+           select $1, t, k, v, d, c from unnest($15::text[], $16::jsonb[], $17::int8[], $18::jsonb[], $19::jsonb[]) as x(t, k, v, d, c) \
+           on conflict (tenant_id, table_name, pk) do update set version = excluded.version, deleted = excluded.deleted, clocks = excluded.clocks), \
+         conflicts as (\
+           insert into synchub.conflicts (tenant_id, table_name, pk, field, base_version, server_version, server_value, server_hlc, \
+             server_device, server_user, incoming_value, incoming_hlc, incoming_device, incoming_user, winner, policy, change_id, batch_id, seq) \
+           select $1, table_name, pk, field, base_version, server_version, server_value, server_hlc, server_device, server_user, \
+             incoming_value, incoming_hlc, incoming_device, incoming_user, winner, policy, change_id, batch_id, seq \
+           from jsonb_to_recordset($20) as x(table_name text, pk jsonb, field text, base_version int8, server_version int8, \
+             server_value jsonb, server_hlc jsonb, server_device text, server_user text, incoming_value jsonb, incoming_hlc jsonb, \
+             incoming_device text, incoming_user text, winner text, policy text, change_id uuid, batch_id uuid, seq int8)) \
+         insert into synchub.device_cursors (tenant_id, device_id, user_id, last_device_seq) \
+         select $1, d, u, s from unnest($21::text[], $22::text[], $23::int8[]) as x(d, u, s) \
          on conflict (tenant_id, device_id) do update set last_device_seq = greatest(device_cursors.last_device_seq, excluded.last_device_seq), \
            user_id = excluded.user_id, updated_at = now()",
     )
     .bind(tenant.as_str())
+    .bind(&log.seq)
+    .bind(&log.table)
+    .bind(&log.op)
+    .bind(&log.pk)
+    .bind(&log.new_row)
+    .bind(&log.old)
+    .bind(&log.written)
+    .bind(&log.origin)
+    .bind(&log.user)
+    .bind(&log.change_id)
+    .bind(&log.device_seq)
+    .bind(&log.wall)
+    .bind(&log.counter)
+    .bind(&versions.tables)
+    .bind(&versions.keys)
+    .bind(&versions.versions)
+    .bind(&versions.deleted)
+    .bind(&versions.clocks)
+    .bind(Value::Array(conflicts))
     .bind(&cursor_devices)
     .bind(&cursor_users)
     .bind(&cursor_seqs)
@@ -481,35 +501,28 @@ fn log_op_and_old(decision: &Decision, before: Option<&Object>, after: Option<&O
     }
 }
 
-/// Persist versions, tombstones and field clocks of the rows this group wrote.
-async fn save_row_versions(conn: &mut PgConnection, tenant: &TenantId, state: &MergeState, head: Seq) -> std::result::Result<(), sqlx::Error> {
-    let real_clock = |c: &FieldClock| clock_json(&FieldClock { version: real_version(c.version, head), ..c.clone() });
-    let mut tables = Vec::new();
-    let mut keys = Vec::new();
-    let mut versions = Vec::new();
-    let mut deleted = Vec::new();
-    let mut clocks = Vec::new();
-    for ((table, _), slot) in state.rows.iter().filter(|(_, s)| s.writes > 0) {
-        tables.push(table.as_str());
-        keys.push(Value::Object(slot.key.clone()));
-        versions.push(real_version(slot.state.version, head) as i64);
-        deleted.push(slot.state.deleted.as_ref().map(real_clock));
-        clocks.push(Value::Object(slot.state.clocks.iter().map(|(f, c)| (f.clone(), real_clock(c))).collect()));
+/// Versions, tombstones and field clocks of the rows this group wrote, one vector per column.
+struct RowVersionColumns<'a> {
+    tables: Vec<&'a str>,
+    keys: Vec<Value>,
+    versions: Vec<i64>,
+    deleted: Vec<Option<Value>>,
+    clocks: Vec<Value>,
+}
+
+impl<'a> RowVersionColumns<'a> {
+    fn of(state: &'a MergeState, head: Seq) -> RowVersionColumns<'a> {
+        let real_clock = |c: &FieldClock| clock_json(&FieldClock { version: real_version(c.version, head), ..c.clone() });
+        let mut columns = RowVersionColumns { tables: Vec::new(), keys: Vec::new(), versions: Vec::new(), deleted: Vec::new(), clocks: Vec::new() };
+        for ((table, _), slot) in state.rows.iter().filter(|(_, s)| s.writes > 0) {
+            columns.tables.push(table.as_str());
+            columns.keys.push(Value::Object(slot.key.clone()));
+            columns.versions.push(real_version(slot.state.version, head) as i64);
+            columns.deleted.push(slot.state.deleted.as_ref().map(real_clock));
+            columns.clocks.push(Value::Object(slot.state.clocks.iter().map(|(f, c)| (f.clone(), real_clock(c))).collect()));
+        }
+        columns
     }
-    sqlx::query(
-        "insert into synchub.row_versions (tenant_id, table_name, pk, version, deleted, clocks) \
-         select $1, t, k, v, d, c from unnest($2::text[], $3::jsonb[], $4::int8[], $5::jsonb[], $6::jsonb[]) as x(t, k, v, d, c) \
-         on conflict (tenant_id, table_name, pk) do update set version = excluded.version, deleted = excluded.deleted, clocks = excluded.clocks",
-    )
-    .bind(tenant.as_str())
-    .bind(&tables)
-    .bind(&keys)
-    .bind(&versions)
-    .bind(&deleted)
-    .bind(&clocks)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
 }
 
 /// Read and lock the rows of every pending change; a key of the wrong type rejects that
@@ -711,31 +724,5 @@ impl LogColumns {
         self.device_seq.push(pend.change.device_seq as i64);
         self.wall.push(pend.clock.hlc.wall_ms as i64);
         self.counter.push(pend.clock.hlc.counter as i32);
-    }
-
-    async fn insert(&self, conn: &mut PgConnection, tenant: &TenantId) -> std::result::Result<(), sqlx::Error> {
-        sqlx::query(
-            "insert into synchub.change_log (tenant_id, seq, table_name, op, pk, new_row, old_values, written, origin_device, user_id, \
-               change_id, device_seq, hlc_wall_ms, hlc_counter) \
-             select $1, * from unnest($2::int8[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[], $7::jsonb[], $8::jsonb[], \
-               $9::text[], $10::text[], $11::uuid[], $12::int8[], $13::int8[], $14::int4[])",
-        )
-        .bind(tenant.as_str())
-        .bind(&self.seq)
-        .bind(&self.table)
-        .bind(&self.op)
-        .bind(&self.pk)
-        .bind(&self.new_row)
-        .bind(&self.old)
-        .bind(&self.written)
-        .bind(&self.origin)
-        .bind(&self.user)
-        .bind(&self.change_id)
-        .bind(&self.device_seq)
-        .bind(&self.wall)
-        .bind(&self.counter)
-        .execute(&mut *conn)
-        .await?;
-        Ok(())
     }
 }
