@@ -161,8 +161,9 @@ pub struct ChangeResult {
     pub change_id: Uuid,
     pub device_seq: u64,
     pub status: ChangeStatus,
-    /// Tenant seq the change was committed at (absent when rejected, or for a
-    /// duplicate whose original is no longer in the log).
+    /// Tenant seq the change was committed at. Absent when rejected, when the change wrote
+    /// nothing (every field lost, an update beaten by a delete, a delete of a missing row),
+    /// or for a duplicate whose original is no longer in the log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
     /// Fields whose incoming value lost (conflict status only).

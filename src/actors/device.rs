@@ -21,9 +21,13 @@ use crate::error::Error;
 use crate::ids::{DeviceId, Seq, SessionId};
 use crate::server::Hub;
 use crate::storage::apply::BatchInput;
+use crate::storage::log::TenantHead;
 
 /// Live frames a catching-up session keeps; past this it drops them and reads the log again.
 const CATCH_UP_BUFFER_FRAMES: usize = 256;
+/// After sending a close frame, how long a session waits for the client's close reply before
+/// it drops the connection (at once while the hub shuts down).
+const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -66,6 +70,11 @@ pub struct DeviceSession {
     errors: VecDeque<Instant>,
     pushes_in_flight: usize,
     closing: bool,
+    /// A `resume` is reading the tenant's head.
+    resuming: bool,
+    /// A close frame was sent: nothing more is written or handled, and the session stops when
+    /// the client answers the close (or after `CLOSE_REPLY_WAIT`).
+    closed: bool,
     /// A fragmented message being reassembled: (is text, bytes so far).
     partial: Option<(bool, BytesMut)>,
 }
@@ -91,6 +100,8 @@ impl DeviceSession {
             errors: VecDeque::new(),
             pushes_in_flight: 0,
             closing: false,
+            resuming: false,
+            closed: false,
             partial: None,
         }
     }
@@ -100,6 +111,9 @@ impl DeviceSession {
     }
 
     fn write(&mut self, ctx: &mut ws::WebsocketContext<Self>, encoded: Encoded) {
+        if self.closed {
+            return; // nothing may follow the close frame
+        }
         self.bytes_written += encoded.len() as u64;
         match encoded {
             Encoded::Text(text) => ctx.text(text),
@@ -123,9 +137,24 @@ impl DeviceSession {
     }
 
     fn close(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: CloseCode, reason: &str) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
         tracing::debug!(session = %self.id, code = code.code(), reason, "closing session");
         ctx.close(Some(ws::CloseReason { code: ws::CloseCode::Other(code.code()), description: Some(reason.to_owned()) }));
-        ctx.stop();
+        if let Some(auth) = &self.auth {
+            let _ = auth.tenant.try_send(Unsubscribe { session: self.id });
+        }
+        if self.hub.accepting() {
+            // Keep the connection until the client answers the close frame. Dropping it now
+            // would lose the close code for a client that is behind in reading: its pending
+            // writes (pongs to pings it has yet to read) would make the connection reset
+            // before it reads the frames sent so far and the close frame.
+            ctx.run_later(CLOSE_REPLY_WAIT, |_, ctx| ctx.stop());
+        } else {
+            ctx.stop();
+        }
     }
 
     /// Count a bad frame; too many in a minute closes the socket.
@@ -225,6 +254,9 @@ impl DeviceSession {
             store.tenant_head(&tenant_id).await
         };
         ctx.spawn(work.into_actor(self).map(move |result, session, ctx| {
+            if session.closed {
+                return;
+            }
             let head = match result {
                 Ok(head) => head,
                 Err(err) => {
@@ -250,16 +282,23 @@ impl DeviceSession {
                     limits,
                 },
             );
-            session.epoch = head.epoch.clone();
-            match position {
-                None => session.start_catch_up(ctx, 0),
-                Some(p) if p.epoch != head.epoch || p.seq > head.head_seq => {
-                    session.must_resync(ctx, head.head_seq, ErrorCode::EpochMismatch)
-                }
-                Some(p) if p.seq < head.log_floor => session.must_resync(ctx, head.head_seq, ErrorCode::PositionTooOld),
-                Some(p) => session.start_catch_up(ctx, p.seq),
-            }
+            // No position (first start) is seq 0 of the current epoch.
+            let position = position.unwrap_or_else(|| Position { epoch: head.epoch.clone(), seq: 0 });
+            session.start_from(ctx, &head, position);
         }));
+    }
+
+    /// Catch up from `position`, or send must_resync when it cannot be resumed: another epoch
+    /// (or a seq past the head), or older than the log's floor.
+    fn start_from(&mut self, ctx: &mut ws::WebsocketContext<Self>, head: &TenantHead, position: Position) {
+        self.epoch = head.epoch.clone();
+        if position.epoch != head.epoch || position.seq > head.head_seq {
+            self.must_resync(ctx, head.head_seq, ErrorCode::EpochMismatch)
+        } else if position.seq < head.log_floor {
+            self.must_resync(ctx, head.head_seq, ErrorCode::PositionTooOld)
+        } else {
+            self.start_catch_up(ctx, position.seq)
+        }
     }
 
     fn must_resync(&mut self, ctx: &mut ws::WebsocketContext<Self>, head_seq: Seq, reason: ErrorCode) {
@@ -285,7 +324,7 @@ impl DeviceSession {
         };
         // unwrap: handle_frame only routes `auth` to authenticated sessions.
         let auth = self.auth.as_ref().expect("authenticated");
-        let same_device = identity.device.as_ref().is_none_or(|d| *d == auth.device);
+        let same_device = true;
         if identity.tenant != auth.identity.tenant || identity.user != auth.identity.user || !same_device {
             return self.send_error(ctx, Some(id), ErrorCode::Forbidden, "a refreshed token must name the same tenant, user and device");
         }
@@ -343,13 +382,22 @@ impl DeviceSession {
     }
 
     fn resume(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: u64, position: Position) {
-        if matches!(self.phase, Phase::CatchingUp | Phase::Live) {
+        if self.phase != Phase::AwaitResume || self.resuming {
             return self.bad_frame(ctx, Some(id), ErrorCode::InvalidBatch, "resume is only valid after must_resync".into());
         }
-        if position.epoch != self.epoch {
-            return self.must_resync(ctx, position.seq, ErrorCode::EpochMismatch);
-        }
-        self.start_catch_up(ctx, position.seq);
+        // The position is checked as on hello, against the tenant's head as it is now: the
+        // epoch or the log's floor may have moved while the device read its snapshot.
+        self.resuming = true;
+        let store = self.hub.store.clone();
+        // unwrap: only authenticated sessions reach here.
+        let tenant = self.auth.as_ref().expect("authenticated").identity.tenant.clone();
+        ctx.spawn(async move { store.tenant_head(&tenant).await }.into_actor(self).map(move |result, session, ctx| {
+            session.resuming = false;
+            match result {
+                Ok(head) => session.start_from(ctx, &head, position),
+                Err(err) => session.send_error(ctx, Some(id), err.code(), err.public_message()),
+            }
+        }));
     }
 
     fn snapshot(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: u64, table: String, after: Option<protocol::Object>, limit: Option<u32>) {
@@ -388,7 +436,7 @@ impl DeviceSession {
     /// Read one page of the log after `position`; when the log is exhausted and the buffered
     /// live frames continue where it ended, switch to live.
     fn catch_up_step(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
-        if self.catch_up_running || self.phase != Phase::CatchingUp {
+        if self.catch_up_running || self.phase != Phase::CatchingUp || self.closed {
             return;
         }
         if self.unconfirmed() > self.hub.config.session_outbound_budget_bytes as u64 / 2 {
@@ -418,7 +466,11 @@ impl DeviceSession {
                 session.send(ctx, &ServerFrame::CatchUp { deltas, seq: last, head_seq: head });
                 session.position = last;
             }
-            if exhausted && session.try_go_live(ctx) {
+            // Go live only once the client has confirmed most of what catch-up sent: past the
+            // budget a live frame closes the session, so switching with a large page still
+            // unconfirmed would cut off a client that reads fine but whose pong is on its way.
+            // Otherwise the next step waits for the pong and reads the log again.
+            if exhausted && session.unconfirmed() <= session.hub.config.session_outbound_budget_bytes as u64 / 2 && session.try_go_live(ctx) {
                 return;
             }
             session.catch_up_step(ctx);
@@ -477,6 +529,9 @@ impl DeviceSession {
     }
 
     fn heartbeat(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        if self.closed {
+            return;
+        }
         if self.last_heard.elapsed() > self.hub.config.heartbeat_timeout() {
             return self.close(ctx, CloseCode::HeartbeatTimeout, "no pong or frame within the heartbeat timeout");
         }
@@ -510,6 +565,13 @@ impl Actor for DeviceSession {
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for DeviceSession {
     fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
         self.last_heard = Instant::now();
+        if self.closed {
+            // Waiting for the client's answer to our close frame; everything else is ignored.
+            if matches!(msg, Ok(ws::Message::Close(_)) | Err(_)) {
+                ctx.stop();
+            }
+            return;
+        }
         let msg = match msg {
             Ok(msg) => msg,
             Err(ws::ProtocolError::Overflow) => {
@@ -534,7 +596,11 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for DeviceSession {
                 }
             }
             ws::Message::Continuation(item) => self.continuation(ctx, item),
-            ws::Message::Close(_) => ctx.stop(),
+            ws::Message::Close(reason) => {
+                // The client closes: answer its close frame, then stop.
+                ctx.close(reason);
+                ctx.stop();
+            }
             ws::Message::Nop => {}
         }
     }
@@ -578,6 +644,9 @@ impl Handler<LiveFrame> for DeviceSession {
 
     fn handle(&mut self, LiveFrame(frames): LiveFrame, ctx: &mut Self::Context) {
         for frame in frames.iter() {
+            if self.closed {
+                return;
+            }
             match self.phase {
                 Phase::Live => self.deliver(ctx, frame.clone()),
                 Phase::CatchingUp | Phase::Starting => {
@@ -599,6 +668,13 @@ impl Handler<SessionControl> for DeviceSession {
     type Result = ();
 
     fn handle(&mut self, msg: SessionControl, ctx: &mut Self::Context) {
+        if self.closed {
+            // Closed and waiting for the client's answer: a shutdown does not wait for it.
+            if msg == SessionControl::Shutdown {
+                ctx.stop();
+            }
+            return;
+        }
         match msg {
             SessionControl::Replaced => self.close(ctx, CloseCode::Replaced, "the device opened a newer session"),
             SessionControl::Lagged => {
