@@ -324,7 +324,7 @@ impl DeviceSession {
         };
         // unwrap: handle_frame only routes `auth` to authenticated sessions.
         let auth = self.auth.as_ref().expect("authenticated");
-        let same_device = true;
+        let same_device = identity.device.as_ref().is_none_or(|d| *d == auth.device);
         if identity.tenant != auth.identity.tenant || identity.user != auth.identity.user || !same_device {
             return self.send_error(ctx, Some(id), ErrorCode::Forbidden, "a refreshed token must name the same tenant, user and device");
         }
@@ -470,7 +470,8 @@ impl DeviceSession {
             // budget a live frame closes the session, so switching with a large page still
             // unconfirmed would cut off a client that reads fine but whose pong is on its way.
             // Otherwise the next step waits for the pong and reads the log again.
-            if exhausted && session.unconfirmed() <= session.hub.config.session_outbound_budget_bytes as u64 / 2 && session.try_go_live(ctx) {
+            let confirmed_enough = session.unconfirmed() <= session.hub.config.session_outbound_budget_bytes as u64 / 2;
+            if exhausted && confirmed_enough && session.try_go_live(ctx) {
                 return;
             }
             session.catch_up_step(ctx);
