@@ -68,6 +68,9 @@ async fn main() -> anyhow::Result<()> {
     if dev {
         demo::seed(&running.hub.store.pool).await.context("seeding the demo tenant")?;
         println!("\nsynchub dev is ready: ws://{}/v1/ws  (tenant `{}`)", running.addr, demo::DEMO_TENANT);
+        if cluster.is_some() {
+            println!("  database: {}", config.database_url.0);
+        }
         for (who, token) in demo::tokens(&config.jwt_hs256_secret.0, 30) {
             println!("  {who}:\n    {token}");
         }

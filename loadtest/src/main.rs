@@ -7,6 +7,7 @@ mod error;
 mod pg_ceiling;
 mod proc_stats;
 mod report;
+mod tables;
 mod tokens;
 
 use std::path::PathBuf;
@@ -63,6 +64,13 @@ enum Command {
         #[command(flatten)]
         args: pg_ceiling::CeilingArgs,
     },
+    /// Rewrite the tables of BENCHMARKS.md from the JSON reports in a results folder.
+    Tables {
+        #[arg(long)]
+        results: PathBuf,
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        benchmarks: PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -76,6 +84,11 @@ async fn main() -> anyhow::Result<()> {
             devices::run(target, tokens, args, hub.hub_pid).await
         }
         Command::PgCeiling { args } => pg_ceiling::run(args).await?,
+        Command::Tables { results, benchmarks } => {
+            tables::rewrite(&results, &benchmarks)?;
+            eprintln!("{} rewritten from {}", benchmarks.display(), results.display());
+            return Ok(());
+        }
     };
     print!("{}", report.table());
     if let Some(path) = cli.json {

@@ -37,8 +37,9 @@ pub struct CeilingArgs {
     pub rows_per_writer: usize,
     #[arg(long, default_value_t = 20)]
     pub shared_rows: usize,
-    /// Connections in the pool (at most this many transactions at once).
-    #[arg(long, default_value_t = 8)]
+    /// Connections in the pool (at most this many transactions at once); the hub's default
+    /// `db_pool_size` is 16.
+    #[arg(long, default_value_t = 16)]
     pub connections: u32,
 }
 

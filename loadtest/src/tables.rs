@@ -1,0 +1,91 @@
+//! Renders the JSON reports of a benchmark run (`run-benchmarks` writes them) as the tables of
+//! `BENCHMARKS.md`, replacing what stands between each table's begin and end markers.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::{LoadError, Result};
+
+fn load(dir: &Path, name: &str) -> Option<Value> {
+    let text = std::fs::read_to_string(dir.join(format!("{name}.json"))).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn num(v: &Value, path: &[&str]) -> f64 {
+    path.iter().try_fold(v, |v, k| v.get(*k)).and_then(Value::as_f64).unwrap_or(0.0)
+}
+
+/// Merge throughput of the hub against the plain-SQL ceiling, per batch size and conflict rate.
+fn merge_table(dir: &Path) -> String {
+    let mut out = String::from(
+        "| batch | conflicts | hub changes/s | ceiling rows/s | ratio | push→ack p50 / p99 (ms) | conflicts logged | hub CPU s | Postgres CPU s |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for batch in [1, 100, 1000] {
+        for conflict in ["0", "10"] {
+            let (Some(hub), Some(pg)) = (load(dir, &format!("merge-hub-b{batch}-c{conflict}")), load(dir, &format!("merge-pg-b{batch}-c{conflict}")))
+            else {
+                out.push_str(&format!("| {batch} | {conflict}% | not run | | | | | | |\n"));
+                continue;
+            };
+            let hub_rate = num(&hub, &["changes_merged_per_s"]);
+            let pg_rate = num(&pg, &["changes_merged_per_s"]);
+            out.push_str(&format!(
+                "| {batch} | {conflict}% | {hub_rate:.0} | {pg_rate:.0} | {:.2} | {:.1} / {:.1} | {:.0} | {:.1} | {:.1} |\n",
+                if pg_rate > 0.0 { hub_rate / pg_rate } else { 0.0 },
+                num(&hub, &["ack_latency", "p50_ms"]),
+                num(&hub, &["ack_latency", "p99_ms"]),
+                num(&hub, &["outcomes", "conflict"]),
+                num(&hub, &["hub_cpu_s"]),
+                num(&hub, &["postgres_cpu_s"]),
+            ));
+        }
+    }
+    out
+}
+
+/// Device-to-device latency at a steady rate.
+fn latency_table(dir: &Path) -> String {
+    let mut out = String::from(
+        "| devices | changes/s offered | changes/s merged | deltas/s | device→device p50 / p99 / max (ms) | push→ack p50 / p99 (ms) | errors |\n\
+         |---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    match load(dir, "d2d") {
+        Some(r) => {
+            let devices = num(&r, &["parameters", "devices"]);
+            let offered = devices * num(&r, &["parameters", "rate"]);
+            let errors: f64 = r.get("errors").and_then(Value::as_object).map(|m| m.values().filter_map(Value::as_f64).sum()).unwrap_or(0.0);
+            out.push_str(&format!(
+                "| {devices:.0} | {offered:.0} | {:.0} | {:.0} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} | {errors:.0} |\n",
+                num(&r, &["changes_merged_per_s"]),
+                num(&r, &["deltas_per_s"]),
+                num(&r, &["delivery_latency", "p50_ms"]),
+                num(&r, &["delivery_latency", "p99_ms"]),
+                num(&r, &["delivery_latency", "max_ms"]),
+                num(&r, &["ack_latency", "p50_ms"]),
+                num(&r, &["ack_latency", "p99_ms"]),
+            ));
+        }
+        None => out.push_str("| not run | | | | | | |\n"),
+    }
+    out
+}
+
+fn replace_between(doc: &str, name: &str, table: &str) -> Result<String> {
+    let begin = format!("<!-- {name}:begin -->");
+    let end = format!("<!-- {name}:end -->");
+    let (Some(b), Some(e)) = (doc.find(&begin), doc.find(&end)) else {
+        return Err(LoadError::Usage(format!("BENCHMARKS.md lacks the markers {begin} … {end}")));
+    };
+    Ok(format!("{}{begin}\n{table}{}", &doc[..b], &doc[e..]))
+}
+
+/// Rewrite the tables of `benchmarks` from the reports in `results`.
+pub fn rewrite(results: &Path, benchmarks: &Path) -> Result<()> {
+    let mut doc = std::fs::read_to_string(benchmarks)?;
+    doc = replace_between(&doc, "merge", &merge_table(results))?;
+    doc = replace_between(&doc, "latency", &latency_table(results))?;
+    std::fs::write(benchmarks, doc)?;
+    Ok(())
+}
