@@ -11,6 +11,7 @@
 //! - [`sync::merge`]: the pure merge decision (per-field LWW on HLCs, client-wins, tombstones).
 //! - [`storage`]: Postgres: migrations, synced-table catalog, group-commit transaction, log reads.
 //! - [`server`]: HTTP routes, start-up and graceful shutdown.
+//! - [`metrics`]: counters and gauges, served as Prometheus text at `GET /metrics`.
 //! - [`embedded_pg`] and [`demo`]: the private cluster and demo schema of `synchub dev`.
 //!
 //! Data flows one way: transport → actors → storage; deltas come back actors → transport.
@@ -22,6 +23,7 @@ pub mod demo;
 pub mod embedded_pg;
 pub mod error;
 pub mod ids;
+pub mod metrics;
 pub mod server;
 pub mod storage;
 pub mod sync;

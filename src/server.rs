@@ -1,9 +1,9 @@
-//! The HTTP server: routes (`/v1/ws`, `/healthz`, `/readyz`), start-up of the hub's parts,
+//! The HTTP server: routes (`/v1/ws`, `/healthz`, `/readyz`, `/metrics`), start-up of the hub's parts,
 //! the notification listener for other SQL writers, and the one graceful shutdown sequence:
 //! stop accepting → sessions finish in-flight pushes and close with going-away → stop.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,7 @@ use crate::auth::TokenVerifier;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::ids::{SessionId, TenantId};
+use crate::metrics::{Gauges, Metrics};
 use crate::storage::Store;
 
 /// Shared state of a running hub, handed to every session.
@@ -29,21 +30,13 @@ pub struct Hub {
     pub store: Arc<Store>,
     /// Every open session, for shutdown.
     pub sessions: DashMap<SessionId, Recipient<SessionControl>>,
+    pub metrics: Arc<Metrics>,
     accepting: AtomicBool,
-    slow_consumer_closes: AtomicU64,
 }
 
 impl Hub {
     pub fn accepting(&self) -> bool {
         self.accepting.load(Ordering::Relaxed)
-    }
-
-    pub fn metrics_slow_consumer(&self) {
-        self.slow_consumer_closes.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn slow_consumer_closes(&self) -> u64 {
-        self.slow_consumer_closes.load(Ordering::Relaxed)
     }
 }
 
@@ -63,15 +56,16 @@ pub async fn start(config: Config) -> Result<RunningHub> {
     let verifier = TokenVerifier::from_config(&config)?;
     let store = Store::open(&config).await?;
     let arbiters: Vec<Arbiter> = (0..config.workers).map(|_| Arbiter::new()).collect();
-    let registry = TenantRegistry::new(store.clone(), config.clone(), arbiters.iter().map(Arbiter::handle).collect());
+    let metrics = Arc::new(Metrics::default());
+    let registry = TenantRegistry::new(store.clone(), config.clone(), metrics.clone(), arbiters.iter().map(Arbiter::handle).collect());
     let hub = Arc::new(Hub {
         config: config.clone(),
         verifier,
         registry: registry.clone(),
         store: store.clone(),
         sessions: DashMap::new(),
+        metrics,
         accepting: AtomicBool::new(true),
-        slow_consumer_closes: AtomicU64::new(0),
     });
     let listener = tokio::spawn(listen_for_log_writes(store.clone(), registry));
 
@@ -82,6 +76,7 @@ pub async fn start(config: Config) -> Result<RunningHub> {
             .route("/v1/ws", web::get().to(crate::transport::ws::upgrade))
             .route("/healthz", web::get().to(|| async { HttpResponse::Ok().body("ok") }))
             .route("/readyz", web::get().to(readyz))
+            .route("/metrics", web::get().to(metrics_text))
     })
     .workers(config.workers)
     .disable_signals()
@@ -107,6 +102,16 @@ async fn readyz(hub: web::Data<Arc<Hub>>) -> HttpResponse {
             HttpResponse::ServiceUnavailable().body("database unavailable")
         }
     }
+}
+
+async fn metrics_text(hub: web::Data<Arc<Hub>>) -> HttpResponse {
+    let gauges = Gauges {
+        sessions: hub.sessions.len(),
+        tenants: hub.registry.tenant_count(),
+        db_connections: hub.store.pool.size(),
+        db_idle: hub.store.pool.num_idle(),
+    };
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(hub.metrics.render(&gauges))
 }
 
 /// Forward `synchub_log` notifications (sent by the capture trigger when another SQL client

@@ -5,6 +5,7 @@
 //! pause catch-up or end the session with `slow_consumer`).
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -115,6 +116,8 @@ impl DeviceSession {
             return; // nothing may follow the close frame
         }
         self.bytes_written += encoded.len() as u64;
+        self.hub.metrics.frames_sent.fetch_add(1, Ordering::Relaxed);
+        self.hub.metrics.bytes_sent.fetch_add(encoded.len() as u64, Ordering::Relaxed);
         match encoded {
             Encoded::Text(text) => ctx.text(text),
             Encoded::Binary(bytes) => ctx.binary(bytes),
@@ -132,6 +135,7 @@ impl DeviceSession {
     }
 
     fn send_error(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: Option<u64>, code: ErrorCode, message: impl Into<String>) {
+        self.hub.metrics.error(code);
         let frame = ServerFrame::Error { id, code, message: message.into(), temporary: code.is_temporary() };
         self.send(ctx, &frame);
     }
@@ -141,6 +145,7 @@ impl DeviceSession {
             return;
         }
         self.closed = true;
+        self.hub.metrics.closed(code);
         tracing::debug!(session = %self.id, code = code.code(), reason, "closing session");
         ctx.close(Some(ws::CloseReason { code: ws::CloseCode::Other(code.code()), description: Some(reason.to_owned()) }));
         if let Some(auth) = &self.auth {
@@ -270,6 +275,7 @@ impl DeviceSession {
                 catch_up_page_changes: session.hub.config.catch_up_page_changes,
                 snapshot_page_rows: session.hub.config.snapshot_page_rows,
             };
+            session.hub.metrics.sessions_opened.fetch_add(1, Ordering::Relaxed);
             session.send(
                 ctx,
                 &ServerFrame::Welcome {
@@ -368,6 +374,7 @@ impl DeviceSession {
         let input = BatchInput { device: auth.device.clone(), user: auth.identity.user.clone(), batch_id, changes };
         let tenant = auth.tenant.clone();
         self.pushes_in_flight += 1;
+        self.hub.metrics.batches_pushed.fetch_add(1, Ordering::Relaxed);
         ctx.spawn(async move { tenant.send(ApplyBatch { input }).await }.into_actor(self).map(move |reply, session, ctx| {
             session.pushes_in_flight -= 1;
             match reply {
@@ -463,6 +470,7 @@ impl DeviceSession {
             };
             let exhausted = (deltas.len() as u32) < page;
             if let Some(last) = deltas.last().map(|d| d.seq) {
+                session.hub.metrics.catch_up_pages.fetch_add(1, Ordering::Relaxed);
                 session.send(ctx, &ServerFrame::CatchUp { deltas, seq: last, head_seq: head });
                 session.position = last;
             }
@@ -514,7 +522,6 @@ impl DeviceSession {
             return;
         }
         if self.unconfirmed() > self.hub.config.session_outbound_budget_bytes as u64 {
-            self.hub.metrics_slow_consumer();
             return self.close(ctx, CloseCode::SlowConsumer, "client is not reading; resume from your last seq");
         }
         let encoded = if frame.after == self.position {

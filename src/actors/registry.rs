@@ -12,6 +12,7 @@ use super::messages::LogAppended;
 use super::tenant::TenantActor;
 use crate::config::Config;
 use crate::ids::TenantId;
+use crate::metrics::Metrics;
 use crate::storage::Store;
 
 pub struct TenantRegistry {
@@ -19,13 +20,14 @@ pub struct TenantRegistry {
     arbiters: Vec<ArbiterHandle>,
     store: Arc<Store>,
     config: Arc<Config>,
+    metrics: Arc<Metrics>,
     this: Weak<TenantRegistry>,
 }
 
 impl TenantRegistry {
-    pub fn new(store: Arc<Store>, config: Arc<Config>, arbiters: Vec<ArbiterHandle>) -> Arc<TenantRegistry> {
+    pub fn new(store: Arc<Store>, config: Arc<Config>, metrics: Arc<Metrics>, arbiters: Vec<ArbiterHandle>) -> Arc<TenantRegistry> {
         assert!(!arbiters.is_empty(), "at least one arbiter");
-        Arc::new_cyclic(|this| TenantRegistry { actors: DashMap::new(), arbiters, store, config, this: this.clone() })
+        Arc::new_cyclic(|this| TenantRegistry { actors: DashMap::new(), arbiters, store, config, metrics, this: this.clone() })
     }
 
     /// The tenant's actor, started if it is not running.
@@ -44,7 +46,7 @@ impl TenantRegistry {
         let mut hasher = DefaultHasher::new();
         tenant.hash(&mut hasher);
         let arbiter = &self.arbiters[(hasher.finish() % self.arbiters.len() as u64) as usize];
-        let actor = TenantActor::new(tenant.clone(), self.store.clone(), self.config.clone(), self.this.clone());
+        let actor = TenantActor::new(tenant.clone(), self.store.clone(), self.config.clone(), self.metrics.clone(), self.this.clone());
         TenantActor::start_in_arbiter(arbiter, move |_| actor)
     }
 

@@ -3,6 +3,7 @@
 //! commit fans the deltas out to the tenant's sessions in seq order, with no gap.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,7 @@ use super::registry::TenantRegistry;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::ids::{DeviceId, Seq, SessionId, TenantId};
+use crate::metrics::Metrics;
 use crate::storage::apply::{ApplyLimits, BatchInput};
 use crate::storage::Store;
 
@@ -42,6 +44,7 @@ pub struct TenantActor {
     tenant: TenantId,
     store: Arc<Store>,
     config: Arc<Config>,
+    metrics: Arc<Metrics>,
     registry: std::sync::Weak<TenantRegistry>,
     sessions: HashMap<SessionId, Subscriber>,
     queue: VecDeque<Queued>,
@@ -58,11 +61,18 @@ pub struct TenantActor {
 }
 
 impl TenantActor {
-    pub fn new(tenant: TenantId, store: Arc<Store>, config: Arc<Config>, registry: std::sync::Weak<TenantRegistry>) -> Self {
+    pub fn new(
+        tenant: TenantId,
+        store: Arc<Store>,
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        registry: std::sync::Weak<TenantRegistry>,
+    ) -> Self {
         TenantActor {
             tenant,
             store,
             config,
+            metrics,
             registry,
             sessions: HashMap::new(),
             queue: VecDeque::new(),
@@ -85,21 +95,25 @@ impl TenantActor {
         if self.committing || self.queue.is_empty() {
             return;
         }
-        let mut group = Vec::new();
+        let mut inputs: Vec<BatchInput> = Vec::new();
+        let mut replies = Vec::new();
         let mut changes = 0;
         while let Some(next) = self.queue.front() {
-            if !group.is_empty() && changes + next.input.changes.len() > self.config.group_commit_max_changes {
+            if !inputs.is_empty() && changes + next.input.changes.len() > self.config.group_commit_max_changes {
                 break;
             }
             changes += next.input.changes.len();
             // unwrap: front() was Some.
-            group.push(self.queue.pop_front().expect("queued batch"));
+            let queued = self.queue.pop_front().expect("queued batch");
+            inputs.push(queued.input);
+            replies.push(queued.reply);
         }
+        self.metrics.queued_batches.fetch_sub(inputs.len() as i64, Ordering::Relaxed);
         self.committing = true;
         let store = self.store.clone();
         let tenant = self.tenant.clone();
         let limits = self.limits();
-        let inputs: Vec<BatchInput> = group.iter().map(|q| q.input.clone()).collect();
+        let started = Instant::now();
         let work = async move {
             let mut attempt = 0;
             loop {
@@ -114,15 +128,23 @@ impl TenantActor {
             actor.last_activity = Instant::now();
             match outcome {
                 Ok(output) => {
-                    for (queued, results) in group.into_iter().zip(output.results) {
-                        let _ = queued.reply.send(Ok(results));
+                    actor.metrics.commit(started.elapsed());
+                    for (reply, results) in replies.into_iter().zip(output.results) {
+                        for result in &results {
+                            actor.metrics.change(result.status);
+                            if let Some(code) = result.reason {
+                                actor.metrics.error(code);
+                            }
+                        }
+                        let _ = reply.send(Ok(results));
                     }
                     actor.accept(output.deltas, ctx);
                 }
                 Err(err) => {
                     tracing::error!(tenant = %actor.tenant, %err, "group commit failed");
-                    for queued in group {
-                        let _ = queued.reply.send(Err(Error::client(err.code(), err.public_message())));
+                    actor.metrics.group_commit_failures.fetch_add(1, Ordering::Relaxed);
+                    for reply in replies {
+                        let _ = reply.send(Err(Error::client(err.code(), err.public_message())));
                     }
                 }
             }
@@ -160,12 +182,16 @@ impl TenantActor {
         if self.sessions.is_empty() {
             return;
         }
+        self.metrics.deltas_committed.fetch_add(deltas.len() as u64, Ordering::Relaxed);
         let frames = Arc::new(SharedFrame::split_by_origin(after, deltas));
         let mut gone = Vec::new();
         for (id, sub) in self.sessions.iter_mut() {
             match sub.live.try_send(LiveFrame(frames.clone())) {
                 Ok(()) => {}
-                Err(SendError::Full(_)) => sub.lagged = true,
+                Err(SendError::Full(_)) => {
+                    sub.lagged = true;
+                    self.metrics.lagged_sessions.fetch_add(1, Ordering::Relaxed);
+                }
                 Err(SendError::Closed(_)) => gone.push(*id),
             }
         }
@@ -244,6 +270,11 @@ fn is_retryable(err: &sqlx::Error) -> bool {
 impl Actor for TenantActor {
     type Context = Context<Self>;
 
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        // Batches still queued are answered `shutting_down` as their reply channels drop.
+        self.metrics.queued_batches.fetch_sub(self.queue.len() as i64, Ordering::Relaxed);
+    }
+
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(self.config.tenant_mailbox);
         ctx.run_interval(TICK, |actor, ctx| actor.tick(ctx));
@@ -273,6 +304,7 @@ impl Handler<ApplyBatch> for TenantActor {
         }
         let (reply, answer) = oneshot::channel();
         self.queue.push_back(Queued { input: msg.input, reply });
+        self.metrics.queued_batches.fetch_add(1, Ordering::Relaxed);
         self.pump(ctx);
         Box::pin(async move { answer.await.unwrap_or(Err(Error::ShuttingDown)) })
     }

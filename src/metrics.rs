@@ -1,0 +1,170 @@
+//! The hub's counters and gauges, and their rendering in the Prometheus text format for
+//! `GET /metrics`. Counting is lock-free (atomics); only error codes go through a small map.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use protocol::{ChangeStatus, CloseCode, ErrorCode};
+
+/// Upper bounds (seconds) of the group-commit latency histogram's buckets.
+const COMMIT_BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+
+const CLOSE_CODES: [CloseCode; 10] = [
+    CloseCode::GoingAway,
+    CloseCode::MessageTooBig,
+    CloseCode::HelloTimeout,
+    CloseCode::Unauthorized,
+    CloseCode::TokenExpired,
+    CloseCode::UnsupportedVersion,
+    CloseCode::SlowConsumer,
+    CloseCode::TooManyErrors,
+    CloseCode::Replaced,
+    CloseCode::HeartbeatTimeout,
+];
+
+#[derive(Default)]
+pub struct Metrics {
+    pub sessions_opened: AtomicU64,
+    /// Sessions closed by the hub, by close code (index in `CLOSE_CODES`).
+    closes: [AtomicU64; 10],
+    pub batches_pushed: AtomicU64,
+    /// Change results by status: applied, merged, conflict, rejected, duplicate.
+    changes: [AtomicU64; 5],
+    pub group_commits: AtomicU64,
+    pub group_commit_failures: AtomicU64,
+    commit_buckets: [AtomicU64; 12],
+    commit_micros_sum: AtomicU64,
+    pub deltas_committed: AtomicU64,
+    pub frames_sent: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub lagged_sessions: AtomicU64,
+    pub catch_up_pages: AtomicU64,
+    /// Batches waiting in tenant queues, over all tenants.
+    pub queued_batches: AtomicI64,
+    errors: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+fn status_index(status: ChangeStatus) -> usize {
+    match status {
+        ChangeStatus::Applied => 0,
+        ChangeStatus::Merged => 1,
+        ChangeStatus::Conflict => 2,
+        ChangeStatus::Rejected => 3,
+        ChangeStatus::Duplicate => 4,
+    }
+}
+
+const STATUS_NAMES: [&str; 5] = ["applied", "merged", "conflict", "rejected", "duplicate"];
+
+/// Values read from elsewhere at scrape time.
+pub struct Gauges {
+    pub sessions: usize,
+    pub tenants: usize,
+    pub db_connections: u32,
+    pub db_idle: usize,
+}
+
+impl Metrics {
+    pub fn closed(&self, code: CloseCode) {
+        if let Some(i) = CLOSE_CODES.iter().position(|c| *c == code) {
+            self.closes[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn change(&self, status: ChangeStatus) {
+        self.changes[status_index(status)].fetch_add(1, Relaxed);
+    }
+
+    pub fn error(&self, code: ErrorCode) {
+        // unwrap: the lock is never held across a panic.
+        *self.errors.lock().unwrap().entry(code.as_str()).or_default() += 1;
+    }
+
+    pub fn commit(&self, took: Duration) {
+        self.group_commits.fetch_add(1, Relaxed);
+        let secs = took.as_secs_f64();
+        if let Some(i) = COMMIT_BUCKETS.iter().position(|b| secs <= *b) {
+            self.commit_buckets[i].fetch_add(1, Relaxed);
+        }
+        self.commit_micros_sum.fetch_add(took.as_micros() as u64, Relaxed);
+    }
+
+    /// Everything in the Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self, gauges: &Gauges) -> String {
+        let mut out = String::with_capacity(4096);
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, value) in samples {
+                let _ = writeln!(out, "{name}{labels} {value}");
+            }
+        };
+        let one = |v: f64| vec![(String::new(), v)];
+        let get = |a: &AtomicU64| a.load(Relaxed) as f64;
+        metric("synchub_sessions", "gauge", "Open WebSocket sessions.", &one(gauges.sessions as f64));
+        metric("synchub_tenants_active", "gauge", "Tenant actors running.", &one(gauges.tenants as f64));
+        metric("synchub_sessions_opened_total", "counter", "Sessions that completed hello.", &one(get(&self.sessions_opened)));
+        let closes: Vec<_> = CLOSE_CODES.iter().zip(&self.closes).map(|(c, n)| (format!("{{code=\"{}\"}}", c.code()), get(n))).collect();
+        metric("synchub_session_closes_total", "counter", "Sessions the hub closed, by WebSocket close code.", &closes);
+        metric("synchub_batches_pushed_total", "counter", "Batches devices pushed.", &one(get(&self.batches_pushed)));
+        let changes: Vec<_> = STATUS_NAMES.iter().zip(&self.changes).map(|(s, n)| (format!("{{status=\"{s}\"}}"), get(n))).collect();
+        metric("synchub_changes_total", "counter", "Pushed changes by result status.", &changes);
+        metric("synchub_group_commit_failures_total", "counter", "Group transactions that failed (batches answered with an error).", &one(get(&self.group_commit_failures)));
+        let mut cumulative = 0;
+        let mut buckets: Vec<_> = COMMIT_BUCKETS
+            .iter()
+            .zip(&self.commit_buckets)
+            .map(|(b, n)| {
+                cumulative += n.load(Relaxed);
+                (format!("_bucket{{le=\"{b}\"}}"), cumulative as f64)
+            })
+            .collect();
+        buckets.push(("_bucket{le=\"+Inf\"}".into(), get(&self.group_commits)));
+        buckets.push(("_sum".into(), self.commit_micros_sum.load(Relaxed) as f64 / 1e6));
+        buckets.push(("_count".into(), get(&self.group_commits)));
+        metric("synchub_group_commit_seconds", "histogram", "Time from the start of a group transaction to its commit.", &buckets);
+        metric("synchub_deltas_committed_total", "counter", "Log entries committed and fanned out.", &one(get(&self.deltas_committed)));
+        metric("synchub_frames_sent_total", "counter", "Frames written to sessions.", &one(get(&self.frames_sent)));
+        metric("synchub_bytes_sent_total", "counter", "Bytes of frames written to sessions.", &one(get(&self.bytes_sent)));
+        metric("synchub_lagged_sessions_total", "counter", "Live frames a full session mailbox could not take (the session catches up from the log).", &one(get(&self.lagged_sessions)));
+        metric("synchub_catch_up_pages_total", "counter", "Catch-up pages read from the log.", &one(get(&self.catch_up_pages)));
+        metric("synchub_tenant_queue_batches", "gauge", "Batches waiting in tenant queues.", &one(self.queued_batches.load(Relaxed) as f64));
+        let errors: Vec<_> = self.errors.lock().unwrap().iter().map(|(c, n)| (format!("{{code=\"{c}\"}}"), *n as f64)).collect();
+        metric("synchub_errors_total", "counter", "Error frames sent and rejected changes, by code.", &errors);
+        metric("synchub_db_connections", "gauge", "Connections in the database pool.", &one(gauges.db_connections as f64));
+        metric("synchub_db_connections_idle", "gauge", "Idle connections in the database pool.", &one(gauges.db_idle as f64));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_a_cumulative_histogram() {
+        let m = Metrics::default();
+        m.commit(Duration::from_millis(3));
+        m.commit(Duration::from_millis(30));
+        m.change(ChangeStatus::Conflict);
+        m.closed(CloseCode::SlowConsumer);
+        m.error(ErrorCode::InvalidValue);
+        let text = m.render(&Gauges { sessions: 2, tenants: 1, db_connections: 3, db_idle: 1 });
+        assert!(text.contains("synchub_sessions 2\n"));
+        assert!(text.contains("synchub_changes_total{status=\"conflict\"} 1\n"));
+        assert!(text.contains("synchub_session_closes_total{code=\"4008\"} 1\n"));
+        assert!(text.contains("synchub_errors_total{code=\"invalid_value\"} 1\n"));
+        assert!(text.contains("synchub_group_commit_seconds_bucket{le=\"0.0025\"} 0\n"));
+        assert!(text.contains("synchub_group_commit_seconds_bucket{le=\"0.005\"} 1\n"));
+        assert!(text.contains("synchub_group_commit_seconds_bucket{le=\"0.05\"} 2\n"));
+        assert!(text.contains("synchub_group_commit_seconds_count 2\n"));
+        // Every sample line belongs to a declared metric.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            let base = name.trim_end_matches("_bucket").trim_end_matches("_sum").trim_end_matches("_count");
+            assert!(text.contains(&format!("# TYPE {base} ")), "{line}");
+        }
+    }
+}
