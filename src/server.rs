@@ -14,6 +14,7 @@ use dashmap::DashMap;
 use sqlx::postgres::PgListener;
 
 use crate::actors::messages::SessionControl;
+use crate::actors::sweep::{self, SessionHandle};
 use crate::actors::registry::TenantRegistry;
 use crate::auth::TokenVerifier;
 use crate::config::Config;
@@ -28,8 +29,8 @@ pub struct Hub {
     pub verifier: TokenVerifier,
     pub registry: Arc<TenantRegistry>,
     pub store: Arc<Store>,
-    /// Every open session, for shutdown.
-    pub sessions: DashMap<SessionId, Recipient<SessionControl>>,
+    /// Every open session with its deadlines, for the session clock and for shutdown.
+    pub sessions: DashMap<SessionId, SessionHandle>,
     pub metrics: Arc<Metrics>,
     accepting: AtomicBool,
 }
@@ -47,6 +48,7 @@ pub struct RunningHub {
     handle: ServerHandle,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     listener: tokio::task::JoinHandle<()>,
+    session_clock: tokio::task::JoinHandle<()>,
     arbiters: Vec<Arbiter>,
 }
 
@@ -88,7 +90,8 @@ pub async fn start(config: Config) -> Result<RunningHub> {
     let handle = server.handle();
     let server = tokio::spawn(server);
     tracing::info!(%addr, "synchub listening; WebSocket at /v1/ws");
-    Ok(RunningHub { addr, hub, handle, server, listener, arbiters })
+    let session_clock = tokio::spawn(sweep::run(hub.clone()));
+    Ok(RunningHub { addr, hub, handle, server, listener, session_clock, arbiters })
 }
 
 async fn readyz(hub: web::Data<Arc<Hub>>) -> HttpResponse {
@@ -151,13 +154,13 @@ impl RunningHub {
     /// Graceful shutdown: refuse new sessions, let sessions finish their in-flight pushes
     /// (whose transactions the tenant actors complete) and close them with 1001, then stop.
     pub async fn shutdown(self) {
-        let RunningHub { hub, handle, server, listener, arbiters, .. } = self;
+        let RunningHub { hub, handle, server, listener, session_clock, arbiters, .. } = self;
         hub.accepting.store(false, Ordering::Relaxed);
         let deadline = Instant::now() + hub.config.shutdown_timeout();
         let mut told = std::collections::HashSet::new();
         while !hub.sessions.is_empty() && Instant::now() < deadline {
             for entry in hub.sessions.iter() {
-                if !told.contains(entry.key()) && entry.value().try_send(SessionControl::Shutdown).is_ok() {
+                if !told.contains(entry.key()) && entry.value().control.try_send(SessionControl::Shutdown).is_ok() {
                     told.insert(*entry.key());
                 }
             }
@@ -166,6 +169,7 @@ impl RunningHub {
         handle.stop(true).await;
         let _ = server.await;
         listener.abort();
+        session_clock.abort();
         for arbiter in arbiters {
             arbiter.stop();
         }

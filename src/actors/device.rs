@@ -16,6 +16,7 @@ use protocol::{ClientFrame, CloseCode, Encoding, ErrorCode, Limits, Position, Se
 use uuid::Uuid;
 
 use super::messages::{ApplyBatch, Encoded, LiveFrame, SessionControl, SharedFrame, Subscribe, Unsubscribe};
+use super::sweep::{unix_ms, SessionHandle};
 use super::tenant::TenantActor;
 use crate::auth::{unix_now, Identity};
 use crate::error::Error;
@@ -45,7 +46,6 @@ struct Authenticated {
     identity: Identity,
     device: DeviceId,
     tenant: Addr<TenantActor>,
-    expiry: Option<SpawnHandle>,
 }
 
 pub struct DeviceSession {
@@ -215,6 +215,9 @@ impl DeviceSession {
         if self.phase != Phase::AwaitHello {
             return self.bad_frame(ctx, Some(id), ErrorCode::AlreadyAuthenticated, "hello was already sent".into());
         }
+        if let Some(handle) = self.hub.sessions.get(&self.id) {
+            handle.hello_deadline_ms.store(0, Ordering::Relaxed);
+        }
         let Some(version) = SUPPORTED_VERSIONS.iter().rev().find(|v| versions.contains(v)).copied() else {
             self.send_error(ctx, Some(id), ErrorCode::UnsupportedVersion, format!("this hub speaks versions {SUPPORTED_VERSIONS:?}"));
             return self.close(ctx, CloseCode::UnsupportedVersion, "no common protocol version");
@@ -243,8 +246,8 @@ impl DeviceSession {
             }
         };
         let tenant = self.hub.registry.get(&identity.tenant);
-        let expiry = self.schedule_expiry(ctx, identity.expires_at);
-        self.auth = Some(Authenticated { identity: identity.clone(), device: device.clone(), tenant: tenant.clone(), expiry });
+        self.set_token_deadline(identity.expires_at);
+        self.auth = Some(Authenticated { identity: identity.clone(), device: device.clone(), tenant: tenant.clone() });
         self.phase = Phase::Starting;
         let subscribe = Subscribe {
             session: self.id,
@@ -314,13 +317,22 @@ impl DeviceSession {
         self.send(ctx, &frame);
     }
 
-    fn schedule_expiry(&mut self, ctx: &mut ws::WebsocketContext<Self>, expires_at: u64) -> Option<SpawnHandle> {
-        let now = unix_now();
-        let left = Duration::from_secs(expires_at.saturating_sub(now)) + Duration::from_secs(self.hub.config.jwt_leeway_secs);
-        Some(ctx.run_later(left, |session, ctx| {
-            session.send_error(ctx, None, ErrorCode::TokenExpired, "the session's token expired");
-            session.close(ctx, CloseCode::TokenExpired, "token expired");
-        }))
+    /// Hand the token's expiry (plus leeway) to the session clock.
+    fn set_token_deadline(&self, expires_at: u64) {
+        if let Some(handle) = self.hub.sessions.get(&self.id) {
+            let void_at = expires_at.saturating_add(self.hub.config.jwt_leeway_secs).saturating_mul(1000);
+            handle.token_void_at_ms.store(void_at.max(1), Ordering::Relaxed);
+        }
+    }
+
+    /// The session clock says the token expired: close, unless a refresh came first.
+    fn token_expired(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        let Some(expires_at) = self.auth.as_ref().map(|a| a.identity.expires_at) else { return };
+        if unix_now() < expires_at + self.hub.config.jwt_leeway_secs {
+            return self.set_token_deadline(expires_at);
+        }
+        self.send_error(ctx, None, ErrorCode::TokenExpired, "the session's token expired");
+        self.close(ctx, CloseCode::TokenExpired, "token expired");
     }
 
     fn refresh_token(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: u64, token: &str) {
@@ -335,13 +347,9 @@ impl DeviceSession {
             return self.send_error(ctx, Some(id), ErrorCode::Forbidden, "a refreshed token must name the same tenant, user and device");
         }
         let expires_at = identity.expires_at;
-        if let Some(handle) = self.auth.as_mut().and_then(|a| a.expiry.take()) {
-            ctx.cancel_future(handle);
-        }
-        let expiry = self.schedule_expiry(ctx, expires_at);
+        self.set_token_deadline(expires_at);
         if let Some(auth) = self.auth.as_mut() {
             auth.identity = identity;
-            auth.expiry = expiry;
         }
         self.send(ctx, &ServerFrame::AuthOk { id, expires_at });
     }
@@ -553,13 +561,9 @@ impl Actor for DeviceSession {
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(self.hub.config.session_mailbox);
         self.next_ping_at = self.hub.config.ping_every_bytes as u64;
-        self.hub.sessions.insert(self.id, ctx.address().recipient());
-        ctx.run_later(self.hub.config.hello_timeout(), |session, ctx| {
-            if session.phase == Phase::AwaitHello {
-                session.close(ctx, CloseCode::HelloTimeout, "hello did not arrive in time");
-            }
-        });
-        ctx.run_interval(self.hub.config.heartbeat_interval(), |session, ctx| session.heartbeat(ctx));
+        // Deadlines and heartbeats come from the session clock (`sweep`), not per-session timers.
+        let hello_deadline = unix_ms() + self.hub.config.hello_timeout_ms;
+        self.hub.sessions.insert(self.id, SessionHandle::new(ctx.address().recipient(), hello_deadline.max(1)));
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
@@ -697,6 +701,13 @@ impl Handler<SessionControl> for DeviceSession {
                     self.close(ctx, CloseCode::GoingAway, "the hub is shutting down; reconnect");
                 }
             }
+            SessionControl::Heartbeat => self.heartbeat(ctx),
+            SessionControl::HelloTimeout => {
+                if self.phase == Phase::AwaitHello {
+                    self.close(ctx, CloseCode::HelloTimeout, "hello did not arrive in time");
+                }
+            }
+            SessionControl::TokenExpired => self.token_expired(ctx),
         }
     }
 }

@@ -50,6 +50,12 @@ pub enum SessionControl {
     Lagged,
     /// The hub is shutting down.
     Shutdown,
+    /// From the session clock: ping the client, or close if it has been silent too long.
+    Heartbeat,
+    /// From the session clock: the hello deadline passed.
+    HelloTimeout,
+    /// From the session clock: the token's expiry (plus leeway) passed.
+    TokenExpired,
 }
 
 /// One commit's deltas as consecutive frames, shared by every receiver of the tenant.

@@ -2,4 +2,5 @@
 pub mod device;
 pub mod messages;
 pub mod registry;
+pub mod sweep;
 pub mod tenant;

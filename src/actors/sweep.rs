@@ -1,0 +1,68 @@
+//! The session clock: one task for all sessions instead of timers in each. Every tick it
+//! checks each open session's hello deadline and token expiry, and every heartbeat interval it
+//! tells each session to ping its client; a session acts on these as control messages.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+
+use super::messages::SessionControl;
+use crate::server::Hub;
+
+/// What the hub keeps of an open session: where to reach it, and its deadlines.
+pub struct SessionHandle {
+    pub control: Recipient<SessionControl>,
+    /// Unix milliseconds by which `hello` must arrive; 0 once it did (or the session was told).
+    pub hello_deadline_ms: AtomicU64,
+    /// Unix milliseconds after which the session's token (plus leeway) is void; 0 before
+    /// `hello` succeeded, and after the session was told.
+    pub token_void_at_ms: AtomicU64,
+}
+
+impl SessionHandle {
+    pub fn new(control: Recipient<SessionControl>, hello_deadline_ms: u64) -> SessionHandle {
+        SessionHandle { control, hello_deadline_ms: AtomicU64::new(hello_deadline_ms), token_void_at_ms: AtomicU64::new(0) }
+    }
+}
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Tell a session once that `deadline` passed; if its mailbox is full, try again next tick.
+fn fire(deadline: &AtomicU64, now_ms: u64, control: &Recipient<SessionControl>, msg: SessionControl) {
+    let at = deadline.load(Ordering::Relaxed);
+    if at != 0 && now_ms >= at && control.try_send(msg).is_ok() {
+        // A refresh that stored a new deadline meanwhile wins.
+        let _ = deadline.compare_exchange(at, 0, Ordering::Relaxed, Ordering::Relaxed);
+    }
+}
+
+/// Run until the hub is dropped or the task is aborted at shutdown.
+pub async fn run(hub: Arc<Hub>) {
+    let interval = hub.config.heartbeat_interval();
+    // Deadlines are met within a tick; hello timeouts and token expiry are seconds apart.
+    let tick = Duration::from_millis(250).min(interval).min(hub.config.hello_timeout() / 2).max(Duration::from_millis(10));
+    let mut next_heartbeat = Instant::now() + interval;
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let now_ms = unix_ms();
+        let heartbeat = Instant::now() >= next_heartbeat;
+        if heartbeat {
+            next_heartbeat = Instant::now() + interval;
+        }
+        for entry in hub.sessions.iter() {
+            let handle = entry.value();
+            fire(&handle.hello_deadline_ms, now_ms, &handle.control, SessionControl::HelloTimeout);
+            fire(&handle.token_void_at_ms, now_ms, &handle.control, SessionControl::TokenExpired);
+            if heartbeat {
+                // A full mailbox means the session is busy with frames: it is alive.
+                let _ = handle.control.try_send(SessionControl::Heartbeat);
+            }
+        }
+    }
+}
