@@ -4,6 +4,7 @@
 mod client;
 mod devices;
 mod error;
+mod idle;
 mod pg_ceiling;
 mod proc_stats;
 mod report;
@@ -25,7 +26,7 @@ struct Cli {
     json: Option<PathBuf>,
 }
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 struct HubArgs {
     /// WebSocket URL of the hub (loopback only).
     #[arg(long, default_value = "ws://127.0.0.1:8080/v1/ws")]
@@ -64,6 +65,31 @@ enum Command {
         #[command(flatten)]
         args: pg_ceiling::CeilingArgs,
     },
+    /// Hold many authenticated idle sockets over several processes; report memory per socket.
+    Idle {
+        #[command(flatten)]
+        hub: HubArgs,
+        #[command(flatten)]
+        args: idle::IdleArgs,
+    },
+    /// One process of the `idle` scenario (started by it).
+    #[command(hide = true)]
+    IdleWorker {
+        #[command(flatten)]
+        hub: HubArgs,
+        #[arg(long)]
+        worker: usize,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        tenants: usize,
+        #[arg(long)]
+        concurrency: usize,
+        #[arg(long)]
+        hold_secs: u64,
+        #[arg(long)]
+        no_hello: bool,
+    },
     /// Rewrite the tables of BENCHMARKS.md from the JSON reports in a results folder.
     Tables {
         #[arg(long)]
@@ -73,17 +99,58 @@ enum Command {
     },
 }
 
+impl HubArgs {
+    fn connect_parts(self) -> Result<(client::Target, tokens::TokenSource), error::LoadError> {
+        let encoding = if self.msgpack { Encoding::MsgPack } else { Encoding::Json };
+        let target = client::Target::new(&self.url, encoding, self.source_addrs)?;
+        let tokens = tokens::TokenSource::from_args(self.secret, self.secret_file, self.tokens_file)?;
+        Ok((target, tokens))
+    }
+
+    /// The same hub arguments, for a worker process.
+    fn worker_args(&self) -> Vec<String> {
+        let mut args = vec!["--url".to_string(), self.url.clone(), "--source-addrs".into(), self.source_addrs.to_string()];
+        if let Some(s) = &self.secret {
+            args.extend(["--secret".into(), s.clone()]);
+        }
+        if let Some(p) = &self.secret_file {
+            args.extend(["--secret-file".into(), p.display().to_string()]);
+        }
+        if let Some(p) = &self.tokens_file {
+            args.extend(["--tokens-file".into(), p.display().to_string()]);
+        }
+        if self.msgpack {
+            args.push("--msgpack".into());
+        }
+        args
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let report = match cli.command {
         Command::Devices { hub, args } => {
-            let encoding = if hub.msgpack { Encoding::MsgPack } else { Encoding::Json };
-            let target = client::Target::new(&hub.url, encoding, hub.source_addrs)?;
-            let tokens = tokens::TokenSource::from_args(hub.secret, hub.secret_file, hub.tokens_file)?;
-            devices::run(target, tokens, args, hub.hub_pid).await
+            let hub_pid = hub.hub_pid;
+            let (target, tokens) = hub.connect_parts()?;
+            devices::run(target, tokens, args, hub_pid).await
         }
         Command::PgCeiling { args } => pg_ceiling::run(args).await?,
+        Command::Idle { hub, args } => {
+            let hub_pid = hub.hub_pid.ok_or_else(|| anyhow::anyhow!("idle needs --hub-pid to measure the hub"))?;
+            let worker_args = hub.worker_args();
+            let report = tokio::task::spawn_blocking(move || idle::run(&worker_args, args, hub_pid)).await??;
+            print!("{}", report.table());
+            if let Some(path) = cli.json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
+            }
+            return Ok(());
+        }
+        Command::IdleWorker { hub, worker, count, tenants, concurrency, hold_secs, no_hello } => {
+            let (target, tokens) = hub.connect_parts()?;
+            idle::worker(target, tokens, worker, count, tenants, concurrency, std::time::Duration::from_secs(hold_secs), !no_hello).await;
+            return Ok(());
+        }
         Command::Tables { results, benchmarks } => {
             tables::rewrite(&results, &benchmarks)?;
             eprintln!("{} rewritten from {}", benchmarks.display(), results.display());
