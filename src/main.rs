@@ -32,11 +32,6 @@ enum Command {
     },
 }
 
-// The merge path allocates many small JSON maps across threads; mimalloc does that well
-// where glibc's allocator spent a fifth of the hub's CPU time in malloc and free.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[actix_web::main]
 async fn main() -> anyhow::Result<()> {
     telemetry::init();
