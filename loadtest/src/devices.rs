@@ -86,7 +86,7 @@ impl Workload {
         }
     }
 
-    fn uniform(&mut self) -> f64 {
+    pub fn uniform(&mut self) -> f64 {
         // xorshift64*: enough randomness for picking rows, no dependency.
         self.rng ^= self.rng >> 12;
         self.rng ^= self.rng << 25;
@@ -216,6 +216,7 @@ pub async fn run(target: Target, tokens: TokenSource, args: DevicesArgs, hub_pid
     }
     let _ = stop_tx.send(true);
     let measured = started.elapsed();
+    monitor.stop(&stats);
     for task in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
     }
@@ -272,7 +273,8 @@ async fn push_loop(
     mut acks: tokio::sync::mpsc::Receiver<Vec<protocol::ChangeResult>>,
 ) -> Sender {
     let pace = (args.rate > 0.0).then(|| Duration::from_secs_f64(args.batch as f64 / args.rate));
-    let mut next_at = Instant::now();
+    // Paced devices start at a random point of their interval, so the load is steady, not bursts.
+    let mut next_at = Instant::now() + pace.map_or(Duration::ZERO, |p| p.mul_f64(workload.uniform()));
     for id in 1..=args.batches_per_device as u64 {
         if *stop.borrow() {
             break;

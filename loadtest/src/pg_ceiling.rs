@@ -91,6 +91,7 @@ pub async fn run(args: CeilingArgs) -> Result<Report> {
         monitor.tick(&stats, started);
     }
     let measured = started.elapsed();
+    monitor.stop(&stats);
     let parameters = serde_json::to_value(&args).unwrap_or(Value::Null);
     Ok(monitor.finish("pg-ceiling", parameters, &stats, measured))
 }
@@ -113,6 +114,11 @@ async fn write_batch(pool: &sqlx::PgPool, tenant: &str, changes: &[protocol::Cha
             }
         }
     }
+    // Rows in key order, so that writers sharing rows lock them in one order (no deadlocks).
+    let mut full: Vec<_> = full.into_iter().collect();
+    full.sort_by_key(|(id, _)| *id);
+    let mut partial: Vec<_> = partial.into_iter().collect();
+    partial.sort_by_key(|(id, _)| *id);
     let mut tx = pool.begin().await?;
     if !full.is_empty() {
         let (ids, rest): (Vec<Uuid>, Vec<_>) = full.into_iter().unzip();

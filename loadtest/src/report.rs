@@ -141,6 +141,10 @@ pub struct Monitor {
     timeline: Vec<Tick>,
     rss_max: u64,
     last: (Instant, u64, u64),
+    /// Changes merged and deltas received when the measured window closed.
+    at_stop: Option<(u64, u64)>,
+    /// The same counters when the measured window opened.
+    start_counts: (u64, u64),
 }
 
 impl Monitor {
@@ -153,6 +157,8 @@ impl Monitor {
             timeline: Vec::new(),
             rss_max: start_sample.hub_rss_kib,
             last: (Instant::now(), 0, 0),
+            at_stop: None,
+            start_counts: (0, 0),
         }
     }
 
@@ -161,6 +167,7 @@ impl Monitor {
         self.start_sample = proc_stats::sample(self.hub_pid);
         self.start_cpu = proc_stats::own_cpu_seconds();
         self.last = (Instant::now(), stats.merged_total(), stats.deltas_received.load(Ordering::Relaxed));
+        self.start_counts = (self.last.1, self.last.2);
     }
 
     pub fn tick(&mut self, stats: &Stats, t0: Instant) {
@@ -192,7 +199,16 @@ impl Monitor {
         self.last = (now, merged, deltas);
     }
 
+    /// Close the measured window: rates count what completed within it, not the acks of
+    /// batches still in flight, which arrive afterwards.
+    pub fn stop(&mut self, stats: &Stats) {
+        self.at_stop = Some((stats.merged_total(), stats.deltas_received.load(Ordering::Relaxed)));
+    }
+
     pub fn finish(self, scenario: &str, parameters: Value, stats: &Stats, measured: Duration) -> Report {
+        let (merged_in_window, deltas_in_window) =
+            self.at_stop.unwrap_or((stats.merged_total(), stats.deltas_received.load(Ordering::Relaxed)));
+        let (merged_before, deltas_before) = (self.start_counts.0, self.start_counts.1);
         eprintln!();
         let end = proc_stats::sample(self.hub_pid);
         let secs = measured.as_secs_f64().max(1e-6);
@@ -210,9 +226,9 @@ impl Monitor {
             changes_sent: stats.changes_sent.load(Ordering::Relaxed),
             batches_acked: stats.batches_acked.load(Ordering::Relaxed),
             outcomes,
-            changes_merged_per_s: stats.merged_total() as f64 / secs,
+            changes_merged_per_s: (merged_in_window - merged_before) as f64 / secs,
             deltas_received: stats.deltas_received.load(Ordering::Relaxed),
-            deltas_per_s: stats.deltas_received.load(Ordering::Relaxed) as f64 / secs,
+            deltas_per_s: (deltas_in_window - deltas_before) as f64 / secs,
             ack_latency: Latency::of(&stats.ack_latency.lock().unwrap()),
             delivery_latency: Latency::of(&stats.delivery_latency.lock().unwrap()),
             connections_opened: stats.connections_opened.load(Ordering::Relaxed),

@@ -55,7 +55,7 @@ fn latency_table(dir: &Path) -> String {
         Some(r) => {
             let devices = num(&r, &["parameters", "devices"]);
             let offered = devices * num(&r, &["parameters", "rate"]);
-            let errors: f64 = r.get("errors").and_then(Value::as_object).map(|m| m.values().filter_map(Value::as_f64).sum()).unwrap_or(0.0);
+            let errors: u64 = r.get("errors").and_then(Value::as_object).map(|m| m.values().filter_map(Value::as_u64).sum()).unwrap_or(0);
             out.push_str(&format!(
                 "| {devices:.0} | {offered:.0} | {:.0} | {:.0} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} | {errors:.0} |\n",
                 num(&r, &["changes_merged_per_s"]),
