@@ -30,6 +30,8 @@ impl Error {
     pub fn code(&self) -> ErrorCode {
         match self {
             Error::Client { code, .. } => *code,
+            // Every connection stayed busy for the acquire timeout: saturated, not broken.
+            Error::Database(sqlx::Error::PoolTimedOut) => ErrorCode::Busy,
             Error::Database(_) | Error::Migrate(_) => ErrorCode::Unavailable,
             Error::Config(_) => ErrorCode::Internal,
             Error::Busy => ErrorCode::Busy,
@@ -41,6 +43,7 @@ impl Error {
     pub fn public_message(&self) -> String {
         match self {
             Error::Client { message, .. } => message.clone(),
+            Error::Database(sqlx::Error::PoolTimedOut) => "the hub is saturated; retry later".into(),
             Error::Database(_) | Error::Migrate(_) => "storage is unavailable; retry later".into(),
             other => other.to_string(),
         }

@@ -27,6 +27,7 @@ fn object(value: Option<Value>) -> Option<Object> {
 impl Store {
     /// The tenant's head, creating the tenant on first sight.
     pub async fn tenant_head(&self, tenant: &TenantId) -> Result<TenantHead> {
+        let _read = self.read_permit().await?;
         let row = sqlx::query(
             "with ins as (insert into synchub.tenants (tenant_id) values ($1) on conflict do nothing returning epoch, head_seq, log_floor) \
              select epoch, head_seq, log_floor from ins union all \
@@ -45,6 +46,7 @@ impl Store {
     /// Up to `limit` log entries with `after < seq <= upto`, in seq order, and the tenant's
     /// head seq as of the read.
     pub async fn read_log(&self, tenant: &TenantId, after: Seq, upto: Option<Seq>, limit: u32) -> Result<(Vec<Delta>, Seq)> {
+        let _read = self.read_permit().await?;
         let head: Option<i64> = sqlx::query_scalar("select head_seq from synchub.tenants where tenant_id = $1")
             .bind(tenant.as_str())
             .fetch_optional(&self.pool)
@@ -85,6 +87,7 @@ impl Store {
         after: Option<&Object>,
         limit: u32,
     ) -> Result<(Vec<SnapshotRow>, Seq, String)> {
+        let _read = self.read_permit().await?;
         let mut tx = self.pool.begin().await?;
         sqlx::query("set transaction isolation level repeatable read, read only").execute(&mut *tx).await?;
         let head = sqlx::query("select epoch, head_seq from synchub.tenants where tenant_id = $1")

@@ -24,6 +24,9 @@ const CATALOG_RELOAD_MIN_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct Store {
     pub pool: PgPool,
+    /// Reads for sessions (hello, catch-up, snapshots) take at most half the pool, so that a
+    /// reconnect storm queues here, in order, while merges still find connections.
+    reads: tokio::sync::Semaphore,
     catalog: RwLock<(Arc<Catalog>, Instant)>,
 }
 
@@ -43,7 +46,13 @@ impl Store {
         }
         let catalog = Catalog::load(&pool).await?;
         tracing::info!(tables = ?catalog.names().collect::<Vec<_>>(), "synced tables loaded");
-        Ok(Arc::new(Store { pool, catalog: RwLock::new((Arc::new(catalog), Instant::now())) }))
+        let reads = tokio::sync::Semaphore::new((config.db_pool_size as usize / 2).max(1));
+        Ok(Arc::new(Store { pool, reads, catalog: RwLock::new((Arc::new(catalog), Instant::now())) }))
+    }
+
+    /// Wait for a turn to read (without a deadline: a waiting session costs no connection).
+    async fn read_permit(&self) -> Result<tokio::sync::SemaphorePermit<'_>> {
+        self.reads.acquire().await.map_err(|_| Error::ShuttingDown)
     }
 
     pub fn catalog(&self) -> Arc<Catalog> {
