@@ -8,6 +8,7 @@ mod idle;
 mod pg_ceiling;
 mod proc_stats;
 mod report;
+mod storm;
 mod tables;
 mod tokens;
 
@@ -71,6 +72,13 @@ enum Command {
         hub: HubArgs,
         #[command(flatten)]
         args: idle::IdleArgs,
+    },
+    /// All devices drop and come back at once, catching up and pushing what they queued.
+    Storm {
+        #[command(flatten)]
+        hub: HubArgs,
+        #[command(flatten)]
+        args: storm::StormArgs,
     },
     /// One process of the `idle` scenario (started by it).
     #[command(hide = true)]
@@ -149,6 +157,16 @@ async fn main() -> anyhow::Result<()> {
         Command::IdleWorker { hub, worker, count, tenants, concurrency, hold_secs, no_hello } => {
             let (target, tokens) = hub.connect_parts()?;
             idle::worker(target, tokens, worker, count, tenants, concurrency, std::time::Duration::from_secs(hold_secs), !no_hello).await;
+            return Ok(());
+        }
+        Command::Storm { hub, args } => {
+            let hub_pid = hub.hub_pid;
+            let (target, tokens) = hub.connect_parts()?;
+            let report = storm::run(target, tokens, args, hub_pid).await?;
+            print!("{}", report.table());
+            if let Some(path) = cli.json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
+            }
             return Ok(());
         }
         Command::Tables { results, benchmarks } => {

@@ -1,0 +1,210 @@
+//! The `storm` scenario: N devices go live, all drop at once, their tenants move on without
+//! them, and then all come back at once, each catching up from its position and pushing the
+//! changes it queued meanwhile. Measures how long until every device is caught up and every
+//! queued change acked.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use protocol::{ClientFrame, Position, ServerFrame};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::client::Target;
+use crate::devices::Workload;
+use crate::error::{LoadError, Result};
+use crate::proc_stats;
+use crate::tokens::TokenSource;
+
+#[derive(Debug, Clone, Serialize, clap::Args)]
+pub struct StormArgs {
+    #[arg(long, default_value_t = 1_000)]
+    pub devices: usize,
+    #[arg(long, default_value_t = 100)]
+    pub tenants: usize,
+    /// Changes each device queues while away and pushes on its return.
+    #[arg(long, default_value_t = 10)]
+    pub pending: usize,
+    /// Changes written to each tenant by another device while the devices are away.
+    #[arg(long, default_value_t = 100)]
+    pub missed: usize,
+    /// Sockets connecting at once in the first (calm) phase.
+    #[arg(long, default_value_t = 200)]
+    pub concurrency: usize,
+    /// Seconds the storm may take before the run gives up on the rest.
+    #[arg(long, default_value_t = 120)]
+    pub timeout_secs: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StormReport {
+    pub parameters: StormArgs,
+    pub devices_back: u64,
+    pub devices_failed: u64,
+    /// From the first reconnect to the last device's `up_to_date`.
+    pub all_caught_up_s: f64,
+    /// From the first reconnect to the last ack of a queued batch.
+    pub all_acked_s: f64,
+    pub catch_up_deltas: u64,
+    pub hub_cpu_s: f64,
+    pub hub_rss_max_kib: u64,
+    pub errors: Vec<String>,
+}
+
+impl StormReport {
+    pub fn table(&self) -> String {
+        format!(
+            "  devices back                 {} ({} failed)\n  all caught up after          {:.2} s\n  all queued changes acked     {:.2} s\n  catch-up deltas received     {}\n  hub CPU during the storm     {:.1} s\n  hub RSS max                  {} KiB\n  errors                       {:?}\n",
+            self.devices_back, self.devices_failed, self.all_caught_up_s, self.all_acked_s, self.catch_up_deltas, self.hub_cpu_s, self.hub_rss_max_kib, self.errors
+        )
+    }
+}
+
+fn device_name(run: &str, n: usize) -> String {
+    format!("{run}-d{n}")
+}
+
+fn tenant_name(run: &str, n: usize, tenants: usize) -> String {
+    format!("{run}-t{}", n % tenants.max(1))
+}
+
+pub async fn run(target: Target, tokens: TokenSource, args: StormArgs, hub_pid: Option<u32>) -> Result<StormReport> {
+    let run = format!("storm-{}", &Uuid::new_v4().simple().to_string()[..8]);
+    let tenants = args.tenants.max(1);
+
+    // 1. Every device goes live once (so it has a position), then drops.
+    let gate = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
+    let mut tasks = Vec::new();
+    for n in 0..args.devices {
+        let (target, gate) = (target.clone(), gate.clone());
+        let (tenant, device) = (tenant_name(&run, n, tenants), device_name(&run, n));
+        let token = tokens.token(&tenant, &device, n, "Employee");
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire().await;
+            let mut client = target.connect(n).await?;
+            let position = client.handshake(token, &device, None).await?;
+            client.sender.close().await;
+            Ok::<Position, LoadError>(position)
+        }));
+    }
+    let mut positions = Vec::with_capacity(args.devices);
+    for task in tasks {
+        positions.push(task.await.map_err(|e| LoadError::Usage(e.to_string()))??);
+    }
+    eprintln!("{} devices went live and dropped; writing {} changes per tenant while they are away", args.devices, args.missed);
+
+    // 2. The tenants move on: one other device per tenant writes `missed` changes.
+    for t in 0..tenants {
+        let tenant = format!("{run}-t{t}");
+        let device = format!("{run}-writer{t}");
+        let mut client = target.connect(args.devices + t).await?;
+        client.handshake(tokens.token(&tenant, &device, args.devices + t, "Employee"), &device, None).await?;
+        let mut workload = Workload::new(&tenant, &device, 200, 0, 0.0);
+        let mut left = args.missed;
+        let mut id = 10;
+        while left > 0 {
+            let n = left.min(500);
+            left -= n;
+            id += 1;
+            let changes = (0..n).map(|_| workload.next().0).collect();
+            client.sender.send(&ClientFrame::Push { id, batch_id: Uuid::now_v7(), changes }).await?;
+            loop {
+                match client.receiver.recv().await? {
+                    ServerFrame::Ack { .. } => break,
+                    ServerFrame::Error { code, message, .. } => return Err(LoadError::Refused { code: code.as_str().into(), message }),
+                    _ => {}
+                }
+            }
+        }
+        client.sender.close().await;
+    }
+
+    // 3. The storm: everyone back at once, catching up and pushing what they queued.
+    let before = proc_stats::sample(hub_pid);
+    let rss_max = Arc::new(AtomicU64::new(before.hub_rss_kib));
+    let sampler = {
+        let rss_max = rss_max.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                rss_max.fetch_max(proc_stats::sample(hub_pid).hub_rss_kib, Ordering::Relaxed);
+            }
+        })
+    };
+    let deltas = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (n, position) in positions.into_iter().enumerate() {
+        let (target, deltas) = (target.clone(), deltas.clone());
+        let (tenant, device) = (tenant_name(&run, n, tenants), device_name(&run, n));
+        let token = tokens.token(&tenant, &device, n, "Employee");
+        let pending = args.pending;
+        tasks.push(tokio::spawn(async move {
+            let mut client = target.connect(n).await?;
+            client
+                .sender
+                .send(&ClientFrame::Hello { id: 1, versions: vec![1], token, device_id: Some(device.clone()), position: Some(position) })
+                .await?;
+            loop {
+                match client.receiver.recv().await? {
+                    ServerFrame::CatchUp { deltas: page, .. } => {
+                        deltas.fetch_add(page.len() as u64, Ordering::Relaxed);
+                    }
+                    ServerFrame::UpToDate { .. } => break,
+                    ServerFrame::Error { code, message, .. } => return Err(LoadError::Refused { code: code.as_str().into(), message }),
+                    _ => {}
+                }
+            }
+            let caught_up = started.elapsed();
+            let mut workload = Workload::new(&tenant, &device, pending.max(1), 0, 0.0);
+            let changes = (0..pending).map(|_| workload.next().0).collect::<Vec<_>>();
+            if !changes.is_empty() {
+                client.sender.send(&ClientFrame::Push { id: 2, batch_id: Uuid::now_v7(), changes }).await?;
+                loop {
+                    match client.receiver.recv().await? {
+                        ServerFrame::Ack { .. } => break,
+                        ServerFrame::Error { code, message, .. } => {
+                            return Err(LoadError::Refused { code: code.as_str().into(), message })
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            let acked = started.elapsed();
+            client.sender.close().await;
+            Ok::<(Duration, Duration), LoadError>((caught_up, acked))
+        }));
+    }
+    let (mut back, mut failed, mut caught_up, mut acked, mut errors) = (0, 0, Duration::ZERO, Duration::ZERO, Vec::new());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
+    for task in tasks {
+        match tokio::time::timeout_at(deadline, task).await {
+            Ok(Ok(Ok((c, a)))) => {
+                back += 1;
+                caught_up = caught_up.max(c);
+                acked = acked.max(a);
+            }
+            Ok(Ok(Err(err))) => {
+                failed += 1;
+                if errors.len() < 10 {
+                    errors.push(err.to_string());
+                }
+            }
+            _ => failed += 1,
+        }
+    }
+    sampler.abort();
+    let after = proc_stats::sample(hub_pid);
+    Ok(StormReport {
+        parameters: args,
+        devices_back: back,
+        devices_failed: failed,
+        all_caught_up_s: caught_up.as_secs_f64(),
+        all_acked_s: acked.as_secs_f64(),
+        catch_up_deltas: deltas.load(Ordering::Relaxed),
+        hub_cpu_s: after.hub_cpu_s - before.hub_cpu_s,
+        hub_rss_max_kib: rss_max.load(Ordering::Relaxed).max(after.hub_rss_kib),
+        errors,
+    })
+}
