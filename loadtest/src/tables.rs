@@ -72,6 +72,55 @@ fn latency_table(dir: &Path) -> String {
     out
 }
 
+/// Memory per idle authenticated connection.
+fn idle_table(dir: &Path) -> String {
+    let mut out = String::from(
+        "| connections held | connect rate (/s) | hub RSS held (MiB) | hub user-space KiB / connection | kernel slab KiB / connection (both ends) | hub CPU while idle (s per 10 s) | dropped |\n\
+         |---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for n in [10_000, 19_000] {
+        match load(dir, &format!("idle-{n}")) {
+            Some(r) => out.push_str(&format!(
+                "| {:.0} | {:.0} | {:.1} | {:.2} | {:.2} | {:.2} | {:.0} |\n",
+                num(&r, &["connections_held"]),
+                num(&r, &["accepted_per_s"]),
+                num(&r, &["hub_rss_held_kib"]) / 1024.0,
+                num(&r, &["hub_kib_per_connection"]),
+                num(&r, &["slab_kib_per_connection"]),
+                num(&r, &["hub_cpu_s_while_idle"]) * 10.0 / num(&r, &["parameters", "hold_secs"]).max(1.0),
+                num(&r, &["dropped_while_holding"]),
+            )),
+            None => out.push_str(&format!("| {n}: not run | | | | | | |\n")),
+        }
+    }
+    out
+}
+
+/// Reconnect storm.
+fn storm_table(dir: &Path) -> String {
+    let mut out = String::from(
+        "| devices | tenants | missed per tenant | queued per device | back | all caught up (s) | all queued acked (s) | catch-up deltas | hub CPU (s) | hub RSS max (MiB) |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    match load(dir, "storm") {
+        Some(r) => out.push_str(&format!(
+            "| {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.0} | {:.1} | {:.0} |\n",
+            num(&r, &["parameters", "devices"]),
+            num(&r, &["parameters", "tenants"]),
+            num(&r, &["parameters", "missed"]),
+            num(&r, &["parameters", "pending"]),
+            num(&r, &["devices_back"]),
+            num(&r, &["all_caught_up_s"]),
+            num(&r, &["all_acked_s"]),
+            num(&r, &["catch_up_deltas"]),
+            num(&r, &["hub_cpu_s"]),
+            num(&r, &["hub_rss_max_kib"]) / 1024.0,
+        )),
+        None => out.push_str("| not run | | | | | | | | | |\n"),
+    }
+    out
+}
+
 fn replace_between(doc: &str, name: &str, table: &str) -> Result<String> {
     let begin = format!("<!-- {name}:begin -->");
     let end = format!("<!-- {name}:end -->");
@@ -86,6 +135,8 @@ pub fn rewrite(results: &Path, benchmarks: &Path) -> Result<()> {
     let mut doc = std::fs::read_to_string(benchmarks)?;
     doc = replace_between(&doc, "merge", &merge_table(results))?;
     doc = replace_between(&doc, "latency", &latency_table(results))?;
+    doc = replace_between(&doc, "idle", &idle_table(results))?;
+    doc = replace_between(&doc, "storm", &storm_table(results))?;
     std::fs::write(benchmarks, doc)?;
     Ok(())
 }
