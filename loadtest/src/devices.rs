@@ -364,3 +364,26 @@ async fn receive_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workload_numbers_changes_creates_rows_first_and_honours_the_conflict_rate() {
+        let mut w = Workload::new("t", "d", 10, 5, 0.25);
+        let changes: Vec<_> = (0..4000).map(|_| w.next()).collect();
+        let seqs: Vec<u64> = changes.iter().map(|(c, _)| c.device_seq).collect();
+        assert_eq!(seqs, (1..=4000).collect::<Vec<_>>());
+        let shared = changes.iter().filter(|(_, own)| own.is_none()).count() as f64 / 4000.0;
+        assert!((0.2..0.3).contains(&shared), "shared share {shared}");
+        // Own rows are created with every required column before they are updated.
+        let first_own = changes.iter().find(|(_, own)| own.is_some()).unwrap();
+        assert!(first_own.0.fields.contains_key("sku") && first_own.0.fields.contains_key("name"));
+        // Shared rows are the same keys for every device of the tenant, own rows are not.
+        let mut other = Workload::new("t", "e", 10, 5, 1.0);
+        let shared_keys: std::collections::HashSet<Uuid> =
+            changes.iter().filter(|(_, own)| own.is_none()).map(|(c, _)| key_uuid(c)).collect();
+        assert!((0..50).map(|_| key_uuid(&other.next().0)).all(|k| shared_keys.contains(&k)));
+    }
+}

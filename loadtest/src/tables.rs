@@ -140,3 +140,16 @@ pub fn rewrite(results: &Path, benchmarks: &Path) -> Result<()> {
     std::fs::write(benchmarks, doc)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_only_between_its_markers() {
+        let doc = "intro\n<!-- merge:begin -->\nold\n<!-- merge:end -->\nrest\n";
+        let out = replace_between(doc, "merge", "| new |\n").unwrap();
+        assert_eq!(out, "intro\n<!-- merge:begin -->\n| new |\n<!-- merge:end -->\nrest\n");
+        assert!(replace_between(doc, "storm", "x").is_err());
+    }
+}
