@@ -309,26 +309,44 @@ fn pos(epoch: &str, seq: u64) -> Option<Position> {
 // 1. Offline batch that conflicts
 // ---------------------------------------------------------------------------------------------
 
-/// Both devices see a product at version v. A changes price and name; B, offline since v,
-/// pushes a batch whose price change has a newer clock. B's price wins, A's name stays, the
-/// conflict is recorded with both values, and both devices converge on the same row.
-#[actix_web::test]
-async fn offline_batch_conflict_newer_clock_wins_and_is_logged() {
+/// Two live devices of the tenant after A created a product (clock `age_ms` in the past) that
+/// B has received at version `v`, with both devices' replicas.
+struct SharedRow {
+    hub: TestHub,
+    a: Client,
+    b: Client,
+    epoch: String,
+    rep_a: Replica,
+    rep_b: Replica,
+    p: Uuid,
+    pk: Value,
+    create: Change,
+    v: u64,
+}
+
+async fn shared_row(name: &str, price: i64, stock: i64, age_ms: u64) -> SharedRow {
     let hub = TestHub::start().await;
     let (mut a, epoch, _) = Client::device(&hub, TENANT, "pos-a").await;
     let (mut b, _, _) = Client::device(&hub, TENANT, "pos-b").await;
-    let mut rep_a = Replica::default();
-    let mut rep_b = Replica::default();
-
+    let (mut rep_a, mut rep_b) = (Replica::default(), Replica::default());
     let p = Uuid::new_v4();
     let pk = json!({"id": p});
-    let create = upsert("products", pk.clone(), product_fields(p, "Latte", 400, 10), 1, now_ms() - 10_000, 0);
+    let create = upsert("products", pk.clone(), product_fields(p, name, price, stock), 1, now_ms() - age_ms, 0);
     let r = push_batch(&mut a, Uuid::now_v7(), std::slice::from_ref(&create)).await;
     assert_eq!(r[0].status, ChangeStatus::Applied);
     let v = r[0].seq.unwrap();
     rep_a.apply_result(&create, &r[0]);
     rep_b.apply_deltas(&deltas_until(&mut b, 0, v).await);
     assert_eq!(rep_b.version("products", &pk), Some(v));
+    SharedRow { hub, a, b, epoch, rep_a, rep_b, p, pk, create, v }
+}
+
+/// Both devices see a product at version v. A changes price and name; B, offline since v,
+/// pushes a batch whose price change has a newer clock. B's price wins, A's name stays, the
+/// conflict is recorded with both values, and both devices converge on the same row.
+#[actix_web::test]
+async fn offline_batch_conflict_newer_clock_wins_and_is_logged() {
+    let SharedRow { hub, mut a, mut b, epoch, mut rep_a, mut rep_b, p, pk, create, v } = shared_row("Latte", 400, 10, 10_000).await;
 
     // B goes offline at v.
     b.ws.close(None).await.unwrap();
@@ -440,19 +458,7 @@ async fn offline_batch_conflict_newer_clock_wins_and_is_logged() {
 /// written, B is told which field lost, and the conflict is logged with the server winning.
 #[actix_web::test]
 async fn offline_batch_conflict_older_clock_loses_and_is_logged() {
-    let hub = TestHub::start().await;
-    let (mut a, epoch, _) = Client::device(&hub, TENANT, "pos-a").await;
-    let (mut b, _, _) = Client::device(&hub, TENANT, "pos-b").await;
-    let mut rep_a = Replica::default();
-    let mut rep_b = Replica::default();
-
-    let p = Uuid::new_v4();
-    let pk = json!({"id": p});
-    let create = upsert("products", pk.clone(), product_fields(p, "Tea", 300, 5), 1, now_ms() - 120_000, 0);
-    let r = push_batch(&mut a, Uuid::now_v7(), std::slice::from_ref(&create)).await;
-    let v = r[0].seq.unwrap();
-    rep_a.apply_result(&create, &r[0]);
-    rep_b.apply_deltas(&deltas_until(&mut b, 0, v).await);
+    let SharedRow { hub, mut a, mut b, epoch, mut rep_a, mut rep_b, p, pk, v, .. } = shared_row("Tea", 300, 5, 120_000).await;
     b.ws.close(None).await.unwrap();
     drop(b);
 
@@ -535,17 +541,7 @@ async fn offline_batch_conflict_older_clock_loses_and_is_logged() {
 /// clock. The delete wins: the row stays deleted everywhere and the update is logged.
 #[actix_web::test]
 async fn delete_beats_a_later_stale_update() {
-    let hub = TestHub::start().await;
-    let (mut a, epoch, _) = Client::device(&hub, TENANT, "pos-a").await;
-    let (mut b, _, _) = Client::device(&hub, TENANT, "pos-b").await;
-    let mut rep_a = Replica::default();
-    let mut rep_b = Replica::default();
-
-    let p = Uuid::new_v4();
-    let pk = json!({"id": p});
-    let create = upsert("products", pk.clone(), product_fields(p, "Scone", 250, 4), 1, now_ms() - 10_000, 0);
-    let v = push_batch(&mut a, Uuid::now_v7(), std::slice::from_ref(&create)).await[0].seq.unwrap();
-    rep_b.apply_deltas(&deltas_until(&mut b, 0, v).await);
+    let SharedRow { hub, mut a, mut b, epoch, mut rep_a, mut rep_b, p, pk, v, .. } = shared_row("Scone", 250, 4, 10_000).await;
     b.ws.close(None).await.unwrap();
     drop(b);
 
@@ -631,19 +627,7 @@ async fn delete_beats_a_later_stale_update() {
 /// clock. The delete wins: the row is deleted everywhere and B's concurrent fields are logged.
 #[actix_web::test]
 async fn delete_with_older_base_beats_an_earlier_update() {
-    let hub = TestHub::start().await;
-    let (mut a, epoch, _) = Client::device(&hub, TENANT, "pos-a").await;
-    let (mut b, _, _) = Client::device(&hub, TENANT, "pos-b").await;
-    let mut rep_a = Replica::default();
-    let mut rep_b = Replica::default();
-
-    let p = Uuid::new_v4();
-    let pk = json!({"id": p});
-    let create = upsert("products", pk.clone(), product_fields(p, "Bagel", 199, 8), 1, now_ms() - 10_000, 0);
-    let r = push_batch(&mut a, Uuid::now_v7(), std::slice::from_ref(&create)).await;
-    let v = r[0].seq.unwrap();
-    rep_a.apply_result(&create, &r[0]);
-    rep_b.apply_deltas(&deltas_until(&mut b, 0, v).await);
+    let SharedRow { hub, mut a, mut b, epoch, mut rep_a, mut rep_b, p, pk, v, .. } = shared_row("Bagel", 199, 8, 10_000).await;
     a.ws.close(None).await.unwrap();
     drop(a);
 
