@@ -36,8 +36,8 @@ impl Target {
         Ok(Target { url: url.to_string(), addr, encoding, sources })
     }
 
-    /// Open socket number `n`.
-    pub async fn connect(&self, n: usize) -> Result<Client> {
+    /// Open WebSocket number `n` to `url` (on this target's address), from its source address.
+    pub async fn connect_raw(&self, url: &str, n: usize) -> Result<Ws> {
         let stream = if self.sources.is_empty() {
             TcpStream::connect(self.addr).await?
         } else {
@@ -46,9 +46,13 @@ impl Target {
             socket.connect(self.addr).await?
         };
         stream.set_nodelay(true)?;
-        let (ws, _) = tokio_tungstenite::client_async(self.url.as_str(), stream)
-            .await
-            .map_err(|source| LoadError::Connect { url: self.url.clone(), source })?;
+        let (ws, _) = tokio_tungstenite::client_async(url, stream).await.map_err(|source| LoadError::Connect { url: url.to_string(), source })?;
+        Ok(ws)
+    }
+
+    /// Open protocol socket number `n`.
+    pub async fn connect(&self, n: usize) -> Result<Client> {
+        let ws = self.connect_raw(&self.url, n).await?;
         let (sink, stream) = ws.split();
         Ok(Client { sender: Sender { sink, encoding: self.encoding }, receiver: Receiver { stream, encoding: self.encoding } })
     }

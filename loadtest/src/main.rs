@@ -4,6 +4,7 @@
 mod client;
 mod devices;
 mod error;
+mod fanout;
 mod idle;
 mod pg_ceiling;
 mod proc_stats;
@@ -72,6 +73,14 @@ enum Command {
         hub: HubArgs,
         #[command(flatten)]
         args: idle::IdleArgs,
+    },
+    /// One publisher, many subscribers: deliveries per second and latency, against the hub
+    /// or (with --nats-url) against nats-server's WebSocket listener.
+    Fanout {
+        #[command(flatten)]
+        hub: HubArgs,
+        #[command(flatten)]
+        args: fanout::FanoutArgs,
     },
     /// All devices drop and come back at once, catching up and pushing what they queued.
     Storm {
@@ -144,6 +153,18 @@ async fn main() -> anyhow::Result<()> {
             devices::run(target, tokens, args, hub_pid).await
         }
         Command::PgCeiling { args } => pg_ceiling::run(args).await?,
+        Command::Fanout { hub, args } => {
+            let hub_pid = hub.hub_pid;
+            let url = args.nats_url.clone();
+            let mut hub = hub;
+            if let Some(url) = url {
+                // Connect to nats-server's address; tokens are not used.
+                hub.url = url;
+                hub.secret.get_or_insert_with(String::new);
+            }
+            let (target, tokens) = hub.connect_parts()?;
+            fanout::run(target, tokens, args, hub_pid).await?
+        }
         Command::Idle { hub, args } => {
             let hub_pid = hub.hub_pid.ok_or_else(|| anyhow::anyhow!("idle needs --hub-pid to measure the hub"))?;
             let worker_args = hub.worker_args();

@@ -96,6 +96,34 @@ fn idle_table(dir: &Path) -> String {
     out
 }
 
+/// Fan-out from one publisher, hub against nats-server.
+fn fanout_table(dir: &Path) -> String {
+    let mut out = String::from(
+        "| subscribers | offered msgs/s | server | delivered/s | ratio to NATS | publish→delivery p50 / p99 (ms) | server CPU (s) | load generator CPU (s) |\n\
+         |---:|---:|---|---:|---:|---:|---:|---:|\n",
+    );
+    for n in [1_000, 10_000] {
+        let (hub, nats) = (load(dir, &format!("fanout-hub-{n}")), load(dir, &format!("fanout-nats-{n}")));
+        let nats_rate = nats.as_ref().map(|r| num(r, &["deltas_per_s"])).unwrap_or(0.0);
+        for (name, report) in [("synchub", &hub), ("nats-server", &nats)] {
+            match report {
+                Some(r) => out.push_str(&format!(
+                    "| {n} | {:.0} | {name} | {:.0} | {:.2} | {:.1} / {:.1} | {:.1} | {:.1} |\n",
+                    num(r, &["parameters", "rate"]),
+                    num(r, &["deltas_per_s"]),
+                    if nats_rate > 0.0 { num(r, &["deltas_per_s"]) / nats_rate } else { 0.0 },
+                    num(r, &["delivery_latency", "p50_ms"]),
+                    num(r, &["delivery_latency", "p99_ms"]),
+                    num(r, &["hub_cpu_s"]),
+                    num(r, &["loadgen_cpu_s"]),
+                )),
+                None => out.push_str(&format!("| {n} | | {name} | not run | | | | |\n")),
+            }
+        }
+    }
+    out
+}
+
 /// Reconnect storm.
 fn storm_table(dir: &Path) -> String {
     let mut out = String::from(
@@ -136,6 +164,7 @@ pub fn rewrite(results: &Path, benchmarks: &Path) -> Result<()> {
     doc = replace_between(&doc, "merge", &merge_table(results))?;
     doc = replace_between(&doc, "latency", &latency_table(results))?;
     doc = replace_between(&doc, "idle", &idle_table(results))?;
+    doc = replace_between(&doc, "fanout", &fanout_table(results))?;
     doc = replace_between(&doc, "storm", &storm_table(results))?;
     std::fs::write(benchmarks, doc)?;
     Ok(())
