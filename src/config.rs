@@ -134,6 +134,9 @@ pub struct Config {
     pub tenant_mailbox: usize,
     /// A tenant actor with no session and no work for this long stops, ms. Default 60000.
     pub tenant_idle_ms: u64,
+    /// Log entries per tenant kept in memory by its tenant actor, from which sessions catch
+    /// up without reading Postgres; 0 turns it off.
+    pub catch_up_cache_deltas: usize,
     /// Graceful shutdown: how long in-flight work may take, ms. Default 10000.
     pub shutdown_timeout_ms: u64,
 
@@ -175,6 +178,7 @@ impl Default for Config {
             group_commit_max_changes: 5000,
             tenant_mailbox: 1024,
             tenant_idle_ms: 60_000,
+            catch_up_cache_deltas: 1000,
             shutdown_timeout_ms: 10_000,
             tables: Vec::new(),
         }

@@ -41,7 +41,9 @@ pub struct Metrics {
     pub frames_sent: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub lagged_sessions: AtomicU64,
+    /// Catch-up pages sent, by where they were read: Postgres, or the tenant actor's memory.
     pub catch_up_pages: AtomicU64,
+    pub catch_up_pages_from_memory: AtomicU64,
     /// Batches waiting in tenant queues, over all tenants.
     pub queued_batches: AtomicI64,
     errors: Mutex<BTreeMap<&'static str, u64>>,
@@ -129,7 +131,8 @@ impl Metrics {
         metric("synchub_frames_sent_total", "counter", "Frames written to sessions.", &one(get(&self.frames_sent)));
         metric("synchub_bytes_sent_total", "counter", "Bytes of frames written to sessions.", &one(get(&self.bytes_sent)));
         metric("synchub_lagged_sessions_total", "counter", "Live frames a full session mailbox could not take (the session catches up from the log).", &one(get(&self.lagged_sessions)));
-        metric("synchub_catch_up_pages_total", "counter", "Catch-up pages read from the log.", &one(get(&self.catch_up_pages)));
+        let pages = [("{source=\"postgres\"}".to_string(), get(&self.catch_up_pages)), ("{source=\"memory\"}".to_string(), get(&self.catch_up_pages_from_memory))];
+        metric("synchub_catch_up_pages_total", "counter", "Catch-up pages sent, by where they were read.", &pages);
         metric("synchub_tenant_queue_batches", "gauge", "Batches waiting in tenant queues.", &one(self.queued_batches.load(Relaxed) as f64));
         let errors: Vec<_> = self.errors.lock().unwrap().iter().map(|(c, n)| (format!("{{code=\"{c}\"}}"), *n as f64)).collect();
         metric("synchub_errors_total", "counter", "Error frames sent and rejected changes, by code.", &errors);

@@ -74,3 +74,63 @@ async fn plain_sql_write_reaches_a_device() {
     assert!(a.recv_timeout(std::time::Duration::from_millis(300)).await.is_none(), "nothing of store-2 arrives");
     hub.shutdown().await;
 }
+
+/// Catch-up reads the newest entries from the tenant actor's memory (filled from the log when
+/// the actor starts) and older ones from Postgres: every seq arrives once, in order, across the
+/// boundary, and live deltas follow.
+#[actix_web::test]
+async fn catch_up_spans_postgres_and_the_tenant_actors_memory() {
+    let first = TestHub::start().await;
+    let (mut w, epoch, _) = Client::device(&first, "store-1", "pos-w").await;
+    for batch in 0..6u64 {
+        let changes = (0..10u64)
+            .map(|i| {
+                let id = Uuid::new_v4();
+                upsert("products", json!({"id": id}), product(id, "Item", 100), batch * 10 + i + 1, now_ms(), 0)
+            })
+            .collect();
+        w.push(changes).await;
+    }
+    let url = first.database_url.clone();
+    first.shutdown().await;
+
+    // A new hub on the same database keeps the latest 25 entries in memory; pages of 7.
+    let mut config = test_config(url.clone());
+    config.catch_up_cache_deltas = 25;
+    config.catch_up_page_changes = 7;
+    let running = synchub::server::start(config).await.expect("hub starts");
+    let metrics = running.hub.metrics.clone();
+    let db = sqlx::PgPool::connect(&url).await.unwrap();
+    let hub = TestHub { addr: running.addr, running: Some(running), db, database_url: url };
+    // The tenant actor starts with the first session and fills its memory from the log.
+    let (mut w, _, _) = Client::device(&hub, "store-1", "pos-w2").await;
+    let waited = std::time::Instant::now();
+    let mut reader = hub.client().await;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let mut probe = hub.client().await;
+        probe.hello(&token("store-1", "user-probe", "Employee", Some("probe")), None, Some(protocol::Position { epoch: epoch.clone(), seq: 59 })).await;
+        probe.until_up_to_date().await;
+        if metrics.catch_up_pages_from_memory.load(std::sync::atomic::Ordering::Relaxed) > 0 || waited.elapsed().as_secs() > 10 {
+            break;
+        }
+    }
+    let memory_before = metrics.catch_up_pages_from_memory.load(std::sync::atomic::Ordering::Relaxed);
+    let postgres_before = metrics.catch_up_pages.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(memory_before > 0, "the tenant actor's memory serves catch-up");
+
+    reader.hello(&token("store-1", "user-pos-r", "Employee", Some("pos-r")), None, Some(protocol::Position { epoch, seq: 10 })).await;
+    let (deltas, seq) = reader.until_up_to_date().await;
+    let seqs: Vec<u64> = deltas.iter().map(|d| d.seq).collect();
+    assert_eq!(seqs, (11..=60).collect::<Vec<_>>(), "every seq once, in order, across the boundary");
+    assert_eq!(seq, 60);
+    assert!(metrics.catch_up_pages.load(std::sync::atomic::Ordering::Relaxed) > postgres_before, "older pages come from Postgres");
+    assert!(metrics.catch_up_pages_from_memory.load(std::sync::atomic::Ordering::Relaxed) > memory_before, "newer pages from memory");
+
+    let id = Uuid::new_v4();
+    let results = w.push(vec![upsert("products", json!({"id": id}), product(id, "Live", 100), 1, now_ms(), 0)]).await;
+    let (live, _) = reader.next_deltas().await;
+    assert_eq!(live[0].seq, results[0].seq.unwrap());
+    assert_eq!(live[0].seq, 61);
+    hub.shutdown().await;
+}

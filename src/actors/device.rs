@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use protocol::{ClientFrame, CloseCode, Encoding, ErrorCode, Limits, Position, ServerFrame, SUPPORTED_VERSIONS};
 use uuid::Uuid;
 
-use super::messages::{ApplyBatch, Encoded, LiveFrame, SessionControl, SharedFrame, Subscribe, Unsubscribe};
+use super::messages::{ApplyBatch, Encoded, LiveFrame, RecentLog, SessionControl, SharedFrame, Subscribe, Unsubscribe};
 use super::sweep::{unix_ms, SessionHandle};
 use super::tenant::TenantActor;
 use crate::auth::{unix_now, Identity};
@@ -463,12 +463,20 @@ impl DeviceSession {
         self.catch_up_running = true;
         let store = self.hub.store.clone();
         // unwrap: catch-up only starts after hello succeeded.
-        let tenant = self.auth.as_ref().expect("authenticated").identity.tenant.clone();
+        let auth = self.auth.as_ref().expect("authenticated");
+        let (tenant, actor) = (auth.identity.tenant.clone(), auth.tenant.clone());
         let after = self.position;
         let page = self.hub.config.catch_up_page_changes;
-        ctx.spawn(async move { store.read_log(&tenant, after, None, page).await }.into_actor(self).map(move |result, session, ctx| {
+        let read = async move {
+            // The tenant actor's memory first; Postgres when it does not reach back that far.
+            if let Ok(Some((deltas, head))) = actor.send(RecentLog { after, limit: page }).await {
+                return Ok((deltas, head, true));
+            }
+            store.read_log(&tenant, after, None, page).await.map(|(deltas, head)| (deltas, head, false))
+        };
+        ctx.spawn(read.into_actor(self).map(move |result, session, ctx| {
             session.catch_up_running = false;
-            let (deltas, head) = match result {
+            let (deltas, head, from_memory) = match result {
                 Ok(read) => read,
                 Err(err) => {
                     tracing::warn!(session = %session.id, %err, "catch-up read failed");
@@ -478,7 +486,8 @@ impl DeviceSession {
             };
             let exhausted = (deltas.len() as u32) < page;
             if let Some(last) = deltas.last().map(|d| d.seq) {
-                session.hub.metrics.catch_up_pages.fetch_add(1, Ordering::Relaxed);
+                let pages = if from_memory { &session.hub.metrics.catch_up_pages_from_memory } else { &session.hub.metrics.catch_up_pages };
+                pages.fetch_add(1, Ordering::Relaxed);
                 session.send(ctx, &ServerFrame::CatchUp { deltas, seq: last, head_seq: head });
                 session.position = last;
             }

@@ -35,6 +35,16 @@ pub struct Unsubscribe {
     pub session: SessionId,
 }
 
+/// A session asks its tenant actor for log entries after `after` from memory; `None` when
+/// they are not all there (the session then reads Postgres). Answers with the entries and the
+/// last seq the actor has fanned out.
+#[derive(Message)]
+#[rtype(result = "Option<(Vec<Delta>, Seq)>")]
+pub struct RecentLog {
+    pub after: Seq,
+    pub limit: u32,
+}
+
 /// Rows were written to the tenant's log by someone else (another SQL client).
 #[derive(Message)]
 #[rtype(result = "()")]

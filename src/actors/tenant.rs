@@ -11,7 +11,7 @@ use actix::prelude::*;
 use protocol::{ChangeResult, Delta};
 use tokio::sync::oneshot;
 
-use super::messages::{ApplyBatch, LiveFrame, LogAppended, SessionControl, SharedFrame, Subscribe, Unsubscribe};
+use super::messages::{ApplyBatch, LiveFrame, LogAppended, RecentLog, SessionControl, SharedFrame, Subscribe, Unsubscribe};
 use super::registry::TenantRegistry;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -51,6 +51,11 @@ pub struct TenantActor {
     committing: bool,
     /// Last seq handed to subscribers; fan-out continues at `fanned + 1`.
     fanned: Seq,
+    /// The latest fanned-out frames, covering `(recent_after, fanned]` without a gap, at most
+    /// about `catch_up_cache_deltas` entries: catch-up reads these instead of Postgres.
+    recent: VecDeque<Arc<SharedFrame>>,
+    recent_after: Seq,
+    recent_len: usize,
     /// Committed deltas not yet fanned out because an earlier seq is still missing.
     ready: BTreeMap<Seq, Delta>,
     reading_log: bool,
@@ -78,6 +83,9 @@ impl TenantActor {
             queue: VecDeque::new(),
             committing: false,
             fanned: 0,
+            recent: VecDeque::new(),
+            recent_after: 0,
+            recent_len: 0,
             ready: BTreeMap::new(),
             reading_log: false,
             last_log_read: Instant::now(),
@@ -184,6 +192,7 @@ impl TenantActor {
         }
         self.metrics.deltas_committed.fetch_add(deltas.len() as u64, Ordering::Relaxed);
         let frames = Arc::new(SharedFrame::split_by_origin(after, deltas));
+        self.remember(frames.iter().cloned());
         let mut gone = Vec::new();
         for (id, sub) in self.sessions.iter_mut() {
             match sub.live.try_send(LiveFrame(frames.clone())) {
@@ -199,6 +208,41 @@ impl TenantActor {
             self.sessions.remove(&id);
         }
         self.nudge_lagged();
+    }
+
+    /// Keep frames that continue `recent` for catch-up, dropping the oldest past the limit.
+    fn remember(&mut self, frames: impl IntoIterator<Item = Arc<SharedFrame>>) {
+        let limit = self.config.catch_up_cache_deltas;
+        if limit == 0 {
+            return;
+        }
+        for frame in frames {
+            let end = self.recent.back().map_or(self.recent_after, |f| f.seq);
+            if frame.after != end {
+                // Not contiguous (cannot happen for fanned frames): start over from here.
+                self.recent.clear();
+                self.recent_len = 0;
+                self.recent_after = frame.after;
+            }
+            self.recent_len += frame.deltas.len();
+            self.recent.push_back(frame);
+        }
+        while self.recent_len > limit && self.recent.len() > 1 {
+            // unwrap: len > 1.
+            let oldest = self.recent.pop_front().expect("a frame");
+            self.recent_len -= oldest.deltas.len();
+            self.recent_after = oldest.seq;
+        }
+    }
+
+    /// Entries after `after` from memory, if memory reaches back that far.
+    fn recent_after(&self, after: Seq, limit: u32) -> Option<(Vec<Delta>, Seq)> {
+        if self.config.catch_up_cache_deltas == 0 || after < self.recent_after || after > self.fanned {
+            return None;
+        }
+        let first = self.recent.partition_point(|f| f.seq <= after);
+        let deltas = self.recent.range(first..).flat_map(|f| f.deltas.iter()).filter(|d| d.seq > after).take(limit as usize).cloned().collect();
+        Some((deltas, self.fanned))
     }
 
     fn nudge_lagged(&mut self) {
@@ -282,7 +326,11 @@ impl Actor for TenantActor {
         let store = self.store.clone();
         let tenant = self.tenant.clone();
         ctx.wait(async move { store.tenant_head(&tenant).await }.into_actor(self).map(|head, actor, ctx| match head {
-            Ok(head) => actor.fanned = head.head_seq,
+            Ok(head) => {
+                actor.fanned = head.head_seq;
+                actor.recent_after = head.head_seq;
+                actor.warm_recent(ctx, head.head_seq);
+            }
             Err(err) => {
                 tracing::error!(tenant = %actor.tenant, %err, "cannot read tenant head; tenant actor stops");
                 if let Some(registry) = actor.registry.upgrade() {
@@ -291,6 +339,43 @@ impl Actor for TenantActor {
                 ctx.stop();
             }
         }));
+    }
+}
+
+impl TenantActor {
+    /// Fill `recent` with the log's latest entries up to `head` (one read per tenant, instead
+    /// of one per returning device).
+    fn warm_recent(&mut self, ctx: &mut Context<Self>, head: Seq) {
+        let limit = self.config.catch_up_cache_deltas;
+        if limit == 0 || head == 0 {
+            return;
+        }
+        let store = self.store.clone();
+        let tenant = self.tenant.clone();
+        let after = head.saturating_sub(limit as u64);
+        ctx.spawn(async move { store.read_log(&tenant, after, Some(head), limit as u32).await }.into_actor(self).map(
+            move |result, actor, _ctx| {
+                let Ok((deltas, _)) = result else { return };
+                // Only if they end where memory begins, so that no seq is missing in between.
+                let (Some(first), Some(last)) = (deltas.first().map(|d| d.seq), deltas.last().map(|d| d.seq)) else { return };
+                if last != actor.recent_after {
+                    return;
+                }
+                let newer: Vec<_> = actor.recent.drain(..).collect();
+                actor.recent_len = 0;
+                actor.recent_after = first - 1;
+                let older = SharedFrame::split_by_origin(first - 1, deltas);
+                actor.remember(older.into_iter().chain(newer));
+            },
+        ));
+    }
+}
+
+impl Handler<RecentLog> for TenantActor {
+    type Result = Option<(Vec<Delta>, Seq)>;
+
+    fn handle(&mut self, msg: RecentLog, _ctx: &mut Context<Self>) -> Self::Result {
+        self.recent_after(msg.after, msg.limit)
     }
 }
 
