@@ -44,6 +44,8 @@ pub struct StormReport {
     pub devices_failed: u64,
     /// From the first reconnect to the last device's `up_to_date`.
     pub all_caught_up_s: f64,
+    /// Half of the devices were caught up by this time.
+    pub median_caught_up_s: f64,
     /// From the first reconnect to the last ack of a queued batch.
     pub all_acked_s: f64,
     pub catch_up_deltas: u64,
@@ -55,8 +57,8 @@ pub struct StormReport {
 impl StormReport {
     pub fn table(&self) -> String {
         format!(
-            "  devices back                 {} ({} failed)\n  all caught up after          {:.2} s\n  all queued changes acked     {:.2} s\n  catch-up deltas received     {}\n  hub CPU during the storm     {:.1} s\n  hub RSS max                  {} KiB\n  errors                       {:?}\n",
-            self.devices_back, self.devices_failed, self.all_caught_up_s, self.all_acked_s, self.catch_up_deltas, self.hub_cpu_s, self.hub_rss_max_kib, self.errors
+            "  devices back                 {} ({} failed)\n  half caught up after         {:.2} s\n  all caught up after          {:.2} s\n  all queued changes acked     {:.2} s\n  catch-up deltas received     {}\n  hub CPU during the storm     {:.1} s\n  hub RSS max                  {} KiB\n  errors                       {:?}\n",
+            self.devices_back, self.devices_failed, self.median_caught_up_s, self.all_caught_up_s, self.all_acked_s, self.catch_up_deltas, self.hub_cpu_s, self.hub_rss_max_kib, self.errors
         )
     }
 }
@@ -133,6 +135,7 @@ pub async fn run(target: Target, tokens: TokenSource, args: StormArgs, hub_pid: 
         })
     };
     let deltas = Arc::new(AtomicU64::new(0));
+    eprintln!("the storm begins: {} devices return at once", args.devices);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for (n, position) in positions.into_iter().enumerate() {
@@ -177,11 +180,13 @@ pub async fn run(target: Target, tokens: TokenSource, args: StormArgs, hub_pid: 
         }));
     }
     let (mut back, mut failed, mut caught_up, mut acked, mut errors) = (0, 0, Duration::ZERO, Duration::ZERO, Vec::new());
+    let mut each = Vec::with_capacity(args.devices);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
     for task in tasks {
         match tokio::time::timeout_at(deadline, task).await {
             Ok(Ok(Ok((c, a)))) => {
                 back += 1;
+                each.push(c);
                 caught_up = caught_up.max(c);
                 acked = acked.max(a);
             }
@@ -201,6 +206,10 @@ pub async fn run(target: Target, tokens: TokenSource, args: StormArgs, hub_pid: 
         devices_back: back,
         devices_failed: failed,
         all_caught_up_s: caught_up.as_secs_f64(),
+        median_caught_up_s: {
+            each.sort();
+            each.get(each.len() / 2).map_or(0.0, Duration::as_secs_f64)
+        },
         all_acked_s: acked.as_secs_f64(),
         catch_up_deltas: deltas.load(Ordering::Relaxed),
         hub_cpu_s: after.hub_cpu_s - before.hub_cpu_s,
