@@ -116,6 +116,22 @@ pub async fn run(target: Target, tokens: TokenSource, args: FanoutArgs, hub_pid:
     Ok(monitor.finish(name, serde_json::to_value(&args).unwrap_or(Value::Null), &stats, measured))
 }
 
+/// Open a subscriber's socket when the gate lets it, counting it as opened or failed.
+async fn open<T>(stats: &Stats, gate: &tokio::sync::Semaphore, connect: impl std::future::Future<Output = Result<T>>) -> Option<T> {
+    let _permit = gate.acquire().await;
+    match connect.await {
+        Ok(socket) => {
+            stats.connections_opened.fetch_add(1, Ordering::Relaxed);
+            Some(socket)
+        }
+        Err(err) => {
+            stats.connections_failed.fetch_add(1, Ordering::Relaxed);
+            stats.error(&format!("subscriber: {err}"));
+            None
+        }
+    }
+}
+
 async fn hub_subscriber(
     target: Target,
     token: String,
@@ -125,22 +141,12 @@ async fn hub_subscriber(
     gate: Arc<tokio::sync::Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut client = {
-        let _permit = gate.acquire().await;
-        let connected = match target.connect(n).await {
-            Ok(mut c) => c.handshake(token, &device, None).await.map(|_| c),
-            Err(e) => Err(e),
-        };
-        match connected {
-            Ok(c) => c,
-            Err(err) => {
-                stats.connections_failed.fetch_add(1, Ordering::Relaxed);
-                stats.error(&format!("subscriber: {err}"));
-                return;
-            }
-        }
+    let connect = async {
+        let mut client = target.connect(n).await?;
+        client.handshake(token, &device, None).await?;
+        Ok(client)
     };
-    stats.connections_opened.fetch_add(1, Ordering::Relaxed);
+    let Some(mut client) = open(&stats, &gate, connect).await else { return };
     loop {
         tokio::select! {
             frame = client.receiver.recv() => match frame {
@@ -165,18 +171,37 @@ async fn hub_subscriber(
     }
 }
 
+/// The publisher's clock: message numbers at the offered rate until the run's time is up.
+struct Pacer {
+    pace: Duration,
+    deadline: Instant,
+    next_at: Instant,
+    seq: u64,
+}
+
+impl Pacer {
+    fn new(args: &FanoutArgs) -> Pacer {
+        let now = Instant::now();
+        Pacer { pace: Duration::from_secs_f64(1.0 / args.rate.max(0.001)), deadline: now + Duration::from_secs(args.duration_secs), next_at: now, seq: 0 }
+    }
+
+    async fn next(&mut self) -> Option<u64> {
+        if Instant::now() >= self.deadline {
+            return None;
+        }
+        tokio::time::sleep_until(self.next_at.into()).await;
+        self.next_at += self.pace;
+        self.seq += 1;
+        Some(self.seq)
+    }
+}
+
 async fn hub_publisher(target: &Target, token: String, device: String, args: &FanoutArgs, stats: &Stats) -> Result<()> {
     let mut client = target.connect(args.subscribers).await?;
     client.handshake(token, &device, None).await?;
     let ids: Vec<Uuid> = (0..100).map(|_| Uuid::new_v4()).collect();
-    let pace = Duration::from_secs_f64(1.0 / args.rate.max(0.001));
-    let deadline = Instant::now() + Duration::from_secs(args.duration_secs);
-    let mut next_at = Instant::now();
-    let mut seq = 0u64;
-    while Instant::now() < deadline {
-        tokio::time::sleep_until(next_at.into()).await;
-        next_at += pace;
-        seq += 1;
+    let mut pacer = Pacer::new(args);
+    while let Some(seq) = pacer.next().await {
         let id = ids[(seq % 100) as usize];
         let mut fields = row(id, seq);
         if let Some(map) = fields.as_object_mut() {
@@ -225,18 +250,7 @@ async fn nats_connect(target: &Target, url: &str, n: usize, subscribe: bool) -> 
 }
 
 async fn nats_subscriber(target: Target, url: String, n: usize, stats: Arc<Stats>, gate: Arc<tokio::sync::Semaphore>, mut stop: watch::Receiver<bool>) {
-    let mut ws = {
-        let _permit = gate.acquire().await;
-        match nats_connect(&target, &url, n, true).await {
-            Ok(ws) => ws,
-            Err(err) => {
-                stats.connections_failed.fetch_add(1, Ordering::Relaxed);
-                stats.error(&format!("subscriber: {err}"));
-                return;
-            }
-        }
-    };
-    stats.connections_opened.fetch_add(1, Ordering::Relaxed);
+    let Some(mut ws) = open(&stats, &gate, nats_connect(&target, &url, n, true)).await else { return };
     let mut buf: Vec<u8> = Vec::new();
     loop {
         let msg = tokio::select! {
@@ -278,14 +292,8 @@ async fn nats_subscriber(target: Target, url: String, n: usize, stats: Arc<Stats
 
 async fn nats_publisher(target: &Target, url: &str, args: &FanoutArgs, stats: &Stats) -> Result<()> {
     let mut ws = nats_connect(target, url, args.subscribers, false).await?;
-    let pace = Duration::from_secs_f64(1.0 / args.rate.max(0.001));
-    let deadline = Instant::now() + Duration::from_secs(args.duration_secs);
-    let mut next_at = Instant::now();
-    let mut seq = 0u64;
-    while Instant::now() < deadline {
-        tokio::time::sleep_until(next_at.into()).await;
-        next_at += pace;
-        seq += 1;
+    let mut pacer = Pacer::new(args);
+    while let Some(seq) = pacer.next().await {
         // The same shape and size as a hub delta of this scenario.
         let payload = json!({"seq": seq, "table": "products", "op": "upsert", "key": {"id": Uuid::new_v4()}, "row": row(Uuid::new_v4(), seq), "origin": "fan-publisher", "change_id": Uuid::now_v7()}).to_string();
         ws.send(Message::Binary(format!("PUB fan {}\r\n{payload}\r\n", payload.len()).into_bytes())).await?;
