@@ -78,6 +78,12 @@ pub fn encode<T: Serialize>(encoding: Encoding, value: &T) -> Vec<u8> {
     }
 }
 
+/// The `id` of a frame that did not decode (unknown `type`, a missing or mistyped field),
+/// when the frame is an object with a u64 `id`: the error reply echoes it.
+pub fn peek_request_id(encoding: Encoding, bytes: &[u8]) -> Option<u64> {
+    decode_value::<serde_json::Value>(encoding, bytes).ok()?.get("id")?.as_u64()
+}
+
 pub fn decode_client(encoding: Encoding, bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
     decode_frame(encoding, bytes, CLIENT_TYPES)
 }
@@ -149,6 +155,19 @@ mod tests {
         assert_eq!(err.code(), ErrorCode::MalformedFrame);
         let err = decode_client(Encoding::MsgPack, &[0xc1, 0x00]).unwrap_err();
         assert_eq!(err.code(), ErrorCode::MalformedFrame);
+    }
+
+    #[test]
+    fn request_id_is_read_from_frames_that_do_not_decode() {
+        assert_eq!(peek_request_id(Encoding::Json, br#"{"type":"teleport","id":7}"#), Some(7));
+        assert_eq!(peek_request_id(Encoding::Json, br#"{"type":"push","id":8}"#), Some(8));
+        assert_eq!(peek_request_id(Encoding::Json, br#"{"type":"push","id":"8"}"#), None);
+        assert_eq!(peek_request_id(Encoding::Json, b"{not json"), None);
+        assert_eq!(peek_request_id(Encoding::Json, b"[1]"), None);
+        let bytes = encode(Encoding::MsgPack, &json!({"type": "teleport", "id": 9}));
+        assert_eq!(peek_request_id(Encoding::MsgPack, &bytes), Some(9));
+        assert_eq!(peek_request_id(Encoding::MsgPack, &[0xc1, 0x00]), None);
+        assert_eq!(peek_request_id(Encoding::MsgPack, &encode(Encoding::MsgPack, &json!([9]))), None);
     }
 
     #[test]

@@ -182,7 +182,11 @@ impl DeviceSession {
         }
         match protocol::codec::decode_client(encoding, bytes) {
             Ok(frame) => self.handle_frame(ctx, frame),
-            Err(err) => self.bad_frame(ctx, None, err.code(), err.to_string()),
+            // The reply echoes the request's id when the frame could be read that far.
+            Err(err) => {
+                let id = protocol::codec::peek_request_id(encoding, bytes);
+                self.bad_frame(ctx, id, err.code(), err.to_string())
+            }
         }
     }
 
@@ -192,10 +196,10 @@ impl DeviceSession {
             ClientFrame::Hello { versions, token, device_id, position, .. } => {
                 self.hello(ctx, id, versions, token, device_id, position)
             }
-            ClientFrame::Ping { .. } => self.send(ctx, &ServerFrame::Pong { id }),
             _ if self.auth.is_none() || self.phase == Phase::Starting => {
                 self.bad_frame(ctx, Some(id), ErrorCode::NotAuthenticated, "send hello first".into())
             }
+            ClientFrame::Ping { .. } => self.send(ctx, &ServerFrame::Pong { id }),
             ClientFrame::Push { batch_id, changes, .. } => self.push(ctx, id, batch_id, changes),
             ClientFrame::Auth { token, .. } => self.refresh_token(ctx, id, &token),
             ClientFrame::Resume { position, .. } => self.resume(ctx, id, position),
@@ -241,7 +245,7 @@ impl DeviceSession {
             (Some(claimed), _) => claimed.clone(),
             (None, Some(given)) if !given.is_empty() && given.len() <= 200 => DeviceId::new(given),
             (None, _) => {
-                self.send_error(ctx, Some(id), ErrorCode::InvalidToken, "the token names no device: hello.device_id is required");
+                self.send_error(ctx, Some(id), ErrorCode::Forbidden, "the token names no device: hello.device_id is required");
                 return self.close(ctx, CloseCode::Unauthorized, "no device id");
             }
         };

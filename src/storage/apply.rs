@@ -525,8 +525,8 @@ impl<'a> RowVersionColumns<'a> {
     }
 }
 
-/// Read and lock the rows of every pending change; a key of the wrong type rejects that
-/// change (found by reading key by key) and the others go on.
+/// Read and lock the rows of every pending change; a key value that does not fit its column
+/// rejects that change with `invalid_value` (found by reading key by key) and the others go on.
 async fn load_all_rows(
     conn: &mut PgConnection,
     tenant: &TenantId,
@@ -547,7 +547,7 @@ async fn load_all_rows(
                 let message = value_error(&err).ok_or(Error::Database(err))?;
                 sqlx::query("rollback to savepoint synchub_change").execute(&mut *conn).await?;
                 pending[p].row_key = None;
-                outcomes[pending[p].batch][pending[p].index] = Some(reject(ErrorCode::InvalidKey, message));
+                outcomes[pending[p].batch][pending[p].index] = Some(reject(ErrorCode::InvalidValue, message));
             }
         }
     }
