@@ -140,6 +140,16 @@ pub struct Config {
     /// Graceful shutdown: how long in-flight work may take, ms. Default 10000.
     pub shutdown_timeout_ms: u64,
 
+    // ---- recording ----
+    /// Capture file to which device traffic is appended (JSON Lines, tokens left out).
+    /// Default none: nothing is recorded.
+    pub record_file: Option<PathBuf>,
+    /// Tenants whose sessions are recorded. Default empty: every tenant.
+    pub record_tenants: Vec<String>,
+    /// Capture entries queued for the writer thread; when full, entries are dropped (counted in
+    /// `synchub_capture_dropped_total`). Default 65536.
+    pub record_queue_entries: usize,
+
     /// Tables to register at start-up.
     pub tables: Vec<TableConfig>,
 }
@@ -180,6 +190,9 @@ impl Default for Config {
             tenant_idle_ms: 60_000,
             catch_up_cache_deltas: 1000,
             shutdown_timeout_ms: 10_000,
+            record_file: None,
+            record_tenants: Vec::new(),
+            record_queue_entries: 65_536,
             tables: Vec::new(),
         }
     }
@@ -223,6 +236,7 @@ impl Config {
             ("tenant_mailbox", self.tenant_mailbox as u64),
             ("db_pool_size", self.db_pool_size as u64),
             ("workers", self.workers as u64),
+            ("record_queue_entries", self.record_queue_entries as u64),
         ];
         for (name, value) in positive {
             if value == 0 {

@@ -12,6 +12,7 @@
 //! - [`storage`]: Postgres: migrations, synced-table catalog, group-commit transaction, log reads.
 //! - [`server`]: HTTP routes, start-up and graceful shutdown.
 //! - [`metrics`]: counters and gauges, served as Prometheus text at `GET /metrics`.
+//! - [`recorder`]: the capture file of device traffic, for replay by the load tester.
 //! - [`embedded_pg`] and [`demo`]: the private cluster and demo schema of `synchub dev`.
 //!
 //! Data flows one way: transport → actors → storage; deltas come back actors → transport.
@@ -24,6 +25,7 @@ pub mod embedded_pg;
 pub mod error;
 pub mod ids;
 pub mod metrics;
+pub mod recorder;
 pub mod server;
 pub mod storage;
 pub mod sync;

@@ -46,6 +46,9 @@ pub struct Metrics {
     pub catch_up_pages_from_memory: AtomicU64,
     /// Batches waiting in tenant queues, over all tenants.
     pub queued_batches: AtomicI64,
+    /// Capture-file entries queued for writing, and entries dropped because the queue was full.
+    pub capture_entries: AtomicU64,
+    pub capture_dropped: AtomicU64,
     errors: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -134,6 +137,8 @@ impl Metrics {
         let pages = [("{source=\"postgres\"}".to_string(), get(&self.catch_up_pages)), ("{source=\"memory\"}".to_string(), get(&self.catch_up_pages_from_memory))];
         metric("synchub_catch_up_pages_total", "counter", "Catch-up pages sent, by where they were read.", &pages);
         metric("synchub_tenant_queue_batches", "gauge", "Batches waiting in tenant queues.", &one(self.queued_batches.load(Relaxed) as f64));
+        metric("synchub_capture_entries_total", "counter", "Entries queued for the capture file (when recording).", &one(get(&self.capture_entries)));
+        metric("synchub_capture_dropped_total", "counter", "Capture entries dropped because the recorder's queue was full.", &one(get(&self.capture_dropped)));
         let errors: Vec<_> = self.errors.lock().unwrap().iter().map(|(c, n)| (format!("{{code=\"{c}\"}}"), *n as f64)).collect();
         metric("synchub_errors_total", "counter", "Error frames sent and rejected changes, by code.", &errors);
         metric("synchub_db_connections", "gauge", "Connections in the database pool.", &one(gauges.db_connections as f64));

@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::ids::{SessionId, TenantId};
 use crate::metrics::{Gauges, Metrics};
+use crate::recorder::Recorder;
 use crate::storage::Store;
 
 /// Shared state of a running hub, handed to every session.
@@ -32,6 +33,8 @@ pub struct Hub {
     /// Every open session with its deadlines, for the session clock and for shutdown.
     pub sessions: DashMap<SessionId, SessionHandle>,
     pub metrics: Arc<Metrics>,
+    /// Present when `record_file` is set.
+    pub recorder: Option<Recorder>,
     accepting: AtomicBool,
 }
 
@@ -59,6 +62,10 @@ pub async fn start(config: Config) -> Result<RunningHub> {
     let store = Store::open(&config).await?;
     let arbiters: Vec<Arbiter> = (0..config.workers).map(|_| Arbiter::new()).collect();
     let metrics = Arc::new(Metrics::default());
+    let recorder = match &config.record_file {
+        Some(path) => Some(Recorder::start(path, &config.record_tenants, config.record_queue_entries, metrics.clone())?),
+        None => None,
+    };
     let registry = TenantRegistry::new(store.clone(), config.clone(), metrics.clone(), arbiters.iter().map(Arbiter::handle).collect());
     let hub = Arc::new(Hub {
         config: config.clone(),
@@ -67,6 +74,7 @@ pub async fn start(config: Config) -> Result<RunningHub> {
         store: store.clone(),
         sessions: DashMap::new(),
         metrics,
+        recorder,
         accepting: AtomicBool::new(true),
     });
     let listener = tokio::spawn(listen_for_log_writes(store.clone(), registry));
@@ -168,6 +176,9 @@ impl RunningHub {
         }
         handle.stop(true).await;
         let _ = server.await;
+        if let Some(recorder) = &hub.recorder {
+            recorder.finish();
+        }
         listener.abort();
         session_clock.abort();
         for arbiter in arbiters {

@@ -7,6 +7,7 @@
 //! on its own (deltas, catch-up pages, must-resync) carry none. Unknown fields are ignored;
 //! an unknown `type` is answered with [`ErrorCode::UnknownType`].
 
+pub mod capture;
 pub mod codec;
 mod error_codes;
 

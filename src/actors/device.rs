@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use actix_web_actors::ws;
 use bytes::{Bytes, BytesMut};
+use protocol::capture::{AckedChange, CaptureEvent};
 use protocol::{ClientFrame, CloseCode, Encoding, ErrorCode, Limits, Position, ServerFrame, SUPPORTED_VERSIONS};
 use uuid::Uuid;
 
@@ -78,6 +79,8 @@ pub struct DeviceSession {
     closed: bool,
     /// A fragmented message being reassembled: (is text, bytes so far).
     partial: Option<(bool, BytesMut)>,
+    /// The hub records this session's traffic (its tenant is in `record_tenants`).
+    recording: bool,
 }
 
 impl DeviceSession {
@@ -104,6 +107,14 @@ impl DeviceSession {
             resuming: false,
             closed: false,
             partial: None,
+            recording: false,
+        }
+    }
+
+    /// Add an event of this session to the capture file, when its tenant is recorded.
+    fn record(&self, event: CaptureEvent) {
+        if let (true, Some(recorder), Some(auth)) = (self.recording, &self.hub.recorder, &self.auth) {
+            recorder.record(self.id, &auth.identity, &auth.device, event);
         }
     }
 
@@ -192,6 +203,9 @@ impl DeviceSession {
 
     fn handle_frame(&mut self, ctx: &mut ws::WebsocketContext<Self>, frame: ClientFrame) {
         let id = frame.request_id();
+        if self.recording && !matches!(frame, ClientFrame::Hello { .. }) {
+            self.record(CaptureEvent::Frame { msgpack: self.encoding == Encoding::MsgPack, frame: frame.clone().without_token() });
+        }
         match frame {
             ClientFrame::Hello { versions, token, device_id, position, .. } => {
                 self.hello(ctx, id, versions, token, device_id, position)
@@ -252,6 +266,9 @@ impl DeviceSession {
         let tenant = self.hub.registry.get(&identity.tenant);
         self.set_token_deadline(identity.expires_at);
         self.auth = Some(Authenticated { identity: identity.clone(), device: device.clone(), tenant: tenant.clone() });
+        self.recording = self.hub.recorder.as_ref().is_some_and(|r| r.records(identity.tenant.as_str()));
+        let hello = ClientFrame::Hello { id, versions, token: String::new(), device_id: Some(device.to_string()), position: position.clone() };
+        self.record(CaptureEvent::Frame { msgpack: self.encoding == Encoding::MsgPack, frame: hello });
         self.phase = Phase::Starting;
         let subscribe = Subscribe {
             session: self.id,
@@ -390,7 +407,13 @@ impl DeviceSession {
         ctx.spawn(async move { tenant.send(ApplyBatch { input }).await }.into_actor(self).map(move |reply, session, ctx| {
             session.pushes_in_flight -= 1;
             match reply {
-                Ok(Ok(results)) => session.send(ctx, &ServerFrame::Ack { id, batch_id, results }),
+                Ok(Ok(results)) => {
+                    if session.recording {
+                        let acked = results.iter().map(|r| AckedChange { device_seq: r.device_seq, status: r.status, seq: r.seq }).collect();
+                        session.record(CaptureEvent::Ack { batch_id, results: acked });
+                    }
+                    session.send(ctx, &ServerFrame::Ack { id, batch_id, results })
+                }
                 Ok(Err(err)) => session.send_error(ctx, Some(id), err.code(), err.public_message()),
                 Err(_) => session.send_error(ctx, Some(id), ErrorCode::Unavailable, "tenant actor unavailable; retry"),
             }
@@ -581,6 +604,7 @@ impl Actor for DeviceSession {
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         self.hub.sessions.remove(&self.id);
+        self.record(CaptureEvent::Close);
         if let Some(auth) = &self.auth {
             let _ = auth.tenant.try_send(Unsubscribe { session: self.id });
         }
