@@ -147,7 +147,7 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-fn hash128(s: &str) -> u128 {
+pub(crate) fn hash128(s: &str) -> u128 {
     // FNV-1a, 128-bit: stable row ids per tenant and device name.
     let mut h: u128 = 0x6c62272e07bb014262b821756295c58d;
     for b in s.bytes() {

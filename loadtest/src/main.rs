@@ -1,17 +1,7 @@
 //! `synchub-loadtest`: drives a synchub hub over real WebSockets on loopback with bounded,
 //! self-stopping scenarios, and reports latency, throughput, errors and hub CPU/memory.
 
-mod client;
-mod devices;
-mod error;
-mod fanout;
-mod idle;
-mod pg_ceiling;
-mod proc_stats;
-mod report;
-mod storm;
-mod tables;
-mod tokens;
+use synchub_loadtest::{client, devices, error, fanout, idle, pg_ceiling, plot, replay, storm, tables, tokens};
 
 use std::path::PathBuf;
 
@@ -26,6 +16,9 @@ struct Cli {
     /// Write the JSON report here as well as printing the table.
     #[arg(long, global = true)]
     json: Option<PathBuf>,
+    /// Write an SVG plot of throughput and latency over the run here (devices, fanout, replay).
+    #[arg(long, global = true)]
+    svg: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Clone)]
@@ -88,6 +81,14 @@ enum Command {
         hub: HubArgs,
         #[command(flatten)]
         args: storm::StormArgs,
+    },
+    /// Play a hub's capture file (see `record_file`) at 1×, N× or full speed, as one or more
+    /// copies with renamed tenants, devices and keys.
+    Replay {
+        #[command(flatten)]
+        hub: HubArgs,
+        #[command(flatten)]
+        args: replay::ReplayArgs,
     },
     /// One process of the `idle` scenario (started by it).
     #[command(hide = true)]
@@ -152,6 +153,11 @@ async fn main() -> anyhow::Result<()> {
             let (target, tokens) = hub.connect_parts()?;
             devices::run(target, tokens, args, hub_pid).await
         }
+        Command::Replay { hub, args } => {
+            let hub_pid = hub.hub_pid;
+            let (target, tokens) = hub.connect_parts()?;
+            replay::run(target, tokens, args, hub_pid).await?
+        }
         Command::PgCeiling { args } => pg_ceiling::run(args).await?,
         Command::Fanout { hub, args } => {
             let hub_pid = hub.hub_pid;
@@ -200,6 +206,18 @@ async fn main() -> anyhow::Result<()> {
     if let Some(path) = cli.json {
         std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
         eprintln!("report written to {}", path.display());
+    }
+    if let Some(path) = cli.svg {
+        if report.timeline.is_empty() {
+            eprintln!("{} has no timeline to plot; no SVG written", report.scenario);
+        } else {
+            let mut title = format!("synchub-loadtest {}: {}", report.scenario, report.parameters);
+            if title.chars().count() > 120 {
+                title = title.chars().take(119).chain(['…']).collect();
+            }
+            std::fs::write(&path, plot::timeline_svg(&title, &report.timeline))?;
+            eprintln!("plot written to {}", path.display());
+        }
     }
     Ok(())
 }

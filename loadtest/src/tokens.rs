@@ -31,13 +31,22 @@ impl TokenSource {
         Err(LoadError::Usage("give --secret, --secret-file or --tokens-file".into()))
     }
 
-    /// The token for device number `n` of `tenant`.
+    /// The token for device number `n` of `tenant` (user `user-<device>`).
     pub fn token(&self, tenant: &str, device: &str, n: usize, role: &str) -> String {
         match self {
             TokenSource::File(tokens) => tokens[n % tokens.len()].clone(),
+            TokenSource::Secret(_) => self.token_for(tenant, device, &format!("user-{device}"), role),
+        }
+    }
+
+    /// A token naming `tenant`, `device`, `user` and `role`, valid for a day (minted only; with
+    /// a tokens file, the file's first token).
+    pub fn token_for(&self, tenant: &str, device: &str, user: &str, role: &str) -> String {
+        match self {
+            TokenSource::File(tokens) => tokens[0].clone(),
             TokenSource::Secret(secret) => {
                 let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) + 24 * 3600;
-                let claims = json!({"sub": format!("user-{device}"), "role": role, "tenant_id": tenant, "device_id": device, "exp": exp});
+                let claims = json!({"sub": user, "role": role, "tenant_id": tenant, "device_id": device, "exp": exp});
                 // unwrap: HS256 with a JSON object always encodes.
                 encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes())).expect("token encodes")
             }

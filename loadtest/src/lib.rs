@@ -1,0 +1,17 @@
+//! The load tester's parts, as a library so that the hub's integration tests can drive the
+//! same scenarios (the `synchub-loadtest` binary is a thin command line over them).
+
+pub mod capture;
+pub mod client;
+pub mod devices;
+pub mod error;
+pub mod fanout;
+pub mod idle;
+pub mod pg_ceiling;
+pub mod plot;
+pub mod proc_stats;
+pub mod replay;
+pub mod report;
+pub mod storm;
+pub mod tables;
+pub mod tokens;
