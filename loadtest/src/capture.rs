@@ -130,20 +130,22 @@ impl Capture {
 }
 
 /// How one copy of the capture renames what it plays: tenants and devices get the copy's
-/// prefix; UUID key values are XORed with the copy's salt and other string key values get a
+/// prefix; UUID key values become name-based UUIDs (v5) in the copy's namespace, so different
+/// copies never share a key (XOR-style salts collide: ids that differ in few bits meet other
+/// ids that do), and other string key values get a
 /// suffix (so copies never write each other's rows, and foreign keys stay consistent because
 /// every occurrence of a key value is renamed alike); the tenant's id is replaced wherever a
 /// field holds it. Integer keys are kept as they are.
 #[derive(Debug, Clone)]
 pub struct Remap {
     pub tag: String,
-    salt: u128,
+    namespace: Uuid,
 }
 
 impl Remap {
     pub fn new(prefix: &str, copy: usize) -> Remap {
         let tag = format!("{prefix}-{copy}");
-        Remap { salt: crate::devices::hash128(&tag), tag }
+        Remap { namespace: Uuid::new_v5(&Uuid::NAMESPACE_OID, tag.as_bytes()), tag }
     }
 
     pub fn tenant(&self, tenant: &str) -> String {
@@ -155,7 +157,7 @@ impl Remap {
     }
 
     pub fn uuid(&self, id: Uuid) -> Uuid {
-        Uuid::from_u128(id.as_u128() ^ self.salt)
+        Uuid::new_v5(&self.namespace, id.as_bytes())
     }
 
     fn value(&self, value: &Value, tenant: &str, keys: &HashSet<String>) -> Value {
@@ -304,9 +306,10 @@ mod tests {
         let kb: Uuid = cb.key["id"].as_str().unwrap().parse().unwrap();
         assert_ne!(ka, kb);
         assert_ne!(ka.to_string(), key);
-        // XOR with the copy's salt: the same recorded key maps to the same replayed key.
+        // The same recorded key maps to the same replayed key within a copy (foreign keys hold).
         assert_eq!(a.uuid(key.parse().unwrap()), ka);
-        assert_eq!(a.uuid(ka), key.parse::<Uuid>().unwrap());
+        assert_eq!(Remap::new("run", 0).uuid(key.parse().unwrap()), ka);
+        assert_eq!(a.change(&changes[0], "acme", &keys, 40).key, ca.key);
         assert_ne!(ca.change_id, cb.change_id);
         assert_eq!(a.device("pos-1"), "run-0-pos-1");
     }

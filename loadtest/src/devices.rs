@@ -148,13 +148,10 @@ fn now_ms() -> u64 {
 }
 
 pub(crate) fn hash128(s: &str) -> u128 {
-    // FNV-1a, 128-bit: stable row ids per tenant and device name.
-    let mut h: u128 = 0x6c62272e07bb014262b821756295c58d;
-    for b in s.bytes() {
-        h ^= b as u128;
-        h = h.wrapping_mul(0x0000000001000000000000000000013B);
-    }
-    h
+    // Name-based UUID (SHA-1): stable row ids per tenant and device name that stay apart for
+    // names differing in one character (a plain FNV hash left such ids a few bits apart, so
+    // `key ^ row` of one device could meet another device's).
+    Uuid::new_v5(&Uuid::NAMESPACE_OID, s.as_bytes()).as_u128()
 }
 
 struct Device {

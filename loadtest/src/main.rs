@@ -212,8 +212,8 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("{} has no timeline to plot; no SVG written", report.scenario);
         } else {
             let mut title = format!("synchub-loadtest {}: {}", report.scenario, report.parameters);
-            if title.chars().count() > 120 {
-                title = title.chars().take(119).chain(['…']).collect();
+            if title.chars().count() > 90 {
+                title = title.chars().take(89).chain(['…']).collect();
             }
             std::fs::write(&path, plot::timeline_svg(&title, &report.timeline))?;
             eprintln!("plot written to {}", path.display());
