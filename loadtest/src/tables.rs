@@ -150,6 +150,41 @@ fn storm_table(dir: &Path) -> String {
     out
 }
 
+/// A recorded store replayed as many stores.
+fn replay_table(dir: &Path) -> String {
+    let mut out = String::from(
+        "| recorded | copies | speed | changes sent | merged/s | deltas/s | push→ack p50 / p99 (ms) | device→device p50 / p99 (ms) | errors | hub CPU (s) | Postgres CPU (s) | hub RSS max (MiB) |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mut any = false;
+    for copies in [100, 400] {
+        let Some(r) = load(dir, &format!("replay-{copies}")) else { continue };
+        any = true;
+        let errors: u64 = r.get("errors").and_then(Value::as_object).map(|m| m.values().filter_map(Value::as_u64).sum()).unwrap_or(0);
+        out.push_str(&format!(
+            "| {:.0} devices, {:.0} changes in {:.0} s | {copies} | {}× | {:.0} | {:.0} | {:.0} | {:.1} / {:.1} | {:.1} / {:.1} | {errors} | {:.1} | {:.1} | {:.0} |\n",
+            num(&r, &["parameters", "recorded", "devices"]),
+            num(&r, &["parameters", "recorded", "frames"]),
+            num(&r, &["parameters", "recorded", "span_s"]),
+            num(&r, &["parameters", "speed"]),
+            num(&r, &["changes_sent"]),
+            num(&r, &["changes_merged_per_s"]),
+            num(&r, &["deltas_per_s"]),
+            num(&r, &["ack_latency", "p50_ms"]),
+            num(&r, &["ack_latency", "p99_ms"]),
+            num(&r, &["delivery_latency", "p50_ms"]),
+            num(&r, &["delivery_latency", "p99_ms"]),
+            num(&r, &["hub_cpu_s"]),
+            num(&r, &["postgres_cpu_s"]),
+            num(&r, &["hub_rss_max_kib"]) / 1024.0,
+        ));
+    }
+    if !any {
+        out.push_str("| not run | | | | | | | | | | | |\n");
+    }
+    out
+}
+
 fn replace_between(doc: &str, name: &str, table: &str) -> Result<String> {
     let begin = format!("<!-- {name}:begin -->");
     let end = format!("<!-- {name}:end -->");
@@ -167,6 +202,7 @@ pub fn rewrite(results: &Path, benchmarks: &Path) -> Result<()> {
     doc = replace_between(&doc, "idle", &idle_table(results))?;
     doc = replace_between(&doc, "fanout", &fanout_table(results))?;
     doc = replace_between(&doc, "storm", &storm_table(results))?;
+    doc = replace_between(&doc, "replay", &replay_table(results))?;
     std::fs::write(benchmarks, doc)?;
     Ok(())
 }
