@@ -89,6 +89,10 @@ pub async fn start(config: Config) -> Result<RunningHub> {
             .route("/metrics", web::get().to(metrics_text))
     })
     .workers(config.workers)
+    // Frames are small and latency matters: without TCP_NODELAY, Nagle's algorithm holds a
+    // frame written while an earlier one is unacknowledged until the client's delayed ACK
+    // (up to 40 ms on Linux), which dominated push→ack latency.
+    .tcp_nodelay(true)
     .disable_signals()
     .shutdown_timeout(config.shutdown_timeout().as_secs().max(1))
     .bind(&config.listen)

@@ -202,20 +202,32 @@ impl Store {
             Some(unknown) => self.catalog_with(unknown).await,
             None => self.catalog(),
         };
-        let mut tx = self.pool.begin().await?;
+        // One round trip opens the transaction, sets it up and takes the savepoint that a
+        // refused value rolls back to (at a batch of one change, round trips are the cost).
         // Every statement of the group looks rows up by primary key. Tenants are often newer
         // than the planner's statistics, which then expect one row per tenant and pick a
         // sequential scan of the whole table; a key lookup is always the right plan here.
         // JIT off: the disabled plan's nominal cost would otherwise trigger it.
-        sqlx::query(
-            "select set_config('synchub.origin', 'hub', true), set_config('enable_seqscan', 'off', true), set_config('jit', 'off', true)",
-        )
-        .execute(&mut *tx)
-        .await?;
+        let mut tx = self
+            .pool
+            .begin_with(
+                "begin; select set_config('synchub.origin', 'hub', true), set_config('enable_seqscan', 'off', true), \
+                 set_config('jit', 'off', true); savepoint synchub_group",
+            )
+            .await?;
         let output = apply_group(&mut tx, &catalog, tenant, batches, limits).await?;
         tx.commit().await?;
         Ok(output)
     }
+}
+
+/// Read and lock the cursors of the group's devices.
+async fn lock_cursors(conn: &mut PgConnection, tenant: &TenantId, devices: &[&str]) -> sqlx::Result<Vec<(String, i64)>> {
+    sqlx::query_as("select device_id, last_device_seq from synchub.device_cursors where tenant_id = $1 and device_id = any($2) for update")
+        .bind(tenant.as_str())
+        .bind(devices)
+        .fetch_all(&mut *conn)
+        .await
 }
 
 async fn apply_group(
@@ -230,13 +242,7 @@ async fn apply_group(
 
     // 1. Device cursors: duplicates, gaps, and the changes to process.
     let devices: Vec<&str> = batches.iter().map(|b| b.device.as_str()).collect();
-    let cursor_rows: Vec<(String, i64)> = sqlx::query_as(
-        "select device_id, last_device_seq from synchub.device_cursors where tenant_id = $1 and device_id = any($2) for update",
-    )
-    .bind(tenant.as_str())
-    .bind(&devices)
-    .fetch_all(&mut *conn)
-    .await?;
+    let cursor_rows = lock_cursors(conn, tenant, &devices).await?;
     let mut cursors: HashMap<&str, u64> = cursor_rows.iter().map(|(d, s)| (d.as_str(), *s as u64)).collect();
     let mut devices_users: BTreeMap<&str, (&str, u64)> = BTreeMap::new();
     let mut duplicates = Vec::new();
@@ -281,8 +287,7 @@ async fn apply_group(
     }
 
     // 2. Current rows (locked) and their versions.
-    sqlx::query("savepoint synchub_group").execute(&mut *conn).await?;
-    let mut state = load_all_rows(conn, tenant, &mut pending, &mut outcomes).await?;
+    let mut state = load_all_rows(conn, tenant, &devices, &mut pending, &mut outcomes).await?;
 
     // 3. Merge and write: all at once, or change by change when a value is refused.
     let all: Vec<usize> = (0..pending.len()).filter(|&p| pending[p].row_key.is_some()).collect();
@@ -293,9 +298,10 @@ async fn apply_group(
         }
         // Rare: start over from the rows as loaded (reading them again is cheaper than
         // keeping a copy of the group's state on the common path).
+        // The savepoint was taken when the transaction began: lock the cursors again.
         sqlx::query("rollback to savepoint synchub_group").execute(&mut *conn).await?;
-        sqlx::query("savepoint synchub_group").execute(&mut *conn).await?;
-        state = load_all_rows(conn, tenant, &mut pending, &mut outcomes).await?;
+        lock_cursors(conn, tenant, &devices).await?;
+        state = load_all_rows(conn, tenant, &devices, &mut pending, &mut outcomes).await?;
         for &p in &all {
             let pend = &pending[p];
             let id = (pend.table.name.clone(), pend.row_key.clone().unwrap_or_default());
@@ -527,19 +533,22 @@ impl<'a> RowVersionColumns<'a> {
 
 /// Read and lock the rows of every pending change; a key value that does not fit its column
 /// rejects that change with `invalid_value` (found by reading key by key) and the others go on.
+/// Called right after the group's savepoint was taken or rolled back to, with the cursors of
+/// `devices` locked since.
 async fn load_all_rows(
     conn: &mut PgConnection,
     tenant: &TenantId,
+    devices: &[&str],
     pending: &mut [Pending<'_>],
     outcomes: &mut [Vec<Option<Outcome>>],
 ) -> Result<MergeState> {
     let mut state = MergeState::default();
-    sqlx::query("savepoint synchub_load").execute(&mut *conn).await?;
     if let Err(err) = load_rows(conn, tenant, pending, &mut state, None).await {
         if value_error(&err).is_none() {
             return Err(err.into());
         }
-        sqlx::query("rollback to savepoint synchub_load").execute(&mut *conn).await?;
+        sqlx::query("rollback to savepoint synchub_group").execute(&mut *conn).await?;
+        lock_cursors(conn, tenant, devices).await?;
         state = MergeState::default();
         for p in 0..pending.len() {
             sqlx::query("savepoint synchub_change").execute(&mut *conn).await?;
