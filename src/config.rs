@@ -118,6 +118,8 @@ pub struct Config {
     pub session_outbound_budget_bytes: usize,
     /// A ping is sent after every this many outbound bytes, to measure what was read. Default 64 KiB.
     pub ping_every_bytes: usize,
+    /// Pushes one session may have awaiting their acks. Default 64; more are refused `busy`.
+    pub session_pushes_in_flight: usize,
     /// Capacity of each session's mailbox, messages. Default 64; a full one makes the
     /// session catch up from the log.
     pub session_mailbox: usize,
@@ -183,6 +185,7 @@ impl Default for Config {
             session_outbound_budget_bytes: 4 * 1024 * 1024,
             ping_every_bytes: 64 * 1024,
             session_mailbox: 64,
+            session_pushes_in_flight: 64,
             max_clock_skew_ms: 300_000,
             tenant_queue_batches: 256,
             group_commit_max_changes: 5000,
@@ -231,6 +234,7 @@ impl Config {
             ("session_outbound_budget_bytes", self.session_outbound_budget_bytes as u64),
             ("ping_every_bytes", self.ping_every_bytes as u64),
             ("session_mailbox", self.session_mailbox as u64),
+            ("session_pushes_in_flight", self.session_pushes_in_flight as u64),
             ("tenant_queue_batches", self.tenant_queue_batches as u64),
             ("group_commit_max_changes", self.group_commit_max_changes as u64),
             ("tenant_mailbox", self.tenant_mailbox as u64),

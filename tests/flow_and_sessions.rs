@@ -897,3 +897,47 @@ async fn silent_client_is_closed_after_the_heartbeat_timeout() {
     push_applied(&mut reader, changes).await;
     hub.shutdown().await;
 }
+
+/// Batches pipelined on one socket are merged in the order sent, even while the tenant actor's
+/// mailbox is full of other sessions' requests: every change applies, none is refused
+/// `seq_gap`, and the acks come back in the order of the pushes.
+#[actix_web::test]
+async fn pipelined_pushes_are_merged_in_order_while_the_tenant_mailbox_is_full() {
+    let hub = TestHub::start_with(|c| c.tenant_mailbox = 1).await;
+    let (mut writer, _, _) = Client::device(&hub, "store-p", "pos-w").await;
+    // Other devices of the tenant keep its mailbox busy with hellos and pings.
+    let mut others = Vec::new();
+    for n in 0..8 {
+        others.push(Client::device(&hub, "store-p", &format!("pos-{n}")).await.0);
+    }
+    let id = Uuid::now_v7();
+    let mut sent = Vec::new();
+    for seq in 1..=60u64 {
+        let fields = if seq == 1 { product(id, "Tea", 100) } else { json!({"price_cents": 100 + seq}) };
+        let request = writer.next_id();
+        writer.send(&ClientFrame::Push { id: request, batch_id: Uuid::now_v7(), changes: vec![upsert("products", json!({"id": id}), fields, seq, now_ms(), 0)] }).await;
+        sent.push(request);
+        if seq % 10 == 0 {
+            for other in &mut others {
+                let ping = other.next_id();
+                other.send(&ClientFrame::Ping { id: ping }).await;
+            }
+        }
+    }
+    let mut acked = Vec::new();
+    while acked.len() < sent.len() {
+        match writer.recv().await {
+            ServerFrame::Ack { id, results, .. } => {
+                assert_eq!(results.len(), 1);
+                assert!(matches!(results[0].status, ChangeStatus::Applied | ChangeStatus::Merged), "push {id}: {:?}", results[0]);
+                acked.push(id);
+            }
+            ServerFrame::Error { id, code, message, .. } => panic!("push {id:?} refused: {code:?} {message}"),
+            _ => {}
+        }
+    }
+    assert_eq!(acked, sent, "acks come in the order of the pushes");
+    let price: i32 = sqlx::query_scalar("select price_cents from products where id = $1").bind(id).fetch_one(&hub.db).await.unwrap();
+    assert_eq!(price, 160);
+    hub.shutdown().await;
+}

@@ -70,7 +70,16 @@ pub struct DeviceSession {
     next_ping_at: u64,
     last_heard: Instant,
     errors: VecDeque<Instant>,
+    /// Pushes received and not yet acked (or refused).
     pushes_in_flight: usize,
+    /// Pushes waiting to be handed to the tenant actor, in the order received.
+    to_forward: VecDeque<(u64, Uuid, BatchInput)>,
+    /// A push is being handed to the tenant actor.
+    forwarding: bool,
+    /// Pushes queued at the tenant actor, oldest first, with the receivers of their results.
+    awaiting_acks: VecDeque<(u64, Uuid, tokio::sync::oneshot::Receiver<Result<Vec<protocol::ChangeResult>, Error>>)>,
+    /// The oldest of `awaiting_acks` is being waited for.
+    awaiting_ack: bool,
     closing: bool,
     /// A `resume` is reading the tenant's head.
     resuming: bool,
@@ -103,6 +112,10 @@ impl DeviceSession {
             last_heard: Instant::now(),
             errors: VecDeque::new(),
             pushes_in_flight: 0,
+            to_forward: VecDeque::new(),
+            forwarding: false,
+            awaiting_acks: VecDeque::new(),
+            awaiting_ack: false,
             closing: false,
             resuming: false,
             closed: false,
@@ -398,29 +411,73 @@ impl DeviceSession {
                 "device_seqs must start at 1 or more and be consecutive and increasing within a batch".into(),
             );
         }
+        if self.pushes_in_flight >= self.hub.config.session_pushes_in_flight {
+            let max = self.hub.config.session_pushes_in_flight;
+            return self.send_error(ctx, Some(id), ErrorCode::Busy, format!("{max} pushes already await their acks on this session; wait for acks"));
+        }
         // unwrap: only authenticated sessions reach here.
         let auth = self.auth.as_ref().expect("authenticated");
         let input = BatchInput { device: auth.device.clone(), user: auth.identity.user.clone(), batch_id, changes };
-        let tenant = auth.tenant.clone();
         self.pushes_in_flight += 1;
         self.hub.metrics.batches_pushed.fetch_add(1, Ordering::Relaxed);
-        ctx.spawn(async move { tenant.send(ApplyBatch { input }).await }.into_actor(self).map(move |reply, session, ctx| {
-            session.pushes_in_flight -= 1;
-            match reply {
-                Ok(Ok(results)) => {
-                    if session.recording {
-                        let acked = results.iter().map(|r| AckedChange { device_seq: r.device_seq, status: r.status, seq: r.seq }).collect();
-                        session.record(CaptureEvent::Ack { batch_id, results: acked });
-                    }
-                    session.send(ctx, &ServerFrame::Ack { id, batch_id, results })
+        self.to_forward.push_back((id, batch_id, input));
+        self.forward_pushes(ctx);
+    }
+
+    /// Hand pushes to the tenant actor one at a time, each once the previous one is queued there:
+    /// concurrent sends could overtake each other while its mailbox is full, and a batch merged
+    /// before an earlier one of the same device would be refused `seq_gap`.
+    fn forward_pushes(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        if self.forwarding {
+            return;
+        }
+        let (Some(auth), Some((id, batch_id, input))) = (self.auth.as_ref(), self.to_forward.pop_front()) else { return };
+        let tenant = auth.tenant.clone();
+        self.forwarding = true;
+        ctx.spawn(async move { tenant.send(ApplyBatch { input }).await }.into_actor(self).map(move |queued, session, ctx| {
+            session.forwarding = false;
+            match queued {
+                Ok(Ok(answer)) => {
+                    session.awaiting_acks.push_back((id, batch_id, answer));
+                    session.await_next_ack(ctx);
                 }
-                Ok(Err(err)) => session.send_error(ctx, Some(id), err.code(), err.public_message()),
-                Err(_) => session.send_error(ctx, Some(id), ErrorCode::Unavailable, "tenant actor unavailable; retry"),
+                Ok(Err(err)) => session.push_done(ctx, id, batch_id, Err(err)),
+                Err(_) => session.push_done(ctx, id, batch_id, Err(Error::client(ErrorCode::Unavailable, "tenant actor unavailable; retry"))),
             }
-            if session.closing && session.pushes_in_flight == 0 {
-                session.close(ctx, CloseCode::GoingAway, "shutting down");
-            }
+            session.forward_pushes(ctx);
         }));
+    }
+
+    /// Wait for the results of the oldest queued push, so that acks go out in push order.
+    fn await_next_ack(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        if self.awaiting_ack {
+            return;
+        }
+        let Some((id, batch_id, answer)) = self.awaiting_acks.pop_front() else { return };
+        self.awaiting_ack = true;
+        ctx.spawn(async move { answer.await }.into_actor(self).map(move |reply, session, ctx| {
+            session.awaiting_ack = false;
+            session.push_done(ctx, id, batch_id, reply.unwrap_or(Err(Error::ShuttingDown)));
+            session.await_next_ack(ctx);
+        }));
+    }
+
+    /// A push was committed (ack) or refused as a whole (error).
+    fn push_done(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: u64, batch_id: Uuid, reply: Result<Vec<protocol::ChangeResult>, Error>) {
+        self.pushes_in_flight -= 1;
+        match reply {
+            Ok(results) => {
+                if self.recording {
+                    let acked = results.iter().map(|r| AckedChange { device_seq: r.device_seq, status: r.status, seq: r.seq }).collect();
+                    self.record(CaptureEvent::Ack { batch_id, results: acked });
+                }
+                self.send(ctx, &ServerFrame::Ack { id, batch_id, results })
+            }
+            Err(err) => self.send_error(ctx, Some(id), err.code(), err.public_message()),
+        }
+        if self.closing && self.pushes_in_flight == 0 {
+            self.close(ctx, CloseCode::GoingAway, "shutting down");
+        }
     }
 
     fn resume(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: u64, position: Position) {
@@ -625,6 +682,12 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for DeviceSession {
             Ok(msg) => msg,
             Err(ws::ProtocolError::Overflow) => {
                 return self.close(ctx, CloseCode::MessageTooBig, "frame larger than max_frame_bytes");
+            }
+            Err(ws::ProtocolError::Io(err)) => {
+                // The connection is gone: no close frame can reach the client.
+                tracing::debug!(session = %self.id, %err, "connection lost");
+                ctx.stop();
+                return;
             }
             Err(err) => {
                 tracing::debug!(session = %self.id, %err, "websocket protocol error");

@@ -12,9 +12,10 @@ use crate::error::Result;
 use crate::ids::{DeviceId, Seq, SessionId};
 use crate::storage::apply::BatchInput;
 
-/// A device's batch for its tenant actor; answered after commit.
+/// A device's batch for its tenant actor. The reply comes as soon as the batch is queued (or
+/// refused `busy`), and carries the receiver of its results, which are sent after commit.
 #[derive(Message)]
-#[rtype(result = "Result<Vec<ChangeResult>>")]
+#[rtype(result = "Result<tokio::sync::oneshot::Receiver<Result<Vec<ChangeResult>>>>")]
 pub struct ApplyBatch {
     pub input: BatchInput,
 }

@@ -380,18 +380,18 @@ impl Handler<RecentLog> for TenantActor {
 }
 
 impl Handler<ApplyBatch> for TenantActor {
-    type Result = ResponseFuture<Result<Vec<ChangeResult>>>;
+    type Result = Result<oneshot::Receiver<Result<Vec<ChangeResult>>>>;
 
     fn handle(&mut self, msg: ApplyBatch, ctx: &mut Context<Self>) -> Self::Result {
         self.last_activity = Instant::now();
         if self.queue.len() >= self.config.tenant_queue_batches {
-            return Box::pin(async { Err(Error::Busy) });
+            return Err(Error::Busy);
         }
         let (reply, answer) = oneshot::channel();
         self.queue.push_back(Queued { input: msg.input, reply });
         self.metrics.queued_batches.fetch_add(1, Ordering::Relaxed);
         self.pump(ctx);
-        Box::pin(async move { answer.await.unwrap_or(Err(Error::ShuttingDown)) })
+        Ok(answer)
     }
 }
 
