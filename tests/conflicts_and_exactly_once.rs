@@ -1217,7 +1217,14 @@ async fn read_stream(
 #[actix_web::test]
 async fn catch_up_while_another_device_keeps_writing() {
     const PAGE: u32 = 7;
-    let hub = TestHub::start_with(|c| c.catch_up_page_changes = PAGE).await;
+    // A small outbound budget makes catch-up pause until the reader reads (and answers pings),
+    // so a reader that waits before reading is sure to see commits made during its catch-up.
+    let hub = TestHub::start_with(|c| {
+        c.catch_up_page_changes = PAGE;
+        c.session_outbound_budget_bytes = 16 * 1024;
+        c.ping_every_bytes = 1024;
+    })
+    .await;
     let (mut w, epoch, _) = Client::device(&hub, TENANT, "pos-w").await;
 
     // A few hundred existing changes: 60 products, then updates of them.
@@ -1296,8 +1303,15 @@ async fn catch_up_while_another_device_keeps_writing() {
 
     let (r0, _, head0) = connect(&hub, "pos-r0", None).await;
     let (r1, _, head1) = connect(&hub, "pos-r1", pos(&epoch, 150)).await;
+    let reader0 = async {
+        // Reader 0 starts reading only once the writer has committed past its welcome head.
+        while (head_seq(&hub).await as u64) <= head0 {
+            actix_web::rt::time::sleep(Duration::from_millis(5)).await;
+        }
+        read_stream(r0, 0, head0, PAGE as usize, live_readers.clone(), done.clone()).await
+    };
     let ((r0, s0, rep0), (r1, s1, rep1)) = futures_util::join!(
-        read_stream(r0, 0, head0, PAGE as usize, live_readers.clone(), done.clone()),
+        reader0,
         read_stream(r1, 150, head1, PAGE as usize, live_readers.clone(), done.clone()),
     );
     let (_w, batches) = writer.await.unwrap();
