@@ -150,7 +150,8 @@ async fn hub_subscriber(
     loop {
         tokio::select! {
             frame = client.receiver.recv() => match frame {
-                Ok(ServerFrame::Delta { deltas, .. }) => {
+                // A session that fell behind is caught up from the log: those are deliveries too.
+                Ok(ServerFrame::Delta { deltas, .. } | ServerFrame::CatchUp { deltas, .. }) => {
                     for d in &deltas {
                         let sent = d.row.as_ref().and_then(|r| r.get("name")).and_then(Value::as_str)
                             .and_then(|s| s.strip_prefix("fan ")).and_then(|s| s.parse().ok());
@@ -199,32 +200,54 @@ impl Pacer {
 async fn hub_publisher(target: &Target, token: String, device: String, args: &FanoutArgs, stats: &Stats) -> Result<()> {
     let mut client = target.connect(args.subscribers).await?;
     client.handshake(token, &device, None).await?;
-    let ids: Vec<Uuid> = (0..100).map(|_| Uuid::new_v4()).collect();
-    let mut pacer = Pacer::new(args);
-    while let Some(seq) = pacer.next().await {
-        let id = ids[(seq % 100) as usize];
-        let mut fields = row(id, seq);
-        if let Some(map) = fields.as_object_mut() {
-            for k in ["tenant_id", "id"] {
-                map.remove(k);
+    let crate::client::Client { mut sender, mut receiver } = client;
+    // Read the acks as a device would: a publisher that never reads stalls its own socket once
+    // the hub's send buffer to it is full, and then the hub stops reading its pushes.
+    let reading = async move {
+        loop {
+            match receiver.recv().await {
+                Ok(ServerFrame::Ack { .. }) => {
+                    stats.batches_acked.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(ServerFrame::Error { code, .. }) => stats.error(code.as_str()),
+                Ok(_) => {}
+                Err(_) => return,
             }
         }
-        let change = Change {
-            change_id: Uuid::now_v7(),
-            device_seq: seq,
-            table: "products".into(),
-            op: Op::Upsert,
-            key: json!({"id": id}).as_object().cloned().unwrap_or_default(),
-            fields: fields.as_object().cloned().unwrap_or_default(),
-            hlc: Hlc { wall_ms: now_us() / 1000, counter: seq as u32 },
-            base_version: 0,
-        };
-        client.sender.send(&ClientFrame::Push { id: seq + 10, batch_id: Uuid::now_v7(), changes: vec![change] }).await?;
-        stats.changes_sent.fetch_add(1, Ordering::Relaxed);
-        stats.applied.fetch_add(1, Ordering::Relaxed);
+    };
+    let publishing = async {
+        let ids: Vec<Uuid> = (0..100).map(|_| Uuid::new_v4()).collect();
+        let mut pacer = Pacer::new(args);
+        while let Some(seq) = pacer.next().await {
+            let id = ids[(seq % 100) as usize];
+            let mut fields = row(id, seq);
+            if let Some(map) = fields.as_object_mut() {
+                for k in ["tenant_id", "id"] {
+                    map.remove(k);
+                }
+            }
+            let change = Change {
+                change_id: Uuid::now_v7(),
+                device_seq: seq,
+                table: "products".into(),
+                op: Op::Upsert,
+                key: json!({"id": id}).as_object().cloned().unwrap_or_default(),
+                fields: fields.as_object().cloned().unwrap_or_default(),
+                hlc: Hlc { wall_ms: now_us() / 1000, counter: seq as u32 },
+                base_version: 0,
+            };
+            sender.send(&ClientFrame::Push { id: seq + 10, batch_id: Uuid::now_v7(), changes: vec![change] }).await?;
+            stats.changes_sent.fetch_add(1, Ordering::Relaxed);
+            stats.applied.fetch_add(1, Ordering::Relaxed);
+        }
+        sender.close().await;
+        Ok(())
+    };
+    tokio::pin!(reading);
+    tokio::select! {
+        result = publishing => result,
+        _ = &mut reading => Err(LoadError::Closed { code: 1006, reason: "the hub closed the publisher's socket".into() }),
     }
-    client.sender.close().await;
-    Ok(())
 }
 
 /// Connect to nats-server over WebSocket and wait until it has processed CONNECT (and SUB).
