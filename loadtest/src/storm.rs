@@ -35,6 +35,13 @@ pub struct StormArgs {
     /// Seconds the storm may take before the run gives up on the rest.
     #[arg(long, default_value_t = 120)]
     pub timeout_secs: u64,
+    /// While the devices are away, print `restart the hub now` and wait until the hub has gone
+    /// down and come back (restarted by whoever runs the test) before the storm.
+    #[arg(long)]
+    pub await_restart: bool,
+    /// File holding the hub's pid, read after a restart to measure the new process.
+    #[arg(long)]
+    pub hub_pid_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -60,6 +67,30 @@ impl StormReport {
             "  devices back                 {} ({} failed)\n  half caught up after         {:.2} s\n  all caught up after          {:.2} s\n  all queued changes acked     {:.2} s\n  catch-up deltas received     {}\n  hub CPU during the storm     {:.1} s\n  hub RSS max                  {} KiB\n  errors                       {:?}\n",
             self.devices_back, self.devices_failed, self.median_caught_up_s, self.all_caught_up_s, self.all_acked_s, self.catch_up_deltas, self.hub_cpu_s, self.hub_rss_max_kib, self.errors
         )
+    }
+}
+
+/// Ask for a hub restart and wait until the hub has stopped accepting and then accepts sockets
+/// again (its tenant actors start cold: nothing of the tenants is in memory).
+async fn await_restart(target: &Target, limit: Duration) -> Result<()> {
+    eprintln!("storm: the devices are away; restart the hub now");
+    let deadline = Instant::now() + limit;
+    while tokio::net::TcpStream::connect(target.addr).await.is_ok() {
+        if Instant::now() > deadline {
+            return Err(LoadError::Usage("the hub did not go down for the restart".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    loop {
+        if let Ok(mut ws) = target.connect_raw(&target.url, 0).await {
+            let _ = ws.close(None).await;
+            eprintln!("storm: the hub is back");
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(LoadError::Usage("the hub did not come back after the restart".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -120,6 +151,14 @@ pub async fn run(target: Target, tokens: TokenSource, args: StormArgs, hub_pid: 
             }
         }
         client.sender.close().await;
+    }
+
+    let mut hub_pid = hub_pid;
+    if args.await_restart {
+        await_restart(&target, Duration::from_secs(args.timeout_secs)).await?;
+        if let Some(path) = &args.hub_pid_file {
+            hub_pid = std::fs::read_to_string(path)?.trim().parse().ok();
+        }
     }
 
     // 3. The storm: everyone back at once, catching up and pushing what they queued.
