@@ -182,4 +182,24 @@ mod tests {
             assert_eq!(serde_json::to_value(code).unwrap(), json!(code.as_str()));
         }
     }
+
+    #[test]
+    fn a_borrowed_catch_up_page_encodes_like_the_owned_frame() {
+        let delta = |seq: u64| Delta {
+            seq,
+            table: "products".into(),
+            op: Op::Upsert,
+            key: json!({"id": "a1"}).as_object().unwrap().clone(),
+            row: Some(json!({"id": "a1", "name": "Tea", "price_cents": 300}).as_object().unwrap().clone()),
+            old: Some(json!({"price_cents": 250}).as_object().unwrap().clone()),
+            origin: Some("pos-1".into()),
+            change_id: Some(uuid::Uuid::from_u128(seq as u128)),
+        };
+        let deltas = vec![delta(4), delta(5)];
+        let owned = ServerFrame::CatchUp { deltas: deltas.clone(), seq: 5, head_seq: 9 };
+        let borrowed = CatchUpRef { deltas: deltas.iter().collect(), seq: 5, head_seq: 9 };
+        for encoding in [Encoding::Json, Encoding::MsgPack] {
+            assert_eq!(encode(encoding, &borrowed), encode_server(encoding, &owned), "{encoding:?}");
+        }
+    }
 }

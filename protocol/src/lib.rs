@@ -200,6 +200,16 @@ pub struct Delta {
     pub change_id: Option<Uuid>,
 }
 
+/// A `catch_up` frame over borrowed deltas: encodes to the same bytes as
+/// [`ServerFrame::CatchUp`], for a hub that serves pages from deltas it keeps without copying them.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename = "catch_up")]
+pub struct CatchUpRef<'a> {
+    pub deltas: Vec<&'a Delta>,
+    pub seq: u64,
+    pub head_seq: u64,
+}
+
 /// A current row and its version (the tenant seq of its last write), which the device
 /// sends back as `base_version` when it changes the row.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -13,6 +13,7 @@ use actix::prelude::*;
 use actix_web_actors::ws;
 use bytes::{Bytes, BytesMut};
 use protocol::capture::{AckedChange, CaptureEvent};
+use protocol::{CatchUpRef, Delta};
 use protocol::{ClientFrame, CloseCode, Encoding, ErrorCode, Limits, Position, ServerFrame, SUPPORTED_VERSIONS};
 use uuid::Uuid;
 
@@ -25,6 +26,24 @@ use crate::ids::{DeviceId, Seq, SessionId};
 use crate::server::Hub;
 use crate::storage::apply::BatchInput;
 use crate::storage::log::TenantHead;
+
+/// Where a catch-up page was read: the tenant actor's memory (shared frames) or Postgres.
+enum CatchUpRead {
+    Memory(Vec<Arc<SharedFrame>>),
+    Log(Vec<Delta>),
+}
+
+impl CatchUpRead {
+    /// The page's deltas: at most `limit` entries after `after`, in seq order.
+    fn page(&self, after: Seq, limit: u32) -> Vec<&Delta> {
+        match self {
+            CatchUpRead::Memory(frames) => {
+                frames.iter().flat_map(|f| f.deltas.iter()).filter(|d| d.seq > after).take(limit as usize).collect()
+            }
+            CatchUpRead::Log(deltas) => deltas.iter().take(limit as usize).collect(),
+        }
+    }
+}
 
 /// Live frames a catching-up session keeps; past this it drops them and reads the log again.
 const CATCH_UP_BUFFER_FRAMES: usize = 256;
@@ -553,14 +572,14 @@ impl DeviceSession {
         let page = self.hub.config.catch_up_page_changes;
         let read = async move {
             // The tenant actor's memory first; Postgres when it does not reach back that far.
-            if let Ok(Some((deltas, head))) = actor.send(RecentLog { after, limit: page }).await {
-                return Ok((deltas, head, true));
+            if let Ok(Some((frames, head))) = actor.send(RecentLog { after, limit: page }).await {
+                return Ok((CatchUpRead::Memory(frames), head));
             }
-            store.read_log(&tenant, after, None, page).await.map(|(deltas, head)| (deltas, head, false))
+            store.read_log(&tenant, after, None, page).await.map(|(deltas, head)| (CatchUpRead::Log(deltas), head))
         };
         ctx.spawn(read.into_actor(self).map(move |result, session, ctx| {
             session.catch_up_running = false;
-            let (deltas, head, from_memory) = match result {
+            let (read, head) = match result {
                 Ok(read) => read,
                 Err(err) => {
                     tracing::warn!(session = %session.id, %err, "catch-up read failed");
@@ -568,11 +587,15 @@ impl DeviceSession {
                     return session.close(ctx, CloseCode::GoingAway, "storage unavailable");
                 }
             };
+            let deltas = read.page(after, page);
             let exhausted = (deltas.len() as u32) < page;
             if let Some(last) = deltas.last().map(|d| d.seq) {
+                let from_memory = matches!(read, CatchUpRead::Memory(_));
                 let pages = if from_memory { &session.hub.metrics.catch_up_pages_from_memory } else { &session.hub.metrics.catch_up_pages };
                 pages.fetch_add(1, Ordering::Relaxed);
-                session.send(ctx, &ServerFrame::CatchUp { deltas, seq: last, head_seq: head });
+                // Encoded from the deltas where they are kept: no copy per session.
+                let encoded = Encoded::of_value(session.encoding, &CatchUpRef { deltas, seq: last, head_seq: head });
+                session.write(ctx, encoded);
                 session.position = last;
             }
             // Go live only once the client has confirmed most of what catch-up sent: past the

@@ -37,10 +37,11 @@ pub struct Unsubscribe {
 }
 
 /// A session asks its tenant actor for log entries after `after` from memory; `None` when
-/// they are not all there (the session then reads Postgres). Answers with the entries and the
-/// last seq the actor has fanned out.
+/// they are not all there (the session then reads Postgres). Answers with the shared frames
+/// that hold the next `limit` entries (the first may also hold entries up to `after`, the last
+/// more than the page takes: no delta is copied) and the last seq the actor has fanned out.
 #[derive(Message)]
-#[rtype(result = "Option<(Vec<Delta>, Seq)>")]
+#[rtype(result = "Option<(Vec<Arc<SharedFrame>>, Seq)>")]
 pub struct RecentLog {
     pub after: Seq,
     pub limit: u32,
@@ -107,7 +108,12 @@ impl Encoded {
     }
 
     pub fn of(encoding: Encoding, frame: &ServerFrame) -> Encoded {
-        let bytes = protocol::codec::encode_server(encoding, frame);
+        Encoded::of_value(encoding, frame)
+    }
+
+    /// Any value serialized as frames are (e.g. a borrowed `catch_up` page).
+    pub fn of_value<T: serde::Serialize>(encoding: Encoding, value: &T) -> Encoded {
+        let bytes = protocol::codec::encode(encoding, value);
         match encoding {
             // unwrap: serde_json produces UTF-8.
             Encoding::Json => Encoded::Text(ByteString::try_from(Bytes::from(bytes)).expect("JSON is UTF-8")),

@@ -235,14 +235,22 @@ impl TenantActor {
         }
     }
 
-    /// Entries after `after` from memory, if memory reaches back that far.
-    fn recent_after(&self, after: Seq, limit: u32) -> Option<(Vec<Delta>, Seq)> {
+    /// The frames holding the next `limit` entries after `after`, if memory reaches back that far.
+    fn recent_after(&self, after: Seq, limit: u32) -> Option<(Vec<Arc<SharedFrame>>, Seq)> {
         if self.config.catch_up_cache_deltas == 0 || after < self.recent_after || after > self.fanned {
             return None;
         }
         let first = self.recent.partition_point(|f| f.seq <= after);
-        let deltas = self.recent.range(first..).flat_map(|f| f.deltas.iter()).filter(|d| d.seq > after).take(limit as usize).cloned().collect();
-        Some((deltas, self.fanned))
+        let mut frames = Vec::new();
+        let mut entries = 0;
+        for frame in self.recent.range(first..) {
+            if entries >= limit as usize {
+                break;
+            }
+            entries += frame.deltas.iter().filter(|d| d.seq > after).count();
+            frames.push(frame.clone());
+        }
+        Some((frames, self.fanned))
     }
 
     fn nudge_lagged(&mut self) {
@@ -372,7 +380,7 @@ impl TenantActor {
 }
 
 impl Handler<RecentLog> for TenantActor {
-    type Result = Option<(Vec<Delta>, Seq)>;
+    type Result = Option<(Vec<Arc<SharedFrame>>, Seq)>;
 
     fn handle(&mut self, msg: RecentLog, _ctx: &mut Context<Self>) -> Self::Result {
         self.recent_after(msg.after, msg.limit)
