@@ -3,6 +3,7 @@
 
 pub mod capture;
 pub mod client;
+pub mod compare;
 pub mod devices;
 pub mod error;
 pub mod fanout;

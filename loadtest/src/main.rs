@@ -1,7 +1,7 @@
 //! `synchub-loadtest`: drives a synchub hub over real WebSockets on loopback with bounded,
 //! self-stopping scenarios, and reports latency, throughput, errors and hub CPU/memory.
 
-use synchub_loadtest::{client, devices, error, fanout, idle, pg_ceiling, plot, replay, storm, tables, tokens};
+use synchub_loadtest::{client, compare, devices, error, fanout, idle, pg_ceiling, plot, replay, storm, tables, tokens};
 
 use std::path::PathBuf;
 
@@ -108,6 +108,20 @@ enum Command {
         #[arg(long)]
         no_hello: bool,
     },
+    /// Compare two results folders (e.g. the last release's and this one's): each scenario's
+    /// headline figures side by side, marked where the current run is worse.
+    Compare {
+        #[arg(long)]
+        baseline: PathBuf,
+        #[arg(long, default_value = "bench-results")]
+        current: PathBuf,
+        /// Relative change tolerated before a figure counts as worse.
+        #[arg(long, default_value_t = 0.05)]
+        tolerance: f64,
+        /// Exit with status 1 when a figure is worse (for CI).
+        #[arg(long)]
+        fail_on_worse: bool,
+    },
     /// Rewrite the tables of BENCHMARKS.md from the JSON reports in a results folder.
     Tables {
         #[arg(long)]
@@ -193,6 +207,14 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", report.table());
             if let Some(path) = cli.json {
                 std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
+            }
+            return Ok(());
+        }
+        Command::Compare { baseline, current, tolerance, fail_on_worse } => {
+            let (table, worse) = compare::compare(&baseline, &current, tolerance)?;
+            print!("{table}");
+            if worse && fail_on_worse {
+                std::process::exit(1);
             }
             return Ok(());
         }
