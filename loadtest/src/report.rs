@@ -108,6 +108,8 @@ pub struct Tick {
     pub deltas_per_s: f64,
     pub ack_p99_ms: f64,
     pub hub_rss_kib: u64,
+    /// Hub CPU over the second, percent of one core (0 when the hub pid is unknown).
+    pub hub_cpu_pct: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -141,6 +143,8 @@ pub struct Monitor {
     timeline: Vec<Tick>,
     rss_max: u64,
     last: (Instant, u64, u64),
+    /// Hub CPU seconds at the previous tick.
+    last_cpu: f64,
     /// Changes merged and deltas received when the measured window closed.
     at_stop: Option<(u64, u64)>,
     /// The same counters when the measured window opened.
@@ -157,6 +161,7 @@ impl Monitor {
             timeline: Vec::new(),
             rss_max: start_sample.hub_rss_kib,
             last: (Instant::now(), 0, 0),
+            last_cpu: start_sample.hub_cpu_s,
             at_stop: None,
             start_counts: (0, 0),
         }
@@ -166,6 +171,7 @@ impl Monitor {
     pub fn reset(&mut self, stats: &Stats) {
         self.start_sample = proc_stats::sample(self.hub_pid);
         self.start_cpu = proc_stats::own_cpu_seconds();
+        self.last_cpu = self.start_sample.hub_cpu_s;
         self.last = (Instant::now(), stats.merged_total(), stats.deltas_received.load(Ordering::Relaxed));
         self.start_counts = (self.last.1, self.last.2);
     }
@@ -189,11 +195,13 @@ impl Monitor {
             deltas_per_s: (deltas - self.last.2) as f64 / dt,
             ack_p99_ms: p99,
             hub_rss_kib: sample.hub_rss_kib,
+            hub_cpu_pct: (sample.hub_cpu_s - self.last_cpu).max(0.0) / dt * 100.0,
         };
+        self.last_cpu = sample.hub_cpu_s;
         let errors: u64 = stats.errors.lock().unwrap().values().sum();
         eprint!(
-            "\r{:>6.1}s  merged {:>9} ({:>8.0}/s)  deltas {:>9} ({:>8.0}/s)  ack p99 {:>7.2} ms  errors {:>5}  hub rss {:>7} KiB   ",
-            tick.t_s, merged, tick.changes_merged_per_s, deltas, tick.deltas_per_s, p99, errors, sample.hub_rss_kib
+            "\r{:>6.1}s  merged {:>9} ({:>8.0}/s)  deltas {:>9} ({:>8.0}/s)  ack p99 {:>7.2} ms  errors {:>5}  hub cpu {:>4.0}%  rss {:>7} KiB   ",
+            tick.t_s, merged, tick.changes_merged_per_s, deltas, tick.deltas_per_s, p99, errors, tick.hub_cpu_pct, sample.hub_rss_kib
         );
         self.timeline.push(tick);
         self.last = (now, merged, deltas);
