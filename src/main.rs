@@ -9,6 +9,9 @@ use synchub::config::{Config, Secret};
 use synchub::embedded_pg::{ClusterOptions, PgCluster};
 use synchub::{demo, server, telemetry};
 
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "synchub", version, about = "Realtime sync hub for offline-first apps")]
 struct Cli {
