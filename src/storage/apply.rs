@@ -4,12 +4,14 @@
 //! one of them fails, the group is redone change by change under savepoints so that only the
 //! bad change is rejected.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use protocol::{Change, ChangeResult, ChangeStatus, Delta, ErrorCode, Hlc, Object, Op};
 use serde_json::{json, Value};
 use sqlx::postgres::PgDatabaseError;
+use sqlx::types::Json;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
@@ -337,7 +339,8 @@ async fn apply_group(
 
     // 5. Log entries, deltas, conflict records and results of the decided changes.
     let mut deltas = Vec::with_capacity(state.next_ordinal as usize);
-    let mut log = LogColumns::default();
+    // For each delta: its pending change and log op; the log borrows the deltas' row images.
+    let mut logged: Vec<(usize, &'static str)> = Vec::with_capacity(state.next_ordinal as usize);
     let mut conflicts = Vec::new();
     let mut results_by_change: HashMap<(usize, usize), ChangeResult> = HashMap::new();
     for decided in &state.decided {
@@ -348,7 +351,7 @@ async fn apply_group(
         let decision = &decided.decision;
         if let Some(seq) = seq {
             let (op, old) = log_op_and_old(decision, decided.before.as_ref(), decided.after.as_ref());
-            log.push(seq, pend, &slot.key, op, decided.after.clone(), old.clone());
+            logged.push((decided.pending, op));
             deltas.push(Delta {
                 seq,
                 table: pend.table.name.clone(),
@@ -396,6 +399,7 @@ async fn apply_group(
     let (cursor_devices, (cursor_users, cursor_seqs)): (Vec<&str>, (Vec<&str>, Vec<i64>)) =
         devices_users.iter().map(|(d, (u, s))| (*d, (*u, *s as i64))).unzip();
     let versions = RowVersionColumns::of(&state, head);
+    let log = LogColumns::of(&deltas, logged.iter().map(|&(p, op)| (&pending[p], op)));
     // One statement for the hub's own bookkeeping: log, versions, conflicts and cursors.
     sqlx::query(
         "with log as (\
@@ -496,11 +500,11 @@ fn log_op_and_old(decision: &Decision, before: Option<&Object>, after: Option<&O
         (Effect::Delete, _) => ("delete", before.cloned()),
         (_, None) => ("insert", None),
         (_, Some(before)) => {
-            let after = after.cloned().unwrap_or_default();
             let changed: Object = after
-                .keys()
-                .filter(|k| before.get(*k) != after.get(*k))
-                .map(|k| (k.clone(), before.get(k).cloned().unwrap_or(Value::Null)))
+                .into_iter()
+                .flat_map(|after| after.iter())
+                .filter(|(k, v)| before.get(*k) != Some(*v))
+                .map(|(k, _)| (k.clone(), before.get(k).cloned().unwrap_or(Value::Null)))
                 .collect();
             ("update", Some(changed))
         }
@@ -633,12 +637,13 @@ async fn merge_and_write(
         let Some(row_key) = &pend.row_key else { continue };
         // unwrap: load_rows created a slot for every key it normalized.
         let slot = state.rows.get_mut(&(pend.table.name.clone(), row_key.clone())).expect("row slot");
-        // Key and tenant columns are identity, not fields to merge.
-        let mut fields = pend.change.fields.clone();
-        fields.remove(&pend.table.tenant_column);
-        pend.table.key.iter().for_each(|k| {
-            fields.remove(k);
-        });
+        // Key and tenant columns are identity, not fields to merge (copied only when present).
+        let identity = |c: &String| *c == pend.table.tenant_column || pend.table.key.contains(c);
+        let fields = if pend.change.fields.keys().any(identity) {
+            Cow::Owned(pend.change.fields.iter().filter(|(c, _)| !identity(c)).map(|(c, v)| (c.clone(), v.clone())).collect())
+        } else {
+            Cow::Borrowed(&pend.change.fields)
+        };
         let incoming = Incoming { op: pend.change.op, fields: &fields, clock: pend.clock.clone(), base_version: pend.change.base_version };
         let decision = merge::decide(&slot.state, &incoming, pend.table.policy);
         let before = slot.state.values.clone();
@@ -669,7 +674,7 @@ async fn merge_and_write(
     for ((_, table_name, kind, columns), (positions, rows)) in plan {
         let table = pending[state.decided[positions[0]].pending].table.clone();
         let cols: Vec<&str> = columns.iter().map(String::as_str).collect();
-        let images: HashMap<String, Object> = if kind == WriteKind::Update && cols.is_empty() {
+        let mut images: HashMap<String, Object> = if kind == WriteKind::Update && cols.is_empty() {
             HashMap::new() // nothing but the key: the row stays as it is
         } else {
             let sql = match kind {
@@ -688,7 +693,8 @@ async fn merge_and_write(
             let slot = state.rows.get_mut(&(table_name.clone(), row_key.clone()));
             let after = match kind {
                 WriteKind::Delete => None,
-                _ => images.get(&row_key).cloned().or_else(|| slot.as_ref().and_then(|s| s.state.values.clone())),
+                // A statement touches a row once: its image is taken, not copied.
+                _ => images.remove(&row_key).or_else(|| slot.as_ref().and_then(|s| s.state.values.clone())),
             };
             // Keep the database's rendering of the row for later changes and the log.
             if let (Some(slot), Some(image)) = (slot, &after) {
@@ -700,38 +706,58 @@ async fn merge_and_write(
     Ok(())
 }
 
-/// Columns of the change log insert, one vector per column.
-#[derive(Default)]
-struct LogColumns {
+/// Columns of the change log insert, one vector per column, borrowing the deltas' images and
+/// the changes as written (no copy of a row per change).
+struct LogColumns<'a> {
     seq: Vec<i64>,
-    table: Vec<String>,
+    table: Vec<&'a str>,
     op: Vec<&'static str>,
-    pk: Vec<Value>,
-    new_row: Vec<Option<Value>>,
-    old: Vec<Option<Value>>,
-    written: Vec<Option<Value>>,
-    origin: Vec<String>,
-    user: Vec<Option<String>>,
+    pk: Vec<Json<&'a Object>>,
+    new_row: Vec<Option<Json<&'a Object>>>,
+    old: Vec<Option<Json<&'a Object>>>,
+    written: Vec<Option<Json<&'a Object>>>,
+    origin: Vec<&'a str>,
+    user: Vec<Option<&'a str>>,
     change_id: Vec<Uuid>,
     device_seq: Vec<i64>,
     wall: Vec<i64>,
     counter: Vec<i32>,
 }
 
-impl LogColumns {
-    fn push(&mut self, seq: Seq, pend: &Pending<'_>, key: &Object, op: &'static str, new_row: Option<Object>, old: Option<Object>) {
-        self.seq.push(seq as i64);
-        self.table.push(pend.table.name.clone());
-        self.op.push(op);
-        self.pk.push(Value::Object(key.clone()));
-        self.new_row.push(new_row.map(Value::Object));
-        self.old.push(old.map(Value::Object));
-        self.written.push((pend.change.op == Op::Upsert).then(|| Value::Object(pend.change.fields.clone())));
-        self.origin.push(pend.clock.device.clone());
-        self.user.push(pend.clock.user.clone());
-        self.change_id.push(pend.change.change_id);
-        self.device_seq.push(pend.change.device_seq as i64);
-        self.wall.push(pend.clock.hlc.wall_ms as i64);
-        self.counter.push(pend.clock.hlc.counter as i32);
+impl<'a> LogColumns<'a> {
+    /// One entry per delta, with the pending change it came from and its log op.
+    fn of(deltas: &'a [Delta], changes: impl Iterator<Item = (&'a Pending<'a>, &'static str)>) -> LogColumns<'a> {
+        let n = deltas.len();
+        let mut log = LogColumns {
+            seq: Vec::with_capacity(n),
+            table: Vec::with_capacity(n),
+            op: Vec::with_capacity(n),
+            pk: Vec::with_capacity(n),
+            new_row: Vec::with_capacity(n),
+            old: Vec::with_capacity(n),
+            written: Vec::with_capacity(n),
+            origin: Vec::with_capacity(n),
+            user: Vec::with_capacity(n),
+            change_id: Vec::with_capacity(n),
+            device_seq: Vec::with_capacity(n),
+            wall: Vec::with_capacity(n),
+            counter: Vec::with_capacity(n),
+        };
+        for (delta, (pend, op)) in deltas.iter().zip(changes) {
+            log.seq.push(delta.seq as i64);
+            log.table.push(&delta.table);
+            log.op.push(op);
+            log.pk.push(Json(&delta.key));
+            log.new_row.push(delta.row.as_ref().map(Json));
+            log.old.push(delta.old.as_ref().map(Json));
+            log.written.push((pend.change.op == Op::Upsert).then_some(Json(&pend.change.fields)));
+            log.origin.push(&pend.clock.device);
+            log.user.push(pend.clock.user.as_deref());
+            log.change_id.push(pend.change.change_id);
+            log.device_seq.push(pend.change.device_seq as i64);
+            log.wall.push(pend.clock.hlc.wall_ms as i64);
+            log.counter.push(pend.clock.hlc.counter as i32);
+        }
+        log
     }
 }
