@@ -343,12 +343,17 @@ async fn apply_group(
     let mut logged: Vec<(usize, &'static str)> = Vec::with_capacity(state.next_ordinal as usize);
     let mut conflicts = Vec::new();
     let mut results_by_change: HashMap<(usize, usize), ChangeResult> = HashMap::new();
-    for decided in &state.decided {
+    for decided in state.decided.iter_mut() {
         let pend = &pending[decided.pending];
         let row_key = pend.row_key.clone().unwrap_or_default();
         let slot = &state.rows[&(pend.table.name.clone(), row_key)];
         let seq = decided.ordinal.map(|o| head + o + 1);
         let decision = &decided.decision;
+        let status = if decision.rejection.is_some() { ChangeStatus::Rejected } else { decision.status };
+        let row = match status {
+            ChangeStatus::Merged | ChangeStatus::Conflict => decided.after.clone().or_else(|| slot.state.values.clone()),
+            _ => None,
+        };
         if let Some(seq) = seq {
             let (op, old) = log_op_and_old(decision, decided.before.as_ref(), decided.after.as_ref());
             logged.push((decided.pending, op));
@@ -357,7 +362,8 @@ async fn apply_group(
                 table: pend.table.name.clone(),
                 op: if op == "delete" { Op::Delete } else { Op::Upsert },
                 key: slot.key.clone(),
-                row: decided.after.clone(),
+                // The delta owns the image from here on (the log borrows it from the delta).
+                row: decided.after.take(),
                 old,
                 origin: Some(batches[pend.batch].device.to_string()),
                 change_id: Some(pend.change.change_id),
@@ -376,11 +382,6 @@ async fn apply_group(
                 "change_id": pend.change.change_id, "batch_id": batches[pend.batch].batch_id, "seq": seq,
             }));
         }
-        let status = if decision.rejection.is_some() { ChangeStatus::Rejected } else { decision.status };
-        let row = match status {
-            ChangeStatus::Merged | ChangeStatus::Conflict => decided.after.clone().or_else(|| slot.state.values.clone()),
-            _ => None,
-        };
         results_by_change.insert(
             (pend.batch, pend.index),
             ChangeResult {
