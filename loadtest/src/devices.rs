@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use protocol::{Change, ChangeStatus, ClientFrame, Hlc, Object, Op, ServerFrame};
+use protocol::{Change, ClientFrame, Hlc, Object, Op, ServerFrame};
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::{watch, Semaphore};
@@ -324,19 +324,7 @@ async fn receive_loop(
         match frame {
             Ok(ServerFrame::Ack { results, .. }) => {
                 stats.batches_acked.fetch_add(1, Ordering::Relaxed);
-                for r in &results {
-                    let counter = match r.status {
-                        ChangeStatus::Applied => &stats.applied,
-                        ChangeStatus::Merged => &stats.merged,
-                        ChangeStatus::Conflict => &stats.conflict,
-                        ChangeStatus::Rejected => {
-                            stats.error(r.reason.map(|c| c.as_str()).unwrap_or("rejected"));
-                            &stats.rejected
-                        }
-                        ChangeStatus::Duplicate => &stats.duplicate,
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                }
+                stats.count_results(&results);
                 let _ = acks.send(results).await;
             }
             Ok(ServerFrame::Delta { deltas, .. }) => {

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use protocol::{ChangeStatus, ClientFrame, ServerFrame};
+use protocol::{ClientFrame, ServerFrame};
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -314,19 +314,7 @@ async fn receive(
                         }
                     }
                 }
-                for r in &results {
-                    let counter = match r.status {
-                        ChangeStatus::Applied => &stats.applied,
-                        ChangeStatus::Merged => &stats.merged,
-                        ChangeStatus::Conflict => &stats.conflict,
-                        ChangeStatus::Rejected => {
-                            stats.error(r.reason.map(|c| c.as_str()).unwrap_or("rejected"));
-                            &stats.rejected
-                        }
-                        ChangeStatus::Duplicate => &stats.duplicate,
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                }
+                stats.count_results(&results);
                 let _ = acked.try_send(());
             }
             Ok(ServerFrame::Delta { deltas, .. }) => {

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use protocol::ChangeStatus;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -76,6 +77,23 @@ impl Stats {
 
     pub fn delivery_latency(&self, d: Duration) {
         let _ = self.delivery_latency.lock().unwrap().record(micros(d));
+    }
+
+    /// Count the outcome of each change of an ack (rejections also by their reason).
+    pub fn count_results(&self, results: &[protocol::ChangeResult]) {
+        for r in results {
+            let counter = match r.status {
+                ChangeStatus::Applied => &self.applied,
+                ChangeStatus::Merged => &self.merged,
+                ChangeStatus::Conflict => &self.conflict,
+                ChangeStatus::Rejected => {
+                    self.error(r.reason.map(|c| c.as_str()).unwrap_or("rejected"));
+                    &self.rejected
+                }
+                ChangeStatus::Duplicate => &self.duplicate,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     pub fn merged_total(&self) -> u64 {
