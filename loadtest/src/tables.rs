@@ -16,6 +16,11 @@ fn num(v: &Value, path: &[&str]) -> f64 {
     path.iter().try_fold(v, |v, k| v.get(*k)).and_then(Value::as_f64).unwrap_or(0.0)
 }
 
+/// Errors of a report, all codes together.
+fn error_count(report: &Value) -> u64 {
+    report.get("errors").and_then(Value::as_object).map(|m| m.values().filter_map(Value::as_u64).sum()).unwrap_or(0)
+}
+
 /// Merge throughput of the hub against the plain-SQL ceiling, per batch size and conflict rate.
 fn merge_table(dir: &Path) -> String {
     let mut out = String::from(
@@ -55,7 +60,7 @@ fn latency_table(dir: &Path) -> String {
         Some(r) => {
             let devices = num(&r, &["parameters", "devices"]);
             let offered = devices * num(&r, &["parameters", "rate"]);
-            let errors: u64 = r.get("errors").and_then(Value::as_object).map(|m| m.values().filter_map(Value::as_u64).sum()).unwrap_or(0);
+            let errors = error_count(&r);
             out.push_str(&format!(
                 "| {devices:.0} | {offered:.0} | {:.0} | {:.0} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} | {errors:.0} |\n",
                 num(&r, &["changes_merged_per_s"]),
@@ -164,7 +169,7 @@ fn replay_table(dir: &Path) -> String {
     for copies in [100, 400] {
         let Some(r) = load(dir, &format!("replay-{copies}")) else { continue };
         any = true;
-        let errors: u64 = r.get("errors").and_then(Value::as_object).map(|m| m.values().filter_map(Value::as_u64).sum()).unwrap_or(0);
+        let errors = error_count(&r);
         out.push_str(&format!(
             "| {:.0} devices, {:.0} changes in {:.0} s | {copies} | {}× | {:.0} | {:.0} | {:.0} | {:.1} / {:.1} | {:.1} / {:.1} | {errors} | {:.1} | {:.1} | {:.0} |\n",
             num(&r, &["parameters", "recorded", "devices"]),
