@@ -115,6 +115,17 @@ impl Receiver {
 impl Client {
     /// `hello` and catch-up until `up_to_date`; returns the position reached.
     pub async fn handshake(&mut self, token: String, device: &str, position: Option<Position>) -> Result<Position> {
+        self.handshake_with(token, device, position, |_| {}).await
+    }
+
+    /// [`Client::handshake`], handing every catch-up page's deltas to `seen` (deliveries too).
+    pub async fn handshake_with(
+        &mut self,
+        token: String,
+        device: &str,
+        position: Option<Position>,
+        mut seen: impl FnMut(&[protocol::Delta]),
+    ) -> Result<Position> {
         self.sender
             .send(&ClientFrame::Hello { id: 1, versions: vec![1], token, device_id: Some(device.to_string()), position })
             .await?;
@@ -125,7 +136,7 @@ impl Client {
         };
         loop {
             match self.receiver.recv().await? {
-                ServerFrame::CatchUp { .. } => {}
+                ServerFrame::CatchUp { deltas, .. } => seen(&deltas),
                 ServerFrame::UpToDate { seq } => return Ok(Position { epoch, seq }),
                 ServerFrame::MustResync { epoch, head_seq, .. } => {
                     // A load generator keeps no rows: resume at the head.

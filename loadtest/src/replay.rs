@@ -64,6 +64,17 @@ struct Shared {
 }
 
 impl Shared {
+    /// Deltas that reached a device, live or by catch-up, timed when their push was.
+    fn count_deliveries(&self, deltas: &[protocol::Delta]) {
+        self.stats.deltas_received.fetch_add(deltas.len() as u64, Ordering::Relaxed);
+        let timed = self.timed.lock().unwrap();
+        for d in deltas {
+            if let Some(sent) = d.change_id.and_then(|id| timed.get(&id)) {
+                self.stats.delivery_latency(sent.elapsed());
+            }
+        }
+    }
+
     /// When a recorded instant is due in this run.
     fn due(&self, t_us: u64) -> Instant {
         if self.speed <= 0.0 {
@@ -207,7 +218,9 @@ async fn play_session(
         let _permit = connecting.acquire().await;
         let connected = async {
             let mut client = target.connect(n).await?;
-            client.handshake(token(), name, None).await?;
+            // A device that connects after others pushed gets their changes by catch-up:
+            // those are deliveries too.
+            client.handshake_with(token(), name, None, |deltas| shared.count_deliveries(deltas)).await?;
             Ok::<_, LoadError>(client)
         };
         match connected.await {
@@ -317,18 +330,7 @@ async fn receive(
                 stats.count_results(&results);
                 let _ = acked.try_send(());
             }
-            Ok(ServerFrame::Delta { deltas, .. }) => {
-                stats.deltas_received.fetch_add(deltas.len() as u64, Ordering::Relaxed);
-                let timed = shared.timed.lock().unwrap();
-                for d in &deltas {
-                    if let Some(sent) = d.change_id.and_then(|id| timed.get(&id)) {
-                        stats.delivery_latency(sent.elapsed());
-                    }
-                }
-            }
-            Ok(ServerFrame::CatchUp { deltas, .. }) => {
-                stats.deltas_received.fetch_add(deltas.len() as u64, Ordering::Relaxed);
-            }
+            Ok(ServerFrame::Delta { deltas, .. } | ServerFrame::CatchUp { deltas, .. }) => shared.count_deliveries(&deltas),
             Ok(ServerFrame::Error { id, code, .. }) => {
                 stats.error(code.as_str());
                 // A refused push is answered: stop waiting for its ack.
