@@ -232,6 +232,14 @@ async fn lock_cursors(conn: &mut PgConnection, tenant: &TenantId, devices: &[&st
         .await
 }
 
+/// Undo everything since the group's savepoint (taken when the transaction began), then lock
+/// the devices' cursors again, as they were locked after it.
+async fn back_to_group_start(conn: &mut PgConnection, tenant: &TenantId, devices: &[&str]) -> sqlx::Result<()> {
+    sqlx::query("rollback to savepoint synchub_group").execute(&mut *conn).await?;
+    lock_cursors(conn, tenant, devices).await?;
+    Ok(())
+}
+
 async fn apply_group(
     conn: &mut PgConnection,
     catalog: &Catalog,
@@ -300,9 +308,7 @@ async fn apply_group(
         }
         // Rare: start over from the rows as loaded (reading them again is cheaper than
         // keeping a copy of the group's state on the common path).
-        // The savepoint was taken when the transaction began: lock the cursors again.
-        sqlx::query("rollback to savepoint synchub_group").execute(&mut *conn).await?;
-        lock_cursors(conn, tenant, &devices).await?;
+        back_to_group_start(conn, tenant, &devices).await?;
         state = load_all_rows(conn, tenant, &devices, &mut pending, &mut outcomes).await?;
         for &p in &all {
             let pend = &pending[p];
@@ -552,8 +558,7 @@ async fn load_all_rows(
         if value_error(&err).is_none() {
             return Err(err.into());
         }
-        sqlx::query("rollback to savepoint synchub_group").execute(&mut *conn).await?;
-        lock_cursors(conn, tenant, devices).await?;
+        back_to_group_start(conn, tenant, devices).await?;
         state = MergeState::default();
         for p in 0..pending.len() {
             sqlx::query("savepoint synchub_change").execute(&mut *conn).await?;
