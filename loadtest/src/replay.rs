@@ -247,7 +247,7 @@ async fn play_session(
             break;
         }
         next_id += 1;
-        let id = &next_id;
+        let id = next_id;
         let frame = match frame {
             ClientFrame::Push { batch_id, changes, .. } => {
                 let changes: Vec<_> = {
@@ -265,12 +265,12 @@ async fn play_session(
                 shared.timed.lock().unwrap().extend(changes.iter().map(|c| (c.change_id, now)));
                 shared.stats.changes_sent.fetch_add(changes.len() as u64, Ordering::Relaxed);
                 let recorded_seqs = changes.iter().map(|c| c.device_seq + offset).collect();
-                pending.lock().unwrap().insert(*id, (now, recorded_seqs));
-                ClientFrame::Push { id: *id, batch_id: remap.uuid(*batch_id), changes }
+                pending.lock().unwrap().insert(id, (now, recorded_seqs));
+                ClientFrame::Push { id: id, batch_id: remap.uuid(*batch_id), changes }
             }
-            ClientFrame::Auth { .. } => ClientFrame::Auth { id: *id, token: token() },
+            ClientFrame::Auth { .. } => ClientFrame::Auth { id: id, token: token() },
             ClientFrame::Snapshot { table, after, limit, .. } => ClientFrame::Snapshot {
-                id: *id,
+                id: id,
                 table: table.clone(),
                 after: after.as_ref().map(|a| remap.object(a, &device.tenant, &shared.keys)),
                 limit: *limit,
@@ -278,7 +278,7 @@ async fn play_session(
             // A recorded resume names the recorded epoch and seq; the replayed device catches
             // up in its own tenant instead (its handshake resumed at the head if told to).
             ClientFrame::Resume { .. } | ClientFrame::Hello { .. } => continue,
-            ClientFrame::Ping { .. } => ClientFrame::Ping { id: *id },
+            ClientFrame::Ping { .. } => ClientFrame::Ping { id: id },
         };
         let is_push = matches!(frame, ClientFrame::Push { .. });
         if let Err(err) = client.sender.send(&frame).await {
