@@ -612,6 +612,7 @@ async fn messagepack_session_interoperates_with_json() {
     let mut m = Client::connect(hub.addr, Encoding::MsgPack).await;
     let hello_id = m.next_id();
     m.send(&ClientFrame::Hello {
+        mode: Default::default(),
         id: hello_id,
         versions: vec![1],
         token: token(TENANT, &user_of("pos-mp"), "Employee", Some("pos-mp")),

@@ -436,7 +436,7 @@ async fn bad_frames_get_their_documented_codes_and_the_socket_stays_open() {
 
     // A second hello, even a valid one: already_authenticated.
     let id = c.next_id();
-    c.send(&ClientFrame::Hello { id, versions: vec![1], token: token("store-1", "user-pos-1", "Employee", Some("pos-1")), device_id: None, position: None }).await;
+    c.send(&ClientFrame::Hello { mode: Default::default(), id, versions: vec![1], token: token("store-1", "user-pos-1", "Employee", Some("pos-1")), device_id: None, position: None }).await;
     assert_eq!(next_error(&mut c).await, refusal(ErrorCode::AlreadyAuthenticated, Some(id)));
     still_open(&mut c).await;
 
@@ -782,7 +782,7 @@ async fn too_many_bad_frames_close_the_socket_with_4009() {
     let id = send_push(&mut c, vec![]).await;
     assert_eq!(next_error(&mut c).await, refusal(ErrorCode::InvalidBatch, Some(id)));
     let id = c.next_id();
-    c.send(&ClientFrame::Hello { id, versions: vec![1], token: token("store-1", "user-pos-1", "Employee", Some("pos-1")), device_id: None, position: None }).await;
+    c.send(&ClientFrame::Hello { mode: Default::default(), id, versions: vec![1], token: token("store-1", "user-pos-1", "Employee", Some("pos-1")), device_id: None, position: None }).await;
     assert_eq!(next_error(&mut c).await, refusal(ErrorCode::AlreadyAuthenticated, Some(id)));
     // Pings and pushes whose changes are rejected are not bad frames.
     for _ in 0..3 {
@@ -823,7 +823,7 @@ async fn a_failed_hello_closes_with_its_code() {
     /// Send a hello; the hub must answer exactly one error and then close.
     async fn refused_hello(hub: &TestHub, token: String, device: Option<&str>, versions: Vec<u32>) -> (Refusal, u16) {
         let mut c = hub.client().await;
-        c.send(&ClientFrame::Hello { id: 1, versions, token, device_id: device.map(Into::into), position: None }).await;
+        c.send(&ClientFrame::Hello { mode: Default::default(), id: 1, versions, token, device_id: device.map(Into::into), position: None }).await;
         let refusal = next_error(&mut c).await;
         let (frames, code) = frames_until_close(&mut c).await;
         assert_eq!(frames, vec![], "nothing after the error but the close");
@@ -867,14 +867,14 @@ async fn a_failed_hello_closes_with_its_code() {
         );
     }
     let mut c = Client::connect(hub.addr, Encoding::MsgPack).await;
-    c.send(&ClientFrame::Hello { id: 1, versions: vec![99], token: token("store-1", "u", "Employee", Some("d1")), device_id: None, position: None }).await;
+    c.send(&ClientFrame::Hello { mode: Default::default(), id: 1, versions: vec![99], token: token("store-1", "u", "Employee", Some("d1")), device_id: None, position: None }).await;
     assert_eq!(next_error(&mut c).await, refusal(ErrorCode::UnsupportedVersion, Some(1)));
     assert_eq!(frames_until_close(&mut c).await, (vec![], 4003));
 
     // The counter-checks: a token without a device claim and hello.device_id given, and
     // versions with one in common, are welcome.
     let mut c = hub.client().await;
-    c.send(&ClientFrame::Hello { id: 1, versions: vec![99, 1, 0], token: token("store-1", "u", "Employee", None), device_id: Some("d9".into()), position: None }).await;
+    c.send(&ClientFrame::Hello { mode: Default::default(), id: 1, versions: vec![99, 1, 0], token: token("store-1", "u", "Employee", None), device_id: Some("d9".into()), position: None }).await;
     match c.recv().await {
         ServerFrame::Welcome { id, version, device_id, .. } => assert_eq!((id, version, device_id.as_str()), (1, 1, "d9")),
         other => panic!("expected welcome, got {other:?}"),

@@ -250,7 +250,7 @@ mod tests {
     }
 
     fn hello() -> CaptureEvent {
-        let frame = ClientFrame::Hello { id: 1, versions: vec![1], token: String::new(), device_id: None, position: None };
+        let frame = ClientFrame::Hello { mode: Default::default(), id: 1, versions: vec![1], token: String::new(), device_id: None, position: None };
         CaptureEvent::Frame { msgpack: true, frame }
     }
 

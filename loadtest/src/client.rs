@@ -127,7 +127,7 @@ impl Client {
         mut seen: impl FnMut(&[protocol::Delta]),
     ) -> Result<Position> {
         self.sender
-            .send(&ClientFrame::Hello { id: 1, versions: vec![1], token, device_id: Some(device.to_string()), position })
+            .send(&ClientFrame::Hello { mode: Default::default(), id: 1, versions: vec![1], token, device_id: Some(device.to_string()), position })
             .await?;
         let epoch = match self.receiver.recv().await? {
             ServerFrame::Welcome { epoch, .. } => epoch,

@@ -279,6 +279,23 @@ async fn play_session(
             // up in its own tenant instead (its handshake resumed at the head if told to).
             ClientFrame::Resume { .. } | ClientFrame::Hello { .. } => continue,
             ClientFrame::Ping { .. } => ClientFrame::Ping { id: id },
+            // Filter values may name keys or the tenant: they are renamed like row values.
+            ClientFrame::Subscribe { sub, table, filter, snapshot, channel, .. } => ClientFrame::Subscribe {
+                id,
+                sub: sub.clone(),
+                table: table.clone(),
+                filter: filter
+                    .iter()
+                    .map(|c| {
+                        let single: protocol::Object = [(c.column.clone(), c.value.clone())].into_iter().collect();
+                        let renamed = remap.object(&single, &device.tenant, &shared.keys);
+                        protocol::Condition { value: renamed.get(&c.column).cloned().unwrap_or_default(), ..c.clone() }
+                    })
+                    .collect(),
+                snapshot: *snapshot,
+                channel: *channel,
+            },
+            ClientFrame::Unsubscribe { sub, .. } => ClientFrame::Unsubscribe { id, sub: sub.clone() },
         };
         let is_push = matches!(frame, ClientFrame::Push { .. });
         if let Err(err) = client.sender.send(&frame).await {

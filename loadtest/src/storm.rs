@@ -186,7 +186,7 @@ pub async fn run(target: Target, tokens: TokenSource, args: StormArgs, hub_pid: 
             let mut client = target.connect(n).await?;
             client
                 .sender
-                .send(&ClientFrame::Hello { id: 1, versions: vec![1], token, device_id: Some(device.clone()), position: Some(position) })
+                .send(&ClientFrame::Hello { mode: Default::default(), id: 1, versions: vec![1], token, device_id: Some(device.clone()), position: Some(position) })
                 .await?;
             loop {
                 match client.receiver.recv().await? {

@@ -74,6 +74,7 @@ mod tests {
     #[test]
     fn entries_round_trip_as_json_lines_without_tokens() {
         let hello = ClientFrame::Hello {
+            mode: Default::default(),
             id: 1,
             versions: vec![1],
             token: "eyJsecret".into(),

@@ -55,6 +55,18 @@ pub enum ErrorCode {
     ShuttingDown,
     /// An unexpected error inside the hub.
     Internal,
+    /// The socket already holds `max_subscriptions_per_session` subscriptions.
+    TooManySubscriptions,
+    /// More rows match than a subscription snapshot may hold; narrow the filter.
+    SnapshotTooLarge,
+    /// No subscription of that name on this socket.
+    UnknownSubscription,
+    /// A filter names an unknown column, an unknown operator, or `in` without an array.
+    InvalidFilter,
+    /// The requested object does not exist (HTTP API).
+    NotFound,
+    /// The conflict was already resolved or dismissed (HTTP API).
+    ConflictNotOpen,
 }
 
 impl ErrorCode {
@@ -90,6 +102,12 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Internal => "internal",
+            ErrorCode::TooManySubscriptions => "too_many_subscriptions",
+            ErrorCode::SnapshotTooLarge => "snapshot_too_large",
+            ErrorCode::UnknownSubscription => "unknown_subscription",
+            ErrorCode::InvalidFilter => "invalid_filter",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::ConflictNotOpen => "conflict_not_open",
         }
     }
 }

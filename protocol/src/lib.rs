@@ -10,6 +10,7 @@
 pub mod capture;
 pub mod codec;
 mod error_codes;
+pub mod filter;
 
 pub use codec::{DecodeError, Encoding};
 pub use error_codes::{CloseCode, ErrorCode};
@@ -92,6 +93,9 @@ pub enum ClientFrame {
         /// Last position the device applied; absent on first start (catch up from 0).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         position: Option<Position>,
+        /// `dashboard` opens a read-only session that receives only what it subscribes to.
+        #[serde(default, skip_serializing_if = "SessionMode::is_device")]
+        mode: SessionMode,
     },
     /// A batch of the device's changes, in `device_seq` order.
     Push {
@@ -115,6 +119,71 @@ pub enum ClientFrame {
     },
     /// Application-level keepalive; answered with `pong`.
     Ping { id: RequestId },
+    /// Subscribe to a table's rows that match a filter (optionally with a snapshot first), or
+    /// to a channel (`conflicts`, `presence`). Exactly one of `table` and `channel`.
+    Subscribe {
+        id: RequestId,
+        /// The client's name for the subscription, unique on the socket (1 to 64 characters).
+        sub: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        table: Option<String>,
+        /// Conditions that must all hold (table subscriptions only).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        filter: Vec<Condition>,
+        /// Send the matching rows as `sub_rows` pages before the live `sub_delta`s.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        snapshot: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        channel: Option<Channel>,
+    },
+    Unsubscribe { id: RequestId, sub: String },
+}
+
+/// What a session is for: a device that syncs, or a read-only dashboard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionMode {
+    #[default]
+    Device,
+    Dashboard,
+}
+
+impl SessionMode {
+    pub fn is_device(&self) -> bool {
+        *self == SessionMode::Device
+    }
+}
+
+/// Channels a session can subscribe to besides tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Channel {
+    /// Conflicts opened and resolved in the tenant (manager roles only).
+    Conflicts,
+    /// Which sessions of the tenant are online.
+    Presence,
+}
+
+/// Comparison of a filter condition; see [`filter`] for the exact semantics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FilterOp {
+    Eq,
+    Neq,
+    Lt,
+    Lte,
+    Gt,
+    Gte,
+    /// `value` is an array; the column equals one of its elements.
+    In,
+}
+
+/// One condition of a subscription filter: `row[column] <op> value`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Condition {
+    pub column: String,
+    pub op: FilterOp,
+    pub value: Value,
 }
 
 impl ClientFrame {
@@ -125,6 +194,8 @@ impl ClientFrame {
             | ClientFrame::Auth { id, .. }
             | ClientFrame::Resume { id, .. }
             | ClientFrame::Snapshot { id, .. }
+            | ClientFrame::Subscribe { id, .. }
+            | ClientFrame::Unsubscribe { id, .. }
             | ClientFrame::Ping { id } => *id,
         }
     }
@@ -272,6 +343,24 @@ pub enum ServerFrame {
     /// Reply to `auth`: the new token is in force until `expires_at` (Unix seconds).
     AuthOk { id: RequestId, expires_at: u64 },
     Pong { id: RequestId },
+    /// Reply to `subscribe`: the subscription is in force. For a table, every matching change
+    /// after `seq` follows in `sub_delta` frames (after the `sub_rows` pages of a snapshot).
+    Subscribed { id: RequestId, sub: String, seq: u64 },
+    /// A page of a subscription's snapshot, read at `seq`; `last` on the final page.
+    SubRows { sub: String, rows: Vec<SnapshotRow>, seq: u64, last: bool },
+    /// Changes matching a table subscription, in seq order, covering up to `seq`. A row that
+    /// stops matching (or is deleted) comes with `op: "delete"` and its previous image in `old`.
+    SubDelta { sub: String, deltas: Vec<Delta>, seq: u64 },
+    /// Everyone online in the tenant (first after `subscribed`, and again after diffs were lost).
+    Presence { sub: String, online: Vec<PresenceEntry> },
+    /// Sessions that came online or went away since the previous presence frame.
+    PresenceDiff { sub: String, joins: Vec<PresenceEntry>, leaves: Vec<PresenceEntry> },
+    /// A conflict was opened (logged by a merge) or resolved; `open` counts the tenant's open ones.
+    Conflict { sub: String, event: ConflictEvent, conflict: Box<ConflictRecord>, open: u64 },
+    /// Reply to `unsubscribe`.
+    Unsubscribed { id: RequestId, sub: String },
+    /// An ephemeral message to every session of the tenant; never stored.
+    Broadcast { channel: String, payload: Value },
     Error {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<RequestId>,
@@ -280,4 +369,78 @@ pub enum ServerFrame {
         /// True when the same request may succeed if retried later.
         temporary: bool,
     },
+}
+
+/// One online session of the tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceEntry {
+    pub session_id: Uuid,
+    pub device_id: String,
+    pub user_id: String,
+    pub role: String,
+    pub mode: SessionMode,
+    /// When the session came online, Unix milliseconds.
+    pub since_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConflictEvent {
+    Opened,
+    Resolved,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReviewStatus {
+    Open,
+    Resolved,
+    Dismissed,
+}
+
+/// One side of a conflict: the value, its clock and who wrote it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConflictSide {
+    pub value: Value,
+    pub hlc: Hlc,
+    pub device: String,
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Row version of the stored value (server side only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+}
+
+/// A logged conflict on one field, as the review API and the `conflicts` channel show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConflictRecord {
+    pub id: i64,
+    pub table: String,
+    pub key: Object,
+    pub field: String,
+    pub status: ReviewStatus,
+    /// `server` (the stored value stayed) or `incoming` (the pushed value was written).
+    pub winner: String,
+    /// `lww`, `client_wins` or `delete_wins`.
+    pub policy: String,
+    pub base_version: u64,
+    /// Seq of the change that met the conflict, when it wrote anything.
+    #[serde(default)]
+    pub seq: Option<u64>,
+    pub server: ConflictSide,
+    pub incoming: ConflictSide,
+    pub change_id: Uuid,
+    pub batch_id: Uuid,
+    /// RFC 3339.
+    pub created_at: String,
+    #[serde(default)]
+    pub reviewed_by: Option<String>,
+    #[serde(default)]
+    pub reviewed_at: Option<String>,
+    /// `keep`, `take_other` or `value`, once resolved.
+    #[serde(default)]
+    pub resolution: Option<String>,
+    /// Seq of the change that wrote the resolution.
+    #[serde(default)]
+    pub resolution_seq: Option<u64>,
 }

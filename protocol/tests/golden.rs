@@ -16,8 +16,9 @@ use std::path::PathBuf;
 use proptest::prelude::*;
 use protocol::codec::{self, DecodeError, Encoding};
 use protocol::{
-    Change, ChangeResult, ChangeStatus, ClientFrame, CloseCode, Delta, ErrorCode, Hlc, Limits, Object, Op, Position,
-    ServerFrame, SnapshotRow,
+    Change, ChangeResult, ChangeStatus, Channel, ClientFrame, CloseCode, Condition, ConflictEvent, ConflictRecord, ConflictSide,
+    Delta, ErrorCode, FilterOp, Hlc, Limits, Object, Op, Position, PresenceEntry, ReviewStatus, ServerFrame, SessionMode,
+    SnapshotRow,
 };
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -144,10 +145,194 @@ fn s(name: &'static str, frame: ServerFrame) -> Golden {
 
 fn goldens() -> Vec<Golden> {
     vec![
+
+        // ---- subscriptions, presence, conflicts, broadcasts ----
+        c(
+            "client_hello_dashboard",
+            ClientFrame::Hello {
+                mode: SessionMode::Dashboard,
+                id: 1,
+                versions: vec![1],
+                token: TOKEN.into(),
+                device_id: None,
+                position: None,
+            },
+        ),
+        c(
+            "client_subscribe",
+            ClientFrame::Subscribe {
+                id: 20,
+                sub: "low-stock".into(),
+                table: Some("products".into()),
+                filter: vec![
+                    Condition { column: "stock".into(), op: FilterOp::Lt, value: json!(10) },
+                    Condition { column: "active".into(), op: FilterOp::Eq, value: json!(true) },
+                ],
+                snapshot: true,
+                channel: None,
+            },
+        ),
+        c(
+            "client_subscribe_orders_today",
+            ClientFrame::Subscribe {
+                id: 21,
+                sub: "orders-today".into(),
+                table: Some("orders".into()),
+                filter: vec![
+                    Condition { column: "store_id".into(), op: FilterOp::In, value: json!(["store-7"]) },
+                    Condition { column: "opened_at".into(), op: FilterOp::Gte, value: json!("2024-11-15") },
+                    Condition { column: "status".into(), op: FilterOp::Neq, value: json!("void") },
+                ],
+                snapshot: false,
+                channel: None,
+            },
+        ),
+        c(
+            "client_subscribe_conflicts",
+            ClientFrame::Subscribe { id: 22, sub: "conflicts".into(), table: None, filter: vec![], snapshot: false, channel: Some(Channel::Conflicts) },
+        ),
+        c(
+            "client_subscribe_presence",
+            ClientFrame::Subscribe { id: 23, sub: "who".into(), table: None, filter: vec![], snapshot: false, channel: Some(Channel::Presence) },
+        ),
+        c("client_unsubscribe", ClientFrame::Unsubscribe { id: 24, sub: "low-stock".into() }),
+        s("server_subscribed", ServerFrame::Subscribed { id: 20, sub: "low-stock".into(), seq: 1045 }),
+        s(
+            "server_sub_rows",
+            ServerFrame::SubRows {
+                sub: "low-stock".into(),
+                rows: vec![SnapshotRow {
+                    row: obj(json!({"id": CROISSANT, "tenant_id": TENANT, "sku": "BAK-CR-01", "name": "Butter croissant",
+                                    "price_cents": 310, "stock": 4, "active": true})),
+                    version: 1042,
+                }],
+                seq: 1045,
+                last: true,
+            },
+        ),
+        s(
+            "server_sub_delta",
+            ServerFrame::SubDelta {
+                sub: "low-stock".into(),
+                deltas: vec![
+                    Delta {
+                        seq: 1047,
+                        table: "products".into(),
+                        op: Op::Upsert,
+                        key: key(FLAT_WHITE),
+                        row: Some(obj(json!({"id": FLAT_WHITE, "tenant_id": TENANT, "sku": "BEV-FW-01", "name": "Flat white",
+                                             "price_cents": 420, "stock": 9, "active": true}))),
+                        old: Some(obj(json!({"stock": 10}))),
+                        origin: Some(TILL_2.into()),
+                        change_id: Some(uuid("01933052-1d40-7a11-8b22-c3d4e5f6a7b8")),
+                    },
+                    Delta {
+                        seq: 1049,
+                        table: "products".into(),
+                        op: Op::Delete,
+                        key: key(CROISSANT),
+                        row: None,
+                        old: Some(obj(json!({"id": CROISSANT, "tenant_id": TENANT, "sku": "BAK-CR-01", "name": "Butter croissant",
+                                             "price_cents": 310, "stock": 4, "active": true}))),
+                        origin: None,
+                        change_id: None,
+                    },
+                ],
+                seq: 1049,
+            },
+        ),
+        s(
+            "server_presence",
+            ServerFrame::Presence {
+                sub: "who".into(),
+                online: vec![
+                    PresenceEntry {
+                        session_id: uuid("0193304f-8c00-7e5a-b1c2-d3e4f5a6b7c8"),
+                        device_id: TILL_1.into(),
+                        user_id: "u_4821".into(),
+                        role: "Employee".into(),
+                        mode: SessionMode::Device,
+                        since_ms: 1_731_661_300_000,
+                    },
+                    PresenceEntry {
+                        session_id: uuid("01933050-0a00-7b11-8c22-d3e4f5a6b7c9"),
+                        device_id: "dashboard:01933050-0a00-7b11-8c22-d3e4f5a6b7c9".into(),
+                        user_id: "u_0007".into(),
+                        role: "Manager".into(),
+                        mode: SessionMode::Dashboard,
+                        since_ms: 1_731_661_320_500,
+                    },
+                ],
+            },
+        ),
+        s(
+            "server_presence_diff",
+            ServerFrame::PresenceDiff {
+                sub: "who".into(),
+                joins: vec![PresenceEntry {
+                    session_id: uuid("01933052-77aa-7c01-9d12-e3f4a5b6c7d8"),
+                    device_id: TILL_2.into(),
+                    user_id: "u_5120".into(),
+                    role: "Employee".into(),
+                    mode: SessionMode::Device,
+                    since_ms: 1_731_661_402_250,
+                }],
+                leaves: vec![],
+            },
+        ),
+        s(
+            "server_conflict",
+            ServerFrame::Conflict {
+                sub: "conflicts".into(),
+                event: ConflictEvent::Opened,
+                conflict: Box::new(ConflictRecord {
+                    id: 17,
+                    table: "products".into(),
+                    key: key(OAT_LATTE),
+                    field: "price_cents".into(),
+                    status: ReviewStatus::Open,
+                    winner: "incoming".into(),
+                    policy: "lww".into(),
+                    base_version: 1040,
+                    seq: Some(1050),
+                    server: ConflictSide {
+                        value: json!(480),
+                        hlc: hlc(1_731_661_380_000, 0),
+                        device: TILL_1.into(),
+                        user: Some("u_4821".into()),
+                        version: Some(1046),
+                    },
+                    incoming: ConflictSide {
+                        value: json!(450),
+                        hlc: hlc(1_731_661_390_120, 2),
+                        device: TILL_2.into(),
+                        user: Some("u_5120".into()),
+                        version: None,
+                    },
+                    change_id: uuid("01933053-0b10-7e21-8f32-a4b5c6d7e8f9"),
+                    batch_id: uuid("01933053-0b0f-7d20-9e31-f3a4b5c6d7e8"),
+                    created_at: "2024-11-15T09:03:11.204Z".into(),
+                    reviewed_by: None,
+                    reviewed_at: None,
+                    resolution: None,
+                    resolution_seq: None,
+                }),
+                open: 3,
+            },
+        ),
+        s("server_unsubscribed", ServerFrame::Unsubscribed { id: 24, sub: "low-stock".into() }),
+        s(
+            "server_broadcast",
+            ServerFrame::Broadcast {
+                channel: "alerts".into(),
+                payload: json!({"text": "Card terminals are offline: take cash only", "level": "warning"}),
+            },
+        ),
         // ---- client frames ----
         c(
             "client_hello",
             ClientFrame::Hello {
+                mode: Default::default(),
                 id: 1,
                 versions: vec![1],
                 token: TOKEN.into(),
@@ -157,7 +342,7 @@ fn goldens() -> Vec<Golden> {
         ),
         c(
             "client_hello_first_start",
-            ClientFrame::Hello { id: 1, versions: vec![1], token: TOKEN.into(), device_id: None, position: None },
+            ClientFrame::Hello { mode: Default::default(), id: 1, versions: vec![1], token: TOKEN.into(), device_id: None, position: None },
         ),
         c(
             "client_push",
@@ -495,9 +680,27 @@ fn msgpack_to_value(bytes: &[u8]) -> Value {
     serde::Deserialize::deserialize(&mut de).expect("msgpack decodes to a generic value")
 }
 
-const CLIENT_TYPES: [&str; 6] = ["hello", "push", "auth", "resume", "snapshot", "ping"];
-const SERVER_TYPES: [&str; 10] =
-    ["welcome", "ack", "catch_up", "up_to_date", "delta", "must_resync", "snapshot_page", "auth_ok", "pong", "error"];
+const CLIENT_TYPES: [&str; 8] = ["hello", "push", "auth", "resume", "snapshot", "ping", "subscribe", "unsubscribe"];
+const SERVER_TYPES: [&str; 18] = [
+    "welcome",
+    "ack",
+    "catch_up",
+    "up_to_date",
+    "delta",
+    "must_resync",
+    "snapshot_page",
+    "auth_ok",
+    "pong",
+    "error",
+    "subscribed",
+    "sub_rows",
+    "sub_delta",
+    "presence",
+    "presence_diff",
+    "conflict",
+    "unsubscribed",
+    "broadcast",
+];
 
 /// Exhaustive on purpose: a new variant fails to compile here until it gets a golden vector.
 fn client_type(f: &ClientFrame) -> &'static str {
@@ -508,6 +711,8 @@ fn client_type(f: &ClientFrame) -> &'static str {
         ClientFrame::Resume { .. } => "resume",
         ClientFrame::Snapshot { .. } => "snapshot",
         ClientFrame::Ping { .. } => "ping",
+        ClientFrame::Subscribe { .. } => "subscribe",
+        ClientFrame::Unsubscribe { .. } => "unsubscribe",
     }
 }
 
@@ -523,11 +728,19 @@ fn server_type(f: &ServerFrame) -> &'static str {
         ServerFrame::AuthOk { .. } => "auth_ok",
         ServerFrame::Pong { .. } => "pong",
         ServerFrame::Error { .. } => "error",
+        ServerFrame::Subscribed { .. } => "subscribed",
+        ServerFrame::SubRows { .. } => "sub_rows",
+        ServerFrame::SubDelta { .. } => "sub_delta",
+        ServerFrame::Presence { .. } => "presence",
+        ServerFrame::PresenceDiff { .. } => "presence_diff",
+        ServerFrame::Conflict { .. } => "conflict",
+        ServerFrame::Unsubscribed { .. } => "unsubscribed",
+        ServerFrame::Broadcast { .. } => "broadcast",
     }
 }
 
 /// Every ErrorCode; `error_code_index` is exhaustive so a new code fails to compile here.
-const ALL_ERROR_CODES: [ErrorCode; 24] = [
+const ALL_ERROR_CODES: [ErrorCode; 30] = [
     ErrorCode::MalformedFrame,
     ErrorCode::UnknownType,
     ErrorCode::UnsupportedVersion,
@@ -552,6 +765,12 @@ const ALL_ERROR_CODES: [ErrorCode; 24] = [
     ErrorCode::Unavailable,
     ErrorCode::ShuttingDown,
     ErrorCode::Internal,
+    ErrorCode::TooManySubscriptions,
+    ErrorCode::SnapshotTooLarge,
+    ErrorCode::UnknownSubscription,
+    ErrorCode::InvalidFilter,
+    ErrorCode::NotFound,
+    ErrorCode::ConflictNotOpen,
 ];
 
 fn error_code_index(c: ErrorCode) -> usize {
@@ -581,6 +800,12 @@ fn error_code_index(c: ErrorCode) -> usize {
         Unavailable => 21,
         ShuttingDown => 22,
         Internal => 23,
+        TooManySubscriptions => 24,
+        SnapshotTooLarge => 25,
+        UnknownSubscription => 26,
+        InvalidFilter => 27,
+        NotFound => 28,
+        ConflictNotOpen => 29,
     }
 }
 

@@ -17,7 +17,7 @@ use protocol::{CatchUpRef, Delta};
 use protocol::{ClientFrame, CloseCode, Encoding, ErrorCode, Limits, Position, ServerFrame, SUPPORTED_VERSIONS};
 use uuid::Uuid;
 
-use super::messages::{ApplyBatch, Encoded, LiveFrame, RecentLog, SessionControl, SharedFrame, Subscribe, Unsubscribe};
+use super::messages::{ApplyBatch, Encoded, LiveFrame, Notice, RecentLog, SessionControl, SharedFrame, Subscribe, Unsubscribe};
 use super::sweep::{unix_ms, SessionHandle};
 use super::tenant::TenantActor;
 use crate::auth::{unix_now, Identity};
@@ -250,6 +250,10 @@ impl DeviceSession {
             ClientFrame::Auth { token, .. } => self.refresh_token(ctx, id, &token),
             ClientFrame::Resume { position, .. } => self.resume(ctx, id, position),
             ClientFrame::Snapshot { table, after, limit, .. } => self.snapshot(ctx, id, table, after, limit),
+            // Handled once sessions hold subscriptions.
+            ClientFrame::Subscribe { .. } | ClientFrame::Unsubscribe { .. } => {
+                self.bad_frame(ctx, Some(id), ErrorCode::UnknownType, "subscriptions are not served yet".into())
+            }
         }
     }
 
@@ -299,7 +303,7 @@ impl DeviceSession {
         self.set_token_deadline(identity.expires_at);
         self.auth = Some(Authenticated { identity: identity.clone(), device: device.clone(), tenant: tenant.clone() });
         self.recording = self.hub.recorder.as_ref().is_some_and(|r| r.records(identity.tenant.as_str()));
-        let hello = ClientFrame::Hello { id, versions, token: String::new(), device_id: Some(device.to_string()), position: position.clone() };
+        let hello = ClientFrame::Hello { mode: Default::default(), id, versions, token: String::new(), device_id: Some(device.to_string()), position: position.clone() };
         self.record(CaptureEvent::Frame { msgpack: self.encoding == Encoding::MsgPack, frame: hello });
         self.phase = Phase::Starting;
         let subscribe = Subscribe {
@@ -307,6 +311,7 @@ impl DeviceSession {
             device: device.clone(),
             live: ctx.address().recipient(),
             control: ctx.address().recipient(),
+            notices: ctx.address().recipient(),
         };
         let store = self.hub.store.clone();
         let tenant_id = identity.tenant.clone();
@@ -794,6 +799,22 @@ impl Handler<LiveFrame> for DeviceSession {
                     }
                 }
                 Phase::AwaitHello | Phase::AwaitResume => {}
+            }
+        }
+    }
+}
+
+impl Handler<Notice> for DeviceSession {
+    type Result = ();
+
+    fn handle(&mut self, notice: Notice, ctx: &mut Self::Context) {
+        if self.closed || self.phase == Phase::AwaitHello {
+            return;
+        }
+        match notice {
+            Notice::Broadcast(frame) => {
+                let encoded = frame.encoded(self.encoding);
+                self.write(ctx, encoded);
             }
         }
     }

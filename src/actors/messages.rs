@@ -28,6 +28,7 @@ pub struct Subscribe {
     pub device: DeviceId,
     pub live: Recipient<LiveFrame>,
     pub control: Recipient<SessionControl>,
+    pub notices: Recipient<Notice>,
 }
 
 #[derive(Message)]
@@ -45,6 +46,44 @@ pub struct Unsubscribe {
 pub struct RecentLog {
     pub after: Seq,
     pub limit: u32,
+}
+
+/// An ephemeral message for every session of the tenant (never stored). Answers how many
+/// sessions it was handed to.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct Broadcast {
+    pub channel: String,
+    pub payload: serde_json::Value,
+}
+
+/// Tenant-wide events for sessions, besides the change stream.
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub enum Notice {
+    /// The same frame for everyone, encoded once per encoding.
+    Broadcast(Arc<SharedServerFrame>),
+}
+
+/// A hub frame that many sessions send unchanged, encoded at most once per encoding.
+pub struct SharedServerFrame {
+    pub frame: ServerFrame,
+    json: OnceLock<Encoded>,
+    msgpack: OnceLock<Encoded>,
+}
+
+impl SharedServerFrame {
+    pub fn new(frame: ServerFrame) -> SharedServerFrame {
+        SharedServerFrame { frame, json: OnceLock::new(), msgpack: OnceLock::new() }
+    }
+
+    pub fn encoded(&self, encoding: Encoding) -> Encoded {
+        let cell = match encoding {
+            Encoding::Json => &self.json,
+            Encoding::MsgPack => &self.msgpack,
+        };
+        cell.get_or_init(|| Encoded::of(encoding, &self.frame)).clone()
+    }
 }
 
 /// Rows were written to the tenant's log by someone else (another SQL client).

@@ -11,7 +11,9 @@ use actix::prelude::*;
 use protocol::{ChangeResult, Delta};
 use tokio::sync::oneshot;
 
-use super::messages::{ApplyBatch, LiveFrame, LogAppended, RecentLog, SessionControl, SharedFrame, Subscribe, Unsubscribe};
+use super::messages::{
+    ApplyBatch, Broadcast, LiveFrame, LogAppended, Notice, RecentLog, SessionControl, SharedFrame, SharedServerFrame, Subscribe, Unsubscribe,
+};
 use super::registry::TenantRegistry;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -31,6 +33,7 @@ struct Subscriber {
     device: DeviceId,
     live: Recipient<LiveFrame>,
     control: Recipient<SessionControl>,
+    notices: Recipient<Notice>,
     /// A frame could not be delivered; the session must be told to catch up.
     lagged: bool,
 }
@@ -415,7 +418,10 @@ impl Handler<Subscribe> for TenantActor {
                 let _ = old.control.try_send(SessionControl::Replaced);
             }
         }
-        self.sessions.insert(msg.session, Subscriber { device: msg.device, live: msg.live, control: msg.control, lagged: false });
+        self.sessions.insert(
+            msg.session,
+            Subscriber { device: msg.device, live: msg.live, control: msg.control, notices: msg.notices, lagged: false },
+        );
     }
 }
 
@@ -425,6 +431,16 @@ impl Handler<Unsubscribe> for TenantActor {
     fn handle(&mut self, msg: Unsubscribe, _ctx: &mut Context<Self>) {
         self.sessions.remove(&msg.session);
         self.last_activity = Instant::now();
+    }
+}
+
+impl Handler<Broadcast> for TenantActor {
+    type Result = usize;
+
+    fn handle(&mut self, msg: Broadcast, _ctx: &mut Context<Self>) -> usize {
+        let frame = Arc::new(SharedServerFrame::new(protocol::ServerFrame::Broadcast { channel: msg.channel, payload: msg.payload }));
+        // Ephemeral: a session whose mailbox is full misses it.
+        self.sessions.values().filter(|s| s.notices.try_send(Notice::Broadcast(frame.clone())).is_ok()).count()
     }
 }
 

@@ -221,7 +221,7 @@ impl Client {
     /// `hello`, returning the `welcome` frame's (epoch, head_seq).
     pub async fn hello(&mut self, token: &str, device: Option<&str>, position: Option<Position>) -> (String, u64) {
         let id = self.next_id();
-        self.send(&ClientFrame::Hello { id, versions: vec![1], token: token.into(), device_id: device.map(Into::into), position }).await;
+        self.send(&ClientFrame::Hello { mode: Default::default(), id, versions: vec![1], token: token.into(), device_id: device.map(Into::into), position }).await;
         match self.recv().await {
             ServerFrame::Welcome { id: got, epoch, head_seq, .. } => {
                 assert_eq!(got, id);
