@@ -5,6 +5,8 @@
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{decode, decode_header, Algorithm, DecodingKey, Validation};
 use protocol::ErrorCode;
+use std::sync::Arc;
+
 use serde_json::Value;
 
 use crate::config::Config;
@@ -21,6 +23,8 @@ pub struct Identity {
     pub device: Option<DeviceId>,
     /// `exp`, Unix seconds.
     pub expires_at: u64,
+    /// Every claim of the token, for rules that compare rows with a claim.
+    pub claims: Arc<Value>,
 }
 
 struct VerifyingKey {
@@ -146,12 +150,18 @@ impl TokenVerifier {
         let required = |path: &[String], name: &str| -> Result<String> {
             text(path, name)?.ok_or_else(|| invalid(format!("token lacks the {name} claim `{}`", path.join("."))))
         };
+        let tenant = required(&self.claim_tenant, "tenant")?;
+        // The tenant becomes a Postgres setting and text value, which cannot hold NUL.
+        if tenant.contains('\0') {
+            return Err(invalid("the tenant claim contains a NUL character".into()));
+        }
         Ok(Identity {
-            tenant: TenantId::new(required(&self.claim_tenant, "tenant")?),
+            tenant: TenantId::new(tenant),
             user: UserId::new(required(&self.claim_user, "user")?),
             role: required(&self.claim_role, "role")?,
             device: text(&self.claim_device, "device")?.map(DeviceId::new),
             expires_at: claims.get("exp").and_then(Value::as_u64).unwrap_or(0),
+            claims: Arc::new(claims),
         })
     }
 }
@@ -218,6 +228,10 @@ mod tests {
         let mut no_tenant = base.clone();
         no_tenant.as_object_mut().unwrap().remove("tenant_id");
         assert_eq!(v.verify(&mint_hs256("s3cret", &no_tenant)).unwrap_err().code(), ErrorCode::InvalidToken);
+
+        let mut nul = base.clone();
+        nul["tenant_id"] = json!("t\u{0}x");
+        assert_eq!(v.verify(&mint_hs256("s3cret", &nul)).unwrap_err().code(), ErrorCode::InvalidToken);
 
         let mut future = base;
         future["nbf"] = json!(unix_now() + 3600);

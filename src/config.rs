@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::rules::RuleConfig;
 
 /// A secret that never appears in logs or debug output.
 #[derive(Clone, Default, Deserialize)]
@@ -154,6 +155,16 @@ pub struct Config {
 
     /// Tables to register at start-up.
     pub tables: Vec<TableConfig>,
+
+    // ---- roles and rules ----
+    /// `[[rules]]`: per table and role, read/write access, a row restriction to a claim, and
+    /// hidden columns (see [`crate::rules`]). Default none: every role reads and writes
+    /// everything of its tenant.
+    pub rules: Vec<RuleConfig>,
+    /// Run every tenant-scoped transaction as the Postgres role `synchub_tenant`, whose
+    /// row-level security policies admit only the tenant's rows. Default true; turn it off
+    /// where the hub's login may not create or use that role.
+    pub row_level_security: bool,
 }
 
 impl Default for Config {
@@ -197,6 +208,8 @@ impl Default for Config {
             record_tenants: Vec::new(),
             record_queue_entries: 65_536,
             tables: Vec::new(),
+            rules: Vec::new(),
+            row_level_security: true,
         }
     }
 }
@@ -250,6 +263,7 @@ impl Config {
         if self.group_commit_max_changes < self.max_batch_changes {
             return Err(Error::Config("group_commit_max_changes must be at least max_batch_changes".into()));
         }
+        crate::rules::Rules::from_config(&self.rules)?;
         Ok(())
     }
 
@@ -314,6 +328,18 @@ mod tests {
         assert!(toml::Value::Table(table).try_into::<Config>().is_err());
         let config = Config { max_batch_changes: 0, ..Config::default() };
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn rules_are_read_and_validated() {
+        let text = "[[rules]]\ntable = \"work_orders\"\nrole = \"Employee\"\naccess = \"read_write\"\nrow_column = \"employee_id\"\n\
+                    [[rules]]\ntable = \"*\"\nrole = \"Manager\"\naccess = \"read_write\"\n";
+        let config: Config = toml::from_str(text).unwrap();
+        assert_eq!(config.rules.len(), 2);
+        assert!(config.row_level_security);
+        assert!(config.validate().is_ok());
+        let twice = Config { rules: vec![config.rules[0].clone(), config.rules[0].clone()], ..Config::default() };
+        assert!(twice.validate().is_err());
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //!
 //! # Layout
 //! - [`config`]: every setting and limit, from a TOML file and `SYNCHUB_*` variables.
-//! - [`auth`]: JWT → [`auth::Identity`] (tenant, user, role, device).
+//! - [`auth`]: JWT → [`auth::Identity`] (tenant, user, role, device, claims).
+//! - [`rules`]: roles and rules: which tables and rows a role reads and writes, hidden columns.
 //! - [`transport`]: the WebSocket endpoint: frames, codec, byte budget, heartbeats.
 //! - [`actors`]: one `DeviceSession` per socket, one `TenantActor` per tenant (serial merges,
 //!   group commit, fan-out after commit), and the registry that finds tenant actors.
@@ -26,6 +27,7 @@ pub mod error;
 pub mod ids;
 pub mod metrics;
 pub mod recorder;
+pub mod rules;
 pub mod server;
 pub mod storage;
 pub mod sync;

@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::ids::{SessionId, TenantId};
 use crate::metrics::{Gauges, Metrics};
 use crate::recorder::Recorder;
+use crate::rules::Rules;
 use crate::storage::Store;
 
 /// Shared state of a running hub, handed to every session.
@@ -33,6 +34,8 @@ pub struct Hub {
     /// Every open session with its deadlines, for the session clock and for shutdown.
     pub sessions: DashMap<SessionId, SessionHandle>,
     pub metrics: Arc<Metrics>,
+    /// Roles and rules (`[[rules]]`): what each identity may read and write.
+    pub rules: Rules,
     /// Present when `record_file` is set.
     pub recorder: Option<Recorder>,
     accepting: AtomicBool,
@@ -59,6 +62,7 @@ pub struct RunningHub {
 pub async fn start(config: Config) -> Result<RunningHub> {
     let config = Arc::new(config);
     let verifier = TokenVerifier::from_config(&config)?;
+    let rules = Rules::from_config(&config.rules)?;
     let store = Store::open(&config).await?;
     let arbiters: Vec<Arbiter> = (0..config.workers).map(|_| Arbiter::new()).collect();
     let metrics = Arc::new(Metrics::default());
@@ -74,6 +78,7 @@ pub async fn start(config: Config) -> Result<RunningHub> {
         store: store.clone(),
         sessions: DashMap::new(),
         metrics,
+        rules,
         recorder,
         accepting: AtomicBool::new(true),
     });

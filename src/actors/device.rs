@@ -441,7 +441,8 @@ impl DeviceSession {
         }
         // unwrap: only authenticated sessions reach here.
         let auth = self.auth.as_ref().expect("authenticated");
-        let input = BatchInput { device: auth.device.clone(), user: auth.identity.user.clone(), batch_id, changes };
+        let access = self.hub.rules.view_for(&auth.identity);
+        let input = BatchInput { device: auth.device.clone(), user: auth.identity.user.clone(), batch_id, changes, access };
         self.pushes_in_flight += 1;
         self.hub.metrics.batches_pushed.fetch_add(1, Ordering::Relaxed);
         self.to_forward.push_back((id, batch_id, input));
@@ -526,14 +527,15 @@ impl DeviceSession {
     fn snapshot(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: u64, table: String, after: Option<protocol::Object>, limit: Option<u32>) {
         let store = self.hub.store.clone();
         // unwrap: only authenticated sessions reach here.
-        let tenant = self.auth.as_ref().expect("authenticated").identity.tenant.clone();
+        let identity = &self.auth.as_ref().expect("authenticated").identity;
+        let (tenant, access) = (identity.tenant.clone(), self.hub.rules.view_for(identity));
         let limit = limit.unwrap_or(self.hub.config.snapshot_page_rows).clamp(1, self.hub.config.snapshot_page_rows);
         let work = async move {
             let catalog = store.catalog_with(&table).await;
             let Some(schema) = catalog.get(&table).cloned() else {
                 return Err(Error::client(ErrorCode::UnknownTable, format!("`{table}` is not a synced table")));
             };
-            let (rows, seq, epoch) = store.snapshot_page(&tenant, &schema, after.as_ref(), limit).await.map_err(|e| match e {
+            let (rows, seq, epoch) = store.snapshot_page(&tenant, &schema, after.as_ref(), limit, access.as_deref()).await.map_err(|e| match e {
                 Error::Database(ref db) if db.as_database_error().is_some() => {
                     Error::client(ErrorCode::InvalidKey, "`after` does not match the table's primary key")
                 }

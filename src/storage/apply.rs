@@ -19,6 +19,7 @@ use super::catalog::{Catalog, TableSchema};
 use super::Store;
 use crate::error::{Error, Result};
 use crate::ids::{DeviceId, Seq, TenantId, UserId};
+use crate::rules::AccessView;
 use crate::sync::merge::{self, Decision, Effect, FieldClock, Incoming, RowState};
 
 /// One device's pushed batch, as handed to storage.
@@ -28,6 +29,8 @@ pub struct BatchInput {
     pub user: UserId,
     pub batch_id: Uuid,
     pub changes: Vec<Change>,
+    /// What the pushing identity may write; `None`: everything.
+    pub access: Option<Arc<AccessView>>,
 }
 
 /// What a committed group produced.
@@ -58,6 +61,8 @@ struct Pending<'a> {
     batch: usize,
     index: usize,
     change: &'a Change,
+    /// The pushing identity's rules; `None`: unrestricted.
+    access: Option<&'a AccessView>,
     table: Arc<TableSchema>,
     /// Normalized key (as Postgres renders it), set once the row has been read.
     row_key: Option<String>,
@@ -94,6 +99,8 @@ struct Decided {
     after: Option<Object>,
     /// Position among the changes that wrote something; `None` when it wrote nothing.
     ordinal: Option<u64>,
+    /// Why the change was refused, when the rules refused it.
+    forbidden: Option<String>,
 }
 
 struct Outcome {
@@ -211,10 +218,11 @@ impl Store {
         // sequential scan of the whole table; a key lookup is always the right plan here.
         // JIT off: the disabled plan's nominal cost would otherwise trigger it.
         let mut tx = self
-            .pool
-            .begin_with(
-                "begin; select set_config('synchub.origin', 'hub', true), set_config('enable_seqscan', 'off', true), \
-                 set_config('jit', 'off', true); savepoint synchub_group",
+            .begin_tenant_with(
+                tenant,
+                "begin",
+                &[("synchub.origin", "hub"), ("enable_seqscan", "off"), ("jit", "off")],
+                "savepoint synchub_group",
             )
             .await?;
         let output = apply_group(&mut tx, &catalog, tenant, batches, limits).await?;
@@ -280,6 +288,11 @@ async fn apply_group(
                 outcomes[b][i] = Some(bad);
                 continue;
             }
+            // Rules that need no row: the table is writable, no hidden column is written.
+            if let Some(Err(why)) = batch.access.as_ref().map(|a| a.check_columns(change)) {
+                outcomes[b][i] = Some(reject(ErrorCode::Forbidden, why));
+                continue;
+            }
             let (hlc, clamped) = merge::clamp_hlc(change.hlc, now, limits.max_clock_skew_ms);
             if clamped {
                 tracing::warn!(tenant = %tenant, device = %batch.device, change = %change.change_id, wall_ms = change.hlc.wall_ms, "clock too far ahead; clamped");
@@ -288,6 +301,7 @@ async fn apply_group(
                 batch: b,
                 index: i,
                 change,
+                access: batch.access.as_deref(),
                 table: table.clone(),
                 row_key: None,
                 clock: FieldClock { hlc, device: batch.device.to_string(), user: Some(batch.user.to_string()), version: 0 },
@@ -397,7 +411,10 @@ async fn apply_group(
                 seq,
                 lost_fields: decision.lost_fields.clone(),
                 reason: decision.rejection,
-                message: decision.rejection.map(|_| "the row was deleted; re-create it under a new key".to_string()),
+                message: decided
+                    .forbidden
+                    .take()
+                    .or_else(|| decision.rejection.map(|_| "the row was deleted; re-create it under a new key".to_string())),
                 row,
             },
         );
@@ -650,11 +667,24 @@ async fn merge_and_write(
         } else {
             Cow::Borrowed(&pend.change.fields)
         };
+        // Rules on the row as it stands now (loaded and locked, with the group's earlier
+        // changes laid over): a refused change is decided as nothing written, nothing logged.
+        if let Some(Err(why)) = pend.access.map(|a| a.check_row(pend.change, slot.state.values.as_ref())) {
+            let decision = Decision {
+                status: ChangeStatus::Rejected,
+                effect: Effect::Nothing,
+                lost_fields: vec![],
+                conflicts: vec![],
+                rejection: Some(ErrorCode::Forbidden),
+            };
+            state.decided.push(Decided { pending: p, decision, before: None, after: None, ordinal: None, forbidden: Some(why) });
+            continue;
+        }
         let incoming = Incoming { op: pend.change.op, fields: &fields, clock: pend.clock.clone(), base_version: pend.change.base_version };
         let decision = merge::decide(&slot.state, &incoming, pend.table.policy);
         let before = slot.state.values.clone();
         if decision.effect == Effect::Nothing {
-            state.decided.push(Decided { pending: p, decision, before, after: None, ordinal: None });
+            state.decided.push(Decided { pending: p, decision, before, after: None, ordinal: None, forbidden: None });
             continue;
         }
         let ordinal = state.next_ordinal;
@@ -674,7 +704,7 @@ async fn merge_and_write(
         let entry = plan.entry((round, pend.table.name.clone(), kind, columns)).or_default();
         entry.0.push(state.decided.len());
         entry.1.push(Value::Object(json_row));
-        state.decided.push(Decided { pending: p, decision, before, after: None, ordinal: Some(ordinal) });
+        state.decided.push(Decided { pending: p, decision, before, after: None, ordinal: Some(ordinal), forbidden: None });
     }
 
     for ((_, table_name, kind, columns), (positions, rows)) in plan {

@@ -123,12 +123,14 @@ impl TableSchema {
         )
     }
 
-    /// Snapshot page: `$1` tenant, `$2` key to start after (jsonb, may be null), `$3` limit.
-    pub fn snapshot_sql(&self) -> String {
+    /// Snapshot page: `$1` tenant, `$2` key to start after (jsonb, may be null), `$3` limit;
+    /// `row_restricted`: only rows whose column `$4`, as text, is `$5`.
+    pub fn snapshot_sql(&self, row_restricted: bool) -> String {
         format!(
             "select {keyobj} as key, to_jsonb(t) as row from {table} t \
-             where {tenant} and ($2::jsonb is null or ({tk}) > (select {ak} from jsonb_populate_record(null::{table}, $2) a)) \
+             where {tenant} and ($2::jsonb is null or ({tk}) > (select {ak} from jsonb_populate_record(null::{table}, $2) a)) {restricted}\
              order by {tk} limit $3",
+            restricted = if row_restricted { "and (to_jsonb(t) ->> $4::text) = $5::text " } else { "" },
             table = self.name,
             keyobj = self.key_object("t"),
             tenant = self.tenant_match("t"),
@@ -214,14 +216,20 @@ impl Catalog {
     }
 }
 
-/// Register a table through the SQL function (which also installs the capture trigger).
-pub async fn register_table(pool: &PgPool, name: &str, tenant_column: &str, policy: MergePolicy) -> Result<()> {
+/// Register a table through the SQL function, which also installs the capture trigger and,
+/// with `row_level_security`, the tenant policies (which needs ownership of the table).
+pub async fn register_table(pool: &PgPool, name: &str, tenant_column: &str, policy: MergePolicy, row_level_security: bool) -> Result<()> {
+    let rls = if row_level_security { "on" } else { "off" };
+    let fail = |e: sqlx::Error| Error::Config(format!("cannot register table {name}: {e}"));
+    let mut tx = pool.begin().await?;
+    sqlx::query("select set_config('synchub.row_level_security', $1, true)").bind(rls).execute(&mut *tx).await?;
     sqlx::query("select synchub.register_table($1::regclass, $2, $3)")
         .bind(name)
         .bind(tenant_column)
         .bind(policy.as_str())
-        .execute(pool)
+        .execute(&mut *tx)
         .await
-        .map_err(|e| Error::Config(format!("cannot register table {name}: {e}")))?;
+        .map_err(fail)?;
+    tx.commit().await?;
     Ok(())
 }

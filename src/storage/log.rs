@@ -1,13 +1,15 @@
 //! Reads of the change log and of tenant state: the tenant's head and epoch, catch-up pages
-//! after a position, and snapshot pages of a table's current rows with their versions.
+//! after a position, and snapshot pages of a table's current rows with their versions. Each
+//! read is a transaction scoped to its tenant ([`Store::begin_tenant`]).
 
-use protocol::{Delta, Object, Op, SnapshotRow};
+use protocol::{Delta, ErrorCode, Object, Op, SnapshotRow};
 use serde_json::Value;
 use sqlx::Row;
 
 use super::Store;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ids::{Seq, TenantId};
+use crate::rules::AccessView;
 use crate::storage::catalog::TableSchema;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,14 +30,16 @@ impl Store {
     /// The tenant's head, creating the tenant on first sight.
     pub async fn tenant_head(&self, tenant: &TenantId) -> Result<TenantHead> {
         let _read = self.read_permit().await?;
+        let mut tx = self.begin_tenant(tenant).await?;
         let row = sqlx::query(
             "with ins as (insert into synchub.tenants (tenant_id) values ($1) on conflict do nothing returning epoch, head_seq, log_floor) \
              select epoch, head_seq, log_floor from ins union all \
              select epoch, head_seq, log_floor from synchub.tenants where tenant_id = $1 limit 1",
         )
         .bind(tenant.as_str())
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(TenantHead {
             epoch: row.get("epoch"),
             head_seq: row.get::<i64, _>("head_seq") as Seq,
@@ -47,9 +51,10 @@ impl Store {
     /// head seq as of the read.
     pub async fn read_log(&self, tenant: &TenantId, after: Seq, upto: Option<Seq>, limit: u32) -> Result<(Vec<Delta>, Seq)> {
         let _read = self.read_permit().await?;
+        let mut tx = self.begin_tenant(tenant).await?;
         let head: Option<i64> = sqlx::query_scalar("select head_seq from synchub.tenants where tenant_id = $1")
             .bind(tenant.as_str())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *tx)
             .await?;
         let rows = sqlx::query(
             "select seq, table_name, op, pk, new_row, old_values, origin_device, change_id from synchub.change_log \
@@ -59,8 +64,9 @@ impl Store {
         .bind(after as i64)
         .bind(upto.map(|s| s as i64))
         .bind(limit as i64)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
+        tx.commit().await?;
         let deltas = rows
             .into_iter()
             .map(|r| Delta {
@@ -80,16 +86,22 @@ impl Store {
 
     /// One page of a table's rows in key order, read together with the head seq in one
     /// repeatable-read snapshot, so a device can resume from that seq without a gap.
+    /// With an access view: an unreadable table is `forbidden`, the row restriction is part of
+    /// the query (so pages stay full and `after` stays right), hidden columns are stripped.
     pub async fn snapshot_page(
         &self,
         tenant: &TenantId,
         table: &TableSchema,
         after: Option<&Object>,
         limit: u32,
+        access: Option<&AccessView>,
     ) -> Result<(Vec<SnapshotRow>, Seq, String)> {
+        if access.is_some_and(|a| !a.can_read(&table.name)) {
+            return Err(Error::client(ErrorCode::Forbidden, format!("this role may not read `{}`", table.name)));
+        }
+        let restriction = access.and_then(|a| a.row_restriction(&table.name));
         let _read = self.read_permit().await?;
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("set transaction isolation level repeatable read, read only").execute(&mut *tx).await?;
+        let mut tx = self.begin_tenant_with(tenant, "begin isolation level repeatable read, read only", &[], "").await?;
         let head = sqlx::query("select epoch, head_seq from synchub.tenants where tenant_id = $1")
             .bind(tenant.as_str())
             .fetch_optional(&mut *tx)
@@ -98,12 +110,12 @@ impl Store {
             Some(r) => (r.get::<String, _>("epoch"), r.get::<i64, _>("head_seq") as Seq),
             None => (String::new(), 0),
         };
-        let rows = sqlx::query(&table.snapshot_sql())
-            .bind(tenant.as_str())
-            .bind(after.map(|a| Value::Object(a.clone())))
-            .bind(limit as i64)
-            .fetch_all(&mut *tx)
-            .await?;
+        let sql = table.snapshot_sql(restriction.is_some());
+        let mut query = sqlx::query(&sql).bind(tenant.as_str()).bind(after.map(|a| Value::Object(a.clone()))).bind(limit as i64);
+        if let Some((column, value)) = restriction {
+            query = query.bind(column).bind(value);
+        }
+        let rows = query.fetch_all(&mut *tx).await?;
         let keys: Vec<Value> = rows.iter().map(|r| r.get::<Value, _>("key")).collect();
         let versions: Vec<(Value, i64)> = sqlx::query_as(
             "select pk, version from synchub.row_versions where tenant_id = $1 and table_name = $2 and pk = any($3::jsonb[])",
@@ -119,9 +131,15 @@ impl Store {
         let page = rows
             .into_iter()
             .zip(keys)
-            .map(|(r, key)| SnapshotRow {
-                row: object(r.get("row")).unwrap_or_default(),
-                version: versions.get(&key.to_string()).copied().unwrap_or(0) as Seq,
+            .map(|(r, key)| {
+                let mut row = object(r.get("row")).unwrap_or_default();
+                if let Some(access) = access {
+                    // Key columns stay: they name the row and the next page starts after them.
+                    for column in access.hidden_columns(&table.name).iter().filter(|c| !table.key.contains(c)) {
+                        row.remove(column);
+                    }
+                }
+                SnapshotRow { row, version: versions.get(&key.to_string()).copied().unwrap_or(0) as Seq }
             })
             .collect();
         Ok((page, head_seq, epoch))
@@ -129,13 +147,15 @@ impl Store {
 
     /// The seqs at which these change ids were committed (for acks of re-sent changes).
     pub async fn committed_seqs(&self, tenant: &TenantId, change_ids: &[uuid::Uuid]) -> Result<Vec<(uuid::Uuid, Seq)>> {
+        let mut tx = self.begin_tenant(tenant).await?;
         let rows: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
             "select change_id, seq from synchub.change_log where tenant_id = $1 and change_id = any($2)",
         )
         .bind(tenant.as_str())
         .bind(change_ids)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(rows.into_iter().map(|(id, seq)| (id, seq as Seq)).collect())
     }
 }

@@ -10,10 +10,11 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::ids::TenantId;
 use catalog::Catalog;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -28,6 +29,28 @@ pub struct Store {
     /// reconnect storm queues here, in order, while merges still find connections.
     reads: tokio::sync::Semaphore,
     catalog: RwLock<(Arc<Catalog>, Instant)>,
+    /// Tenant-scoped transactions run as `synchub_tenant` (config `row_level_security`).
+    row_level_security: bool,
+}
+
+/// The Postgres role whose row-level security policies admit one tenant's rows.
+pub const TENANT_ROLE: &str = "synchub_tenant";
+
+/// `text` as a Postgres string literal: an `E''` literal whose quotes and backslashes are
+/// escaped, which reads the same whatever `standard_conforming_strings` says. Tenant ids hold
+/// no NUL (auth refuses such tokens).
+pub fn sql_literal(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 3);
+    out.push_str("E'");
+    for c in text.chars() {
+        match c {
+            '\'' => out.push_str("''"),
+            '\\' => out.push_str("\\\\"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
 }
 
 impl Store {
@@ -42,12 +65,55 @@ impl Store {
             .await?;
         MIGRATOR.run(&pool).await?;
         for table in &config.tables {
-            catalog::register_table(&pool, &table.name, &table.tenant_column, table.policy).await?;
+            catalog::register_table(&pool, &table.name, &table.tenant_column, table.policy, config.row_level_security).await?;
+        }
+        if config.row_level_security {
+            check_row_level_security(&pool).await?;
         }
         let catalog = Catalog::load(&pool).await?;
         tracing::info!(tables = ?catalog.names().collect::<Vec<_>>(), "synced tables loaded");
         let reads = tokio::sync::Semaphore::new((config.db_pool_size as usize / 2).max(1));
-        Ok(Arc::new(Store { pool, reads, catalog: RwLock::new((Arc::new(catalog), Instant::now())) }))
+        Ok(Arc::new(Store {
+            pool,
+            reads,
+            catalog: RwLock::new((Arc::new(catalog), Instant::now())),
+            row_level_security: config.row_level_security,
+        }))
+    }
+
+    /// Open a transaction scoped to `tenant`, in one round trip: `begin` (the opening
+    /// statement, e.g. with an isolation level), then the tenant's role and setting (with
+    /// row-level security on), `settings` as more `set_config` calls, then `then` (e.g. a
+    /// savepoint). Every statement on a tenant's data goes through here.
+    pub async fn begin_tenant_with(
+        &self,
+        tenant: &TenantId,
+        begin: &str,
+        settings: &[(&str, &str)],
+        then: &str,
+    ) -> Result<Transaction<'static, Postgres>> {
+        let mut sql = format!("{begin}; ");
+        if self.row_level_security {
+            sql.push_str("set local role ");
+            sql.push_str(TENANT_ROLE);
+            sql.push_str("; ");
+        }
+        sql.push_str("select set_config('synchub.tenant', ");
+        sql.push_str(&sql_literal(tenant.as_str()));
+        sql.push_str(", true)");
+        for (name, value) in settings {
+            sql.push_str(&format!(", set_config({}, {}, true)", sql_literal(name), sql_literal(value)));
+        }
+        if !then.is_empty() {
+            sql.push_str("; ");
+            sql.push_str(then);
+        }
+        Ok(self.pool.begin_with(sql).await?)
+    }
+
+    /// [`Store::begin_tenant_with`] a plain `begin`.
+    pub async fn begin_tenant(&self, tenant: &TenantId) -> Result<Transaction<'static, Postgres>> {
+        self.begin_tenant_with(tenant, "begin", &[], "").await
     }
 
     /// Wait for a turn to read (without a deadline: a waiting session costs no connection).
@@ -79,8 +145,58 @@ impl Store {
         }
     }
 
+    pub fn row_level_security(&self) -> bool {
+        self.row_level_security
+    }
+
     pub async fn ping(&self) -> Result<()> {
         sqlx::query("select 1").execute(&self.pool).await?;
         Ok(())
+    }
+}
+
+/// With row-level security on, the hub must be able to become the tenant role, and every synced
+/// table must carry the tenant policy: otherwise the hub's tenant transactions would fail or
+/// the second line would be missing. Refuse to start, saying what to do.
+async fn check_row_level_security(pool: &PgPool) -> Result<()> {
+    let usable: bool = sqlx::query_scalar(
+        "select case when exists (select 1 from pg_roles where rolname = $1) then pg_has_role(current_user, $1, 'MEMBER') else false end",
+    )
+    .bind(TENANT_ROLE)
+    .fetch_one(pool)
+    .await?;
+    if !usable {
+        return Err(Error::Config(format!(
+            "row_level_security is on, but the role {TENANT_ROLE} is missing or not granted to the hub's login: \
+             as a superuser, `create role {TENANT_ROLE} nologin; grant {TENANT_ROLE} to <hub login>; select synchub.secure_all();`, \
+             or set row_level_security = false"
+        )));
+    }
+    let unsecured: Vec<String> = sqlx::query_scalar(
+        "select s.table_name from synchub.synced_tables s where to_regclass(s.table_name) is not null \
+         and not exists (select 1 from pg_policy p where p.polrelid = to_regclass(s.table_name) and p.polname = 'synchub_tenant_only') \
+         order by 1",
+    )
+    .fetch_all(pool)
+    .await?;
+    if !unsecured.is_empty() {
+        return Err(Error::Config(format!(
+            "row_level_security is on, but synced tables lack the tenant policy: {}; \
+             their owner runs `select synchub.secure_table('<table>', '<tenant column>')`, or set row_level_security = false",
+            unsecured.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sql_literal;
+
+    #[test]
+    fn literals_escape_quotes_and_backslashes() {
+        assert_eq!(sql_literal("acme"), "E'acme'");
+        assert_eq!(sql_literal("o'brien"), "E'o''brien'");
+        assert_eq!(sql_literal("a\\'; drop table x; --"), "E'a\\\\''; drop table x; --'");
     }
 }
