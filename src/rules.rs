@@ -17,6 +17,7 @@ use serde_json::Value;
 
 use crate::auth::Identity;
 use crate::error::{Error, Result};
+use crate::storage::catalog::{Catalog, TableSchema};
 
 /// Matches every table or every role.
 pub const ANY: &str = "*";
@@ -117,6 +118,39 @@ impl Rules {
             }
         }
         Ok(Rules { by_table_role })
+    }
+
+    /// What the rules name that the synced tables lack (a misspelt table silently denies, a
+    /// missing row column hides every row), and hidden key columns (which stay visible): one
+    /// sentence each, for the start-up log.
+    pub fn problems_with(&self, catalog: &Catalog) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut entries: Vec<_> = self.by_table_role.iter().collect();
+        entries.sort_by(|a, b| a.0.cmp(b.0));
+        for ((table, role), rule) in entries {
+            let schemas: Vec<&TableSchema> = if table == ANY {
+                catalog.names().filter_map(|n| catalog.get(n)).map(|t| &**t).collect()
+            } else {
+                match catalog.get(table) {
+                    Some(t) => vec![&**t],
+                    None => {
+                        problems.push(format!("rule for table `{table}`, role `{role}`: `{table}` is not a synced table"));
+                        continue;
+                    }
+                }
+            };
+            for schema in schemas {
+                if let Some((column, _)) = &rule.row {
+                    if !schema.columns.contains_key(column) {
+                        problems.push(format!("rule for `{table}`, role `{role}`: `{}` has no row column `{column}`", schema.name));
+                    }
+                }
+                for column in rule.hidden.iter().filter(|c| schema.key.contains(c)) {
+                    problems.push(format!("rule for `{table}`, role `{role}`: `{column}` is a key column of `{}` and stays visible", schema.name));
+                }
+            }
+        }
+        problems
     }
 
     /// No rules: nobody is restricted.

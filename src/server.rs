@@ -64,6 +64,9 @@ pub async fn start(config: Config) -> Result<RunningHub> {
     let verifier = TokenVerifier::from_config(&config)?;
     let rules = Rules::from_config(&config.rules)?;
     let store = Store::open(&config).await?;
+    for problem in rules.problems_with(&store.catalog()) {
+        tracing::warn!(%problem, "rules name what the synced tables lack");
+    }
     let arbiters: Vec<Arbiter> = (0..config.workers).map(|_| Arbiter::new()).collect();
     let metrics = Arc::new(Metrics::default());
     let recorder = match &config.record_file {
