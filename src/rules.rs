@@ -341,16 +341,22 @@ impl AccessView {
 
     /// In place: strip hidden columns and say whether the row is visible at all.
     pub fn retain_row(&self, table: &str, row: &mut Object) -> bool {
-        if !self.can_read(table) {
+        if !self.row_visible(table, row) {
             return false;
-        }
-        if let Some((column, _)) = self.row_restriction(table) {
-            if !self.row_inside(table, row.get(column)) {
-                return false;
-            }
         }
         self.strip(table, row);
         true
+    }
+
+    /// Whether a current row may be read: the table is readable and the row is inside the row
+    /// restriction (e.g. a subscription snapshot's `keep`; strip with [`Self::strip_hidden`]).
+    pub fn row_visible(&self, table: &str, row: &Object) -> bool {
+        self.can_read(table) && self.row_restriction(table).is_none_or(|(column, _)| self.row_inside(table, row.get(column)))
+    }
+
+    /// Remove the columns hidden from this identity.
+    pub fn strip_hidden(&self, table: &str, row: &mut Object) {
+        self.strip(table, row);
     }
 
     /// The checks of a write that need no row: the table is writable and no hidden column is
@@ -544,6 +550,7 @@ mod tests {
         assert!(view.visible_row("orders", &obj(json!({"store_id": "12"}))).is_some());
         assert!(view.visible_row("orders", &obj(json!({"store_id": 13}))).is_none());
         assert!(view.visible_row("orders", &obj(json!({"x": 1}))).is_none());
+        assert!(view.row_visible("orders", &obj(json!({"store_id": 12}))) && !view.row_visible("orders", &obj(json!({}))));
         // A token without the claim reads and writes nothing of the table.
         let bare = rules.view_for(&identity("Employee", json!({}))).unwrap();
         assert!(!bare.can_read("orders"));
