@@ -190,12 +190,14 @@ impl TenantActor {
         let after = self.fanned;
         let seq = deltas.last().map(|d| d.seq).unwrap_or(after);
         self.fanned = seq;
+        self.metrics.deltas_committed.fetch_add(deltas.len() as u64, Ordering::Relaxed);
+        let frames = Arc::new(SharedFrame::split_by_origin(after, deltas));
+        // Remembered even with no session: catch-up from memory answers up to `fanned`, so a
+        // frame left out would be skipped by the next device that catches up.
+        self.remember(frames.iter().cloned());
         if self.sessions.is_empty() {
             return;
         }
-        self.metrics.deltas_committed.fetch_add(deltas.len() as u64, Ordering::Relaxed);
-        let frames = Arc::new(SharedFrame::split_by_origin(after, deltas));
-        self.remember(frames.iter().cloned());
         let mut gone = Vec::new();
         for (id, sub) in self.sessions.iter_mut() {
             match sub.live.try_send(LiveFrame(frames.clone())) {
