@@ -4,6 +4,7 @@
 
 pub mod apply;
 pub mod catalog;
+pub mod conflicts;
 pub mod log;
 
 use std::sync::{Arc, RwLock};
