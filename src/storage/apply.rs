@@ -275,14 +275,14 @@ fn assign_device_seqs(batches: &[BatchInput], cursors: &HashMap<&str, u64>) -> O
     if !batches.iter().any(|b| b.assign_device_seqs) {
         return None;
     }
-    let mut next: HashMap<&str, u64> = HashMap::new();
+    let mut next: HashMap<DeviceId, u64> = HashMap::new();
     let assigned = batches
         .iter()
         .map(|batch| {
             let mut batch = batch.clone();
             if batch.assign_device_seqs {
-                let device = batches.iter().find(|b| b.device == batch.device).map_or("", |b| b.device.as_str());
-                let seq = next.entry(device).or_insert_with(|| cursors.get(device).copied().unwrap_or(0));
+                let cursor = cursors.get(batch.device.as_str()).copied().unwrap_or(0);
+                let seq = next.entry(batch.device.clone()).or_insert(cursor);
                 for change in &mut batch.changes {
                     *seq += 1;
                     change.device_seq = *seq;
