@@ -11,6 +11,8 @@
 //!   group commit, fan-out after commit), and the registry that finds tenant actors.
 //! - [`sync::merge`]: the pure merge decision (per-field LWW on HLCs, client-wins, tombstones).
 //! - [`storage`]: Postgres: migrations, synced-table catalog, group-commit transaction, log reads.
+//! - [`http`]: the HTTP API: conflict review for managers, pushes and broadcasts by
+//!   server-side writers.
 //! - [`server`]: HTTP routes, start-up and graceful shutdown.
 //! - [`metrics`]: counters and gauges, served as Prometheus text at `GET /metrics`.
 //! - [`recorder`]: the capture file of device traffic, for replay by the load tester.
@@ -24,6 +26,7 @@ pub mod config;
 pub mod demo;
 pub mod embedded_pg;
 pub mod error;
+pub mod http;
 pub mod ids;
 pub mod metrics;
 pub mod recorder;

@@ -77,6 +77,23 @@ impl TableSchema {
         )
     }
 
+    /// `$1` tenant, `$2` normalized key (jsonb) → the current row (null when missing) and
+    /// its version from `synchub.row_versions` (0 when never written through the log). Reads
+    /// without locking, for the review API.
+    pub fn current_row_sql(&self) -> String {
+        format!(
+            "select (select to_jsonb(t) from {table} t where {tenant} and ({tk}) = ({kk}) limit 1) as row, \
+               coalesce((select v.version from synchub.row_versions v \
+                 where v.tenant_id = $1 and v.table_name = '{table_literal}' and v.pk = $2 limit 1), 0) as version \
+             from jsonb_populate_record(null::{table}, $2) k",
+            table = self.name,
+            table_literal = self.name.replace('\'', "''"),
+            tenant = self.tenant_match("t"),
+            tk = self.key_list("t"),
+            kk = self.key_list("k"),
+        )
+    }
+
     fn build_delete_sql(&self) -> String {
         format!(
             "delete from {table} t using jsonb_populate_recordset(null::{table}, $2) v where {tenant} and ({tk}) = ({vk}) \
@@ -131,6 +148,24 @@ impl TableSchema {
              where {tenant} and ($2::jsonb is null or ({tk}) > (select {ak} from jsonb_populate_record(null::{table}, $2) a)) {restricted}\
              order by {tk} limit $3",
             restricted = if row_restricted { "and (to_jsonb(t) ->> $4::text) = $5::text " } else { "" },
+            table = self.name,
+            keyobj = self.key_object("t"),
+            tenant = self.tenant_match("t"),
+            tk = self.key_list("t"),
+            ak = self.key_list("a"),
+        )
+    }
+}
+
+impl TableSchema {
+    /// Subscription snapshot page: `$1` tenant, `$2` key to start after (jsonb, may be null),
+    /// `$3` limit, `$4` jsonb object the row must contain (the filter's equalities).
+    pub fn filtered_snapshot_sql(&self) -> String {
+        format!(
+            "select {keyobj} as key, to_jsonb(t) as row from {table} t \
+             where {tenant} and ($2::jsonb is null or ({tk}) > (select {ak} from jsonb_populate_record(null::{table}, $2) a)) \
+             and to_jsonb(t) @> $4::jsonb \
+             order by {tk} limit $3",
             table = self.name,
             keyobj = self.key_object("t"),
             tenant = self.tenant_match("t"),

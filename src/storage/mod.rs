@@ -4,7 +4,9 @@
 
 pub mod apply;
 pub mod catalog;
+pub mod conflicts;
 pub mod log;
+pub mod subscriptions;
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
