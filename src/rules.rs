@@ -307,8 +307,7 @@ impl AccessView {
                 return None;
             }
             // Moved out: the device removes the row it had.
-            let mut old = delta.row.clone().unwrap_or_default();
-            old.extend(delta.old.iter().flatten().map(|(k, v)| (k.clone(), v.clone())));
+            let mut old = crate::sync::views::previous_image(delta).unwrap_or_default();
             self.strip(table, &mut old);
             return Some(Cow::Owned(Delta { op: Op::Delete, row: None, old: Some(old), ..delta.clone() }));
         }

@@ -3,9 +3,7 @@
 //! assigned to them and never see their cost, the service-type price list is read-only but for
 //! managers, and managers do everything. Writes are checked on push; Postgres's row-level
 //! security keeps the hub's tenant role to one tenant's rows whatever the hub asks.
-//!
-//! The read tests for catch-up and live deltas need the session integration of read rules
-//! (the lead's part of src/actors/device.rs); they are ignored until then.
+//! Reads follow the rules on catch-up, live deltas, snapshots and subscriptions alike.
 
 mod common;
 
@@ -256,14 +254,13 @@ async fn snapshots_hold_only_the_rows_and_columns_a_role_may_read() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Catch-up and live deltas: need the session integration of read rules.
+// Catch-up, live deltas and subscriptions.
 
 fn ids_of(deltas: &[Delta], table: &str) -> Vec<Value> {
     deltas.iter().filter(|d| d.table == table).map(|d| d.key["id"].clone()).collect()
 }
 
 #[actix_web::test]
-#[ignore = "needs the session integration of read rules (catch-up filtering in device.rs)"]
 async fn catch_up_holds_only_readable_tables_own_rows_and_no_hidden_column() {
     let hub = start(|_| {}).await;
     let (w1, w2, s1) = seed(&hub, "acme").await;
@@ -288,7 +285,6 @@ async fn catch_up_holds_only_readable_tables_own_rows_and_no_hidden_column() {
 }
 
 #[actix_web::test]
-#[ignore = "needs the session integration of read rules (live delta filtering in device.rs)"]
 async fn live_deltas_follow_the_rules_and_a_row_that_moves_away_comes_as_a_delete() {
     let hub = start(|_| {}).await;
     let (w1, w2, _) = seed(&hub, "acme").await;
@@ -323,6 +319,44 @@ async fn live_deltas_follow_the_rules_and_a_row_that_moves_away_comes_as_a_delet
     assert!(!new.row.as_ref().unwrap().contains_key("cost_cents"));
     // And the cost-only update never arrives.
     assert!(emp.recv_timeout(QUIET).await.is_none());
+    hub.shutdown().await;
+}
+
+#[actix_web::test]
+async fn subscriptions_follow_the_rules_on_snapshot_and_live() {
+    let hub = start(|_| {}).await;
+    let (w1, w2, _) = seed(&hub, "acme").await;
+    let (mut emp, _) = Client::dashboard(&hub, "acme", "emp-1", "Employee").await;
+    // An unreadable table, and a filter on a hidden column, are refused.
+    let id = emp.send_subscribe("p", Some("products"), vec![], true, None).await;
+    assert_eq!(emp.expect_error(id).await, ErrorCode::Forbidden);
+    let cost = protocol::Condition { column: "cost_cents".into(), op: protocol::FilterOp::Gt, value: json!(0) };
+    let id = emp.send_subscribe("c", Some("work_orders"), vec![cost], true, None).await;
+    assert_eq!(emp.expect_error(id).await, ErrorCode::InvalidFilter);
+    // The snapshot holds the employee's own work orders, without their cost.
+    let open = protocol::Condition { column: "status".into(), op: protocol::FilterOp::Eq, value: json!("open") };
+    let (_, rows) = emp.subscribe_table("mine", "work_orders", vec![open], true).await;
+    assert_eq!(rows.iter().map(|r| r.row["id"].clone()).collect::<Vec<_>>(), vec![json!(w1)]);
+    assert!(rows.iter().all(|r| !r.row.contains_key("cost_cents")));
+
+    // Live: another employee's work order changes (nothing), w1 moves to emp-2 (a delete),
+    // a new one for emp-1 arrives without its cost.
+    let mut manager = connect(&hub, "acme", "mia", "Manager", "office-2").await;
+    let w5 = Uuid::new_v4();
+    let t = now_ms() + 10;
+    manager.push(vec![upsert("work_orders", json!({"id": w2}), json!({"title": "roof and gutters"}), 1, t, 0)]).await;
+    manager.push(vec![upsert("work_orders", json!({"id": w1}), json!({"employee_id": "emp-2"}), 2, t, 0)]).await;
+    manager.push(vec![upsert("work_orders", json!({"id": w5}), work_order(w5, "emp-1", "new job", 5000), 3, t, 0)]).await;
+    let mut seen = Vec::new();
+    while !seen.iter().any(|d: &Delta| d.key["id"] == json!(w5)) {
+        seen.extend(emp.next_sub_delta("mine").await.0);
+    }
+    assert_eq!(seen.iter().map(|d| (d.op, d.key["id"].clone())).collect::<Vec<_>>(), vec![(Op::Delete, json!(w1)), (Op::Upsert, json!(w5))]);
+    for d in &seen {
+        for image in d.row.iter().chain(d.old.iter()) {
+            assert!(!image.contains_key("cost_cents"), "hidden column sent: {d:?}");
+        }
+    }
     hub.shutdown().await;
 }
 

@@ -69,7 +69,7 @@ pub async fn run(target: Target, tokens: TokenSource, args: DashboardsArgs, hub_
     let run = format!("dash-{}", &Uuid::new_v4().simple().to_string()[..8]);
     let tenants: Vec<String> = (0..args.tenants.max(1)).map(|t| format!("{run}-t{t}")).collect();
 
-    // Seed each tenant's products (one batch per 1,000 rows) from its first device.
+    // Seed each tenant's products (batches of at most 1,000 rows), each device its own share.
     let mut writers = Vec::new();
     for (t, tenant) in tenants.iter().enumerate() {
         for d in 0..args.devices_per_tenant.max(1) {
@@ -79,8 +79,10 @@ pub async fn run(target: Target, tokens: TokenSource, args: DashboardsArgs, hub_
             writers.push((tenant.clone(), device, client, 0u64));
         }
     }
-    for (tenant, _, client, seq) in writers.iter_mut().step_by(args.devices_per_tenant.max(1)) {
-        for chunk in (0..args.products).collect::<Vec<_>>().chunks(1000) {
+    let lanes = args.devices_per_tenant.max(1);
+    for (w, (tenant, _, client, seq)) in writers.iter_mut().enumerate() {
+        let share: Vec<usize> = (0..args.products).filter(|i| i % lanes == w % lanes).collect();
+        for chunk in share.chunks(1000) {
             let changes = chunk
                 .iter()
                 .map(|&i| {
@@ -142,8 +144,10 @@ pub async fn run(target: Target, tokens: TokenSource, args: DashboardsArgs, hub_
     let mut jobs = Vec::new();
     for (w, (tenant, _, client, seq)) in writers.into_iter().enumerate() {
         let stats = stats.clone();
+        // Each device of a tenant writes its own share of the products (no conflicts).
+        let lane = (w % lanes, lanes);
         jobs.push(tokio::spawn(async move {
-            if let Err(err) = write_loop(client, &tenant, seq, w, per_device, products, deadline, &stats).await {
+            if let Err(err) = write_loop(client, &tenant, seq, lane, per_device, products, deadline, &stats).await {
                 stats.error(&format!("writer: {err}"));
             }
         }));
@@ -172,7 +176,7 @@ async fn write_loop(
     client: Client,
     tenant: &str,
     mut seq: u64,
-    writer: usize,
+    (lane, lanes): (usize, usize),
     rate: f64,
     products: usize,
     deadline: Instant,
@@ -202,13 +206,14 @@ async fn write_loop(
     let writing = async {
         let pace = Duration::from_secs_f64(1.0 / rate.max(0.001));
         let mut next_at = Instant::now();
-        let mut n = writer as u64;
+        let mut n = lane as u64;
+        let share = (products / lanes).max(1);
         while Instant::now() < deadline {
             tokio::time::sleep_until(next_at.into()).await;
             next_at += pace;
             seq += 1;
             n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let id = product_id(tenant, (n >> 33) as usize % products);
+            let id = product_id(tenant, ((n >> 33) as usize % share * lanes + lane) % products);
             let stock = (n >> 20) % 40;
             sent_at.lock().unwrap().insert(seq, Instant::now());
             let fields = json!({"stock": stock, "name": format!("dash {}", now_us())});

@@ -25,6 +25,7 @@ use super::messages::{ApplyBatch, Encoded, LiveFrame, Notice, RecentLog, Session
 use super::sweep::{unix_ms, SessionHandle};
 use super::tenant::TenantActor;
 use crate::auth::{unix_now, Identity};
+use crate::rules::AccessView;
 use crate::error::Error;
 use crate::ids::{DeviceId, Seq, SessionId, DASHBOARD_DEVICE_PREFIX};
 use crate::server::Hub;
@@ -73,6 +74,9 @@ struct Authenticated {
     identity: Identity,
     device: DeviceId,
     tenant: Addr<TenantActor>,
+    /// What the rules let this identity read; `None` when it may read everything (then
+    /// frames shared by all sessions go out as they are).
+    view: Option<Arc<AccessView>>,
 }
 
 /// One of the socket's subscriptions.
@@ -349,7 +353,8 @@ impl DeviceSession {
         }
         let tenant = self.hub.registry.get(&identity.tenant);
         self.set_token_deadline(identity.expires_at);
-        self.auth = Some(Authenticated { identity: identity.clone(), device: device.clone(), tenant: tenant.clone() });
+        let view = self.hub.rules.view_for(&identity);
+        self.auth = Some(Authenticated { identity: identity.clone(), device: device.clone(), tenant: tenant.clone(), view });
         self.recording = self.hub.recorder.as_ref().is_some_and(|r| r.records(identity.tenant.as_str()));
         let hello = ClientFrame::Hello { mode: Default::default(), id, versions, token: String::new(), device_id: Some(device.to_string()), position: position.clone() };
         self.record(CaptureEvent::Frame { msgpack: self.encoding == Encoding::MsgPack, frame: hello });
@@ -469,6 +474,7 @@ impl DeviceSession {
         let expires_at = identity.expires_at;
         self.set_token_deadline(expires_at);
         if let Some(auth) = self.auth.as_mut() {
+            auth.view = self.hub.rules.view_for(&identity);
             auth.identity = identity;
         }
         self.send(ctx, &ServerFrame::AuthOk { id, expires_at });
@@ -487,8 +493,7 @@ impl DeviceSession {
         }
         // unwrap: only authenticated sessions reach here.
         let auth = self.auth.as_ref().expect("authenticated");
-        let access = self.hub.rules.view_for(&auth.identity);
-        let input = BatchInput { access, ..BatchInput::pushed(auth.device.clone(), auth.identity.user.clone(), batch_id, changes) };
+        let input = BatchInput { access: auth.view.clone(), ..BatchInput::pushed(auth.device.clone(), auth.identity.user.clone(), batch_id, changes) };
         self.pushes_in_flight += 1;
         self.hub.metrics.batches_pushed.fetch_add(1, Ordering::Relaxed);
         self.to_forward.push_back((id, batch_id, input));
@@ -574,7 +579,7 @@ impl DeviceSession {
         let store = self.hub.store.clone();
         // unwrap: only authenticated sessions reach here.
         let identity = &self.auth.as_ref().expect("authenticated").identity;
-        let (tenant, access) = (identity.tenant.clone(), self.hub.rules.view_for(identity));
+        let (tenant, access) = (identity.tenant.clone(), self.view());
         let limit = limit.unwrap_or(self.hub.config.snapshot_page_rows).clamp(1, self.hub.config.snapshot_page_rows);
         let work = async move {
             let catalog = store.catalog_with(&table).await;
@@ -655,13 +660,18 @@ impl DeviceSession {
         // unwrap: only authenticated sessions reach here.
         let tenant = self.auth.as_ref().expect("authenticated").identity.tenant.clone();
         let (page_rows, max_rows) = (self.hub.config.snapshot_page_rows, self.hub.config.subscription_snapshot_max_rows);
+        let view = self.view();
         let work = async move {
             let catalog = store.catalog_with(&table).await;
             let Some(schema) = catalog.get(&table).cloned() else {
                 return Err(Error::client(ErrorCode::UnknownTable, format!("`{table}` is not a synced table")));
             };
+            if view.as_ref().is_some_and(|v| !v.can_read(&table)) {
+                return Err(Error::client(ErrorCode::Forbidden, format!("this role may not read {table}")));
+            }
+            let hidden = view.as_ref().map_or(&[][..], |v| v.hidden_columns(&table));
             for condition in &filter {
-                if !schema.columns.contains_key(&condition.column) {
+                if !schema.columns.contains_key(&condition.column) || hidden.contains(&condition.column) {
                     return Err(Error::client(ErrorCode::InvalidFilter, format!("{table} has no column `{}`", condition.column)));
                 }
                 protocol::filter::check(condition).map_err(|m| Error::client(ErrorCode::InvalidFilter, m))?;
@@ -669,8 +679,16 @@ impl DeviceSession {
             if !snapshot {
                 return Ok(None);
             }
-            match store.subscription_snapshot(&tenant, &schema, &filter, page_rows, max_rows, |_| true).await? {
-                Ok(read) => Ok(Some(read)),
+            let keep = |row: &protocol::Object| view.as_ref().is_none_or(|v| v.row_visible(&table, row));
+            match store.subscription_snapshot(&tenant, &schema, &filter, page_rows, max_rows, keep).await? {
+                Ok((mut rows, seq)) => {
+                    if let Some(view) = &view {
+                        for r in &mut rows {
+                            view.strip_hidden(&table, &mut r.row);
+                        }
+                    }
+                    Ok(Some((rows, seq)))
+                }
                 Err(SnapshotRefusal::TooLarge { max_rows }) => Err(Error::client(
                     ErrorCode::SnapshotTooLarge,
                     format!("more than {max_rows} rows match; narrow the filter or subscribe without a snapshot"),
@@ -727,6 +745,10 @@ impl DeviceSession {
             }
         }
         self.send(ctx, &ServerFrame::Unsubscribed { id, sub: removed.name });
+    }
+
+    fn view(&self) -> Option<Arc<AccessView>> {
+        self.auth.as_ref().and_then(|a| a.view.clone())
     }
 
     fn channel_subscriptions(&self, channel: Channel) -> Vec<String> {
@@ -786,12 +808,24 @@ impl DeviceSession {
                 pages.fetch_add(1, Ordering::Relaxed);
                 if session.mode == SessionMode::Device && last > session.device_after {
                     let device_after = session.device_after;
-                    let for_device: Vec<&Delta> = deltas.iter().filter(|d| d.seq > device_after).copied().collect();
-                    // Encoded from the deltas where they are kept: no copy per session.
-                    let encoded = Encoded::of_value(session.encoding, &CatchUpRef { deltas: for_device, seq: last, head_seq: head });
-                    session.write(ctx, encoded);
+                    let view = session.view();
+                    let visible: Vec<Cow<Delta>> = deltas
+                        .iter()
+                        .filter(|d| d.seq > device_after)
+                        .filter_map(|d| match &view {
+                            Some(view) => view.visible_delta(d),
+                            None => Some(Cow::Borrowed(*d)),
+                        })
+                        .collect();
+                    // A page that the rules emptied is not sent; `up_to_date` carries the position.
+                    if !visible.is_empty() {
+                        // Encoded from the deltas where they are kept: no copy per session.
+                        let page = CatchUpRef { deltas: visible.iter().map(|d| d.as_ref()).collect(), seq: last, head_seq: head };
+                        let encoded = Encoded::of_value(session.encoding, &page);
+                        session.write(ctx, encoded);
+                        session.device_paged = true;
+                    }
                     session.device_after = last;
-                    session.device_paged = true;
                 }
                 session.route_to_subscriptions(ctx, &deltas, last);
                 session.position = last;
@@ -853,12 +887,22 @@ impl DeviceSession {
             return self.close(ctx, CloseCode::SlowConsumer, "client is not reading; resume from your last seq");
         }
         if self.mode == SessionMode::Device && frame.seq > self.device_after {
+            let view = self.view();
             let encoded = if own {
                 None
-            } else if frame.after == self.device_after {
+            } else if frame.after == self.device_after && view.is_none() {
                 (!frame.deltas.is_empty()).then(|| frame.encoded(self.encoding))
             } else {
-                let rest: Vec<_> = frame.deltas.iter().filter(|d| d.seq > self.device_after).cloned().collect();
+                let device_after = self.device_after;
+                let rest: Vec<Delta> = frame
+                    .deltas
+                    .iter()
+                    .filter(|d| d.seq > device_after)
+                    .filter_map(|d| match &view {
+                        Some(view) => view.visible_delta(d).map(Cow::into_owned),
+                        None => Some(d.clone()),
+                    })
+                    .collect();
                 (!rest.is_empty()).then(|| Encoded::of(self.encoding, &ServerFrame::Delta { deltas: rest, seq: frame.seq }))
             };
             self.device_after = frame.seq;
@@ -878,6 +922,7 @@ impl DeviceSession {
             return;
         }
         let mut frames = Vec::new();
+        let view = self.view();
         for sub in &mut self.subscriptions {
             let Target::Table { table, filter, after, ready: true } = &mut sub.target else { continue };
             if seq <= *after {
@@ -886,9 +931,12 @@ impl DeviceSession {
             let since = *after;
             let picked: Vec<Delta> = deltas
                 .iter()
-                .filter(|d| d.seq > since)
-                .filter_map(|d| subscription_view(table, filter, d))
-                .map(Cow::into_owned)
+                .filter(|d| d.seq > since && d.table == *table)
+                .filter_map(|d| match &view {
+                    // The rules first (they may hide the row or turn it into a delete), then the filter.
+                    Some(view) => view.visible_delta(d).and_then(|seen| subscription_view(table, filter, &seen).map(|c| c.into_owned())),
+                    None => subscription_view(table, filter, d).map(Cow::into_owned),
+                })
                 .collect();
             *after = seq;
             if !picked.is_empty() {
