@@ -44,6 +44,34 @@ async fn two_devices_in_live_sync() {
 }
 
 #[actix_web::test]
+async fn a_row_written_twice_in_one_batch_logs_old_values_of_what_the_second_write_changed() {
+    let hub = TestHub::start().await;
+    let (mut a, _, _) = Client::device(&hub, "store-1", "pos-a").await;
+    let (mut b, _, _) = Client::device(&hub, "store-1", "pos-b").await;
+    let id = Uuid::new_v4();
+    let t = now_ms();
+    a.push(vec![
+        upsert("products", json!({"id": id}), product(id, "Latte", 420), 1, t, 0),
+        upsert("products", json!({"id": id}), json!({"price_cents": 450}), 2, t + 1, 0),
+    ])
+    .await;
+    let mut deltas = Vec::new();
+    while deltas.len() < 2 {
+        deltas.extend(b.next_deltas().await.0);
+    }
+    assert_eq!(deltas[0].old, None, "an insert has no old values");
+    assert_eq!(deltas[1].old, Some(obj(json!({"price_cents": 420}))), "only the column the second write changed");
+    assert_eq!(deltas[1].row.as_ref().unwrap()["price_cents"], json!(450));
+    let logged: Option<serde_json::Value> = sqlx::query_scalar("select old_values from synchub.change_log where seq = $1 and tenant_id = 'store-1'")
+        .bind(deltas[1].seq as i64)
+        .fetch_one(&hub.db)
+        .await
+        .unwrap();
+    assert_eq!(logged, Some(json!({"price_cents": 420})));
+    hub.shutdown().await;
+}
+
+#[actix_web::test]
 async fn plain_sql_write_reaches_a_device() {
     let hub = TestHub::start().await;
     let (mut a, _, _) = Client::device(&hub, "store-1", "pos-a").await;

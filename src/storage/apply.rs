@@ -426,15 +426,20 @@ async fn apply_group(
     let new_head = head + state.next_ordinal;
 
     // 5. Log entries, deltas, conflict records and results of the decided changes.
-    let mut deltas = Vec::with_capacity(state.next_ordinal as usize);
+    let mut deltas: Vec<Delta> = Vec::with_capacity(state.next_ordinal as usize);
     // For each delta: its pending change and log op; the log borrows the deltas' row images.
     let mut logged: Vec<(usize, &'static str)> = Vec::with_capacity(state.next_ordinal as usize);
     let mut conflicts = Vec::new();
     let mut results_by_change: HashMap<(usize, usize), ChangeResult> = HashMap::new();
+    // The delta of each row's latest write so far: a second write to a row in the same group
+    // compares with the row as the first one left it in the database (the image its decision
+    // saw holds only the fields written, without defaults, key or tenant).
+    let mut latest: HashMap<RowId, usize> = HashMap::new();
     for decided in state.decided.iter_mut() {
         let pend = &pending[decided.pending];
         let row_key = pend.row_key.clone().unwrap_or_default();
-        let slot = &state.rows[&(pend.table.name.clone(), row_key)];
+        let row_id = (pend.table.name.clone(), row_key);
+        let slot = &state.rows[&row_id];
         let seq = decided.ordinal.map(|o| head + o + 1);
         let decision = &decided.decision;
         let status = if decision.rejection.is_some() { ChangeStatus::Rejected } else { decision.status };
@@ -443,7 +448,12 @@ async fn apply_group(
             _ => None,
         };
         if let Some(seq) = seq {
-            let (op, old) = log_op_and_old(decision, decided.before.as_ref(), decided.after.as_ref());
+            let earlier = latest.insert(row_id, deltas.len()).map(|i| deltas[i].row.clone());
+            let before = match &earlier {
+                Some(image) => image.as_ref(),
+                None => decided.before.as_ref(),
+            };
+            let (op, old) = log_op_and_old(decision, before, decided.after.as_ref());
             logged.push((decided.pending, op));
             deltas.push(Delta {
                 seq,
