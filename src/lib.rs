@@ -11,6 +11,7 @@
 //! - [`sync::merge`]: the pure merge decision (per-field LWW on HLCs, client-wins, tombstones).
 //! - [`storage`]: Postgres: migrations, synced-table catalog, group-commit transaction, log reads.
 //! - [`server`]: HTTP routes, start-up and graceful shutdown.
+//! - [`console`]: the manager console at `/console`, its files built into the binary.
 //! - [`metrics`]: counters and gauges, served as Prometheus text at `GET /metrics`.
 //! - [`recorder`]: the capture file of device traffic, for replay by the load tester.
 //! - [`embedded_pg`] and [`demo`]: the private cluster and demo schema of `synchub dev`.
@@ -20,6 +21,7 @@
 pub mod actors;
 pub mod auth;
 pub mod config;
+pub mod console;
 pub mod demo;
 pub mod embedded_pg;
 pub mod error;

@@ -1,4 +1,4 @@
-//! The HTTP server: routes (`/v1/ws`, `/healthz`, `/readyz`, `/metrics`), start-up of the hub's parts,
+//! The HTTP server: routes (`/v1/ws`, `/healthz`, `/readyz`, `/metrics`, `/console`), start-up of the hub's parts,
 //! the notification listener for other SQL writers, and the one graceful shutdown sequence:
 //! stop accepting → sessions finish in-flight pushes and close with going-away → stop.
 
@@ -87,6 +87,7 @@ pub async fn start(config: Config) -> Result<RunningHub> {
             .route("/healthz", web::get().to(|| async { HttpResponse::Ok().body("ok") }))
             .route("/readyz", web::get().to(readyz))
             .route("/metrics", web::get().to(metrics_text))
+            .configure(crate::console::configure)
     })
     .workers(config.workers)
     // Frames are small and latency matters: without TCP_NODELAY, Nagle's algorithm holds a
