@@ -93,6 +93,8 @@ pub struct Config {
     pub claim_role: String,
     /// Claim path of the device id (optional in tokens). Default `device_id`.
     pub claim_device: String,
+    /// Roles that review conflicts (the `conflicts` channel and the review API). Default `["Manager"]`.
+    pub manager_roles: Vec<String>,
 
     // ---- protocol limits ----
     /// Largest WebSocket frame accepted, bytes. Default 2 MiB; larger closes with 1009.
@@ -123,6 +125,12 @@ pub struct Config {
     /// Capacity of each session's mailbox, messages. Default 64; a full one makes the
     /// session catch up from the log.
     pub session_mailbox: usize,
+
+    /// Subscriptions one socket may hold. Default 16; more are refused `too_many_subscriptions`.
+    pub max_subscriptions_per_session: usize,
+    /// Most rows a subscription's snapshot may hold. Default 10000; a filter matching more is
+    /// refused `snapshot_too_large`.
+    pub subscription_snapshot_max_rows: usize,
 
     // ---- merge ----
     /// How far ahead of the hub's clock a change's HLC may be before it is clamped, ms. Default 300000.
@@ -173,6 +181,7 @@ impl Default for Config {
             claim_user: "sub".into(),
             claim_role: "role".into(),
             claim_device: "device_id".into(),
+            manager_roles: vec!["Manager".into()],
             max_frame_bytes: 2 * 1024 * 1024,
             max_batch_changes: 1000,
             max_field_bytes: 64 * 1024,
@@ -186,6 +195,8 @@ impl Default for Config {
             ping_every_bytes: 64 * 1024,
             session_mailbox: 64,
             session_pushes_in_flight: 64,
+            max_subscriptions_per_session: 16,
+            subscription_snapshot_max_rows: 10_000,
             max_clock_skew_ms: 300_000,
             tenant_queue_batches: 256,
             group_commit_max_changes: 5000,
@@ -235,6 +246,8 @@ impl Config {
             ("ping_every_bytes", self.ping_every_bytes as u64),
             ("session_mailbox", self.session_mailbox as u64),
             ("session_pushes_in_flight", self.session_pushes_in_flight as u64),
+            ("max_subscriptions_per_session", self.max_subscriptions_per_session as u64),
+            ("subscription_snapshot_max_rows", self.subscription_snapshot_max_rows as u64),
             ("tenant_queue_batches", self.tenant_queue_batches as u64),
             ("group_commit_max_changes", self.group_commit_max_changes as u64),
             ("tenant_mailbox", self.tenant_mailbox as u64),

@@ -4,6 +4,7 @@
 //! buffers for a client that reads slowly (pings every N bytes; unconfirmed bytes over budget
 //! pause catch-up or end the session with `slow_consumer`).
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -14,10 +15,13 @@ use actix_web_actors::ws;
 use bytes::{Bytes, BytesMut};
 use protocol::capture::{AckedChange, CaptureEvent};
 use protocol::{CatchUpRef, Delta};
-use protocol::{ClientFrame, CloseCode, Encoding, ErrorCode, Limits, Position, ServerFrame, SUPPORTED_VERSIONS};
+use protocol::{
+    Channel, ClientFrame, CloseCode, Condition, Encoding, ErrorCode, Limits, Position, PresenceEntry, ServerFrame, SessionMode, SnapshotRow,
+    SUPPORTED_VERSIONS,
+};
 use uuid::Uuid;
 
-use super::messages::{ApplyBatch, Encoded, LiveFrame, Notice, RecentLog, SessionControl, SharedFrame, Subscribe, Unsubscribe};
+use super::messages::{ApplyBatch, Encoded, LiveFrame, Notice, RecentLog, SessionControl, SharedFrame, Subscribe, Unsubscribe, Watch};
 use super::sweep::{unix_ms, SessionHandle};
 use super::tenant::TenantActor;
 use crate::auth::{unix_now, Identity};
@@ -26,6 +30,8 @@ use crate::ids::{DeviceId, Seq, SessionId};
 use crate::server::Hub;
 use crate::storage::apply::BatchInput;
 use crate::storage::log::TenantHead;
+use crate::storage::subscriptions::SnapshotRefusal;
+use crate::sync::views::subscription_view;
 
 /// Where a catch-up page was read: the tenant actor's memory (shared frames) or Postgres.
 enum CatchUpRead {
@@ -68,15 +74,40 @@ struct Authenticated {
     tenant: Addr<TenantActor>,
 }
 
+/// One of the socket's subscriptions.
+struct Subscription {
+    name: String,
+    target: Target,
+}
+
+enum Target {
+    /// Rows of a table matching a filter. `after`: the last seq this subscription has been
+    /// given (or skipped); `ready` once its snapshot went out.
+    Table { table: String, filter: Vec<Condition>, after: Seq, ready: bool },
+    Channel(Channel),
+}
+
 pub struct DeviceSession {
     id: SessionId,
     hub: Arc<Hub>,
     encoding: Encoding,
+    mode: SessionMode,
     phase: Phase,
     auth: Option<Authenticated>,
     epoch: String,
-    /// Last seq delivered to the client.
+    /// Last seq of the tenant's stream this session has handled (sent to the device, to
+    /// subscriptions, or skipped as nobody's).
     position: Seq,
+    /// Last seq of the device stream (`catch_up`, `delta`) the client has; ahead of `position`
+    /// while a new subscription makes the session read older entries again.
+    device_after: Seq,
+    /// `up_to_date` was sent once; later catch-ups repeat it only if they sent pages.
+    device_live: bool,
+    /// A `catch_up` page went to the device in the current catch-up.
+    device_paged: bool,
+    /// Re-read the stream from this seq once the catch-up read under way is done.
+    rewind_to: Option<Seq>,
+    subscriptions: Vec<Subscription>,
     /// Live frames received while catching up.
     buffered: VecDeque<Arc<SharedFrame>>,
     /// Highest seq of a live frame dropped while catching up.
@@ -117,10 +148,16 @@ impl DeviceSession {
             id: Uuid::new_v4(),
             hub,
             encoding: Encoding::Json,
+            mode: SessionMode::Device,
             phase: Phase::AwaitHello,
             auth: None,
             epoch: String::new(),
             position: 0,
+            device_after: 0,
+            device_live: false,
+            device_paged: false,
+            rewind_to: None,
+            subscriptions: Vec::new(),
             buffered: VecDeque::new(),
             dropped_upto: 0,
             catch_up_running: false,
@@ -239,21 +276,25 @@ impl DeviceSession {
             self.record(CaptureEvent::Frame { msgpack: self.encoding == Encoding::MsgPack, frame: frame.clone().without_token() });
         }
         match frame {
-            ClientFrame::Hello { versions, token, device_id, position, .. } => {
+            ClientFrame::Hello { versions, token, device_id, position, mode, .. } => {
+                self.mode = mode;
                 self.hello(ctx, id, versions, token, device_id, position)
             }
             _ if self.auth.is_none() || self.phase == Phase::Starting => {
                 self.bad_frame(ctx, Some(id), ErrorCode::NotAuthenticated, "send hello first".into())
             }
             ClientFrame::Ping { .. } => self.send(ctx, &ServerFrame::Pong { id }),
+            ClientFrame::Push { .. } if self.mode == SessionMode::Dashboard => {
+                self.send_error(ctx, Some(id), ErrorCode::Forbidden, "a dashboard session is read-only")
+            }
             ClientFrame::Push { batch_id, changes, .. } => self.push(ctx, id, batch_id, changes),
             ClientFrame::Auth { token, .. } => self.refresh_token(ctx, id, &token),
             ClientFrame::Resume { position, .. } => self.resume(ctx, id, position),
             ClientFrame::Snapshot { table, after, limit, .. } => self.snapshot(ctx, id, table, after, limit),
-            // Handled once sessions hold subscriptions.
-            ClientFrame::Subscribe { .. } | ClientFrame::Unsubscribe { .. } => {
-                self.bad_frame(ctx, Some(id), ErrorCode::UnknownType, "subscriptions are not served yet".into())
+            ClientFrame::Subscribe { sub, table, filter, snapshot, channel, .. } => {
+                self.subscribe(ctx, id, sub, table, filter, snapshot, channel)
             }
+            ClientFrame::Unsubscribe { sub, .. } => self.unsubscribe(ctx, id, &sub),
         }
     }
 
@@ -288,6 +329,8 @@ impl DeviceSession {
             }
         };
         let device = match (&identity.device, device_id) {
+            // Dashboards never take a device's id (they would replace its session).
+            _ if self.mode == SessionMode::Dashboard => DeviceId::new(format!("dashboard:{}", self.id)),
             (Some(claimed), Some(given)) if claimed.as_str() != given => {
                 self.send_error(ctx, Some(id), ErrorCode::Forbidden, "device_id differs from the token's device");
                 return self.close(ctx, CloseCode::Unauthorized, "device mismatch");
@@ -309,6 +352,14 @@ impl DeviceSession {
         let subscribe = Subscribe {
             session: self.id,
             device: device.clone(),
+            presence: PresenceEntry {
+                session_id: self.id,
+                device_id: device.to_string(),
+                user_id: identity.user.to_string(),
+                role: identity.role.clone(),
+                mode: self.mode,
+                since_ms: unix_ms(),
+            },
             live: ctx.address().recipient(),
             control: ctx.address().recipient(),
             notices: ctx.address().recipient(),
@@ -349,6 +400,11 @@ impl DeviceSession {
                     limits,
                 },
             );
+            if session.mode == SessionMode::Dashboard {
+                // Nothing to catch up on: subscriptions start from their own snapshots.
+                session.epoch = head.epoch.clone();
+                return session.start_catch_up(ctx, head.head_seq);
+            }
             // No position (first start) is seq 0 of the current epoch.
             let position = position.unwrap_or_else(|| Position { epoch: head.epoch.clone(), seq: 0 });
             session.start_from(ctx, &head, position);
@@ -364,6 +420,7 @@ impl DeviceSession {
         } else if position.seq < head.log_floor {
             self.must_resync(ctx, head.head_seq, ErrorCode::PositionTooOld)
         } else {
+            self.device_after = position.seq;
             self.start_catch_up(ctx, position.seq)
         }
     }
@@ -550,6 +607,135 @@ impl DeviceSession {
         }));
     }
 
+    #[allow(clippy::too_many_arguments)]
+    fn subscribe(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        id: u64,
+        name: String,
+        table: Option<String>,
+        filter: Vec<Condition>,
+        snapshot: bool,
+        channel: Option<Channel>,
+    ) {
+        if !matches!(self.phase, Phase::CatchingUp | Phase::Live) {
+            return self.bad_frame(ctx, Some(id), ErrorCode::InvalidBatch, "subscribe after welcome (and after resume, when told to resync)".into());
+        }
+        if name.is_empty() || name.chars().count() > 64 {
+            return self.bad_frame(ctx, Some(id), ErrorCode::InvalidFilter, "`sub` must be 1 to 64 characters".into());
+        }
+        if self.subscriptions.iter().any(|s| s.name == name) {
+            return self.bad_frame(ctx, Some(id), ErrorCode::InvalidFilter, format!("a subscription named `{name}` exists on this socket"));
+        }
+        let max = self.hub.config.max_subscriptions_per_session;
+        if self.subscriptions.len() >= max {
+            return self.send_error(ctx, Some(id), ErrorCode::TooManySubscriptions, format!("at most {max} subscriptions per socket"));
+        }
+        match (table, channel) {
+            (Some(table), None) => self.subscribe_table(ctx, id, name, table, filter, snapshot),
+            (None, Some(channel)) if filter.is_empty() && !snapshot => self.subscribe_channel(ctx, id, name, channel),
+            (None, Some(_)) => self.bad_frame(ctx, Some(id), ErrorCode::InvalidFilter, "a channel takes no filter and no snapshot".into()),
+            _ => self.bad_frame(ctx, Some(id), ErrorCode::InvalidFilter, "name exactly one of `table` and `channel`".into()),
+        }
+    }
+
+    fn subscribe_channel(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: u64, name: String, channel: Channel) {
+        // unwrap: only authenticated sessions reach here.
+        let auth = self.auth.as_ref().expect("authenticated");
+        if channel == Channel::Conflicts && !self.hub.config.manager_roles.contains(&auth.identity.role) {
+            return self.send_error(ctx, Some(id), ErrorCode::Forbidden, format!("role {} may not review conflicts", auth.identity.role));
+        }
+        let watching = self.subscriptions.iter().any(|s| matches!(s.target, Target::Channel(c) if c == channel));
+        if !watching && auth.tenant.try_send(Watch { session: self.id, channel, on: true }).is_err() {
+            return self.send_error(ctx, Some(id), ErrorCode::Busy, "the tenant is saturated; retry");
+        }
+        self.subscriptions.push(Subscription { name: name.clone(), target: Target::Channel(channel) });
+        self.send(ctx, &ServerFrame::Subscribed { id, sub: name, seq: self.position });
+    }
+
+    fn subscribe_table(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: u64, name: String, table: String, filter: Vec<Condition>, snapshot: bool) {
+        // Reserve the name now; the subscription gets deltas once `ready`.
+        self.subscriptions.push(Subscription {
+            name: name.clone(),
+            target: Target::Table { table: table.clone(), filter: filter.clone(), after: Seq::MAX, ready: false },
+        });
+        let store = self.hub.store.clone();
+        // unwrap: only authenticated sessions reach here.
+        let tenant = self.auth.as_ref().expect("authenticated").identity.tenant.clone();
+        let (page_rows, max_rows) = (self.hub.config.snapshot_page_rows, self.hub.config.subscription_snapshot_max_rows);
+        let work = async move {
+            let catalog = store.catalog_with(&table).await;
+            let Some(schema) = catalog.get(&table).cloned() else {
+                return Err(Error::client(ErrorCode::UnknownTable, format!("`{table}` is not a synced table")));
+            };
+            for condition in &filter {
+                if !schema.columns.contains_key(&condition.column) {
+                    return Err(Error::client(ErrorCode::InvalidFilter, format!("{table} has no column `{}`", condition.column)));
+                }
+                protocol::filter::check(condition).map_err(|m| Error::client(ErrorCode::InvalidFilter, m))?;
+            }
+            if !snapshot {
+                return Ok(None);
+            }
+            match store.subscription_snapshot(&tenant, &schema, &filter, page_rows, max_rows, |_| true).await? {
+                Ok(read) => Ok(Some(read)),
+                Err(SnapshotRefusal::TooLarge { max_rows }) => Err(Error::client(
+                    ErrorCode::SnapshotTooLarge,
+                    format!("more than {max_rows} rows match; narrow the filter or subscribe without a snapshot"),
+                )),
+            }
+        };
+        ctx.spawn(work.into_actor(self).map(move |result, session, ctx| {
+            let Some(index) = session.subscriptions.iter().position(|s| s.name == name) else { return }; // unsubscribed meanwhile
+            if session.closed {
+                return;
+            }
+            let snapshot = match result {
+                Ok(snapshot) => snapshot,
+                Err(err) => {
+                    session.subscriptions.remove(index);
+                    return session.send_error(ctx, Some(id), err.code(), err.public_message());
+                }
+            };
+            // Without a snapshot the subscription starts where the session's stream is.
+            let seq = snapshot.as_ref().map_or(session.position, |(_, seq)| *seq);
+            session.send(ctx, &ServerFrame::Subscribed { id, sub: name.clone(), seq });
+            if let Some((rows, _)) = snapshot {
+                let page = page_rows.max(1) as usize;
+                let pages = rows.len().div_ceil(page).max(1);
+                let mut rows = rows.into_iter();
+                for n in 1..=pages {
+                    let chunk: Vec<SnapshotRow> = rows.by_ref().take(page).collect();
+                    session.send(ctx, &ServerFrame::SubRows { sub: name.clone(), rows: chunk, seq, last: n == pages });
+                }
+            }
+            if let Target::Table { after, ready, .. } = &mut session.subscriptions[index].target {
+                *after = seq;
+                *ready = true;
+            }
+            session.rewind(ctx, seq);
+        }));
+    }
+
+    fn unsubscribe(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: u64, name: &str) {
+        let Some(index) = self.subscriptions.iter().position(|s| s.name == name) else {
+            return self.send_error(ctx, Some(id), ErrorCode::UnknownSubscription, format!("no subscription named `{name}`"));
+        };
+        let removed = self.subscriptions.remove(index);
+        if let Target::Channel(channel) = removed.target {
+            let still = self.subscriptions.iter().any(|s| matches!(s.target, Target::Channel(c) if c == channel));
+            if let (false, Some(auth)) = (still, &self.auth) {
+                // Best effort: a watcher that is gone is also dropped with the session.
+                let _ = auth.tenant.try_send(Watch { session: self.id, channel, on: false });
+            }
+        }
+        self.send(ctx, &ServerFrame::Unsubscribed { id, sub: removed.name });
+    }
+
+    fn channel_subscriptions(&self, channel: Channel) -> Vec<String> {
+        self.subscriptions.iter().filter(|s| matches!(s.target, Target::Channel(c) if c == channel)).map(|s| s.name.clone()).collect()
+    }
+
     fn start_catch_up(&mut self, ctx: &mut ws::WebsocketContext<Self>, from: Seq) {
         self.phase = Phase::CatchingUp;
         self.position = from;
@@ -561,6 +747,9 @@ impl DeviceSession {
     fn catch_up_step(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
         if self.catch_up_running || self.phase != Phase::CatchingUp || self.closed {
             return;
+        }
+        if let Some(to) = self.rewind_to.take() {
+            self.position = self.position.min(to);
         }
         if self.unconfirmed() > self.hub.config.session_outbound_budget_bytes as u64 / 2 {
             // Flow control: wait for the client to read what was sent (resumed on pong).
@@ -598,9 +787,16 @@ impl DeviceSession {
                 let from_memory = matches!(read, CatchUpRead::Memory(_));
                 let pages = if from_memory { &session.hub.metrics.catch_up_pages_from_memory } else { &session.hub.metrics.catch_up_pages };
                 pages.fetch_add(1, Ordering::Relaxed);
-                // Encoded from the deltas where they are kept: no copy per session.
-                let encoded = Encoded::of_value(session.encoding, &CatchUpRef { deltas, seq: last, head_seq: head });
-                session.write(ctx, encoded);
+                if session.mode == SessionMode::Device && last > session.device_after {
+                    let device_after = session.device_after;
+                    let for_device: Vec<&Delta> = deltas.iter().filter(|d| d.seq > device_after).copied().collect();
+                    // Encoded from the deltas where they are kept: no copy per session.
+                    let encoded = Encoded::of_value(session.encoding, &CatchUpRef { deltas: for_device, seq: last, head_seq: head });
+                    session.write(ctx, encoded);
+                    session.device_after = last;
+                    session.device_paged = true;
+                }
+                session.route_to_subscriptions(ctx, &deltas, last);
                 session.position = last;
             }
             // Go live only once the client has confirmed most of what catch-up sent: past the
@@ -617,7 +813,7 @@ impl DeviceSession {
 
     /// Switch to live if the buffered frames continue right after `position`.
     fn try_go_live(&mut self, ctx: &mut ws::WebsocketContext<Self>) -> bool {
-        if self.dropped_upto > self.position {
+        if self.dropped_upto > self.position || self.rewind_to.is_some() {
             return false;
         }
         while self.buffered.front().is_some_and(|f| f.seq <= self.position) {
@@ -627,7 +823,11 @@ impl DeviceSession {
             return false; // a gap the log has not shown us yet: read again
         }
         self.phase = Phase::Live;
-        self.send(ctx, &ServerFrame::UpToDate { seq: self.position });
+        if self.mode == SessionMode::Device && (!self.device_live || self.device_paged) {
+            self.send(ctx, &ServerFrame::UpToDate { seq: self.position });
+        }
+        self.device_live = true;
+        self.device_paged = false;
         let frames: Vec<_> = self.buffered.drain(..).collect();
         for frame in frames {
             self.deliver(ctx, frame);
@@ -645,23 +845,80 @@ impl DeviceSession {
             self.buffered.push_back(frame);
             return self.start_catch_up(ctx, self.position);
         }
-        if frame.origin.is_some() && frame.origin.as_deref() == self.auth.as_ref().map(|a| a.device.as_str()) {
+        let own = frame.origin.is_some() && frame.origin.as_deref() == self.auth.as_ref().map(|a| a.device.as_str());
+        if own && self.subscriptions.is_empty() {
             // The device's own changes: it has their acks, so only the position moves.
             self.position = frame.seq;
+            self.device_after = self.device_after.max(frame.seq);
             return;
         }
         if self.unconfirmed() > self.hub.config.session_outbound_budget_bytes as u64 {
             return self.close(ctx, CloseCode::SlowConsumer, "client is not reading; resume from your last seq");
         }
-        let encoded = if frame.after == self.position {
-            (!frame.deltas.is_empty()).then(|| frame.encoded(self.encoding))
-        } else {
-            let rest: Vec<_> = frame.deltas.iter().filter(|d| d.seq > self.position).cloned().collect();
-            (!rest.is_empty()).then(|| Encoded::of(self.encoding, &ServerFrame::Delta { deltas: rest, seq: frame.seq }))
-        };
+        if self.mode == SessionMode::Device && frame.seq > self.device_after {
+            let encoded = if own {
+                None
+            } else if frame.after == self.device_after {
+                (!frame.deltas.is_empty()).then(|| frame.encoded(self.encoding))
+            } else {
+                let rest: Vec<_> = frame.deltas.iter().filter(|d| d.seq > self.device_after).cloned().collect();
+                (!rest.is_empty()).then(|| Encoded::of(self.encoding, &ServerFrame::Delta { deltas: rest, seq: frame.seq }))
+            };
+            self.device_after = frame.seq;
+            if let Some(encoded) = encoded {
+                self.write(ctx, encoded);
+            }
+        }
+        let fresh: Vec<&Delta> = frame.deltas.iter().filter(|d| d.seq > self.position).collect();
+        self.route_to_subscriptions(ctx, &fresh, frame.seq);
         self.position = frame.seq;
-        if let Some(encoded) = encoded {
-            self.write(ctx, encoded);
+    }
+
+    /// Give each ready table subscription the deltas up to `seq` that it has not had and that
+    /// its filter lets through.
+    fn route_to_subscriptions(&mut self, ctx: &mut ws::WebsocketContext<Self>, deltas: &[&Delta], seq: Seq) {
+        if self.subscriptions.is_empty() {
+            return;
+        }
+        let mut frames = Vec::new();
+        for sub in &mut self.subscriptions {
+            let Target::Table { table, filter, after, ready: true } = &mut sub.target else { continue };
+            if seq <= *after {
+                continue;
+            }
+            let since = *after;
+            let picked: Vec<Delta> = deltas
+                .iter()
+                .filter(|d| d.seq > since)
+                .filter_map(|d| subscription_view(table, filter, d))
+                .map(Cow::into_owned)
+                .collect();
+            *after = seq;
+            if !picked.is_empty() {
+                frames.push(ServerFrame::SubDelta { sub: sub.name.clone(), deltas: picked, seq });
+            }
+        }
+        for frame in frames {
+            self.send(ctx, &frame);
+        }
+    }
+
+    /// Read the stream again from `to` (a subscription's snapshot is older than `position`);
+    /// whoever already has an entry skips it.
+    fn rewind(&mut self, ctx: &mut ws::WebsocketContext<Self>, to: Seq) {
+        if to >= self.position {
+            return;
+        }
+        match self.phase {
+            Phase::Live => {
+                self.buffered.clear();
+                self.start_catch_up(ctx, to)
+            }
+            Phase::CatchingUp => {
+                self.rewind_to = Some(self.rewind_to.map_or(to, |r| r.min(to)));
+                self.catch_up_step(ctx);
+            }
+            _ => {}
         }
     }
 
@@ -815,6 +1072,24 @@ impl Handler<Notice> for DeviceSession {
             Notice::Broadcast(frame) => {
                 let encoded = frame.encoded(self.encoding);
                 self.write(ctx, encoded);
+            }
+            Notice::PresenceList(online) => {
+                for sub in self.channel_subscriptions(Channel::Presence) {
+                    self.send(ctx, &ServerFrame::Presence { sub, online: online.to_vec() });
+                }
+            }
+            Notice::PresenceDiff { joins, leaves } => {
+                for sub in self.channel_subscriptions(Channel::Presence) {
+                    self.send(ctx, &ServerFrame::PresenceDiff { sub, joins: joins.to_vec(), leaves: leaves.to_vec() });
+                }
+            }
+            Notice::Conflicts(news) => {
+                for sub in self.channel_subscriptions(Channel::Conflicts) {
+                    for (event, record) in &news.events {
+                        let frame = ServerFrame::Conflict { sub: sub.clone(), event: *event, conflict: Box::new(record.clone()), open: news.open };
+                        self.send(ctx, &frame);
+                    }
+                }
             }
         }
     }

@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 use actix::prelude::*;
 use bytes::Bytes;
 use bytestring::ByteString;
-use protocol::{ChangeResult, Delta, Encoding, ServerFrame};
+use protocol::{ChangeResult, Channel, ConflictEvent, ConflictRecord, Delta, Encoding, PresenceEntry, ServerFrame};
 
 use crate::error::Result;
 use crate::ids::{DeviceId, Seq, SessionId};
@@ -26,9 +26,20 @@ pub struct ApplyBatch {
 pub struct Subscribe {
     pub session: SessionId,
     pub device: DeviceId,
+    /// Who the session is, as presence shows it.
+    pub presence: PresenceEntry,
     pub live: Recipient<LiveFrame>,
     pub control: Recipient<SessionControl>,
     pub notices: Recipient<Notice>,
+}
+
+/// A session starts or stops watching a channel (presence, conflicts) of its tenant.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Watch {
+    pub session: SessionId,
+    pub channel: Channel,
+    pub on: bool,
 }
 
 #[derive(Message)]
@@ -63,6 +74,16 @@ pub struct Broadcast {
 pub enum Notice {
     /// The same frame for everyone, encoded once per encoding.
     Broadcast(Arc<SharedServerFrame>),
+    /// Everyone online (to a session that starts watching presence, or missed diffs).
+    PresenceList(Arc<Vec<PresenceEntry>>),
+    PresenceDiff { joins: Arc<Vec<PresenceEntry>>, leaves: Arc<Vec<PresenceEntry>> },
+    /// Conflicts opened or resolved by one commit, and the tenant's open count after it.
+    Conflicts(Arc<ConflictNews>),
+}
+
+pub struct ConflictNews {
+    pub events: Vec<(ConflictEvent, ConflictRecord)>,
+    pub open: u64,
 }
 
 /// A hub frame that many sessions send unchanged, encoded at most once per encoding.

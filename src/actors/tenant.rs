@@ -8,11 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use protocol::{ChangeResult, Delta};
+use protocol::{ChangeResult, Channel, Delta, PresenceEntry};
 use tokio::sync::oneshot;
 
 use super::messages::{
-    ApplyBatch, Broadcast, LiveFrame, LogAppended, Notice, RecentLog, SessionControl, SharedFrame, SharedServerFrame, Subscribe, Unsubscribe,
+    ApplyBatch, Broadcast, ConflictNews, LiveFrame, LogAppended, Notice, RecentLog, SessionControl, SharedFrame, SharedServerFrame, Subscribe,
+    Unsubscribe, Watch,
 };
 use super::registry::TenantRegistry;
 use crate::config::Config;
@@ -36,6 +37,11 @@ struct Subscriber {
     notices: Recipient<Notice>,
     /// A frame could not be delivered; the session must be told to catch up.
     lagged: bool,
+    presence: PresenceEntry,
+    watches_presence: bool,
+    watches_conflicts: bool,
+    /// A presence diff could not be delivered: the whole list goes out on the next tick.
+    presence_stale: bool,
 }
 
 struct Queued {
@@ -207,10 +213,58 @@ impl TenantActor {
                 Err(SendError::Closed(_)) => gone.push(*id),
             }
         }
-        for id in gone {
-            self.sessions.remove(&id);
-        }
+        self.remove_sessions(gone);
         self.nudge_lagged();
+    }
+
+    /// Forget sessions and tell presence watchers they left.
+    fn remove_sessions(&mut self, ids: impl IntoIterator<Item = SessionId>) {
+        let leaves: Vec<PresenceEntry> = ids.into_iter().filter_map(|id| self.sessions.remove(&id)).map(|s| s.presence).collect();
+        self.announce_presence(Vec::new(), leaves);
+    }
+
+    fn presence_list(&self) -> Arc<Vec<PresenceEntry>> {
+        let mut online: Vec<PresenceEntry> = self.sessions.values().map(|s| s.presence.clone()).collect();
+        online.sort_by(|a, b| (a.since_ms, a.session_id).cmp(&(b.since_ms, b.session_id)));
+        Arc::new(online)
+    }
+
+    fn announce_presence(&mut self, joins: Vec<PresenceEntry>, leaves: Vec<PresenceEntry>) {
+        if joins.is_empty() && leaves.is_empty() {
+            return;
+        }
+        let (joins, leaves) = (Arc::new(joins), Arc::new(leaves));
+        for sub in self.sessions.values_mut().filter(|s| s.watches_presence && !s.presence_stale) {
+            let notice = Notice::PresenceDiff { joins: joins.clone(), leaves: leaves.clone() };
+            if sub.notices.try_send(notice).is_err() {
+                sub.presence_stale = true;
+            }
+        }
+    }
+
+    /// Watchers that missed a diff get the whole list again.
+    fn refresh_stale_presence(&mut self) {
+        if !self.sessions.values().any(|s| s.presence_stale) {
+            return;
+        }
+        let list = self.presence_list();
+        for sub in self.sessions.values_mut().filter(|s| s.presence_stale) {
+            if sub.notices.try_send(Notice::PresenceList(list.clone())).is_ok() {
+                sub.presence_stale = false;
+            }
+        }
+    }
+
+    /// Conflicts a commit opened or resolved, to the sessions watching them. A watcher whose
+    /// mailbox is full misses them; the review API lists them all.
+    fn tell_conflicts(&mut self, news: ConflictNews) {
+        if news.events.is_empty() {
+            return;
+        }
+        let news = Arc::new(news);
+        for sub in self.sessions.values().filter(|s| s.watches_conflicts) {
+            let _ = sub.notices.try_send(Notice::Conflicts(news.clone()));
+        }
     }
 
     /// Keep frames that continue `recent` for catch-up, dropping the oldest past the limit.
@@ -299,7 +353,9 @@ impl TenantActor {
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
         // Unsubscribe is best-effort (try_send); sessions that are gone are dropped here.
-        self.sessions.retain(|_, s| s.live.connected());
+        let gone: Vec<SessionId> = self.sessions.iter().filter(|(_, s)| !s.live.connected()).map(|(id, _)| *id).collect();
+        self.remove_sessions(gone);
+        self.refresh_stale_presence();
         self.nudge_lagged();
         if !self.sessions.is_empty() && self.last_log_read.elapsed() >= LOG_REREAD_EVERY {
             self.log_dirty = true;
@@ -413,15 +469,28 @@ impl Handler<Subscribe> for TenantActor {
         self.last_activity = Instant::now();
         // One live session per device: the newer one replaces the older.
         let replaced: Vec<SessionId> = self.sessions.iter().filter(|(_, s)| s.device == msg.device).map(|(id, _)| *id).collect();
-        for id in replaced {
-            if let Some(old) = self.sessions.remove(&id) {
+        for id in &replaced {
+            if let Some(old) = self.sessions.get(id) {
                 let _ = old.control.try_send(SessionControl::Replaced);
             }
         }
+        self.remove_sessions(replaced);
+        let joined = msg.presence.clone();
         self.sessions.insert(
             msg.session,
-            Subscriber { device: msg.device, live: msg.live, control: msg.control, notices: msg.notices, lagged: false },
+            Subscriber {
+                device: msg.device,
+                live: msg.live,
+                control: msg.control,
+                notices: msg.notices,
+                lagged: false,
+                presence: msg.presence,
+                watches_presence: false,
+                watches_conflicts: false,
+                presence_stale: false,
+            },
         );
+        self.announce_presence(vec![joined], Vec::new());
     }
 }
 
@@ -429,8 +498,27 @@ impl Handler<Unsubscribe> for TenantActor {
     type Result = ();
 
     fn handle(&mut self, msg: Unsubscribe, _ctx: &mut Context<Self>) {
-        self.sessions.remove(&msg.session);
+        self.remove_sessions([msg.session]);
         self.last_activity = Instant::now();
+    }
+}
+
+impl Handler<Watch> for TenantActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Watch, _ctx: &mut Context<Self>) {
+        let list = (msg.channel == Channel::Presence && msg.on).then(|| self.presence_list());
+        let Some(sub) = self.sessions.get_mut(&msg.session) else { return };
+        match msg.channel {
+            Channel::Conflicts => sub.watches_conflicts = msg.on,
+            Channel::Presence => {
+                sub.watches_presence = msg.on;
+                // The list goes through the same mailbox as the diffs after it, so none overtakes it.
+                if let Some(list) = list {
+                    sub.presence_stale = sub.notices.try_send(Notice::PresenceList(list)).is_err();
+                }
+            }
+        }
     }
 }
 

@@ -138,6 +138,24 @@ impl TableSchema {
     }
 }
 
+impl TableSchema {
+    /// Subscription snapshot page: `$1` tenant, `$2` key to start after (jsonb, may be null),
+    /// `$3` limit, `$4` jsonb object the row must contain (the filter's equalities).
+    pub fn filtered_snapshot_sql(&self) -> String {
+        format!(
+            "select {keyobj} as key, to_jsonb(t) as row from {table} t \
+             where {tenant} and ($2::jsonb is null or ({tk}) > (select {ak} from jsonb_populate_record(null::{table}, $2) a)) \
+             and to_jsonb(t) @> $4::jsonb \
+             order by {tk} limit $3",
+            table = self.name,
+            keyobj = self.key_object("t"),
+            tenant = self.tenant_match("t"),
+            tk = self.key_list("t"),
+            ak = self.key_list("a"),
+        )
+    }
+}
+
 /// All synced tables by wire name.
 #[derive(Debug, Default)]
 pub struct Catalog {

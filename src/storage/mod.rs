@@ -5,6 +5,7 @@
 pub mod apply;
 pub mod catalog;
 pub mod log;
+pub mod subscriptions;
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};

@@ -1,2 +1,3 @@
 //! Merge logic, independent of storage and transport.
 pub mod merge;
+pub mod views;

@@ -251,6 +251,75 @@ impl Client {
         (c, epoch, seq)
     }
 
+    /// A read-only dashboard session: hello in dashboard mode; returns the welcome's head seq.
+    pub async fn dashboard(hub: &TestHub, tenant: &str, user: &str, role: &str) -> (Client, u64) {
+        let mut c = hub.client().await;
+        let id = c.next_id();
+        let token = token(tenant, user, role, None);
+        c.send(&ClientFrame::Hello { mode: protocol::SessionMode::Dashboard, id, versions: vec![1], token, device_id: None, position: None })
+            .await;
+        match c.recv().await {
+            ServerFrame::Welcome { head_seq, .. } => (c, head_seq),
+            other => panic!("expected welcome, got {other:?}"),
+        }
+    }
+
+    /// Send `subscribe` and return its request id (the reply is read separately).
+    pub async fn send_subscribe(&mut self, sub: &str, table: Option<&str>, filter: Vec<protocol::Condition>, snapshot: bool, channel: Option<protocol::Channel>) -> u64 {
+        let id = self.next_id();
+        self.send(&ClientFrame::Subscribe { id, sub: sub.into(), table: table.map(Into::into), filter, snapshot, channel }).await;
+        id
+    }
+
+    /// Subscribe to a table and read the reply and the snapshot: (subscribed seq, snapshot rows).
+    pub async fn subscribe_table(&mut self, sub: &str, table: &str, filter: Vec<protocol::Condition>, snapshot: bool) -> (u64, Vec<protocol::SnapshotRow>) {
+        let id = self.send_subscribe(sub, Some(table), filter, snapshot, None).await;
+        let seq = self
+            .expect(|f| match f {
+                ServerFrame::Subscribed { id: got, seq, .. } if *got == id => Some(*seq),
+                ServerFrame::Error { id: Some(got), code, message, .. } if *got == id => panic!("subscribe refused: {code:?} {message}"),
+                _ => None,
+            })
+            .await;
+        let mut rows = Vec::new();
+        if snapshot {
+            loop {
+                let (page, last) = self
+                    .expect(|f| match f {
+                        ServerFrame::SubRows { sub: s, rows, last, seq: at } if s == sub => {
+                            assert_eq!(*at, seq, "every page is read at the subscribed seq");
+                            Some((rows.clone(), *last))
+                        }
+                        _ => None,
+                    })
+                    .await;
+                rows.extend(page);
+                if last {
+                    break;
+                }
+            }
+        }
+        (seq, rows)
+    }
+
+    /// The error answering request `id`.
+    pub async fn expect_error(&mut self, id: u64) -> protocol::ErrorCode {
+        self.expect(|f| match f {
+            ServerFrame::Error { id: Some(got), code, .. } if *got == id => Some(*code),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Next `sub_delta` of subscription `sub`: (deltas, seq).
+    pub async fn next_sub_delta(&mut self, sub: &str) -> (Vec<protocol::Delta>, u64) {
+        self.expect(|f| match f {
+            ServerFrame::SubDelta { sub: s, deltas, seq } if s == sub => Some((deltas.clone(), *seq)),
+            _ => None,
+        })
+        .await
+    }
+
     pub async fn push(&mut self, changes: Vec<Change>) -> Vec<protocol::ChangeResult> {
         let id = self.next_id();
         let batch_id = Uuid::now_v7();
