@@ -1,6 +1,6 @@
 //! The manager console at `/console`: static HTML, CSS and JavaScript modules built into the
 //! binary, served with a strict Content-Security-Policy, plus `/console/config.json` (the claim
-//! paths and registered tables the page needs to describe a token and offer tables).
+//! paths, manager roles and registered tables the page needs to describe a token and offer tables).
 
 use std::sync::Arc;
 
@@ -78,13 +78,15 @@ async fn file(req: HttpRequest, name: web::Path<String>) -> HttpResponse {
 }
 
 /// What the page cannot learn from the token alone: where the hub reads tenant, user, role and
-/// device in it, and which tables are registered at start-up (suggestions for subscriptions).
+/// device in it, which roles review conflicts, and which tables are registered at start-up
+/// (suggestions for subscriptions).
 async fn config_json(req: HttpRequest, hub: web::Data<Arc<Hub>>) -> HttpResponse {
     let c = &hub.config;
     let tables: Vec<&str> = c.tables.iter().map(|t| t.name.as_str()).collect();
     let body = json!({
         "claims": {"tenant": c.claim_tenant, "user": c.claim_user, "role": c.claim_role, "device": c.claim_device},
         "tables": tables,
+        "manager_roles": c.manager_roles,
     });
     with_headers(&req, &mut HttpResponse::Ok())
         .insert_header((header::CACHE_CONTROL, "no-store"))
