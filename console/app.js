@@ -9,7 +9,11 @@ import { Feed } from './feed.js';
 import { Presence, PRESENCE_SUB } from './presence.js';
 import { Conflicts, CONFLICT_SUB } from './conflicts.js';
 
-const DEFAULT_CONFIG = { claims: { tenant: 'tenant_id', user: 'sub', role: 'role', device: 'device_id' }, tables: [] };
+const DEFAULT_CONFIG = {
+  claims: { tenant: 'tenant_id', user: 'sub', role: 'role', device: 'device_id' },
+  tables: [],
+  manager_roles: ['Manager'],
+};
 const MAX_BANNERS = 5;
 
 let config = DEFAULT_CONFIG;
@@ -110,9 +114,10 @@ async function signIn(token) {
       signOut(`The hub refused this token: ${err.describe()}`, true);
       return;
     }
+    const managerRole = (config.manager_roles ?? ['Manager']).includes(identity.role);
     if (err instanceof ApiError && err.code === 'forbidden') {
       s.conflicts.disable(); // not a manager role: feed and presence only
-    } else {
+    } else if (managerRole) {
       s.conflicts.enable();
       s.conflicts.note(`Conflict review is unavailable: ${err instanceof ApiError ? err.describe() : err.message}`);
     }

@@ -115,7 +115,10 @@ export class Conflicts {
       return;
     }
     if (seq !== this.loadSeq) return; // a newer load is under way
-    if (reset) this.items = new Map();
+    if (reset) {
+      this.items = new Map();
+      this.refreshCounts(); // the same moment's count, for the badge
+    }
     for (const c of page.conflicts) this.items.set(c.id, c);
     this.nextBeforeId = page.next_before_id ?? null;
     this.renderList();

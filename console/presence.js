@@ -21,7 +21,7 @@ export class Presence {
     this.online = new Map();
     this.ownSession = null;
     this.note.textContent = '';
-    this.log.replaceChildren();
+    replace(this.log, h('li', { class: 'muted empty' }, 'None since the console connected.'));
     this.render();
   }
 
@@ -59,6 +59,7 @@ export class Presence {
   }
 
   logEvent(p, what) {
+    this.log.querySelector('.empty')?.remove();
     this.log.prepend(h('li', {}, h('span', { class: 'when' }, clock()), ' ', `${who(p)} ${what} (${where(p)})`));
     while (this.log.childElementCount > MAX_LOG) this.log.lastElementChild.remove();
   }

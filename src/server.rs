@@ -1,4 +1,4 @@
-//! The HTTP server: routes (`/v1/ws`, `/healthz`, `/readyz`, `/metrics`, `/console`), start-up of the hub's parts,
+//! The HTTP server: routes (`/v1/ws`, `/healthz`, `/readyz`, `/metrics`), start-up of the hub's parts,
 //! the notification listener for other SQL writers, and the one graceful shutdown sequence:
 //! stop accepting → sessions finish in-flight pushes and close with going-away → stop.
 

@@ -5,6 +5,7 @@
 // Environment:
 //   CONSOLE_URL          hub base URL, e.g. http://127.0.0.1:40123
 //   CONSOLE_TOKEN        a manager token of the tenant
+//   CONSOLE_EMPLOYEE_TOKEN  an Employee token of the tenant (no conflict review for it)
 //   CONSOLE_SCREENSHOT   where to save the screenshot (PNG); a phone-width one goes next to it
 //   E2E_DEVICES          comma-separated device ids that must show as online
 //   E2E_WINNER, E2E_OTHER  the conflict's winning and losing values, as the console shows them (JSON)
@@ -33,6 +34,7 @@ function fail(msg) {
 
 const url = env('CONSOLE_URL');
 const token = env('CONSOLE_TOKEN');
+const employeeToken = env('CONSOLE_EMPLOYEE_TOKEN');
 const screenshot = env('CONSOLE_SCREENSHOT');
 const devices = env('E2E_DEVICES', '').split(',').filter(Boolean);
 const winner = env('E2E_WINNER');
@@ -226,6 +228,23 @@ try {
     say(`screenshot (375 px): ${path.resolve(phoneShot)}`);
     await page.setViewportSize({ width: 1280, height: 900 });
     await page.waitForTimeout(200);
+  });
+
+  await check('an Employee sees the feed and presence, not conflicts', async () => {
+    const other = await browser.newContext({ viewport: { width: 375, height: 812 } });
+    const emp = await other.newPage();
+    emp.setDefaultTimeout(STEP_MS);
+    emp.on('pageerror', (err) => pageErrors.push(`employee page: ${err.message}`));
+    await emp.goto(`${url}/console`);
+    await emp.getByLabel('Token').fill(employeeToken);
+    await emp.getByLabel('Token').press('Enter');
+    await emp.locator('#conn[data-state="open"]').waitFor();
+    for (const d of devices) await emp.locator('#presence-list', { hasText: `device ${d}` }).waitFor();
+    await emp.locator('#sub-form').waitFor();
+    expect(await emp.locator('#conflicts').isHidden(), 'an Employee must not see the conflict panel');
+    expect(await emp.locator('#badge').isHidden(), 'an Employee must not see the conflict badge');
+    await noHorizontalOverflow(emp, '375 px, Employee');
+    await other.close();
   });
 
   await check('no script errors', async () => {
