@@ -49,6 +49,10 @@ pub struct Metrics {
     /// Capture-file entries queued for writing, and entries dropped because the queue was full.
     pub capture_entries: AtomicU64,
     pub capture_dropped: AtomicU64,
+    /// Subscriptions held by sessions (tables and channels).
+    pub subscriptions: AtomicI64,
+    pub subscription_deltas: AtomicU64,
+    pub subscription_snapshot_rows: AtomicU64,
     errors: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -139,6 +143,9 @@ impl Metrics {
         metric("synchub_tenant_queue_batches", "gauge", "Batches waiting in tenant queues.", &one(self.queued_batches.load(Relaxed) as f64));
         metric("synchub_capture_entries_total", "counter", "Entries queued for the capture file (when recording).", &one(get(&self.capture_entries)));
         metric("synchub_capture_dropped_total", "counter", "Capture entries dropped because the recorder's queue was full.", &one(get(&self.capture_dropped)));
+        metric("synchub_subscriptions", "gauge", "Table and channel subscriptions held by sessions.", &one(self.subscriptions.load(Relaxed) as f64));
+        metric("synchub_subscription_deltas_total", "counter", "Deltas sent to table subscriptions.", &one(get(&self.subscription_deltas)));
+        metric("synchub_subscription_snapshot_rows_total", "counter", "Rows sent in subscription snapshots.", &one(get(&self.subscription_snapshot_rows)));
         let errors: Vec<_> = self.errors.lock().unwrap().iter().map(|(c, n)| (format!("{{code=\"{c}\"}}"), *n as f64)).collect();
         metric("synchub_errors_total", "counter", "Error frames sent and rejected changes, by code.", &errors);
         metric("synchub_db_connections", "gauge", "Connections in the database pool.", &one(gauges.db_connections as f64));

@@ -4,6 +4,7 @@
 pub mod capture;
 pub mod client;
 pub mod compare;
+pub mod dashboards;
 pub mod devices;
 pub mod error;
 pub mod fanout;

@@ -1,7 +1,7 @@
 //! `synchub-loadtest`: drives a synchub hub over real WebSockets on loopback with bounded,
 //! self-stopping scenarios, and reports latency, throughput, errors and hub CPU/memory.
 
-use synchub_loadtest::{client, compare, devices, error, fanout, idle, pg_ceiling, plot, replay, storm, tables, tokens};
+use synchub_loadtest::{client, compare, dashboards, devices, error, fanout, idle, pg_ceiling, plot, replay, storm, tables, tokens};
 
 use std::path::PathBuf;
 
@@ -16,7 +16,7 @@ struct Cli {
     /// Write the JSON report here as well as printing the table.
     #[arg(long, global = true)]
     json: Option<PathBuf>,
-    /// Write an SVG plot of throughput and latency over the run here (devices, fanout, replay).
+    /// Write an SVG plot of throughput and latency over the run here (devices, fanout, dashboards, replay).
     #[arg(long, global = true)]
     svg: Option<PathBuf>,
 }
@@ -74,6 +74,14 @@ enum Command {
         hub: HubArgs,
         #[command(flatten)]
         args: fanout::FanoutArgs,
+    },
+    /// Dashboards subscribe with filters (snapshot, then live) while devices keep writing:
+    /// push→dashboard latency, subscription deltas per second, snapshot time.
+    Dashboards {
+        #[command(flatten)]
+        hub: HubArgs,
+        #[command(flatten)]
+        args: dashboards::DashboardsArgs,
     },
     /// All devices drop and come back at once, catching up and pushing what they queued.
     Storm {
@@ -171,6 +179,11 @@ async fn main() -> anyhow::Result<()> {
             let hub_pid = hub.hub_pid;
             let (target, tokens) = hub.connect_parts()?;
             replay::run(target, tokens, args, hub_pid).await?
+        }
+        Command::Dashboards { hub, args } => {
+            let hub_pid = hub.hub_pid;
+            let (target, tokens) = hub.connect_parts()?;
+            dashboards::run(target, tokens, args, hub_pid).await?
         }
         Command::PgCeiling { args } => pg_ceiling::run(args).await?,
         Command::Fanout { hub, args } => {

@@ -77,6 +77,35 @@ fn latency_table(dir: &Path) -> String {
     out
 }
 
+/// Dashboards watching filtered subscriptions while devices write.
+fn dashboards_table(dir: &Path) -> String {
+    let mut out = String::from(
+        "| dashboards | tenants | changes/s offered | changes/s merged | subscription deltas/s | push→dashboard p50 / p99 / max (ms) | push→ack p50 / p99 (ms) | snapshot p50 / p99 (ms) | errors | hub CPU (s) |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    match load(dir, "dashboards") {
+        Some(r) => out.push_str(&format!(
+            "| {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {} | {:.1} |\n",
+            num(&r, &["parameters", "dashboards"]),
+            num(&r, &["parameters", "tenants"]),
+            num(&r, &["parameters", "rate"]),
+            num(&r, &["changes_merged_per_s"]),
+            num(&r, &["deltas_per_s"]),
+            num(&r, &["delivery_latency", "p50_ms"]),
+            num(&r, &["delivery_latency", "p99_ms"]),
+            num(&r, &["delivery_latency", "max_ms"]),
+            num(&r, &["ack_latency", "p50_ms"]),
+            num(&r, &["ack_latency", "p99_ms"]),
+            num(&r, &["parameters", "snapshot_p50_ms"]),
+            num(&r, &["parameters", "snapshot_p99_ms"]),
+            error_count(&r),
+            num(&r, &["hub_cpu_s"]),
+        )),
+        None => out.push_str("| not run | | | | | | | | | |\n"),
+    }
+    out
+}
+
 /// Memory per idle authenticated connection.
 fn idle_table(dir: &Path) -> String {
     let mut out = String::from(
@@ -208,6 +237,7 @@ pub fn rewrite(results: &Path, benchmarks: &Path) -> Result<()> {
     let mut doc = std::fs::read_to_string(benchmarks)?;
     doc = replace_between(&doc, "merge", &merge_table(results))?;
     doc = replace_between(&doc, "latency", &latency_table(results))?;
+    doc = replace_between(&doc, "dashboards", &dashboards_table(results))?;
     doc = replace_between(&doc, "idle", &idle_table(results))?;
     doc = replace_between(&doc, "fanout", &fanout_table(results))?;
     doc = replace_between(&doc, "storm", &storm_table(results))?;

@@ -650,6 +650,7 @@ impl DeviceSession {
             return self.send_error(ctx, Some(id), ErrorCode::Busy, "the tenant is saturated; retry");
         }
         self.subscriptions.push(Subscription { name: name.clone(), target: Target::Channel(channel) });
+        self.hub.metrics.subscriptions.fetch_add(1, Ordering::Relaxed);
         self.send(ctx, &ServerFrame::Subscribed { id, sub: name, seq: self.position });
     }
 
@@ -700,7 +701,9 @@ impl DeviceSession {
             // Without a snapshot the subscription starts where the session's stream is.
             let seq = snapshot.as_ref().map_or(session.position, |(_, seq)| *seq);
             session.send(ctx, &ServerFrame::Subscribed { id, sub: name.clone(), seq });
+            session.hub.metrics.subscriptions.fetch_add(1, Ordering::Relaxed);
             if let Some((rows, _)) = snapshot {
+                session.hub.metrics.subscription_snapshot_rows.fetch_add(rows.len() as u64, Ordering::Relaxed);
                 let page = page_rows.max(1) as usize;
                 let pages = rows.len().div_ceil(page).max(1);
                 let mut rows = rows.into_iter();
@@ -722,6 +725,9 @@ impl DeviceSession {
             return self.send_error(ctx, Some(id), ErrorCode::UnknownSubscription, format!("no subscription named `{name}`"));
         };
         let removed = self.subscriptions.remove(index);
+        if !matches!(removed.target, Target::Table { ready: false, .. }) {
+            self.hub.metrics.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        }
         if let Target::Channel(channel) = removed.target {
             let still = self.subscriptions.iter().any(|s| matches!(s.target, Target::Channel(c) if c == channel));
             if let (false, Some(auth)) = (still, &self.auth) {
@@ -895,6 +901,7 @@ impl DeviceSession {
                 .collect();
             *after = seq;
             if !picked.is_empty() {
+                self.hub.metrics.subscription_deltas.fetch_add(picked.len() as u64, Ordering::Relaxed);
                 frames.push(ServerFrame::SubDelta { sub: sub.name.clone(), deltas: picked, seq });
             }
         }
@@ -946,6 +953,8 @@ impl Actor for DeviceSession {
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         self.hub.sessions.remove(&self.id);
+        let held = self.subscriptions.iter().filter(|s| !matches!(s.target, Target::Table { ready: false, .. })).count();
+        self.hub.metrics.subscriptions.fetch_sub(held as i64, Ordering::Relaxed);
         self.record(CaptureEvent::Close);
         if let Some(auth) = &self.auth {
             let _ = auth.tenant.try_send(Unsubscribe { session: self.id });
