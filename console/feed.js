@@ -91,7 +91,8 @@ export class Feed {
       const column = li.querySelector('[name=column]').value.trim();
       const op = li.querySelector('[name=op]').value;
       const raw = li.querySelector('[name=value]').value;
-      if (!column) throw new Error('Every condition needs a column (or remove the empty one).');
+      if (!column && raw.trim() === '') continue; // an untouched row: no condition
+      if (!column) throw new Error('A condition has a value but no column: name the column or remove the condition.');
       let value = parseValue(raw);
       if (op === 'in' && !Array.isArray(value)) {
         value = raw.split(',').map((part) => parseValue(part.trim())).filter((v) => v !== '');

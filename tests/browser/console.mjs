@@ -166,7 +166,8 @@ try {
   let conflictTitle;
   await check('keyboard: Tab from the top reaches the conflict, Enter opens it', async () => {
     await page.evaluate(() => { document.activeElement?.blur(); window.scrollTo(0, 0); });
-    const { info } = await tabUntil(page, (i) => i.cls === 'conflict-open', 30, 'the conflict in the list');
+    const { info, trail } = await tabUntil(page, (i) => i.cls === 'conflict-open', 30, 'the conflict in the list');
+    say(`keyboard: ${trail.length} Tab presses: ${trail.join(' → ')}`);
     conflictTitle = info.text;
     expect(info.outline !== 'none', 'the focused conflict shows no focus outline');
     await page.keyboard.press('Enter');
@@ -205,7 +206,8 @@ try {
 
   await check('keyboard: Tab reaches "Take other value", Enter resolves', async () => {
     await page.locator('#detail-h').focus();
-    const { info } = await tabUntil(page, (i) => i.tag === 'button' && i.text.startsWith('Take other value'), 10, 'the "Take other value" button');
+    const { info, trail } = await tabUntil(page, (i) => i.tag === 'button' && i.text.startsWith('Take other value'), 10, 'the "Take other value" button');
+    say(`keyboard: ${trail.length} Tab presses: ${trail.join(' → ')}`);
     expect(info.text.includes(other), `the button should name the other value ${other}: "${info.text}"`);
     expect(info.outline !== 'none', 'the focused resolve button shows no focus outline');
     await page.keyboard.press('Enter');
