@@ -59,6 +59,23 @@ pub struct TableConfig {
     pub policy: MergePolicy,
 }
 
+/// A server-side writer (a bridge, a back office job) that pushes changes and broadcasts over
+/// HTTP with `Authorization: Bearer <token>`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceToken {
+    /// Shown in logs and stored as the user of its changes.
+    pub name: String,
+    /// The bearer token; compared in constant time, never printed.
+    pub token: Secret,
+    /// Tenants it may write to; empty: every tenant.
+    #[serde(default)]
+    pub tenants: Vec<String>,
+}
+
+/// Shortest service token accepted, bytes: shorter ones are guessable.
+pub const MIN_SERVICE_TOKEN_BYTES: usize = 16;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -93,8 +110,6 @@ pub struct Config {
     pub claim_role: String,
     /// Claim path of the device id (optional in tokens). Default `device_id`.
     pub claim_device: String,
-    /// Roles that review conflicts (the `conflicts` channel and the review API). Default `["Manager"]`.
-    pub manager_roles: Vec<String>,
 
     // ---- protocol limits ----
     /// Largest WebSocket frame accepted, bytes. Default 2 MiB; larger closes with 1009.
@@ -160,6 +175,22 @@ pub struct Config {
     /// `synchub_capture_dropped_total`). Default 65536.
     pub record_queue_entries: usize,
 
+    // ---- HTTP API ----
+    /// Roles (the token's role claim) allowed to review conflicts (`/v1/conflicts*`, the
+    /// `conflicts` channel). Default `["Manager"]`; other roles get 403 `forbidden`.
+    pub manager_roles: Vec<String>,
+    /// Server-side writers allowed to use `/v1/tenants/{tenant}/push` and `/broadcast`.
+    /// Default none.
+    pub service_tokens: Vec<ServiceToken>,
+    /// Largest HTTP request body, bytes. Default 2 MiB; larger is refused 413.
+    pub max_http_body_bytes: usize,
+    /// Largest broadcast payload (as JSON), bytes. Default 64 KiB; larger is refused 413.
+    pub max_broadcast_payload_bytes: usize,
+    /// Conflicts per page of `GET /v1/conflicts` when `limit` is not given. Default 50.
+    pub conflict_page_default: u32,
+    /// Most conflicts per page of `GET /v1/conflicts`. Default 500; a larger `limit` is lowered to it.
+    pub conflict_page_max: u32,
+
     /// Tables to register at start-up.
     pub tables: Vec<TableConfig>,
 }
@@ -181,7 +212,6 @@ impl Default for Config {
             claim_user: "sub".into(),
             claim_role: "role".into(),
             claim_device: "device_id".into(),
-            manager_roles: vec!["Manager".into()],
             max_frame_bytes: 2 * 1024 * 1024,
             max_batch_changes: 1000,
             max_field_bytes: 64 * 1024,
@@ -207,6 +237,12 @@ impl Default for Config {
             record_file: None,
             record_tenants: Vec::new(),
             record_queue_entries: 65_536,
+            manager_roles: vec!["Manager".into()],
+            service_tokens: Vec::new(),
+            max_http_body_bytes: 2 * 1024 * 1024,
+            max_broadcast_payload_bytes: 64 * 1024,
+            conflict_page_default: 50,
+            conflict_page_max: 500,
             tables: Vec::new(),
         }
     }
@@ -254,6 +290,10 @@ impl Config {
             ("db_pool_size", self.db_pool_size as u64),
             ("workers", self.workers as u64),
             ("record_queue_entries", self.record_queue_entries as u64),
+            ("max_http_body_bytes", self.max_http_body_bytes as u64),
+            ("max_broadcast_payload_bytes", self.max_broadcast_payload_bytes as u64),
+            ("conflict_page_default", self.conflict_page_default as u64),
+            ("conflict_page_max", self.conflict_page_max as u64),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -262,6 +302,21 @@ impl Config {
         }
         if self.group_commit_max_changes < self.max_batch_changes {
             return Err(Error::Config("group_commit_max_changes must be at least max_batch_changes".into()));
+        }
+        if self.conflict_page_default > self.conflict_page_max {
+            return Err(Error::Config("conflict_page_default must be at most conflict_page_max".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, service) in self.service_tokens.iter().enumerate() {
+            if service.name.is_empty() || !names.insert(service.name.as_str()) {
+                return Err(Error::Config(format!("service_tokens[{i}]: name must be non-empty and unique")));
+            }
+            if service.token.0.len() < MIN_SERVICE_TOKEN_BYTES {
+                return Err(Error::Config(format!("service token `{}` must be at least {MIN_SERVICE_TOKEN_BYTES} bytes", service.name)));
+            }
+            if self.service_tokens[..i].iter().any(|other| other.token.0 == service.token.0) {
+                return Err(Error::Config(format!("service token `{}` is the same as another's", service.name)));
+            }
         }
         Ok(())
     }
@@ -331,7 +386,23 @@ mod tests {
 
     #[test]
     fn secrets_do_not_print() {
-        let config = Config { jwt_hs256_secret: Secret("hunter2".into()), ..Config::default() };
-        assert!(!format!("{config:?}").contains("hunter2"));
+        let service = ServiceToken { name: "bridge".into(), token: Secret("correct-horse-battery".into()), tenants: vec![] };
+        let config = Config { jwt_hs256_secret: Secret("hunter2".into()), service_tokens: vec![service], ..Config::default() };
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("hunter2"));
+        assert!(!printed.contains("correct-horse-battery"));
+    }
+
+    #[test]
+    fn service_tokens_from_toml_and_their_checks() {
+        let text = "[[service_tokens]]\nname = \"chat-bridge\"\ntoken = \"0123456789abcdef\"\ntenants = [\"store-1\"]\n";
+        let config: Config = toml::Value::Table(text.parse::<toml::Table>().unwrap()).try_into().unwrap();
+        assert_eq!(config.service_tokens[0].tenants, vec!["store-1".to_string()]);
+        assert_eq!(config.manager_roles, vec!["Manager".to_string()]);
+        config.validate().unwrap();
+        let short = ServiceToken { name: "x".into(), token: Secret("short".into()), tenants: vec![] };
+        assert!(Config { service_tokens: vec![short], ..Config::default() }.validate().is_err());
+        let twice = config.service_tokens[0].clone();
+        assert!(Config { service_tokens: vec![twice.clone(), twice], ..Config::default() }.validate().is_err());
     }
 }

@@ -17,6 +17,9 @@ pub enum Error {
     Busy,
     #[error("the hub is shutting down")]
     ShuttingDown,
+    /// A bug or corrupt state inside the hub; the details are logged, not sent.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -33,7 +36,7 @@ impl Error {
             // Every connection stayed busy for the acquire timeout: saturated, not broken.
             Error::Database(sqlx::Error::PoolTimedOut) => ErrorCode::Busy,
             Error::Database(_) | Error::Migrate(_) => ErrorCode::Unavailable,
-            Error::Config(_) => ErrorCode::Internal,
+            Error::Config(_) | Error::Internal(_) => ErrorCode::Internal,
             Error::Busy => ErrorCode::Busy,
             Error::ShuttingDown => ErrorCode::ShuttingDown,
         }
@@ -45,6 +48,7 @@ impl Error {
             Error::Client { message, .. } => message.clone(),
             Error::Database(sqlx::Error::PoolTimedOut) => "the hub is saturated; retry later".into(),
             Error::Database(_) | Error::Migrate(_) => "storage is unavailable; retry later".into(),
+            Error::Internal(_) => "internal error".into(),
             other => other.to_string(),
         }
     }

@@ -47,3 +47,16 @@ pub type DeviceSeq = u64;
 
 /// Identifies one socket's session within this hub process.
 pub type SessionId = uuid::Uuid;
+
+/// Device ids the hub gives its own writers; no device or service writer may use them.
+/// `console:<user>` writes a reviewer's conflict resolutions, `dashboard:<session>` names a
+/// dashboard session.
+pub const CONSOLE_DEVICE_PREFIX: &str = "console:";
+pub const DASHBOARD_DEVICE_PREFIX: &str = "dashboard:";
+
+impl DeviceId {
+    /// Whether the id is one the hub reserves for its own writers.
+    pub fn is_reserved(id: &str) -> bool {
+        id.starts_with(CONSOLE_DEVICE_PREFIX) || id.starts_with(DASHBOARD_DEVICE_PREFIX)
+    }
+}

@@ -10,6 +10,8 @@
 //!   group commit, fan-out after commit), and the registry that finds tenant actors.
 //! - [`sync::merge`]: the pure merge decision (per-field LWW on HLCs, client-wins, tombstones).
 //! - [`storage`]: Postgres: migrations, synced-table catalog, group-commit transaction, log reads.
+//! - [`http`]: the HTTP API: conflict review for managers, pushes and broadcasts by
+//!   server-side writers.
 //! - [`server`]: HTTP routes, start-up and graceful shutdown.
 //! - [`console`]: the manager console at `/console`, its files built into the binary.
 //! - [`metrics`]: counters and gauges, served as Prometheus text at `GET /metrics`.
@@ -25,6 +27,7 @@ pub mod console;
 pub mod demo;
 pub mod embedded_pg;
 pub mod error;
+pub mod http;
 pub mod ids;
 pub mod metrics;
 pub mod recorder;

@@ -53,6 +53,11 @@ pub struct Metrics {
     pub subscriptions: AtomicI64,
     pub subscription_deltas: AtomicU64,
     pub subscription_snapshot_rows: AtomicU64,
+    /// HTTP API: batches pushed and broadcasts sent by server-side writers, and conflicts
+    /// resolved by reviewers.
+    pub http_pushes: AtomicU64,
+    pub http_broadcasts: AtomicU64,
+    pub conflict_resolutions: AtomicU64,
     errors: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -146,6 +151,9 @@ impl Metrics {
         metric("synchub_subscriptions", "gauge", "Table and channel subscriptions held by sessions.", &one(self.subscriptions.load(Relaxed) as f64));
         metric("synchub_subscription_deltas_total", "counter", "Deltas sent to table subscriptions.", &one(get(&self.subscription_deltas)));
         metric("synchub_subscription_snapshot_rows_total", "counter", "Rows sent in subscription snapshots.", &one(get(&self.subscription_snapshot_rows)));
+        metric("synchub_http_pushes_total", "counter", "Batches server-side writers pushed over HTTP.", &one(get(&self.http_pushes)));
+        metric("synchub_http_broadcasts_total", "counter", "Broadcasts server-side writers sent over HTTP.", &one(get(&self.http_broadcasts)));
+        metric("synchub_conflict_resolutions_total", "counter", "Conflicts resolved through the review API.", &one(get(&self.conflict_resolutions)));
         let errors: Vec<_> = self.errors.lock().unwrap().iter().map(|(c, n)| (format!("{{code=\"{c}\"}}"), *n as f64)).collect();
         metric("synchub_errors_total", "counter", "Error frames sent and rejected changes, by code.", &errors);
         metric("synchub_db_connections", "gauge", "Connections in the database pool.", &one(gauges.db_connections as f64));
@@ -166,11 +174,14 @@ mod tests {
         m.change(ChangeStatus::Conflict);
         m.closed(CloseCode::SlowConsumer);
         m.error(ErrorCode::InvalidValue);
+        m.http_pushes.fetch_add(2, Relaxed);
         let text = m.render(&Gauges { sessions: 2, tenants: 1, db_connections: 3, db_idle: 1 });
         assert!(text.contains("synchub_sessions 2\n"));
         assert!(text.contains("synchub_changes_total{status=\"conflict\"} 1\n"));
         assert!(text.contains("synchub_session_closes_total{code=\"4008\"} 1\n"));
         assert!(text.contains("synchub_errors_total{code=\"invalid_value\"} 1\n"));
+        assert!(text.contains("synchub_http_pushes_total 2\n"));
+        assert!(text.contains("synchub_conflict_resolutions_total 0\n"));
         assert!(text.contains("synchub_group_commit_seconds_bucket{le=\"0.0025\"} 0\n"));
         assert!(text.contains("synchub_group_commit_seconds_bucket{le=\"0.005\"} 1\n"));
         assert!(text.contains("synchub_group_commit_seconds_bucket{le=\"0.05\"} 2\n"));

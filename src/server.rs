@@ -1,4 +1,5 @@
-//! The HTTP server: routes (`/v1/ws`, `/healthz`, `/readyz`, `/metrics`), start-up of the hub's parts,
+//! The HTTP server: routes (`/v1/ws`, `/healthz`, `/readyz`, `/metrics`, and the API of
+//! [`crate::http`]), start-up of the hub's parts,
 //! the notification listener for other SQL writers, and the one graceful shutdown sequence:
 //! stop accepting → sessions finish in-flight pushes and close with going-away → stop.
 
@@ -80,9 +81,11 @@ pub async fn start(config: Config) -> Result<RunningHub> {
     let listener = tokio::spawn(listen_for_log_writes(store.clone(), registry));
 
     let data = web::Data::new(hub.clone());
+    let app_config = config.clone();
     let server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
+            .configure(|cfg| crate::http::routes(cfg, &app_config))
             .route("/v1/ws", web::get().to(crate::transport::ws::upgrade))
             .route("/healthz", web::get().to(|| async { HttpResponse::Ok().body("ok") }))
             .route("/readyz", web::get().to(readyz))

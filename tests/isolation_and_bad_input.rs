@@ -857,6 +857,10 @@ async fn a_failed_hello_closes_with_its_code() {
     assert_eq!(refused_hello(&hub, token("store-1", "u", "Employee", Some("d1")), Some("d2"), vec![1]).await, (refusal(ErrorCode::Forbidden, Some(1)), 4001), "device differs from the token's");
     assert_eq!(refused_hello(&hub, token("store-1", "u", "Employee", None), None, vec![1]).await, (refusal(ErrorCode::Forbidden, Some(1)), 4001), "no device anywhere");
     assert_eq!(refused_hello(&hub, token("store-1", "u", "Employee", None), Some(""), vec![1]).await, (refusal(ErrorCode::Forbidden, Some(1)), 4001), "an empty device id");
+    for reserved in ["console:mgr-1", "dashboard:x"] {
+        assert_eq!(refused_hello(&hub, token("store-1", "u", "Employee", None), Some(reserved), vec![1]).await, (refusal(ErrorCode::Forbidden, Some(1)), 4001), "{reserved} is the hub's");
+        assert_eq!(refused_hello(&hub, token("store-1", "u", "Employee", Some(reserved)), None, vec![1]).await, (refusal(ErrorCode::Forbidden, Some(1)), 4001), "{reserved} in a token");
+    }
 
     // No protocol version in common: 4003, whatever the token.
     for versions in [vec![99], vec![], vec![0, 2]] {

@@ -26,12 +26,13 @@ use super::sweep::{unix_ms, SessionHandle};
 use super::tenant::TenantActor;
 use crate::auth::{unix_now, Identity};
 use crate::error::Error;
-use crate::ids::{DeviceId, Seq, SessionId};
+use crate::ids::{DeviceId, Seq, SessionId, DASHBOARD_DEVICE_PREFIX};
 use crate::server::Hub;
 use crate::storage::apply::BatchInput;
 use crate::storage::log::TenantHead;
 use crate::storage::subscriptions::SnapshotRefusal;
 use crate::sync::views::subscription_view;
+use crate::sync::batch::check_batch;
 
 /// Where a catch-up page was read: the tenant actor's memory (shared frames) or Postgres.
 enum CatchUpRead {
@@ -330,7 +331,7 @@ impl DeviceSession {
         };
         let device = match (&identity.device, device_id) {
             // Dashboards never take a device's id (they would replace its session).
-            _ if self.mode == SessionMode::Dashboard => DeviceId::new(format!("dashboard:{}", self.id)),
+            _ if self.mode == SessionMode::Dashboard => DeviceId::new(format!("{DASHBOARD_DEVICE_PREFIX}{}", self.id)),
             (Some(claimed), Some(given)) if claimed.as_str() != given => {
                 self.send_error(ctx, Some(id), ErrorCode::Forbidden, "device_id differs from the token's device");
                 return self.close(ctx, CloseCode::Unauthorized, "device mismatch");
@@ -342,6 +343,10 @@ impl DeviceSession {
                 return self.close(ctx, CloseCode::Unauthorized, "no device id");
             }
         };
+        if self.mode == SessionMode::Device && DeviceId::is_reserved(device.as_str()) {
+            self.send_error(ctx, Some(id), ErrorCode::Forbidden, "device ids starting with `console:` or `dashboard:` are the hub's own");
+            return self.close(ctx, CloseCode::Unauthorized, "reserved device id");
+        }
         let tenant = self.hub.registry.get(&identity.tenant);
         self.set_token_deadline(identity.expires_at);
         self.auth = Some(Authenticated { identity: identity.clone(), device: device.clone(), tenant: tenant.clone() });
@@ -473,24 +478,8 @@ impl DeviceSession {
         if self.closing {
             return self.send_error(ctx, Some(id), ErrorCode::ShuttingDown, "the hub is shutting down; reconnect");
         }
-        if changes.is_empty() {
-            return self.bad_frame(ctx, Some(id), ErrorCode::InvalidBatch, "a batch needs at least one change".into());
-        }
-        if changes.len() > self.hub.config.max_batch_changes {
-            let max = self.hub.config.max_batch_changes;
-            return self.bad_frame(ctx, Some(id), ErrorCode::BatchTooLarge, format!("{} changes; at most {max} per batch", changes.len()));
-        }
-        // device_seqs count from 1, fit the log's bigint, and are consecutive within a batch;
-        // otherwise nothing of the batch is applied.
-        if changes.iter().any(|c| c.device_seq == 0 || c.device_seq > i64::MAX as u64)
-            || changes.windows(2).any(|w| w[0].device_seq.checked_add(1) != Some(w[1].device_seq))
-        {
-            return self.bad_frame(
-                ctx,
-                Some(id),
-                ErrorCode::InvalidBatch,
-                "device_seqs must start at 1 or more and be consecutive and increasing within a batch".into(),
-            );
+        if let Err(err) = check_batch(&changes, self.hub.config.max_batch_changes) {
+            return self.bad_frame(ctx, Some(id), err.code(), err.public_message());
         }
         if self.pushes_in_flight >= self.hub.config.session_pushes_in_flight {
             let max = self.hub.config.session_pushes_in_flight;
@@ -498,7 +487,7 @@ impl DeviceSession {
         }
         // unwrap: only authenticated sessions reach here.
         let auth = self.auth.as_ref().expect("authenticated");
-        let input = BatchInput { device: auth.device.clone(), user: auth.identity.user.clone(), batch_id, changes };
+        let input = BatchInput::pushed(auth.device.clone(), auth.identity.user.clone(), batch_id, changes);
         self.pushes_in_flight += 1;
         self.hub.metrics.batches_pushed.fetch_add(1, Ordering::Relaxed);
         self.to_forward.push_back((id, batch_id, input));

@@ -50,6 +50,11 @@ impl TenantRegistry {
         TenantActor::start_in_arbiter(arbiter, move |_| actor)
     }
 
+    /// The tenant's actor if it is running (it is while the tenant has sessions); never starts one.
+    pub fn running(&self, tenant: &TenantId) -> Option<Addr<TenantActor>> {
+        self.actors.get(tenant).filter(|a| a.connected()).map(|a| a.clone())
+    }
+
     /// Called by a stopping actor; only removes the entry if it is still that actor.
     pub fn forget(&self, tenant: &TenantId, addr: &Addr<TenantActor>) {
         self.actors.remove_if(tenant, |_, current| current == addr);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use protocol::{ChangeResult, Channel, Delta, PresenceEntry};
+use protocol::{ChangeResult, Channel, ConflictEvent, Delta, PresenceEntry};
 use tokio::sync::oneshot;
 
 use super::messages::{
@@ -154,6 +154,11 @@ impl TenantActor {
                             }
                         }
                         let _ = reply.send(Ok(results));
+                    }
+                    if let Some(open) = output.open_conflicts {
+                        let opened = output.conflicts.into_iter().map(|c| (ConflictEvent::Opened, c));
+                        let events = opened.chain(output.resolved.into_iter().map(|c| (ConflictEvent::Resolved, c))).collect();
+                        actor.tell_conflicts(ConflictNews { events, open });
                     }
                     actor.accept(output.deltas, ctx);
                 }

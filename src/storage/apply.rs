@@ -5,10 +5,10 @@
 //! bad change is rejected.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use protocol::{Change, ChangeResult, ChangeStatus, Delta, ErrorCode, Hlc, Object, Op};
+use protocol::{Change, ChangeResult, ChangeStatus, ConflictRecord, Delta, ErrorCode, Hlc, Object, Op};
 use serde_json::{json, Value};
 use sqlx::postgres::PgDatabaseError;
 use sqlx::types::Json;
@@ -16,6 +16,7 @@ use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use super::catalog::{Catalog, TableSchema};
+use super::conflicts::{self, ResolveConflict};
 use super::Store;
 use crate::error::{Error, Result};
 use crate::ids::{DeviceId, Seq, TenantId, UserId};
@@ -28,6 +29,22 @@ pub struct BatchInput {
     pub user: UserId,
     pub batch_id: Uuid,
     pub changes: Vec<Change>,
+    /// The hub numbers this batch's changes (`console:*` devices, which have no counter of
+    /// their own): each `device_seq` is ignored and set to the device's cursor + 1, + 2, …
+    /// under the cursor lock; results and the log carry the assigned numbers.
+    pub assign_device_seqs: bool,
+    /// The batch writes this conflict's resolution (its one change). In the same transaction
+    /// the conflict is marked resolved; when it is no longer open, the change is rejected
+    /// `conflict_not_open` and writes nothing, and a change rejected for any other reason
+    /// leaves the conflict open.
+    pub resolves: Option<ResolveConflict>,
+}
+
+impl BatchInput {
+    /// A device's batch as it pushed it (its own device_seqs, resolving nothing).
+    pub fn pushed(device: DeviceId, user: UserId, batch_id: Uuid, changes: Vec<Change>) -> BatchInput {
+        BatchInput { device, user, batch_id, changes, assign_device_seqs: false, resolves: None }
+    }
 }
 
 /// What a committed group produced.
@@ -39,6 +56,12 @@ pub struct GroupOutput {
     pub deltas: Vec<Delta>,
     /// Head seq after the commit.
     pub head_seq: Seq,
+    /// Conflicts the group logged, in id order.
+    pub conflicts: Vec<ConflictRecord>,
+    /// Conflicts the group resolved (see [`BatchInput::resolves`]).
+    pub resolved: Vec<ConflictRecord>,
+    /// The tenant's open conflicts after the commit, when the group logged or resolved any.
+    pub open_conflicts: Option<u64>,
 }
 
 /// Versions assigned before the tenant's head is locked are provisional: this base plus the
@@ -232,12 +255,45 @@ async fn lock_cursors(conn: &mut PgConnection, tenant: &TenantId, devices: &[&st
         .await
 }
 
-/// Undo everything since the group's savepoint (taken when the transaction began), then lock
-/// the devices' cursors again, as they were locked after it.
-async fn back_to_group_start(conn: &mut PgConnection, tenant: &TenantId, devices: &[&str]) -> sqlx::Result<()> {
+/// What the group locks right after its savepoint: the devices' cursors, and the conflicts
+/// its batches resolve.
+struct GroupLocks<'a> {
+    devices: Vec<&'a str>,
+    conflicts: Vec<i64>,
+}
+
+/// Undo everything since the group's savepoint (taken when the transaction began), then take
+/// the group's locks again, as they were taken after it.
+async fn back_to_group_start(conn: &mut PgConnection, tenant: &TenantId, locks: &GroupLocks<'_>) -> sqlx::Result<()> {
     sqlx::query("rollback to savepoint synchub_group").execute(&mut *conn).await?;
-    lock_cursors(conn, tenant, devices).await?;
+    lock_cursors(conn, tenant, &locks.devices).await?;
+    conflicts::lock_open(conn, tenant, &locks.conflicts).await?;
     Ok(())
+}
+
+/// Hub-numbered batches (`assign_device_seqs`) with their device_seqs set from the cursors
+/// just locked; `None` when the group has none.
+fn assign_device_seqs(batches: &[BatchInput], cursors: &HashMap<&str, u64>) -> Option<Vec<BatchInput>> {
+    if !batches.iter().any(|b| b.assign_device_seqs) {
+        return None;
+    }
+    let mut next: HashMap<DeviceId, u64> = HashMap::new();
+    let assigned = batches
+        .iter()
+        .map(|batch| {
+            let mut batch = batch.clone();
+            if batch.assign_device_seqs {
+                let cursor = cursors.get(batch.device.as_str()).copied().unwrap_or(0);
+                let seq = next.entry(batch.device.clone()).or_insert(cursor);
+                for change in &mut batch.changes {
+                    *seq += 1;
+                    change.device_seq = *seq;
+                }
+            }
+            batch
+        })
+        .collect();
+    Some(assigned)
 }
 
 async fn apply_group(
@@ -250,15 +306,23 @@ async fn apply_group(
     let now = now_ms();
     let mut outcomes: Vec<Vec<Option<Outcome>>> = batches.iter().map(|b| b.changes.iter().map(|_| None).collect()).collect();
 
-    // 1. Device cursors: duplicates, gaps, and the changes to process.
-    let devices: Vec<&str> = batches.iter().map(|b| b.device.as_str()).collect();
-    let cursor_rows = lock_cursors(conn, tenant, &devices).await?;
+    // 1. Device cursors: duplicates, gaps, and the changes to process; conflicts to resolve.
+    let locks = GroupLocks {
+        devices: batches.iter().map(|b| b.device.as_str()).collect(),
+        conflicts: batches.iter().filter_map(|b| b.resolves.map(|r| r.conflict_id)).collect(),
+    };
+    let cursor_rows = lock_cursors(conn, tenant, &locks.devices).await?;
     let mut cursors: HashMap<&str, u64> = cursor_rows.iter().map(|(d, s)| (d.as_str(), *s as u64)).collect();
+    let assigned = assign_device_seqs(batches, &cursors);
+    let batches: &[BatchInput] = assigned.as_deref().unwrap_or(batches);
+    let mut resolvable: HashSet<i64> = conflicts::lock_open(conn, tenant, &locks.conflicts).await?.into_iter().collect();
     let mut devices_users: BTreeMap<&str, (&str, u64)> = BTreeMap::new();
     let mut duplicates = Vec::new();
     let mut pending: Vec<Pending> = Vec::new();
     for (b, batch) in batches.iter().enumerate() {
         let cursor = cursors.entry(batch.device.as_str()).or_insert(0);
+        // A conflict is resolved by the first batch of the group that resolves it.
+        let may_resolve = batch.resolves.is_none_or(|r| resolvable.remove(&r.conflict_id));
         let mut gap = false;
         for (i, change) in batch.changes.iter().enumerate() {
             if gap || change.device_seq > *cursor + 1 {
@@ -272,6 +336,10 @@ async fn apply_group(
                 continue;
             }
             *cursor = change.device_seq;
+            if let Some(conflict_id) = batch.resolves.filter(|_| !may_resolve).map(|r| r.conflict_id) {
+                outcomes[b][i] = Some(reject(ErrorCode::ConflictNotOpen, format!("conflict {conflict_id} is not open")));
+                continue;
+            }
             let Some(table) = catalog.get(&change.table) else {
                 outcomes[b][i] = Some(reject(ErrorCode::UnknownTable, format!("`{}` is not a synced table", change.table)));
                 continue;
@@ -297,7 +365,7 @@ async fn apply_group(
     }
 
     // 2. Current rows (locked) and their versions.
-    let mut state = load_all_rows(conn, tenant, &devices, &mut pending, &mut outcomes).await?;
+    let mut state = load_all_rows(conn, tenant, &locks, &mut pending, &mut outcomes).await?;
 
     // 3. Merge and write: all at once, or change by change when a value is refused.
     let all: Vec<usize> = (0..pending.len()).filter(|&p| pending[p].row_key.is_some()).collect();
@@ -308,8 +376,8 @@ async fn apply_group(
         }
         // Rare: start over from the rows as loaded (reading them again is cheaper than
         // keeping a copy of the group's state on the common path).
-        back_to_group_start(conn, tenant, &devices).await?;
-        state = load_all_rows(conn, tenant, &devices, &mut pending, &mut outcomes).await?;
+        back_to_group_start(conn, tenant, &locks).await?;
+        state = load_all_rows(conn, tenant, &locks, &mut pending, &mut outcomes).await?;
         for &p in &all {
             let pend = &pending[p];
             let id = (pend.table.name.clone(), pend.row_key.clone().unwrap_or_default());
@@ -407,8 +475,9 @@ async fn apply_group(
         devices_users.iter().map(|(d, (u, s))| (*d, (*u, *s as i64))).unzip();
     let versions = RowVersionColumns::of(&state, head);
     let log = LogColumns::of(&deltas, logged.iter().map(|&(p, op)| (&pending[p], op)));
-    // One statement for the hub's own bookkeeping: log, versions, conflicts and cursors.
-    sqlx::query(
+    // One statement for the hub's own bookkeeping: log, versions, conflicts and cursors; it
+    // returns the conflicts logged, with their ids.
+    let logged_conflicts: Value = sqlx::query_scalar(
         "with log as (\
            insert into synchub.change_log (tenant_id, seq, table_name, op, pk, new_row, old_values, written, origin_device, user_id, \
              change_id, device_seq, hlc_wall_ms, hlc_counter) \
@@ -425,11 +494,14 @@ async fn apply_group(
              incoming_value, incoming_hlc, incoming_device, incoming_user, winner, policy, change_id, batch_id, seq \
            from jsonb_to_recordset($20) as x(table_name text, pk jsonb, field text, base_version int8, server_version int8, \
              server_value jsonb, server_hlc jsonb, server_device text, server_user text, incoming_value jsonb, incoming_hlc jsonb, \
-             incoming_device text, incoming_user text, winner text, policy text, change_id uuid, batch_id uuid, seq int8)) \
-         insert into synchub.device_cursors (tenant_id, device_id, user_id, last_device_seq) \
-         select $1, d, u, s from unnest($21::text[], $22::text[], $23::int8[]) as x(d, u, s) \
-         on conflict (tenant_id, device_id) do update set last_device_seq = greatest(device_cursors.last_device_seq, excluded.last_device_seq), \
-           user_id = excluded.user_id, updated_at = now()",
+             incoming_device text, incoming_user text, winner text, policy text, change_id uuid, batch_id uuid, seq int8) \
+           returning *), \
+         cursors as (\
+           insert into synchub.device_cursors (tenant_id, device_id, user_id, last_device_seq) \
+           select $1, d, u, s from unnest($21::text[], $22::text[], $23::int8[]) as x(d, u, s) \
+           on conflict (tenant_id, device_id) do update set last_device_seq = greatest(device_cursors.last_device_seq, excluded.last_device_seq), \
+             user_id = excluded.user_id, updated_at = now()) \
+         select coalesce(jsonb_agg(to_jsonb(c) order by c.conflict_id), '[]'::jsonb) from conflicts c",
     )
     .bind(tenant.as_str())
     .bind(&log.seq)
@@ -454,8 +526,45 @@ async fn apply_group(
     .bind(&cursor_devices)
     .bind(&cursor_users)
     .bind(&cursor_seqs)
-    .execute(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
+    let logged_conflicts = conflicts::conflict_records(logged_conflicts)?;
+
+    // Resolutions: a resolving batch whose change was not rejected marks its conflict (locked
+    // and open since step 1) resolved.
+    let mut marks = Vec::new();
+    for (b, batch) in batches.iter().enumerate() {
+        let (Some(resolves), Some(last)) = (batch.resolves, batch.changes.len().checked_sub(1)) else { continue };
+        let rejected = (0..batch.changes.len()).any(|i| {
+            outcomes[b][i].is_some() || results_by_change.get(&(b, i)).is_none_or(|r| r.status == ChangeStatus::Rejected)
+        });
+        if rejected {
+            continue;
+        }
+        let change = &batch.changes[last];
+        marks.push(conflicts::Resolved {
+            conflict_id: resolves.conflict_id,
+            user: batch.user.clone(),
+            resolution: resolves.resolution,
+            seq: results_by_change.get(&(b, last)).and_then(|r| r.seq),
+            value: (change.op == Op::Upsert).then(|| change.fields.values().next().cloned()).flatten(),
+        });
+    }
+    let resolved = conflicts::mark_resolved(conn, tenant, &marks).await?;
+    if resolved.len() != marks.len() {
+        // Cannot happen: the conflicts were locked open since step 1.
+        return Err(Error::Internal("a conflict being resolved was no longer open".into()));
+    }
+    // Counted in the transaction, so the counts sent with consecutive commits are in order.
+    let open_conflicts = if logged_conflicts.is_empty() && resolved.is_empty() {
+        None
+    } else {
+        let open: i64 = sqlx::query_scalar("select count(*) from synchub.conflicts where tenant_id = $1 and review_status = 'open'")
+            .bind(tenant.as_str())
+            .fetch_one(&mut *conn)
+            .await?;
+        Some(open as u64)
+    };
 
     let original_seqs: HashMap<Uuid, Seq> = if duplicates.is_empty() {
         HashMap::new()
@@ -497,7 +606,7 @@ async fn apply_group(
                 .collect()
         })
         .collect();
-    Ok(GroupOutput { results, deltas, head_seq: new_head })
+    Ok(GroupOutput { results, deltas, head_seq: new_head, conflicts: logged_conflicts, resolved, open_conflicts })
 }
 
 /// The log's op and old values: old values of changed columns for an update, the whole old
@@ -544,12 +653,11 @@ impl<'a> RowVersionColumns<'a> {
 
 /// Read and lock the rows of every pending change; a key value that does not fit its column
 /// rejects that change with `invalid_value` (found by reading key by key) and the others go on.
-/// Called right after the group's savepoint was taken or rolled back to, with the cursors of
-/// `devices` locked since.
+/// Called right after the group's savepoint was taken or rolled back to, with `locks` taken since.
 async fn load_all_rows(
     conn: &mut PgConnection,
     tenant: &TenantId,
-    devices: &[&str],
+    locks: &GroupLocks<'_>,
     pending: &mut [Pending<'_>],
     outcomes: &mut [Vec<Option<Outcome>>],
 ) -> Result<MergeState> {
@@ -558,7 +666,7 @@ async fn load_all_rows(
         if value_error(&err).is_none() {
             return Err(err.into());
         }
-        back_to_group_start(conn, tenant, devices).await?;
+        back_to_group_start(conn, tenant, locks).await?;
         state = MergeState::default();
         for p in 0..pending.len() {
             sqlx::query("savepoint synchub_change").execute(&mut *conn).await?;

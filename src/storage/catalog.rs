@@ -77,6 +77,23 @@ impl TableSchema {
         )
     }
 
+    /// `$1` tenant, `$2` normalized key (jsonb) → the current row (null when missing) and
+    /// its version from `synchub.row_versions` (0 when never written through the log). Reads
+    /// without locking, for the review API.
+    pub fn current_row_sql(&self) -> String {
+        format!(
+            "select (select to_jsonb(t) from {table} t where {tenant} and ({tk}) = ({kk}) limit 1) as row, \
+               coalesce((select v.version from synchub.row_versions v \
+                 where v.tenant_id = $1 and v.table_name = '{table_literal}' and v.pk = $2 limit 1), 0) as version \
+             from jsonb_populate_record(null::{table}, $2) k",
+            table = self.name,
+            table_literal = self.name.replace('\'', "''"),
+            tenant = self.tenant_match("t"),
+            tk = self.key_list("t"),
+            kk = self.key_list("k"),
+        )
+    }
+
     fn build_delete_sql(&self) -> String {
         format!(
             "delete from {table} t using jsonb_populate_recordset(null::{table}, $2) v where {tenant} and ({tk}) = ({vk}) \

@@ -4,6 +4,7 @@
 
 pub mod apply;
 pub mod catalog;
+pub mod conflicts;
 pub mod log;
 pub mod subscriptions;
 

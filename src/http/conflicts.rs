@@ -1,0 +1,194 @@
+//! Conflict review for managers: list the tenant's conflicts with filters and keyset paging,
+//! count them by status, read one with its row as it is now, and resolve one by writing a
+//! value as an ordinary change of the field (device `console:<user>`), which syncs to every
+//! device, is logged, and marks the conflict resolved in the same transaction.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use actix_web::{web, HttpResponse};
+use protocol::{Change, ChangeStatus, ConflictRecord, ErrorCode, Hlc, Object, Op, ReviewStatus};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::auth::Manager;
+use super::error::ApiError;
+use super::{check_accepting, submit};
+use crate::error::Error;
+use crate::ids::{DeviceId, CONSOLE_DEVICE_PREFIX};
+use crate::server::Hub;
+use crate::storage::apply::BatchInput;
+use crate::storage::conflicts::{is_rfc3339, ConflictFilter, ResolveConflict, Resolution};
+
+/// Longest table or device name accepted as a filter, characters.
+const MAX_FILTER_NAME_CHARS: usize = 200;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    status: Option<String>,
+    table: Option<String>,
+    device: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    limit: Option<u32>,
+    before_id: Option<i64>,
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::InvalidFilter, message)
+}
+
+impl ListQuery {
+    fn filter(self, hub: &Hub) -> Result<ConflictFilter, ApiError> {
+        let status = match self.status.as_deref() {
+            None => None,
+            Some("open") => Some(ReviewStatus::Open),
+            Some("resolved") => Some(ReviewStatus::Resolved),
+            Some("dismissed") => Some(ReviewStatus::Dismissed),
+            Some(other) => return Err(invalid(format!("status `{other}`: expected open, resolved or dismissed"))),
+        };
+        for (name, value) in [("table", &self.table), ("device", &self.device)] {
+            if value.as_ref().is_some_and(|v| v.is_empty() || v.chars().count() > MAX_FILTER_NAME_CHARS) {
+                return Err(invalid(format!("{name} must be 1 to {MAX_FILTER_NAME_CHARS} characters")));
+            }
+        }
+        for (name, value) in [("since", &self.since), ("until", &self.until)] {
+            if value.as_ref().is_some_and(|v| !is_rfc3339(v)) {
+                return Err(invalid(format!("{name} must be an RFC 3339 date-time such as 2024-11-30T10:00:00Z")));
+            }
+        }
+        let limit = self.limit.unwrap_or(hub.config.conflict_page_default).clamp(1, hub.config.conflict_page_max);
+        Ok(ConflictFilter {
+            status,
+            table: self.table,
+            device: self.device,
+            since: self.since,
+            until: self.until,
+            before_id: self.before_id,
+            limit,
+        })
+    }
+}
+
+/// `GET /v1/conflicts`: newest first.
+pub async fn list(hub: web::Data<Arc<Hub>>, manager: Manager, query: web::Query<ListQuery>) -> Result<HttpResponse, ApiError> {
+    let filter = query.into_inner().filter(&hub)?;
+    let (conflicts, next) = hub.store.list_conflicts(&manager.0.tenant, &filter).await?;
+    Ok(HttpResponse::Ok().json(json!({"conflicts": conflicts, "next_before_id": next})))
+}
+
+/// `GET /v1/conflicts/counts`
+pub async fn counts(hub: web::Data<Arc<Hub>>, manager: Manager) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(hub.store.conflict_counts(&manager.0.tenant).await?))
+}
+
+/// The tenant's conflict, or 404 (also for another tenant's).
+async fn find(hub: &Hub, manager: &Manager, id: i64) -> Result<ConflictRecord, ApiError> {
+    hub.store
+        .conflict(&manager.0.tenant, id)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("no conflict {id}")))
+}
+
+/// `GET /v1/conflicts/{id}`: the conflict, and its row as it is now with its version.
+pub async fn get(hub: web::Data<Arc<Hub>>, manager: Manager, id: web::Path<i64>) -> Result<HttpResponse, ApiError> {
+    let conflict = find(&hub, &manager, id.into_inner()).await?;
+    let (row, version) = hub.store.current_row(&manager.0.tenant, &conflict.table, &conflict.key).await?;
+    Ok(HttpResponse::Ok().json(json!({"conflict": conflict, "current": {"row": row, "version": version}})))
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum ResolveBody {
+    Keep,
+    TakeOther,
+    Value { value: Value },
+}
+
+/// The change that writes a resolution, at the row's current version so that it does not
+/// conflict; `None` when it would write nothing because the conflict's delete stays.
+fn resolution_change(conflict: &ConflictRecord, body: &ResolveBody, version: u64, row_exists: bool) -> Result<Change, ApiError> {
+    let winner_is_server = conflict.winner == "server";
+    let (winner, loser) = if winner_is_server { (&conflict.server, &conflict.incoming) } else { (&conflict.incoming, &conflict.server) };
+    let by_delete = conflict.policy == "delete_wins";
+    let change = |op: Op, fields: Object| Change {
+        change_id: Uuid::now_v7(),
+        device_seq: 1, // the hub assigns the console device's seqs
+        table: conflict.table.clone(),
+        op,
+        key: conflict.key.clone(),
+        fields,
+        hlc: Hlc { wall_ms: now_ms(), counter: 0 },
+        base_version: version,
+    };
+    let value = match body {
+        // A delete won: keeping it writes nothing more (a delete of the missing row, logged as
+        // the resolution without a seq).
+        ResolveBody::Keep if by_delete => {
+            if row_exists {
+                return Err(ApiError::new(
+                    ErrorCode::ConflictNotOpen,
+                    "the row was re-created since the delete won; resolve with take_other or value",
+                ));
+            }
+            return Ok(change(Op::Delete, Object::new()));
+        }
+        ResolveBody::Keep => winner.value.clone(),
+        ResolveBody::TakeOther => loser.value.clone(),
+        ResolveBody::Value { value } => value.clone(),
+    };
+    Ok(change(Op::Upsert, Object::from_iter([(conflict.field.clone(), value)])))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// `POST /v1/conflicts/{id}/resolve`
+pub async fn resolve(
+    hub: web::Data<Arc<Hub>>,
+    manager: Manager,
+    id: web::Path<i64>,
+    body: web::Json<ResolveBody>,
+) -> Result<HttpResponse, ApiError> {
+    check_accepting(&hub)?;
+    let id = id.into_inner();
+    let identity = &manager.0;
+    let conflict = find(&hub, &manager, id).await?;
+    if conflict.status != ReviewStatus::Open {
+        return Err(ApiError::new(ErrorCode::ConflictNotOpen, format!("conflict {id} is not open")));
+    }
+    let (row, version) = hub.store.current_row(&identity.tenant, &conflict.table, &conflict.key).await?;
+    let body = body.into_inner();
+    let resolution = match body {
+        ResolveBody::Keep => Resolution::Keep,
+        ResolveBody::TakeOther => Resolution::TakeOther,
+        ResolveBody::Value { .. } => Resolution::Value,
+    };
+    let change = resolution_change(&conflict, &body, version, row.is_some())?;
+    let input = BatchInput {
+        device: DeviceId::new(format!("{CONSOLE_DEVICE_PREFIX}{}", identity.user)),
+        user: identity.user.clone(),
+        batch_id: Uuid::now_v7(),
+        changes: vec![change],
+        assign_device_seqs: true,
+        resolves: Some(ResolveConflict { conflict_id: id, resolution }),
+    };
+    let result = submit(&hub, &identity.tenant, input)
+        .await?
+        .pop()
+        .ok_or_else(|| ApiError(Error::Internal("a resolution got no result".into())))?;
+    if result.status == ChangeStatus::Rejected {
+        let code = result.reason.unwrap_or(ErrorCode::Internal);
+        let message = match code {
+            ErrorCode::RowDeleted => "the row has been deleted; a resolution cannot re-create it".to_string(),
+            _ => result.message.clone().unwrap_or_else(|| "the resolution was refused".into()),
+        };
+        return Err(ApiError::new(code, message));
+    }
+    hub.metrics.conflict_resolutions.fetch_add(1, Ordering::Relaxed);
+    let conflict = find(&hub, &manager, id).await?;
+    Ok(HttpResponse::Ok().json(json!({"conflict": conflict, "result": result})))
+}

@@ -1,0 +1,381 @@
+//! The conflict log as reviewers see it: listing with filters and keyset paging, counts by
+//! status, one conflict with its row as it is now, and the one conversion from a
+//! `synchub.conflicts` row (selected as `to_jsonb(c)`) to [`protocol::ConflictRecord`], used by
+//! these reads and by the merge (conflicts it logs, and the ones it resolves).
+
+use protocol::{ConflictRecord, ConflictSide, Hlc, Object, ReviewStatus};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::{PgConnection, Row};
+use uuid::Uuid;
+
+use super::Store;
+use crate::error::{Error, Result};
+use crate::ids::{TenantId, UserId};
+
+/// How a reviewer resolved a conflict (stored in `conflicts.resolution`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Resolution {
+    /// The winner's value was written again.
+    Keep,
+    /// The loser's value was written.
+    TakeOther,
+    /// A value given by the reviewer was written.
+    Value,
+}
+
+impl Resolution {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resolution::Keep => "keep",
+            Resolution::TakeOther => "take_other",
+            Resolution::Value => "value",
+        }
+    }
+}
+
+/// A batch that writes a conflict's resolution: the merge marks the conflict resolved in the
+/// same transaction as the write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResolveConflict {
+    pub conflict_id: i64,
+    pub resolution: Resolution,
+}
+
+/// Filters of `GET /v1/conflicts`; every one optional but `limit`.
+#[derive(Debug, Clone, Default)]
+pub struct ConflictFilter {
+    pub status: Option<ReviewStatus>,
+    pub table: Option<String>,
+    /// Either side's device.
+    pub device: Option<String>,
+    /// RFC 3339, inclusive, on `created_at`.
+    pub since: Option<String>,
+    /// RFC 3339, exclusive, on `created_at`.
+    pub until: Option<String>,
+    /// Only conflicts with a smaller id (the previous page's `next_before_id`).
+    pub before_id: Option<i64>,
+    pub limit: u32,
+}
+
+/// The tenant's conflicts by review status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConflictCounts {
+    pub open: u64,
+    pub resolved: u64,
+    pub dismissed: u64,
+}
+
+pub fn status_str(status: ReviewStatus) -> &'static str {
+    match status {
+        ReviewStatus::Open => "open",
+        ReviewStatus::Resolved => "resolved",
+        ReviewStatus::Dismissed => "dismissed",
+    }
+}
+
+/// A `synchub.conflicts` row as `to_jsonb` renders it.
+#[derive(Deserialize)]
+struct ConflictRow {
+    conflict_id: i64,
+    table_name: String,
+    pk: Object,
+    field: String,
+    base_version: i64,
+    server_version: i64,
+    #[serde(default)]
+    server_value: Value,
+    server_hlc: Hlc,
+    server_device: String,
+    server_user: Option<String>,
+    #[serde(default)]
+    incoming_value: Value,
+    incoming_hlc: Hlc,
+    incoming_device: String,
+    incoming_user: Option<String>,
+    winner: String,
+    policy: String,
+    change_id: Uuid,
+    batch_id: Uuid,
+    seq: Option<i64>,
+    review_status: ReviewStatus,
+    reviewed_by: Option<String>,
+    reviewed_at: Option<String>,
+    created_at: String,
+    #[serde(default)]
+    resolution: Option<String>,
+    #[serde(default)]
+    resolution_seq: Option<i64>,
+}
+
+/// One `synchub.conflicts` row (`to_jsonb(c)`) as the wire's conflict record.
+pub fn conflict_record(row: Value) -> Result<ConflictRecord> {
+    let r: ConflictRow = serde_json::from_value(row).map_err(|e| Error::Internal(format!("unreadable conflict row: {e}")))?;
+    Ok(ConflictRecord {
+        id: r.conflict_id,
+        table: r.table_name,
+        key: r.pk,
+        field: r.field,
+        status: r.review_status,
+        winner: r.winner,
+        policy: r.policy,
+        base_version: r.base_version as u64,
+        seq: r.seq.map(|s| s as u64),
+        server: ConflictSide {
+            value: r.server_value,
+            hlc: r.server_hlc,
+            device: r.server_device,
+            user: r.server_user,
+            version: Some(r.server_version as u64),
+        },
+        incoming: ConflictSide { value: r.incoming_value, hlc: r.incoming_hlc, device: r.incoming_device, user: r.incoming_user, version: None },
+        change_id: r.change_id,
+        batch_id: r.batch_id,
+        created_at: r.created_at,
+        reviewed_by: r.reviewed_by,
+        reviewed_at: r.reviewed_at,
+        resolution: r.resolution,
+        resolution_seq: r.resolution_seq.map(|s| s as u64),
+    })
+}
+
+/// A JSON array of conflict rows (e.g. `jsonb_agg(to_jsonb(c))`) as records.
+pub fn conflict_records(rows: Value) -> Result<Vec<ConflictRecord>> {
+    match rows {
+        Value::Array(rows) => rows.into_iter().map(conflict_record).collect(),
+        Value::Null => Ok(Vec::new()),
+        other => Err(Error::Internal(format!("expected an array of conflict rows, got {other}"))),
+    }
+}
+
+/// Whether `text` is an RFC 3339 date-time (`2024-11-30T10:00:00Z`, fraction and offset
+/// optional parts as the RFC allows). Checked here so that a bad filter is a 400, not a
+/// database error.
+pub fn is_rfc3339(text: &str) -> bool {
+    let b = text.as_bytes();
+    let digits = |range: std::ops::Range<usize>| b.get(range).is_some_and(|s| s.iter().all(u8::is_ascii_digit));
+    if b.len() < 20
+        || !digits(0..4)
+        || b[4] != b'-'
+        || !digits(5..7)
+        || b[7] != b'-'
+        || !digits(8..10)
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || !digits(11..13)
+        || b[13] != b':'
+        || !digits(14..16)
+        || b[16] != b':'
+        || !digits(17..19)
+    {
+        return false;
+    }
+    let num = |range: std::ops::Range<usize>| text[range].parse::<u32>().unwrap_or(99);
+    if !(1..=12).contains(&num(5..7)) || !(1..=31).contains(&num(8..10)) || num(11..13) > 23 || num(14..16) > 59 || num(17..19) > 60 {
+        return false;
+    }
+    let mut rest = &text[19..];
+    if let Some(frac) = rest.strip_prefix('.') {
+        let n = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if n == 0 {
+            return false;
+        }
+        rest = &frac[n..];
+    }
+    match rest.as_bytes() {
+        [b'Z' | b'z'] => true,
+        [b'+' | b'-', h1, h2, b':', m1, m2] => {
+            [h1, h2, m1, m2].iter().all(|c| c.is_ascii_digit()) && num_of(*h1, *h2) <= 23 && num_of(*m1, *m2) <= 59
+        }
+        _ => false,
+    }
+}
+
+fn num_of(a: u8, b: u8) -> u32 {
+    u32::from(a - b'0') * 10 + u32::from(b - b'0')
+}
+
+impl Store {
+    /// A page of the tenant's conflicts, newest first, and the `before_id` of the next page
+    /// (`None` on the last page).
+    pub async fn list_conflicts(&self, tenant: &TenantId, filter: &ConflictFilter) -> Result<(Vec<ConflictRecord>, Option<i64>)> {
+        let _read = self.read_permit().await?;
+        let limit = filter.limit.max(1);
+        // One more than the page, to know whether another page follows.
+        let rows: Vec<Value> = sqlx::query_scalar(
+            "select to_jsonb(c) from synchub.conflicts c \
+             where c.tenant_id = $1 \
+               and ($2::text is null or c.review_status = $2) \
+               and ($3::text is null or c.table_name = $3) \
+               and ($4::text is null or c.server_device = $4 or c.incoming_device = $4) \
+               and ($5::timestamptz is null or c.created_at >= $5::timestamptz) \
+               and ($6::timestamptz is null or c.created_at < $6::timestamptz) \
+               and ($7::int8 is null or c.conflict_id < $7) \
+             order by c.conflict_id desc limit $8",
+        )
+        .bind(tenant.as_str())
+        .bind(filter.status.map(status_str))
+        .bind(filter.table.as_deref())
+        .bind(filter.device.as_deref())
+        .bind(filter.since.as_deref())
+        .bind(filter.until.as_deref())
+        .bind(filter.before_id)
+        .bind(i64::from(limit) + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let more = rows.len() > limit as usize;
+        let records = rows.into_iter().take(limit as usize).map(conflict_record).collect::<Result<Vec<_>>>()?;
+        let next = if more { records.last().map(|c| c.id) } else { None };
+        Ok((records, next))
+    }
+
+    pub async fn conflict_counts(&self, tenant: &TenantId) -> Result<ConflictCounts> {
+        let _read = self.read_permit().await?;
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("select review_status, count(*) from synchub.conflicts where tenant_id = $1 group by review_status")
+                .bind(tenant.as_str())
+                .fetch_all(&self.pool)
+                .await?;
+        let mut counts = ConflictCounts::default();
+        for (status, n) in rows {
+            match status.as_str() {
+                "open" => counts.open = n as u64,
+                "resolved" => counts.resolved = n as u64,
+                "dismissed" => counts.dismissed = n as u64,
+                _ => {}
+            }
+        }
+        Ok(counts)
+    }
+
+    /// The tenant's open conflicts (the badge of `conflict` frames).
+    pub async fn open_conflict_count(&self, tenant: &TenantId) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("select count(*) from synchub.conflicts where tenant_id = $1 and review_status = 'open'")
+            .bind(tenant.as_str())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n as u64)
+    }
+
+    /// One conflict of the tenant; `None` when there is none with this id in the tenant.
+    pub async fn conflict(&self, tenant: &TenantId, id: i64) -> Result<Option<ConflictRecord>> {
+        let _read = self.read_permit().await?;
+        let row: Option<Value> = sqlx::query_scalar("select to_jsonb(c) from synchub.conflicts c where c.tenant_id = $1 and c.conflict_id = $2")
+            .bind(tenant.as_str())
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(conflict_record).transpose()
+    }
+
+    /// A row as it is now and its version (0 when never written through the log); the row is
+    /// `None` when it does not exist (deleted, or its table is no longer synced).
+    pub async fn current_row(&self, tenant: &TenantId, table: &str, key: &Object) -> Result<(Option<Object>, u64)> {
+        let catalog = self.catalog_with(table).await;
+        let Some(schema) = catalog.get(table).cloned() else { return Ok((None, 0)) };
+        let _read = self.read_permit().await?;
+        let row = sqlx::query(&schema.current_row_sql())
+            .bind(tenant.as_str())
+            .bind(Value::Object(key.clone()))
+            .fetch_one(&self.pool)
+            .await?;
+        let values = match row.get::<Option<Value>, _>("row") {
+            Some(Value::Object(values)) => Some(values),
+            _ => None,
+        };
+        Ok((values, row.get::<i64, _>("version") as u64))
+    }
+}
+
+/// Lock the conflicts `ids` of the tenant until commit; returns those that are open.
+pub(super) async fn lock_open(conn: &mut PgConnection, tenant: &TenantId, ids: &[i64]) -> sqlx::Result<Vec<i64>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    sqlx::query_scalar(
+        "select conflict_id from synchub.conflicts where tenant_id = $1 and conflict_id = any($2) and review_status = 'open' \
+         order by conflict_id for update",
+    )
+    .bind(tenant.as_str())
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await
+}
+
+/// One conflict to mark resolved.
+pub(super) struct Resolved {
+    pub conflict_id: i64,
+    pub user: UserId,
+    pub resolution: Resolution,
+    /// Seq of the change that wrote the resolution; `None` when it wrote nothing.
+    pub seq: Option<u64>,
+    /// The value written; `None` when nothing was.
+    pub value: Option<Value>,
+}
+
+/// Mark conflicts resolved (those still open, which the caller has locked) and return them.
+pub(super) async fn mark_resolved(conn: &mut PgConnection, tenant: &TenantId, marks: &[Resolved]) -> Result<Vec<ConflictRecord>> {
+    if marks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<i64> = marks.iter().map(|m| m.conflict_id).collect();
+    let users: Vec<&str> = marks.iter().map(|m| m.user.as_str()).collect();
+    let resolutions: Vec<&str> = marks.iter().map(|m| m.resolution.as_str()).collect();
+    let seqs: Vec<Option<i64>> = marks.iter().map(|m| m.seq.map(|s| s as i64)).collect();
+    let values: Vec<Option<Value>> = marks.iter().map(|m| m.value.clone()).collect();
+    let rows: Vec<Value> = sqlx::query_scalar(
+        "update synchub.conflicts c set review_status = 'resolved', reviewed_by = x.u, reviewed_at = now(), resolution = x.r, \
+           resolution_seq = x.s, resolved_value = x.v \
+         from unnest($2::int8[], $3::text[], $4::text[], $5::int8[], $6::jsonb[]) as x(id, u, r, s, v) \
+         where c.tenant_id = $1 and c.conflict_id = x.id and c.review_status = 'open' \
+         returning to_jsonb(c)",
+    )
+    .bind(tenant.as_str())
+    .bind(&ids)
+    .bind(&users)
+    .bind(&resolutions)
+    .bind(&seqs)
+    .bind(&values)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.into_iter().map(conflict_record).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn rfc3339_accepts_the_rfc_and_nothing_else() {
+        for ok in ["2024-11-30T10:00:00Z", "2024-11-30T10:00:00.123456+01:00", "2024-02-29t23:59:60-05:30", "2024-11-30 10:00:00z"] {
+            assert!(is_rfc3339(ok), "{ok}");
+        }
+        for bad in ["2024-11-30", "2024-11-30T10:00:00", "2024-13-01T00:00:00Z", "2024-11-30T10:00:00.Z", "yesterday", "2024-11-30T10:00:00+1:00", "'; drop"] {
+            assert!(!is_rfc3339(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_conflict_row_becomes_a_record() {
+        let row = json!({
+            "conflict_id": 17, "tenant_id": "t", "table_name": "products", "pk": {"id": "a"}, "field": "price_cents",
+            "base_version": 3, "server_version": 5, "server_value": 100, "server_hlc": {"wall_ms": 10, "counter": 1},
+            "server_device": "pos-1", "server_user": "u1", "incoming_value": null, "incoming_hlc": {"wall_ms": 9, "counter": 0},
+            "incoming_device": "pos-2", "incoming_user": null, "winner": "server", "policy": "lww",
+            "change_id": "0192f0d8-0000-7000-8000-000000000001", "batch_id": "0192f0d8-0000-7000-8000-000000000002",
+            "seq": null, "review_status": "resolved", "reviewed_by": "m", "reviewed_at": "2024-11-30T10:00:01+00:00",
+            "created_at": "2024-11-30T10:00:00+00:00", "resolution": "keep", "resolution_seq": 9, "resolved_value": 100
+        });
+        let record = conflict_record(row).unwrap();
+        assert_eq!(record.id, 17);
+        assert_eq!(record.status, ReviewStatus::Resolved);
+        assert_eq!(record.server.version, Some(5));
+        assert_eq!(record.server.value, json!(100));
+        assert_eq!(record.incoming.value, Value::Null);
+        assert_eq!(record.incoming.version, None);
+        assert_eq!(record.resolution.as_deref(), Some("keep"));
+        assert_eq!(record.resolution_seq, Some(9));
+        assert_eq!(record.seq, None);
+    }
+}

@@ -1,0 +1,639 @@
+//! The HTTP API against a real hub, real Postgres and real sockets: conflict review (list with
+//! every filter and paging, counts, one conflict with its current row, resolve keep /
+//! take_other / value as ordinary synced and logged changes, a delete that won), roles, tokens
+//! and tenants; server-side writers (a push that meets a conflict, exactly once on retry, the
+//! checks of a device push, service tokens and their tenants) and broadcasts.
+
+mod common;
+
+use common::*;
+use protocol::{Change, ChangeStatus, ServerFrame};
+use serde_json::{json, Value};
+use synchub::config::{Secret, ServiceToken};
+use uuid::Uuid;
+
+const TENANT: &str = "store-1";
+const OTHER: &str = "store-2";
+const BRIDGE_TOKEN: &str = "bridge-token-0123456789";
+const LIMITED_TOKEN: &str = "limited-token-0123456789";
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    fn of(hub: &TestHub) -> Api {
+        Api { base: format!("http://{}", hub.addr), http: reqwest::Client::new() }
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder, token: Option<&str>) -> (u16, Value) {
+        let request = match token {
+            Some(t) => request.bearer_auth(t),
+            None => request,
+        };
+        let response = request.send().await.expect("HTTP request");
+        let status = response.status().as_u16();
+        let body = response.json::<Value>().await.unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    async fn get(&self, path: &str, token: Option<&str>, query: &[(&str, &str)]) -> (u16, Value) {
+        self.send(self.http.get(format!("{}{path}", self.base)).query(query), token).await
+    }
+
+    async fn post(&self, path: &str, token: Option<&str>, body: &Value) -> (u16, Value) {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(body), token).await
+    }
+}
+
+fn manager(tenant: &str) -> String {
+    token(tenant, "mgr-1", "Manager", None)
+}
+
+/// A live device that numbers its own changes.
+struct Dev {
+    c: Client,
+    seq: u64,
+}
+
+impl Dev {
+    async fn connect(hub: &TestHub, tenant: &str, device: &str) -> Dev {
+        let (c, _, _) = Client::device(hub, tenant, device).await;
+        Dev { c, seq: 0 }
+    }
+
+    /// Push one upsert of `table` and return its result.
+    async fn upsert(&mut self, table: &str, key: Value, fields: Value, wall_ms: u64, base_version: u64) -> protocol::ChangeResult {
+        self.seq += 1;
+        let change = upsert(table, key, fields, self.seq, wall_ms, base_version);
+        self.c.push(vec![change]).await.remove(0)
+    }
+
+    async fn delete(&mut self, table: &str, key: Value, wall_ms: u64, base_version: u64) -> protocol::ChangeResult {
+        self.seq += 1;
+        let change = delete(table, key, self.seq, wall_ms, base_version);
+        self.c.push(vec![change]).await.remove(0)
+    }
+}
+
+/// `a` creates a product and sets its price to `a_price`; `b`, which saw only the creation,
+/// sets `b_price`: a conflict on `price_cents`, won by `b` when `b_later` (its clock is later).
+/// Returns the product's key and its version after the conflict.
+async fn price_conflict(a: &mut Dev, b: &mut Dev, a_price: i64, b_price: i64, b_later: bool) -> (Value, u64) {
+    let id = Uuid::now_v7();
+    let key = json!({"id": id});
+    let now = now_ms();
+    let created = a.upsert("products", key.clone(), product(id, "Tea", 100), now - 5_000, 0).await;
+    let v1 = created.seq.expect("created");
+    let raised = a.upsert("products", key.clone(), json!({"price_cents": a_price}), now - 2_000, v1).await;
+    assert_eq!(raised.status, ChangeStatus::Applied);
+    let b_wall = if b_later { now } else { now - 4_000 };
+    let r = b.upsert("products", key.clone(), json!({"price_cents": b_price}), b_wall, v1).await;
+    assert_eq!(r.status, ChangeStatus::Conflict, "{r:?}");
+    let version = r.seq.or(raised.seq).unwrap();
+    (key, version)
+}
+
+/// The conflict on the row with `key`, found through the API.
+async fn conflict_of(api: &Api, tenant: &str, key: &Value) -> Value {
+    let (status, body) = api.get("/v1/conflicts", Some(&manager(tenant)), &[("limit", "500")]).await;
+    assert_eq!(status, 200, "{body}");
+    body["conflicts"].as_array().unwrap().iter().find(|c| c["key"] == *key).cloned().unwrap_or_else(|| panic!("no conflict on {key} in {body}"))
+}
+
+fn ids(body: &Value) -> Vec<i64> {
+    body["conflicts"].as_array().unwrap().iter().map(|c| c["id"].as_i64().unwrap()).collect()
+}
+
+fn assert_error(got: (u16, Value), status: u16, code: &str) {
+    assert_eq!(got.0, status, "{}", got.1);
+    assert_eq!(got.1["code"], code, "{}", got.1);
+    assert!(got.1["message"].as_str().is_some_and(|m| !m.is_empty()), "{}", got.1);
+}
+
+/// The next `conflict` frame a session subscribed to the conflicts channel receives.
+async fn next_conflict_news(c: &mut Client) -> (protocol::ConflictEvent, protocol::ConflictRecord, u64) {
+    c.expect(|f| match f {
+        ServerFrame::Conflict { event, conflict, open, .. } => Some((*event, (**conflict).clone(), *open)),
+        _ => None,
+    })
+    .await
+}
+
+/// The next live delta (the row's, from `origin`) a device receives.
+async fn delta_from(c: &mut Client, origin: &str) -> protocol::Delta {
+    loop {
+        let (deltas, _) = c.next_deltas().await;
+        if let Some(d) = deltas.into_iter().find(|d| d.origin.as_deref() == Some(origin)) {
+            return d;
+        }
+    }
+}
+
+async fn start_with_services() -> TestHub {
+    TestHub::start_with(|config| {
+        config.service_tokens = vec![
+            ServiceToken { name: "bridge".into(), token: Secret(BRIDGE_TOKEN.into()), tenants: vec![] },
+            ServiceToken { name: "limited".into(), token: Secret(LIMITED_TOKEN.into()), tenants: vec![OTHER.into()] },
+        ];
+        config.max_broadcast_payload_bytes = 1024;
+        config.max_http_body_bytes = 64 * 1024;
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conflict review
+// ---------------------------------------------------------------------------------------------
+
+#[actix_web::test]
+async fn list_filters_paging_counts_and_one_conflict() {
+    let hub = TestHub::start().await;
+    let api = Api::of(&hub);
+    let mgr = manager(TENANT);
+    let mut a = Dev::connect(&hub, TENANT, "pos-1").await;
+    let mut b = Dev::connect(&hub, TENANT, "pos-2").await;
+    let mut c = Dev::connect(&hub, TENANT, "pos-3").await;
+
+    // Three conflicts: products (pos-1 / pos-2, incoming wins), customers (pos-1 / pos-3,
+    // server wins), products again (pos-1 / pos-2).
+    let (k1, _) = price_conflict(&mut a, &mut b, 200, 300, true).await;
+    let cid = Uuid::now_v7();
+    let ckey = json!({"id": cid});
+    let now = now_ms();
+    let v1 = a.upsert("customers", ckey.clone(), json!({"name": "Ada", "loyalty_points": 1}), now - 5_000, 0).await.seq.unwrap();
+    a.upsert("customers", ckey.clone(), json!({"loyalty_points": 5}), now - 1_000, v1).await;
+    let r = c.upsert("customers", ckey.clone(), json!({"loyalty_points": 9}), now - 3_000, v1).await;
+    assert_eq!(r.status, ChangeStatus::Conflict);
+    let (k3, v3) = price_conflict(&mut a, &mut b, 400, 500, false).await;
+    // Another tenant's conflict is never seen.
+    let mut x = Dev::connect(&hub, OTHER, "pos-1").await;
+    let mut y = Dev::connect(&hub, OTHER, "pos-2").await;
+    let (kx, _) = price_conflict(&mut x, &mut y, 1, 2, true).await;
+    let foreign = conflict_of(&api, OTHER, &kx).await["id"].as_i64().unwrap();
+
+    // All, newest first.
+    let (status, all) = api.get("/v1/conflicts", Some(&mgr), &[]).await;
+    assert_eq!(status, 200, "{all}");
+    let all_ids = ids(&all);
+    assert_eq!(all_ids.len(), 3);
+    assert!(all_ids.windows(2).all(|w| w[0] > w[1]), "newest first: {all_ids:?}");
+    assert_eq!(all["next_before_id"], Value::Null);
+    assert!(!all_ids.contains(&foreign));
+    let first = &all["conflicts"][2];
+    assert_eq!(first["key"], k1);
+    assert_eq!(first["table"], "products");
+    assert_eq!(first["field"], "price_cents");
+    assert_eq!(first["status"], "open");
+    assert_eq!(first["winner"], "incoming");
+    assert_eq!(first["policy"], "lww");
+    assert_eq!(first["server"]["value"], 200);
+    assert_eq!(first["server"]["device"], "pos-1");
+    assert_eq!(first["server"]["user"], "user-pos-1");
+    assert!(first["server"]["version"].as_u64().is_some());
+    assert_eq!(first["incoming"]["value"], 300);
+    assert_eq!(first["incoming"]["device"], "pos-2");
+    assert!(first["incoming"]["hlc"]["wall_ms"].as_u64().is_some());
+    assert_eq!(first["resolution"], Value::Null);
+    assert_eq!(first["reviewed_by"], Value::Null);
+    let created: Vec<String> = all["conflicts"].as_array().unwrap().iter().map(|c| c["created_at"].as_str().unwrap().to_string()).collect();
+
+    // Filters.
+    let count = |body: &Value| body["conflicts"].as_array().unwrap().len();
+    assert_eq!(count(&api.get("/v1/conflicts", Some(&mgr), &[("status", "open")]).await.1), 3);
+    assert_eq!(count(&api.get("/v1/conflicts", Some(&mgr), &[("status", "resolved")]).await.1), 0);
+    assert_eq!(count(&api.get("/v1/conflicts", Some(&mgr), &[("status", "dismissed")]).await.1), 0);
+    let customers = api.get("/v1/conflicts", Some(&mgr), &[("table", "customers")]).await.1;
+    assert_eq!(count(&customers), 1);
+    assert_eq!(customers["conflicts"][0]["key"], ckey);
+    assert_eq!(customers["conflicts"][0]["winner"], "server");
+    assert_eq!(count(&api.get("/v1/conflicts", Some(&mgr), &[("table", "products")]).await.1), 2);
+    // The device filter matches either side.
+    assert_eq!(ids(&api.get("/v1/conflicts", Some(&mgr), &[("device", "pos-3")]).await.1), vec![all_ids[1]]);
+    assert_eq!(count(&api.get("/v1/conflicts", Some(&mgr), &[("device", "pos-1")]).await.1), 3);
+    assert_eq!(count(&api.get("/v1/conflicts", Some(&mgr), &[("device", "pos-2"), ("table", "products")]).await.1), 2);
+    assert_eq!(count(&api.get("/v1/conflicts", Some(&mgr), &[("device", "pos-9")]).await.1), 0);
+    // since is inclusive, until exclusive, on created_at (RFC 3339 with offsets and fractions).
+    let middle = created[1].as_str();
+    assert_eq!(ids(&api.get("/v1/conflicts", Some(&mgr), &[("since", middle)]).await.1), all_ids[..2].to_vec());
+    assert_eq!(ids(&api.get("/v1/conflicts", Some(&mgr), &[("until", middle)]).await.1), vec![all_ids[2]]);
+    assert_eq!(count(&api.get("/v1/conflicts", Some(&mgr), &[("since", "2000-01-01T00:00:00Z")]).await.1), 3);
+    assert_eq!(count(&api.get("/v1/conflicts", Some(&mgr), &[("since", "2999-01-01T00:00:00+02:00")]).await.1), 0);
+    assert_eq!(count(&api.get("/v1/conflicts", Some(&mgr), &[("until", "2000-01-01T00:00:00.5Z")]).await.1), 0);
+
+    // Keyset paging.
+    let page1 = api.get("/v1/conflicts", Some(&mgr), &[("limit", "2")]).await.1;
+    assert_eq!(ids(&page1), all_ids[..2].to_vec());
+    assert_eq!(page1["next_before_id"], all_ids[1]);
+    let before = all_ids[1].to_string();
+    let page2 = api.get("/v1/conflicts", Some(&mgr), &[("limit", "2"), ("before_id", &before)]).await.1;
+    assert_eq!(ids(&page2), vec![all_ids[2]]);
+    assert_eq!(page2["next_before_id"], Value::Null);
+    // limit is bounded to 1..=conflict_page_max.
+    assert_eq!(count(&api.get("/v1/conflicts", Some(&mgr), &[("limit", "0")]).await.1), 1);
+    assert_eq!(count(&api.get("/v1/conflicts", Some(&mgr), &[("limit", "100000")]).await.1), 3);
+
+    // Bad filters.
+    assert_error(api.get("/v1/conflicts", Some(&mgr), &[("status", "closed")]).await, 400, "invalid_filter");
+    assert_error(api.get("/v1/conflicts", Some(&mgr), &[("since", "yesterday")]).await, 400, "invalid_filter");
+    assert_error(api.get("/v1/conflicts", Some(&mgr), &[("limit", "many")]).await, 400, "invalid_filter");
+    assert_error(api.get("/v1/conflicts", Some(&mgr), &[("sort", "asc")]).await, 400, "invalid_filter");
+
+    // Counts.
+    let (status, counts) = api.get("/v1/conflicts/counts", Some(&mgr), &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(counts, json!({"open": 3, "resolved": 0, "dismissed": 0}));
+
+    // One conflict, with its row as it is now.
+    let (status, one) = api.get(&format!("/v1/conflicts/{}", all_ids[0]), Some(&mgr), &[]).await;
+    assert_eq!(status, 200, "{one}");
+    assert_eq!(one["conflict"], all["conflicts"][0]);
+    assert_eq!(one["conflict"]["key"], k3);
+    assert_eq!(one["current"]["version"], v3);
+    assert_eq!(one["current"]["row"]["price_cents"], 400, "server won");
+    assert_eq!(one["current"]["row"]["id"], k3["id"]);
+
+    // Not found: another tenant's conflict, an unknown id, an id that is not a number.
+    assert_error(api.get(&format!("/v1/conflicts/{foreign}"), Some(&mgr), &[]).await, 404, "not_found");
+    assert_error(api.get("/v1/conflicts/999999", Some(&mgr), &[]).await, 404, "not_found");
+    assert_error(api.get("/v1/conflicts/abc", Some(&mgr), &[]).await, 404, "not_found");
+    hub.shutdown().await;
+}
+
+#[actix_web::test]
+async fn resolutions_sync_as_ordinary_changes_and_are_logged() {
+    let hub = TestHub::start().await;
+    let api = Api::of(&hub);
+    let mgr = manager(TENANT);
+    let mut a = Dev::connect(&hub, TENANT, "pos-1").await;
+    let mut b = Dev::connect(&hub, TENANT, "pos-2").await;
+    // A manager's dashboard watches the conflicts channel.
+    let (mut board, _) = Client::dashboard(&hub, TENANT, "mgr-2", "Manager").await;
+    let id = board.send_subscribe("conflicts", None, vec![], false, Some(protocol::Channel::Conflicts)).await;
+    board.expect(|f| matches!(f, ServerFrame::Subscribed { id: got, .. } if *got == id).then_some(())).await;
+    let (k1, _) = price_conflict(&mut a, &mut b, 200, 300, true).await; // incoming (300) won
+    let (k2, _) = price_conflict(&mut a, &mut b, 400, 500, true).await; // incoming (500) won
+    let (k3, _) = price_conflict(&mut a, &mut b, 600, 700, false).await; // server (600) won
+    let mut watcher = Dev::connect(&hub, TENANT, "pos-3").await;
+    let c1 = conflict_of(&api, TENANT, &k1).await["id"].as_i64().unwrap();
+    let c2 = conflict_of(&api, TENANT, &k2).await["id"].as_i64().unwrap();
+    let c3 = conflict_of(&api, TENANT, &k3).await["id"].as_i64().unwrap();
+    let mut news = Vec::new();
+    for _ in 0..3 {
+        news.push(next_conflict_news(&mut board).await);
+    }
+    let opened: Vec<(protocol::ConflictEvent, i64, u64)> = news.iter().map(|(e, c, open)| (*e, c.id, *open)).collect();
+    use protocol::ConflictEvent::{Opened, Resolved};
+    assert_eq!(opened, vec![(Opened, c1, 1), (Opened, c2, 2), (Opened, c3, 3)], "each conflict pushed live with the open count");
+    assert_eq!(news[0].1.incoming.value, json!(300));
+    assert_eq!(news[0].1.server.value, json!(200));
+
+    let cases = [(c1, &k1, json!({"action": "keep"}), 300, "keep"), (c2, &k2, json!({"action": "take_other"}), 400, "take_other"), (c3, &k3, json!({"action": "value", "value": 777}), 777, "value")];
+    for (n, (id, key, body, price, resolution)) in cases.into_iter().enumerate() {
+        let (status, resolved) = api.post(&format!("/v1/conflicts/{id}/resolve"), Some(&mgr), &body).await;
+        assert_eq!(status, 200, "{resolved}");
+        let result = &resolved["result"];
+        assert_eq!(result["status"], "applied", "the resolution does not conflict: {result}");
+        let seq = result["seq"].as_u64().expect("the resolution wrote at a seq");
+        assert_eq!(result["device_seq"], n as u64 + 1, "the hub numbers the console device's changes");
+        let conflict = &resolved["conflict"];
+        assert_eq!(conflict["id"], id);
+        assert_eq!(conflict["status"], "resolved");
+        assert_eq!(conflict["resolution"], resolution);
+        assert_eq!(conflict["resolution_seq"], seq);
+        assert_eq!(conflict["reviewed_by"], "mgr-1");
+        assert!(conflict["reviewed_at"].is_string());
+
+        // Every device receives it as an ordinary delta.
+        for dev in [&mut watcher.c, &mut a.c] {
+            let delta = delta_from(dev, "console:mgr-1").await;
+            assert_eq!(delta.seq, seq);
+            assert_eq!(Value::Object(delta.key.clone()), *key);
+            assert_eq!(delta.row.as_ref().unwrap()["price_cents"], price);
+        }
+        // It is in the change log, and in the table.
+        let (origin, user, device_seq, written): (String, String, i64, Value) = sqlx::query_as(
+            "select origin_device, user_id, device_seq, written from synchub.change_log where tenant_id = $1 and seq = $2",
+        )
+        .bind(TENANT)
+        .bind(seq as i64)
+        .fetch_one(&hub.db)
+        .await
+        .unwrap();
+        assert_eq!((origin.as_str(), user.as_str(), device_seq), ("console:mgr-1", "mgr-1", n as i64 + 1));
+        assert_eq!(written, json!({"price_cents": price}));
+        let stored: i32 = sqlx::query_scalar("select price_cents from products where id = ($1::jsonb->>'id')::uuid")
+            .bind(key)
+            .fetch_one(&hub.db)
+            .await
+            .unwrap();
+        assert_eq!(stored as i64, price);
+        let resolved_value: Value = sqlx::query_scalar("select resolved_value from synchub.conflicts where conflict_id = $1")
+            .bind(id)
+            .fetch_one(&hub.db)
+            .await
+            .unwrap();
+        assert_eq!(resolved_value, json!(price));
+
+        // The manager's dashboard hears of it.
+        let (event, record, open) = next_conflict_news(&mut board).await;
+        assert_eq!((event, record.id, record.status, open), (Resolved, id, protocol::ReviewStatus::Resolved, 2 - n as u64));
+
+        // A second resolve is refused.
+        assert_error(api.post(&format!("/v1/conflicts/{id}/resolve"), Some(&mgr), &json!({"action": "keep"})).await, 409, "conflict_not_open");
+    }
+    // No new conflict came of the resolutions.
+    let (_, counts) = api.get("/v1/conflicts/counts", Some(&mgr), &[]).await;
+    assert_eq!(counts, json!({"open": 0, "resolved": 3, "dismissed": 0}));
+    let (_, resolved) = api.get("/v1/conflicts", Some(&mgr), &[("status", "resolved")]).await;
+    assert_eq!(resolved["conflicts"].as_array().unwrap().len(), 3);
+    // A bad body.
+    assert_error(api.post(&format!("/v1/conflicts/{c1}/resolve"), Some(&mgr), &json!({"action": "value"})).await, 400, "malformed_frame");
+    assert_error(api.post(&format!("/v1/conflicts/{c1}/resolve"), Some(&mgr), &json!({"action": "merge"})).await, 400, "malformed_frame");
+    hub.shutdown().await;
+}
+
+#[actix_web::test]
+async fn a_delete_that_won_is_kept_and_cannot_be_undone() {
+    let hub = TestHub::start().await;
+    let api = Api::of(&hub);
+    let mgr = manager(TENANT);
+    let mut a = Dev::connect(&hub, TENANT, "pos-1").await;
+    let mut b = Dev::connect(&hub, TENANT, "pos-2").await;
+    let now = now_ms();
+    let mut keys = Vec::new();
+    for _ in 0..2 {
+        // a deletes the product; b, which saw only its creation, changes its price.
+        let id = Uuid::now_v7();
+        let key = json!({"id": id});
+        let v1 = a.upsert("products", key.clone(), product(id, "Tea", 100), now - 5_000, 0).await.seq.unwrap();
+        a.delete("products", key.clone(), now - 2_000, v1).await;
+        let r = b.upsert("products", key.clone(), json!({"price_cents": 300}), now, v1).await;
+        assert_eq!(r.status, ChangeStatus::Conflict);
+        keys.push(key);
+    }
+    let keep = conflict_of(&api, TENANT, &keys[0]).await;
+    assert_eq!(keep["policy"], "delete_wins");
+    let (status, resolved) = api.post(&format!("/v1/conflicts/{}/resolve", keep["id"]), Some(&mgr), &json!({"action": "keep"})).await;
+    assert_eq!(status, 200, "{resolved}");
+    assert_eq!(resolved["result"]["status"], "applied");
+    assert_eq!(resolved["result"]["seq"], Value::Null, "keeping the delete writes nothing");
+    assert_eq!(resolved["conflict"]["status"], "resolved");
+    assert_eq!(resolved["conflict"]["resolution"], "keep");
+    assert_eq!(resolved["conflict"]["resolution_seq"], Value::Null);
+
+    let undo = conflict_of(&api, TENANT, &keys[1]).await["id"].as_i64().unwrap();
+    for body in [json!({"action": "take_other"}), json!({"action": "value", "value": 5})] {
+        assert_error(api.post(&format!("/v1/conflicts/{undo}/resolve"), Some(&mgr), &body).await, 409, "row_deleted");
+    }
+    let (_, still) = api.get(&format!("/v1/conflicts/{undo}"), Some(&mgr), &[]).await;
+    assert_eq!(still["conflict"]["status"], "open", "a refused resolution leaves the conflict open");
+    assert_eq!(still["current"]["row"], Value::Null);
+    hub.shutdown().await;
+}
+
+#[actix_web::test]
+async fn review_needs_a_manager_token_of_the_tenant() {
+    let hub = TestHub::start().await;
+    let api = Api::of(&hub);
+    let mut a = Dev::connect(&hub, TENANT, "pos-1").await;
+    let mut b = Dev::connect(&hub, TENANT, "pos-2").await;
+    let (key, _) = price_conflict(&mut a, &mut b, 200, 300, true).await;
+    let id = conflict_of(&api, TENANT, &key).await["id"].as_i64().unwrap();
+    let resolve = format!("/v1/conflicts/{id}/resolve");
+    let keep = json!({"action": "keep"});
+
+    let employee = token(TENANT, "emp-1", "Employee", None);
+    assert_error(api.get("/v1/conflicts", Some(&employee), &[]).await, 403, "forbidden");
+    assert_error(api.get("/v1/conflicts/counts", Some(&employee), &[]).await, 403, "forbidden");
+    assert_error(api.get(&format!("/v1/conflicts/{id}"), Some(&employee), &[]).await, 403, "forbidden");
+    assert_error(api.post(&resolve, Some(&employee), &keep).await, 403, "forbidden");
+    assert_error(api.get("/v1/conflicts", None, &[]).await, 401, "invalid_token");
+    assert_error(api.post(&resolve, None, &keep).await, 401, "invalid_token");
+    assert_error(api.get("/v1/conflicts", Some("not-a-jwt"), &[]).await, 401, "invalid_token");
+    let expired = synchub::auth::mint_hs256(
+        SECRET,
+        &json!({"sub": "mgr-1", "role": "Manager", "tenant_id": TENANT, "exp": synchub::auth::unix_now() - 3600}),
+    );
+    assert_error(api.get("/v1/conflicts", Some(&expired), &[]).await, 401, "token_expired");
+    // The tenant is the token's: another tenant's manager does not find the conflict.
+    assert_error(api.get(&format!("/v1/conflicts/{id}"), Some(&manager(OTHER)), &[]).await, 404, "not_found");
+    assert_error(api.post(&resolve, Some(&manager(OTHER)), &keep).await, 404, "not_found");
+    let (_, list) = api.get("/v1/conflicts", Some(&manager(OTHER)), &[]).await;
+    assert_eq!(list["conflicts"], json!([]));
+    // Nothing was resolved by the refused calls.
+    let (_, one) = api.get(&format!("/v1/conflicts/{id}"), Some(&manager(TENANT)), &[]).await;
+    assert_eq!(one["conflict"]["status"], "open");
+    hub.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server-side writers
+// ---------------------------------------------------------------------------------------------
+
+fn push_body(device: &str, batch_id: Uuid, changes: &[Change]) -> Value {
+    json!({"device_id": device, "batch_id": batch_id, "changes": changes})
+}
+
+#[actix_web::test]
+async fn service_push_merges_like_a_device_exactly_once() {
+    let hub = start_with_services().await;
+    let api = Api::of(&hub);
+    let path = format!("/v1/tenants/{TENANT}/push");
+    let mut a = Dev::connect(&hub, TENANT, "pos-1").await;
+    let mut watcher = Dev::connect(&hub, TENANT, "pos-2").await;
+    let id = Uuid::now_v7();
+    let key = json!({"id": id});
+    let now = now_ms();
+    let v1 = a.upsert("products", key.clone(), product(id, "Tea", 100), now - 5_000, 0).await.seq.unwrap();
+    a.upsert("products", key.clone(), json!({"price_cents": 200}), now - 2_000, v1).await;
+
+    // The bridge saw only the creation: its price meets pos-1's (its clock is later: it wins).
+    let batch_id = Uuid::now_v7();
+    let changes = vec![
+        upsert("products", key.clone(), json!({"price_cents": 250}), 1, now, v1),
+        upsert("products", key.clone(), json!({"name": "Green tea"}), 2, now + 1, v1),
+    ];
+    let (status, body) = api.post(&path, Some(BRIDGE_TOKEN), &push_body("chat-bridge", batch_id, &changes)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["batch_id"], json!(batch_id));
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    assert_eq!(results[0]["status"], "conflict");
+    assert_eq!(results[0]["device_seq"], 1);
+    assert_eq!(results[1]["status"], "merged");
+    let seqs: Vec<u64> = results.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    // Devices receive the writes like any other device's.
+    let delta = delta_from(&mut watcher.c, "chat-bridge").await;
+    assert_eq!(delta.seq, seqs[0]);
+    assert_eq!(delta.row.as_ref().unwrap()["price_cents"], 250);
+    // The conflict is listed, with the service as the incoming side.
+    let conflict = conflict_of(&api, TENANT, &key).await;
+    assert_eq!(conflict["incoming"]["device"], "chat-bridge");
+    assert_eq!(conflict["incoming"]["user"], "service:bridge");
+    assert_eq!(conflict["server"]["device"], "pos-1");
+    assert_eq!(conflict["winner"], "incoming");
+    let (_, listed) = api.get("/v1/conflicts", Some(&manager(TENANT)), &[("device", "chat-bridge")]).await;
+    assert_eq!(ids(&listed), vec![conflict["id"].as_i64().unwrap()]);
+
+    // Retried with the same device_seqs: acknowledged again, applied once.
+    let (status, again) = api.post(&path, Some(BRIDGE_TOKEN), &push_body("chat-bridge", batch_id, &changes)).await;
+    assert_eq!(status, 200, "{again}");
+    for (r, seq) in again["results"].as_array().unwrap().iter().zip(&seqs) {
+        assert_eq!(r["status"], "duplicate");
+        assert_eq!(r["seq"], *seq);
+    }
+    let logged: i64 = sqlx::query_scalar("select count(*) from synchub.change_log where tenant_id = $1 and origin_device = 'chat-bridge'")
+        .bind(TENANT)
+        .fetch_one(&hub.db)
+        .await
+        .unwrap();
+    assert_eq!(logged, 2);
+    // The cursor rules of a device: a gap after the cursor is rejected seq_gap.
+    let gap = vec![upsert("products", key.clone(), json!({"stock": 1}), 5, now + 2, seqs[1])];
+    let (status, body) = api.post(&path, Some(BRIDGE_TOKEN), &push_body("chat-bridge", Uuid::now_v7(), &gap)).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["results"][0]["status"], "rejected");
+    assert_eq!(body["results"][0]["reason"], "seq_gap");
+
+    // Checks of a device push refuse the batch whole.
+    let one = vec![upsert("products", key.clone(), json!({"stock": 1}), 3, now + 2, seqs[1])];
+    assert_error(api.post(&path, Some(BRIDGE_TOKEN), &push_body("chat-bridge", Uuid::now_v7(), &[])).await, 400, "invalid_batch");
+    let broken = vec![one[0].clone(), upsert("products", key.clone(), json!({"stock": 2}), 5, now + 3, seqs[1])];
+    assert_error(api.post(&path, Some(BRIDGE_TOKEN), &push_body("chat-bridge", Uuid::now_v7(), &broken)).await, 400, "invalid_batch");
+    assert_error(api.post(&path, Some(BRIDGE_TOKEN), &push_body("console:mgr-1", Uuid::now_v7(), &one)).await, 403, "forbidden");
+    assert_error(api.post(&path, Some(BRIDGE_TOKEN), &push_body("dashboard:x", Uuid::now_v7(), &one)).await, 403, "forbidden");
+    assert_error(api.post(&path, Some(BRIDGE_TOKEN), &json!({"device_id": "chat-bridge"})).await, 400, "malformed_frame");
+    let huge = json!({"device_id": "chat-bridge", "batch_id": Uuid::now_v7(), "changes": [], "pad": "x".repeat(70_000)});
+    assert_error(api.post(&path, Some(BRIDGE_TOKEN), &huge).await, 413, "value_too_large");
+    // Tokens: unknown, missing, a JWT, or one limited to other tenants.
+    assert_error(api.post(&path, Some("wrong-token-0123456789"), &push_body("chat-bridge", Uuid::now_v7(), &one)).await, 401, "invalid_token");
+    assert_error(api.post(&path, None, &push_body("chat-bridge", Uuid::now_v7(), &one)).await, 401, "invalid_token");
+    assert_error(api.post(&path, Some(&manager(TENANT)), &push_body("chat-bridge", Uuid::now_v7(), &one)).await, 401, "invalid_token");
+    assert_error(api.post(&path, Some(LIMITED_TOKEN), &push_body("chat-bridge", Uuid::now_v7(), &one)).await, 403, "forbidden");
+    // None of the refused pushes moved the cursor: the next change goes in at seq 3.
+    let (status, body) = api.post(&path, Some(BRIDGE_TOKEN), &push_body("chat-bridge", Uuid::now_v7(), &one)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"][0]["status"], "applied");
+    // The limited token may write to its own tenant.
+    let other = vec![upsert("products", json!({"id": Uuid::now_v7()}), product(Uuid::now_v7(), "Cake", 5), 1, now, 0)];
+    let (status, body) = api.post(&format!("/v1/tenants/{OTHER}/push"), Some(LIMITED_TOKEN), &push_body("chat-bridge", Uuid::now_v7(), &other)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"][0]["status"], "applied");
+    hub.shutdown().await;
+}
+
+#[actix_web::test]
+async fn broadcast_reaches_every_session_of_the_tenant() {
+    let hub = start_with_services().await;
+    let api = Api::of(&hub);
+    let path = format!("/v1/tenants/{TENANT}/broadcast");
+    // Every screen: a device and a dashboard.
+    let mut one = Dev::connect(&hub, TENANT, "pos-1").await;
+    let (board, _) = Client::dashboard(&hub, TENANT, "mgr-1", "Manager").await;
+    let mut two = Dev { c: board, seq: 0 };
+    let _elsewhere = Dev::connect(&hub, OTHER, "pos-1").await;
+    let payload = json!({"text": "Till 3 needs change", "level": 2});
+    let (status, body) = api.post(&path, Some(BRIDGE_TOKEN), &json!({"channel": "alerts", "payload": payload})).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body, json!({"sessions": 2}));
+    for dev in [&mut one.c, &mut two.c] {
+        let (channel, got) = dev
+            .expect(|f| match f {
+                ServerFrame::Broadcast { channel, payload } => Some((channel.clone(), payload.clone())),
+                _ => None,
+            })
+            .await;
+        assert_eq!(channel, "alerts");
+        assert_eq!(got, payload);
+    }
+    // A tenant with nobody online.
+    let (status, body) = api.post("/v1/tenants/store-9/broadcast", Some(BRIDGE_TOKEN), &json!({"channel": "alerts", "payload": 1})).await;
+    assert_eq!((status, body), (202, json!({"sessions": 0})));
+    // Limits and tokens.
+    assert_error(api.post(&path, Some(BRIDGE_TOKEN), &json!({"channel": "", "payload": 1})).await, 400, "malformed_frame");
+    assert_error(api.post(&path, Some(BRIDGE_TOKEN), &json!({"channel": "c".repeat(65), "payload": 1})).await, 400, "malformed_frame");
+    assert_error(api.post(&path, Some(BRIDGE_TOKEN), &json!({"channel": "alerts", "payload": "x".repeat(2000)})).await, 413, "value_too_large");
+    assert_error(api.post(&path, Some(BRIDGE_TOKEN), &json!({"channel": "alerts"})).await, 400, "malformed_frame");
+    assert_error(api.post(&path, Some("nope-nope-nope-nope"), &json!({"channel": "alerts", "payload": 1})).await, 401, "invalid_token");
+    assert_error(api.post(&path, Some(LIMITED_TOKEN), &json!({"channel": "alerts", "payload": 1})).await, 403, "forbidden");
+    // Counted in the metrics.
+    let metrics = reqwest::get(format!("http://{}/metrics", hub.addr)).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("synchub_http_broadcasts_total 2\n"), "{metrics}");
+    hub.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The merge's side of it
+// ---------------------------------------------------------------------------------------------
+
+#[actix_web::test]
+async fn the_group_returns_the_conflicts_it_logged_and_resolved() {
+    use synchub::ids::{DeviceId, TenantId, UserId};
+    use synchub::storage::apply::{ApplyLimits, BatchInput};
+    use synchub::storage::conflicts::{ResolveConflict, Resolution};
+
+    let hub = TestHub::start().await;
+    let store = hub.running.as_ref().unwrap().hub.store.clone();
+    let tenant = TenantId::new("store-direct");
+    store.tenant_head(&tenant).await.unwrap();
+    let limits = ApplyLimits { max_field_bytes: 65_536, max_clock_skew_ms: 300_000 };
+    let batch = |device: &str, changes: Vec<Change>| {
+        BatchInput::pushed(DeviceId::new(device), UserId::new(format!("user-{device}")), Uuid::now_v7(), changes)
+    };
+    let id = Uuid::now_v7();
+    let key = json!({"id": id});
+    let now = now_ms();
+    let out = store.commit_group(&tenant, &[batch("pos-1", vec![upsert("products", key.clone(), product(id, "Tea", 1), 1, now - 9, 0)])], limits).await.unwrap();
+    let v1 = out.results[0][0].seq.unwrap();
+    assert!(out.conflicts.is_empty() && out.resolved.is_empty());
+    let out = store
+        .commit_group(
+            &tenant,
+            &[
+                batch("pos-1", vec![upsert("products", key.clone(), json!({"price_cents": 2}), 2, now - 5, v1)]),
+                batch("pos-2", vec![upsert("products", key.clone(), json!({"price_cents": 3, "stock": 4}), 1, now, v1)]),
+            ],
+            limits,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.results[1][0].status, ChangeStatus::Conflict);
+    assert_eq!(out.conflicts.len(), 1, "{:?}", out.conflicts);
+    let logged = &out.conflicts[0];
+    assert_eq!((logged.field.as_str(), logged.status, logged.winner.as_str()), ("price_cents", protocol::ReviewStatus::Open, "incoming"));
+    assert_eq!(logged.seq, out.results[1][0].seq);
+    assert_eq!(store.open_conflict_count(&tenant).await.unwrap(), 1);
+    assert_eq!(store.conflict(&tenant, logged.id).await.unwrap().as_ref(), Some(logged), "the same record as the API reads");
+
+    // Two resolutions of it in one group: the first resolves it, the second is refused;
+    // the hub numbers the console device's changes.
+    let version = out.results[1][0].seq.unwrap();
+    let resolving = |price: i64| BatchInput {
+        assign_device_seqs: true,
+        resolves: Some(ResolveConflict { conflict_id: logged.id, resolution: Resolution::Value }),
+        ..batch("console:mgr", vec![upsert("products", key.clone(), json!({"price_cents": price}), 99, now, version)])
+    };
+    let out = store.commit_group(&tenant, &[resolving(7), resolving(8)], limits).await.unwrap();
+    assert_eq!(out.results[0][0].status, ChangeStatus::Applied);
+    assert_eq!(out.results[0][0].device_seq, 1);
+    assert_eq!(out.results[1][0].status, ChangeStatus::Rejected);
+    assert_eq!(out.results[1][0].reason, Some(protocol::ErrorCode::ConflictNotOpen));
+    assert_eq!(out.results[1][0].device_seq, 2);
+    assert!(out.conflicts.is_empty());
+    assert_eq!(out.resolved.len(), 1);
+    let resolved = &out.resolved[0];
+    assert_eq!((resolved.id, resolved.status), (logged.id, protocol::ReviewStatus::Resolved));
+    assert_eq!(resolved.resolution.as_deref(), Some("value"));
+    assert_eq!(resolved.resolution_seq, out.results[0][0].seq);
+    assert_eq!(resolved.reviewed_by.as_deref(), Some("user-console:mgr"));
+    assert_eq!(store.open_conflict_count(&tenant).await.unwrap(), 0);
+    let price: i32 = sqlx::query_scalar("select price_cents from products where id = $1").bind(id).fetch_one(&hub.db).await.unwrap();
+    assert_eq!(price, 7);
+    hub.shutdown().await;
+}
