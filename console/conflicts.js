@@ -158,8 +158,9 @@ export class Conflicts {
         'aria-expanded': String(this.openId === c.id),
         onclick: () => this.show(c.id),
       },
-      h('span', { class: 'ci-title' }, `#${c.id} ${c.table} · ${c.field}`),
-      h('span', { class: 'ci-values' }, `${show(c.server?.value)} (${c.server?.device ?? '?'}) vs ${show(c.incoming?.value)} (${c.incoming?.device ?? '?'}), ${won} won`),
+      // The spaces between the lines keep the button's accessible name readable.
+      h('span', { class: 'ci-title' }, `#${c.id} ${c.table} · ${c.field}`), ' ',
+      h('span', { class: 'ci-values' }, `${show(c.server?.value)} (${c.server?.device ?? '?'}) vs ${show(c.incoming?.value)} (${c.incoming?.device ?? '?'}), ${won} won`), ' ',
       h('span', { class: 'ci-meta' }, h('span', { class: `status status-${c.status}` }, c.status), ' · ', dateTime(c.created_at))));
   }
 
