@@ -2,7 +2,7 @@
 //! a strict Content-Security-Policy; and, in Debian's headless `chromium` driven by
 //! `playwright-core` (tests/browser/console.mjs), a manager signs in, watches a device push a
 //! conflicting change, reviews it side by side and resolves it with the keyboard, and the
-//! device receives the resolution as an ordinary delta.
+//! device receives the resolution as an ordinary delta; a broadcast shows as a banner.
 //!
 //! The test installs what it needs when it is missing (it runs as root on a fresh Debian
 //! machine under `cargo test --workspace`): `chromium` with apt-get, and playwright-core (pinned
@@ -18,11 +18,14 @@ use std::time::Duration;
 use common::*;
 use protocol::{ChangeStatus, ServerFrame};
 use serde_json::{json, Value};
+use synchub::config::{Secret, ServiceToken};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use uuid::Uuid;
 
 const TENANT: &str = "console-store";
 const CHROMIUM: &str = "/usr/bin/chromium";
+const SERVICE_TOKEN: &str = "alerts-service-token-0123456789";
+const BROADCAST_TEXT: &str = "Card terminals are offline: take cash only";
 /// The whole browser run, from launch to the last check.
 const BROWSER_RUN: Duration = Duration::from_secs(240);
 
@@ -131,7 +134,11 @@ async fn console_files_are_served_with_types_caching_and_a_strict_policy() {
 async fn manager_resolves_a_conflict_in_the_browser_and_the_device_receives_it() {
     ensure_browser_tools();
     // The devices' sockets are not read while the browser works; a long heartbeat keeps them.
-    let hub = TestHub::start_with(|c| c.heartbeat_timeout_ms = 600_000).await;
+    let hub = TestHub::start_with(|c| {
+        c.heartbeat_timeout_ms = 600_000;
+        c.service_tokens = vec![ServiceToken { name: "alerts".into(), token: Secret(SERVICE_TOKEN.into()), tenants: vec![] }];
+    })
+    .await;
     let (mut a, _, _) = Client::device(&hub, TENANT, "pos-a").await;
     let (mut b, _, _) = Client::device(&hub, TENANT, "pos-b").await;
 
@@ -156,6 +163,7 @@ async fn manager_resolves_a_conflict_in_the_browser_and_the_device_receives_it()
         .env("E2E_DEVICES", "pos-a,pos-b")
         .env("E2E_WINNER", "380")
         .env("E2E_OTHER", "280")
+        .env("E2E_BROADCAST", BROADCAST_TEXT)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -195,6 +203,15 @@ async fn manager_resolves_a_conflict_in_the_browser_and_the_device_receives_it()
             let results = b.push(vec![upsert("products", json!({"id": id}), json!({"price_cents": 280}), 1, now - 60_000, 0)]).await;
             assert_eq!(results[0].status, ChangeStatus::Conflict, "B's older write conflicts: {results:?}");
             assert_eq!(results[0].lost_fields, vec!["price_cents".to_string()], "A's newer clock wins");
+            // And a server-side writer broadcasts a message to every screen of the tenant.
+            let sent = reqwest::Client::new()
+                .post(format!("http://{}/v1/tenants/{TENANT}/broadcast", hub.addr))
+                .bearer_auth(SERVICE_TOKEN)
+                .json(&json!({"channel": "alerts", "payload": {"level": "warning", "text": BROADCAST_TEXT}}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(sent.status(), 202, "broadcast accepted");
             stdin.write_all(b"pushed\n").await.unwrap();
             stdin.flush().await.unwrap();
             pushed = true;

@@ -9,6 +9,7 @@
 //   CONSOLE_SCREENSHOT   where to save the screenshot (PNG); a phone-width one goes next to it
 //   E2E_DEVICES          comma-separated device ids that must show as online
 //   E2E_WINNER, E2E_OTHER  the conflict's winning and losing values, as the console shows them (JSON)
+//   E2E_BROADCAST        text of a broadcast the test sends along with the conflicting push
 //   CHROMIUM             browser binary (default /usr/bin/chromium)
 //
 // Exits 0 when every step passed, 1 with the reason otherwise.
@@ -39,6 +40,7 @@ const screenshot = env('CONSOLE_SCREENSHOT');
 const devices = env('E2E_DEVICES', '').split(',').filter(Boolean);
 const winner = env('E2E_WINNER');
 const other = env('E2E_OTHER');
+const broadcast = env('E2E_BROADCAST');
 const phoneShot = screenshot.replace(/(\.png)?$/, '-375.png');
 const STEP_MS = 20000;
 
@@ -164,6 +166,10 @@ try {
   });
 
   let conflictTitle;
+  await check('the broadcast shows as a banner', async () => {
+    await page.locator('#banners .banner', { hasText: broadcast }).waitFor();
+  });
+
   await check('keyboard: Tab from the top reaches the conflict, Enter opens it', async () => {
     // Start where a person starts: a click on the page's title moves the point from which
     // Tab goes on (blurring alone would leave it where the last focus was).
@@ -233,6 +239,14 @@ try {
     say(`screenshot (375 px): ${path.resolve(phoneShot)}`);
     await page.setViewportSize({ width: 1280, height: 900 });
     await page.waitForTimeout(200);
+  });
+
+  await check('keyboard: the banner is dismissed with its button', async () => {
+    const dismiss = page.locator('#banners .banner').getByRole('button', { name: /Dismiss/ });
+    await page.locator('h1').click();
+    await tabUntil(page, (i) => i.tag === 'button' && /^Dismiss/.test(i.text), 10, 'the banner\'s Dismiss button');
+    await page.keyboard.press('Enter');
+    await dismiss.waitFor({ state: 'detached' });
   });
 
   await check('an Employee sees the feed and presence, not conflicts', async () => {
