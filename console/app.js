@@ -119,6 +119,7 @@ async function signIn(token) {
       s.conflicts.disable(); // not a manager role: feed and presence only
     } else if (managerRole) {
       s.conflicts.enable();
+      $('#badge').hidden = true; // no count to show
       s.conflicts.note(`Conflict review is unavailable: ${err instanceof ApiError ? err.describe() : err.message}`);
     }
   }
