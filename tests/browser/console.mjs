@@ -5,7 +5,7 @@
 // Environment:
 //   CONSOLE_URL          hub base URL, e.g. http://127.0.0.1:40123
 //   CONSOLE_TOKEN        a manager token of the tenant
-//   CONSOLE_EMPLOYEE_TOKEN  an Employee token of the tenant (no conflict review for it)
+//   CONSOLE_EMPLOYEE_TOKEN  an Employee token of the tenant, user employee-eli (no conflict review for it)
 //   CONSOLE_SCREENSHOT   where to save the screenshot (PNG); a phone-width one goes next to it
 //   E2E_DEVICES          comma-separated device ids that must show as online
 //   E2E_WINNER, E2E_OTHER  the conflict's winning and losing values, as the console shows them (JSON)
@@ -263,7 +263,10 @@ try {
     expect(await emp.locator('#conflicts').isHidden(), 'an Employee must not see the conflict panel');
     expect(await emp.locator('#badge').isHidden(), 'an Employee must not see the conflict badge');
     await noHorizontalOverflow(emp, '375 px, Employee');
+    // The manager's page saw the Employee's console come and sees it go.
+    await page.locator('#presence-log', { hasText: 'employee-eli joined' }).waitFor();
     await other.close();
+    await page.locator('#presence-log', { hasText: 'employee-eli left' }).waitFor();
   });
 
   await check('no script errors', async () => {
