@@ -95,9 +95,3 @@ export function parseValue(text) {
     return text;
   }
 }
-
-/** Announce a message in a live region (cleared first so a repeat is read again). */
-export function announce(region, message) {
-  region.textContent = '';
-  setTimeout(() => { region.textContent = message; }, 50);
-}
