@@ -14,6 +14,7 @@
 //! - [`http`]: the HTTP API: conflict review for managers, pushes and broadcasts by
 //!   server-side writers.
 //! - [`server`]: HTTP routes, start-up and graceful shutdown.
+//! - [`console`]: the manager console at `/console`, its files built into the binary.
 //! - [`metrics`]: counters and gauges, served as Prometheus text at `GET /metrics`.
 //! - [`recorder`]: the capture file of device traffic, for replay by the load tester.
 //! - [`embedded_pg`] and [`demo`]: the private cluster and demo schema of `synchub dev`.
@@ -23,6 +24,7 @@
 pub mod actors;
 pub mod auth;
 pub mod config;
+pub mod console;
 pub mod demo;
 pub mod embedded_pg;
 pub mod error;

@@ -98,6 +98,7 @@ pub async fn start(config: Config) -> Result<RunningHub> {
             .route("/healthz", web::get().to(|| async { HttpResponse::Ok().body("ok") }))
             .route("/readyz", web::get().to(readyz))
             .route("/metrics", web::get().to(metrics_text))
+            .configure(crate::console::configure)
     })
     .workers(config.workers)
     // Frames are small and latency matters: without TCP_NODELAY, Nagle's algorithm holds a

@@ -1,0 +1,321 @@
+// Conflict review, for managers: the open-count badge, the list (GET /v1/conflicts with status
+// and table filters, kept current by `conflict` frames), one conflict side by side (server vs
+// incoming, with the current row), and the three ways to resolve it.
+
+import { $, h, replace, show, dl, timeEl, dateTime, parseValue } from './dom.js';
+import { ApiError } from './api.js';
+
+export const CONFLICT_SUB = 'conflicts';
+const PAGE = 50;
+
+const RESOLUTION_TEXT = {
+  keep: 'kept the winning value',
+  take_other: 'took the other value',
+  value: 'wrote a new value',
+};
+
+export class Conflicts {
+  constructor() {
+    this.api = null;
+    this.panel = $('#conflicts');
+    this.listEl = $('#conflict-list');
+    this.emptyEl = $('#conflict-empty');
+    this.moreBtn = $('#conflict-more');
+    this.errorEl = $('#conflicts-error');
+    this.noteEl = $('#conflicts-note');
+    this.detailEl = $('#conflict-detail');
+    this.badge = $('#badge');
+    this.badgeText = $('#badge-text');
+    this.filters = { status: 'open', table: '' };
+    this.items = new Map(); // id -> conflict, in list order
+    this.nextBeforeId = null;
+    this.openId = null;
+    this.loadSeq = 0;
+
+    $('#conflict-filters').addEventListener('submit', (e) => {
+      e.preventDefault();
+      const form = new FormData(e.target);
+      this.filters = { status: String(form.get('status') ?? ''), table: String(form.get('table') ?? '').trim() };
+      this.load();
+    });
+    this.moreBtn.addEventListener('click', () => this.load(false));
+    this.badge.addEventListener('click', (e) => {
+      e.preventDefault();
+      this.panel.scrollIntoView({ block: 'start' });
+      (this.listEl.querySelector('button') ?? $('#conflicts-h')).focus();
+    });
+    this.detailEl.addEventListener('keydown', (e) => {
+      if (e.key === 'Escape' && !e.defaultPrevented) {
+        e.preventDefault();
+        this.close();
+      }
+    });
+  }
+
+  /** Start over with a new token: empty list, closed detail, filters as they are. */
+  bind(api) {
+    this.api = api;
+    this.items = new Map();
+    this.nextBeforeId = null;
+    this.openId = null;
+    this.lastResult = null;
+    this.loadSeq += 1;
+    this.detailEl.hidden = true;
+    this.detailEl.replaceChildren();
+    this.noteEl.textContent = '';
+    this.errorEl.textContent = '';
+    this.setOpenCount(0);
+    this.renderList();
+    this.disable();
+  }
+
+  /** Show the panel and badge (the token's role may review conflicts). */
+  enable() {
+    this.panel.hidden = false;
+    this.badge.hidden = false;
+  }
+
+  disable() {
+    this.panel.hidden = true;
+    this.badge.hidden = true;
+  }
+
+  note(text) {
+    this.noteEl.textContent = text;
+  }
+
+  setOpenCount(open) {
+    this.open = open;
+    this.badgeText.textContent = `Conflicts: ${open} open`;
+    this.badge.classList.toggle('has-open', open > 0);
+  }
+
+  async refreshCounts() {
+    try {
+      const counts = await this.api.counts();
+      this.setOpenCount(counts.open);
+      return counts;
+    } catch (err) {
+      this.errorEl.textContent = `Could not read the conflict counts: ${describe(err)}`;
+      return null;
+    }
+  }
+
+  /** Load the list from the start (reset) or the next older page. */
+  async load(reset = true) {
+    const seq = ++this.loadSeq;
+    this.errorEl.textContent = '';
+    const query = { status: this.filters.status, table: this.filters.table, limit: PAGE };
+    if (!reset) query.before_id = this.nextBeforeId;
+    let page;
+    try {
+      page = await this.api.conflicts(query);
+    } catch (err) {
+      if (seq === this.loadSeq) this.errorEl.textContent = `Could not load conflicts: ${describe(err)}`;
+      return;
+    }
+    if (seq !== this.loadSeq) return; // a newer load is under way
+    if (reset) {
+      this.items = new Map();
+      this.refreshCounts(); // the same moment's count, for the badge
+    }
+    for (const c of page.conflicts) this.items.set(c.id, c);
+    this.nextBeforeId = page.next_before_id ?? null;
+    this.renderList();
+  }
+
+  matches(c) {
+    return (!this.filters.status || c.status === this.filters.status) && (!this.filters.table || c.table === this.filters.table);
+  }
+
+  onFrame(frame) {
+    if (frame.type !== 'conflict' || frame.sub !== CONFLICT_SUB) return;
+    const c = frame.conflict;
+    if (typeof frame.open === 'number') this.setOpenCount(frame.open);
+    if (this.items.has(c.id)) {
+      this.items.set(c.id, c); // updated in place, even if it no longer matches the filter
+    } else if (this.matches(c)) {
+      this.items = new Map([[c.id, c], ...this.items]);
+    }
+    this.renderList();
+    if (this.openId === c.id) this.show(c.id, { keepFocus: true });
+  }
+
+  renderList() {
+    const items = [...this.items.values()].sort((a, b) => b.id - a.id);
+    replace(this.listEl, items.map((c) => this.item(c)));
+    this.emptyEl.hidden = items.length > 0;
+    this.moreBtn.hidden = this.nextBeforeId === null;
+  }
+
+  item(c) {
+    const won = c.winner === 'server' ? 'server' : 'incoming';
+    return h('li', { class: `conflict-item status-${c.status}${this.openId === c.id ? ' selected' : ''}`, dataset: { id: c.id } },
+      h('button', {
+        type: 'button',
+        class: 'conflict-open',
+        'aria-controls': 'conflict-detail',
+        'aria-expanded': String(this.openId === c.id),
+        onclick: () => this.show(c.id),
+      },
+      // The spaces between the lines keep the button's accessible name readable.
+      h('span', { class: 'ci-title' }, `#${c.id} ${c.table} · ${c.field}`), ' ',
+      h('span', { class: 'ci-values' }, `${show(c.server?.value)} (${c.server?.device ?? '?'}) vs ${show(c.incoming?.value)} (${c.incoming?.device ?? '?'}), ${won} won`), ' ',
+      h('span', { class: 'ci-meta' }, h('span', { class: `status status-${c.status}` }, c.status), ' · ', dateTime(c.created_at))));
+  }
+
+  close() {
+    const id = this.openId;
+    this.openId = null;
+    this.detailEl.hidden = true;
+    this.detailEl.replaceChildren();
+    this.renderList();
+    const opener = this.listEl.querySelector(`li[data-id="${CSS.escape(String(id))}"] button`);
+    (opener ?? $('#conflicts-h')).focus();
+  }
+
+  /** Open one conflict: read it with its current row and render the side-by-side view. */
+  async show(id, { keepFocus = false } = {}) {
+    this.openId = id;
+    this.renderList();
+    let data;
+    try {
+      data = await this.api.conflict(id);
+    } catch (err) {
+      if (this.openId !== id) return;
+      this.detailEl.hidden = false;
+      replace(this.detailEl, this.detailHead(id), h('p', { class: 'error', role: 'alert' }, `Could not load conflict #${id}: ${describe(err)}`));
+      if (!keepFocus) $('#detail-h').focus();
+      return;
+    }
+    if (this.openId !== id) return;
+    if (this.items.has(id)) {
+      this.items.set(id, data.conflict);
+      this.renderList();
+    }
+    const hadFocus = this.detailEl.contains(document.activeElement) ? document.activeElement.dataset.focusKey : null;
+    this.render(data.conflict, data.current);
+    this.detailEl.hidden = false;
+    if (hadFocus) this.detailEl.querySelector(`[data-focus-key="${hadFocus}"]`)?.focus();
+    else if (!keepFocus) $('#detail-h').focus();
+  }
+
+  detailHead(id) {
+    return h('div', { class: 'detail-head' },
+      h('h3', { id: 'detail-h', tabindex: '-1' }, `Conflict #${id}`),
+      h('button', { type: 'button', class: 'small', 'aria-label': `Close conflict #${id}`, 'data-focus-key': 'close', onclick: () => this.close() }, 'Close'));
+  }
+
+  render(c, current) {
+    const winnerSide = c.winner === 'server' ? 'server' : 'incoming';
+    const otherSide = winnerSide === 'server' ? 'incoming' : 'server';
+    const side = (name) => {
+      const s = c[name] ?? {};
+      const won = name === winnerSide;
+      return h('section', { class: `side side-${name} ${won ? 'won' : 'lost'}`, 'aria-labelledby': `side-${name}-h` },
+        h('h4', { id: `side-${name}-h` }, name === 'server' ? 'Server' : 'Incoming', ' ',
+          h('span', { class: `tag ${won ? 'tag-won' : 'tag-lost'}` }, won ? 'won' : 'lost')),
+        h('p', { class: 'value', dataset: { side: name } }, show(s.value)),
+        dl([
+          ['Device', s.device ?? '—'],
+          ['User', s.user ?? '—'],
+          ['Clock', s.hlc ? [timeEl(s.hlc.wall_ms), ` #${s.hlc.counter}`] : '—'],
+          name === 'server' ? ['Version', s.version ?? '—'] : ['Seen version', c.base_version ?? '—'],
+        ], 'side-facts'));
+    };
+
+    const row = current?.row;
+    const currentSection = h('section', { class: 'current', 'aria-labelledby': 'current-h' },
+      h('h4', { id: 'current-h' }, row ? `Current row (version ${current.version})` : 'Current row'),
+      row
+        ? dl(Object.entries(row).map(([col, v]) => [col, col === c.field ? h('strong', {}, show(v)) : show(v)]), 'row-facts')
+        : h('p', { class: 'muted' }, 'The row no longer exists.'));
+
+    const resultEl = h('p', { class: 'result', role: 'status', tabindex: '-1' });
+    const errorEl = h('p', { class: 'error', role: 'alert' });
+    let resolveSection;
+    if (c.status === 'open') {
+      const valueId = `new-value-${c.id}`;
+      const busy = (on) => resolveSection.querySelectorAll('button, input').forEach((el) => { el.disabled = on; });
+      const act = async (action, label) => {
+        errorEl.textContent = '';
+        resultEl.textContent = `Resolving: ${label}…`;
+        busy(true);
+        try {
+          const out = await this.api.resolve(c.id, action);
+          const seq = out.result?.seq;
+          this.items.set(c.id, out.conflict);
+          this.lastResult = `Conflict #${c.id} resolved: ${RESOLUTION_TEXT[action.action]}${seq ? `, written as change ${seq}` : ''}.`;
+          this.refreshCounts();
+          await this.show(c.id, { keepFocus: true });
+          const shown = this.detailEl.querySelector('.result');
+          if (shown) {
+            shown.textContent = this.lastResult;
+            shown.focus();
+          }
+        } catch (err) {
+          busy(false);
+          resultEl.textContent = '';
+          errorEl.textContent = `Could not resolve conflict #${c.id}: ${describe(err)}`;
+          if (err instanceof ApiError && err.code === 'conflict_not_open') this.show(c.id, { keepFocus: true });
+        }
+      };
+      const winnerValue = c[winnerSide]?.value;
+      const otherValue = c[otherSide]?.value;
+      const input = h('input', { id: valueId, name: 'value', autocomplete: 'off', 'aria-describedby': `${valueId}-help`, 'data-focus-key': 'value' });
+      resolveSection = h('section', { class: 'resolve', 'aria-labelledby': 'resolve-h' },
+        h('h4', { id: 'resolve-h' }, 'Resolve'),
+        h('div', { class: 'actions' },
+          h('button', { type: 'button', class: 'primary', 'data-focus-key': 'keep', onclick: () => act({ action: 'keep' }, 'keep winner') },
+            `Keep winner: ${show(winnerValue)}`),
+          h('button', { type: 'button', class: 'primary', 'data-focus-key': 'take_other', onclick: () => act({ action: 'take_other' }, 'take other value') },
+            `Take other value: ${show(otherValue)}`)),
+        h('form', {
+          class: 'new-value',
+          novalidate: true,
+          onsubmit: (e) => {
+            e.preventDefault();
+            if (input.value.trim() === '') {
+              errorEl.textContent = 'Type the new value first.';
+              input.focus();
+              return;
+            }
+            const value = parseValue(input.value);
+            act({ action: 'value', value }, `write ${show(value)}`);
+          },
+        },
+        h('label', { for: valueId }, `New value for ${c.field}`),
+        h('p', { id: `${valueId}-help`, class: 'hint' }, 'Read as JSON when it can be (numbers, true, false, null, "quoted text"), else as text.'),
+        h('div', { class: 'inline' }, input, h('button', { type: 'submit', 'data-focus-key': 'write' }, 'Write value'))),
+        resultEl,
+        errorEl);
+    } else {
+      resultEl.textContent = this.lastResult?.startsWith(`Conflict #${c.id} `) ? this.lastResult : '';
+      resolveSection = h('section', { class: 'resolve done', 'aria-labelledby': 'resolve-h' },
+        h('h4', { id: 'resolve-h' }, c.status === 'resolved' ? 'Resolved' : 'Dismissed'),
+        dl([
+          c.resolution ? ['Resolution', RESOLUTION_TEXT[c.resolution] ?? c.resolution] : null,
+          c.reviewed_by ? ['By', c.reviewed_by] : null,
+          c.reviewed_at ? ['At', timeEl(c.reviewed_at)] : null,
+          c.resolution_seq ? ['Written as change', String(c.resolution_seq)] : null,
+        ], 'resolution-facts'),
+        resultEl,
+        errorEl);
+    }
+
+    replace(this.detailEl,
+      this.detailHead(c.id),
+      h('p', { class: 'meta' },
+        h('span', { class: `status status-${c.status}` }, c.status), ' ',
+        `${c.table} · key ${Object.entries(c.key ?? {}).map(([k, v]) => `${k}=${show(v)}`).join(', ')} · field `,
+        h('code', {}, c.field), ` · policy ${c.policy} · logged `, timeEl(c.created_at)),
+      h('div', { class: 'sides' }, side('server'), side('incoming')),
+      currentSection,
+      resolveSection);
+  }
+}
+
+function describe(err) {
+  if (err instanceof ApiError) return err.describe();
+  return err?.message ?? String(err);
+}

@@ -1,0 +1,293 @@
+// End-to-end run of the manager console in Debian's headless chromium, driven by playwright-core.
+// Run by tests/console_browser.rs; talks to it over stdout (lines starting with "console-e2e:")
+// and stdin (the test writes one line when the conflicting change has been pushed).
+//
+// Environment:
+//   CONSOLE_URL          hub base URL, e.g. http://127.0.0.1:40123
+//   CONSOLE_TOKEN        a manager token of the tenant
+//   CONSOLE_EMPLOYEE_TOKEN  an Employee token of the tenant, user employee-eli (no conflict review for it)
+//   CONSOLE_SCREENSHOT   where to save the screenshot (PNG); a phone-width one goes next to it
+//   E2E_DEVICES          comma-separated device ids that must show as online
+//   E2E_WINNER, E2E_OTHER  the conflict's winning and losing values, as the console shows them (JSON)
+//   E2E_BROADCAST        text of a broadcast the test sends along with the conflicting push
+//   CHROMIUM             browser binary (default /usr/bin/chromium)
+//
+// Exits 0 when every step passed, 1 with the reason otherwise.
+
+import { chromium } from 'playwright-core';
+import { createInterface } from 'node:readline';
+import path from 'node:path';
+
+const env = (name, fallback) => {
+  const v = process.env[name] ?? fallback;
+  if (v === undefined) fail(`environment variable ${name} is not set`);
+  return v;
+};
+
+function say(msg) {
+  process.stdout.write(`console-e2e: ${msg}\n`);
+}
+
+function fail(msg) {
+  process.stderr.write(`console-e2e: FAILED: ${msg}\n`);
+  process.exit(1);
+}
+
+const url = env('CONSOLE_URL');
+const token = env('CONSOLE_TOKEN');
+const employeeToken = env('CONSOLE_EMPLOYEE_TOKEN');
+const screenshot = env('CONSOLE_SCREENSHOT');
+const devices = env('E2E_DEVICES', '').split(',').filter(Boolean);
+const winner = env('E2E_WINNER');
+const other = env('E2E_OTHER');
+const broadcast = env('E2E_BROADCAST');
+const phoneShot = screenshot.replace(/(\.png)?$/, '-375.png');
+const STEP_MS = 20000;
+
+const stdinLines = createInterface({ input: process.stdin });
+const nextStdinLine = () => new Promise((resolve) => stdinLines.once('line', resolve));
+
+let step = 'start';
+const problems = [];
+
+async function check(name, fn) {
+  step = name;
+  say(`step: ${name}`);
+  await fn();
+}
+
+function expect(cond, msg) {
+  if (!cond) throw new Error(msg);
+}
+
+/** Press Tab until `match(activeElementInfo)` holds; returns the trail of what got focus. */
+async function tabUntil(page, match, maxPresses, what) {
+  const trail = [];
+  for (let i = 0; i < maxPresses; i++) {
+    await page.keyboard.press('Tab');
+    const info = await page.evaluate(() => {
+      const el = document.activeElement;
+      if (!el || el === document.body) return { tag: 'body', text: '' };
+      return {
+        tag: el.tagName.toLowerCase(),
+        id: el.id,
+        cls: el.className,
+        text: (el.getAttribute('aria-label') || el.textContent || el.value || '').trim().replace(/\s+/g, ' ').slice(0, 80),
+        outline: getComputedStyle(el).outlineStyle,
+      };
+    });
+    trail.push(info.text ? `${info.tag}:"${info.text}"` : `${info.tag}${info.id ? `#${info.id}` : ''}`);
+    if (match(info)) return { info, trail };
+  }
+  throw new Error(`keyboard: ${maxPresses} Tab presses did not reach ${what}; focus went ${trail.join(' → ')}`);
+}
+
+async function noHorizontalOverflow(page, where) {
+  const m = await page.evaluate(() => {
+    const doc = document.documentElement;
+    const wide = [...document.querySelectorAll('body *')]
+      .filter((el) => {
+        const r = el.getBoundingClientRect();
+        return r.width > 0 && r.right > doc.clientWidth + 1 && getComputedStyle(el).position !== 'absolute';
+      })
+      .slice(0, 5)
+      .map((el) => `${el.tagName.toLowerCase()}${el.id ? `#${el.id}` : ''}.${el.className}`);
+    return { scroll: doc.scrollWidth, client: doc.clientWidth, wide };
+  });
+  expect(m.scroll <= m.client && m.wide.length === 0,
+    `${where}: the page overflows horizontally (scrollWidth ${m.scroll} > ${m.client}; too wide: ${m.wide.join(', ') || 'n/a'})`);
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  args: ['--no-sandbox', '--disable-dev-shm-usage'],
+  headless: true,
+}).catch((err) => fail(`cannot start chromium: ${err.message}`));
+
+const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+const page = await context.newPage();
+page.setDefaultTimeout(STEP_MS);
+const pageErrors = [];
+page.on('pageerror', (err) => pageErrors.push(err.message));
+page.on('console', (msg) => {
+  if (msg.type() === 'error') pageErrors.push(`console: ${msg.text()}`);
+});
+
+let ok = false;
+try {
+  await check('open /console', async () => {
+    const res = await page.goto(`${url}/console`);
+    expect(res && res.ok(), `GET /console answered ${res?.status()}`);
+    const csp = res.headers()['content-security-policy'] ?? '';
+    expect(csp.includes("default-src 'none'"), `no strict Content-Security-Policy on /console: "${csp}"`);
+    await page.getByRole('heading', { name: 'Sign in' }).waitFor();
+  });
+
+  await check('sign in with the manager token', async () => {
+    await page.getByLabel('Token').fill(token);
+    await page.getByRole('button', { name: 'Sign in' }).click();
+    await page.locator('#conn[data-state="open"]').waitFor();
+    const who = await page.locator('#who').innerText();
+    expect(/Manager/.test(who), `the header does not show the Manager role: "${who}"`);
+    const stored = await page.evaluate(() => [sessionStorage.length, localStorage.length]);
+    expect(stored[0] === 1 && stored[1] === 0, `the token must be in sessionStorage only (session ${stored[0]}, local ${stored[1]})`);
+    await page.locator('#badge').waitFor();
+  });
+
+  await check('subscribe to products with a filter and a snapshot', async () => {
+    await page.locator('#sub-form').getByLabel('Table').fill('products');
+    const cond = page.locator('#condition-list li').first();
+    await cond.getByLabel('Column').fill('price_cents');
+    await cond.getByLabel('Operator').selectOption('gte');
+    await cond.getByLabel('Value').fill('0');
+    await page.getByRole('button', { name: 'Subscribe' }).click();
+    await page.locator('#feed .entry.snapshot', { hasText: '1 row' }).waitFor();
+  });
+
+  await check('presence shows the devices', async () => {
+    for (const d of devices) await page.locator('#presence-list', { hasText: `device ${d}` }).waitFor();
+  });
+
+  await check('no conflict before the push', async () => {
+    await page.locator('#badge-text', { hasText: 'Conflicts: 0 open' }).waitFor();
+  });
+
+  say('ready');
+  await check('wait for the conflicting push', async () => {
+    const line = await Promise.race([nextStdinLine(), new Promise((r) => setTimeout(() => r(null), 60000))]);
+    expect(line !== null, 'the test did not say that it pushed the conflicting change');
+  });
+
+  await check('the badge shows 1 open conflict and the list shows it', async () => {
+    await page.locator('#badge-text', { hasText: 'Conflicts: 1 open' }).waitFor();
+    await page.locator('#conflict-list li').first().waitFor();
+    const count = await page.locator('#conflict-list li').count();
+    expect(count === 1, `the list shows ${count} conflicts, expected 1`);
+  });
+
+  let conflictTitle;
+  await check('the broadcast shows as a banner', async () => {
+    await page.locator('#banners .banner', { hasText: broadcast }).waitFor();
+  });
+
+  await check('keyboard: Tab from the top reaches the conflict, Enter opens it', async () => {
+    // Start where a person starts: a click on the page's title moves the point from which
+    // Tab goes on (blurring alone would leave it where the last focus was).
+    await page.evaluate(() => { document.activeElement?.blur(); window.scrollTo(0, 0); });
+    await page.locator('h1').click();
+    const { info, trail } = await tabUntil(page, (i) => i.cls === 'conflict-open', 30, 'the conflict in the list');
+    say(`keyboard: ${trail.length} Tab presses: ${trail.join(' → ')}`);
+    conflictTitle = info.text;
+    expect(info.outline !== 'none', 'the focused conflict shows no focus outline');
+    await page.keyboard.press('Enter');
+    await page.locator('#conflict-detail .sides').waitFor();
+    const focused = await page.evaluate(() => document.activeElement?.id);
+    expect(focused === 'detail-h', `opening a conflict should move focus to its heading, not ${focused}`);
+  });
+
+  await check('both values side by side', async () => {
+    const server = page.locator('#conflict-detail .side-server .value');
+    const incoming = page.locator('#conflict-detail .side-incoming .value');
+    const [sv, iv] = [(await server.innerText()).trim(), (await incoming.innerText()).trim()];
+    const shown = new Set([sv, iv]);
+    expect(shown.has(winner) && shown.has(other), `expected values ${winner} and ${other} side by side, the page shows ${sv} and ${iv}`);
+    const [a, b] = [await server.boundingBox(), await incoming.boundingBox()];
+    expect(a && b && Math.abs(a.y - b.y) < 4 && b.x > a.x + a.width - 1, 'the two values are not side by side');
+    await page.locator('#conflict-detail .side.won').waitFor();
+    await page.locator('#conflict-detail .current dl').waitFor();
+  });
+
+  await check('Escape closes the view and returns focus to the list; Enter opens it again', async () => {
+    await page.keyboard.press('Escape');
+    await page.locator('#conflict-detail').waitFor({ state: 'hidden' });
+    const cls = await page.evaluate(() => document.activeElement?.className);
+    expect(cls === 'conflict-open', `after Escape focus is on "${cls}", not the conflict`);
+    await page.keyboard.press('Enter');
+    await page.locator('#conflict-detail .sides').waitFor();
+  });
+
+  await check('phone width: nothing overflows with the conflict open', async () => {
+    await page.setViewportSize({ width: 375, height: 812 });
+    await page.waitForTimeout(200);
+    await noHorizontalOverflow(page, '375 px, conflict open');
+    await page.setViewportSize({ width: 1280, height: 900 });
+  });
+
+  await check('keyboard: Tab reaches "Take other value", Enter resolves', async () => {
+    await page.locator('#detail-h').focus();
+    const { info, trail } = await tabUntil(page, (i) => i.tag === 'button' && i.text.startsWith('Take other value'), 10, 'the "Take other value" button');
+    say(`keyboard: ${trail.length} Tab presses: ${trail.join(' → ')}`);
+    expect(info.text.includes(other), `the button should name the other value ${other}: "${info.text}"`);
+    expect(info.outline !== 'none', 'the focused resolve button shows no focus outline');
+    await page.keyboard.press('Enter');
+    await page.locator('#conflict-detail .resolve.done').waitFor();
+    await page.locator('#conflict-detail .result', { hasText: 'resolved' }).waitFor();
+    await page.locator('#conflict-detail .status', { hasText: 'resolved' }).first().waitFor();
+  });
+
+  await check('the badge goes to 0 and the feed shows the change', async () => {
+    await page.locator('#badge-text', { hasText: 'Conflicts: 0 open' }).waitFor();
+    await page.locator('#feed .entry.update', { hasText: other }).first().waitFor();
+    await page.locator('#conflict-detail .current', { hasText: other }).waitFor();
+  });
+
+  await check('phone width: nothing overflows after resolving', async () => {
+    await page.setViewportSize({ width: 375, height: 812 });
+    await page.waitForTimeout(200);
+    await noHorizontalOverflow(page, '375 px, after resolving');
+    await page.screenshot({ path: phoneShot, fullPage: true });
+    say(`screenshot (375 px): ${path.resolve(phoneShot)}`);
+    await page.setViewportSize({ width: 1280, height: 900 });
+    await page.waitForTimeout(200);
+  });
+
+  await check('keyboard: the banner is dismissed with its button', async () => {
+    const dismiss = page.locator('#banners .banner').getByRole('button', { name: /Dismiss/ });
+    await page.locator('h1').click();
+    await tabUntil(page, (i) => i.tag === 'button' && /^Dismiss/.test(i.text), 10, 'the banner\'s Dismiss button');
+    await page.keyboard.press('Enter');
+    await dismiss.waitFor({ state: 'detached' });
+  });
+
+  await check('an Employee sees the feed and presence, not conflicts', async () => {
+    const other = await browser.newContext({ viewport: { width: 375, height: 812 } });
+    const emp = await other.newPage();
+    emp.setDefaultTimeout(STEP_MS);
+    emp.on('pageerror', (err) => pageErrors.push(`employee page: ${err.message}`));
+    await emp.goto(`${url}/console`);
+    await emp.getByLabel('Token').fill(employeeToken);
+    await emp.getByLabel('Token').press('Enter');
+    await emp.locator('#conn[data-state="open"]').waitFor();
+    for (const d of devices) await emp.locator('#presence-list', { hasText: `device ${d}` }).waitFor();
+    await emp.locator('#sub-form').waitFor();
+    expect(await emp.locator('#conflicts').isHidden(), 'an Employee must not see the conflict panel');
+    expect(await emp.locator('#badge').isHidden(), 'an Employee must not see the conflict badge');
+    await noHorizontalOverflow(emp, '375 px, Employee');
+    // The manager's page saw the Employee's console come and sees it go.
+    await page.locator('#presence-log', { hasText: 'employee-eli joined' }).waitFor();
+    await other.close();
+    await page.locator('#presence-log', { hasText: 'employee-eli left' }).waitFor();
+  });
+
+  await check('no script errors', async () => {
+    const real = pageErrors.filter((e) => !/Failed to load resource/.test(e));
+    expect(real.length === 0, `the page logged errors: ${real.join(' | ')}`);
+  });
+  say(`resolved ${conflictTitle}`);
+  ok = true;
+} catch (err) {
+  problems.push(`step "${step}": ${err.message.split('\n')[0]}`);
+} finally {
+  try {
+    await page.screenshot({ path: screenshot, fullPage: true });
+    say(`screenshot: ${path.resolve(screenshot)}`);
+  } catch (err) {
+    problems.push(`screenshot failed: ${err.message}`);
+  }
+  await browser.close();
+  stdinLines.close();
+}
+
+if (!ok || problems.length) fail(problems.join('; ') || `stopped at step "${step}"`);
+say('passed');
+process.exit(0);

@@ -1,0 +1,247 @@
+//! The manager console (`/console`) end to end: its files are served with the right types and
+//! a strict Content-Security-Policy; and, in Debian's headless `chromium` driven by
+//! `playwright-core` (tests/browser/console.mjs), a manager signs in, watches a device push a
+//! conflicting change, reviews it side by side and resolves it with the keyboard, and the
+//! device receives the resolution as an ordinary delta; a broadcast shows as a banner.
+//!
+//! The test installs what it needs when it is missing (it runs as root on a fresh Debian
+//! machine under `cargo test --workspace`): `chromium` with apt-get, and playwright-core (pinned
+//! in tests/browser/package-lock.json) with `npm ci`. It fails, never skips, when it cannot.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::*;
+use protocol::{ChangeStatus, ServerFrame};
+use serde_json::{json, Value};
+use synchub::config::{Secret, ServiceToken};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use uuid::Uuid;
+
+const TENANT: &str = "console-store";
+const CHROMIUM: &str = "/usr/bin/chromium";
+const SERVICE_TOKEN: &str = "alerts-service-token-0123456789";
+const BROADCAST_TEXT: &str = "Card terminals are offline: take cash only";
+/// The whole browser run, from launch to the last check.
+const BROWSER_RUN: Duration = Duration::from_secs(240);
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("target"))
+}
+
+/// Run a set-up command, showing its output; panics with `why` when it fails.
+fn run(program: &str, args: &[&str], envs: &[(&str, &str)], why: &str) {
+    eprintln!("console_browser: running {program} {}", args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("{why}: cannot run {program}: {e}"));
+    assert!(status.success(), "{why}: `{program} {}` failed with {status}", args.join(" "));
+}
+
+fn on_path(program: &str) -> bool {
+    Command::new(program).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+fn apt_install(packages: &[&str], why: &str) {
+    let noninteractive = [("DEBIAN_FRONTEND", "noninteractive")];
+    run("apt-get", &["update"], &noninteractive, why);
+    let mut args = vec!["install", "-y", "--no-install-recommends"];
+    args.extend_from_slice(packages);
+    run("apt-get", &args, &noninteractive, why);
+}
+
+/// Chromium, node (20 or newer) and playwright-core, installed if missing. Idempotent; one
+/// installer at a time within this test binary.
+fn ensure_browser_tools() {
+    static ONCE: Mutex<bool> = Mutex::new(false);
+    let mut done = ONCE.lock().unwrap_or_else(|e| e.into_inner());
+    if *done {
+        return;
+    }
+    if !Path::new(CHROMIUM).exists() {
+        apt_install(&["chromium"], "installing Debian's chromium for the console test (needs root and the Debian archive)");
+        assert!(Path::new(CHROMIUM).exists(), "apt-get installed chromium but {CHROMIUM} is missing");
+    }
+    if !on_path("node") || !on_path("npm") {
+        apt_install(&["nodejs", "npm"], "installing node and npm for the console test");
+    }
+    let version = Command::new("node").arg("--version").output().expect("node runs");
+    let version = String::from_utf8_lossy(&version.stdout).trim().to_owned();
+    let major: u32 = version.trim_start_matches('v').split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
+    assert!(major >= 20, "playwright-core needs node 20 or newer; this machine has node {version}");
+    let browser_dir = repo().join("tests/browser");
+    if !browser_dir.join("node_modules/playwright-core/package.json").exists() {
+        let dir = browser_dir.to_str().expect("UTF-8 path");
+        run("npm", &["ci", "--prefix", dir, "--no-audit", "--no-fund"], &[], "installing playwright-core from the npm registry (tests/browser/package-lock.json)");
+    }
+    *done = true;
+}
+
+#[actix_web::test]
+async fn console_files_are_served_with_types_caching_and_a_strict_policy() {
+    let hub = TestHub::start().await;
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", hub.addr);
+
+    let page = http.get(format!("{base}/console")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let header = |r: &reqwest::Response, name: &str| r.headers().get(name).map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+    assert_eq!(header(&page, "content-type"), "text/html; charset=utf-8");
+    assert_eq!(header(&page, "cache-control"), "no-cache");
+    assert_eq!(header(&page, "x-content-type-options"), "nosniff");
+    let csp = header(&page, "content-security-policy");
+    for part in ["default-src 'none'", "script-src 'self'", "style-src 'self'", "frame-ancestors 'none'", "base-uri 'none'"] {
+        assert!(csp.contains(part), "policy lacks {part}: {csp}");
+    }
+    assert!(csp.contains(&format!("connect-src 'self' ws://{0} wss://{0}", hub.addr)), "the page may open its WebSocket to this host only: {csp}");
+    assert!(!csp.contains("unsafe"), "no unsafe-inline or unsafe-eval: {csp}");
+    let etag = header(&page, "etag");
+    let html = page.text().await.unwrap();
+    assert!(html.contains(r#"<script type="module" src="/console/app.js"></script>"#));
+    assert!(!html.contains("<script>") && !html.contains("style="), "no inline script or style: the policy forbids them");
+
+    let again = http.get(format!("{base}/console")).header("If-None-Match", &etag).send().await.unwrap();
+    assert_eq!(again.status(), 304, "an unchanged page is not sent twice");
+
+    for (path, ty) in [("app.js", "text/javascript; charset=utf-8"), ("app.css", "text/css; charset=utf-8"), ("conflicts.js", "text/javascript; charset=utf-8")] {
+        let r = http.get(format!("{base}/console/{path}")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(header(&r, "content-type"), ty, "{path}");
+        assert!(header(&r, "content-security-policy").starts_with("default-src 'none'"), "{path}");
+        let body = r.text().await.unwrap();
+        assert!(!body.contains("innerHTML"), "{path} builds DOM nodes, never markup from data");
+    }
+    let config: Value = http.get(format!("{base}/console/config.json")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(config["claims"]["tenant"], "tenant_id");
+    assert!(config["tables"].as_array().unwrap().contains(&json!("products")));
+    assert_eq!(http.get(format!("{base}/console/missing.js")).send().await.unwrap().status(), 404);
+    assert_eq!(http.get(format!("{base}/console/../Cargo.toml")).send().await.unwrap().status(), 404);
+    hub.shutdown().await;
+}
+
+#[actix_web::test]
+async fn manager_resolves_a_conflict_in_the_browser_and_the_device_receives_it() {
+    ensure_browser_tools();
+    // The devices' sockets are not read while the browser works; a long heartbeat keeps them.
+    let hub = TestHub::start_with(|c| {
+        c.heartbeat_timeout_ms = 600_000;
+        c.service_tokens = vec![ServiceToken { name: "alerts".into(), token: Secret(SERVICE_TOKEN.into()), tenants: vec![] }];
+    })
+    .await;
+    let (mut a, _, _) = Client::device(&hub, TENANT, "pos-a").await;
+    let (mut b, _, _) = Client::device(&hub, TENANT, "pos-b").await;
+
+    // Device A creates a product at 380; device B, offline since before, still sees no version
+    // of it (base_version 0) and sets the price to 280 with an older clock.
+    let id = Uuid::new_v4();
+    let now = now_ms();
+    let written = a.push(vec![upsert("products", json!({"id": id}), product(id, "Flat white", 380), 1, now, 0)]).await;
+    assert_eq!(written[0].status, ChangeStatus::Applied);
+
+    let screenshot = target_dir().join("console-e2e.png");
+    std::fs::create_dir_all(target_dir()).unwrap();
+    let manager = token(TENANT, "manager-mia", "Manager", None);
+    let mut node = tokio::process::Command::new("node")
+        .arg(repo().join("tests/browser/console.mjs"))
+        .current_dir(repo().join("tests/browser"))
+        .env("CONSOLE_URL", format!("http://{}", hub.addr))
+        .env("CONSOLE_TOKEN", &manager)
+        .env("CONSOLE_EMPLOYEE_TOKEN", token(TENANT, "employee-eli", "Employee", None))
+        .env("CONSOLE_SCREENSHOT", &screenshot)
+        .env("CHROMIUM", CHROMIUM)
+        .env("E2E_DEVICES", "pos-a,pos-b")
+        .env("E2E_WINNER", "380")
+        .env("E2E_OTHER", "280")
+        .env("E2E_BROADCAST", BROADCAST_TEXT)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node starts (tests/browser/console.mjs)");
+    let mut stdin = node.stdin.take().unwrap();
+    let mut lines = BufReader::new(node.stdout.take().unwrap()).lines();
+    let stderr = node.stderr.take().unwrap();
+    let stderr_text = tokio::spawn(async move {
+        let mut text = String::new();
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("{line}");
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
+
+    let deadline = tokio::time::Instant::now() + BROWSER_RUN;
+    let mut pushed = false;
+    let mut output = Vec::new();
+    loop {
+        let line = match tokio::time::timeout_at(deadline, lines.next_line()).await {
+            Ok(Ok(Some(line))) => line,
+            Ok(_) => break, // the script closed its output: it is finishing
+            Err(_) => {
+                let _ = node.kill().await;
+                panic!("the browser run took longer than {BROWSER_RUN:?}; its output:\n{}", output.join("\n"));
+            }
+        };
+        eprintln!("{line}");
+        output.push(line.clone());
+        if line == "console-e2e: ready" && !pushed {
+            // The console is signed in and watching: now the conflicting change arrives.
+            let results = b.push(vec![upsert("products", json!({"id": id}), json!({"price_cents": 280}), 1, now - 60_000, 0)]).await;
+            assert_eq!(results[0].status, ChangeStatus::Conflict, "B's older write conflicts: {results:?}");
+            assert_eq!(results[0].lost_fields, vec!["price_cents".to_string()], "A's newer clock wins");
+            // And a server-side writer broadcasts a message to every screen of the tenant.
+            let sent = reqwest::Client::new()
+                .post(format!("http://{}/v1/tenants/{TENANT}/broadcast", hub.addr))
+                .bearer_auth(SERVICE_TOKEN)
+                .json(&json!({"channel": "alerts", "payload": {"level": "warning", "text": BROADCAST_TEXT}}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(sent.status(), 202, "broadcast accepted");
+            stdin.write_all(b"pushed\n").await.unwrap();
+            stdin.flush().await.unwrap();
+            pushed = true;
+        }
+    }
+    let status = tokio::time::timeout_at(deadline, node.wait()).await.expect("node exits").expect("node runs");
+    let errors = stderr_text.await.unwrap();
+    assert!(
+        status.success(),
+        "the browser run failed ({status}):\n{errors}\nscreenshot: {}\nits output:\n{}",
+        screenshot.display(),
+        output.join("\n")
+    );
+    assert!(pushed, "the script never said it was ready");
+    assert!(screenshot.exists(), "no screenshot at {}", screenshot.display());
+    println!("console screenshot: {}", screenshot.display());
+
+    // Device A, which never saw B's value, receives it as an ordinary delta from the console.
+    let delta = tokio::time::timeout(WAIT, a.expect(|f| match f {
+        ServerFrame::Delta { deltas, .. } => deltas.iter().find(|d| d.row.as_ref().and_then(|r| r.get("price_cents")) == Some(&json!(280))).cloned(),
+        _ => None,
+    }))
+    .await
+    .expect("device A receives the resolution within the wait");
+    assert_eq!(delta.key.get("id"), Some(&json!(id.to_string())));
+    let origin = delta.origin.clone().unwrap_or_default();
+    assert!(origin.starts_with("console:"), "the resolution is written by the console's user, not {origin:?}");
+    assert_eq!(delta.old.as_ref().and_then(|o| o.get("price_cents")), Some(&json!(380)));
+
+    let price: i32 = sqlx::query_scalar("select price_cents from public.products where id = $1").bind(id).fetch_one(&hub.db).await.unwrap();
+    assert_eq!(price, 280, "the application's table holds the value the manager took");
+    hub.shutdown().await;
+}
