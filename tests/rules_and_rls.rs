@@ -302,9 +302,11 @@ async fn live_deltas_follow_the_rules_and_a_row_that_moves_away_comes_as_a_delet
             upsert("work_orders", json!({"id": w5}), work_order(w5, "emp-1", "new job", 5000), 3, t, 0),
         ])
         .await;
-    // Only the cost of it changes (in a group of its own, so that the log's old values are
-    // those of the committed row): nothing to see.
+    // Only the cost of it changes: nothing to see. A product (a table employees may not read)
+    // is written: nothing to see either.
+    let p1 = Uuid::new_v4();
     manager.push(vec![upsert("work_orders", json!({"id": w5}), json!({"cost_cents": 5500}), 4, t + 1, 0)]).await;
+    manager.push(vec![upsert("products", json!({"id": p1}), product(p1, "pump", 500), 5, t + 1, 0)]).await;
     let mut seen = Vec::new();
     while !seen.iter().any(|d: &Delta| d.key["id"] == json!(w5)) {
         seen.extend(emp.next_deltas().await.0);
