@@ -57,18 +57,21 @@ impl TableSchema {
     /// Key values are cast by Postgres, so a key of the wrong type fails the statement.
     /// Both lookups are lateral with `limit 1` so that each stays a primary-key probe per key
     /// (and locks just that row): as joins, the planner's guess for a young tenant could read
-    /// the tenant's whole table.
+    /// the tenant's whole table. Versions are matched on the key's text, computed apart
+    /// (`offset 0` keeps it from being folded back into the comparison): under row-level
+    /// security only a comparison of plain values may drive an index (migration 0007).
     fn build_read_sql(&self) -> String {
         let table = &self.name;
         let first = quote_ident(&self.key[0]);
         format!(
-            "select x.i, {keyobj} as key, case when t.{first} is null then null else to_jsonb(t) end as row, \
+            "select x.i, kt.key, case when t.{first} is null then null else to_jsonb(t) end as row, \
                rv.version, rv.deleted, rv.clocks \
              from unnest($2::jsonb[]) with ordinality as x(kj, i) \
              cross join lateral jsonb_populate_record(null::{table}, x.kj) as k \
+             cross join lateral (select {keyobj} as key, ({keyobj})::text as key_text offset 0) kt \
              left join lateral (select * from {table} t where {tenant} and ({tk}) = ({kk}) limit 1 for update) t on true \
              left join lateral (select v.version, v.deleted, v.clocks from synchub.row_versions v \
-               where v.tenant_id = $1 and v.table_name = '{table_literal}' and v.pk = {keyobj} limit 1) rv on true",
+               where v.tenant_id = $1 and v.table_name = '{table_literal}' and v.pk_text = kt.key_text limit 1) rv on true",
             table_literal = self.name.replace('\'', "''"),
             tenant = self.tenant_match("t"),
             tk = self.key_list("t"),
@@ -84,7 +87,7 @@ impl TableSchema {
         format!(
             "select (select to_jsonb(t) from {table} t where {tenant} and ({tk}) = ({kk}) limit 1) as row, \
                coalesce((select v.version from synchub.row_versions v \
-                 where v.tenant_id = $1 and v.table_name = '{table_literal}' and v.pk = $2 limit 1), 0) as version \
+                 where v.tenant_id = $1 and v.table_name = '{table_literal}' and v.pk_text = $2::jsonb::text limit 1), 0) as version \
              from jsonb_populate_record(null::{table}, $2) k",
             table = self.name,
             table_literal = self.name.replace('\'', "''"),

@@ -71,7 +71,7 @@ impl Store {
             }
             if !keys.is_empty() {
                 let versions: Vec<(Value, i64)> = sqlx::query_as(
-                    "select pk, version from synchub.row_versions where tenant_id = $1 and table_name = $2 and pk = any($3::jsonb[])",
+                    "select pk, version from synchub.row_versions where tenant_id = $1 and table_name = $2 and pk_text = any($3::jsonb[]::text[])",
                 )
                 .bind(tenant.as_str())
                 .bind(&table.name)
