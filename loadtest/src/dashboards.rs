@@ -116,12 +116,7 @@ pub async fn run(target: Target, tokens: TokenSource, args: DashboardsArgs, hub_
         tasks.push(tokio::spawn(dashboard(target, token, n, stats, gate, stop, times)));
     }
     let t0 = Instant::now();
-    while stats.connections_opened.load(Ordering::Relaxed) + stats.connections_failed.load(Ordering::Relaxed) < args.dashboards as u64 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        if t0.elapsed() > Duration::from_secs(120) {
-            break;
-        }
-    }
+    stats.wait_for_connections(args.dashboards, Duration::from_secs(120)).await;
     let mut times = std::mem::take(&mut *snapshot_times.lock().unwrap());
     times.sort_by(|a: &f64, b| a.total_cmp(b));
     let pick = |q: f64| times.get(((times.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0.0);
@@ -152,15 +147,7 @@ pub async fn run(target: Target, tokens: TokenSource, args: DashboardsArgs, hub_
             }
         }));
     }
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    ticker.tick().await;
-    while jobs.iter().any(|j| !j.is_finished()) {
-        ticker.tick().await;
-        monitor.tick(&stats, started);
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let measured = started.elapsed();
-    monitor.stop(&stats);
+    let measured = monitor.watch_until(&stats, started, || jobs.iter().all(|j| j.is_finished())).await;
     let _ = stop_tx.send(true);
     for task in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;

@@ -181,12 +181,8 @@ pub async fn run(target: Target, tokens: TokenSource, args: DevicesArgs, hub_pid
     // Connect everyone first, then measure the pushing phase only.
     let t0 = Instant::now();
     let mut monitor = Monitor::new(hub_pid);
-    while stats.connections_opened.load(Ordering::Relaxed) + stats.connections_failed.load(Ordering::Relaxed) < args.devices as u64 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        if t0.elapsed() > Duration::from_secs(120) {
-            eprintln!("not every device connected within 120 s; going on with those that did");
-            break;
-        }
+    if !stats.wait_for_connections(args.devices, Duration::from_secs(120)).await {
+        eprintln!("not every device connected within 120 s; going on with those that did");
     }
     eprintln!(
         "{} devices connected in {:.1} s ({} failed); pushing for at most {} s",

@@ -73,12 +73,7 @@ pub async fn run(target: Target, tokens: TokenSource, args: FanoutArgs, hub_pid:
         tasks.push(job);
     }
     let t0 = Instant::now();
-    while stats.connections_opened.load(Ordering::Relaxed) + stats.connections_failed.load(Ordering::Relaxed) < args.subscribers as u64 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        if t0.elapsed() > Duration::from_secs(120) {
-            break;
-        }
-    }
+    stats.wait_for_connections(args.subscribers, Duration::from_secs(120)).await;
     eprintln!("{} subscribers ready in {:.1} s; publishing {}/s for {} s", stats.connections_opened.load(Ordering::Relaxed), t0.elapsed().as_secs_f64(), args.rate, args.duration_secs);
 
     let mut monitor = Monitor::new(hub_pid);
@@ -98,16 +93,7 @@ pub async fn run(target: Target, tokens: TokenSource, args: FanoutArgs, hub_pid:
             }
         })
     };
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    ticker.tick().await;
-    while !publisher.is_finished() {
-        ticker.tick().await;
-        monitor.tick(&stats, started);
-    }
-    // Let the last messages arrive before closing the window.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let measured = started.elapsed();
-    monitor.stop(&stats);
+    let measured = monitor.watch_until(&stats, started, || publisher.is_finished()).await;
     let _ = stop_tx.send(true);
     for task in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;

@@ -96,6 +96,18 @@ impl Stats {
         }
     }
 
+    /// Wait until `expected` sockets have opened or failed, at most `limit`; false on timeout.
+    pub async fn wait_for_connections(&self, expected: usize, limit: Duration) -> bool {
+        let t0 = Instant::now();
+        while self.connections_opened.load(Ordering::Relaxed) + self.connections_failed.load(Ordering::Relaxed) < expected as u64 {
+            if t0.elapsed() > limit {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
+    }
+
     pub fn merged_total(&self) -> u64 {
         self.applied.load(Ordering::Relaxed) + self.merged.load(Ordering::Relaxed) + self.conflict.load(Ordering::Relaxed)
     }
@@ -223,6 +235,21 @@ impl Monitor {
         );
         self.timeline.push(tick);
         self.last = (now, merged, deltas);
+    }
+
+    /// Tick every second until `done`, let the last messages arrive, and close the measured
+    /// window; returns its length.
+    pub async fn watch_until(&mut self, stats: &Stats, started: Instant, done: impl Fn() -> bool) -> Duration {
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        ticker.tick().await;
+        while !done() {
+            ticker.tick().await;
+            self.tick(stats, started);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let measured = started.elapsed();
+        self.stop(stats);
+        measured
     }
 
     /// Close the measured window: rates count what completed within it, not the acks of

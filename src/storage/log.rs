@@ -117,21 +117,12 @@ impl Store {
         }
         let rows = query.fetch_all(&mut *tx).await?;
         let keys: Vec<Value> = rows.iter().map(|r| r.get::<Value, _>("key")).collect();
-        let versions: Vec<(Value, i64)> = sqlx::query_as(
-            "select pk, version from synchub.row_versions where tenant_id = $1 and table_name = $2 and pk_text = any($3::jsonb[]::text[])",
-        )
-        .bind(tenant.as_str())
-        .bind(&table.name)
-        .bind(&keys)
-        .fetch_all(&mut *tx)
-        .await?;
+        let versions = row_versions(&mut tx, tenant, &table.name, &keys).await?;
         tx.commit().await?;
-        let versions: std::collections::HashMap<String, i64> =
-            versions.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         let page = rows
             .into_iter()
-            .zip(keys)
-            .map(|(r, key)| {
+            .zip(versions)
+            .map(|(r, version)| {
                 let mut row = object(r.get("row")).unwrap_or_default();
                 if let Some(access) = access {
                     // Key columns stay: they name the row and the next page starts after them.
@@ -139,7 +130,7 @@ impl Store {
                         row.remove(column);
                     }
                 }
-                SnapshotRow { row, version: versions.get(&key.to_string()).copied().unwrap_or(0) as Seq }
+                SnapshotRow { row, version }
             })
             .collect();
         Ok((page, head_seq, epoch))
@@ -158,4 +149,22 @@ impl Store {
         tx.commit().await?;
         Ok(rows.into_iter().map(|(id, seq)| (id, seq as Seq)).collect())
     }
+}
+
+/// The versions of rows of `table` by normalized key, in the order of `keys` (0 for a row never
+/// written through the log).
+pub(super) async fn row_versions(conn: &mut sqlx::PgConnection, tenant: &TenantId, table: &str, keys: &[Value]) -> Result<Vec<Seq>> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let found: Vec<(Value, i64)> = sqlx::query_as(
+        "select pk, version from synchub.row_versions where tenant_id = $1 and table_name = $2 and pk_text = any($3::jsonb[]::text[])",
+    )
+    .bind(tenant.as_str())
+    .bind(table)
+    .bind(keys)
+    .fetch_all(&mut *conn)
+    .await?;
+    let found: std::collections::HashMap<String, i64> = found.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    Ok(keys.iter().map(|k| found.get(&k.to_string()).copied().unwrap_or(0) as Seq).collect())
 }

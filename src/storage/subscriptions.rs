@@ -69,22 +69,8 @@ impl Store {
             if rows.len() + page_matches.len() > max_rows {
                 return Ok(Err(SnapshotRefusal::TooLarge { max_rows }));
             }
-            if !keys.is_empty() {
-                let versions: Vec<(Value, i64)> = sqlx::query_as(
-                    "select pk, version from synchub.row_versions where tenant_id = $1 and table_name = $2 and pk_text = any($3::jsonb[]::text[])",
-                )
-                .bind(tenant.as_str())
-                .bind(&table.name)
-                .bind(&keys)
-                .fetch_all(&mut *tx)
-                .await?;
-                let versions: std::collections::HashMap<String, i64> =
-                    versions.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-                for (key, row) in keys.iter().zip(page_matches) {
-                    let version = versions.get(&key.to_string()).copied().unwrap_or(0) as Seq;
-                    rows.push(SnapshotRow { row, version });
-                }
-            }
+            let versions = super::log::row_versions(&mut tx, tenant, &table.name, &keys).await?;
+            rows.extend(page_matches.into_iter().zip(versions).map(|(row, version)| SnapshotRow { row, version }));
             if !full {
                 break;
             }
