@@ -27,6 +27,15 @@ pub struct Identity {
     pub claims: Arc<Value>,
 }
 
+impl Identity {
+    /// The identity without its token's claims (they are only needed to resolve rules), so
+    /// that a long-lived session does not keep them.
+    pub fn without_claims(self) -> Identity {
+        static NONE: std::sync::OnceLock<Arc<Value>> = std::sync::OnceLock::new();
+        Identity { claims: NONE.get_or_init(|| Arc::new(Value::Null)).clone(), ..self }
+    }
+}
+
 struct VerifyingKey {
     kid: Option<String>,
     algorithm: Algorithm,

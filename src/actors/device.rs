@@ -16,7 +16,7 @@ use bytes::{Bytes, BytesMut};
 use protocol::capture::{AckedChange, CaptureEvent};
 use protocol::{CatchUpRef, Delta};
 use protocol::{
-    Channel, ClientFrame, CloseCode, Condition, Encoding, ErrorCode, Limits, Position, PresenceEntry, ServerFrame, SessionMode, SnapshotRow,
+    Channel, ClientFrame, CloseCode, Condition, Encoding, ErrorCode, Limits, Position, ServerFrame, SessionMode, SnapshotRow,
     SUPPORTED_VERSIONS,
 };
 use uuid::Uuid;
@@ -354,6 +354,7 @@ impl DeviceSession {
         let tenant = self.hub.registry.get(&identity.tenant);
         self.set_token_deadline(identity.expires_at);
         let view = self.hub.rules.view_for(&identity);
+        let identity = identity.without_claims();
         self.auth = Some(Authenticated { identity: identity.clone(), device: device.clone(), tenant: tenant.clone(), view });
         self.recording = self.hub.recorder.as_ref().is_some_and(|r| r.records(identity.tenant.as_str()));
         let hello = ClientFrame::Hello { mode: Default::default(), id, versions, token: String::new(), device_id: Some(device.to_string()), position: position.clone() };
@@ -362,14 +363,10 @@ impl DeviceSession {
         let subscribe = Subscribe {
             session: self.id,
             device: device.clone(),
-            presence: PresenceEntry {
-                session_id: self.id,
-                device_id: device.to_string(),
-                user_id: identity.user.to_string(),
-                role: identity.role.clone(),
-                mode: self.mode,
-                since_ms: unix_ms(),
-            },
+            user: identity.user.clone(),
+            role: identity.role.clone(),
+            mode: self.mode,
+            since_ms: unix_ms(),
             live: ctx.address().recipient(),
             control: ctx.address().recipient(),
             notices: ctx.address().recipient(),
@@ -475,7 +472,7 @@ impl DeviceSession {
         self.set_token_deadline(expires_at);
         if let Some(auth) = self.auth.as_mut() {
             auth.view = self.hub.rules.view_for(&identity);
-            auth.identity = identity;
+            auth.identity = identity.without_claims();
         }
         self.send(ctx, &ServerFrame::AuthOk { id, expires_at });
     }

@@ -6,10 +6,10 @@ use std::sync::{Arc, OnceLock};
 use actix::prelude::*;
 use bytes::Bytes;
 use bytestring::ByteString;
-use protocol::{ChangeResult, Channel, ConflictEvent, ConflictRecord, Delta, Encoding, PresenceEntry, ServerFrame};
+use protocol::{ChangeResult, Channel, ConflictEvent, ConflictRecord, Delta, Encoding, PresenceEntry, ServerFrame, SessionMode};
 
 use crate::error::Result;
-use crate::ids::{DeviceId, Seq, SessionId};
+use crate::ids::{DeviceId, Seq, SessionId, UserId};
 use crate::storage::apply::BatchInput;
 
 /// A device's batch for its tenant actor. The reply comes as soon as the batch is queued (or
@@ -27,7 +27,11 @@ pub struct Subscribe {
     pub session: SessionId,
     pub device: DeviceId,
     /// Who the session is, as presence shows it.
-    pub presence: PresenceEntry,
+    pub user: UserId,
+    pub role: String,
+    pub mode: SessionMode,
+    /// When the session came online, Unix ms.
+    pub since_ms: u64,
     pub live: Recipient<LiveFrame>,
     pub control: Recipient<SessionControl>,
     pub notices: Recipient<Notice>,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use protocol::{ChangeResult, Channel, ConflictEvent, Delta, PresenceEntry};
+use protocol::{ChangeResult, Channel, ConflictEvent, Delta, PresenceEntry, SessionMode};
 use tokio::sync::oneshot;
 
 use super::messages::{
@@ -18,7 +18,7 @@ use super::messages::{
 use super::registry::TenantRegistry;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::ids::{DeviceId, Seq, SessionId, TenantId};
+use crate::ids::{DeviceId, Seq, SessionId, TenantId, UserId};
 use crate::metrics::Metrics;
 use crate::storage::apply::{ApplyLimits, BatchInput};
 use crate::storage::Store;
@@ -37,7 +37,10 @@ struct Subscriber {
     notices: Recipient<Notice>,
     /// A frame could not be delivered; the session must be told to catch up.
     lagged: bool,
-    presence: PresenceEntry,
+    user: UserId,
+    role: String,
+    mode: SessionMode,
+    since_ms: u64,
     watches_presence: bool,
     watches_conflicts: bool,
     /// A presence diff could not be delivered: the whole list goes out on the next tick.
@@ -47,6 +50,20 @@ struct Subscriber {
 struct Queued {
     input: BatchInput,
     reply: oneshot::Sender<Result<Vec<ChangeResult>>>,
+}
+
+impl Subscriber {
+    /// The session as presence shows it (built when asked: subscribers keep shared ids only).
+    fn presence(&self, session: SessionId) -> PresenceEntry {
+        PresenceEntry {
+            session_id: session,
+            device_id: self.device.to_string(),
+            user_id: self.user.to_string(),
+            role: self.role.clone(),
+            mode: self.mode,
+            since_ms: self.since_ms,
+        }
+    }
 }
 
 pub struct TenantActor {
@@ -226,12 +243,12 @@ impl TenantActor {
 
     /// Forget sessions and tell presence watchers they left.
     fn remove_sessions(&mut self, ids: impl IntoIterator<Item = SessionId>) {
-        let leaves: Vec<PresenceEntry> = ids.into_iter().filter_map(|id| self.sessions.remove(&id)).map(|s| s.presence).collect();
+        let leaves: Vec<PresenceEntry> = ids.into_iter().filter_map(|id| Some(self.sessions.remove(&id)?.presence(id))).collect();
         self.announce_presence(Vec::new(), leaves);
     }
 
     fn presence_list(&self) -> Arc<Vec<PresenceEntry>> {
-        let mut online: Vec<PresenceEntry> = self.sessions.values().map(|s| s.presence.clone()).collect();
+        let mut online: Vec<PresenceEntry> = self.sessions.iter().map(|(id, s)| s.presence(*id)).collect();
         online.sort_by(|a, b| (a.since_ms, a.session_id).cmp(&(b.since_ms, b.session_id)));
         Arc::new(online)
     }
@@ -482,21 +499,22 @@ impl Handler<Subscribe> for TenantActor {
             }
         }
         self.remove_sessions(replaced);
-        let joined = msg.presence.clone();
-        self.sessions.insert(
-            msg.session,
-            Subscriber {
-                device: msg.device,
-                live: msg.live,
-                control: msg.control,
-                notices: msg.notices,
-                lagged: false,
-                presence: msg.presence,
-                watches_presence: false,
-                watches_conflicts: false,
-                presence_stale: false,
-            },
-        );
+        let subscriber = Subscriber {
+            device: msg.device,
+            live: msg.live,
+            control: msg.control,
+            notices: msg.notices,
+            lagged: false,
+            user: msg.user,
+            role: msg.role,
+            mode: msg.mode,
+            since_ms: msg.since_ms,
+            watches_presence: false,
+            watches_conflicts: false,
+            presence_stale: false,
+        };
+        let joined = subscriber.presence(msg.session);
+        self.sessions.insert(msg.session, subscriber);
         self.announce_presence(vec![joined], Vec::new());
     }
 }
