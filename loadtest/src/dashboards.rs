@@ -134,15 +134,19 @@ pub async fn run(target: Target, tokens: TokenSource, args: DashboardsArgs, hub_
     monitor.reset(&stats);
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.duration_secs);
-    let per_device = args.rate / writers.len().max(1) as f64;
+    let writer_count = writers.len().max(1);
+    let per_device = args.rate / writer_count as f64;
     let products = args.products.max(1);
     let mut jobs = Vec::new();
     for (w, (tenant, _, client, seq)) in writers.into_iter().enumerate() {
         let stats = stats.clone();
         // Each device of a tenant writes its own share of the products (no conflicts).
         let lane = (w % lanes, lanes);
+        // Writers start spread over one pace interval: in step, they would all push in the
+        // same millisecond every interval and measure their own burst.
+        let offset = w as f64 / writer_count as f64;
         jobs.push(tokio::spawn(async move {
-            if let Err(err) = write_loop(client, &tenant, seq, lane, per_device, products, deadline, &stats).await {
+            if let Err(err) = write_loop(client, &tenant, seq, lane, (per_device, offset), products, deadline, &stats).await {
                 stats.error(&format!("writer: {err}"));
             }
         }));
@@ -164,7 +168,7 @@ async fn write_loop(
     tenant: &str,
     mut seq: u64,
     (lane, lanes): (usize, usize),
-    rate: f64,
+    (rate, offset): (f64, f64),
     products: usize,
     deadline: Instant,
     stats: &Stats,
@@ -192,7 +196,7 @@ async fn write_loop(
     };
     let writing = async {
         let pace = Duration::from_secs_f64(1.0 / rate.max(0.001));
-        let mut next_at = Instant::now();
+        let mut next_at = Instant::now() + pace.mul_f64(offset);
         let mut n = lane as u64;
         let share = (products / lanes).max(1);
         while Instant::now() < deadline {
