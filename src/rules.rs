@@ -246,10 +246,6 @@ impl AccessView {
         }
     }
 
-    pub fn role(&self) -> &str {
-        &self.role
-    }
-
     pub fn can_read(&self, table: &str) -> bool {
         self.access(table) >= Access::Read
     }
@@ -274,12 +270,6 @@ impl AccessView {
         match self.row_restriction(table) {
             None => true,
             Some((_, claim)) => column_value.and_then(value_text).is_some_and(|v| v == claim),
-        }
-    }
-
-    fn strip(&self, table: &str, row: &mut Object) {
-        for column in self.hidden_columns(table) {
-            row.remove(column);
         }
     }
 
@@ -308,7 +298,7 @@ impl AccessView {
             }
             // Moved out: the device removes the row it had.
             let mut old = crate::sync::views::previous_image(delta).unwrap_or_default();
-            self.strip(table, &mut old);
+            self.strip_hidden(table, &mut old);
             return Some(Cow::Owned(Delta { op: Op::Delete, row: None, old: Some(old), ..delta.clone() }));
         }
         if delta.op == Op::Delete && !old_inside {
@@ -320,11 +310,11 @@ impl AccessView {
         }
         let mut visible = delta.clone();
         if let Some(row) = visible.row.as_mut() {
-            self.strip(table, row);
+            self.strip_hidden(table, row);
         }
         if let Some(old) = visible.old.as_mut() {
             let had_changes = !old.is_empty();
-            self.strip(table, old);
+            self.strip_hidden(table, old);
             if delta.op == Op::Upsert && delta.old.is_some() && had_changes && old.is_empty() && old_inside {
                 return None; // an update of hidden columns only: nothing this role sees changed
             }
@@ -334,17 +324,12 @@ impl AccessView {
 
     /// A current row (snapshot) as this identity may see it.
     pub fn visible_row(&self, table: &str, row: &Object) -> Option<Object> {
-        let mut row = row.clone();
-        self.retain_row(table, &mut row).then_some(row)
-    }
-
-    /// In place: strip hidden columns and say whether the row is visible at all.
-    pub fn retain_row(&self, table: &str, row: &mut Object) -> bool {
         if !self.row_visible(table, row) {
-            return false;
+            return None;
         }
-        self.strip(table, row);
-        true
+        let mut row = row.clone();
+        self.strip_hidden(table, &mut row);
+        Some(row)
     }
 
     /// Whether a current row may be read: the table is readable and the row is inside the row
@@ -355,7 +340,9 @@ impl AccessView {
 
     /// Remove the columns hidden from this identity.
     pub fn strip_hidden(&self, table: &str, row: &mut Object) {
-        self.strip(table, row);
+        for column in self.hidden_columns(table) {
+            row.remove(column);
+        }
     }
 
     /// The checks of a write that need no row: the table is writable and no hidden column is

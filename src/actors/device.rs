@@ -53,6 +53,14 @@ impl CatchUpRead {
     }
 }
 
+/// `delta` as the session's rules let it see it (`None` view: as it is).
+fn visible<'d>(view: Option<&AccessView>, delta: &'d Delta) -> Option<Cow<'d, Delta>> {
+    match view {
+        Some(view) => view.visible_delta(delta),
+        None => Some(Cow::Borrowed(delta)),
+    }
+}
+
 /// Live frames a catching-up session keeps; past this it drops them and reads the log again.
 const CATCH_UP_BUFFER_FRAMES: usize = 256;
 /// After sending a close frame, how long a session waits for the client's close reply before
@@ -809,10 +817,7 @@ impl DeviceSession {
                     let visible: Vec<Cow<Delta>> = deltas
                         .iter()
                         .filter(|d| d.seq > device_after)
-                        .filter_map(|d| match &view {
-                            Some(view) => view.visible_delta(d),
-                            None => Some(Cow::Borrowed(*d)),
-                        })
+                        .filter_map(|d| visible(view.as_deref(), d))
                         .collect();
                     // A page that the rules emptied is not sent; `up_to_date` carries the position.
                     if !visible.is_empty() {
@@ -895,10 +900,7 @@ impl DeviceSession {
                     .deltas
                     .iter()
                     .filter(|d| d.seq > device_after)
-                    .filter_map(|d| match &view {
-                        Some(view) => view.visible_delta(d).map(Cow::into_owned),
-                        None => Some(d.clone()),
-                    })
+                    .filter_map(|d| visible(view.as_deref(), d).map(Cow::into_owned))
                     .collect();
                 (!rest.is_empty()).then(|| Encoded::of(self.encoding, &ServerFrame::Delta { deltas: rest, seq: frame.seq }))
             };
@@ -929,10 +931,10 @@ impl DeviceSession {
             let picked: Vec<Delta> = deltas
                 .iter()
                 .filter(|d| d.seq > since && d.table == *table)
-                .filter_map(|d| match &view {
-                    // The rules first (they may hide the row or turn it into a delete), then the filter.
-                    Some(view) => view.visible_delta(d).and_then(|seen| subscription_view(table, filter, &seen).map(|c| c.into_owned())),
-                    None => subscription_view(table, filter, d).map(Cow::into_owned),
+                // The rules first (they may hide the row or turn it into a delete), then the filter.
+                .filter_map(|d| {
+                    let seen = visible(view.as_deref(), d)?;
+                    subscription_view(table, filter, &seen).map(|c| c.into_owned())
                 })
                 .collect();
             *after = seq;

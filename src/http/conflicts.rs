@@ -15,6 +15,7 @@ use uuid::Uuid;
 use super::auth::Manager;
 use super::error::ApiError;
 use super::{check_accepting, submit};
+use crate::actors::sweep::unix_ms;
 use crate::error::Error;
 use crate::ids::{DeviceId, CONSOLE_DEVICE_PREFIX};
 use crate::server::Hub;
@@ -120,7 +121,7 @@ fn resolution_change(conflict: &ConflictRecord, body: &ResolveBody, version: u64
         op,
         key: conflict.key.clone(),
         fields,
-        hlc: Hlc { wall_ms: now_ms(), counter: 0 },
+        hlc: Hlc { wall_ms: unix_ms(), counter: 0 },
         base_version: version,
     };
     let value = match body {
@@ -140,10 +141,6 @@ fn resolution_change(conflict: &ConflictRecord, body: &ResolveBody, version: u64
         ResolveBody::Value { value } => value.clone(),
     };
     Ok(change(Op::Upsert, Object::from_iter([(conflict.field.clone(), value)])))
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// `POST /v1/conflicts/{id}/resolve`
