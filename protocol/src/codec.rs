@@ -1,8 +1,12 @@
 //! Encoding and decoding of frames: JSON in text frames, MessagePack (named fields,
 //! human-readable ids) in binary frames, one serde model for both.
 
+use std::marker::PhantomData;
+
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::type_first::{TypeFirst, TypeFirstVisitor};
 
 use crate::{ClientFrame, ErrorCode, ServerFrame};
 
@@ -54,8 +58,31 @@ fn decode_value<T: DeserializeOwned>(encoding: Encoding, bytes: &[u8]) -> Result
     }
 }
 
-fn decode_frame<T: DeserializeOwned>(encoding: Encoding, bytes: &[u8], known: &[&str]) -> Result<T, DecodeError> {
-    decode_value::<T>(encoding, bytes).map_err(|message| {
+/// `Some(frame)` when `type` is the frame's first key (read without buffering the frame),
+/// `None` when it is not.
+fn decode_type_first<T: TypeFirst>(encoding: Encoding, bytes: &[u8]) -> Result<Option<T>, String> {
+    let visitor = TypeFirstVisitor::<T>(PhantomData);
+    match encoding {
+        Encoding::Json => {
+            let mut de = serde_json::Deserializer::from_slice(bytes);
+            let frame = de.deserialize_map(visitor).map_err(|e| e.to_string())?;
+            de.end().map_err(|e| e.to_string())?;
+            Ok(frame)
+        }
+        Encoding::MsgPack => {
+            let mut de = rmp_serde::Deserializer::from_read_ref(bytes).with_human_readable();
+            de.deserialize_map(visitor).map_err(|e| e.to_string())
+        }
+    }
+}
+
+fn decode_frame<T: DeserializeOwned + TypeFirst>(encoding: Encoding, bytes: &[u8], known: &[&str]) -> Result<T, DecodeError> {
+    let decoded = match decode_type_first::<T>(encoding, bytes) {
+        Ok(Some(frame)) => Ok(frame),
+        Ok(None) => decode_value::<T>(encoding, bytes),
+        Err(message) => Err(message),
+    };
+    decoded.map_err(|message| {
         // Only on the error path: find out whether the type tag was the problem.
         match decode_value::<Envelope>(encoding, bytes) {
             Ok(env) if !known.contains(&env.kind.as_str()) => DecodeError::UnknownType(env.kind),
@@ -143,6 +170,51 @@ mod tests {
         let value: serde_json::Value = decode_value(Encoding::MsgPack, &bytes).unwrap();
         assert_eq!(value["type"], "push");
         assert_eq!(value["batch_id"], "00000000-0000-0000-0000-000000000001");
+    }
+
+    /// Every golden vector decodes the same by the type-first path as by the derived one, so
+    /// the mirror enums of `type_first` keep the frames' serde attributes.
+    #[test]
+    fn type_first_decoding_agrees_with_the_derived_one_on_every_vector() {
+        fn agree<T: TypeFirst + DeserializeOwned + PartialEq + std::fmt::Debug>(enc: Encoding, bytes: &[u8], name: &str) {
+            let derived: T = decode_value(enc, bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let fast = decode_type_first::<T>(enc, bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(fast.as_ref(), Some(&derived), "{name}");
+        }
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let enc = match path.extension().and_then(|e| e.to_str()) {
+                Some("json") => Encoding::Json,
+                Some("msgpack") => Encoding::MsgPack,
+                _ => continue,
+            };
+            let bytes = std::fs::read(&path).unwrap();
+            if name.starts_with("client_") {
+                agree::<ClientFrame>(enc, &bytes, &name);
+            } else if name.starts_with("server_") {
+                agree::<ServerFrame>(enc, &bytes, &name);
+            } else {
+                continue;
+            }
+            checked += 1;
+        }
+        assert!(checked >= 60, "only {checked} vectors found");
+    }
+
+    #[test]
+    fn frames_with_type_not_first_take_the_derived_decoding() {
+        let frame = br#"{"id":3,"token":"t","type":"auth","extra":[1,{"a":2}]}"#;
+        assert_eq!(decode_type_first::<ClientFrame>(Encoding::Json, frame), Ok(None));
+        assert_eq!(decode_client(Encoding::Json, frame).unwrap(), ClientFrame::Auth { id: 3, token: "t".into() });
+        let err = decode_client(Encoding::Json, br#"{"id":3,"type":"teleport"}"#).unwrap_err();
+        assert_eq!(err, DecodeError::UnknownType("teleport".into()));
+        // Type first but a field missing or unknown: the same errors as before.
+        let err = decode_client(Encoding::Json, br#"{"type":"auth","id":3}"#).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::MalformedFrame);
+        assert!(decode_client(Encoding::Json, br#"{"type":"auth","id":3,"token":"t"} x"#).is_err());
     }
 
     #[test]
