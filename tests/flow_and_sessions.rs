@@ -9,7 +9,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use futures_util::StreamExt;
@@ -488,10 +488,25 @@ async fn trimmed_log_makes_older_positions_resync() {
     let removed: i64 = sqlx::query_scalar("select synchub.trim_log($1, 6)").bind(TENANT).fetch_one(&hub.db).await.unwrap();
     assert_eq!(removed, 6);
 
-    // Older than the floor: must_resync position_too_old.
-    let mut old = hub.client().await;
-    old.hello(&token(TENANT, &user_of("pos-old"), "Employee", Some("pos-old")), None, Some(Position { epoch: epoch.clone(), seq: 4 })).await;
-    assert_eq!(must_resync(&mut old).await, (epoch.clone(), 10, ErrorCode::PositionTooOld));
+    // Older than the floor: must_resync position_too_old, once the hub has read trim_log's
+    // notification (hellos are answered from the tenant actor's memory of the floor).
+    let old_position = Position { epoch: epoch.clone(), seq: 4 };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut old = loop {
+        let mut old = hub.client().await;
+        old.hello(&token(TENANT, &user_of("pos-old"), "Employee", Some("pos-old")), None, Some(old_position.clone())).await;
+        match old.recv().await {
+            ServerFrame::MustResync { epoch: e, head_seq, reason } => {
+                assert_eq!((e, head_seq, reason), (epoch.clone(), 10, ErrorCode::PositionTooOld));
+                break old;
+            }
+            // Not yet: the memory still served entries 5 and 6, as they were before the trim.
+            ServerFrame::CatchUp { deltas, .. } => assert_eq!(deltas.first().map(|d| d.seq), Some(5)),
+            other => panic!("expected must_resync or catch_up, got {other:?}"),
+        }
+        assert!(Instant::now() < deadline, "the hub never learned the trimmed floor");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
 
     // At the floor: everything after it is still in the log.
     let mut at = hub.client().await;

@@ -381,9 +381,17 @@ impl DeviceSession {
         };
         let store = self.hub.store.clone();
         let tenant_id = identity.tenant.clone();
+        let asked = position.clone();
         let work = async move {
-            tenant.send(subscribe).await.map_err(|_| Error::Busy)?;
-            store.tenant_head(&tenant_id).await
+            let head = tenant.send(subscribe).await.map_err(|_| Error::Busy)?;
+            // The tenant actor's head answers a hello without a query. A position past it, or of
+            // another epoch, is checked against Postgres before the device is told to resync:
+            // it may hold entries of other SQL writers that a read of the log or a snapshot
+            // showed the device before the actor fanned them out.
+            match asked {
+                Some(p) if p.epoch != head.epoch || p.seq > head.head_seq => store.tenant_head(&tenant_id).await,
+                _ => Ok(head),
+            }
         };
         ctx.spawn(work.into_actor(self).map(move |result, session, ctx| {
             if session.closed {
@@ -793,7 +801,7 @@ impl DeviceSession {
             if let Ok(Some((frames, head))) = actor.send(RecentLog { after, limit: page }).await {
                 return Ok((CatchUpRead::Memory(frames), head));
             }
-            store.read_log(&tenant, after, None, page).await.map(|(deltas, head)| (CatchUpRead::Log(deltas), head))
+            store.read_log(&tenant, after, None, page).await.map(|read| (CatchUpRead::Log(read.deltas), read.head_seq))
         };
         ctx.spawn(read.into_actor(self).map(move |result, session, ctx| {
             session.catch_up_running = false;
@@ -806,6 +814,13 @@ impl DeviceSession {
                 }
             };
             let deltas = read.page(after, page);
+            // Seqs in the log have no gaps: a read from Postgres that does not continue right
+            // after `after` while the head is past it met entries trimmed away since hello
+            // (the floor the session was checked against is the tenant actor's, read at its start).
+            let first = deltas.first().map_or(head + 1, |d| d.seq);
+            if session.mode == SessionMode::Device && matches!(read, CatchUpRead::Log(_)) && after < head && first > after + 1 {
+                return session.must_resync(ctx, head, ErrorCode::PositionTooOld);
+            }
             let exhausted = (deltas.len() as u32) < page;
             if let Some(last) = deltas.last().map(|d| d.seq) {
                 let from_memory = matches!(read, CatchUpRead::Memory(_));

@@ -20,9 +20,11 @@ pub struct ApplyBatch {
     pub input: BatchInput,
 }
 
-/// A session asks for the tenant's live stream.
+/// A session asks for the tenant's live stream. The answer is the tenant's head as the actor
+/// knows it: its epoch and log floor as of its start, and the last seq it fanned out, after
+/// which the session's live frames begin.
 #[derive(Message)]
-#[rtype(result = "()")]
+#[rtype(result = "crate::storage::log::TenantHead")]
 pub struct Subscribe {
     pub session: SessionId,
     pub device: DeviceId,

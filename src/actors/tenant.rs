@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::ids::{DeviceId, Seq, SessionId, TenantId, UserId};
 use crate::metrics::Metrics;
 use crate::storage::apply::{ApplyLimits, BatchInput};
+use crate::storage::log::TenantHead;
 use crate::storage::Store;
 
 /// How often the actor retries nudging lagged sessions and checks for idleness.
@@ -77,6 +78,11 @@ pub struct TenantActor {
     committing: bool,
     /// Last seq handed to subscribers; fan-out continues at `fanned + 1`.
     fanned: Seq,
+    /// The tenant's epoch and log floor as read at start: `hello` is answered from them instead
+    /// of a query per session. Trimming raises the floor behind the actor's back; catch-up
+    /// notices the missing entries when it reads the log (see `DeviceSession::catch_up_step`).
+    epoch: String,
+    log_floor: Seq,
     /// The latest fanned-out frames, covering `(recent_after, fanned]` without a gap, at most
     /// about `catch_up_cache_deltas` entries: catch-up reads these instead of Postgres.
     recent: VecDeque<Arc<SharedFrame>>,
@@ -109,6 +115,8 @@ impl TenantActor {
             queue: VecDeque::new(),
             committing: false,
             fanned: 0,
+            epoch: String::new(),
+            log_floor: 0,
             recent: VecDeque::new(),
             recent_after: 0,
             recent_len: 0,
@@ -334,6 +342,24 @@ impl TenantActor {
         Some((frames, self.fanned))
     }
 
+    /// The log was trimmed (`synchub.trim_log` notifies like a write): hellos from below the
+    /// new floor get must_resync, and memory no longer serves what the log dropped.
+    fn learn_floor(&mut self, floor: Seq) {
+        if floor <= self.log_floor {
+            return;
+        }
+        self.log_floor = floor;
+        while self.recent.front().is_some_and(|f| f.seq <= floor) {
+            // unwrap: front() was Some.
+            let dropped = self.recent.pop_front().expect("a frame");
+            self.recent_len -= dropped.deltas.len();
+            self.recent_after = dropped.seq;
+        }
+        if self.recent.is_empty() {
+            self.recent_after = self.recent_after.max(floor.min(self.fanned));
+        }
+    }
+
     fn nudge_lagged(&mut self) {
         for sub in self.sessions.values_mut().filter(|s| s.lagged) {
             if sub.control.try_send(SessionControl::Lagged).is_ok() {
@@ -359,9 +385,10 @@ impl TenantActor {
             |result, actor, ctx| {
                 actor.reading_log = false;
                 match result {
-                    Ok((deltas, _head)) => {
-                        let full_page = deltas.len() as u32 == LOG_READ_PAGE;
-                        actor.accept(deltas, ctx);
+                    Ok(read) => {
+                        actor.learn_floor(read.log_floor);
+                        let full_page = read.deltas.len() as u32 == LOG_READ_PAGE;
+                        actor.accept(read.deltas, ctx);
                         if full_page || actor.log_dirty {
                             actor.read_log(ctx);
                         }
@@ -419,6 +446,8 @@ impl Actor for TenantActor {
         ctx.wait(async move { store.tenant_head(&tenant).await }.into_actor(self).map(|head, actor, ctx| match head {
             Ok(head) => {
                 actor.fanned = head.head_seq;
+                actor.epoch = head.epoch;
+                actor.log_floor = head.log_floor;
                 actor.recent_after = head.head_seq;
                 actor.warm_recent(ctx, head.head_seq);
             }
@@ -446,7 +475,8 @@ impl TenantActor {
         let after = head.saturating_sub(limit as u64);
         ctx.spawn(async move { store.read_log(&tenant, after, Some(head), limit as u32).await }.into_actor(self).map(
             move |result, actor, _ctx| {
-                let Ok((deltas, _)) = result else { return };
+                let Ok(read) = result else { return };
+                let deltas = read.deltas;
                 // Only if they end where memory begins, so that no seq is missing in between.
                 let (Some(first), Some(last)) = (deltas.first().map(|d| d.seq), deltas.last().map(|d| d.seq)) else { return };
                 if last != actor.recent_after {
@@ -487,9 +517,9 @@ impl Handler<ApplyBatch> for TenantActor {
 }
 
 impl Handler<Subscribe> for TenantActor {
-    type Result = ();
+    type Result = MessageResult<Subscribe>;
 
-    fn handle(&mut self, msg: Subscribe, _ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: Subscribe, _ctx: &mut Context<Self>) -> Self::Result {
         self.last_activity = Instant::now();
         // One live session per device: the newer one replaces the older.
         let replaced: Vec<SessionId> = self.sessions.iter().filter(|(_, s)| s.device == msg.device).map(|(id, _)| *id).collect();
@@ -516,6 +546,7 @@ impl Handler<Subscribe> for TenantActor {
         let joined = subscriber.presence(msg.session);
         self.sessions.insert(msg.session, subscriber);
         self.announce_presence(vec![joined], Vec::new());
+        MessageResult(TenantHead { epoch: self.epoch.clone(), head_seq: self.fanned, log_floor: self.log_floor })
     }
 }
 

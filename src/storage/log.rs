@@ -19,6 +19,13 @@ pub struct TenantHead {
     pub log_floor: Seq,
 }
 
+/// A read of the change log: the entries, and where the tenant's log stood.
+pub struct LogPage {
+    pub deltas: Vec<Delta>,
+    pub head_seq: Seq,
+    pub log_floor: Seq,
+}
+
 fn object(value: Option<Value>) -> Option<Object> {
     match value {
         Some(Value::Object(map)) => Some(map),
@@ -47,12 +54,12 @@ impl Store {
         })
     }
 
-    /// Up to `limit` log entries with `after < seq <= upto`, in seq order, and the tenant's
-    /// head seq as of the read.
-    pub async fn read_log(&self, tenant: &TenantId, after: Seq, upto: Option<Seq>, limit: u32) -> Result<(Vec<Delta>, Seq)> {
+    /// Up to `limit` log entries with `after < seq <= upto`, in seq order, with the tenant's
+    /// head seq and log floor as of the read.
+    pub async fn read_log(&self, tenant: &TenantId, after: Seq, upto: Option<Seq>, limit: u32) -> Result<LogPage> {
         let _read = self.read_permit().await?;
         let mut tx = self.begin_tenant(tenant).await?;
-        let head: Option<i64> = sqlx::query_scalar("select head_seq from synchub.tenants where tenant_id = $1")
+        let head: Option<(i64, i64)> = sqlx::query_as("select head_seq, log_floor from synchub.tenants where tenant_id = $1")
             .bind(tenant.as_str())
             .fetch_optional(&mut *tx)
             .await?;
@@ -80,8 +87,9 @@ impl Store {
                 change_id: r.get("change_id"),
             })
             .collect::<Vec<_>>();
-        let head = (head.unwrap_or(0) as Seq).max(deltas.last().map_or(0, |d| d.seq));
-        Ok((deltas, head))
+        let (head, floor) = head.unwrap_or((0, 0));
+        let head_seq = (head as Seq).max(deltas.last().map_or(0, |d| d.seq));
+        Ok(LogPage { deltas, head_seq, log_floor: floor as Seq })
     }
 
     /// One page of a table's rows in key order, read together with the head seq in one
