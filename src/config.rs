@@ -125,6 +125,10 @@ pub struct Config {
     pub snapshot_page_rows: u32,
     /// Time allowed between socket open and `hello`, ms. Default 10000; then close 4000.
     pub hello_timeout_ms: u64,
+    /// Time allowed from accepting a connection to its whole HTTP request head (the WebSocket
+    /// upgrade included), ms. Default 10000; then 408. Under a reconnect storm a busy hub reads
+    /// heads late, so this is not actix-web's 5 s.
+    pub http_request_timeout_ms: u64,
     /// Interval of WebSocket pings, ms. Default 15000.
     pub heartbeat_interval_ms: u64,
     /// Silence (no frame, no pong) after which a session is closed with 4011, ms. Default 45000.
@@ -229,6 +233,7 @@ impl Default for Config {
             catch_up_page_changes: 1000,
             snapshot_page_rows: 1000,
             hello_timeout_ms: 10_000,
+            http_request_timeout_ms: 10_000,
             heartbeat_interval_ms: 15_000,
             heartbeat_timeout_ms: 45_000,
             max_errors_per_minute: 20,
@@ -293,6 +298,7 @@ impl Config {
             ("snapshot_page_rows", self.snapshot_page_rows as u64),
             ("session_outbound_budget_bytes", self.session_outbound_budget_bytes as u64),
             ("ping_every_bytes", self.ping_every_bytes as u64),
+            ("http_request_timeout_ms", self.http_request_timeout_ms),
             ("session_mailbox", self.session_mailbox as u64),
             ("session_pushes_in_flight", self.session_pushes_in_flight as u64),
             ("max_subscriptions_per_session", self.max_subscriptions_per_session as u64),
@@ -337,6 +343,9 @@ impl Config {
 
     pub fn hello_timeout(&self) -> Duration {
         Duration::from_millis(self.hello_timeout_ms)
+    }
+    pub fn http_request_timeout(&self) -> Duration {
+        Duration::from_millis(self.http_request_timeout_ms)
     }
     pub fn heartbeat_interval(&self) -> Duration {
         Duration::from_millis(self.heartbeat_interval_ms)

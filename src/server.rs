@@ -105,6 +105,7 @@ pub async fn start(config: Config) -> Result<RunningHub> {
     // frame written while an earlier one is unacknowledged until the client's delayed ACK
     // (up to 40 ms on Linux), which dominated push→ack latency.
     .tcp_nodelay(true)
+    .client_request_timeout(config.http_request_timeout())
     .disable_signals()
     .shutdown_timeout(config.shutdown_timeout().as_secs().max(1))
     .bind(&config.listen)
