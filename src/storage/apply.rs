@@ -513,7 +513,7 @@ async fn apply_group(
          versions as (\
            insert into synchub.row_versions (tenant_id, table_name, pk, version, deleted, clocks) \
            select $1, t, k, v, d, c from unnest($15::text[], $16::jsonb[], $17::int8[], $18::jsonb[], $19::jsonb[]) as x(t, k, v, d, c) \
-           on conflict (tenant_id, table_name, pk) do update set version = excluded.version, deleted = excluded.deleted, clocks = excluded.clocks), \
+           on conflict (tenant_id, table_name, pk_text) do update set version = excluded.version, deleted = excluded.deleted, clocks = excluded.clocks), \
          conflicts as (\
            insert into synchub.conflicts (tenant_id, table_name, pk, field, base_version, server_version, server_value, server_hlc, \
              server_device, server_user, incoming_value, incoming_hlc, incoming_device, incoming_user, winner, policy, change_id, batch_id, seq) \
