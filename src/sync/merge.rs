@@ -228,11 +228,11 @@ pub fn advance(row: &mut RowState, decision: &Decision, clock: &FieldClock, vers
             for field in fields.keys() {
                 row.clocks.insert(field.clone(), FieldClock { version, ..clock.clone() });
             }
-            row.values = written.or_else(|| {
-                let mut values = row.values.clone().unwrap_or_default();
-                values.extend(fields.iter().map(|(k, v)| (k.clone(), v.clone())));
-                Some(values)
-            });
+            match written {
+                Some(written) => row.values = Some(written),
+                // In place: the row's other fields stay as they are.
+                None => row.values.get_or_insert_with(Object::new).extend(fields.iter().map(|(k, v)| (k.clone(), v.clone()))),
+            }
             row.version = version;
         }
         Effect::Delete => {
