@@ -61,6 +61,8 @@ fn visible<'d>(view: Option<&AccessView>, delta: &'d Delta) -> Option<Cow<'d, De
     }
 }
 
+/// After the hello deadline, how long the session still looks at frames it has already read.
+const HELLO_GRACE: Duration = Duration::from_millis(20);
 /// Live frames a catching-up session keeps; past this it drops them and reads the log again.
 const CATCH_UP_BUFFER_FRAMES: usize = 256;
 /// After sending a close frame, how long a session waits for the client's close reply before
@@ -1184,8 +1186,15 @@ impl Handler<SessionControl> for DeviceSession {
             }
             SessionControl::Heartbeat => self.heartbeat(ctx),
             SessionControl::HelloTimeout => {
+                // The context handles its mailbox before the frames read from the socket: a
+                // hub that fell behind (a reconnect storm) would close sessions whose hello is
+                // already here. Look again once those frames had their turn.
                 if self.phase == Phase::AwaitHello {
-                    self.close(ctx, CloseCode::HelloTimeout, "hello did not arrive in time");
+                    ctx.run_later(HELLO_GRACE, |session, ctx| {
+                        if session.phase == Phase::AwaitHello && !session.closed {
+                            session.close(ctx, CloseCode::HelloTimeout, "hello did not arrive in time");
+                        }
+                    });
                 }
             }
             SessionControl::TokenExpired => self.token_expired(ctx),
