@@ -78,9 +78,9 @@ pub struct TenantActor {
     committing: bool,
     /// Last seq handed to subscribers; fan-out continues at `fanned + 1`.
     fanned: Seq,
-    /// The tenant's epoch and log floor as read at start: `hello` is answered from them instead
-    /// of a query per session. Trimming raises the floor behind the actor's back; catch-up
-    /// notices the missing entries when it reads the log (see `DeviceSession::catch_up_step`).
+    /// The tenant's epoch and log floor: `hello` is answered from them instead of a query per
+    /// session. Read at start; `trim_log`'s notification brings the new floor (`learn_floor`),
+    /// and a catch-up from Postgres that meets trimmed entries resyncs the device meanwhile.
     epoch: String,
     log_floor: Seq,
     /// The latest fanned-out frames, covering `(recent_after, fanned]` without a gap, at most
@@ -354,9 +354,6 @@ impl TenantActor {
             let dropped = self.recent.pop_front().expect("a frame");
             self.recent_len -= dropped.deltas.len();
             self.recent_after = dropped.seq;
-        }
-        if self.recent.is_empty() {
-            self.recent_after = self.recent_after.max(floor.min(self.fanned));
         }
     }
 
