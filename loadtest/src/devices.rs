@@ -195,22 +195,12 @@ pub async fn run(target: Target, tokens: TokenSource, args: DevicesArgs, hub_pid
     let started = Instant::now();
     let _ = go_tx.send(true);
     let deadline = started + Duration::from_secs(args.duration_secs);
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    ticker.tick().await;
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {
-                monitor.tick(&stats, started);
-                timed.lock().unwrap().retain(|_, t| t.elapsed() < Duration::from_secs(30));
-                if tasks.iter().all(|t| t.is_finished()) { break; }
-                if Instant::now() >= deadline { break; }
-            }
-        }
-    }
+    let forget_old = || timed.lock().unwrap().retain(|_, t| t.elapsed() < Duration::from_secs(30));
+    let measured = monitor.watch_tasks(&stats, started, &mut tasks, deadline, forget_old).await;
     let _ = stop_tx.send(true);
-    let measured = started.elapsed();
     monitor.stop(&stats);
-    for task in tasks {
+    // Tasks that ended within the window were joined there (awaiting them again would panic).
+    for task in tasks.into_iter().filter(|t| !t.is_finished()) {
         let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
     }
     let parameters = serde_json::to_value(&args).unwrap_or(Value::Null);

@@ -84,13 +84,8 @@ pub async fn run(args: CeilingArgs) -> Result<Report> {
             }
         }));
     }
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    ticker.tick().await;
-    while !tasks.iter().all(|t| t.is_finished()) {
-        ticker.tick().await;
-        monitor.tick(&stats, started);
-    }
-    let measured = started.elapsed();
+    // The writers stop by themselves (count or duration); the window ends when they do.
+    let measured = monitor.watch_tasks(&stats, started, &mut tasks, started + Duration::from_secs(24 * 3600), || {}).await;
     monitor.stop(&stats);
     let parameters = serde_json::to_value(&args).unwrap_or(Value::Null);
     Ok(monitor.finish("pg-ceiling", parameters, &stats, measured))

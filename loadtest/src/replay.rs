@@ -138,20 +138,12 @@ pub async fn run(target: Target, tokens: TokenSource, args: ReplayArgs, hub_pid:
 
     let mut monitor = Monitor::new(hub_pid);
     monitor.reset(&shared.stats);
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    ticker.tick().await;
-    loop {
-        ticker.tick().await;
-        monitor.tick(&shared.stats, started);
-        shared.timed.lock().unwrap().retain(|_, t| t.elapsed() < Duration::from_secs(30));
-        if tasks.iter().all(|t| t.is_finished()) || Instant::now() >= shared.deadline {
-            break;
-        }
-    }
-    let measured = started.elapsed();
+    let forget_old = || shared.timed.lock().unwrap().retain(|_, t| t.elapsed() < Duration::from_secs(30));
+    let measured = monitor.watch_tasks(&shared.stats, started, &mut tasks, shared.deadline, forget_old).await;
     monitor.stop(&shared.stats);
     let _ = stop_tx.send(true);
-    for task in tasks {
+    // Tasks that ended within the window were joined there (awaiting them again would panic).
+    for task in tasks.into_iter().filter(|t| !t.is_finished()) {
         let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
     }
     let mut parameters = serde_json::to_value(&args).unwrap_or(Value::Null);

@@ -237,6 +237,37 @@ impl Monitor {
         self.last = (now, merged, deltas);
     }
 
+    /// Tick every second (calling `each_tick` too) until every task has ended or `deadline`
+    /// passed; returns the measured window. Tasks that end by themselves end the window at
+    /// once, not at the next whole second (a run of 12.1 s was counted as 13). Tasks that
+    /// ended are joined here: do not await them again.
+    pub async fn watch_tasks<T>(
+        &mut self,
+        stats: &Stats,
+        started: Instant,
+        tasks: &mut [tokio::task::JoinHandle<T>],
+        deadline: Instant,
+        mut each_tick: impl FnMut(),
+    ) -> Duration {
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        ticker.tick().await;
+        let all_ended = futures_util::future::join_all(tasks.iter_mut());
+        tokio::pin!(all_ended);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    self.tick(stats, started);
+                    each_tick();
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                }
+                _ = &mut all_ended => break,
+            }
+        }
+        started.elapsed()
+    }
+
     /// Tick every second until `done`, let the last messages arrive, and close the measured
     /// window; returns its length.
     pub async fn watch_until(&mut self, stats: &Stats, started: Instant, done: impl Fn() -> bool) -> Duration {
