@@ -3,7 +3,7 @@
 //! WebSocket listener (`--nats-url`) gives the baseline: same clients, same payload size, the
 //! send time carried in the payload either way.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,10 @@ pub struct FanoutArgs {
     /// Run against nats-server's WebSocket listener at this URL instead of the hub.
     #[arg(long)]
     pub nats_url: Option<String>,
+    /// After the last message is published, wait at most this long for every subscriber to
+    /// receive every message; the measured window ends when they have (seconds).
+    #[arg(long, default_value_t = 10)]
+    pub drain_secs: u64,
 }
 
 fn now_us() -> u64 {
@@ -79,21 +83,30 @@ pub async fn run(target: Target, tokens: TokenSource, args: FanoutArgs, hub_pid:
     let mut monitor = Monitor::new(hub_pid);
     monitor.reset(&stats);
     let started = Instant::now();
+    // Set once the last message is sent, before the publisher's socket closes: closing is no
+    // part of the measured window.
+    let published = Arc::new(AtomicBool::new(false));
     let publisher = {
-        let (target, stats, args) = (target.clone(), stats.clone(), args.clone());
+        let (target, stats, args, published) = (target.clone(), stats.clone(), args.clone(), published.clone());
         let token = tokens.token(&run, &format!("{run}-publisher"), args.subscribers, "Employee");
         let device = format!("{run}-publisher");
         tokio::spawn(async move {
             let result = match &args.nats_url {
-                Some(url) => nats_publisher(&target, url, &args, &stats).await,
-                None => hub_publisher(&target, token, device, &args, &stats).await,
+                Some(url) => nats_publisher(&target, url, &args, &stats, &published).await,
+                None => hub_publisher(&target, token, device, &args, &stats, &published).await,
             };
+            published.store(true, Ordering::Relaxed);
             if let Err(err) = result {
                 stats.error(&format!("publisher: {err}"));
             }
         })
     };
-    let measured = monitor.watch_until(&stats, started, || publisher.is_finished()).await;
+    // The window ends when every subscriber has every message (for both servers alike).
+    let subscribed = stats.connections_opened.load(Ordering::Relaxed);
+    let delivered_all = || stats.deltas_received.load(Ordering::Relaxed) >= stats.changes_sent.load(Ordering::Relaxed) * subscribed;
+    let drain = Duration::from_secs(args.drain_secs);
+    let measured = monitor.watch_until_drained(&stats, started, || published.load(Ordering::Relaxed), delivered_all, drain).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), publisher).await;
     let _ = stop_tx.send(true);
     for task in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
@@ -183,7 +196,7 @@ impl Pacer {
     }
 }
 
-async fn hub_publisher(target: &Target, token: String, device: String, args: &FanoutArgs, stats: &Stats) -> Result<()> {
+async fn hub_publisher(target: &Target, token: String, device: String, args: &FanoutArgs, stats: &Stats, published: &AtomicBool) -> Result<()> {
     let mut client = target.connect(args.subscribers).await?;
     client.handshake(token, &device, None).await?;
     let crate::client::Client { mut sender, mut receiver } = client;
@@ -225,6 +238,13 @@ async fn hub_publisher(target: &Target, token: String, device: String, args: &Fa
             sender.send(&ClientFrame::Push { id: seq + 10, batch_id: Uuid::now_v7(), changes: vec![change] }).await?;
             stats.changes_sent.fetch_add(1, Ordering::Relaxed);
             stats.applied.fetch_add(1, Ordering::Relaxed);
+        }
+        published.store(true, Ordering::Relaxed);
+        // A device keeps its socket until its pushes are acked: closing earlier may leave the
+        // last ones unmerged, and never delivered.
+        let acks_due = Instant::now() + Duration::from_secs(args.drain_secs);
+        while stats.batches_acked.load(Ordering::Relaxed) < stats.changes_sent.load(Ordering::Relaxed) && Instant::now() < acks_due {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         sender.close().await;
         Ok(())
@@ -299,7 +319,7 @@ async fn nats_subscriber(target: Target, url: String, n: usize, stats: Arc<Stats
     }
 }
 
-async fn nats_publisher(target: &Target, url: &str, args: &FanoutArgs, stats: &Stats) -> Result<()> {
+async fn nats_publisher(target: &Target, url: &str, args: &FanoutArgs, stats: &Stats, published: &AtomicBool) -> Result<()> {
     let mut ws = nats_connect(target, url, args.subscribers, false).await?;
     let mut pacer = Pacer::new(args);
     while let Some(seq) = pacer.next().await {
@@ -309,6 +329,7 @@ async fn nats_publisher(target: &Target, url: &str, args: &FanoutArgs, stats: &S
         stats.changes_sent.fetch_add(1, Ordering::Relaxed);
         stats.applied.fetch_add(1, Ordering::Relaxed);
     }
+    published.store(true, Ordering::Relaxed);
     let _ = ws.close(None).await;
     Ok(())
 }

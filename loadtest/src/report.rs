@@ -237,6 +237,39 @@ impl Monitor {
         self.last = (now, merged, deltas);
     }
 
+    /// Tick every second until `done`, then end the window at the first moment `drained` holds
+    /// (looked at every 10 ms), or `grace` after `done` at the latest; returns the window.
+    /// Both servers of a comparison get the same end: when what was sent has arrived.
+    pub async fn watch_until_drained(
+        &mut self,
+        stats: &Stats,
+        started: Instant,
+        done: impl Fn() -> bool,
+        drained: impl Fn() -> bool,
+        grace: Duration,
+    ) -> Duration {
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        ticker.tick().await;
+        let mut poll = tokio::time::interval(Duration::from_millis(10));
+        let mut drain_deadline: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => self.tick(stats, started),
+                _ = poll.tick() => {
+                    if drain_deadline.is_none() && done() {
+                        drain_deadline = Some(Instant::now() + grace);
+                    }
+                    if drain_deadline.is_some_and(|deadline| drained() || Instant::now() >= deadline) {
+                        break;
+                    }
+                }
+            }
+        }
+        let measured = started.elapsed();
+        self.stop(stats);
+        measured
+    }
+
     /// Tick every second (calling `each_tick` too) until every task has ended or `deadline`
     /// passed; returns the measured window. Tasks that end by themselves end the window at
     /// once, not at the next whole second (a run of 12.1 s was counted as 13). Tasks that
