@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use protocol::{ClientFrame, Encoding, Position, ServerFrame};
+use serde::Deserialize;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -90,24 +91,91 @@ impl Sender {
     }
 }
 
+/// What a simulated device reads of each delta: enough to count it and to time it by its
+/// change id. The rest (key, row, old values) is skipped unparsed: a real device spends that
+/// on its own CPU, while the load generator shares the hub's cores and would slow it down.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct DeltaHead {
+    pub seq: u64,
+    #[serde(default)]
+    pub change_id: Option<uuid::Uuid>,
+}
+
+/// A server frame as [`Receiver::recv_heads`] reads it.
+#[derive(Debug)]
+pub enum Received {
+    /// A live `delta` frame or a `catch_up` page, read as delta heads.
+    Deltas { catch_up: bool, deltas: Vec<DeltaHead> },
+    Frame(ServerFrame),
+}
+
+#[derive(Deserialize)]
+struct DeltaHeads {
+    deltas: Vec<DeltaHead>,
+}
+
+/// `Some(catch_up)` for a `delta` or `catch_up` frame whose first key is `type`, as the hub
+/// encodes them (compact JSON, or a MessagePack map); `None` for anything else.
+fn delta_frame_kind(encoding: Encoding, bytes: &[u8]) -> Option<bool> {
+    let (rest, delta, catch_up): (&[u8], &[u8], &[u8]) = match encoding {
+        Encoding::Json => (bytes, br#"{"type":"delta""#, br#"{"type":"catch_up""#),
+        Encoding::MsgPack => {
+            let header = match bytes.first()? {
+                0x80..=0x8f => 1,
+                0xde => 3,
+                0xdf => 5,
+                _ => return None,
+            };
+            (bytes.get(header..)?, b"\xa4type\xa5delta", b"\xa4type\xa8catch_up")
+        }
+    };
+    if rest.starts_with(delta) {
+        Some(false)
+    } else if rest.starts_with(catch_up) {
+        Some(true)
+    } else {
+        None
+    }
+}
+
+/// Decode a frame; with `heads_only`, delta frames as [`Received::Deltas`].
+fn decode(encoding: Encoding, bytes: &[u8], heads_only: bool) -> Result<Received> {
+    if let Some(catch_up) = delta_frame_kind(encoding, bytes).filter(|_| heads_only) {
+        let heads: DeltaHeads = protocol::codec::decode_value(encoding, bytes).map_err(LoadError::Protocol)?;
+        return Ok(Received::Deltas { catch_up, deltas: heads.deltas });
+    }
+    protocol::codec::decode_server(encoding, bytes).map(Received::Frame).map_err(|e| LoadError::Protocol(e.to_string()))
+}
+
 impl Receiver {
     /// The next frame; `Err(Closed)` when the hub closed the socket.
     pub async fn recv(&mut self) -> Result<ServerFrame> {
+        match self.next(false).await? {
+            Received::Frame(frame) => Ok(frame),
+            Received::Deltas { .. } => unreachable!("decoded whole"),
+        }
+    }
+
+    /// The next frame, delta frames as their deltas' heads only (see [`DeltaHead`]).
+    pub async fn recv_heads(&mut self) -> Result<Received> {
+        self.next(true).await
+    }
+
+    async fn next(&mut self, heads_only: bool) -> Result<Received> {
         loop {
             let msg = match self.stream.next().await {
                 Some(msg) => msg?,
                 None => return Err(LoadError::Closed { code: 1006, reason: "connection lost".into() }),
             };
-            let decoded = match msg {
-                Message::Text(t) => protocol::codec::decode_server(Encoding::Json, t.as_bytes()),
-                Message::Binary(b) => protocol::codec::decode_server(self.encoding, &b),
+            return match msg {
+                Message::Text(t) => decode(Encoding::Json, t.as_bytes(), heads_only),
+                Message::Binary(b) => decode(self.encoding, &b, heads_only),
                 Message::Close(frame) => {
                     let (code, reason) = frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
-                    return Err(LoadError::Closed { code, reason });
+                    Err(LoadError::Closed { code, reason })
                 }
                 _ => continue,
             };
-            return decoded.map_err(|e| LoadError::Protocol(e.to_string()));
         }
     }
 }
@@ -146,5 +214,62 @@ impl Client {
                 other => return Err(LoadError::Protocol(format!("unexpected frame during catch-up: {other:?}"))),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::{Delta, Op};
+    use serde_json::json;
+
+    fn delta(seq: u64, change_id: Option<uuid::Uuid>) -> Delta {
+        Delta {
+            seq,
+            table: "products".into(),
+            op: Op::Upsert,
+            key: json!({"id": 7}).as_object().cloned().unwrap(),
+            row: json!({"id": 7, "name": "Tea", "tags": ["a", {"b": [1, 2.5, null]}]}).as_object().cloned(),
+            old: json!({"name": "Coffee"}).as_object().cloned(),
+            origin: Some("pos-1".into()),
+            change_id,
+        }
+    }
+
+    #[test]
+    fn delta_frames_read_as_heads_match_the_whole_decoding() {
+        let id = uuid::Uuid::now_v7();
+        let frames = [
+            (false, ServerFrame::Delta { deltas: vec![delta(5, Some(id)), delta(6, None)], seq: 6 }),
+            (true, ServerFrame::CatchUp { deltas: vec![delta(5, Some(id)), delta(6, None)], seq: 6, head_seq: 9 }),
+        ];
+        for encoding in [Encoding::Json, Encoding::MsgPack] {
+            for (catch_up, frame) in &frames {
+                let bytes = protocol::codec::encode_server(encoding, frame);
+                assert_eq!(delta_frame_kind(encoding, &bytes), Some(*catch_up), "{encoding:?}");
+                match decode(encoding, &bytes, true).unwrap() {
+                    Received::Deltas { catch_up: c, deltas } => {
+                        assert_eq!(c, *catch_up);
+                        assert_eq!(deltas, vec![DeltaHead { seq: 5, change_id: Some(id) }, DeltaHead { seq: 6, change_id: None }]);
+                    }
+                    other => panic!("{encoding:?}: {other:?}"),
+                }
+                // Without heads_only, the same bytes decode whole.
+                assert!(matches!(decode(encoding, &bytes, false).unwrap(), Received::Frame(f) if &f == frame));
+            }
+        }
+    }
+
+    #[test]
+    fn other_frames_and_other_key_orders_decode_whole() {
+        for encoding in [Encoding::Json, Encoding::MsgPack] {
+            let bytes = protocol::codec::encode_server(encoding, &ServerFrame::UpToDate { seq: 3 });
+            assert_eq!(delta_frame_kind(encoding, &bytes), None);
+            assert!(matches!(decode(encoding, &bytes, true).unwrap(), Received::Frame(ServerFrame::UpToDate { seq: 3 })));
+        }
+        // `type` not first: not recognised, decoded whole (and still a delta frame).
+        let reordered = br#"{"seq":6,"type":"delta","deltas":[]}"#;
+        assert_eq!(delta_frame_kind(Encoding::Json, reordered), None);
+        assert!(matches!(decode(Encoding::Json, reordered, true).unwrap(), Received::Frame(ServerFrame::Delta { seq: 6, .. })));
     }
 }

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tokio::sync::{watch, Semaphore};
 use uuid::Uuid;
 
-use crate::client::{Receiver, Sender, Target};
+use crate::client::{Received, Receiver, Sender, Target};
 use crate::report::{Monitor, Report, Stats};
 use crate::tokens::TokenSource;
 
@@ -301,19 +301,19 @@ async fn receive_loop(
 ) {
     loop {
         let frame = tokio::select! {
-            frame = receiver.recv() => frame,
+            frame = receiver.recv_heads() => frame,
             sender = &mut pushing => {
                 if let Ok(mut sender) = sender { sender.close().await; }
                 return;
             }
         };
         match frame {
-            Ok(ServerFrame::Ack { results, .. }) => {
+            Ok(Received::Frame(ServerFrame::Ack { results, .. })) => {
                 stats.batches_acked.fetch_add(1, Ordering::Relaxed);
                 stats.count_results(&results);
                 let _ = acks.send(results).await;
             }
-            Ok(ServerFrame::Delta { deltas, .. }) => {
+            Ok(Received::Deltas { catch_up: false, deltas }) => {
                 stats.deltas_received.fetch_add(deltas.len() as u64, Ordering::Relaxed);
                 let timed = timed.lock().unwrap();
                 for d in &deltas {
@@ -322,11 +322,11 @@ async fn receive_loop(
                     }
                 }
             }
-            Ok(ServerFrame::Error { code, .. }) => stats.error(code.as_str()),
-            Ok(ServerFrame::CatchUp { deltas, .. }) => {
+            Ok(Received::Frame(ServerFrame::Error { code, .. })) => stats.error(code.as_str()),
+            Ok(Received::Deltas { catch_up: true, deltas }) => {
                 stats.deltas_received.fetch_add(deltas.len() as u64, Ordering::Relaxed);
             }
-            Ok(_) => {}
+            Ok(Received::Frame(_)) => {}
             Err(err) => {
                 stats.error(&err.to_string());
                 pushing.abort();

@@ -11,7 +11,7 @@ use protocol::{ClientFrame, Position, ServerFrame};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::client::Target;
+use crate::client::{Received, Target};
 use crate::devices::Workload;
 use crate::error::{LoadError, Result};
 use crate::proc_stats;
@@ -189,12 +189,14 @@ pub async fn run(target: Target, tokens: TokenSource, args: StormArgs, hub_pid: 
                 .send(&ClientFrame::Hello { mode: Default::default(), id: 1, versions: vec![1], token, device_id: Some(device.clone()), position: Some(position) })
                 .await?;
             loop {
-                match client.receiver.recv().await? {
-                    ServerFrame::CatchUp { deltas: page, .. } => {
+                match client.receiver.recv_heads().await? {
+                    Received::Deltas { catch_up: true, deltas: page } => {
                         deltas.fetch_add(page.len() as u64, Ordering::Relaxed);
                     }
-                    ServerFrame::UpToDate { .. } => break,
-                    ServerFrame::Error { code, message, .. } => return Err(LoadError::Refused { code: code.as_str().into(), message }),
+                    Received::Frame(ServerFrame::UpToDate { .. }) => break,
+                    Received::Frame(ServerFrame::Error { code, message, .. }) => {
+                        return Err(LoadError::Refused { code: code.as_str().into(), message })
+                    }
                     _ => {}
                 }
             }
@@ -204,9 +206,9 @@ pub async fn run(target: Target, tokens: TokenSource, args: StormArgs, hub_pid: 
             if !changes.is_empty() {
                 client.sender.send(&ClientFrame::Push { id: 2, batch_id: Uuid::now_v7(), changes }).await?;
                 loop {
-                    match client.receiver.recv().await? {
-                        ServerFrame::Ack { .. } => break,
-                        ServerFrame::Error { code, message, .. } => {
+                    match client.receiver.recv_heads().await? {
+                        Received::Frame(ServerFrame::Ack { .. }) => break,
+                        Received::Frame(ServerFrame::Error { code, message, .. }) => {
                             return Err(LoadError::Refused { code: code.as_str().into(), message })
                         }
                         _ => {}

@@ -48,7 +48,9 @@ const SERVER_TYPES: &[&str] = &[
     "welcome", "ack", "catch_up", "up_to_date", "delta", "must_resync", "snapshot_page", "auth_ok", "pong", "error",
 ];
 
-fn decode_value<T: DeserializeOwned>(encoding: Encoding, bytes: &[u8]) -> Result<T, String> {
+/// Decode a frame (or any value) in `encoding` as `T`: a reader that needs only part of a
+/// frame decodes it into a view of its own, whose unknown keys are skipped unparsed.
+pub fn decode_value<T: DeserializeOwned>(encoding: Encoding, bytes: &[u8]) -> Result<T, String> {
     match encoding {
         Encoding::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
         Encoding::MsgPack => {
