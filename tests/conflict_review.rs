@@ -589,8 +589,15 @@ async fn the_group_returns_the_conflicts_it_logged_and_resolved() {
     let id = Uuid::now_v7();
     let key = json!({"id": id});
     let now = now_ms();
-    let out = store.commit_group(&tenant, &[batch("pos-1", vec![upsert("products", key.clone(), product(id, "Tea", 1), 1, now - 9, 0)])], limits).await.unwrap();
+    let head_before = store.tenant_head(&tenant).await.unwrap().head_seq;
+    // Expecting a head the tenant does not have: the group is redone with the real one.
+    let expected_wrong = Some(head_before + 1000);
+    let out = store
+        .commit_group(&tenant, &[batch("pos-1", vec![upsert("products", key.clone(), product(id, "Tea", 1), 1, now - 9, 0)])], limits, expected_wrong)
+        .await
+        .unwrap();
     let v1 = out.results[0][0].seq.unwrap();
+    assert_eq!((v1, out.head_seq), (head_before + 1, head_before + 1));
     assert!(out.conflicts.is_empty() && out.resolved.is_empty());
     let out = store
         .commit_group(
@@ -600,6 +607,7 @@ async fn the_group_returns_the_conflicts_it_logged_and_resolved() {
                 batch("pos-2", vec![upsert("products", key.clone(), json!({"price_cents": 3, "stock": 4}), 1, now, v1)]),
             ],
             limits,
+            Some(out.head_seq),
         )
         .await
         .unwrap();
@@ -619,7 +627,7 @@ async fn the_group_returns_the_conflicts_it_logged_and_resolved() {
         resolves: Some(ResolveConflict { conflict_id: logged.id, resolution: Resolution::Value }),
         ..batch("console:mgr", vec![upsert("products", key.clone(), json!({"price_cents": price}), 99, now, version)])
     };
-    let out = store.commit_group(&tenant, &[resolving(7), resolving(8)], limits).await.unwrap();
+    let out = store.commit_group(&tenant, &[resolving(7), resolving(8)], limits, None).await.unwrap();
     assert_eq!(out.results[0][0].status, ChangeStatus::Applied);
     assert_eq!(out.results[0][0].device_seq, 1);
     assert_eq!(out.results[1][0].status, ChangeStatus::Rejected);

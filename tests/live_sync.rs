@@ -103,6 +103,41 @@ async fn plain_sql_write_reaches_a_device() {
     hub.shutdown().await;
 }
 
+/// The tenant actor's next group expects the head its last one left; a plain SQL write in
+/// between moves it, and the group is redone at the right seq: the log stays gap-free.
+#[actix_web::test]
+async fn pushes_around_a_plain_sql_write_keep_the_log_gap_free() {
+    let hub = TestHub::start().await;
+    let (mut a, _, _) = Client::device(&hub, "store-1", "pos-a").await;
+    let (mut b, _, _) = Client::device(&hub, "store-1", "pos-b").await;
+    let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
+    let results = a.push(vec![upsert("products", json!({"id": first}), product(first, "Tea", 300), 1, now_ms(), 0)]).await;
+    let pushed_at = results[0].seq.expect("committed");
+    sqlx::query("insert into products (tenant_id, id, sku, name, price_cents) values ('store-1', $1, 'BO-2', 'Back office scone', 250)")
+        .bind(Uuid::new_v4())
+        .execute(&hub.db)
+        .await
+        .unwrap();
+    let results = a.push(vec![upsert("products", json!({"id": second}), product(second, "Juice", 350), 2, now_ms(), 0)]).await;
+    assert_eq!(results[0].status, ChangeStatus::Applied);
+    assert_eq!(results[0].seq, Some(pushed_at + 2), "after the SQL write's seq");
+
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        seen.extend(b.next_deltas().await.0);
+    }
+    let seqs: Vec<u64> = seen.iter().map(|d| d.seq).collect();
+    assert_eq!(seqs, vec![pushed_at, pushed_at + 1, pushed_at + 2]);
+    assert_eq!(seen[1].origin, None);
+    let logged: Vec<i64> = sqlx::query_scalar("select seq from synchub.change_log where tenant_id = 'store-1' order by seq")
+        .fetch_all(&hub.db)
+        .await
+        .unwrap();
+    assert_eq!(logged, (1..=logged.len() as i64).collect::<Vec<_>>(), "one entry per seq, none missing");
+    assert_eq!(logged.last().copied(), Some(pushed_at as i64 + 2));
+    hub.shutdown().await;
+}
+
 /// Catch-up reads the newest entries from the tenant actor's memory (filled from the log when
 /// the actor starts) and older ones from Postgres: every seq arrives once, in order, across the
 /// boundary, and live deltas follow.

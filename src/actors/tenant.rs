@@ -76,6 +76,10 @@ pub struct TenantActor {
     sessions: HashMap<SessionId, Subscriber>,
     queue: VecDeque<Queued>,
     committing: bool,
+    /// The head after this actor's last commit (or as read at start): the next group expects
+    /// it, and finds out in its own transaction when another writer moved it. `None` after a
+    /// failed commit, whose outcome may be unknown.
+    committed_head: Option<Seq>,
     /// Last seq handed to subscribers; fan-out continues at `fanned + 1`.
     fanned: Seq,
     /// The tenant's epoch and log floor: `hello` is answered from them instead of a query per
@@ -114,6 +118,7 @@ impl TenantActor {
             sessions: HashMap::new(),
             queue: VecDeque::new(),
             committing: false,
+            committed_head: None,
             fanned: 0,
             epoch: String::new(),
             log_floor: 0,
@@ -155,11 +160,12 @@ impl TenantActor {
         let store = self.store.clone();
         let tenant = self.tenant.clone();
         let limits = self.limits();
+        let expected_head = self.committed_head;
         let started = Instant::now();
         let work = async move {
             let mut attempt = 0;
             loop {
-                match store.commit_group(&tenant, &inputs, limits).await {
+                match store.commit_group(&tenant, &inputs, limits, expected_head).await {
                     Err(Error::Database(err)) if attempt < 2 && is_retryable(&err) => attempt += 1,
                     other => return other,
                 }
@@ -170,6 +176,7 @@ impl TenantActor {
             actor.last_activity = Instant::now();
             match outcome {
                 Ok(output) => {
+                    actor.committed_head = Some(output.head_seq);
                     actor.metrics.commit(started.elapsed());
                     for (reply, results) in replies.into_iter().zip(output.results) {
                         for result in &results {
@@ -188,6 +195,7 @@ impl TenantActor {
                     actor.accept(output.deltas, ctx);
                 }
                 Err(err) => {
+                    actor.committed_head = None;
                     tracing::error!(tenant = %actor.tenant, %err, "group commit failed");
                     actor.metrics.group_commit_failures.fetch_add(1, Ordering::Relaxed);
                     for reply in replies {
@@ -443,6 +451,7 @@ impl Actor for TenantActor {
         ctx.wait(async move { store.tenant_head(&tenant).await }.into_actor(self).map(|head, actor, ctx| match head {
             Ok(head) => {
                 actor.fanned = head.head_seq;
+                actor.committed_head = Some(head.head_seq);
                 actor.epoch = head.epoch;
                 actor.log_floor = head.log_floor;
                 actor.recent_after = head.head_seq;

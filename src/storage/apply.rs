@@ -229,7 +229,18 @@ fn as_object(value: Value) -> Option<Object> {
 impl Store {
     /// Commit one group of batches for a tenant. Errors are group-wide and temporary
     /// (nothing was committed); per-change problems come back as rejected results.
-    pub async fn commit_group(&self, tenant: &TenantId, batches: &[BatchInput], limits: ApplyLimits) -> Result<GroupOutput> {
+    ///
+    /// `expected_head` is the tenant's head as the caller last saw it committed. With it, the
+    /// group's seqs follow it and the log statement takes the head only if it is still there,
+    /// which saves a round trip; when another writer moved it, the group is redone from its
+    /// savepoint with the head read under lock.
+    pub async fn commit_group(
+        &self,
+        tenant: &TenantId,
+        batches: &[BatchInput],
+        limits: ApplyLimits,
+        expected_head: Option<Seq>,
+    ) -> Result<GroupOutput> {
         let catalog = match batches.iter().flat_map(|b| &b.changes).map(|c| c.table.as_str()).find(|t| self.catalog().get(t).is_none()) {
             Some(unknown) => self.catalog_with(unknown).await,
             None => self.catalog(),
@@ -248,7 +259,17 @@ impl Store {
                 "savepoint synchub_group",
             )
             .await?;
-        let output = apply_group(&mut tx, &catalog, tenant, batches, limits).await?;
+        let output = match apply_group(&mut tx, &catalog, tenant, batches, limits, expected_head).await? {
+            Applied::Done(output) => output,
+            Applied::HeadMoved => {
+                tracing::debug!(tenant = %tenant, "head moved under the group; redone with the head locked");
+                sqlx::query("rollback to savepoint synchub_group").execute(&mut *tx).await?;
+                match apply_group(&mut tx, &catalog, tenant, batches, limits, None).await? {
+                    Applied::Done(output) => output,
+                    Applied::HeadMoved => return Err(Error::Internal("the tenant's head moved while locked".into())),
+                }
+            }
+        };
         tx.commit().await?;
         Ok(output)
     }
@@ -304,13 +325,21 @@ fn assign_device_seqs(batches: &[BatchInput], cursors: &HashMap<&str, u64>) -> O
     Some(assigned)
 }
 
+/// How a pass over the group ended.
+enum Applied {
+    Done(GroupOutput),
+    /// The head was not where the caller expected it: the pass must be rolled back.
+    HeadMoved,
+}
+
 async fn apply_group(
     conn: &mut PgConnection,
     catalog: &Catalog,
     tenant: &TenantId,
     batches: &[BatchInput],
     limits: ApplyLimits,
-) -> Result<GroupOutput> {
+    expected_head: Option<Seq>,
+) -> Result<Applied> {
     let now = now_ms();
     let mut outcomes: Vec<Vec<Option<Outcome>>> = batches.iter().map(|b| b.changes.iter().map(|_| None).collect()).collect();
 
@@ -412,15 +441,18 @@ async fn apply_group(
     }
 
     // 4. Seqs: take them from the head, which stays locked to commit (after the app rows,
-    // the order other writers' triggers use).
-    let head: i64 = if state.next_ordinal > 0 {
-        sqlx::query_scalar("update synchub.tenants set head_seq = head_seq + $2 where tenant_id = $1 returning head_seq - $2")
-            .bind(tenant.as_str())
-            .bind(state.next_ordinal as i64)
-            .fetch_one(&mut *conn)
-            .await?
-    } else {
-        sqlx::query_scalar("select head_seq from synchub.tenants where tenant_id = $1").bind(tenant.as_str()).fetch_one(&mut *conn).await?
+    // the order other writers' triggers use). With an expected head, the log statement takes
+    // it (step 5), and only if it is still the expected one.
+    let head: i64 = match expected_head {
+        Some(expected) => expected as i64,
+        None if state.next_ordinal > 0 => {
+            sqlx::query_scalar("update synchub.tenants set head_seq = head_seq + $2 where tenant_id = $1 returning head_seq - $2")
+                .bind(tenant.as_str())
+                .bind(state.next_ordinal as i64)
+                .fetch_one(&mut *conn)
+                .await?
+        }
+        None => sqlx::query_scalar("select head_seq from synchub.tenants where tenant_id = $1").bind(tenant.as_str()).fetch_one(&mut *conn).await?,
     };
     let head = head as Seq;
     let new_head = head + state.next_ordinal;
@@ -502,10 +534,13 @@ async fn apply_group(
         devices_users.iter().map(|(d, (u, s))| (*d, (*u, *s as i64))).unzip();
     let versions = RowVersionColumns::of(&state, head);
     let log = LogColumns::of(&deltas, logged.iter().map(|&(p, op)| (&pending[p], op)));
-    // One statement for the hub's own bookkeeping: log, versions, conflicts and cursors; it
-    // returns the conflicts logged, with their ids.
-    let logged_conflicts: Value = sqlx::query_scalar(
-        "with log as (\
+    // One statement for the hub's own bookkeeping: the expected head, log, versions, conflicts
+    // and cursors; it returns the conflicts logged, with their ids, and whether it took the head.
+    let take_head = expected_head.filter(|_| state.next_ordinal > 0).map(|h| h as i64);
+    let bookkeeping: sqlx::Result<(Value, bool)> = sqlx::query_as(
+        "with head as (\
+           update synchub.tenants set head_seq = head_seq + $25 where tenant_id = $1 and head_seq = $24 returning 1), \
+         log as (\
            insert into synchub.change_log (tenant_id, seq, table_name, op, pk, new_row, old_values, written, origin_device, user_id, \
              change_id, device_seq, hlc_wall_ms, hlc_counter) \
            select $1, * from unnest($2::int8[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[], $7::jsonb[], $8::jsonb[], \
@@ -528,7 +563,8 @@ async fn apply_group(
            select $1, d, u, s from unnest($21::text[], $22::text[], $23::int8[]) as x(d, u, s) \
            on conflict (tenant_id, device_id) do update set last_device_seq = greatest(device_cursors.last_device_seq, excluded.last_device_seq), \
              user_id = excluded.user_id, updated_at = now()) \
-         select coalesce(jsonb_agg(to_jsonb(c) order by c.conflict_id), '[]'::jsonb) from conflicts c",
+         select coalesce(jsonb_agg(to_jsonb(c) order by c.conflict_id), '[]'::jsonb), \
+           $24::int8 is null or exists (select from head) from conflicts c",
     )
     .bind(tenant.as_str())
     .bind(&log.seq)
@@ -553,8 +589,17 @@ async fn apply_group(
     .bind(&cursor_devices)
     .bind(&cursor_users)
     .bind(&cursor_seqs)
+    .bind(take_head)
+    .bind(state.next_ordinal as i64)
     .fetch_one(&mut *conn)
-    .await?;
+    .await;
+    let logged_conflicts = match bookkeeping {
+        Ok((logged, true)) => logged,
+        Ok((_, false)) => return Ok(Applied::HeadMoved),
+        // Another writer's log entries took the seqs this pass expected.
+        Err(sqlx::Error::Database(err)) if take_head.is_some() && err.is_unique_violation() => return Ok(Applied::HeadMoved),
+        Err(err) => return Err(err.into()),
+    };
     let logged_conflicts = conflicts::conflict_records(logged_conflicts)?;
 
     // Resolutions: a resolving batch whose change was not rejected marks its conflict (locked
@@ -633,7 +678,7 @@ async fn apply_group(
                 .collect()
         })
         .collect();
-    Ok(GroupOutput { results, deltas, head_seq: new_head, conflicts: logged_conflicts, resolved, open_conflicts })
+    Ok(Applied::Done(GroupOutput { results, deltas, head_seq: new_head, conflicts: logged_conflicts, resolved, open_conflicts }))
 }
 
 /// The log's op and old values: old values of changed columns for an update, the whole old
