@@ -590,10 +590,11 @@ async fn the_group_returns_the_conflicts_it_logged_and_resolved() {
     let key = json!({"id": id});
     let now = now_ms();
     let head_before = store.tenant_head(&tenant).await.unwrap().head_seq;
+    let mut conn = store.group_connection().await.unwrap();
     // Expecting a head the tenant does not have: the group is redone with the real one.
     let expected_wrong = Some(head_before + 1000);
     let out = store
-        .commit_group(&tenant, &[batch("pos-1", vec![upsert("products", key.clone(), product(id, "Tea", 1), 1, now - 9, 0)])], limits, expected_wrong)
+        .commit_group(&mut conn, &tenant, &[batch("pos-1", vec![upsert("products", key.clone(), product(id, "Tea", 1), 1, now - 9, 0)])], limits, expected_wrong)
         .await
         .unwrap();
     let v1 = out.results[0][0].seq.unwrap();
@@ -601,6 +602,7 @@ async fn the_group_returns_the_conflicts_it_logged_and_resolved() {
     assert!(out.conflicts.is_empty() && out.resolved.is_empty());
     let out = store
         .commit_group(
+            &mut conn,
             &tenant,
             &[
                 batch("pos-1", vec![upsert("products", key.clone(), json!({"price_cents": 2}), 2, now - 5, v1)]),
@@ -627,7 +629,7 @@ async fn the_group_returns_the_conflicts_it_logged_and_resolved() {
         resolves: Some(ResolveConflict { conflict_id: logged.id, resolution: Resolution::Value }),
         ..batch("console:mgr", vec![upsert("products", key.clone(), json!({"price_cents": price}), 99, now, version)])
     };
-    let out = store.commit_group(&tenant, &[resolving(7), resolving(8)], limits, None).await.unwrap();
+    let out = store.commit_group(&mut conn, &tenant, &[resolving(7), resolving(8)], limits, None).await.unwrap();
     assert_eq!(out.results[0][0].status, ChangeStatus::Applied);
     assert_eq!(out.results[0][0].device_seq, 1);
     assert_eq!(out.results[1][0].status, ChangeStatus::Rejected);

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use protocol::{ChangeResult, Channel, ConflictEvent, Delta, PresenceEntry, SessionMode};
+use sqlx::pool::PoolConnection;
+use sqlx::Postgres;
 use tokio::sync::oneshot;
 
 use super::messages::{
@@ -137,11 +139,20 @@ impl TenantActor {
         ApplyLimits { max_field_bytes: self.config.max_field_bytes, max_clock_skew_ms: self.config.max_clock_skew_ms }
     }
 
-    /// Start the next group transaction if none is in flight.
+    /// Start the next group transaction if none is in flight. The group is formed once a
+    /// connection is free: batches that arrive while the pool is busy join it, so a hub under
+    /// load commits fewer and larger groups.
     fn pump(&mut self, ctx: &mut Context<Self>) {
         if self.committing || self.queue.is_empty() {
             return;
         }
+        self.committing = true;
+        let store = self.store.clone();
+        ctx.spawn(async move { store.group_connection().await }.into_actor(self).map(|conn, actor, ctx| actor.commit_queued(conn, ctx)));
+    }
+
+    /// Commit the queued batches (up to the group limit) on `conn`.
+    fn commit_queued(&mut self, conn: Result<PoolConnection<Postgres>>, ctx: &mut Context<Self>) {
         let mut inputs: Vec<BatchInput> = Vec::new();
         let mut replies = Vec::new();
         let mut changes = 0;
@@ -156,16 +167,16 @@ impl TenantActor {
             replies.push(queued.reply);
         }
         self.metrics.queued_batches.fetch_sub(inputs.len() as i64, Ordering::Relaxed);
-        self.committing = true;
         let store = self.store.clone();
         let tenant = self.tenant.clone();
         let limits = self.limits();
         let expected_head = self.committed_head;
         let started = Instant::now();
         let work = async move {
+            let mut conn = conn?;
             let mut attempt = 0;
             loop {
-                match store.commit_group(&tenant, &inputs, limits, expected_head).await {
+                match store.commit_group(&mut conn, &tenant, &inputs, limits, expected_head).await {
                     Err(Error::Database(err)) if attempt < 2 && is_retryable(&err) => attempt += 1,
                     other => return other,
                 }

@@ -12,7 +12,7 @@ use protocol::{Change, ChangeResult, ChangeStatus, ConflictRecord, Delta, ErrorC
 use serde_json::{json, Value};
 use sqlx::postgres::PgDatabaseError;
 use sqlx::types::Json;
-use sqlx::{PgConnection, Row};
+use sqlx::{Connection, PgConnection, Row};
 use uuid::Uuid;
 
 use super::catalog::{Catalog, TableSchema};
@@ -236,6 +236,7 @@ impl Store {
     /// savepoint with the head read under lock.
     pub async fn commit_group(
         &self,
+        conn: &mut PgConnection,
         tenant: &TenantId,
         batches: &[BatchInput],
         limits: ApplyLimits,
@@ -251,14 +252,13 @@ impl Store {
         // than the planner's statistics, which then expect one row per tenant and pick a
         // sequential scan of the whole table; a key lookup is always the right plan here.
         // JIT off: the disabled plan's nominal cost would otherwise trigger it.
-        let mut tx = self
-            .begin_tenant_with(
-                tenant,
-                "begin",
-                &[("synchub.origin", "hub"), ("enable_seqscan", "off"), ("jit", "off")],
-                "savepoint synchub_group",
-            )
-            .await?;
+        let begin = self.tenant_begin_sql(
+            tenant,
+            "begin",
+            &[("synchub.origin", "hub"), ("enable_seqscan", "off"), ("jit", "off")],
+            "savepoint synchub_group",
+        );
+        let mut tx = conn.begin_with(begin).await?;
         let output = match apply_group(&mut tx, &catalog, tenant, batches, limits, expected_head).await? {
             Applied::Done(output) => output,
             Applied::HeadMoved => {

@@ -12,6 +12,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::pool::PoolConnection;
 use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::config::Config;
@@ -94,6 +95,11 @@ impl Store {
         settings: &[(&str, &str)],
         then: &str,
     ) -> Result<Transaction<'static, Postgres>> {
+        Ok(self.pool.begin_with(self.tenant_begin_sql(tenant, begin, settings, then)).await?)
+    }
+
+    /// The statements of [`Store::begin_tenant_with`], for a connection already held.
+    pub fn tenant_begin_sql(&self, tenant: &TenantId, begin: &str, settings: &[(&str, &str)], then: &str) -> String {
         let mut sql = format!("{begin}; ");
         if self.row_level_security {
             sql.push_str("set local role ");
@@ -110,7 +116,12 @@ impl Store {
             sql.push_str("; ");
             sql.push_str(then);
         }
-        Ok(self.pool.begin_with(sql).await?)
+        sql
+    }
+
+    /// A connection for one group commit (held only while the group is formed and committed).
+    pub async fn group_connection(&self) -> Result<PoolConnection<Postgres>> {
+        Ok(self.pool.acquire().await?)
     }
 
     /// [`Store::begin_tenant_with`] a plain `begin`.
