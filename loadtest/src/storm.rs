@@ -53,6 +53,10 @@ pub struct StormReport {
     pub all_caught_up_s: f64,
     /// Half of the devices were caught up by this time.
     pub median_caught_up_s: f64,
+    /// By these times 10%, 20%, … 100% of the devices had their `welcome` (hello answered)…
+    pub welcomed_by_decile_s: Vec<f64>,
+    /// …and were caught up.
+    pub caught_up_by_decile_s: Vec<f64>,
     /// From the first reconnect to the last ack of a queued batch.
     pub all_acked_s: f64,
     pub catch_up_deltas: u64,
@@ -188,8 +192,11 @@ pub async fn run(target: Target, tokens: TokenSource, args: StormArgs, hub_pid: 
                 .sender
                 .send(&ClientFrame::Hello { mode: Default::default(), id: 1, versions: vec![1], token, device_id: Some(device.clone()), position: Some(position) })
                 .await?;
+            let mut welcomed = None;
             loop {
-                match client.receiver.recv_heads().await? {
+                let frame = client.receiver.recv_heads().await?;
+                welcomed.get_or_insert_with(|| started.elapsed());
+                match frame {
                     Received::Deltas { catch_up: true, deltas: page } => {
                         deltas.fetch_add(page.len() as u64, Ordering::Relaxed);
                     }
@@ -217,17 +224,19 @@ pub async fn run(target: Target, tokens: TokenSource, args: StormArgs, hub_pid: 
             }
             let acked = started.elapsed();
             client.sender.close().await;
-            Ok::<(Duration, Duration), LoadError>((caught_up, acked))
+            Ok::<(Duration, Duration, Duration), LoadError>((welcomed.unwrap_or(caught_up), caught_up, acked))
         }));
     }
     let (mut back, mut failed, mut caught_up, mut acked, mut errors) = (0, 0, Duration::ZERO, Duration::ZERO, Vec::new());
     let mut each = Vec::with_capacity(args.devices);
+    let mut each_welcomed = Vec::with_capacity(args.devices);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
     for task in tasks {
         match tokio::time::timeout_at(deadline, task).await {
-            Ok(Ok(Ok((c, a)))) => {
+            Ok(Ok(Ok((w, c, a)))) => {
                 back += 1;
                 each.push(c);
+                each_welcomed.push(w);
                 caught_up = caught_up.max(c);
                 acked = acked.max(a);
             }
@@ -242,15 +251,19 @@ pub async fn run(target: Target, tokens: TokenSource, args: StormArgs, hub_pid: 
     }
     sampler.abort();
     let after = proc_stats::sample(hub_pid);
+    each.sort();
+    each_welcomed.sort();
+    let deciles = |sorted: &[Duration]| -> Vec<f64> {
+        (1..=10).filter_map(|d| sorted.get((sorted.len() * d / 10).saturating_sub(1)).map(Duration::as_secs_f64)).collect()
+    };
     Ok(StormReport {
         parameters: args,
         devices_back: back,
         devices_failed: failed,
         all_caught_up_s: caught_up.as_secs_f64(),
-        median_caught_up_s: {
-            each.sort();
-            each.get(each.len() / 2).map_or(0.0, Duration::as_secs_f64)
-        },
+        median_caught_up_s: each.get(each.len() / 2).map_or(0.0, Duration::as_secs_f64),
+        welcomed_by_decile_s: deciles(&each_welcomed),
+        caught_up_by_decile_s: deciles(&each),
         all_acked_s: acked.as_secs_f64(),
         catch_up_deltas: deltas.load(Ordering::Relaxed),
         hub_cpu_s: after.hub_cpu_s - before.hub_cpu_s,
