@@ -11,6 +11,7 @@ pub mod capture;
 pub mod codec;
 mod error_codes;
 pub mod filter;
+pub mod spliced;
 mod type_first;
 
 pub use codec::{DecodeError, Encoding};

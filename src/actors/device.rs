@@ -53,6 +53,16 @@ impl CatchUpRead {
     }
 }
 
+/// A `catch_up` page of the deltas in `frames` with seqs in `(after, upto]`, copied out of
+/// the frames' encodings (for a session that sees every delta as it is).
+fn spliced_page(frames: &[Arc<SharedFrame>], encoding: Encoding, after: Seq, upto: Seq, head: Seq) -> Encoded {
+    let runs: Vec<(Bytes, usize)> =
+        frames.iter().filter(|f| f.seq > after && f.after < upto).map(|f| f.run(encoding, after, upto)).collect();
+    let count = runs.iter().map(|(_, n)| n).sum();
+    let slices: Vec<&[u8]> = runs.iter().map(|(bytes, _)| &bytes[..]).collect();
+    Encoded::from_bytes(encoding, protocol::spliced::catch_up_page(encoding, &slices, count, upto, head))
+}
+
 /// `delta` as the session's rules let it see it (`None` view: as it is).
 fn visible<'d>(view: Option<&AccessView>, delta: &'d Delta) -> Option<Cow<'d, Delta>> {
     match view {
@@ -838,9 +848,15 @@ impl DeviceSession {
                         .collect();
                     // A page that the rules emptied is not sent; `up_to_date` carries the position.
                     if !visible.is_empty() {
-                        // Encoded from the deltas where they are kept: no copy per session.
-                        let page = CatchUpRef { deltas: visible.iter().map(|d| d.as_ref()).collect(), seq: last, head_seq: head };
-                        let encoded = Encoded::of_value(session.encoding, &page);
+                        let encoded = match (&read, &view) {
+                            // Cut from the frames' own encoding: no delta encoded per session.
+                            (CatchUpRead::Memory(frames), None) => spliced_page(frames, session.encoding, after.max(device_after), last, head),
+                            // Encoded from the deltas where they are kept: no copy per session.
+                            _ => {
+                                let page = CatchUpRef { deltas: visible.iter().map(|d| d.as_ref()).collect(), seq: last, head_seq: head };
+                                Encoded::of_value(session.encoding, &page)
+                            }
+                        };
                         session.write(ctx, encoded);
                         session.device_paged = true;
                     }

@@ -1,6 +1,7 @@
 //! Messages between actors (named fields, not wire types). Delivery to sessions always uses
 //! `try_send` on bounded mailboxes; a full mailbox makes the session catch up from the log.
 
+use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
 use actix::prelude::*;
@@ -144,14 +145,15 @@ pub struct LiveFrame(pub Arc<Vec<Arc<SharedFrame>>>);
 /// One `delta` frame covering seqs `(after, seq]`, encoded at most once per encoding however
 /// many sessions receive it. A commit is cut into frames at every change of origin, so the
 /// origin device can skip its own frame (it has the acks) while everyone shares the others.
+/// Catch-up pages copy their deltas' bytes out of the same encoding ([`SharedFrame::run`]).
 pub struct SharedFrame {
     pub after: Seq,
     pub seq: Seq,
     /// The device every delta of this frame came from; `None` for other SQL writers.
     pub origin: Option<String>,
     pub deltas: Vec<Delta>,
-    json: OnceLock<ByteString>,
-    msgpack: OnceLock<Bytes>,
+    json: OnceLock<(ByteString, Vec<Range<usize>>)>,
+    msgpack: OnceLock<(Bytes, Vec<Range<usize>>)>,
 }
 
 /// Bytes of a frame, ready for a text or binary WebSocket message.
@@ -179,7 +181,11 @@ impl Encoded {
 
     /// Any value serialized as frames are (e.g. a borrowed `catch_up` page).
     pub fn of_value<T: serde::Serialize>(encoding: Encoding, value: &T) -> Encoded {
-        let bytes = protocol::codec::encode(encoding, value);
+        Encoded::from_bytes(encoding, protocol::codec::encode(encoding, value))
+    }
+
+    /// A frame already encoded in `encoding`.
+    pub fn from_bytes(encoding: Encoding, bytes: Vec<u8>) -> Encoded {
         match encoding {
             // unwrap: serde_json produces UTF-8.
             Encoding::Json => Encoded::Text(ByteString::try_from(Bytes::from(bytes)).expect("JSON is UTF-8")),
@@ -213,25 +219,46 @@ impl SharedFrame {
         SharedFrame { after, seq, origin, deltas, json: OnceLock::new(), msgpack: OnceLock::new() }
     }
 
-    fn frame(&self) -> ServerFrame {
-        ServerFrame::Delta { deltas: self.deltas.clone(), seq: self.seq }
+    fn encode(&self, encoding: Encoding) -> (Bytes, Vec<Range<usize>>) {
+        let frame = protocol::spliced::delta_frame(encoding, &self.deltas, self.seq);
+        (Bytes::from(frame.bytes), frame.deltas)
+    }
+
+    /// The frame's bytes and where each delta lies in them, encoded on first use.
+    fn bytes(&self, encoding: Encoding) -> (&Bytes, &[Range<usize>]) {
+        match encoding {
+            Encoding::Json => {
+                let (text, ranges) = self.json.get_or_init(|| {
+                    let (bytes, ranges) = self.encode(Encoding::Json);
+                    // unwrap: serde_json produces UTF-8.
+                    (ByteString::try_from(bytes).expect("JSON is UTF-8"), ranges)
+                });
+                (text.as_bytes(), ranges)
+            }
+            Encoding::MsgPack => {
+                let (bytes, ranges) = self.msgpack.get_or_init(|| self.encode(Encoding::MsgPack));
+                (bytes, ranges)
+            }
+        }
     }
 
     pub fn encoded(&self, encoding: Encoding) -> Encoded {
         match encoding {
-            Encoding::Json => Encoded::Text(
-                self.json
-                    .get_or_init(|| match Encoded::of(Encoding::Json, &self.frame()) {
-                        Encoded::Text(s) => s,
-                        Encoded::Binary(_) => unreachable!("JSON encodes to text"),
-                    })
-                    .clone(),
-            ),
-            Encoding::MsgPack => Encoded::Binary(
-                self.msgpack
-                    .get_or_init(|| protocol::codec::encode_server(Encoding::MsgPack, &self.frame()).into())
-                    .clone(),
-            ),
+            Encoding::Json => {
+                self.bytes(encoding);
+                // unwrap: `bytes` just filled it.
+                Encoded::Text(self.json.get().expect("encoded").0.clone())
+            }
+            Encoding::MsgPack => Encoded::Binary(self.bytes(encoding).0.clone()),
         }
+    }
+
+    /// The encoded bytes of this frame's deltas with seqs in `(after, upto]` (one run for
+    /// `protocol::spliced::catch_up_page`, shared, not copied), and how many they are.
+    pub fn run(&self, encoding: Encoding, after: Seq, upto: Seq) -> (Bytes, usize) {
+        let from = self.deltas.partition_point(|d| d.seq <= after);
+        let to = self.deltas.partition_point(|d| d.seq <= upto).max(from);
+        let (bytes, ranges) = self.bytes(encoding);
+        (bytes.slice(protocol::spliced::run_of(ranges, from, to)), to - from)
     }
 }
