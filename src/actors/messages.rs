@@ -224,32 +224,24 @@ impl SharedFrame {
         (Bytes::from(frame.bytes), frame.deltas)
     }
 
-    /// The frame's bytes and where each delta lies in them, encoded on first use.
-    fn bytes(&self, encoding: Encoding) -> (&Bytes, &[Range<usize>]) {
-        match encoding {
-            Encoding::Json => {
-                let (text, ranges) = self.json.get_or_init(|| {
-                    let (bytes, ranges) = self.encode(Encoding::Json);
-                    // unwrap: serde_json produces UTF-8.
-                    (ByteString::try_from(bytes).expect("JSON is UTF-8"), ranges)
-                });
-                (text.as_bytes(), ranges)
-            }
-            Encoding::MsgPack => {
-                let (bytes, ranges) = self.msgpack.get_or_init(|| self.encode(Encoding::MsgPack));
-                (bytes, ranges)
-            }
-        }
+    /// The JSON frame and where each delta lies in it, encoded on first use.
+    fn json(&self) -> &(ByteString, Vec<Range<usize>>) {
+        self.json.get_or_init(|| {
+            let (bytes, ranges) = self.encode(Encoding::Json);
+            // unwrap: serde_json produces UTF-8.
+            (ByteString::try_from(bytes).expect("JSON is UTF-8"), ranges)
+        })
+    }
+
+    /// The MessagePack frame and where each delta lies in it, encoded on first use.
+    fn msgpack(&self) -> &(Bytes, Vec<Range<usize>>) {
+        self.msgpack.get_or_init(|| self.encode(Encoding::MsgPack))
     }
 
     pub fn encoded(&self, encoding: Encoding) -> Encoded {
         match encoding {
-            Encoding::Json => {
-                self.bytes(encoding);
-                // unwrap: `bytes` just filled it.
-                Encoded::Text(self.json.get().expect("encoded").0.clone())
-            }
-            Encoding::MsgPack => Encoded::Binary(self.bytes(encoding).0.clone()),
+            Encoding::Json => Encoded::Text(self.json().0.clone()),
+            Encoding::MsgPack => Encoded::Binary(self.msgpack().0.clone()),
         }
     }
 
@@ -258,7 +250,16 @@ impl SharedFrame {
     pub fn run(&self, encoding: Encoding, after: Seq, upto: Seq) -> (Bytes, usize) {
         let from = self.deltas.partition_point(|d| d.seq <= after);
         let to = self.deltas.partition_point(|d| d.seq <= upto).max(from);
-        let (bytes, ranges) = self.bytes(encoding);
+        let (bytes, ranges): (&Bytes, &[Range<usize>]) = match encoding {
+            Encoding::Json => {
+                let (text, ranges) = self.json();
+                (text.as_bytes(), ranges)
+            }
+            Encoding::MsgPack => {
+                let (bytes, ranges) = self.msgpack();
+                (bytes, ranges)
+            }
+        };
         (bytes.slice(protocol::spliced::run_of(ranges, from, to)), to - from)
     }
 }
