@@ -18,7 +18,7 @@ use crate::ids::{DeviceId, TenantId, UserId};
 pub struct Identity {
     pub tenant: TenantId,
     pub user: UserId,
-    pub role: String,
+    pub role: Arc<str>,
     /// Present when the token names a device; then the session must use it.
     pub device: Option<DeviceId>,
     /// `exp`, Unix seconds.
@@ -167,7 +167,7 @@ impl TokenVerifier {
         Ok(Identity {
             tenant: TenantId::new(tenant),
             user: UserId::new(required(&self.claim_user, "user")?),
-            role: required(&self.claim_role, "role")?,
+            role: required(&self.claim_role, "role")?.into(),
             device: text(&self.claim_device, "device")?.map(DeviceId::new),
             expires_at: claims.get("exp").and_then(Value::as_u64).unwrap_or(0),
             claims: Arc::new(claims),
@@ -214,7 +214,7 @@ mod tests {
         let id = verifier(config).verify(&token).unwrap();
         assert_eq!(id.tenant.as_str(), "t-9");
         assert_eq!(id.user.as_str(), "u1");
-        assert_eq!(id.role, "Manager");
+        assert_eq!(&*id.role, "Manager");
         assert_eq!(id.device.unwrap().as_str(), "pos-1");
     }
 
@@ -261,7 +261,7 @@ mod tests {
         let pem = verifier(Config { jwt_public_key_file: Some(fixtures.join("ec_public.pem")), ..Config::default() });
         assert_eq!(pem.verify(&es256_token(None)).unwrap().tenant.as_str(), "t");
         let jwks = verifier(Config { jwt_jwks_file: Some(fixtures.join("jwks.json")), ..Config::default() });
-        assert_eq!(jwks.verify(&es256_token(Some("test-key-1"))).unwrap().role, "Manager");
+        assert_eq!(jwks.verify(&es256_token(Some("test-key-1"))).unwrap().role.as_ref(), "Manager");
         assert_eq!(jwks.verify(&es256_token(Some("other-kid"))).unwrap_err().code(), ErrorCode::InvalidToken);
         // An HS256 token is refused where only public keys are configured.
         let hs = mint_hs256("x", &json!({"sub": "u", "role": "r", "tenant_id": "t", "exp": unix_now() + 60}));

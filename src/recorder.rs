@@ -87,7 +87,7 @@ impl Recorder {
             tenant: identity.tenant.to_string(),
             device: device.to_string(),
             user: identity.user.to_string(),
-            role: identity.role.clone(),
+            role: identity.role.to_string(),
             event,
         };
         let Ok(mut line) = serde_json::to_vec(&entry) else { return };

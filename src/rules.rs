@@ -165,7 +165,7 @@ impl Rules {
         if self.is_empty() {
             return None;
         }
-        let role = identity.role.as_str();
+        let role = &*identity.role;
         let resolve = |rule: &Arc<Rule>| Resolved {
             claim: rule.row.as_ref().and_then(|(_, path)| claim_text(&identity.claims, path)),
             rule: rule.clone(),
@@ -225,7 +225,7 @@ struct Resolved {
 /// What one identity may do, table by table.
 #[derive(Debug)]
 pub struct AccessView {
-    role: String,
+    role: Arc<str>,
     /// Rules naming a table, for this role or any role.
     tables: HashMap<String, Resolved>,
     /// ("*", role) or ("*", "*").

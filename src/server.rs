@@ -33,7 +33,7 @@ pub struct Hub {
     pub registry: Arc<TenantRegistry>,
     pub store: Arc<Store>,
     /// Every open session with its deadlines, for the session clock and for shutdown.
-    pub sessions: DashMap<SessionId, SessionHandle>,
+    pub sessions: DashMap<SessionId, Arc<SessionHandle>>,
     pub metrics: Arc<Metrics>,
     /// Roles and rules (`[[rules]]`): what each identity may read and write.
     pub rules: Rules,
@@ -185,7 +185,7 @@ impl RunningHub {
         let mut told = std::collections::HashSet::new();
         while !hub.sessions.is_empty() && Instant::now() < deadline {
             for entry in hub.sessions.iter() {
-                if !told.contains(entry.key()) && entry.value().control.try_send(SessionControl::Shutdown).is_ok() {
+                if !told.contains(entry.key()) && entry.value().session.try_send(SessionControl::Shutdown).is_ok() {
                     told.insert(*entry.key());
                 }
             }

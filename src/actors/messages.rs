@@ -9,6 +9,7 @@ use bytes::Bytes;
 use bytestring::ByteString;
 use protocol::{ChangeResult, Channel, ConflictEvent, ConflictRecord, Delta, Encoding, PresenceEntry, ServerFrame, SessionMode};
 
+use super::sweep::SessionHandle;
 use crate::error::Result;
 use crate::ids::{DeviceId, Seq, SessionId, UserId};
 use crate::storage::apply::BatchInput;
@@ -31,13 +32,12 @@ pub struct Subscribe {
     pub device: DeviceId,
     /// Who the session is, as presence shows it.
     pub user: UserId,
-    pub role: String,
+    pub role: Arc<str>,
     pub mode: SessionMode,
     /// When the session came online, Unix ms.
     pub since_ms: u64,
-    pub live: Recipient<LiveFrame>,
-    pub control: Recipient<SessionControl>,
-    pub notices: Recipient<Notice>,
+    /// Where the session is reached (live frames, control, notices).
+    pub link: Arc<SessionHandle>,
 }
 
 /// A session starts or stops watching a channel (presence, conflicts) of its tenant.

@@ -8,12 +8,14 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
+use super::device::DeviceSession;
 use super::messages::SessionControl;
 use crate::server::Hub;
 
-/// What the hub keeps of an open session: where to reach it, and its deadlines.
+/// What the hub keeps of an open session: where to reach it, and its deadlines. The session
+/// clock and the session's tenant actor share it, so a session costs one mailbox sender.
 pub struct SessionHandle {
-    pub control: Recipient<SessionControl>,
+    pub session: Addr<DeviceSession>,
     /// Unix milliseconds by which `hello` must arrive; 0 once it did (or the session was told).
     pub hello_deadline_ms: AtomicU64,
     /// Unix milliseconds after which the session's token (plus leeway) is void; 0 before
@@ -22,9 +24,15 @@ pub struct SessionHandle {
 }
 
 impl SessionHandle {
-    pub fn new(control: Recipient<SessionControl>, hello_deadline_ms: u64) -> SessionHandle {
-        SessionHandle { control, hello_deadline_ms: AtomicU64::new(hello_deadline_ms), token_void_at_ms: AtomicU64::new(0) }
+    pub fn new(session: Addr<DeviceSession>, hello_deadline_ms: u64) -> SessionHandle {
+        SessionHandle { session, hello_deadline_ms: AtomicU64::new(hello_deadline_ms), token_void_at_ms: AtomicU64::new(0) }
     }
+}
+
+/// Milliseconds on a monotonic clock that starts at the process's first call.
+pub fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 pub fn unix_ms() -> u64 {
@@ -32,9 +40,9 @@ pub fn unix_ms() -> u64 {
 }
 
 /// Tell a session once that `deadline` passed; if its mailbox is full, try again next tick.
-fn fire(deadline: &AtomicU64, now_ms: u64, control: &Recipient<SessionControl>, msg: SessionControl) {
+fn fire(deadline: &AtomicU64, now_ms: u64, session: &Addr<DeviceSession>, msg: SessionControl) {
     let at = deadline.load(Ordering::Relaxed);
-    if at != 0 && now_ms >= at && control.try_send(msg).is_ok() {
+    if at != 0 && now_ms >= at && session.try_send(msg).is_ok() {
         // A refresh that stored a new deadline meanwhile wins.
         let _ = deadline.compare_exchange(at, 0, Ordering::Relaxed, Ordering::Relaxed);
     }
@@ -57,11 +65,11 @@ pub async fn run(hub: Arc<Hub>) {
         }
         for entry in hub.sessions.iter() {
             let handle = entry.value();
-            fire(&handle.hello_deadline_ms, now_ms, &handle.control, SessionControl::HelloTimeout);
-            fire(&handle.token_void_at_ms, now_ms, &handle.control, SessionControl::TokenExpired);
+            fire(&handle.hello_deadline_ms, now_ms, &handle.session, SessionControl::HelloTimeout);
+            fire(&handle.token_void_at_ms, now_ms, &handle.session, SessionControl::TokenExpired);
             if heartbeat {
                 // A full mailbox means the session is busy with frames: it is alive.
-                let _ = handle.control.try_send(SessionControl::Heartbeat);
+                let _ = handle.session.try_send(SessionControl::Heartbeat);
             }
         }
     }

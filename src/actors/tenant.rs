@@ -18,6 +18,7 @@ use super::messages::{
     Unsubscribe, Watch,
 };
 use super::registry::TenantRegistry;
+use super::sweep::SessionHandle;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::ids::{DeviceId, Seq, SessionId, TenantId, UserId};
@@ -35,13 +36,12 @@ const LOG_REREAD_EVERY: Duration = Duration::from_secs(5);
 
 struct Subscriber {
     device: DeviceId,
-    live: Recipient<LiveFrame>,
-    control: Recipient<SessionControl>,
-    notices: Recipient<Notice>,
+    /// The session's mailbox, shared with the session clock.
+    link: Arc<SessionHandle>,
     /// A frame could not be delivered; the session must be told to catch up.
     lagged: bool,
     user: UserId,
-    role: String,
+    role: Arc<str>,
     mode: SessionMode,
     since_ms: u64,
     watches_presence: bool,
@@ -62,7 +62,7 @@ impl Subscriber {
             session_id: session,
             device_id: self.device.to_string(),
             user_id: self.user.to_string(),
-            role: self.role.clone(),
+            role: self.role.to_string(),
             mode: self.mode,
             since_ms: self.since_ms,
         }
@@ -255,7 +255,7 @@ impl TenantActor {
         }
         let mut gone = Vec::new();
         for (id, sub) in self.sessions.iter_mut() {
-            match sub.live.try_send(LiveFrame(frames.clone())) {
+            match sub.link.session.try_send(LiveFrame(frames.clone())) {
                 Ok(()) => {}
                 Err(SendError::Full(_)) => {
                     sub.lagged = true;
@@ -287,7 +287,7 @@ impl TenantActor {
         let (joins, leaves) = (Arc::new(joins), Arc::new(leaves));
         for sub in self.sessions.values_mut().filter(|s| s.watches_presence && !s.presence_stale) {
             let notice = Notice::PresenceDiff { joins: joins.clone(), leaves: leaves.clone() };
-            if sub.notices.try_send(notice).is_err() {
+            if sub.link.session.try_send(notice).is_err() {
                 sub.presence_stale = true;
             }
         }
@@ -300,7 +300,7 @@ impl TenantActor {
         }
         let list = self.presence_list();
         for sub in self.sessions.values_mut().filter(|s| s.presence_stale) {
-            if sub.notices.try_send(Notice::PresenceList(list.clone())).is_ok() {
+            if sub.link.session.try_send(Notice::PresenceList(list.clone())).is_ok() {
                 sub.presence_stale = false;
             }
         }
@@ -314,7 +314,7 @@ impl TenantActor {
         }
         let news = Arc::new(news);
         for sub in self.sessions.values().filter(|s| s.watches_conflicts) {
-            let _ = sub.notices.try_send(Notice::Conflicts(news.clone()));
+            let _ = sub.link.session.try_send(Notice::Conflicts(news.clone()));
         }
     }
 
@@ -378,7 +378,7 @@ impl TenantActor {
 
     fn nudge_lagged(&mut self) {
         for sub in self.sessions.values_mut().filter(|s| s.lagged) {
-            if sub.control.try_send(SessionControl::Lagged).is_ok() {
+            if sub.link.session.try_send(SessionControl::Lagged).is_ok() {
                 sub.lagged = false;
             }
         }
@@ -420,7 +420,7 @@ impl TenantActor {
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
         // Unsubscribe is best-effort (try_send); sessions that are gone are dropped here.
-        let gone: Vec<SessionId> = self.sessions.iter().filter(|(_, s)| !s.live.connected()).map(|(id, _)| *id).collect();
+        let gone: Vec<SessionId> = self.sessions.iter().filter(|(_, s)| !s.link.session.connected()).map(|(id, _)| *id).collect();
         self.remove_sessions(gone);
         self.refresh_stale_presence();
         self.nudge_lagged();
@@ -544,15 +544,13 @@ impl Handler<Subscribe> for TenantActor {
         let replaced: Vec<SessionId> = self.sessions.iter().filter(|(_, s)| s.device == msg.device).map(|(id, _)| *id).collect();
         for id in &replaced {
             if let Some(old) = self.sessions.get(id) {
-                let _ = old.control.try_send(SessionControl::Replaced);
+                let _ = old.link.session.try_send(SessionControl::Replaced);
             }
         }
         self.remove_sessions(replaced);
         let subscriber = Subscriber {
             device: msg.device,
-            live: msg.live,
-            control: msg.control,
-            notices: msg.notices,
+            link: msg.link,
             lagged: false,
             user: msg.user,
             role: msg.role,
@@ -590,7 +588,7 @@ impl Handler<Watch> for TenantActor {
                 sub.watches_presence = msg.on;
                 // The list goes through the same mailbox as the diffs after it, so none overtakes it.
                 if let Some(list) = list {
-                    sub.presence_stale = sub.notices.try_send(Notice::PresenceList(list)).is_err();
+                    sub.presence_stale = sub.link.session.try_send(Notice::PresenceList(list)).is_err();
                 }
             }
         }
@@ -603,7 +601,7 @@ impl Handler<Broadcast> for TenantActor {
     fn handle(&mut self, msg: Broadcast, _ctx: &mut Context<Self>) -> usize {
         let frame = Arc::new(SharedServerFrame::new(protocol::ServerFrame::Broadcast { channel: msg.channel, payload: msg.payload }));
         // Ephemeral: a session whose mailbox is full misses it.
-        self.sessions.values().filter(|s| s.notices.try_send(Notice::Broadcast(frame.clone())).is_ok()).count()
+        self.sessions.values().filter(|s| s.link.session.try_send(Notice::Broadcast(frame.clone())).is_ok()).count()
     }
 }
 
