@@ -137,7 +137,7 @@ pub struct DeviceSession {
     mode: SessionMode,
     phase: Phase,
     auth: Option<Authenticated>,
-    epoch: Box<str>,
+    epoch: Arc<str>,
     /// Last seq of the tenant's stream this session has handled (sent to the device, to
     /// subscriptions, or skipped as nobody's).
     position: Seq,
@@ -195,7 +195,7 @@ impl DeviceSession {
             mode: SessionMode::Device,
             phase: Phase::AwaitHello,
             auth: None,
-            epoch: Box::default(),
+            epoch: Arc::from(""),
             position: 0,
             device_after: 0,
             device_live: false,
@@ -394,7 +394,8 @@ impl DeviceSession {
         let tenant = self.hub.registry.get(&identity.tenant);
         self.set_token_deadline(identity.expires_at);
         let view = self.hub.rules.view_for(&identity);
-        let identity = identity.without_claims();
+        let mut identity = identity.without_claims();
+        identity.tenant = self.hub.registry.shared_id(&identity.tenant);
         self.auth = Some(Authenticated { identity: identity.clone(), device: device.clone(), tenant: tenant.clone(), view });
         self.recording = self.hub.recorder.as_ref().is_some_and(|r| r.records(identity.tenant.as_str()));
         let hello = ClientFrame::Hello { mode: Default::default(), id, versions, token: String::new(), device_id: Some(device.to_string()), position: position.clone() };
@@ -421,7 +422,7 @@ impl DeviceSession {
             // it may hold entries of other SQL writers that a read of the log or a snapshot
             // showed the device before the actor fanned them out.
             match asked {
-                Some(p) if p.epoch != head.epoch || p.seq > head.head_seq => store.tenant_head(&tenant_id).await,
+                Some(p) if *p.epoch != *head.epoch || p.seq > head.head_seq => store.tenant_head(&tenant_id).await,
                 _ => Ok(head),
             }
         };
@@ -450,18 +451,18 @@ impl DeviceSession {
                     version,
                     session_id: session.id,
                     device_id: device.to_string(),
-                    epoch: head.epoch.clone(),
+                    epoch: head.epoch.to_string(),
                     head_seq: head.head_seq,
                     limits,
                 },
             );
             if session.mode == SessionMode::Dashboard {
                 // Nothing to catch up on: subscriptions start from their own snapshots.
-                session.epoch = head.epoch.as_str().into();
+                session.epoch = head.epoch.clone();
                 return session.start_catch_up(ctx, head.head_seq);
             }
             // No position (first start) is seq 0 of the current epoch.
-            let position = position.unwrap_or_else(|| Position { epoch: head.epoch.clone(), seq: 0 });
+            let position = position.unwrap_or_else(|| Position { epoch: head.epoch.to_string(), seq: 0 });
             session.start_from(ctx, &head, position);
         }));
     }
@@ -469,8 +470,8 @@ impl DeviceSession {
     /// Catch up from `position`, or send must_resync when it cannot be resumed: another epoch
     /// (or a seq past the head), or older than the log's floor.
     fn start_from(&mut self, ctx: &mut ws::WebsocketContext<Self>, head: &TenantHead, position: Position) {
-        self.epoch = head.epoch.as_str().into();
-        if position.epoch != head.epoch || position.seq > head.head_seq {
+        self.epoch = head.epoch.clone();
+        if *position.epoch != *head.epoch || position.seq > head.head_seq {
             self.must_resync(ctx, head.head_seq, ErrorCode::EpochMismatch)
         } else if position.seq < head.log_floor {
             self.must_resync(ctx, head.head_seq, ErrorCode::PositionTooOld)

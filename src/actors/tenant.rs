@@ -87,7 +87,7 @@ pub struct TenantActor {
     /// The tenant's epoch and log floor: `hello` is answered from them instead of a query per
     /// session. Read at start; `trim_log`'s notification brings the new floor (`learn_floor`),
     /// and a catch-up from Postgres that meets trimmed entries resyncs the device meanwhile.
-    epoch: String,
+    epoch: Arc<str>,
     log_floor: Seq,
     /// The latest fanned-out frames, covering `(recent_after, fanned]` without a gap, at most
     /// about `catch_up_cache_deltas` entries: catch-up reads these instead of Postgres.
@@ -122,7 +122,7 @@ impl TenantActor {
             committing: false,
             committed_head: None,
             fanned: 0,
-            epoch: String::new(),
+            epoch: Arc::from(""),
             log_floor: 0,
             recent: VecDeque::new(),
             recent_after: 0,

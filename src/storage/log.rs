@@ -2,6 +2,8 @@
 //! after a position, and snapshot pages of a table's current rows with their versions. Each
 //! read is a transaction scoped to its tenant ([`Store::begin_tenant`]).
 
+use std::sync::Arc;
+
 use protocol::{Delta, ErrorCode, Object, Op, SnapshotRow};
 use serde_json::Value;
 use sqlx::Row;
@@ -14,7 +16,7 @@ use crate::storage::catalog::TableSchema;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TenantHead {
-    pub epoch: String,
+    pub epoch: Arc<str>,
     pub head_seq: Seq,
     pub log_floor: Seq,
 }
@@ -48,7 +50,7 @@ impl Store {
         .await?;
         tx.commit().await?;
         Ok(TenantHead {
-            epoch: row.get("epoch"),
+            epoch: row.get::<String, _>("epoch").into(),
             head_seq: row.get::<i64, _>("head_seq") as Seq,
             log_floor: row.get::<i64, _>("log_floor") as Seq,
         })
