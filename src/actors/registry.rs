@@ -50,12 +50,12 @@ impl TenantRegistry {
         TenantActor::start_in_arbiter(arbiter, move |_| actor)
     }
 
-    /// The tenant's actor if it is running (it is while the tenant has sessions); never starts one.
     /// The registry's own copy of `tenant` (one allocation shared by all of its sessions).
     pub fn shared_id(&self, tenant: &TenantId) -> TenantId {
         self.actors.get(tenant).map(|entry| entry.key().clone()).unwrap_or_else(|| tenant.clone())
     }
 
+    /// The tenant's actor if it is running (it is while the tenant has sessions); never starts one.
     pub fn running(&self, tenant: &TenantId) -> Option<Addr<TenantActor>> {
         self.actors.get(tenant).filter(|a| a.connected()).map(|a| a.clone())
     }
