@@ -350,6 +350,7 @@ impl Config {
     pub fn heartbeat_interval(&self) -> Duration {
         Duration::from_millis(self.heartbeat_interval_ms)
     }
+
     /// The role may review conflicts (it is one of `manager_roles`).
     pub fn is_manager(&self, role: &str) -> bool {
         self.manager_roles.iter().any(|r| r == role)
