@@ -226,6 +226,12 @@ fn as_object(value: Value) -> Option<Object> {
     }
 }
 
+/// Settings of a merge transaction. Every statement of the group looks rows up by primary
+/// key. Tenants are often newer than the planner's statistics, which then expect one row per
+/// tenant and pick a sequential scan of the whole table; a key lookup is always the right plan
+/// here. JIT off: the disabled plan's nominal cost would otherwise trigger it.
+pub const MERGE_SETTINGS: &[(&str, &str)] = &[("synchub.origin", "hub"), ("enable_seqscan", "off"), ("jit", "off")];
+
 impl Store {
     /// Commit one group of batches for a tenant. Errors are group-wide and temporary
     /// (nothing was committed); per-change problems come back as rejected results.
@@ -248,16 +254,7 @@ impl Store {
         };
         // One round trip opens the transaction, sets it up and takes the savepoint that a
         // refused value rolls back to (at a batch of one change, round trips are the cost).
-        // Every statement of the group looks rows up by primary key. Tenants are often newer
-        // than the planner's statistics, which then expect one row per tenant and pick a
-        // sequential scan of the whole table; a key lookup is always the right plan here.
-        // JIT off: the disabled plan's nominal cost would otherwise trigger it.
-        let begin = self.tenant_begin_sql(
-            tenant,
-            "begin",
-            &[("synchub.origin", "hub"), ("enable_seqscan", "off"), ("jit", "off")],
-            "savepoint synchub_group",
-        );
+        let begin = self.tenant_begin_sql(tenant, "begin", MERGE_SETTINGS, "savepoint synchub_group");
         let mut tx = conn.begin_with(begin).await?;
         let output = match apply_group(&mut tx, &catalog, tenant, batches, limits, expected_head).await? {
             Applied::Done(output) => output,

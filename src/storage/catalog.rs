@@ -97,9 +97,11 @@ impl TableSchema {
         )
     }
 
+    /// Delete rows: `$1` tenant, `$2` jsonb array of keys. Like the update, a key probe per row
+    /// (`synchub.records_of`, migration 0010), whatever the planner's statistics say.
     fn build_delete_sql(&self) -> String {
         format!(
-            "delete from {table} t using jsonb_populate_recordset(null::{table}, $2) v where {tenant} and ({tk}) = ({vk}) \
+            "delete from {table} t using synchub.records_of(null::{table}, $2) v where {tenant} and ({tk}) = ({vk}) \
              returning {keyobj} as key, to_jsonb(t) as row",
             table = self.name,
             tenant = self.tenant_match("t"),
@@ -109,11 +111,13 @@ impl TableSchema {
         )
     }
 
-    /// Update existing rows: `$1` tenant, `$2` jsonb array of {key columns, `columns`}.
+    /// Update existing rows: `$1` tenant, `$2` jsonb array of {key columns, `columns`}. The
+    /// batch comes through `synchub.records_of`, which the planner takes for one row, so each
+    /// row is found by a key probe (migration 0010).
     pub fn update_sql(&self, columns: &[&str]) -> String {
         let sets: Vec<String> = columns.iter().map(|c| format!("{q} = v.{q}", q = quote_ident(c))).collect();
         format!(
-            "update {table} t set {sets} from jsonb_populate_recordset(null::{table}, $2) v where {tenant} and ({tk}) = ({vk}) \
+            "update {table} t set {sets} from synchub.records_of(null::{table}, $2) v where {tenant} and ({tk}) = ({vk}) \
              returning {keyobj} as key, to_jsonb(t) as row",
             table = self.name,
             sets = sets.join(", "),
