@@ -645,5 +645,21 @@ async fn the_group_returns_the_conflicts_it_logged_and_resolved() {
     assert_eq!(store.open_conflict_count(&tenant).await.unwrap(), 0);
     let price: i32 = sqlx::query_scalar("select price_cents from products where id = $1").bind(id).fetch_one(&hub.db).await.unwrap();
     assert_eq!(price, 7);
+
+    // The count follows other SQL clients' writes to the conflicts too: reopened, dismissed,
+    // reopened, deleted.
+    let mut expected = Vec::new();
+    let mut counted = Vec::new();
+    for (sql, open) in [
+        ("update synchub.conflicts set review_status = 'open' where conflict_id = $1", 1),
+        ("update synchub.conflicts set review_status = 'dismissed' where conflict_id = $1", 0),
+        ("update synchub.conflicts set review_status = 'open' where conflict_id = $1", 1),
+        ("delete from synchub.conflicts where conflict_id = $1", 0),
+    ] {
+        sqlx::query(sql).bind(logged.id).execute(&hub.db).await.unwrap();
+        expected.push(open);
+        counted.push(store.open_conflict_count(&tenant).await.unwrap());
+    }
+    assert_eq!(counted, expected);
     hub.shutdown().await;
 }

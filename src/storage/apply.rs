@@ -628,7 +628,8 @@ async fn apply_group(
     let open_conflicts = if logged_conflicts.is_empty() && resolved.is_empty() {
         None
     } else {
-        let open: i64 = sqlx::query_scalar("select count(*) from synchub.conflicts where tenant_id = $1 and review_status = 'open'")
+        // Kept by triggers on the conflicts table (migration 0011).
+        let open: i64 = sqlx::query_scalar("select open_conflicts from synchub.tenants where tenant_id = $1")
             .bind(tenant.as_str())
             .fetch_one(&mut *conn)
             .await?;

@@ -252,15 +252,16 @@ impl Store {
         Ok(counts)
     }
 
-    /// The tenant's open conflicts (the badge of `conflict` frames).
+    /// The tenant's open conflicts (the badge of `conflict` frames), as the conflicts table's
+    /// triggers keep them (migration 0011).
     pub async fn open_conflict_count(&self, tenant: &TenantId) -> Result<u64> {
         let mut tx = self.begin_tenant(tenant).await?;
-        let n: i64 = sqlx::query_scalar("select count(*) from synchub.conflicts where tenant_id = $1 and review_status = 'open'")
+        let n: Option<i64> = sqlx::query_scalar("select open_conflicts from synchub.tenants where tenant_id = $1")
             .bind(tenant.as_str())
-            .fetch_one(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(n as u64)
+        Ok(n.unwrap_or(0) as u64)
     }
 
     /// One conflict of the tenant; `None` when there is none with this id in the tenant.
