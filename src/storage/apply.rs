@@ -118,7 +118,8 @@ struct Decided {
     /// Index into the group's pending changes.
     pending: usize,
     decision: Decision,
-    /// Row image before and after the change.
+    /// Row image before the change, kept only for a row's first write in the group (the log
+    /// compares later writes with the image the earlier one left), and after it.
     before: Option<Object>,
     after: Option<Object>,
     /// Position among the changes that wrote something; `None` when it wrote nothing.
@@ -230,8 +231,10 @@ fn as_object(value: Value) -> Option<Object> {
 /// Settings of a merge transaction. Every statement of the group looks rows up by primary
 /// key. Tenants are often newer than the planner's statistics, which then expect one row per
 /// tenant and pick a sequential scan of the whole table; a key lookup is always the right plan
-/// here. JIT off: the disabled plan's nominal cost would otherwise trigger it.
-pub const MERGE_SETTINGS: &[(&str, &str)] = &[("synchub.origin", "hub"), ("enable_seqscan", "off"), ("jit", "off")];
+/// here. JIT off: the disabled plan's nominal cost would otherwise trigger it. Memoize off: a
+/// statement looks each key up once, so a cache of lookups never hits (5% of the row read).
+pub const MERGE_SETTINGS: &[(&str, &str)] =
+    &[("synchub.origin", "hub"), ("enable_seqscan", "off"), ("jit", "off"), ("enable_memoize", "off")];
 
 impl Store {
     /// Commit one group of batches for a tenant. Errors are group-wide and temporary
@@ -478,9 +481,8 @@ async fn apply_group(
             _ => None,
         };
         if let Some(seq) = seq {
-            let earlier = latest.insert(row_id, deltas.len()).map(|i| deltas[i].row.clone());
-            let before = match &earlier {
-                Some(image) => image.as_ref(),
+            let before = match latest.insert(row_id, deltas.len()) {
+                Some(earlier) => deltas[earlier].row.as_ref(),
                 None => decided.before.as_ref(),
             };
             let (op, old) = log_op_and_old(decision, before, decided.after.as_ref());
@@ -860,11 +862,11 @@ async fn merge_and_write(
         }
         let incoming = Incoming { op: pend.change.op, fields: &fields, clock: pend.clock.clone(), base_version: pend.change.base_version };
         let decision = merge::decide(&slot.state, &incoming, pend.table.policy);
-        let before = slot.state.values.clone();
         if decision.effect == Effect::Nothing {
-            state.decided.push(Decided { pending: p, decision, before, after: None, ordinal: None, forbidden: None });
+            state.decided.push(Decided { pending: p, decision, before: None, after: None, ordinal: None, forbidden: None });
             continue;
         }
+        let before = if slot.writes == 0 { slot.state.values.clone() } else { None };
         let ordinal = state.next_ordinal;
         state.next_ordinal += 1;
         let round = slot.writes;
