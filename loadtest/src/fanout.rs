@@ -40,6 +40,11 @@ pub struct FanoutArgs {
     /// receive every message; the measured window ends when they have (seconds).
     #[arg(long, default_value_t = 10)]
     pub drain_secs: u64,
+    /// The hub's publisher keeps at most this many pushes awaiting their acks, as a device
+    /// does; keep it within the hub's `session_pushes_in_flight` (64), past which pushes are
+    /// refused `busy` and the ones after them with `seq_gap`.
+    #[arg(long, default_value_t = 32)]
+    pub in_flight: usize,
 }
 
 fn now_us() -> u64 {
@@ -200,15 +205,25 @@ async fn hub_publisher(target: &Target, token: String, device: String, args: &Fa
     let mut client = target.connect(args.subscribers).await?;
     client.handshake(token, &device, None).await?;
     let crate::client::Client { mut sender, mut receiver } = client;
+    // Pushes awaiting their answers: each answer (ack or error) frees a place.
+    let window = tokio::sync::Semaphore::new(args.in_flight.max(1));
     // Read the acks as a device would: a publisher that never reads stalls its own socket once
     // the hub's send buffer to it is full, and then the hub stops reading its pushes.
-    let reading = async move {
+    let reading = async {
         loop {
             match receiver.recv().await {
-                Ok(ServerFrame::Ack { .. }) => {
+                Ok(ServerFrame::Ack { results, .. }) => {
                     stats.batches_acked.fetch_add(1, Ordering::Relaxed);
+                    // A refused change merges nothing and reaches no subscriber: count it.
+                    for r in results.iter().filter(|r| r.status == protocol::ChangeStatus::Rejected) {
+                        stats.error(r.reason.map_or("rejected", |code| code.as_str()));
+                    }
+                    window.add_permits(1);
                 }
-                Ok(ServerFrame::Error { code, .. }) => stats.error(code.as_str()),
+                Ok(ServerFrame::Error { code, .. }) => {
+                    stats.error(code.as_str());
+                    window.add_permits(1);
+                }
                 Ok(_) => {}
                 Err(_) => return,
             }
@@ -218,6 +233,8 @@ async fn hub_publisher(target: &Target, token: String, device: String, args: &Fa
         let ids: Vec<Uuid> = (0..100).map(|_| Uuid::new_v4()).collect();
         let mut pacer = Pacer::new(args);
         while let Some(seq) = pacer.next().await {
+            // A place in the window; a slow hub delays the publisher instead of refusing it.
+            window.acquire().await.map_err(|_| LoadError::Protocol("the publisher's window closed".into()))?.forget();
             let id = ids[(seq % 100) as usize];
             let mut fields = row(id, seq);
             if let Some(map) = fields.as_object_mut() {
