@@ -11,7 +11,7 @@ use protocol::{ClientFrame, Position, ServerFrame};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::client::{Received, Target};
+use crate::client::{Client, Received, Target};
 use crate::devices::Workload;
 use crate::error::{LoadError, Result};
 use crate::proc_stats;
@@ -49,6 +49,8 @@ pub struct StormReport {
     pub parameters: StormArgs,
     pub devices_back: u64,
     pub devices_failed: u64,
+    /// Hellos and pushes tried again after `busy` or `unavailable` (the hub shedding load).
+    pub retries: u64,
     /// From the first reconnect to the last device's `up_to_date`.
     pub all_caught_up_s: f64,
     /// Half of the devices were caught up by this time.
@@ -65,11 +67,65 @@ pub struct StormReport {
     pub errors: Vec<String>,
 }
 
+/// Tries of one device's hello or push after `busy` or `unavailable`.
+const MAX_RETRIES: u64 = 20;
+
+fn retryable(err: &LoadError) -> bool {
+    matches!(err, LoadError::Refused { code, .. } if code == "busy" || code == "unavailable")
+}
+
+/// 200 ms doubling to 1.6 s, plus up to as much again by the device's number, so that retries do
+/// not all come back at once.
+fn backoff(retries: u64, device: usize) -> Duration {
+    let base = 100u64 << retries.min(4);
+    Duration::from_millis(base + (device as u64 * 7919) % base)
+}
+
+/// One device's return: connect, hello from its position, read catch-up to `up_to_date`.
+/// Returns the connection, when the hello was answered and when catch-up was done.
+async fn come_back(
+    target: &Target,
+    n: usize,
+    token: &str,
+    device: &str,
+    position: &Position,
+    started: Instant,
+    deltas: &AtomicU64,
+) -> Result<(Client, Duration, Duration)> {
+    let mut client = target.connect(n).await?;
+    client
+        .sender
+        .send(&ClientFrame::Hello {
+            mode: Default::default(),
+            id: 1,
+            versions: vec![1],
+            token: token.to_string(),
+            device_id: Some(device.to_string()),
+            position: Some(position.clone()),
+        })
+        .await?;
+    let mut welcomed = None;
+    loop {
+        let frame = client.receiver.recv_heads().await?;
+        welcomed.get_or_insert_with(|| started.elapsed());
+        match frame {
+            Received::Deltas { catch_up: true, deltas: page } => {
+                deltas.fetch_add(page.len() as u64, Ordering::Relaxed);
+            }
+            Received::Frame(ServerFrame::UpToDate { .. }) => break,
+            Received::Frame(ServerFrame::Error { code, message, .. }) => return Err(LoadError::Refused { code: code.as_str().into(), message }),
+            _ => {}
+        }
+    }
+    let caught_up = started.elapsed();
+    Ok((client, welcomed.unwrap_or(caught_up), caught_up))
+}
+
 impl StormReport {
     pub fn table(&self) -> String {
         format!(
-            "  devices back                 {} ({} failed)\n  half caught up after         {:.2} s\n  all caught up after          {:.2} s\n  all queued changes acked     {:.2} s\n  catch-up deltas received     {}\n  hub CPU during the storm     {:.1} s\n  hub RSS max                  {} KiB\n  errors                       {:?}\n",
-            self.devices_back, self.devices_failed, self.median_caught_up_s, self.all_caught_up_s, self.all_acked_s, self.catch_up_deltas, self.hub_cpu_s, self.hub_rss_max_kib, self.errors
+            "  devices back                 {} ({} failed, {} retries)\n  half caught up after         {:.2} s\n  all caught up after          {:.2} s\n  all queued changes acked     {:.2} s\n  catch-up deltas received     {}\n  hub CPU during the storm     {:.1} s\n  hub RSS max                  {} KiB\n  errors                       {:?}\n",
+            self.devices_back, self.devices_failed, self.retries, self.median_caught_up_s, self.all_caught_up_s, self.all_acked_s, self.catch_up_deltas, self.hub_cpu_s, self.hub_rss_max_kib, self.errors
         )
     }
 }
@@ -187,54 +243,56 @@ pub async fn run(target: Target, tokens: TokenSource, args: StormArgs, hub_pid: 
         let token = tokens.token(&tenant, &device, n, "Employee");
         let pending = args.pending;
         tasks.push(tokio::spawn(async move {
-            let mut client = target.connect(n).await?;
-            client
-                .sender
-                .send(&ClientFrame::Hello { mode: Default::default(), id: 1, versions: vec![1], token, device_id: Some(device.clone()), position: Some(position) })
-                .await?;
-            let mut welcomed = None;
-            loop {
-                let frame = client.receiver.recv_heads().await?;
-                welcomed.get_or_insert_with(|| started.elapsed());
-                match frame {
-                    Received::Deltas { catch_up: true, deltas: page } => {
-                        deltas.fetch_add(page.len() as u64, Ordering::Relaxed);
+            // A device told `busy` or `unavailable` comes back later, as a real one does.
+            let mut retries = 0;
+            let (mut client, welcomed, caught_up) = loop {
+                match come_back(&target, n, &token, &device, &position, started, &deltas).await {
+                    Ok(back) => break back,
+                    Err(err) if retryable(&err) && retries < MAX_RETRIES => {
+                        retries += 1;
+                        tokio::time::sleep(backoff(retries, n)).await;
                     }
-                    Received::Frame(ServerFrame::UpToDate { .. }) => break,
-                    Received::Frame(ServerFrame::Error { code, message, .. }) => {
-                        return Err(LoadError::Refused { code: code.as_str().into(), message })
-                    }
-                    _ => {}
+                    Err(err) => return Err(err),
                 }
-            }
-            let caught_up = started.elapsed();
+            };
             let mut workload = Workload::new(&tenant, &device, pending.max(1), 0, 0.0);
             let changes = (0..pending).map(|_| workload.next().0).collect::<Vec<_>>();
             if !changes.is_empty() {
-                client.sender.send(&ClientFrame::Push { id: 2, batch_id: Uuid::now_v7(), changes }).await?;
-                loop {
-                    match client.receiver.recv_heads().await? {
-                        Received::Frame(ServerFrame::Ack { .. }) => break,
-                        Received::Frame(ServerFrame::Error { code, message, .. }) => {
-                            return Err(LoadError::Refused { code: code.as_str().into(), message })
+                // The same batch each time: the hub applies it once.
+                let push = ClientFrame::Push { id: 2, batch_id: Uuid::now_v7(), changes };
+                'pushing: loop {
+                    client.sender.send(&push).await?;
+                    loop {
+                        match client.receiver.recv_heads().await? {
+                            Received::Frame(ServerFrame::Ack { .. }) => break 'pushing,
+                            Received::Frame(ServerFrame::Error { code, message, .. }) => {
+                                let err = LoadError::Refused { code: code.as_str().into(), message };
+                                if retryable(&err) && retries < MAX_RETRIES {
+                                    retries += 1;
+                                    tokio::time::sleep(backoff(retries, n)).await;
+                                    continue 'pushing;
+                                }
+                                return Err(err);
+                            }
+                            _ => {}
                         }
-                        _ => {}
                     }
                 }
             }
             let acked = started.elapsed();
             client.sender.close().await;
-            Ok::<(Duration, Duration, Duration), LoadError>((welcomed.unwrap_or(caught_up), caught_up, acked))
+            Ok::<(Duration, Duration, Duration, u64), LoadError>((welcomed, caught_up, acked, retries))
         }));
     }
-    let (mut back, mut failed, mut caught_up, mut acked, mut errors) = (0, 0, Duration::ZERO, Duration::ZERO, Vec::new());
+    let (mut back, mut failed, mut retried, mut caught_up, mut acked, mut errors) = (0, 0, 0, Duration::ZERO, Duration::ZERO, Vec::new());
     let mut each = Vec::with_capacity(args.devices);
     let mut each_welcomed = Vec::with_capacity(args.devices);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
     for task in tasks {
         match tokio::time::timeout_at(deadline, task).await {
-            Ok(Ok(Ok((w, c, a)))) => {
+            Ok(Ok(Ok((w, c, a, r)))) => {
                 back += 1;
+                retried += r;
                 each.push(c);
                 each_welcomed.push(w);
                 caught_up = caught_up.max(c);
@@ -260,6 +318,7 @@ pub async fn run(target: Target, tokens: TokenSource, args: StormArgs, hub_pid: 
         parameters: args,
         devices_back: back,
         devices_failed: failed,
+        retries: retried,
         all_caught_up_s: caught_up.as_secs_f64(),
         median_caught_up_s: each.get(each.len() / 2).map_or(0.0, Duration::as_secs_f64),
         welcomed_by_decile_s: deciles(&each_welcomed),
@@ -270,4 +329,27 @@ pub async fn run(target: Target, tokens: TokenSource, args: StormArgs, hub_pid: 
         hub_rss_max_kib: rss_max.load(Ordering::Relaxed).max(after.hub_rss_kib),
         errors,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_load_shedding_is_tried_again() {
+        let refused = |code: &str| LoadError::Refused { code: code.into(), message: String::new() };
+        assert!(retryable(&refused("busy")) && retryable(&refused("unavailable")));
+        assert!(!retryable(&refused("unauthorized")) && !retryable(&refused("seq_gap")));
+        assert!(!retryable(&LoadError::Protocol("closed".into())));
+    }
+
+    #[test]
+    fn backoff_doubles_to_a_bound_and_spreads_devices() {
+        let waits: Vec<Duration> = (1..=6).map(|r| backoff(r, 0)).collect();
+        assert_eq!(waits[0], Duration::from_millis(200));
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]));
+        assert!((0..10_000).all(|n| backoff(20, n) < Duration::from_millis(3_200)));
+        let spread: std::collections::HashSet<Duration> = (0..100).map(|n| backoff(1, n)).collect();
+        assert!(spread.len() > 50, "devices retry at {} distinct times", spread.len());
+    }
 }

@@ -161,22 +161,23 @@ fn fanout_table(dir: &Path) -> String {
 /// Reconnect storm.
 fn storm_table(dir: &Path) -> String {
     let mut out = String::from(
-        "| devices | tenants | missed per tenant | queued per device | hub restarted | back | half caught up (s) | all caught up (s) | all queued acked (s) | catch-up deltas | hub CPU (s) | hub RSS max (MiB) |\n\
-         |---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| devices | tenants | missed per tenant | queued per device | hub restarted | back | retries after busy | half caught up (s) | all caught up (s) | all queued acked (s) | catch-up deltas | hub CPU (s) | hub RSS max (MiB) |\n\
+         |---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for name in ["storm", "storm-restart"] {
         let Some(r) = load(dir, name) else {
-            out.push_str(&format!("| {name}: not run | | | | | | | | | | | |\n"));
+            out.push_str(&format!("| {name}: not run | | | | | | | | | | | | |\n"));
             continue;
         };
         out.push_str(&format!(
-            "| {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1} | {:.0} |\n",
+            "| {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1} | {:.0} |\n",
             num(&r, &["parameters", "devices"]),
             num(&r, &["parameters", "tenants"]),
             num(&r, &["parameters", "missed"]),
             num(&r, &["parameters", "pending"]),
             if r["parameters"]["await_restart"].as_bool() == Some(true) { "yes" } else { "no" },
             num(&r, &["devices_back"]),
+            num(&r, &["retries"]),
             num(&r, &["median_caught_up_s"]),
             num(&r, &["all_caught_up_s"]),
             num(&r, &["all_acked_s"]),
