@@ -231,10 +231,8 @@ fn as_object(value: Value) -> Option<Object> {
 /// Settings of a merge transaction. Every statement of the group looks rows up by primary
 /// key. Tenants are often newer than the planner's statistics, which then expect one row per
 /// tenant and pick a sequential scan of the whole table; a key lookup is always the right plan
-/// here. JIT off: the disabled plan's nominal cost would otherwise trigger it. Memoize off: a
-/// statement looks each key up once, so a cache of lookups never hits (5% of the row read).
-pub const MERGE_SETTINGS: &[(&str, &str)] =
-    &[("synchub.origin", "hub"), ("enable_seqscan", "off"), ("jit", "off"), ("enable_memoize", "off")];
+/// here. JIT off: the disabled plan's nominal cost would otherwise trigger it.
+pub const MERGE_SETTINGS: &[(&str, &str)] = &[("synchub.origin", "hub"), ("enable_seqscan", "off"), ("jit", "off")];
 
 impl Store {
     /// Commit one group of batches for a tenant. Errors are group-wide and temporary
