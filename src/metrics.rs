@@ -79,6 +79,31 @@ pub struct Gauges {
     pub tenants: usize,
     pub db_connections: u32,
     pub db_idle: usize,
+    /// The allocator's own figures (`None` where it cannot tell).
+    pub memory: Option<AllocatorStats>,
+}
+
+/// jemalloc's figures, in bytes: what the hub asked for, the pages those allocations span,
+/// the pages resident, and the allocator's own metadata.
+pub struct AllocatorStats {
+    pub allocated: u64,
+    pub active: u64,
+    pub resident: u64,
+    pub metadata: u64,
+}
+
+impl AllocatorStats {
+    /// Read them now (jemalloc refreshes its statistics when the epoch advances).
+    pub fn read() -> Option<AllocatorStats> {
+        use tikv_jemalloc_ctl::{epoch, stats};
+        epoch::advance().ok()?;
+        Some(AllocatorStats {
+            allocated: stats::allocated::read().ok()? as u64,
+            active: stats::active::read().ok()? as u64,
+            resident: stats::resident::read().ok()? as u64,
+            metadata: stats::metadata::read().ok()? as u64,
+        })
+    }
 }
 
 impl Metrics {
@@ -158,6 +183,16 @@ impl Metrics {
         metric("synchub_errors_total", "counter", "Error frames sent and rejected changes, by code.", &errors);
         metric("synchub_db_connections", "gauge", "Connections in the database pool.", &one(gauges.db_connections as f64));
         metric("synchub_db_connections_idle", "gauge", "Idle connections in the database pool.", &one(gauges.db_idle as f64));
+        if let Some(memory) = &gauges.memory {
+            let kinds = [("allocated", memory.allocated), ("active", memory.active), ("resident", memory.resident), ("metadata", memory.metadata)];
+            let samples: Vec<_> = kinds.iter().map(|(k, v)| (format!("{{kind=\"{k}\"}}"), *v as f64)).collect();
+            metric(
+                "synchub_allocator_bytes",
+                "gauge",
+                "The allocator's heap: bytes allocated, in active pages, resident, and its metadata.",
+                &samples,
+            );
+        }
         out
     }
 }
@@ -175,7 +210,8 @@ mod tests {
         m.closed(CloseCode::SlowConsumer);
         m.error(ErrorCode::InvalidValue);
         m.http_pushes.fetch_add(2, Relaxed);
-        let text = m.render(&Gauges { sessions: 2, tenants: 1, db_connections: 3, db_idle: 1 });
+        let memory = AllocatorStats { allocated: 10, active: 20, resident: 30, metadata: 4 };
+        let text = m.render(&Gauges { sessions: 2, tenants: 1, db_connections: 3, db_idle: 1, memory: Some(memory) });
         assert!(text.contains("synchub_sessions 2\n"));
         assert!(text.contains("synchub_changes_total{status=\"conflict\"} 1\n"));
         assert!(text.contains("synchub_session_closes_total{code=\"4008\"} 1\n"));
@@ -186,6 +222,7 @@ mod tests {
         assert!(text.contains("synchub_group_commit_seconds_bucket{le=\"0.005\"} 1\n"));
         assert!(text.contains("synchub_group_commit_seconds_bucket{le=\"0.05\"} 2\n"));
         assert!(text.contains("synchub_group_commit_seconds_count 2\n"));
+        assert!(text.contains("synchub_allocator_bytes{kind=\"resident\"} 30\n"));
         // Every sample line belongs to a declared metric.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let name = line.split(['{', ' ']).next().unwrap();

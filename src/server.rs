@@ -21,7 +21,7 @@ use crate::auth::TokenVerifier;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::ids::{SessionId, TenantId};
-use crate::metrics::{Gauges, Metrics};
+use crate::metrics::{AllocatorStats, Gauges, Metrics};
 use crate::recorder::Recorder;
 use crate::rules::Rules;
 use crate::storage::Store;
@@ -138,6 +138,7 @@ async fn metrics_text(hub: web::Data<Arc<Hub>>) -> HttpResponse {
         tenants: hub.registry.tenant_count(),
         db_connections: hub.store.pool.size(),
         db_idle: hub.store.pool.num_idle(),
+        memory: AllocatorStats::read(),
     };
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(hub.metrics.render(&gauges))
 }
