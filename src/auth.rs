@@ -27,13 +27,15 @@ pub struct Identity {
     pub claims: Arc<Value>,
 }
 
-impl Identity {
-    /// The identity without its token's claims (they are only needed to resolve rules), so
-    /// that a long-lived session does not keep them.
-    pub fn without_claims(self) -> Identity {
-        static NONE: std::sync::OnceLock<Arc<Value>> = std::sync::OnceLock::new();
-        Identity { claims: NONE.get_or_init(|| Arc::new(Value::Null)).clone(), ..self }
-    }
+/// What a session keeps of its token once the rules' view is resolved: who it is, on which
+/// device, and until when (no claims: a long-lived session does not need them).
+pub struct SessionIdentity {
+    pub tenant: TenantId,
+    pub user: UserId,
+    pub role: Arc<str>,
+    pub device: DeviceId,
+    /// `exp`, Unix seconds.
+    pub expires_at: u64,
 }
 
 struct VerifyingKey {
@@ -111,6 +113,7 @@ impl TokenVerifier {
             claim_device: claim_path(&config.claim_device),
         })
     }
+
 
     pub fn verify(&self, token: &str) -> Result<Identity> {
         let invalid = |msg: String| Error::client(ErrorCode::InvalidToken, msg);

@@ -15,9 +15,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use protocol::capture::{CaptureEntry, CaptureEvent, CaptureHeader, CAPTURE_FORMAT};
 use uuid::Uuid;
 
-use crate::auth::Identity;
+use crate::auth::SessionIdentity;
 use crate::error::{Error, Result};
-use crate::ids::DeviceId;
 use crate::metrics::Metrics;
 
 /// A written line becomes visible in the file at most this long after it was queued.
@@ -80,12 +79,12 @@ impl Recorder {
     }
 
     /// Queue one event of a session; dropped (and counted) when the queue is full.
-    pub fn record(&self, session: Uuid, identity: &Identity, device: &DeviceId, event: CaptureEvent) {
+    pub fn record(&self, session: Uuid, identity: &SessionIdentity, event: CaptureEvent) {
         let entry = CaptureEntry {
             t_us: self.started.elapsed().as_micros() as u64,
             session,
             tenant: identity.tenant.to_string(),
-            device: device.to_string(),
+            device: identity.device.to_string(),
             user: identity.user.to_string(),
             role: identity.role.to_string(),
             event,

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use actix::WeakAddr;
 use actix_web_actors::ws;
 use bytes::{Bytes, BytesMut};
 use protocol::capture::{AckedChange, CaptureEvent};
@@ -24,7 +25,7 @@ use uuid::Uuid;
 use super::messages::{ApplyBatch, Encoded, LiveFrame, Notice, RecentLog, SessionControl, SharedFrame, Subscribe, Unsubscribe, Watch};
 use super::sweep::{monotonic_ms, unix_ms, SessionHandle};
 use super::tenant::TenantActor;
-use crate::auth::{unix_now, Identity};
+use crate::auth::{unix_now, SessionIdentity};
 use crate::rules::AccessView;
 use crate::error::Error;
 use crate::ids::{DeviceId, Seq, SessionId, DASHBOARD_DEVICE_PREFIX};
@@ -91,9 +92,10 @@ enum Phase {
 }
 
 struct Authenticated {
-    identity: Identity,
-    device: DeviceId,
-    tenant: Addr<TenantActor>,
+    identity: SessionIdentity,
+    /// The tenant actor, weak: a strong address costs every idle session a sender of its own
+    /// (about 80 bytes); one is made for each send instead.
+    tenant: WeakAddr<TenantActor>,
     /// What the rules let this identity read; `None` when it may read everything (then
     /// frames shared by all sessions go out as they are).
     view: Option<Arc<AccessView>>,
@@ -115,10 +117,23 @@ enum Target {
 /// Pushes of a session between its socket and its acks.
 #[derive(Default)]
 struct PushQueues {
+    /// Pushes received and not yet acked (or refused).
+    in_flight: usize,
     /// Waiting to be handed to the tenant actor, in the order received.
     to_forward: VecDeque<(u64, Uuid, BatchInput)>,
     /// Queued at the tenant actor, oldest first, with the receivers of their results.
     awaiting_acks: VecDeque<(u64, Uuid, tokio::sync::oneshot::Receiver<Result<Vec<protocol::ChangeResult>, Error>>)>,
+}
+
+/// What a catching-up session keeps of the live stream until it goes live.
+#[derive(Default)]
+struct HeldFrames {
+    /// Live frames received while catching up, oldest first.
+    frames: VecDeque<Arc<SharedFrame>>,
+    /// Highest seq of a live frame dropped while catching up.
+    dropped_upto: Seq,
+    /// Re-read the stream from this seq once the catch-up read under way is done.
+    rewind_to: Option<Seq>,
 }
 
 /// Session state for what goes wrong or arrives in pieces.
@@ -148,23 +163,15 @@ pub struct DeviceSession {
     device_live: bool,
     /// A `catch_up` page went to the device in the current catch-up.
     device_paged: bool,
-    /// Re-read the stream from this seq once the catch-up read under way is done.
-    rewind_to: Option<Seq>,
-    subscriptions: Vec<Subscription>,
-    /// Live frames received while catching up.
-    buffered: VecDeque<Arc<SharedFrame>>,
-    /// Highest seq of a live frame dropped while catching up.
-    dropped_upto: Seq,
+    /// The socket's subscriptions (dashboards; boxed at the first, like `pushes`).
+    subscriptions: Option<Box<Vec<Subscription>>>,
+    /// Live frames that came while catching up (boxed while there are any).
+    held: Option<Box<HeldFrames>>,
     catch_up_running: bool,
     /// Catch-up waits for pongs before sending more.
     catch_up_paused: bool,
     bytes_written: u64,
-    bytes_confirmed: u64,
     next_ping_at: u64,
-    /// When the client's last frame came, in `monotonic_ms` (8 bytes where an `Instant` takes 16).
-    last_heard_ms: u64,
-    /// Pushes received and not yet acked (or refused).
-    pushes_in_flight: usize,
     /// Pushes on their way to the tenant actor and back (boxed at the first push, like `rare`:
     /// an idle session stays small).
     pushes: Option<Box<PushQueues>>,
@@ -200,17 +207,12 @@ impl DeviceSession {
             device_after: 0,
             device_live: false,
             device_paged: false,
-            rewind_to: None,
-            subscriptions: Vec::new(),
-            buffered: VecDeque::new(),
-            dropped_upto: 0,
+            subscriptions: None,
+            held: None,
             catch_up_running: false,
             catch_up_paused: false,
             bytes_written: 0,
-            bytes_confirmed: 0,
             next_ping_at: 0,
-            last_heard_ms: monotonic_ms(),
-            pushes_in_flight: 0,
             pushes: None,
             forwarding: false,
             awaiting_ack: false,
@@ -223,15 +225,32 @@ impl DeviceSession {
         }
     }
 
+    fn pushes_in_flight(&self) -> usize {
+        self.pushes.as_ref().map_or(0, |p| p.in_flight)
+    }
+
+    fn subscriptions(&self) -> &[Subscription] {
+        self.subscriptions.as_deref().map_or(&[], Vec::as_slice)
+    }
+
+    fn subscriptions_mut(&mut self) -> &mut Vec<Subscription> {
+        self.subscriptions.get_or_insert_with(Box::default)
+    }
+
+    fn held_mut(&mut self) -> &mut HeldFrames {
+        self.held.get_or_insert_with(Box::default)
+    }
+
     /// Add an event of this session to the capture file, when its tenant is recorded.
     fn record(&self, event: CaptureEvent) {
         if let (true, Some(recorder), Some(auth)) = (self.recording, &self.hub.recorder, &self.auth) {
-            recorder.record(self.id, &auth.identity, &auth.device, event);
+            recorder.record(self.id, &auth.identity, event);
         }
     }
 
     fn unconfirmed(&self) -> u64 {
-        self.bytes_written.saturating_sub(self.bytes_confirmed)
+        let confirmed = self.link.as_ref().map_or(0, |link| link.bytes_confirmed.load(Ordering::Relaxed));
+        self.bytes_written.saturating_sub(confirmed)
     }
 
     fn write(&mut self, ctx: &mut ws::WebsocketContext<Self>, encoded: Encoded) {
@@ -272,7 +291,9 @@ impl DeviceSession {
         tracing::debug!(session = %self.id, code = code.code(), reason, "closing session");
         ctx.close(Some(ws::CloseReason { code: ws::CloseCode::Other(code.code()), description: Some(reason.to_owned()) }));
         if let Some(auth) = &self.auth {
-            let _ = auth.tenant.try_send(Unsubscribe { session: self.id });
+            if let Some(tenant) = auth.tenant.upgrade() {
+                let _ = tenant.try_send(Unsubscribe { session: self.id });
+            }
         }
         if self.hub.accepting() {
             // Keep the connection until the client answers the close frame. Dropping it now
@@ -356,7 +377,7 @@ impl DeviceSession {
             return self.bad_frame(ctx, Some(id), ErrorCode::AlreadyAuthenticated, "hello was already sent".into());
         }
         if let Some(link) = &self.link {
-            link.hello_deadline_ms.store(0, Ordering::Relaxed);
+            link.deadline_ms.store(0, Ordering::Relaxed);
         }
         let Some(version) = SUPPORTED_VERSIONS.iter().rev().find(|v| versions.contains(v)).copied() else {
             self.send_error(ctx, Some(id), ErrorCode::UnsupportedVersion, format!("this hub speaks versions {SUPPORTED_VERSIONS:?}"));
@@ -394,10 +415,17 @@ impl DeviceSession {
         let tenant = self.hub.registry.get(&identity.tenant);
         self.set_token_deadline(identity.expires_at);
         let view = self.hub.rules.view_for(&identity);
-        let mut identity = identity.without_claims();
-        identity.tenant = self.hub.registry.shared_id(&identity.tenant);
-        self.auth = Some(Authenticated { identity: identity.clone(), device: device.clone(), tenant: tenant.clone(), view });
-        self.recording = self.hub.recorder.as_ref().is_some_and(|r| r.records(identity.tenant.as_str()));
+        let identity = SessionIdentity {
+            tenant: self.hub.registry.shared_id(&identity.tenant),
+            user: identity.user,
+            role: identity.role,
+            device: device.clone(),
+            expires_at: identity.expires_at,
+        };
+        let (user, role) = (identity.user.clone(), identity.role.clone());
+        let tenant_id = identity.tenant.clone();
+        self.auth = Some(Authenticated { identity, tenant: tenant.downgrade(), view });
+        self.recording = self.hub.recorder.as_ref().is_some_and(|r| r.records(tenant_id.as_str()));
         let hello = ClientFrame::Hello { mode: Default::default(), id, versions, token: String::new(), device_id: Some(device.to_string()), position: position.clone() };
         self.record(CaptureEvent::Frame { msgpack: self.encoding == Encoding::MsgPack, frame: hello });
         // `started` set the link before any frame was read.
@@ -406,14 +434,13 @@ impl DeviceSession {
         let subscribe = Subscribe {
             session: self.id,
             device: device.clone(),
-            user: identity.user.clone(),
-            role: identity.role.clone(),
+            user,
+            role,
             mode: self.mode,
             since_ms: unix_ms(),
             link,
         };
         let store = self.hub.store.clone();
-        let tenant_id = identity.tenant.clone();
         let asked = position.clone();
         let work = async move {
             let head = tenant.send(subscribe).await.map_err(|_| Error::Busy)?;
@@ -483,7 +510,9 @@ impl DeviceSession {
 
     fn must_resync(&mut self, ctx: &mut ws::WebsocketContext<Self>, head_seq: Seq, reason: ErrorCode) {
         self.phase = Phase::AwaitResume;
-        self.buffered.clear();
+        if let Some(held) = self.held.as_mut() {
+            held.frames.clear();
+        }
         let frame = ServerFrame::MustResync { epoch: self.epoch.to_string(), head_seq, reason };
         self.send(ctx, &frame);
     }
@@ -492,7 +521,7 @@ impl DeviceSession {
     fn set_token_deadline(&self, expires_at: u64) {
         if let Some(link) = &self.link {
             let void_at = expires_at.saturating_add(self.hub.config.jwt_leeway_secs).saturating_mul(1000);
-            link.token_void_at_ms.store(void_at.max(1), Ordering::Relaxed);
+            link.deadline_ms.store(void_at.max(1), Ordering::Relaxed);
         }
     }
 
@@ -513,7 +542,7 @@ impl DeviceSession {
         };
         // unwrap: handle_frame only routes `auth` to authenticated sessions.
         let auth = self.auth.as_ref().expect("authenticated");
-        let same_device = identity.device.as_ref().is_none_or(|d| *d == auth.device);
+        let same_device = identity.device.as_ref().is_none_or(|d| *d == auth.identity.device);
         if identity.tenant != auth.identity.tenant || identity.user != auth.identity.user || !same_device {
             return self.send_error(ctx, Some(id), ErrorCode::Forbidden, "a refreshed token must name the same tenant, user and device");
         }
@@ -521,7 +550,8 @@ impl DeviceSession {
         self.set_token_deadline(expires_at);
         if let Some(auth) = self.auth.as_mut() {
             auth.view = self.hub.rules.view_for(&identity);
-            auth.identity = identity.without_claims();
+            auth.identity.role = identity.role;
+            auth.identity.expires_at = expires_at;
         }
         self.send(ctx, &ServerFrame::AuthOk { id, expires_at });
     }
@@ -533,16 +563,17 @@ impl DeviceSession {
         if let Err(err) = check_batch(&changes, self.hub.config.max_batch_changes) {
             return self.bad_frame(ctx, Some(id), err.code(), err.public_message());
         }
-        if self.pushes_in_flight >= self.hub.config.session_pushes_in_flight {
+        if self.pushes_in_flight() >= self.hub.config.session_pushes_in_flight {
             let max = self.hub.config.session_pushes_in_flight;
             return self.send_error(ctx, Some(id), ErrorCode::Busy, format!("{max} pushes already await their acks on this session; wait for acks"));
         }
         // unwrap: only authenticated sessions reach here.
         let auth = self.auth.as_ref().expect("authenticated");
-        let input = BatchInput { access: auth.view.clone(), ..BatchInput::pushed(auth.device.clone(), auth.identity.user.clone(), batch_id, changes) };
-        self.pushes_in_flight += 1;
+        let input = BatchInput { access: auth.view.clone(), ..BatchInput::pushed(auth.identity.device.clone(), auth.identity.user.clone(), batch_id, changes) };
         self.hub.metrics.batches_pushed.fetch_add(1, Ordering::Relaxed);
-        self.pushes.get_or_insert_with(Box::default).to_forward.push_back((id, batch_id, input));
+        let pushes = self.pushes.get_or_insert_with(Box::default);
+        pushes.in_flight += 1;
+        pushes.to_forward.push_back((id, batch_id, input));
         self.forward_pushes(ctx);
     }
 
@@ -555,9 +586,15 @@ impl DeviceSession {
         }
         let next = self.pushes.as_mut().and_then(|p| p.to_forward.pop_front());
         let (Some(auth), Some((id, batch_id, input))) = (self.auth.as_ref(), next) else { return };
-        let tenant = auth.tenant.clone();
+        let tenant = auth.tenant.upgrade();
         self.forwarding = true;
-        ctx.spawn(async move { tenant.send(ApplyBatch { input }).await }.into_actor(self).map(move |queued, session, ctx| {
+        let queue = async move {
+            match tenant {
+                Some(tenant) => tenant.send(ApplyBatch { input }).await,
+                None => Err(MailboxError::Closed),
+            }
+        };
+        ctx.spawn(queue.into_actor(self).map(move |queued, session, ctx| {
             session.forwarding = false;
             match queued {
                 Ok(Ok(answer)) => {
@@ -587,7 +624,9 @@ impl DeviceSession {
 
     /// A push was committed (ack) or refused as a whole (error).
     fn push_done(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: u64, batch_id: Uuid, reply: Result<Vec<protocol::ChangeResult>, Error>) {
-        self.pushes_in_flight -= 1;
+        if let Some(pushes) = self.pushes.as_mut() {
+            pushes.in_flight -= 1;
+        }
         match reply {
             Ok(results) => {
                 if self.recording {
@@ -598,7 +637,7 @@ impl DeviceSession {
             }
             Err(err) => self.send_error(ctx, Some(id), err.code(), err.public_message()),
         }
-        if self.closing && self.pushes_in_flight == 0 {
+        if self.closing && self.pushes_in_flight() == 0 {
             self.close(ctx, CloseCode::GoingAway, "shutting down");
         }
     }
@@ -667,11 +706,11 @@ impl DeviceSession {
         if name.is_empty() || name.chars().count() > 64 {
             return self.bad_frame(ctx, Some(id), ErrorCode::InvalidFilter, "`sub` must be 1 to 64 characters".into());
         }
-        if self.subscriptions.iter().any(|s| s.name == name) {
+        if self.subscriptions().iter().any(|s| s.name == name) {
             return self.bad_frame(ctx, Some(id), ErrorCode::InvalidFilter, format!("a subscription named `{name}` exists on this socket"));
         }
         let max = self.hub.config.max_subscriptions_per_session;
-        if self.subscriptions.len() >= max {
+        if self.subscriptions().len() >= max {
             return self.send_error(ctx, Some(id), ErrorCode::TooManySubscriptions, format!("at most {max} subscriptions per socket"));
         }
         match (table, channel) {
@@ -688,18 +727,18 @@ impl DeviceSession {
         if channel == Channel::Conflicts && !self.hub.config.is_manager(&auth.identity.role) {
             return self.send_error(ctx, Some(id), ErrorCode::Forbidden, format!("role {} may not review conflicts", auth.identity.role));
         }
-        let watching = self.subscriptions.iter().any(|s| matches!(s.target, Target::Channel(c) if c == channel));
-        if !watching && auth.tenant.try_send(Watch { session: self.id, channel, on: true }).is_err() {
+        let watching = self.subscriptions().iter().any(|s| matches!(s.target, Target::Channel(c) if c == channel));
+        if !watching && auth.tenant.upgrade().is_none_or(|t| t.try_send(Watch { session: self.id, channel, on: true }).is_err()) {
             return self.send_error(ctx, Some(id), ErrorCode::Busy, "the tenant is saturated; retry");
         }
-        self.subscriptions.push(Subscription { name: name.clone(), target: Target::Channel(channel) });
+        self.subscriptions_mut().push(Subscription { name: name.clone(), target: Target::Channel(channel) });
         self.hub.metrics.subscriptions.fetch_add(1, Ordering::Relaxed);
         self.send(ctx, &ServerFrame::Subscribed { id, sub: name, seq: self.position });
     }
 
     fn subscribe_table(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: u64, name: String, table: String, filter: Vec<Condition>, snapshot: bool) {
         // Reserve the name now; the subscription gets deltas once `ready`.
-        self.subscriptions.push(Subscription {
+        self.subscriptions_mut().push(Subscription {
             name: name.clone(),
             target: Target::Table { table: table.clone(), filter: filter.clone(), after: Seq::MAX, ready: false },
         });
@@ -743,14 +782,14 @@ impl DeviceSession {
             }
         };
         ctx.spawn(work.into_actor(self).map(move |result, session, ctx| {
-            let Some(index) = session.subscriptions.iter().position(|s| s.name == name) else { return }; // unsubscribed meanwhile
+            let Some(index) = session.subscriptions().iter().position(|s| s.name == name) else { return }; // unsubscribed meanwhile
             if session.closed {
                 return;
             }
             let snapshot = match result {
                 Ok(snapshot) => snapshot,
                 Err(err) => {
-                    session.subscriptions.remove(index);
+                    session.subscriptions_mut().remove(index);
                     return session.send_error(ctx, Some(id), err.code(), err.public_message());
                 }
             };
@@ -768,7 +807,7 @@ impl DeviceSession {
                     session.send(ctx, &ServerFrame::SubRows { sub: name.clone(), rows: chunk, seq, last: n == pages });
                 }
             }
-            if let Target::Table { after, ready, .. } = &mut session.subscriptions[index].target {
+            if let Target::Table { after, ready, .. } = &mut session.subscriptions_mut()[index].target {
                 *after = seq;
                 *ready = true;
             }
@@ -777,18 +816,20 @@ impl DeviceSession {
     }
 
     fn unsubscribe(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: u64, name: &str) {
-        let Some(index) = self.subscriptions.iter().position(|s| s.name == name) else {
+        let Some(index) = self.subscriptions().iter().position(|s| s.name == name) else {
             return self.send_error(ctx, Some(id), ErrorCode::UnknownSubscription, format!("no subscription named `{name}`"));
         };
-        let removed = self.subscriptions.remove(index);
+        let removed = self.subscriptions_mut().remove(index);
         if !matches!(removed.target, Target::Table { ready: false, .. }) {
             self.hub.metrics.subscriptions.fetch_sub(1, Ordering::Relaxed);
         }
         if let Target::Channel(channel) = removed.target {
-            let still = self.subscriptions.iter().any(|s| matches!(s.target, Target::Channel(c) if c == channel));
+            let still = self.subscriptions().iter().any(|s| matches!(s.target, Target::Channel(c) if c == channel));
             if let (false, Some(auth)) = (still, &self.auth) {
                 // Best effort: a watcher that is gone is also dropped with the session.
-                let _ = auth.tenant.try_send(Watch { session: self.id, channel, on: false });
+                if let Some(tenant) = auth.tenant.upgrade() {
+                    let _ = tenant.try_send(Watch { session: self.id, channel, on: false });
+                }
             }
         }
         self.send(ctx, &ServerFrame::Unsubscribed { id, sub: removed.name });
@@ -799,7 +840,7 @@ impl DeviceSession {
     }
 
     fn channel_subscriptions(&self, channel: Channel) -> Vec<String> {
-        self.subscriptions.iter().filter(|s| matches!(s.target, Target::Channel(c) if c == channel)).map(|s| s.name.clone()).collect()
+        self.subscriptions().iter().filter(|s| matches!(s.target, Target::Channel(c) if c == channel)).map(|s| s.name.clone()).collect()
     }
 
     fn start_catch_up(&mut self, ctx: &mut ws::WebsocketContext<Self>, from: Seq) {
@@ -814,7 +855,7 @@ impl DeviceSession {
         if self.catch_up_running || self.phase != Phase::CatchingUp || self.closed {
             return;
         }
-        if let Some(to) = self.rewind_to.take() {
+        if let Some(to) = self.held.as_mut().and_then(|h| h.rewind_to.take()) {
             self.position = self.position.min(to);
         }
         if self.unconfirmed() > self.hub.config.session_outbound_budget_bytes as u64 / 2 {
@@ -827,13 +868,15 @@ impl DeviceSession {
         let store = self.hub.store.clone();
         // unwrap: catch-up only starts after hello succeeded.
         let auth = self.auth.as_ref().expect("authenticated");
-        let (tenant, actor) = (auth.identity.tenant.clone(), auth.tenant.clone());
+        let (tenant, actor) = (auth.identity.tenant.clone(), auth.tenant.upgrade());
         let after = self.position;
         let page = self.hub.config.catch_up_page_changes;
         let read = async move {
             // The tenant actor's memory first; Postgres when it does not reach back that far.
-            if let Ok(Some((frames, head))) = actor.send(RecentLog { after, limit: page }).await {
-                return Ok((CatchUpRead::Memory(frames), head));
+            if let Some(actor) = actor {
+                if let Ok(Some((frames, head))) = actor.send(RecentLog { after, limit: page }).await {
+                    return Ok((CatchUpRead::Memory(frames), head));
+                }
             }
             store.read_log(&tenant, after, None, page).await.map(|read| (CatchUpRead::Log(read.deltas), read.head_seq))
         };
@@ -901,14 +944,17 @@ impl DeviceSession {
 
     /// Switch to live if the buffered frames continue right after `position`.
     fn try_go_live(&mut self, ctx: &mut ws::WebsocketContext<Self>) -> bool {
-        if self.dropped_upto > self.position || self.rewind_to.is_some() {
-            return false;
-        }
-        while self.buffered.front().is_some_and(|f| f.seq <= self.position) {
-            self.buffered.pop_front();
-        }
-        if self.buffered.front().is_some_and(|f| f.after > self.position) {
-            return false; // a gap the log has not shown us yet: read again
+        let position = self.position;
+        if let Some(held) = self.held.as_mut() {
+            if held.dropped_upto > position || held.rewind_to.is_some() {
+                return false;
+            }
+            while held.frames.front().is_some_and(|f| f.seq <= position) {
+                held.frames.pop_front();
+            }
+            if held.frames.front().is_some_and(|f| f.after > position) {
+                return false; // a gap the log has not shown us yet: read again
+            }
         }
         self.phase = Phase::Live;
         if self.mode == SessionMode::Device && (!self.device_live || self.device_paged) {
@@ -916,7 +962,8 @@ impl DeviceSession {
         }
         self.device_live = true;
         self.device_paged = false;
-        let frames: Vec<_> = self.buffered.drain(..).collect();
+        // Live now: what was held goes out, and an idle session keeps no box.
+        let frames = self.held.take().map(|held| held.frames).unwrap_or_default();
         for frame in frames {
             self.deliver(ctx, frame);
         }
@@ -930,11 +977,11 @@ impl DeviceSession {
         }
         if frame.after > self.position {
             // Frames went missing (mailbox was full): fall back to the log.
-            self.buffered.push_back(frame);
+            self.held_mut().frames.push_back(frame);
             return self.start_catch_up(ctx, self.position);
         }
-        let own = frame.origin.is_some() && frame.origin.as_deref() == self.auth.as_ref().map(|a| a.device.as_str());
-        if own && self.subscriptions.is_empty() {
+        let own = frame.origin.is_some() && frame.origin.as_deref() == self.auth.as_ref().map(|a| a.identity.device.as_str());
+        if own && self.subscriptions().is_empty() {
             // The device's own changes: it has their acks, so only the position moves.
             self.position = frame.seq;
             self.device_after = self.device_after.max(frame.seq);
@@ -972,12 +1019,13 @@ impl DeviceSession {
     /// Give each ready table subscription the deltas up to `seq` that it has not had and that
     /// its filter lets through.
     fn route_to_subscriptions(&mut self, ctx: &mut ws::WebsocketContext<Self>, deltas: &[&Delta], seq: Seq) {
-        if self.subscriptions.is_empty() {
+        if self.subscriptions().is_empty() {
             return;
         }
         let mut frames = Vec::new();
         let view = self.view();
-        for sub in &mut self.subscriptions {
+        let Some(subscriptions) = self.subscriptions.as_mut() else { return };
+        for sub in subscriptions.iter_mut() {
             let Target::Table { table, filter, after, ready: true } = &mut sub.target else { continue };
             if seq <= *after {
                 continue;
@@ -1011,11 +1059,14 @@ impl DeviceSession {
         }
         match self.phase {
             Phase::Live => {
-                self.buffered.clear();
+                if let Some(held) = self.held.as_mut() {
+                    held.frames.clear();
+                }
                 self.start_catch_up(ctx, to)
             }
             Phase::CatchingUp => {
-                self.rewind_to = Some(self.rewind_to.map_or(to, |r| r.min(to)));
+                let held = self.held_mut();
+                held.rewind_to = Some(held.rewind_to.map_or(to, |r| r.min(to)));
                 self.catch_up_step(ctx);
             }
             _ => {}
@@ -1026,7 +1077,8 @@ impl DeviceSession {
         if self.closed {
             return;
         }
-        if monotonic_ms().saturating_sub(self.last_heard_ms) > self.hub.config.heartbeat_timeout_ms {
+        let last_heard_ms = self.link.as_ref().map_or(0, |link| link.last_heard_ms.load(Ordering::Relaxed));
+        if monotonic_ms().saturating_sub(last_heard_ms) > self.hub.config.heartbeat_timeout_ms {
             return self.close(ctx, CloseCode::HeartbeatTimeout, "no pong or frame within the heartbeat timeout");
         }
         ctx.ping(&self.bytes_written.to_be_bytes());
@@ -1048,18 +1100,22 @@ impl Actor for DeviceSession {
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         self.hub.sessions.remove(&self.id);
-        let held = self.subscriptions.iter().filter(|s| !matches!(s.target, Target::Table { ready: false, .. })).count();
+        let held = self.subscriptions().iter().filter(|s| !matches!(s.target, Target::Table { ready: false, .. })).count();
         self.hub.metrics.subscriptions.fetch_sub(held as i64, Ordering::Relaxed);
         self.record(CaptureEvent::Close);
         if let Some(auth) = &self.auth {
-            let _ = auth.tenant.try_send(Unsubscribe { session: self.id });
+            if let Some(tenant) = auth.tenant.upgrade() {
+                let _ = tenant.try_send(Unsubscribe { session: self.id });
+            }
         }
     }
 }
 
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for DeviceSession {
     fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
-        self.last_heard_ms = monotonic_ms();
+        if let Some(link) = &self.link {
+            link.last_heard_ms.store(monotonic_ms(), Ordering::Relaxed);
+        }
         if self.closed {
             // Waiting for the client's answer to our close frame; everything else is ignored.
             if matches!(msg, Ok(ws::Message::Close(_)) | Err(_)) {
@@ -1088,8 +1144,8 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for DeviceSession {
             ws::Message::Binary(bytes) => self.handle_payload(ctx, &bytes, Encoding::MsgPack),
             ws::Message::Ping(payload) => ctx.pong(&payload),
             ws::Message::Pong(payload) => {
-                if let Ok(count) = <[u8; 8]>::try_from(payload.as_ref()) {
-                    self.bytes_confirmed = self.bytes_confirmed.max(u64::from_be_bytes(count).min(self.bytes_written));
+                if let (Ok(count), Some(link)) = (<[u8; 8]>::try_from(payload.as_ref()), &self.link) {
+                    link.bytes_confirmed.fetch_max(u64::from_be_bytes(count).min(self.bytes_written), Ordering::Relaxed);
                 }
                 if self.catch_up_paused && self.unconfirmed() <= self.hub.config.session_outbound_budget_bytes as u64 / 2 {
                     self.catch_up_paused = false;
@@ -1152,12 +1208,13 @@ impl Handler<LiveFrame> for DeviceSession {
             match self.phase {
                 Phase::Live => self.deliver(ctx, frame.clone()),
                 Phase::CatchingUp | Phase::Starting => {
-                    if self.buffered.len() >= CATCH_UP_BUFFER_FRAMES {
+                    let held = self.held_mut();
+                    if held.frames.len() >= CATCH_UP_BUFFER_FRAMES {
                         // Bounded: forget what is buffered; the log has it, and buffering restarts.
-                        self.buffered.clear();
-                        self.dropped_upto = self.dropped_upto.max(frame.seq);
+                        held.frames.clear();
+                        held.dropped_upto = held.dropped_upto.max(frame.seq);
                     } else {
-                        self.buffered.push_back(frame.clone());
+                        held.frames.push_back(frame.clone());
                     }
                 }
                 Phase::AwaitHello | Phase::AwaitResume => {}
@@ -1221,37 +1278,53 @@ impl Handler<SessionControl> for DeviceSession {
             }
             SessionControl::Shutdown => {
                 self.closing = true;
-                if self.pushes_in_flight == 0 {
+                if self.pushes_in_flight() == 0 {
                     self.close(ctx, CloseCode::GoingAway, "the hub is shutting down; reconnect");
                 }
             }
             SessionControl::Heartbeat => self.heartbeat(ctx),
-            SessionControl::HelloTimeout => {
+            SessionControl::Deadline if self.phase == Phase::AwaitHello => {
                 // The context handles its mailbox before the frames read from the socket: a
                 // hub that fell behind (a reconnect storm) would close sessions whose hello is
                 // already here. Look again once those frames had their turn.
-                if self.phase == Phase::AwaitHello {
-                    ctx.run_later(HELLO_GRACE, |session, ctx| {
-                        if session.phase == Phase::AwaitHello && !session.closed {
-                            session.close(ctx, CloseCode::HelloTimeout, "hello did not arrive in time");
-                        }
-                    });
-                }
+                ctx.run_later(HELLO_GRACE, |session, ctx| {
+                    if session.phase == Phase::AwaitHello && !session.closed {
+                        session.close(ctx, CloseCode::HelloTimeout, "hello did not arrive in time");
+                    }
+                });
             }
-            SessionControl::TokenExpired => self.token_expired(ctx),
+            SessionControl::Deadline => self.token_expired(ctx),
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    /// Every open socket holds its session inside actix-web-actors' context future, one
-    /// allocation of 424 bytes besides the session (heaptrack); at 344 bytes or less the two fit
-    /// jemalloc's 768-byte size class (the next is 896), which every idle connection pays. Cold
-    /// state is boxed to stay under it.
-    #[test]
-    fn an_idle_session_fits_its_allocation_class() {
-        let size = std::mem::size_of::<super::DeviceSession>();
-        assert!(size <= 344, "DeviceSession is {size} bytes; box state an idle session does not use");
+    use actix::prelude::*;
+    use actix_web_actors::ws;
+
+    /// An actor as large as `DeviceSession` (and as aligned), which needs no hub to build.
+    struct SameSize(#[allow(dead_code)] [u64; std::mem::size_of::<super::DeviceSession>() / 8]);
+
+    impl Actor for SameSize {
+        type Context = ws::WebsocketContext<Self>;
+    }
+
+    impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for SameSize {
+        fn handle(&mut self, _: Result<ws::Message, ws::ProtocolError>, _: &mut Self::Context) {}
+    }
+
+    /// Every open socket holds its session inside actix-web-actors' context future, boxed as
+    /// the response body with 8 bytes more (actix-http's error mapper): one allocation that
+    /// every idle connection pays. At 632 bytes or less it fits jemalloc's 640-byte size class
+    /// (the next is 768). State an idle session does not use is boxed, or kept in its
+    /// `SessionHandle`, to stay under it.
+    #[actix_web::test]
+    async fn an_idle_session_fits_its_allocation_class() {
+        assert_eq!(std::mem::size_of::<super::DeviceSession>() % 8, 0);
+        let empty = futures_util::stream::empty::<Result<bytes::Bytes, actix_web::error::PayloadError>>();
+        let context = ws::WebsocketContext::create(SameSize([0; std::mem::size_of::<super::DeviceSession>() / 8]), empty);
+        let size = std::mem::size_of_val(&context);
+        assert!(size + 8 <= 640, "a session's context is {size} bytes; box state an idle session does not use");
     }
 }

@@ -131,10 +131,9 @@ pub enum SessionControl {
     Shutdown,
     /// From the session clock: ping the client, or close if it has been silent too long.
     Heartbeat,
-    /// From the session clock: the hello deadline passed.
-    HelloTimeout,
-    /// From the session clock: the token's expiry (plus leeway) passed.
-    TokenExpired,
+    /// From the session clock: the session's deadline passed (its hello's before `hello`, its
+    /// token's expiry plus leeway after).
+    Deadline,
 }
 
 /// One commit's deltas as consecutive frames, shared by every receiver of the tenant.

@@ -12,20 +12,25 @@ use super::device::DeviceSession;
 use super::messages::SessionControl;
 use crate::server::Hub;
 
-/// What the hub keeps of an open session: where to reach it, and its deadlines. The session
-/// clock and the session's tenant actor share it, so a session costs one mailbox sender.
+/// What the hub keeps of an open session: where to reach it, its deadline, and when its client
+/// was last heard. The session clock and the session's tenant actor share it, so a session
+/// costs one mailbox sender; what the session itself needs only now and then lives here too,
+/// which keeps an idle session in a smaller allocation.
 pub struct SessionHandle {
     pub session: Addr<DeviceSession>,
-    /// Unix milliseconds by which `hello` must arrive; 0 once it did (or the session was told).
-    pub hello_deadline_ms: AtomicU64,
-    /// Unix milliseconds after which the session's token (plus leeway) is void; 0 before
-    /// `hello` succeeded, and after the session was told.
-    pub token_void_at_ms: AtomicU64,
+    /// Unix milliseconds of the session's next deadline: by which `hello` must arrive until it
+    /// did, then after which its token (plus leeway) is void; 0 when the session was told, or
+    /// between `hello` and its token's verification.
+    pub deadline_ms: AtomicU64,
+    /// When the client's last frame came, in `monotonic_ms`.
+    pub last_heard_ms: AtomicU64,
+    /// Bytes the client has confirmed reading (the count a pong echoes back).
+    pub bytes_confirmed: AtomicU64,
 }
 
 impl SessionHandle {
     pub fn new(session: Addr<DeviceSession>, hello_deadline_ms: u64) -> SessionHandle {
-        SessionHandle { session, hello_deadline_ms: AtomicU64::new(hello_deadline_ms), token_void_at_ms: AtomicU64::new(0) }
+        SessionHandle { session, deadline_ms: AtomicU64::new(hello_deadline_ms), last_heard_ms: AtomicU64::new(monotonic_ms()), bytes_confirmed: AtomicU64::new(0) }
     }
 }
 
@@ -65,8 +70,7 @@ pub async fn run(hub: Arc<Hub>) {
         }
         for entry in hub.sessions.iter() {
             let handle = entry.value();
-            fire(&handle.hello_deadline_ms, now_ms, &handle.session, SessionControl::HelloTimeout);
-            fire(&handle.token_void_at_ms, now_ms, &handle.session, SessionControl::TokenExpired);
+            fire(&handle.deadline_ms, now_ms, &handle.session, SessionControl::Deadline);
             if heartbeat {
                 // A full mailbox means the session is busy with frames: it is alive.
                 let _ = handle.session.try_send(SessionControl::Heartbeat);
