@@ -53,7 +53,13 @@ pub struct TokenVerifier {
     claim_user: Vec<String>,
     claim_role: Vec<String>,
     claim_device: Vec<String>,
+    /// Role names seen in tokens, one allocation shared by every session with that role.
+    roles: std::sync::RwLock<Vec<Arc<str>>>,
 }
+
+/// Distinct role names shared; past this many, a role is allocated per session (roles are
+/// few in every design we serve, but their names come from tokens).
+const MAX_SHARED_ROLES: usize = 64;
 
 fn claim_path(path: &str) -> Vec<String> {
     path.split('.').map(str::to_owned).collect()
@@ -111,9 +117,27 @@ impl TokenVerifier {
             claim_user: claim_path(&config.claim_user),
             claim_role: claim_path(&config.claim_role),
             claim_device: claim_path(&config.claim_device),
+            roles: Default::default(),
         })
     }
 
+    /// The shared copy of `role`.
+    fn shared_role(&self, role: &str) -> Arc<str> {
+        let find = |roles: &[Arc<str>]| roles.iter().find(|r| &***r == role).cloned();
+        // unwrap: the lock is never held across a panic.
+        if let Some(shared) = find(&self.roles.read().unwrap()) {
+            return shared;
+        }
+        let mut roles = self.roles.write().unwrap();
+        if let Some(shared) = find(&roles) {
+            return shared;
+        }
+        let role: Arc<str> = Arc::from(role);
+        if roles.len() < MAX_SHARED_ROLES {
+            roles.push(role.clone());
+        }
+        role
+    }
 
     pub fn verify(&self, token: &str) -> Result<Identity> {
         let invalid = |msg: String| Error::client(ErrorCode::InvalidToken, msg);
@@ -170,7 +194,7 @@ impl TokenVerifier {
         Ok(Identity {
             tenant: TenantId::new(tenant),
             user: UserId::new(required(&self.claim_user, "user")?),
-            role: required(&self.claim_role, "role")?.into(),
+            role: self.shared_role(&required(&self.claim_role, "role")?),
             device: text(&self.claim_device, "device")?.map(DeviceId::new),
             expires_at: claims.get("exp").and_then(Value::as_u64).unwrap_or(0),
             claims: Arc::new(claims),
@@ -219,6 +243,24 @@ mod tests {
         assert_eq!(id.user.as_str(), "u1");
         assert_eq!(&*id.role, "Manager");
         assert_eq!(id.device.unwrap().as_str(), "pos-1");
+    }
+
+    #[test]
+    fn sessions_with_the_same_role_share_its_name_up_to_a_bound() {
+        let v = verifier(hs_config());
+        let role_of = |role: &str| {
+            let token = mint_hs256("s3cret", &json!({"sub": "u", "role": role, "tenant_id": "t", "exp": unix_now() + 60}));
+            v.verify(&token).unwrap().role
+        };
+        let (first, second, other) = (role_of("Employee"), role_of("Employee"), role_of("Manager"));
+        assert!(Arc::ptr_eq(&first, &second));
+        assert!(!Arc::ptr_eq(&first, &other));
+        for n in 0..MAX_SHARED_ROLES {
+            role_of(&format!("role-{n}"));
+        }
+        assert_eq!(v.roles.read().unwrap().len(), MAX_SHARED_ROLES);
+        assert!(!Arc::ptr_eq(&role_of("past-the-bound"), &role_of("past-the-bound")));
+        assert_eq!(&*role_of("past-the-bound"), "past-the-bound");
     }
 
     #[test]
