@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use protocol::{ChangeResult, Channel, ConflictEvent, Delta, PresenceEntry, SessionMode};
-use sqlx::pool::PoolConnection;
-use sqlx::Postgres;
 use tokio::sync::oneshot;
 
 use super::messages::{
@@ -25,7 +23,7 @@ use crate::ids::{DeviceId, Seq, SessionId, TenantId, UserId};
 use crate::metrics::Metrics;
 use crate::storage::apply::{ApplyLimits, BatchInput};
 use crate::storage::log::TenantHead;
-use crate::storage::Store;
+use crate::storage::{GroupConnection, Store};
 
 /// How often the actor retries nudging lagged sessions and checks for idleness.
 const TICK: Duration = Duration::from_millis(250);
@@ -152,7 +150,7 @@ impl TenantActor {
     }
 
     /// Commit the queued batches (up to the group limit) on `conn`.
-    fn commit_queued(&mut self, conn: Result<PoolConnection<Postgres>>, ctx: &mut Context<Self>) {
+    fn commit_queued(&mut self, conn: Result<GroupConnection>, ctx: &mut Context<Self>) {
         let mut inputs: Vec<BatchInput> = Vec::new();
         let mut replies = Vec::new();
         let mut changes = 0;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::pool::PoolConnection;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -31,9 +31,40 @@ pub struct Store {
     /// Reads for sessions (hello, catch-up, snapshots) take at most half the pool, so that a
     /// reconnect storm queues here, in order, while merges still find connections.
     reads: tokio::sync::Semaphore,
+    /// Group commits take at most the rest but one (the notification listener's), so that
+    /// reads find connections too: after a restart, a tenant's first hello waits for its actor
+    /// to read the tenant's head, which would otherwise queue behind every tenant's merge.
+    merges: Arc<tokio::sync::Semaphore>,
     catalog: RwLock<(Arc<Catalog>, Instant)>,
     /// Tenant-scoped transactions run as `synchub_tenant` (config `row_level_security`).
     row_level_security: bool,
+}
+
+/// How many of the pool's connections session reads and group commits may hold at once: half
+/// for reads, the rest but one (the notification listener's) for merges, so that from three
+/// connections up neither waits for the other's.
+fn pool_shares(pool_size: u32) -> (usize, usize) {
+    let reads = (pool_size as usize / 2).max(1);
+    (reads, (pool_size as usize).saturating_sub(reads + 1).max(1))
+}
+
+/// A pooled connection held for one group commit, counted against the merges' share.
+pub struct GroupConnection {
+    conn: PoolConnection<Postgres>,
+    _turn: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for GroupConnection {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for GroupConnection {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
 }
 
 /// The Postgres role whose row-level security policies admit one tenant's rows.
@@ -75,10 +106,11 @@ impl Store {
         }
         let catalog = Catalog::load(&pool).await?;
         tracing::info!(tables = ?catalog.names().collect::<Vec<_>>(), "synced tables loaded");
-        let reads = tokio::sync::Semaphore::new((config.db_pool_size as usize / 2).max(1));
+        let (reads, merges) = pool_shares(config.db_pool_size);
         Ok(Arc::new(Store {
             pool,
-            reads,
+            reads: tokio::sync::Semaphore::new(reads),
+            merges: Arc::new(tokio::sync::Semaphore::new(merges)),
             catalog: RwLock::new((Arc::new(catalog), Instant::now())),
             row_level_security: config.row_level_security,
         }))
@@ -119,9 +151,11 @@ impl Store {
         sql
     }
 
-    /// A connection for one group commit (held only while the group is formed and committed).
-    pub async fn group_connection(&self) -> Result<PoolConnection<Postgres>> {
-        Ok(self.pool.acquire().await?)
+    /// A connection for one group commit (held only while the group is formed and committed),
+    /// once it is the merges' turn.
+    pub async fn group_connection(&self) -> Result<GroupConnection> {
+        let turn = self.merges.clone().acquire_owned().await.map_err(|_| Error::ShuttingDown)?;
+        Ok(GroupConnection { conn: self.pool.acquire().await?, _turn: turn })
     }
 
     /// [`Store::begin_tenant_with`] a plain `begin`.
@@ -204,7 +238,20 @@ async fn check_row_level_security(pool: &PgPool) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::sql_literal;
+    use super::{pool_shares, sql_literal};
+
+    #[test]
+    fn reads_merges_and_the_listener_fit_the_pool() {
+        assert_eq!(pool_shares(16), (8, 7));
+        assert_eq!(pool_shares(3), (1, 1));
+        for size in 3..64 {
+            let (reads, merges) = pool_shares(size);
+            assert!(reads + merges < size as usize, "{size}");
+            assert!(reads >= 1 && merges >= reads.saturating_sub(1), "{size}");
+        }
+        // Below three connections the shares overlap, but neither is ever zero.
+        assert_eq!(pool_shares(1), (1, 1));
+    }
 
     #[test]
     fn literals_escape_quotes_and_backslashes() {
