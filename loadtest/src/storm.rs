@@ -81,6 +81,17 @@ fn backoff(retries: u64, device: usize) -> Duration {
     Duration::from_millis(base + (device as u64 * 7919) % base)
 }
 
+/// After `err`, wait out the device's backoff and say whether to try again: only load shedding
+/// is retried, at most `MAX_RETRIES` times per device.
+async fn backed_off(err: &LoadError, retries: &mut u64, device: usize) -> bool {
+    if !retryable(err) || *retries >= MAX_RETRIES {
+        return false;
+    }
+    *retries += 1;
+    tokio::time::sleep(backoff(*retries, device)).await;
+    true
+}
+
 /// One device's return: connect, hello from its position, read catch-up to `up_to_date`.
 /// Returns the connection, when the hello was answered and when catch-up was done.
 async fn come_back(
@@ -248,10 +259,7 @@ pub async fn run(target: Target, tokens: TokenSource, args: StormArgs, hub_pid: 
             let (mut client, welcomed, caught_up) = loop {
                 match come_back(&target, n, &token, &device, &position, started, &deltas).await {
                     Ok(back) => break back,
-                    Err(err) if retryable(&err) && retries < MAX_RETRIES => {
-                        retries += 1;
-                        tokio::time::sleep(backoff(retries, n)).await;
-                    }
+                    Err(err) if backed_off(&err, &mut retries, n).await => {}
                     Err(err) => return Err(err),
                 }
             };
@@ -267,9 +275,7 @@ pub async fn run(target: Target, tokens: TokenSource, args: StormArgs, hub_pid: 
                             Received::Frame(ServerFrame::Ack { .. }) => break 'pushing,
                             Received::Frame(ServerFrame::Error { code, message, .. }) => {
                                 let err = LoadError::Refused { code: code.as_str().into(), message };
-                                if retryable(&err) && retries < MAX_RETRIES {
-                                    retries += 1;
-                                    tokio::time::sleep(backoff(retries, n)).await;
+                                if backed_off(&err, &mut retries, n).await {
                                     continue 'pushing;
                                 }
                                 return Err(err);
