@@ -88,6 +88,8 @@ pub enum ClientFrame {
         id: RequestId,
         /// Protocol versions the client speaks.
         versions: Vec<u32>,
+        /// The JWT; may be left out (empty) when the upgrade request carried it.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
         token: String,
         /// Device id; required when the token carries none, must match when it does.
         #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -22,6 +22,7 @@ enum ClientFrameTypeFirst {
     Hello {
         id: RequestId,
         versions: Vec<u32>,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
         token: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         device_id: Option<String>,

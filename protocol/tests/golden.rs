@@ -345,6 +345,17 @@ fn goldens() -> Vec<Golden> {
             ClientFrame::Hello { mode: Default::default(), id: 1, versions: vec![1], token: TOKEN.into(), device_id: None, position: None },
         ),
         c(
+            "client_hello_token_at_upgrade",
+            ClientFrame::Hello {
+                mode: Default::default(),
+                id: 1,
+                versions: vec![1],
+                token: String::new(),
+                device_id: Some("pos-till-01".into()),
+                position: Some(Position { epoch: EPOCH.into(), seq: 1041 }),
+            },
+        ),
+        c(
             "client_push",
             ClientFrame::Push {
                 id: 2,
