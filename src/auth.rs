@@ -139,6 +139,15 @@ impl TokenVerifier {
         role
     }
 
+    /// An identity verified earlier (with the upgrade request), if its token has not expired
+    /// since.
+    pub fn still_valid(&self, identity: Identity) -> Result<Identity> {
+        if identity.expires_at.saturating_add(self.leeway_secs) <= unix_now() {
+            return Err(Error::client(ErrorCode::TokenExpired, "the upgrade request's token expired before hello"));
+        }
+        Ok(identity)
+    }
+
     pub fn verify(&self, token: &str) -> Result<Identity> {
         let invalid = |msg: String| Error::client(ErrorCode::InvalidToken, msg);
         let header = decode_header(token).map_err(|e| invalid(format!("token header: {e}")))?;

@@ -889,6 +889,78 @@ async fn a_failed_hello_closes_with_its_code() {
 }
 
 #[actix_web::test]
+async fn a_token_sent_with_the_upgrade_request_is_in_force_from_hello() {
+    let hub = TestHub::start_with(|c| c.jwt_leeway_secs = 0).await;
+    let now = synchub::auth::unix_now();
+    /// A hello without a token; returns the welcome's device id.
+    async fn welcomed(c: &mut Client, device: Option<&str>) -> String {
+        let id = c.next_id();
+        c.send(&ClientFrame::Hello { mode: Default::default(), id, versions: vec![1], token: String::new(), device_id: device.map(Into::into), position: None }).await;
+        match c.recv().await {
+            ServerFrame::Welcome { device_id, .. } => device_id,
+            other => panic!("expected welcome, got {other:?}"),
+        }
+    }
+
+    // In the Authorization header, and in the query string: hello needs no token, and the
+    // session is the token's (its tenant's rows, its device).
+    let bearer = format!("Bearer {}", token("store-1", "u1", "Employee", Some("d1")));
+    let mut c = Client::connect_with(hub.addr, &[("authorization", &bearer)], "").await.expect("upgraded");
+    assert_eq!(welcomed(&mut c, None).await, "d1");
+    c.until_up_to_date().await;
+    let tea = Uuid::now_v7();
+    let pushed = c.push(vec![upsert("products", json!({"id": tea}), product(tea, "tea", 250), 1, now_ms(), 0)]).await;
+    assert!(matches!(pushed[0].status, ChangeStatus::Applied), "{pushed:?}");
+    assert_eq!(count(&hub.db, "SELECT count(*) FROM products WHERE tenant_id = $1", "store-1").await, 1);
+    let query = format!("?access_token={}", token("store-2", "u2", "Employee", None));
+    let mut c = Client::connect_with(hub.addr, &[], &query).await.expect("upgraded");
+    assert_eq!(welcomed(&mut c, Some("d2")).await, "d2");
+
+    // hello.token, when given, replaces the upgrade's.
+    let mut c = Client::connect_with(hub.addr, &[("authorization", &bearer)], "").await.expect("upgraded");
+    c.hello(&token("store-2", "u3", "Employee", Some("d3")), None, None).await;
+    c.until_up_to_date().await;
+    let milk = Uuid::now_v7();
+    let pushed = c.push(vec![upsert("products", json!({"id": milk}), product(milk, "milk", 90), 1, now_ms(), 0)]).await;
+    assert!(matches!(pushed[0].status, ChangeStatus::Applied), "{pushed:?}");
+    assert_eq!(count(&hub.db, "SELECT count(*) FROM products WHERE tenant_id = $1", "store-2").await, 1);
+    assert_eq!(count(&hub.db, "SELECT count(*) FROM products WHERE tenant_id = $1", "store-1").await, 1);
+
+    // A token the hub does not take: HTTP 401 with the error's code, and no socket.
+    let expired = synchub::auth::mint_hs256(SECRET, &json!({"sub": "u", "role": "Employee", "tenant_id": "store-1", "device_id": "d1", "exp": now - 60}));
+    let cases = [
+        ("Bearer not.a.token".to_string(), "", "invalid_token"),
+        (format!("Basic {}", token("store-1", "u", "Employee", Some("d1"))), "", "invalid_token"),
+        (format!("Bearer {expired}"), "", "token_expired"),
+        (String::new(), "?access_token=not.a.token", "invalid_token"),
+    ];
+    for (header, query, code) in cases {
+        let headers: Vec<(&str, &str)> = if header.is_empty() { vec![] } else { vec![("authorization", header.as_str())] };
+        match Client::connect_with(hub.addr, &headers, query).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 401, "{header} {query}");
+                assert_eq!(response.headers()["www-authenticate"], r#"Bearer error="invalid_token""#);
+                let body: Value = serde_json::from_slice(response.body().as_deref().unwrap_or_default()).unwrap();
+                assert_eq!(body["code"], code, "{header} {query}: {body}");
+            }
+            Err(other) => panic!("{header} {query}: expected HTTP 401, got {other}"),
+            Ok(_) => panic!("{header} {query}: upgraded with a refused token"),
+        }
+    }
+
+    // A token that expires between the upgrade and hello: token_expired, 4001.
+    let short = synchub::auth::mint_hs256(SECRET, &json!({"sub": "u", "role": "Employee", "tenant_id": "store-1", "device_id": "d4", "exp": now + 1}));
+    let mut c = Client::connect_with(hub.addr, &[("authorization", &format!("Bearer {short}"))], "").await.expect("upgraded");
+    while synchub::auth::unix_now() <= now + 1 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.send(&ClientFrame::Hello { mode: Default::default(), id: 1, versions: vec![1], token: String::new(), device_id: None, position: None }).await;
+    assert_eq!(next_error(&mut c).await, refusal(ErrorCode::TokenExpired, Some(1)));
+    assert_eq!(frames_until_close(&mut c).await, (vec![], 4001));
+    hub.shutdown().await;
+}
+
+#[actix_web::test]
 async fn no_hello_in_time_closes_with_4000() {
     const HELLO_TIMEOUT_MS: u64 = 500;
     let hub = TestHub::start_with(|c| c.hello_timeout_ms = HELLO_TIMEOUT_MS).await;

@@ -25,7 +25,7 @@ use uuid::Uuid;
 use super::messages::{ApplyBatch, Encoded, LiveFrame, Notice, RecentLog, SessionControl, SharedFrame, Subscribe, Unsubscribe, Watch};
 use super::sweep::{monotonic_ms, unix_ms, SessionHandle};
 use super::tenant::TenantActor;
-use crate::auth::{unix_now, SessionIdentity};
+use crate::auth::{unix_now, Identity, SessionIdentity};
 use crate::rules::AccessView;
 use crate::error::Error;
 use crate::ids::{DeviceId, Seq, SessionId, DASHBOARD_DEVICE_PREFIX};
@@ -173,7 +173,6 @@ pub struct DeviceSession {
     /// Catch-up waits for pongs before sending more.
     catch_up_paused: bool,
     bytes_written: u64,
-    next_ping_at: u64,
     /// Pushes on their way to the tenant actor and back (boxed at the first push, like `rare`:
     /// an idle session stays small).
     pushes: Option<Box<PushQueues>>,
@@ -193,10 +192,15 @@ pub struct DeviceSession {
     recording: bool,
     /// How the session clock and the tenant actor reach this session (set once started).
     link: Option<Arc<SessionHandle>>,
+    /// The token verified with the upgrade request, in force from `hello` on unless `hello`
+    /// carries one (taken at `hello`).
+    upgrade_identity: Option<Box<Identity>>,
 }
 
 impl DeviceSession {
-    pub fn new(hub: Arc<Hub>) -> DeviceSession {
+    /// A session for a new socket; `upgrade_identity` is the token its upgrade request carried,
+    /// already verified.
+    pub fn new(hub: Arc<Hub>, upgrade_identity: Option<Identity>) -> DeviceSession {
         DeviceSession {
             id: Uuid::new_v4(),
             hub,
@@ -214,7 +218,6 @@ impl DeviceSession {
             catch_up_running: false,
             catch_up_paused: false,
             bytes_written: 0,
-            next_ping_at: 0,
             pushes: None,
             forwarding: false,
             awaiting_ack: false,
@@ -224,6 +227,7 @@ impl DeviceSession {
             rare: None,
             recording: false,
             link: None,
+            upgrade_identity: upgrade_identity.map(Box::new),
         }
     }
 
@@ -259,6 +263,7 @@ impl DeviceSession {
         if self.closed {
             return; // nothing may follow the close frame
         }
+        let before = self.bytes_written;
         self.bytes_written += encoded.len() as u64;
         self.hub.metrics.frames_sent.fetch_add(1, Ordering::Relaxed);
         self.hub.metrics.bytes_sent.fetch_add(encoded.len() as u64, Ordering::Relaxed);
@@ -266,10 +271,11 @@ impl DeviceSession {
             Encoded::Text(text) => ctx.text(text),
             Encoded::Binary(bytes) => ctx.binary(bytes),
         }
-        if self.bytes_written >= self.next_ping_at {
-            // The pong echoes this count: everything before it has been read by the client.
+        // A ping each time the count passes a multiple of `ping_every_bytes` (no per-session
+        // "next ping at" to keep). The pong echoes the count: everything before it has been read.
+        let every = self.hub.config.ping_every_bytes.max(1) as u64;
+        if before / every != self.bytes_written / every {
             ctx.ping(&self.bytes_written.to_be_bytes());
-            self.next_ping_at = self.bytes_written + self.hub.config.ping_every_bytes as u64;
         }
     }
 
@@ -389,7 +395,12 @@ impl DeviceSession {
             self.send_error(ctx, Some(id), ErrorCode::ShuttingDown, "the hub is shutting down");
             return self.close(ctx, CloseCode::GoingAway, "shutting down");
         }
-        let identity = match self.hub.verifier.verify(&token) {
+        let verified = match self.upgrade_identity.take() {
+            _ if !token.is_empty() => self.hub.verifier.verify(&token),
+            Some(identity) => self.hub.verifier.still_valid(*identity),
+            None => Err(Error::client(ErrorCode::InvalidToken, "no token: send it in hello.token or with the upgrade request")),
+        };
+        let identity = match verified {
             Ok(identity) => identity,
             Err(err) => {
                 self.send_error(ctx, Some(id), err.code(), err.public_message());
@@ -1092,7 +1103,6 @@ impl Actor for DeviceSession {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(self.hub.config.session_mailbox);
-        self.next_ping_at = self.hub.config.ping_every_bytes as u64;
         // Deadlines and heartbeats come from the session clock (`sweep`), not per-session timers.
         let hello_deadline = unix_ms() + self.hub.config.hello_timeout_ms;
         let link = Arc::new(SessionHandle::new(ctx.address(), hello_deadline.max(1)));

@@ -148,6 +148,19 @@ impl Client {
         Client { ws, encoding, next_id: 1, inbox: Default::default(), closed: None }
     }
 
+    /// Open a socket whose upgrade request carries `headers` and the query string `query`
+    /// (empty for none); the hub's refusal comes back as the error.
+    pub async fn connect_with(addr: SocketAddr, headers: &[(&str, &str)], query: &str) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = format!("ws://{addr}/v1/ws{query}").into_client_request()?;
+        for (name, value) in headers {
+            let name = tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes()).unwrap();
+            request.headers_mut().insert(name, value.parse().unwrap());
+        }
+        let (ws, _) = tokio_tungstenite::connect_async(request).await?;
+        Ok(Client { ws, encoding: Encoding::Json, next_id: 1, inbox: Default::default(), closed: None })
+    }
+
     pub fn next_id(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id
