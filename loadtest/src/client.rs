@@ -8,7 +8,8 @@ use futures_util::{SinkExt, StreamExt};
 use protocol::{ClientFrame, Encoding, Position, ServerFrame};
 use serde::Deserialize;
 use tokio::net::{TcpSocket, TcpStream};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{http, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::error::{LoadError, Result};
@@ -39,6 +40,18 @@ impl Target {
 
     /// Open WebSocket number `n` to `url` (on this target's address), from its source address.
     pub async fn connect_raw(&self, url: &str, n: usize) -> Result<Ws> {
+        self.connect_raw_with(url, n, None).await
+    }
+
+    /// [`Target::connect_raw`], sending `bearer` (a token) in the upgrade request's
+    /// `Authorization` header.
+    async fn connect_raw_with(&self, url: &str, n: usize, bearer: Option<&str>) -> Result<Ws> {
+        let connect_error = |source| LoadError::Connect { url: url.to_string(), source };
+        let mut request = url.into_client_request().map_err(connect_error)?;
+        if let Some(token) = bearer {
+            let value = format!("Bearer {token}").parse().map_err(|_| LoadError::Usage("the token is not a valid header value".into()))?;
+            request.headers_mut().insert(http::header::AUTHORIZATION, value);
+        }
         let stream = if self.sources.is_empty() {
             TcpStream::connect(self.addr).await?
         } else {
@@ -47,13 +60,22 @@ impl Target {
             socket.connect(self.addr).await?
         };
         stream.set_nodelay(true)?;
-        let (ws, _) = tokio_tungstenite::client_async(url, stream).await.map_err(|source| LoadError::Connect { url: url.to_string(), source })?;
+        let (ws, _) = tokio_tungstenite::client_async(request, stream).await.map_err(connect_error)?;
         Ok(ws)
     }
 
     /// Open protocol socket number `n`.
     pub async fn connect(&self, n: usize) -> Result<Client> {
-        let ws = self.connect_raw(&self.url, n).await?;
+        self.client(self.connect_raw(&self.url, n).await?)
+    }
+
+    /// Open protocol socket number `n`, authenticated with the upgrade request (its `hello`
+    /// then needs no token).
+    pub async fn connect_authorized(&self, n: usize, token: &str) -> Result<Client> {
+        self.client(self.connect_raw_with(&self.url, n, Some(token)).await?)
+    }
+
+    fn client(&self, ws: Ws) -> Result<Client> {
         let (sink, stream) = ws.split();
         Ok(Client { sender: Sender { sink, encoding: self.encoding }, receiver: Receiver { stream, encoding: self.encoding } })
     }

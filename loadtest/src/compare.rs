@@ -31,6 +31,7 @@ const FIGURES: &[(&str, &[&str], &str, Better)] = &[
     ("fanout-hub-10000", &["delivery_latency", "p99_ms"], "fan-out 10,000 subscribers: p99 ms", Better::Lower),
     ("idle-10000", &["hub_kib_per_connection"], "idle 10,000: KiB per connection", Better::Lower),
     ("idle-19000", &["hub_kib_per_connection"], "idle 19,000: KiB per connection", Better::Lower),
+    ("idle-10000-hello", &["hub_kib_per_connection"], "idle 10,000, token in hello: KiB per connection", Better::Lower),
     ("storm", &["all_caught_up_s"], "storm: s until all caught up", Better::Lower),
     ("storm-restart", &["all_caught_up_s"], "storm after restart: s until all caught up", Better::Lower),
     ("replay-400", &["ack_latency", "p99_ms"], "replay 400 stores: push→ack p99 ms", Better::Lower),

@@ -36,6 +36,30 @@ pub struct IdleArgs {
     /// hub closes them after `hello_timeout_ms`, so keep the hold shorter).
     #[arg(long)]
     pub no_hello: bool,
+    /// Send the token in `hello` instead of the upgrade request's `Authorization` header (the
+    /// hub's read buffer then keeps the size of a `hello` with its token).
+    #[arg(long, conflicts_with = "no_hello")]
+    pub token_in_hello: bool,
+}
+
+/// How an idle worker's sockets authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdleHandshake {
+    /// No `hello`: the transport's own share.
+    None,
+    /// The token in the upgrade request, then a `hello` without it.
+    TokenAtUpgrade,
+    TokenInHello,
+}
+
+impl IdleHandshake {
+    pub fn from_flags(no_hello: bool, token_in_hello: bool) -> IdleHandshake {
+        match (no_hello, token_in_hello) {
+            (true, _) => IdleHandshake::None,
+            (false, true) => IdleHandshake::TokenInHello,
+            (false, false) => IdleHandshake::TokenAtUpgrade,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -96,6 +120,7 @@ pub fn run(worker_args: &[String], args: IdleArgs, hub_pid: u32) -> Result<IdleR
             .args(["--worker", &p.to_string(), "--count", &share.to_string(), "--tenants", &args.tenants.to_string()])
             .args(["--concurrency", &args.concurrency.to_string(), "--hold-secs", &args.hold_secs.to_string()])
             .args(args.no_hello.then_some("--no-hello"))
+            .args(args.token_in_hello.then_some("--token-in-hello"))
             .stdout(Stdio::piped())
             .spawn()?;
         children.push(child);
@@ -150,7 +175,7 @@ pub async fn worker(
     tenants: usize,
     concurrency: usize,
     hold: Duration,
-    hello: bool,
+    handshake: IdleHandshake,
 ) {
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -169,10 +194,16 @@ pub async fn worker(
         tasks.push(tokio::spawn(async move {
             let mut client = {
                 let _permit = gate.acquire().await;
-                let connected = match target.connect(n).await {
-                    Ok(mut c) if hello => c.handshake(token, &device, None).await.map(|_| c),
-                    Ok(c) => Ok(c),
-                    Err(e) => Err(e),
+                let connected = match handshake {
+                    IdleHandshake::None => target.connect(n).await,
+                    IdleHandshake::TokenInHello => match target.connect(n).await {
+                        Ok(mut c) => c.handshake(token, &device, None).await.map(|_| c),
+                        Err(e) => Err(e),
+                    },
+                    IdleHandshake::TokenAtUpgrade => match target.connect_authorized(n, &token).await {
+                        Ok(mut c) => c.handshake(String::new(), &device, None).await.map(|_| c),
+                        Err(e) => Err(e),
+                    },
                 };
                 match connected {
                     Ok(c) => c,

@@ -115,6 +115,8 @@ enum Command {
         hold_secs: u64,
         #[arg(long)]
         no_hello: bool,
+        #[arg(long)]
+        token_in_hello: bool,
     },
     /// Compare two results folders (e.g. the last release's and this one's): each scenario's
     /// headline figures side by side, marked where the current run is worse.
@@ -208,9 +210,10 @@ async fn main() -> anyhow::Result<()> {
             }
             return Ok(());
         }
-        Command::IdleWorker { hub, worker, count, tenants, concurrency, hold_secs, no_hello } => {
+        Command::IdleWorker { hub, worker, count, tenants, concurrency, hold_secs, no_hello, token_in_hello } => {
             let (target, tokens) = hub.connect_parts()?;
-            idle::worker(target, tokens, worker, count, tenants, concurrency, std::time::Duration::from_secs(hold_secs), !no_hello).await;
+            let handshake = idle::IdleHandshake::from_flags(no_hello, token_in_hello);
+            idle::worker(target, tokens, worker, count, tenants, concurrency, std::time::Duration::from_secs(hold_secs), handshake).await;
             return Ok(());
         }
         Command::Storm { hub, args } => {

@@ -109,13 +109,13 @@ fn dashboards_table(dir: &Path) -> String {
 /// Memory per idle authenticated connection.
 fn idle_table(dir: &Path) -> String {
     let mut out = String::from(
-        "| connections held | connect rate (/s) | hub RSS held (MiB) | hub user-space KiB / connection | kernel slab KiB / connection (both ends) | hub CPU while idle (s per 10 s) | dropped |\n\
-         |---:|---:|---:|---:|---:|---:|---:|\n",
+        "| connections held | token sent with | connect rate (/s) | hub RSS held (MiB) | hub user-space KiB / connection | kernel slab KiB / connection (both ends) | hub CPU while idle (s per 10 s) | dropped |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|\n",
     );
-    for n in [10_000, 19_000] {
-        match load(dir, &format!("idle-{n}")) {
+    for (run, token) in [("10000", "upgrade request"), ("19000", "upgrade request"), ("10000-hello", "`hello`")] {
+        match load(dir, &format!("idle-{run}")) {
             Some(r) => out.push_str(&format!(
-                "| {:.0} | {:.0} | {:.1} | {:.2} | {:.2} | {:.2} | {:.0} |\n",
+                "| {:.0} | {token} | {:.0} | {:.1} | {:.2} | {:.2} | {:.2} | {:.0} |\n",
                 num(&r, &["connections_held"]),
                 num(&r, &["accepted_per_s"]),
                 num(&r, &["hub_rss_held_kib"]) / 1024.0,
@@ -124,7 +124,7 @@ fn idle_table(dir: &Path) -> String {
                 num(&r, &["hub_cpu_s_while_idle"]) * 10.0 / num(&r, &["parameters", "hold_secs"]).max(1.0),
                 num(&r, &["dropped_while_holding"]),
             )),
-            None => out.push_str(&format!("| {n}: not run | | | | | | |\n")),
+            None => out.push_str(&format!("| {run}: not run | | | | | | | |\n")),
         }
     }
     out
