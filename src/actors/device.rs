@@ -22,7 +22,7 @@ use protocol::{
 };
 use uuid::Uuid;
 
-use super::messages::{ApplyBatch, Encoded, LiveFrame, Notice, RecentLog, SessionControl, SharedFrame, Subscribe, Unsubscribe, Watch};
+use super::messages::{ApplyBatch, Encoded, LiveFrame, Notice, RecentLog, RefreshToken, SessionControl, SharedFrame, Subscribe, Unsubscribe, Watch};
 use super::sweep::{monotonic_ms, unix_ms, SessionHandle};
 use super::tenant::TenantActor;
 use crate::auth::{unix_now, Identity, SessionIdentity};
@@ -549,24 +549,28 @@ impl DeviceSession {
     }
 
     fn refresh_token(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: u64, token: &str) {
-        let identity = match self.hub.verifier.verify(token) {
-            Ok(identity) => identity,
-            Err(err) => return self.send_error(ctx, Some(id), err.code(), err.public_message()),
+        match self.hub.verifier.verify(token).and_then(|identity| self.replace_token(identity)) {
+            Ok(expires_at) => self.send(ctx, &ServerFrame::AuthOk { id, expires_at }),
+            Err(err) => self.send_error(ctx, Some(id), err.code(), err.public_message()),
+        }
+    }
+
+    /// Put a verified token in force in place of the session's (`auth`, or over HTTP); its
+    /// expiry, or why it may not replace the session's.
+    fn replace_token(&mut self, identity: Identity) -> Result<u64, Error> {
+        let Some(auth) = self.auth.as_mut() else {
+            return Err(Error::client(ErrorCode::NotAuthenticated, "the session has not been welcomed yet"));
         };
-        // unwrap: handle_frame only routes `auth` to authenticated sessions.
-        let auth = self.auth.as_ref().expect("authenticated");
         let same_device = identity.device.as_ref().is_none_or(|d| *d == auth.identity.device);
         if identity.tenant != auth.identity.tenant || identity.user != auth.identity.user || !same_device {
-            return self.send_error(ctx, Some(id), ErrorCode::Forbidden, "a refreshed token must name the same tenant, user and device");
+            return Err(Error::client(ErrorCode::Forbidden, "a refreshed token must name the same tenant, user and device"));
         }
         let expires_at = identity.expires_at;
+        auth.view = self.hub.rules.view_for(&identity);
+        auth.identity.role = identity.role;
+        auth.identity.expires_at = expires_at;
         self.set_token_deadline(expires_at);
-        if let Some(auth) = self.auth.as_mut() {
-            auth.view = self.hub.rules.view_for(&identity);
-            auth.identity.role = identity.role;
-            auth.identity.expires_at = expires_at;
-        }
-        self.send(ctx, &ServerFrame::AuthOk { id, expires_at });
+        Ok(expires_at)
     }
 
     fn push(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: u64, batch_id: Uuid, changes: Vec<protocol::Change>) {
@@ -1266,6 +1270,17 @@ impl Handler<Notice> for DeviceSession {
                 }
             }
         }
+    }
+}
+
+impl Handler<RefreshToken> for DeviceSession {
+    type Result = Result<u64, Error>;
+
+    fn handle(&mut self, msg: RefreshToken, _ctx: &mut Self::Context) -> Self::Result {
+        if self.closed || self.phase == Phase::Starting {
+            return Err(Error::client(ErrorCode::NotAuthenticated, "the session is not open for a refresh"));
+        }
+        self.replace_token(msg.0)
     }
 }
 

@@ -119,6 +119,12 @@ impl SharedServerFrame {
 #[rtype(result = "()")]
 pub struct LogAppended;
 
+/// A fresh token for an authenticated session, sent over HTTP instead of in an `auth` frame:
+/// the session answers with the new expiry, or why the token may not replace its own.
+#[derive(Message)]
+#[rtype(result = "Result<u64>")]
+pub struct RefreshToken(pub crate::auth::Identity);
+
 /// Orders from the hub to a session.
 #[derive(Message, Debug, Clone, Copy, PartialEq, Eq)]
 #[rtype(result = "()")]

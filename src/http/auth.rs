@@ -16,7 +16,7 @@ use crate::ids::TenantId;
 use crate::server::Hub;
 
 /// The bearer token of `Authorization: Bearer <token>`.
-fn bearer(req: &HttpRequest) -> Result<&str, ApiError> {
+pub(crate) fn bearer(req: &HttpRequest) -> Result<&str, ApiError> {
     let missing = || ApiError::new(ErrorCode::InvalidToken, "send Authorization: Bearer <token>");
     let value = req.headers().get(header::AUTHORIZATION).ok_or_else(missing)?.to_str().map_err(|_| missing())?;
     let (scheme, token) = value.split_once(' ').ok_or_else(missing)?;

@@ -1,11 +1,13 @@
-//! The HTTP API beside the WebSocket: conflict review for managers (`/v1/conflicts*`) and
-//! server-side writers (`/v1/tenants/{tenant}/push`, `/broadcast`). Here: the routes, the
+//! The HTTP API beside the WebSocket: conflict review for managers (`/v1/conflicts*`),
+//! server-side writers (`/v1/tenants/{tenant}/push`, `/broadcast`) and a session's token
+//! refresh (`/v1/sessions/{id}/token`). Here: the routes, the
 //! request limits and error answers of the extractors, and the one way a batch reaches its
 //! tenant actor from HTTP (the same queue, merge and cursor rules as a device's push).
 
 pub mod auth;
 pub mod conflicts;
 pub mod error;
+pub mod sessions;
 pub mod writers;
 
 use actix_web::error::{JsonPayloadError, QueryPayloadError};
@@ -37,7 +39,8 @@ pub fn routes(cfg: &mut web::ServiceConfig, config: &Config) {
         .route("/v1/conflicts/{id}", web::get().to(conflicts::get))
         .route("/v1/conflicts/{id}/resolve", web::post().to(conflicts::resolve))
         .route("/v1/tenants/{tenant}/push", web::post().to(writers::push))
-        .route("/v1/tenants/{tenant}/broadcast", web::post().to(writers::broadcast));
+        .route("/v1/tenants/{tenant}/broadcast", web::post().to(writers::broadcast))
+        .route("/v1/sessions/{session}/token", web::post().to(sessions::refresh_token));
 }
 
 fn json_error(err: JsonPayloadError) -> ApiError {
