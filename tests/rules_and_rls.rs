@@ -640,10 +640,12 @@ async fn the_merge_writes_rows_by_key_probes_whatever_the_statistics() {
     let schema = store.catalog().get("work_orders").cloned().expect("registered");
     let tenant = synchub::ids::TenantId::new("acme");
     let batch = json!([{"id": Uuid::new_v4(), "title": "renamed"}]).to_string();
-    for (name, sql) in [("update", schema.update_sql(&["title"])), ("delete", schema.delete_sql.clone())] {
+    let statements = [("update", schema.update_sql(&["title"])), ("delete", schema.delete_sql.clone())];
+    let settings = [synchub::storage::apply::MERGE_SETTINGS, synchub::storage::apply::LARGE_GROUP_SETTINGS];
+    for ((name, sql), settings) in statements.iter().flat_map(|s| settings.iter().map(move |t| (s, t))) {
         let mut conn = hub.db.acquire().await.unwrap();
         // The merge's own settings, and the plan a connection caches after a few runs.
-        let begin = store.tenant_begin_sql(&tenant, "begin", synchub::storage::apply::MERGE_SETTINGS, "set local plan_cache_mode = force_generic_plan");
+        let begin = store.tenant_begin_sql(&tenant, "begin", settings, "set local plan_cache_mode = force_generic_plan");
         sqlx::raw_sql(&begin).execute(&mut *conn).await.unwrap();
         sqlx::raw_sql(&format!("prepare write(text, jsonb) as {sql}")).execute(&mut *conn).await.unwrap();
         let plan: Value = sqlx::query_scalar(&format!("explain (format json) execute write('acme', '{batch}')"))
