@@ -66,18 +66,18 @@ impl Target {
 
     /// Open protocol socket number `n`.
     pub async fn connect(&self, n: usize) -> Result<Client> {
-        self.client(self.connect_raw(&self.url, n).await?)
+        Ok(self.client(self.connect_raw(&self.url, n).await?))
     }
 
     /// Open protocol socket number `n`, authenticated with the upgrade request (its `hello`
     /// then needs no token).
     pub async fn connect_authorized(&self, n: usize, token: &str) -> Result<Client> {
-        self.client(self.connect_raw_with(&self.url, n, Some(token)).await?)
+        Ok(self.client(self.connect_raw_with(&self.url, n, Some(token)).await?))
     }
 
-    fn client(&self, ws: Ws) -> Result<Client> {
+    fn client(&self, ws: Ws) -> Client {
         let (sink, stream) = ws.split();
-        Ok(Client { sender: Sender { sink, encoding: self.encoding }, receiver: Receiver { stream, encoding: self.encoding } })
+        Client { sender: Sender { sink, encoding: self.encoding }, receiver: Receiver { stream, encoding: self.encoding } }
     }
 }
 

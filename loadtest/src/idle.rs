@@ -194,16 +194,14 @@ pub async fn worker(
         tasks.push(tokio::spawn(async move {
             let mut client = {
                 let _permit = gate.acquire().await;
-                let connected = match handshake {
-                    IdleHandshake::None => target.connect(n).await,
-                    IdleHandshake::TokenInHello => match target.connect(n).await {
-                        Ok(mut c) => c.handshake(token, &device, None).await.map(|_| c),
-                        Err(e) => Err(e),
-                    },
-                    IdleHandshake::TokenAtUpgrade => match target.connect_authorized(n, &token).await {
-                        Ok(mut c) => c.handshake(String::new(), &device, None).await.map(|_| c),
-                        Err(e) => Err(e),
-                    },
+                // The token goes in the upgrade request or in `hello`, never both.
+                let (opened, hello_token) = match handshake {
+                    IdleHandshake::TokenAtUpgrade => (target.connect_authorized(n, &token).await, String::new()),
+                    _ => (target.connect(n).await, token),
+                };
+                let connected = match opened {
+                    Ok(mut c) if handshake != IdleHandshake::None => c.handshake(hello_token, &device, None).await.map(|_| c),
+                    other => other,
                 };
                 match connected {
                     Ok(c) => c,
