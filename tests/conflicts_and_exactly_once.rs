@@ -1133,6 +1133,54 @@ async fn invalid_value_mid_batch_advances_cursor_and_leaves_no_trace() {
     hub.shutdown().await;
 }
 
+/// The cursor check comes first, whatever else is wrong with a change: a retried change whose
+/// key does not fit its column is a duplicate, and one after a gap is `seq_gap`; only a new
+/// change in order is rejected for its key. The group reads the cursors with the rows, so this
+/// also covers the read that fails on a key and is redone key by key.
+#[actix_web::test]
+async fn the_cursor_check_comes_before_a_key_that_does_not_fit() {
+    let hub = TestHub::start().await;
+    let (mut d, _, _) = Client::device(&hub, TENANT, "pos-d").await;
+    let t = now_ms();
+    let (p1, p2, p3) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let first = vec![
+        upsert("products", json!({"id": p1}), product_fields(p1, "One", 100, 1), 1, t, 0),
+        upsert("products", json!({"id": "not-a-uuid"}), product_fields(p2, "Bad key", 100, 1), 2, t, 0),
+    ];
+    let r = push_batch(&mut d, Uuid::now_v7(), &first).await;
+    let status = |r: &[ChangeResult]| r.iter().map(|x| (x.status, x.seq, x.reason)).collect::<Vec<_>>();
+    assert_eq!(status(&r), vec![(ChangeStatus::Applied, Some(1), None), (ChangeStatus::Rejected, None, Some(ErrorCode::InvalidValue))]);
+    assert_eq!(cursor(&hub, "pos-d").await, Some(2));
+
+    // Retried with two new changes: the bad key of a change already seen is a duplicate.
+    let mut retried = first.clone();
+    retried.push(upsert("products", json!({"id": p2}), product_fields(p2, "Two", 200, 2), 3, t, 0));
+    retried.push(upsert("products", json!({"id": "still-not-a-uuid"}), product_fields(p3, "Bad key", 100, 1), 4, t, 0));
+    let r = push_batch(&mut d, Uuid::now_v7(), &retried).await;
+    assert_eq!(
+        status(&r),
+        vec![
+            (ChangeStatus::Duplicate, Some(1), None),
+            (ChangeStatus::Duplicate, None, None),
+            (ChangeStatus::Applied, Some(2), None),
+            (ChangeStatus::Rejected, None, Some(ErrorCode::InvalidValue)),
+        ]
+    );
+    assert_eq!(cursor(&hub, "pos-d").await, Some(4));
+
+    // After a gap: `seq_gap` for the bad key and the good one alike, nothing written.
+    let gapped = vec![
+        upsert("products", json!({"id": "not-a-uuid-either"}), product_fields(p3, "Bad key", 100, 1), 6, t, 0),
+        upsert("products", json!({"id": p3}), product_fields(p3, "Three", 300, 3), 7, t, 0),
+    ];
+    let r = push_batch(&mut d, Uuid::now_v7(), &gapped).await;
+    assert_eq!(status(&r), vec![(ChangeStatus::Rejected, None, Some(ErrorCode::SeqGap)); 2]);
+    assert_eq!(cursor(&hub, "pos-d").await, Some(4));
+    assert_eq!(head_seq(&hub).await, 2);
+    assert!(db_row(&hub, "products", p3).await.is_none());
+    hub.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Catch-up while another device keeps writing
 // ---------------------------------------------------------------------------------------------

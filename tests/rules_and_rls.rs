@@ -607,20 +607,24 @@ async fn the_merge_reads_versions_by_index_under_row_level_security() {
     seed(&hub, "acme").await;
     let store = hub.running.as_ref().unwrap().hub.store.clone();
     let schema = store.catalog().get("work_orders").cloned().expect("registered");
-    let mut tx = hub.db.begin().await.unwrap();
-    sqlx::raw_sql("set local role synchub_tenant; select set_config('synchub.tenant', 'acme', true)").execute(&mut *tx).await.unwrap();
     let keys = vec![json!({"id": Uuid::new_v4()}), json!({"id": Uuid::new_v4()})];
-    let plan: Value = sqlx::query_scalar(&format!("explain (format json) {}", schema.read_sql))
-        .bind("acme")
-        .bind(&keys)
-        .fetch_one(&mut *tx)
-        .await
-        .unwrap();
-    tx.rollback().await.unwrap();
-    let found = scans_of(&plan, "row_versions");
-    assert_eq!(found.len(), 1, "{plan:#}");
-    let index_cond = found[0]["Index Cond"].as_str().unwrap_or_default();
-    assert!(index_cond.contains("pk_text"), "the key is not an index condition: {:#}", found[0]);
+    // The read alone, and the read that locks the group's cursors as well.
+    for (sql, devices) in [(&schema.read_sql, None), (&schema.read_locking_cursors_sql, Some(vec!["tab-1"]))] {
+        let mut tx = hub.db.begin().await.unwrap();
+        sqlx::raw_sql("set local role synchub_tenant; select set_config('synchub.tenant', 'acme', true)").execute(&mut *tx).await.unwrap();
+        let explain = format!("explain (format json) {sql}");
+        let mut query = sqlx::query_scalar(&explain).bind("acme").bind(&keys);
+        if let Some(devices) = &devices {
+            query = query.bind(devices);
+        }
+        let plan: Value = query.fetch_one(&mut *tx).await.unwrap();
+        tx.rollback().await.unwrap();
+        let found = scans_of(&plan, "row_versions");
+        assert_eq!(found.len(), 1, "{plan:#}");
+        let index_cond = found[0]["Index Cond"].as_str().unwrap_or_default();
+        assert!(index_cond.contains("pk_text"), "the key is not an index condition: {:#}", found[0]);
+        assert_eq!(scans_of(&plan, "device_cursors").len(), usize::from(devices.is_some()), "{plan:#}");
+    }
 }
 
 /// Tables are often younger than the planner's statistics. The merge's writes must still find

@@ -80,7 +80,7 @@ pub struct ApplyLimits {
     pub max_clock_skew_ms: u64,
 }
 
-/// A change that passed the cursor check and validation, on its way to be merged.
+/// A change that passed validation, on its way to be merged once the cursor check passes too.
 struct Pending<'a> {
     batch: usize,
     index: usize,
@@ -303,12 +303,12 @@ struct GroupLocks<'a> {
 }
 
 /// Undo everything since the group's savepoint (taken when the transaction began), then take
-/// the group's locks again, as they were taken after it.
-async fn back_to_group_start(conn: &mut PgConnection, tenant: &TenantId, locks: &GroupLocks<'_>) -> sqlx::Result<()> {
+/// the group's locks again, as they were taken after it; returns the cursors.
+async fn back_to_group_start(conn: &mut PgConnection, tenant: &TenantId, locks: &GroupLocks<'_>) -> sqlx::Result<Vec<(String, i64)>> {
     sqlx::query("rollback to savepoint synchub_group").execute(&mut *conn).await?;
-    lock_cursors(conn, tenant, &locks.devices).await?;
+    let cursors = lock_cursors(conn, tenant, &locks.devices).await?;
     conflicts::lock_open(conn, tenant, &locks.conflicts).await?;
-    Ok(())
+    Ok(cursors)
 }
 
 /// Hub-numbered batches (`assign_device_seqs`) with their device_seqs set from the cursors
@@ -354,36 +354,24 @@ async fn apply_group(
     let now = now_ms();
     let mut outcomes: Vec<Vec<Option<Outcome>>> = batches.iter().map(|b| b.changes.iter().map(|_| None).collect()).collect();
 
-    // 1. Device cursors: duplicates, gaps, and the changes to process; conflicts to resolve.
+    // 1. Changes that could be merged, before their cursors are known: a table, valid values,
+    // columns the identity may write, and the conflicts the group resolves (locked).
     let locks = GroupLocks {
         devices: batches.iter().map(|b| b.device.as_str()).collect(),
         conflicts: batches.iter().filter_map(|b| b.resolves.map(|r| r.conflict_id)).collect(),
     };
-    let cursor_rows = lock_cursors(conn, tenant, &locks.devices).await?;
-    let mut cursors: HashMap<&str, u64> = cursor_rows.iter().map(|(d, s)| (d.as_str(), *s as u64)).collect();
-    let assigned = assign_device_seqs(batches, &cursors);
+    // Hub-numbered batches take their device_seqs from the cursors, so these are read first;
+    // otherwise they come with the rows (step 2), a round trip less.
+    let early_cursors =
+        if batches.iter().any(|b| b.assign_device_seqs) { Some(lock_cursors(conn, tenant, &locks.devices).await?) } else { None };
+    let assigned = early_cursors.as_ref().and_then(|rows| assign_device_seqs(batches, &rows.iter().map(|(d, s)| (d.as_str(), *s as u64)).collect()));
     let batches: &[BatchInput] = assigned.as_deref().unwrap_or(batches);
     let mut resolvable: HashSet<i64> = conflicts::lock_open(conn, tenant, &locks.conflicts).await?.into_iter().collect();
-    let mut devices_users: BTreeMap<&str, (&str, u64)> = BTreeMap::new();
-    let mut duplicates = Vec::new();
     let mut pending: Vec<Pending> = Vec::new();
     for (b, batch) in batches.iter().enumerate() {
-        let cursor = cursors.entry(batch.device.as_str()).or_insert(0);
         // A conflict is resolved by the first batch of the group that resolves it.
         let may_resolve = batch.resolves.is_none_or(|r| resolvable.remove(&r.conflict_id));
-        let mut gap = false;
         for (i, change) in batch.changes.iter().enumerate() {
-            if gap || change.device_seq > *cursor + 1 {
-                gap = true;
-                outcomes[b][i] = Some(reject(ErrorCode::SeqGap, format!("expected device_seq {}", *cursor + 1)));
-                continue;
-            }
-            if change.device_seq <= *cursor {
-                outcomes[b][i] = Some(Outcome { status: ChangeStatus::Duplicate, reason: None });
-                duplicates.push(change.change_id);
-                continue;
-            }
-            *cursor = change.device_seq;
             if let Some(conflict_id) = batch.resolves.filter(|_| !may_resolve).map(|r| r.conflict_id) {
                 outcomes[b][i] = Some(reject(ErrorCode::ConflictNotOpen, format!("conflict {conflict_id} is not open")));
                 continue;
@@ -401,10 +389,7 @@ async fn apply_group(
                 outcomes[b][i] = Some(reject(ErrorCode::Forbidden, why));
                 continue;
             }
-            let (hlc, clamped) = merge::clamp_hlc(change.hlc, now, limits.max_clock_skew_ms);
-            if clamped {
-                tracing::warn!(tenant = %tenant, device = %batch.device, change = %change.change_id, wall_ms = change.hlc.wall_ms, "clock too far ahead; clamped");
-            }
+            let (hlc, _) = merge::clamp_hlc(change.hlc, now, limits.max_clock_skew_ms);
             pending.push(Pending {
                 batch: b,
                 index: i,
@@ -415,11 +400,44 @@ async fn apply_group(
                 clock: FieldClock { hlc, device: batch.device.to_string(), user: Some(batch.user.to_string()), version: 0 },
             });
         }
-        devices_users.insert(batch.device.as_str(), (batch.user.as_str(), *cursor));
     }
 
-    // 2. Current rows (locked) and their versions.
-    let mut state = load_all_rows(conn, tenant, &locks, &mut pending, &mut outcomes).await?;
+    // 2. Current rows (locked) with their versions, and the devices' cursors (locked).
+    let lock_devices = early_cursors.is_none().then_some(locks.devices.as_slice());
+    let (mut state, read_cursors) = load_all_rows(conn, tenant, &locks, &mut pending, &mut outcomes, lock_devices).await?;
+    let cursor_rows = match (early_cursors, read_cursors) {
+        (Some(rows), _) | (None, Some(rows)) => rows,
+        // No row was read: nothing to merge, but duplicates and gaps are still told apart.
+        (None, None) => lock_cursors(conn, tenant, &locks.devices).await?,
+    };
+
+    // Cursors: duplicates and gaps, whatever else was found about them; the changes after
+    // the cursor go on, the others are dropped from the merge (their rows were read for nothing).
+    let mut cursors: HashMap<&str, u64> = cursor_rows.iter().map(|(d, s)| (d.as_str(), *s as u64)).collect();
+    let mut devices_users: BTreeMap<&str, (&str, u64)> = BTreeMap::new();
+    let mut duplicates = Vec::new();
+    for (b, batch) in batches.iter().enumerate() {
+        let cursor = cursors.entry(batch.device.as_str()).or_insert(0);
+        let mut gap = false;
+        for (i, change) in batch.changes.iter().enumerate() {
+            if gap || change.device_seq > *cursor + 1 {
+                gap = true;
+                outcomes[b][i] = Some(reject(ErrorCode::SeqGap, format!("expected device_seq {}", *cursor + 1)));
+                continue;
+            }
+            if change.device_seq <= *cursor {
+                outcomes[b][i] = Some(Outcome { status: ChangeStatus::Duplicate, reason: None });
+                duplicates.push(change.change_id);
+                continue;
+            }
+            *cursor = change.device_seq;
+            if outcomes[b][i].is_none() && merge::clamp_hlc(change.hlc, now, limits.max_clock_skew_ms).1 {
+                tracing::warn!(tenant = %tenant, device = %batch.device, change = %change.change_id, wall_ms = change.hlc.wall_ms, "clock too far ahead; clamped");
+            }
+        }
+        devices_users.insert(batch.device.as_str(), (batch.user.as_str(), *cursor));
+    }
+    pending.retain(|p| outcomes[p.batch][p.index].is_none());
 
     // 3. Merge and write: all at once, or change by change when a value is refused.
     let all: Vec<usize> = (0..pending.len()).filter(|&p| pending[p].row_key.is_some()).collect();
@@ -431,7 +449,7 @@ async fn apply_group(
         // Rare: start over from the rows as loaded (reading them again is cheaper than
         // keeping a copy of the group's state on the common path).
         back_to_group_start(conn, tenant, &locks).await?;
-        state = load_all_rows(conn, tenant, &locks, &mut pending, &mut outcomes).await?;
+        state = load_all_rows(conn, tenant, &locks, &mut pending, &mut outcomes, None).await?.0;
         for &p in &all {
             let pend = &pending[p];
             let id = (pend.table.name.clone(), pend.row_key.clone().unwrap_or_default());
@@ -736,49 +754,55 @@ impl<'a> RowVersionColumns<'a> {
 
 /// Read and lock the rows of every pending change; a key value that does not fit its column
 /// rejects that change with `invalid_value` (found by reading key by key) and the others go on.
-/// Called right after the group's savepoint was taken or rolled back to, with `locks` taken since.
+/// With `lock_devices`, their cursors are read and locked as well and returned (`None` when no
+/// row was read). Called right after the group's savepoint was taken or rolled back to, with
+/// `locks` taken since (the devices' cursors aside when `lock_devices` is given).
 async fn load_all_rows(
     conn: &mut PgConnection,
     tenant: &TenantId,
     locks: &GroupLocks<'_>,
     pending: &mut [Pending<'_>],
     outcomes: &mut [Vec<Option<Outcome>>],
-) -> Result<MergeState> {
+    lock_devices: Option<&[&str]>,
+) -> Result<(MergeState, Option<Vec<(String, i64)>>)> {
     let mut state = MergeState::default();
-    if let Err(err) = load_rows(conn, tenant, pending, &mut state, None).await {
-        if value_error(&err).is_none() {
-            return Err(err.into());
-        }
-        back_to_group_start(conn, tenant, locks).await?;
-        state = MergeState::default();
-        for p in 0..pending.len() {
-            sqlx::query("savepoint synchub_change").execute(&mut *conn).await?;
-            if let Err(err) = load_rows(conn, tenant, pending, &mut state, Some(p)).await {
-                let message = value_error(&err).ok_or(Error::Database(err))?;
-                sqlx::query("rollback to savepoint synchub_change").execute(&mut *conn).await?;
-                pending[p].row_key = None;
-                outcomes[pending[p].batch][pending[p].index] = Some(reject(ErrorCode::InvalidValue, message));
-            }
+    match load_rows(conn, tenant, pending, &mut state, None, lock_devices).await {
+        Ok(cursors) => return Ok((state, cursors)),
+        Err(err) if value_error(&err).is_none() => return Err(err.into()),
+        Err(_) => {}
+    }
+    let cursors = back_to_group_start(conn, tenant, locks).await?;
+    state = MergeState::default();
+    for p in 0..pending.len() {
+        sqlx::query("savepoint synchub_change").execute(&mut *conn).await?;
+        if let Err(err) = load_rows(conn, tenant, pending, &mut state, Some(p), None).await {
+            let message = value_error(&err).ok_or(Error::Database(err))?;
+            sqlx::query("rollback to savepoint synchub_change").execute(&mut *conn).await?;
+            pending[p].row_key = None;
+            outcomes[pending[p].batch][pending[p].index] = Some(reject(ErrorCode::InvalidValue, message));
         }
     }
-    Ok(state)
+    Ok((state, lock_devices.map(|_| cursors)))
 }
 
 /// Read the current rows and versions for `pending` (or only `only`), filling row slots and
-/// each change's normalized key.
+/// each change's normalized key; with `lock_devices`, the first table's statement reads and
+/// locks their cursors too, returned when a row was read.
 async fn load_rows(
     conn: &mut PgConnection,
     tenant: &TenantId,
     pending: &mut [Pending<'_>],
     state: &mut MergeState,
     only: Option<usize>,
-) -> std::result::Result<(), sqlx::Error> {
+    mut lock_devices: Option<&[&str]>,
+) -> std::result::Result<Option<Vec<(String, i64)>>, sqlx::Error> {
     let mut by_table: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for (p, pend) in pending.iter().enumerate() {
         if only.is_none_or(|o| o == p) {
             by_table.entry(pend.table.name.clone()).or_default().push(p);
         }
     }
+    let mut cursors = None;
     for (table_name, members) in by_table {
         let table = pending[members[0]].table.clone();
         // Each key once: a row that several changes of the group write is read (and locked)
@@ -797,8 +821,19 @@ async fn load_rows(
                 }
             }
         }
-        let rows = sqlx::query(&table.read_sql).bind(tenant.as_str()).bind(&keys).fetch_all(&mut *conn).await?;
+        let with_cursors = lock_devices.take();
+        let rows = match with_cursors {
+            Some(devices) => {
+                sqlx::query(&table.read_locking_cursors_sql).bind(tenant.as_str()).bind(&keys).bind(devices).fetch_all(&mut *conn).await?
+            }
+            None => sqlx::query(&table.read_sql).bind(tenant.as_str()).bind(&keys).fetch_all(&mut *conn).await?,
+        };
         for row in rows {
+            if with_cursors.is_some() {
+                if let Some(Value::Object(read)) = row.get::<Option<Value>, _>("cursors") {
+                    cursors = Some(read.into_iter().map(|(device, seq)| (device, seq.as_i64().unwrap_or(0))).collect());
+                }
+            }
             let ordinal: i64 = row.get("i");
             let key: Value = row.get("key");
             let key_text = key.to_string();
@@ -822,7 +857,7 @@ async fn load_rows(
             state.rows.insert(id, RowSlot { key: as_object(key).unwrap_or_default(), state: row_state, writes: 0 });
         }
     }
-    Ok(())
+    Ok(cursors)
 }
 
 /// Write statements of one merge pass: one per (round, table, kind, column set). A row

@@ -27,8 +27,10 @@ pub struct TableSchema {
     /// Writable columns (generated columns are left out).
     pub columns: BTreeMap<String, Column>,
     pub policy: MergePolicy,
-    /// Reads the current rows of a set of keys and locks them; see [`TableSchema::read_sql`].
+    /// Reads the current rows of a set of keys and locks them (how: `build_read_sql`).
     pub read_sql: String,
+    /// The same, and reads and locks the cursors of a group's devices as well.
+    pub read_locking_cursors_sql: String,
     pub delete_sql: String,
 }
 
@@ -60,12 +62,26 @@ impl TableSchema {
     /// the tenant's whole table. Versions are matched on the key's text, computed apart
     /// (`offset 0` keeps it from being folded back into the comparison): under row-level
     /// security only a comparison of plain values may drive an index (migration 0007).
-    fn build_read_sql(&self) -> String {
+    ///
+    /// With `lock_cursors`, `$3` is a text[] of device ids: the statement also locks their
+    /// cursors in `synchub.device_cursors` and returns them as a `{device: last_device_seq}`
+    /// object in the `cursors` column of the first key's row (null in the others), which saves
+    /// a group its own round trip for them.
+    fn build_read_sql(&self, lock_cursors: bool) -> String {
         let table = &self.name;
         let first = quote_ident(&self.key[0]);
+        let (cursors_cte, cursors_column) = if lock_cursors {
+            (
+                "with c as materialized (select device_id, last_device_seq from synchub.device_cursors \
+                   where tenant_id = $1 and device_id = any($3) for update) ",
+                ", case when x.i = 1 then (select coalesce(jsonb_object_agg(device_id, last_device_seq), '{}') from c) end as cursors",
+            )
+        } else {
+            ("", "")
+        };
         format!(
-            "select x.i, kt.key, case when t.{first} is null then null else to_jsonb(t) end as row, \
-               rv.version, rv.deleted, rv.clocks \
+            "{cursors_cte}select x.i, kt.key, case when t.{first} is null then null else to_jsonb(t) end as row, \
+               rv.version, rv.deleted, rv.clocks{cursors_column} \
              from unnest($2::jsonb[]) with ordinality as x(kj, i) \
              cross join lateral jsonb_populate_record(null::{table}, x.kj) as k \
              cross join lateral (select {keyobj} as key, ({keyobj})::text as key_text offset 0) kt \
@@ -248,9 +264,11 @@ impl Catalog {
                 columns,
                 policy,
                 read_sql: String::new(),
+                read_locking_cursors_sql: String::new(),
                 delete_sql: String::new(),
             };
-            schema.read_sql = schema.build_read_sql();
+            schema.read_sql = schema.build_read_sql(false);
+            schema.read_locking_cursors_sql = schema.build_read_sql(true);
             schema.delete_sql = schema.build_delete_sql();
             tables.insert(name, Arc::new(schema));
         }
