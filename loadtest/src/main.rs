@@ -55,7 +55,8 @@ enum Command {
         #[command(flatten)]
         args: devices::DevicesArgs,
     },
-    /// The same rows written straight to Postgres with plain SQL: the ceiling for merge.
+    /// The same rows written straight to Postgres with plain SQL: the ceiling for merge
+    /// (`--with-log`: with the hub's log, versions and cursors as well).
     PgCeiling {
         #[command(flatten)]
         args: pg_ceiling::CeilingArgs,

@@ -2,6 +2,12 @@
 //! to Postgres with the best plain SQL (typed arrays, one upsert and one update statement per
 //! batch, one transaction per batch, several connections), into a trigger-free copy of the
 //! products table. Hub throughput is reported as a ratio to this.
+//!
+//! With `--with-log`, each batch also writes what the hub keeps beside the row, in one more
+//! statement, into copies of the hub's own tables: a change-log entry per change (seq from the
+//! tenant's head, locked first, the row image, the old values of the written fields, the fields
+//! as written), the row's version with a clock per field, and the writer's cursor. No merge
+//! decisions, rules or conflict records: what Postgres alone costs for the hub's storage.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -41,16 +47,34 @@ pub struct CeilingArgs {
     /// `db_pool_size` is 16.
     #[arg(long, default_value_t = 16)]
     pub connections: u32,
+    /// Writers are spread over this many tenants (each its own shared rows and, with
+    /// `--with-log`, its own head, which its writers take in turn, as a hub tenant's merges do).
+    #[arg(long, default_value_t = 1)]
+    pub tenants: usize,
+    /// Write the hub's bookkeeping too (needs the hub's schema in the database).
+    #[arg(long)]
+    pub with_log: bool,
 }
 
 const TABLE_SQL: &str = "create table if not exists loadtest_products (like products including defaults including constraints); \
     alter table loadtest_products drop constraint if exists loadtest_products_pkey; \
     alter table loadtest_products add primary key (id)";
 
+/// Copies of the hub's log, versions and cursors, and a head per tenant (trigger-free, with
+/// the hub tables' keys and indexes).
+const LOG_TABLES_SQL: &str = "create table if not exists loadtest_change_log (like synchub.change_log including all); \
+    create table if not exists loadtest_row_versions (like synchub.row_versions including all); \
+    create table if not exists loadtest_device_cursors (like synchub.device_cursors including all); \
+    create table if not exists loadtest_heads (tenant_id text primary key, head_seq bigint not null default 0)";
+
 pub async fn run(args: CeilingArgs) -> Result<Report> {
     let pool = PgPoolOptions::new().max_connections(args.connections).connect(&args.database_url).await?;
     sqlx::raw_sql(TABLE_SQL).execute(&pool).await?;
     sqlx::query("truncate loadtest_products").execute(&pool).await?;
+    if args.with_log {
+        sqlx::raw_sql(LOG_TABLES_SQL).execute(&pool).await?;
+        sqlx::raw_sql("truncate loadtest_change_log, loadtest_row_versions, loadtest_device_cursors, loadtest_heads").execute(&pool).await?;
+    }
     let stats = Arc::new(Stats::default());
     let prefix = Uuid::new_v4().simple().to_string();
     let mut monitor = Monitor::new(None);
@@ -58,10 +82,15 @@ pub async fn run(args: CeilingArgs) -> Result<Report> {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.duration_secs);
     let mut tasks = Vec::new();
+    let tenants = args.tenants.max(1);
+    for t in (0..tenants).filter(|_| args.with_log) {
+        sqlx::query("insert into loadtest_heads (tenant_id) values ($1)").bind(format!("ceiling-{t}")).execute(&pool).await?;
+    }
     for n in 0..args.writers {
         let (pool, stats, args) = (pool.clone(), stats.clone(), args.clone());
+        let writer = Writer { tenant: format!("ceiling-{}", n % tenants), device: format!("w{n}") };
         let mut workload = Workload::new(
-            &format!("{prefix}-t0"),
+            &format!("{prefix}-t{}", n % tenants),
             &format!("{prefix}-w{n}"),
             args.rows_per_writer,
             args.shared_rows,
@@ -74,7 +103,12 @@ pub async fn run(args: CeilingArgs) -> Result<Report> {
                 }
                 let changes: Vec<_> = (0..args.batch).map(|_| workload.next().0).collect();
                 let t = Instant::now();
-                match write_batch(&pool, "ceiling", &changes).await {
+                let written = if args.with_log {
+                    write_logged_batch(&pool, &writer, &changes).await
+                } else {
+                    write_batch(&pool, "ceiling", &changes).await
+                };
+                match written {
                     Ok(()) => {
                         stats.applied.fetch_add(changes.len() as u64, Ordering::Relaxed);
                         stats.ack_latency(t.elapsed());
@@ -154,6 +188,116 @@ async fn write_batch(pool: &sqlx::PgPool, tenant: &str, changes: &[protocol::Cha
         .execute(&mut *tx)
         .await?;
     }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Who a writer is, in the log and cursor tables.
+struct Writer {
+    tenant: String,
+    device: String,
+}
+
+/// One transaction: the tenant's head (locked, as a hub tenant's merges take turns), then the
+/// rows, one log entry per change, the rows' versions and clocks, and the writer's cursor in
+/// one statement.
+async fn write_logged_batch(pool: &sqlx::PgPool, writer: &Writer, changes: &[protocol::Change]) -> Result<()> {
+    let Some(last) = changes.last() else { return Ok(()) };
+    // Each row written once, with the last values of the batch (keys in order, as above).
+    let mut rows: std::collections::BTreeMap<Uuid, (Option<(String, String)>, i32, i32)> = std::collections::BTreeMap::new();
+    for c in changes {
+        let int = |k: &str| c.fields.get(k).and_then(Value::as_i64).unwrap_or(0) as i32;
+        let full = c.fields.get("sku").and_then(Value::as_str).map(|sku| {
+            (sku.to_string(), c.fields.get("name").and_then(Value::as_str).unwrap_or_default().to_string())
+        });
+        let row = rows.entry(devices::key_uuid(c)).or_insert((None, 0, 0));
+        *row = (full.or(row.0.take()), int("price_cents"), int("stock"));
+    }
+    let (mut full_ids, mut skus, mut names, mut full_prices, mut full_stocks) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut part_ids, mut part_prices, mut part_stocks) = (vec![], vec![], vec![]);
+    for (id, (full, price, stock)) in rows {
+        match full {
+            Some((sku, name)) => {
+                full_ids.push(id);
+                skus.push(sku);
+                names.push(name);
+                full_prices.push(price);
+                full_stocks.push(stock);
+            }
+            None => {
+                part_ids.push(id);
+                part_prices.push(price);
+                part_stocks.push(stock);
+            }
+        }
+    }
+    let ids: Vec<Uuid> = changes.iter().map(devices::key_uuid).collect();
+    let written: Vec<Value> = changes.iter().map(|c| Value::Object(c.fields.clone())).collect();
+    let change_ids: Vec<Uuid> = changes.iter().map(|c| c.change_id).collect();
+    let device_seqs: Vec<i64> = changes.iter().map(|c| c.device_seq as i64).collect();
+    let walls: Vec<i64> = changes.iter().map(|c| c.hlc.wall_ms as i64).collect();
+    let counters: Vec<i32> = changes.iter().map(|c| c.hlc.counter as i32).collect();
+    let mut tx = pool.begin().await?;
+    let base: i64 = sqlx::query_scalar("update loadtest_heads set head_seq = head_seq + $2 where tenant_id = $1 returning head_seq - $2")
+        .bind(&writer.tenant)
+        .bind(changes.len() as i64)
+        .fetch_one(&mut *tx)
+        .await?;
+    sqlx::query(
+        // The rows before the statement (its snapshot); no row lock, which a write of the same
+        // statement would make skip the row: the head serializes the tenant's writers.
+        "with old as materialized (\
+           select q.id, to_jsonb(q) as img from loadtest_products q where q.id = any($2)), \
+         full_rows as (\
+           insert into loadtest_products as t (tenant_id, id, sku, name, price_cents, stock) \
+           select $1, * from unnest($3::uuid[], $4::text[], $5::text[], $6::int4[], $7::int4[]) \
+           on conflict (id) do update set sku = excluded.sku, name = excluded.name, price_cents = excluded.price_cents, stock = excluded.stock \
+           returning t.id, to_jsonb(t) as img), \
+         partial_rows as (\
+           update loadtest_products p set price_cents = x.price, stock = x.stock \
+           from unnest($8::uuid[], $9::int4[], $10::int4[]) as x(id, price, stock) where p.id = x.id \
+           returning p.id, to_jsonb(p) as img), \
+         new as (select * from full_rows union all select * from partial_rows), \
+         c as (select * from unnest($11::uuid[], $12::jsonb[], $13::uuid[], $14::int8[], $15::int8[], $16::int4[]) \
+           with ordinality as c(id, written, change_id, device_seq, wall, counter, n)), \
+         log as (\
+           insert into loadtest_change_log (tenant_id, seq, table_name, op, pk, new_row, old_values, written, origin_device, user_id, \
+             change_id, device_seq, hlc_wall_ms, hlc_counter) \
+           select $1, $17 + c.n, 'products', case when old.img is null then 'insert' else 'update' end, jsonb_build_object('id', c.id), \
+             new.img, (select jsonb_object_agg(k, old.img -> k) from jsonb_object_keys(c.written) k where old.img -> k is distinct from c.written -> k), \
+             c.written, $18, $18, c.change_id, c.device_seq, c.wall, c.counter \
+           from c join new on new.id = c.id left join old on old.id = c.id), \
+         versions as (\
+           insert into loadtest_row_versions (tenant_id, table_name, pk, version, clocks) \
+           select $1, 'products', jsonb_build_object('id', c.id), $17 + max(c.n), \
+             jsonb_object_agg(k, jsonb_build_array(c.wall, c.counter, $18, $17 + c.n, $18) order by c.n) \
+           from c cross join jsonb_object_keys(c.written) k group by c.id \
+           on conflict (tenant_id, table_name, pk_text) do update set version = excluded.version, \
+             clocks = loadtest_row_versions.clocks || excluded.clocks) \
+         insert into loadtest_device_cursors (tenant_id, device_id, user_id, last_device_seq) values ($1, $18, $18, $19) \
+         on conflict (tenant_id, device_id) do update set last_device_seq = excluded.last_device_seq, updated_at = now()",
+    )
+    .bind(&writer.tenant)
+    .bind(&ids)
+    .bind(&full_ids)
+    .bind(&skus)
+    .bind(&names)
+    .bind(&full_prices)
+    .bind(&full_stocks)
+    .bind(&part_ids)
+    .bind(&part_prices)
+    .bind(&part_stocks)
+    .bind(&ids)
+    .bind(&written)
+    .bind(&change_ids)
+    .bind(&device_seqs)
+    .bind(&walls)
+    .bind(&counters)
+    .bind(base)
+    .bind(&writer.device)
+    .bind(last.device_seq as i64)
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(())
 }

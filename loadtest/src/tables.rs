@@ -21,24 +21,29 @@ fn error_count(report: &Value) -> u64 {
     report.get("errors").and_then(Value::as_object).map(|m| m.values().filter_map(Value::as_u64).sum()).unwrap_or(0)
 }
 
-/// Merge throughput of the hub against the plain-SQL ceiling, per batch size and conflict rate.
+/// Merge throughput of the hub against the plain-SQL ceiling, per batch size and conflict rate,
+/// and against Postgres writing the hub's bookkeeping as well (`pg-ceiling --with-log`), when run.
 fn merge_table(dir: &Path) -> String {
     let mut out = String::from(
-        "| batch | conflicts | hub changes/s | ceiling rows/s | ratio | push→ack p50 / p99 (ms) | conflicts logged | hub CPU s | Postgres CPU s |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| batch | conflicts | hub changes/s | ceiling rows/s | ratio | with the hub's log, changes/s | ratio | push→ack p50 / p99 (ms) | conflicts logged | hub CPU s | Postgres CPU s |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
+    let ratio = |hub: f64, base: f64| if base > 0.0 { format!("{:.2}", hub / base) } else { String::new() };
     for batch in [1, 100, 1000] {
         for conflict in ["0", "10"] {
             let (Some(hub), Some(pg)) = (load(dir, &format!("merge-hub-b{batch}-c{conflict}")), load(dir, &format!("merge-pg-b{batch}-c{conflict}")))
             else {
-                out.push_str(&format!("| {batch} | {conflict}% | not run | | | | | | |\n"));
+                out.push_str(&format!("| {batch} | {conflict}% | not run | | | | | | | | |\n"));
                 continue;
             };
             let hub_rate = num(&hub, &["changes_merged_per_s"]);
             let pg_rate = num(&pg, &["changes_merged_per_s"]);
+            let logged_rate = load(dir, &format!("merge-pglog-b{batch}-c{conflict}")).map(|r| num(&r, &["changes_merged_per_s"]));
             out.push_str(&format!(
-                "| {batch} | {conflict}% | {hub_rate:.0} | {pg_rate:.0} | {:.2} | {:.1} / {:.1} | {:.0} | {:.1} | {:.1} |\n",
-                if pg_rate > 0.0 { hub_rate / pg_rate } else { 0.0 },
+                "| {batch} | {conflict}% | {hub_rate:.0} | {pg_rate:.0} | {} | {} | {} | {:.1} / {:.1} | {:.0} | {:.1} | {:.1} |\n",
+                ratio(hub_rate, pg_rate),
+                logged_rate.map(|r| format!("{r:.0}")).unwrap_or_else(|| "not run".into()),
+                ratio(hub_rate, logged_rate.unwrap_or(0.0)),
                 num(&hub, &["ack_latency", "p50_ms"]),
                 num(&hub, &["ack_latency", "p99_ms"]),
                 num(&hub, &["outcomes", "conflict"]),
@@ -257,5 +262,22 @@ mod tests {
         let out = replace_between(doc, "merge", "| new |\n").unwrap();
         assert_eq!(out, "intro\n<!-- merge:begin -->\n| new |\n<!-- merge:end -->\nrest\n");
         assert!(replace_between(doc, "storm", "x").is_err());
+    }
+
+    #[test]
+    fn the_merge_table_gives_the_ratio_to_each_baseline_that_ran() {
+        let dir = std::env::temp_dir().join(format!("synchub-tables-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, rate: f64| std::fs::write(dir.join(format!("{name}.json")), format!(r#"{{"changes_merged_per_s": {rate}}}"#)).unwrap();
+        write("merge-hub-b100-c0", 20000.0);
+        write("merge-pg-b100-c0", 200000.0);
+        write("merge-pglog-b100-c0", 25000.0);
+        write("merge-hub-b1000-c0", 30000.0);
+        write("merge-pg-b1000-c0", 600000.0);
+        let table = merge_table(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(table.contains("| 100 | 0% | 20000 | 200000 | 0.10 | 25000 | 0.80 |"), "{table}");
+        assert!(table.contains("| 1000 | 0% | 30000 | 600000 | 0.05 | not run |  |"), "{table}");
+        assert!(table.contains("| 1 | 0% | not run |"), "{table}");
     }
 }
