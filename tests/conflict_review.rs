@@ -663,3 +663,62 @@ async fn the_group_returns_the_conflicts_it_logged_and_resolved() {
     assert_eq!(counted, expected);
     hub.shutdown().await;
 }
+
+/// The count of a tenant's open conflicts (which conflict news and the review API report)
+/// follows every statement on the conflicts table, the hub's and any other SQL client's:
+/// several rows at once, other statuses, a conflict moved to another tenant, deletes.
+#[actix_web::test]
+async fn the_open_conflict_count_follows_every_statement_on_the_conflicts_table() {
+    let hub = TestHub::start().await;
+    let db = &hub.db;
+    sqlx::query("insert into synchub.tenants (tenant_id) values ('count-a'), ('count-b') on conflict do nothing").execute(db).await.unwrap();
+    let counted = || async {
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "select t.tenant_id, t.open_conflicts, (select count(*) from synchub.conflicts c where c.tenant_id = t.tenant_id and review_status = 'open') \
+             from synchub.tenants t where t.tenant_id in ('count-a', 'count-b') order by 1",
+        )
+        .fetch_all(db)
+        .await
+        .unwrap();
+        for (tenant, kept, actual) in &rows {
+            assert_eq!(kept, actual, "{tenant}");
+        }
+        rows.into_iter().map(|(_, kept, _)| kept).collect::<Vec<_>>()
+    };
+    let insert = "insert into synchub.conflicts (tenant_id, table_name, pk, field, base_version, server_version, server_hlc, \
+         server_device, incoming_hlc, incoming_device, winner, policy, change_id, batch_id, review_status) \
+         select tenant, 'products', jsonb_build_object('id', i), 'price', 0, 1, '[1, 0]', 'd1', '[2, 0]', 'd2', 'incoming', 'lww', \
+           gen_random_uuid(), gen_random_uuid(), status \
+         from (values ('count-a', 'open'), ('count-a', 'open'), ('count-a', 'open'), ('count-a', 'dismissed'), \
+           ('count-b', 'open'), ('count-b', 'open')) v(tenant, status), generate_series(1, 2) i";
+    sqlx::query(insert).execute(db).await.unwrap();
+    assert_eq!(counted().await, vec![6, 4]);
+    // Nothing inserted: nothing counted.
+    sqlx::query(&format!("{insert} where false")).execute(db).await.unwrap();
+    assert_eq!(counted().await, vec![6, 4]);
+
+    // Two of a's resolved, a dismissed one reopened, one of b's moved to a.
+    sqlx::query(
+        "update synchub.conflicts set review_status = 'resolved' where conflict_id in \
+           (select conflict_id from synchub.conflicts where tenant_id = 'count-a' and review_status = 'open' order by conflict_id limit 2)",
+    )
+    .execute(db)
+    .await
+    .unwrap();
+    sqlx::query("update synchub.conflicts set review_status = 'open' where tenant_id = 'count-a' and review_status = 'dismissed'").execute(db).await.unwrap();
+    sqlx::query("update synchub.conflicts set tenant_id = 'count-a' where conflict_id = (select min(conflict_id) from synchub.conflicts where tenant_id = 'count-b')")
+        .execute(db)
+        .await
+        .unwrap();
+    assert_eq!(counted().await, vec![7, 3]);
+    // An update that changes no status moves no count.
+    sqlx::query("update synchub.conflicts set review_status = review_status where tenant_id = 'count-b'").execute(db).await.unwrap();
+    assert_eq!(counted().await, vec![7, 3]);
+
+    sqlx::query("delete from synchub.conflicts where tenant_id = 'count-a' and (review_status <> 'open' or conflict_id % 2 = 0)").execute(db).await.unwrap();
+    sqlx::query("delete from synchub.conflicts where tenant_id = 'count-b'").execute(db).await.unwrap();
+    let left = counted().await;
+    assert_eq!(left[1], 0);
+    assert!(left[0] > 0 && left[0] < 7, "{left:?}");
+    hub.shutdown().await;
+}

@@ -343,6 +343,53 @@ enum Applied {
     HeadMoved,
 }
 
+/// The hub's bookkeeping statement of a group (step 5 of [`apply_group`]) around its conflicts
+/// part: the expected head, log, versions, conflicts and cursors in one statement, returning the
+/// conflicts logged, with their ids, and whether it took the head.
+macro_rules! bookkeeping_sql {
+    ($conflicts:literal) => {
+        concat!(
+            "with head as (\
+           update synchub.tenants set head_seq = head_seq + $25 where tenant_id = $1 and head_seq = $24 returning 1), \
+         log as (\
+           insert into synchub.change_log (tenant_id, seq, table_name, op, pk, new_row, old_values, written, origin_device, user_id, \
+             change_id, device_seq, hlc_wall_ms, hlc_counter) \
+           select $1, * from unnest($2::int8[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[], $7::jsonb[], $8::jsonb[], \
+             $9::text[], $10::text[], $11::uuid[], $12::int8[], $13::int8[], $14::int4[])), \
+         versions as (\
+           insert into synchub.row_versions (tenant_id, table_name, pk, version, deleted, clocks) \
+           select $1, t, k, v, d, c from unnest($15::text[], $16::jsonb[], $17::int8[], $18::jsonb[], $19::jsonb[]) as x(t, k, v, d, c) \
+           on conflict (tenant_id, table_name, pk_text) do update set version = excluded.version, deleted = excluded.deleted, clocks = excluded.clocks), ",
+            $conflicts,
+            "cursors as (\
+           insert into synchub.device_cursors (tenant_id, device_id, user_id, last_device_seq) \
+           select $1, d, u, s from unnest($21::text[], $22::text[], $23::int8[]) as x(d, u, s) \
+           on conflict (tenant_id, device_id) do update set last_device_seq = greatest(device_cursors.last_device_seq, excluded.last_device_seq), \
+             user_id = excluded.user_id, updated_at = now()) \
+         select coalesce(jsonb_agg(to_jsonb(c) order by c.conflict_id), '[]'::jsonb), \
+           $24::int8 is null or exists (select from head) from conflicts c"
+        )
+    };
+}
+
+/// With conflicts to log.
+const BOOKKEEPING_SQL: &str = bookkeeping_sql!(
+    "conflicts as (\
+           insert into synchub.conflicts (tenant_id, table_name, pk, field, base_version, server_version, server_value, server_hlc, \
+             server_device, server_user, incoming_value, incoming_hlc, incoming_device, incoming_user, winner, policy, change_id, batch_id, seq) \
+           select $1, table_name, pk, field, base_version, server_version, server_value, server_hlc, server_device, server_user, \
+             incoming_value, incoming_hlc, incoming_device, incoming_user, winner, policy, change_id, batch_id, seq \
+           from jsonb_to_recordset($20) as x(table_name text, pk jsonb, field text, base_version int8, server_version int8, \
+             server_value jsonb, server_hlc jsonb, server_device text, server_user text, incoming_value jsonb, incoming_hlc jsonb, \
+             incoming_device text, incoming_user text, winner text, policy text, change_id uuid, batch_id uuid, seq int8) \
+           returning *), "
+);
+
+/// Without: the conflicts table is left alone, so its statement triggers (migration 0012) do
+/// not run for the many groups that log none. `$20` stays typed for the same arguments.
+const BOOKKEEPING_NO_CONFLICTS_SQL: &str =
+    bookkeeping_sql!("conflicts as (select * from synchub.conflicts where false and $20::jsonb is not null), ");
+
 async fn apply_group(
     conn: &mut PgConnection,
     catalog: &Catalog,
@@ -562,37 +609,10 @@ async fn apply_group(
         devices_users.iter().map(|(d, (u, s))| (*d, (*u, *s as i64))).unzip();
     let versions = RowVersionColumns::of(&state, head);
     let log = LogColumns::of(&deltas, logged.iter().map(|&(p, op)| (&pending[p], op)));
-    // One statement for the hub's own bookkeeping: the expected head, log, versions, conflicts
-    // and cursors; it returns the conflicts logged, with their ids, and whether it took the head.
+    // One statement for the hub's own bookkeeping (`bookkeeping_sql`).
     let take_head = expected_head.filter(|_| state.next_ordinal > 0).map(|h| h as i64);
     let bookkeeping: sqlx::Result<(Value, bool)> = sqlx::query_as(
-        "with head as (\
-           update synchub.tenants set head_seq = head_seq + $25 where tenant_id = $1 and head_seq = $24 returning 1), \
-         log as (\
-           insert into synchub.change_log (tenant_id, seq, table_name, op, pk, new_row, old_values, written, origin_device, user_id, \
-             change_id, device_seq, hlc_wall_ms, hlc_counter) \
-           select $1, * from unnest($2::int8[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[], $7::jsonb[], $8::jsonb[], \
-             $9::text[], $10::text[], $11::uuid[], $12::int8[], $13::int8[], $14::int4[])), \
-         versions as (\
-           insert into synchub.row_versions (tenant_id, table_name, pk, version, deleted, clocks) \
-           select $1, t, k, v, d, c from unnest($15::text[], $16::jsonb[], $17::int8[], $18::jsonb[], $19::jsonb[]) as x(t, k, v, d, c) \
-           on conflict (tenant_id, table_name, pk_text) do update set version = excluded.version, deleted = excluded.deleted, clocks = excluded.clocks), \
-         conflicts as (\
-           insert into synchub.conflicts (tenant_id, table_name, pk, field, base_version, server_version, server_value, server_hlc, \
-             server_device, server_user, incoming_value, incoming_hlc, incoming_device, incoming_user, winner, policy, change_id, batch_id, seq) \
-           select $1, table_name, pk, field, base_version, server_version, server_value, server_hlc, server_device, server_user, \
-             incoming_value, incoming_hlc, incoming_device, incoming_user, winner, policy, change_id, batch_id, seq \
-           from jsonb_to_recordset($20) as x(table_name text, pk jsonb, field text, base_version int8, server_version int8, \
-             server_value jsonb, server_hlc jsonb, server_device text, server_user text, incoming_value jsonb, incoming_hlc jsonb, \
-             incoming_device text, incoming_user text, winner text, policy text, change_id uuid, batch_id uuid, seq int8) \
-           returning *), \
-         cursors as (\
-           insert into synchub.device_cursors (tenant_id, device_id, user_id, last_device_seq) \
-           select $1, d, u, s from unnest($21::text[], $22::text[], $23::int8[]) as x(d, u, s) \
-           on conflict (tenant_id, device_id) do update set last_device_seq = greatest(device_cursors.last_device_seq, excluded.last_device_seq), \
-             user_id = excluded.user_id, updated_at = now()) \
-         select coalesce(jsonb_agg(to_jsonb(c) order by c.conflict_id), '[]'::jsonb), \
-           $24::int8 is null or exists (select from head) from conflicts c",
+        if conflicts.is_empty() { BOOKKEEPING_NO_CONFLICTS_SQL } else { BOOKKEEPING_SQL },
     )
     .bind(tenant.as_str())
     .bind(&log.seq)
