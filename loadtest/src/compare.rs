@@ -1,12 +1,14 @@
 //! Comparing two benchmark runs (two folders of JSON reports, as `run-benchmarks` keeps them):
 //! the headline figure of each scenario side by side, with the change, and a mark where the
-//! current run is worse than the baseline by more than a tolerance.
+//! current run is worse than the baseline by more than a tolerance. Of a repeated measurement,
+//! the median run stands for the run.
 
 use std::path::Path;
 
 use serde_json::Value;
 
 use crate::error::{LoadError, Result};
+use crate::tables;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Better {
@@ -73,13 +75,9 @@ pub fn compare_with(
         .collect()
 }
 
-fn load(dir: &Path, name: &str) -> Option<Value> {
-    serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).ok()?).ok()
-}
-
 /// Compare two results folders; the table, and whether anything got worse.
 pub fn compare(baseline: &Path, current: &Path, tolerance: f64) -> Result<(String, bool)> {
-    let rows = compare_with(|n| load(baseline, n), |n| load(current, n), tolerance);
+    let rows = compare_with(|n| tables::median_report(baseline, n), |n| tables::median_report(current, n), tolerance);
     if rows.is_empty() {
         return Err(LoadError::Usage(format!("no report is in both {} and {}", baseline.display(), current.display())));
     }

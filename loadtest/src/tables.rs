@@ -21,34 +21,77 @@ fn error_count(report: &Value) -> u64 {
     report.get("errors").and_then(Value::as_object).map(|m| m.values().filter_map(Value::as_u64).sum()).unwrap_or(0)
 }
 
+/// The runs of one measurement: `{name}-r1.json`, `{name}-r2.json`, … as `run-benchmarks`
+/// repeats them, or a single `{name}.json`.
+fn repeated_runs(dir: &Path, name: &str) -> Vec<Value> {
+    let repeated: Vec<Value> = (1..).map_while(|run| load(dir, &format!("{name}-r{run}"))).collect();
+    if repeated.is_empty() {
+        load(dir, name).into_iter().collect()
+    } else {
+        repeated
+    }
+}
+
+/// The run with the median throughput (the lower middle one of an even count), and the lowest
+/// and highest throughput of all.
+fn median_run(runs: &[Value]) -> Option<(&Value, f64, f64)> {
+    let rate = |r: &Value| num(r, &["changes_merged_per_s"]);
+    let mut sorted: Vec<&Value> = runs.iter().collect();
+    sorted.sort_by(|a, b| rate(a).total_cmp(&rate(b)));
+    let median = *sorted.get((sorted.len().checked_sub(1)?) / 2)?;
+    Some((median, rate(sorted[0]), rate(sorted[sorted.len() - 1])))
+}
+
+/// A report by name, as [`crate::compare`] reads it: the median run of a repeated measurement.
+pub fn median_report(dir: &Path, name: &str) -> Option<Value> {
+    median_run(&repeated_runs(dir, name)).map(|(run, _, _)| run.clone())
+}
+
+/// A median rate, with the range of the runs when there were several.
+fn rate_cell(runs: &[Value]) -> String {
+    match median_run(runs) {
+        None => "not run".into(),
+        Some((median, low, high)) if runs.len() > 1 => {
+            format!("{:.0} ({low:.0}–{high:.0})", num(median, &["changes_merged_per_s"]))
+        }
+        Some((median, _, _)) => format!("{:.0}", num(median, &["changes_merged_per_s"])),
+    }
+}
+
 /// Merge throughput of the hub against the plain-SQL ceiling, per batch size and conflict rate,
 /// and against Postgres writing the hub's bookkeeping as well (`pg-ceiling --with-log`), when run.
+/// Each figure is the median of the runs (with their range); ratios are of medians, and latency
+/// and CPU come from the hub's median run.
 fn merge_table(dir: &Path) -> String {
     let mut out = String::from(
-        "| batch | conflicts | hub changes/s | ceiling rows/s | ratio | with the hub's log, changes/s | ratio | push→ack p50 / p99 (ms) | conflicts logged | hub CPU s | Postgres CPU s |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| batch | conflicts | runs | hub changes/s (range) | ceiling rows/s (range) | ratio | with the hub's log, changes/s (range) | ratio | push→ack p50 / p99 (ms) | conflicts logged | hub CPU s | Postgres CPU s |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let ratio = |hub: f64, base: f64| if base > 0.0 { format!("{:.2}", hub / base) } else { String::new() };
+    let median_rate = |runs: &[Value]| median_run(runs).map_or(0.0, |(r, _, _)| num(r, &["changes_merged_per_s"]));
     for batch in [1, 100, 1000] {
         for conflict in ["0", "10"] {
-            let (Some(hub), Some(pg)) = (load(dir, &format!("merge-hub-b{batch}-c{conflict}")), load(dir, &format!("merge-pg-b{batch}-c{conflict}")))
-            else {
-                out.push_str(&format!("| {batch} | {conflict}% | not run | | | | | | | | |\n"));
+            let hub = repeated_runs(dir, &format!("merge-hub-b{batch}-c{conflict}"));
+            let pg = repeated_runs(dir, &format!("merge-pg-b{batch}-c{conflict}"));
+            let logged = repeated_runs(dir, &format!("merge-pglog-b{batch}-c{conflict}"));
+            let Some((hub_median, _, _)) = median_run(&hub).filter(|_| !pg.is_empty()) else {
+                out.push_str(&format!("| {batch} | {conflict}% | | not run | | | | | | | | |\n"));
                 continue;
             };
-            let hub_rate = num(&hub, &["changes_merged_per_s"]);
-            let pg_rate = num(&pg, &["changes_merged_per_s"]);
-            let logged_rate = load(dir, &format!("merge-pglog-b{batch}-c{conflict}")).map(|r| num(&r, &["changes_merged_per_s"]));
+            let hub_rate = median_rate(&hub);
             out.push_str(&format!(
-                "| {batch} | {conflict}% | {hub_rate:.0} | {pg_rate:.0} | {} | {} | {} | {:.1} / {:.1} | {:.0} | {:.1} | {:.1} |\n",
-                ratio(hub_rate, pg_rate),
-                logged_rate.map(|r| format!("{r:.0}")).unwrap_or_else(|| "not run".into()),
-                ratio(hub_rate, logged_rate.unwrap_or(0.0)),
-                num(&hub, &["ack_latency", "p50_ms"]),
-                num(&hub, &["ack_latency", "p99_ms"]),
-                num(&hub, &["outcomes", "conflict"]),
-                num(&hub, &["hub_cpu_s"]),
-                num(&hub, &["postgres_cpu_s"]),
+                "| {batch} | {conflict}% | {} | {} | {} | {} | {} | {} | {:.1} / {:.1} | {:.0} | {:.1} | {:.1} |\n",
+                hub.len(),
+                rate_cell(&hub),
+                rate_cell(&pg),
+                ratio(hub_rate, median_rate(&pg)),
+                rate_cell(&logged),
+                ratio(hub_rate, median_rate(&logged)),
+                num(hub_median, &["ack_latency", "p50_ms"]),
+                num(hub_median, &["ack_latency", "p99_ms"]),
+                num(hub_median, &["outcomes", "conflict"]),
+                num(hub_median, &["hub_cpu_s"]),
+                num(hub_median, &["postgres_cpu_s"]),
             ));
         }
     }
@@ -265,19 +308,37 @@ mod tests {
     }
 
     #[test]
-    fn the_merge_table_gives_the_ratio_to_each_baseline_that_ran() {
+    fn the_merge_table_gives_medians_of_the_runs_and_the_ratio_to_each_baseline_that_ran() {
         let dir = std::env::temp_dir().join(format!("synchub-tables-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let write = |name: &str, rate: f64| std::fs::write(dir.join(format!("{name}.json")), format!(r#"{{"changes_merged_per_s": {rate}}}"#)).unwrap();
-        write("merge-hub-b100-c0", 20000.0);
-        write("merge-pg-b100-c0", 200000.0);
-        write("merge-pglog-b100-c0", 25000.0);
+        let write = |name: &str, rate: f64| std::fs::write(dir.join(format!("{name}.json")), format!(r#"{{"changes_merged_per_s": {rate}, "hub_cpu_s": {}}}"#, rate / 1000.0)).unwrap();
+        // Three runs each: the median is the middle one, whatever order they ran in.
+        for (run, hub, pg, logged) in [(1, 30000.0, 250000.0, 24000.0), (2, 20000.0, 200000.0, 25000.0), (3, 10000.0, 300000.0, 26000.0)] {
+            write(&format!("merge-hub-b100-c0-r{run}"), hub);
+            write(&format!("merge-pg-b100-c0-r{run}"), pg);
+            write(&format!("merge-pglog-b100-c0-r{run}"), logged);
+        }
+        // A single run without a run number; no second baseline.
         write("merge-hub-b1000-c0", 30000.0);
         write("merge-pg-b1000-c0", 600000.0);
+        // Two runs: the lower middle one.
+        write("merge-hub-b1-c0-r1", 5000.0);
+        write("merge-hub-b1-c0-r2", 6000.0);
+        write("merge-pg-b1-c0-r1", 7000.0);
+        write("merge-pg-b1-c0-r2", 8000.0);
         let table = merge_table(&dir);
+        // `compare` reads the median run, or the only one.
+        let median = |name: &str| median_report(&dir, name).map(|r| num(&r, &["changes_merged_per_s"]));
+        assert_eq!((median("merge-hub-b100-c0"), median("merge-hub-b1000-c0"), median("d2d")), (Some(20000.0), Some(30000.0), None));
         std::fs::remove_dir_all(&dir).unwrap();
-        assert!(table.contains("| 100 | 0% | 20000 | 200000 | 0.10 | 25000 | 0.80 |"), "{table}");
-        assert!(table.contains("| 1000 | 0% | 30000 | 600000 | 0.05 | not run |  |"), "{table}");
-        assert!(table.contains("| 1 | 0% | not run |"), "{table}");
+        assert!(
+            table.contains("| 100 | 0% | 3 | 20000 (10000–30000) | 250000 (200000–300000) | 0.08 | 25000 (24000–26000) | 0.80 |"),
+            "{table}"
+        );
+        // Latency and CPU come from the hub's median run.
+        assert!(table.contains("| 0 | 20.0 | 0.0 |"), "{table}");
+        assert!(table.contains("| 1000 | 0% | 1 | 30000 | 600000 | 0.05 | not run |  |"), "{table}");
+        assert!(table.contains("| 1 | 0% | 2 | 5000 (5000–6000) | 7000 (7000–8000) | 0.71 |"), "{table}");
+        assert!(table.contains("| 1 | 10% | | not run |"), "{table}");
     }
 }
