@@ -78,7 +78,7 @@ fn merge_table(dir: &Path) -> String {
                 out.push_str(&format!("| {batch} | {conflict}% | | not run | | | | | | | | |\n"));
                 continue;
             };
-            let hub_rate = median_rate(&hub);
+            let hub_rate = num(hub_median, &["changes_merged_per_s"]);
             out.push_str(&format!(
                 "| {batch} | {conflict}% | {} | {} | {} | {} | {} | {} | {:.1} / {:.1} | {:.0} | {:.1} | {:.1} |\n",
                 hub.len(),
