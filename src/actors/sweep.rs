@@ -1,6 +1,7 @@
 //! The session clock: one task for all sessions instead of timers in each. Every tick it
-//! checks each open session's hello deadline and token expiry, and every heartbeat interval it
-//! tells each session to ping its client; a session acts on these as control messages.
+//! checks each open session's hello deadline and token expiry, and tells the sessions whose
+//! heartbeat slot came round to ping their client (each once per heartbeat interval); a
+//! session acts on these as control messages.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use actix::prelude::*;
 
 use super::device::DeviceSession;
 use super::messages::SessionControl;
+use crate::ids::SessionId;
 use crate::server::Hub;
 
 /// What the hub keeps of an open session: where to reach it, its deadline, and when its client
@@ -58,22 +60,91 @@ pub async fn run(hub: Arc<Hub>) {
     let interval = hub.config.heartbeat_interval();
     // Deadlines are met within a tick; hello timeouts and token expiry are seconds apart.
     let tick = Duration::from_millis(250).min(interval).min(hub.config.hello_timeout() / 2).max(Duration::from_millis(10));
-    let mut next_heartbeat = Instant::now() + interval;
+    let slots = HeartbeatSlots::new(interval, tick);
+    let started = Instant::now();
+    let mut last_tick = 0;
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
         let now_ms = unix_ms();
-        let heartbeat = Instant::now() >= next_heartbeat;
-        if heartbeat {
-            next_heartbeat = Instant::now() + interval;
-        }
+        // Ticks count from the start, so a late tick still covers every slot it passed.
+        let this_tick = (started.elapsed().as_millis() / tick.as_millis()) as u64;
         for entry in hub.sessions.iter() {
             let handle = entry.value();
             fire(&handle.deadline_ms, now_ms, &handle.session, SessionControl::Deadline);
-            if heartbeat {
+            if slots.due(slots.of(entry.key()), last_tick, this_tick) {
                 // A full mailbox means the session is busy with frames: it is alive.
                 let _ = handle.session.try_send(SessionControl::Heartbeat);
+            }
+        }
+        last_tick = this_tick;
+    }
+}
+
+/// Heartbeats spread over the interval: each session has a slot, one of the interval's ticks
+/// (from its random id), and is pinged when the clock passes it. Pinging every session in the
+/// same tick sent a ping to, and read a pong from, each of them at once, and pushes that came
+/// in meanwhile waited behind that burst (device→device p99 rose in the seconds it happened).
+#[derive(Debug, Clone, Copy)]
+struct HeartbeatSlots {
+    count: u64,
+}
+
+impl HeartbeatSlots {
+    fn new(interval: Duration, tick: Duration) -> HeartbeatSlots {
+        HeartbeatSlots { count: (interval.as_millis() / tick.as_millis().max(1)).max(1) as u64 }
+    }
+
+    fn of(&self, session: &SessionId) -> u64 {
+        session.as_u64_pair().0 % self.count
+    }
+
+    /// Whether `slot` is among the ticks after `last_tick` up to `this_tick`.
+    fn due(&self, slot: u64, last_tick: u64, this_tick: u64) -> bool {
+        let passed = this_tick.saturating_sub(last_tick);
+        passed >= self.count || (slot + self.count - (last_tick + 1) % self.count) % self.count < passed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn an_interval_of_ticks_gives_each_session_its_own_tick() {
+        let slots = HeartbeatSlots::new(Duration::from_secs(15), Duration::from_millis(250));
+        assert_eq!(slots.count, 60);
+        let ids: Vec<SessionId> = (0..6_000).map(|_| SessionId::new_v4()).collect();
+        let mut per_tick = vec![0usize; 60];
+        for id in &ids {
+            let slot = slots.of(id);
+            let due: Vec<u64> = (0..60).filter(|&t| slots.due(slot, t, t + 1)).collect();
+            assert_eq!(due.len(), 1, "one tick per interval");
+            per_tick[due[0] as usize] += 1;
+        }
+        // About 100 per tick: no tick pings more than a small share of the sessions.
+        assert!(per_tick.iter().all(|&n| n > 40 && n < 200), "{per_tick:?}");
+        // An interval no longer than a tick pings everyone every tick.
+        let one = HeartbeatSlots::new(Duration::from_millis(100), Duration::from_millis(100));
+        assert!(ids.iter().all(|id| one.due(one.of(id), 7, 8)));
+    }
+
+    proptest! {
+        /// However late a tick comes, it pings exactly the slots of the ticks it passed, so
+        /// over any run of ticks each slot is due once per interval: none skipped, none twice.
+        #[test]
+        fn late_ticks_skip_no_slot_and_repeat_none(count in 1u64..100, start in 0u64..1_000, steps in proptest::collection::vec(1u64..150, 1..50)) {
+            let slots = HeartbeatSlots { count };
+            let mut last = start;
+            for step in steps {
+                let this = last + step;
+                for slot in 0..count {
+                    let passed = (last + 1..=this).any(|t| t % count == slot);
+                    prop_assert_eq!(slots.due(slot, last, this), passed, "slot {} from {} to {}", slot, last, this);
+                }
+                last = this;
             }
         }
     }
