@@ -31,9 +31,13 @@ pub struct DevicesArgs {
     /// Batches each device pushes at most (the run also stops at --duration-secs).
     #[arg(long, default_value_t = 1_000)]
     pub batches_per_device: usize,
-    /// Seconds of pushing at most.
+    /// Seconds of pushing at most, after the warm-up.
     #[arg(long, default_value_t = 20)]
     pub duration_secs: u64,
+    /// Seconds of pushing before the measured window opens (latencies, rates and CPU then start
+    /// afresh; the report also gives latencies over both, and the timeline covers both).
+    #[arg(long, default_value_t = 0)]
+    pub warmup_secs: u64,
     /// Share of changes (0..1) written to rows that all devices of the tenant write (conflicts).
     #[arg(long, default_value_t = 0.0)]
     pub conflict_rate: f64,
@@ -185,18 +189,27 @@ pub async fn run(target: Target, tokens: TokenSource, args: DevicesArgs, hub_pid
         eprintln!("not every device connected within 120 s; going on with those that did");
     }
     eprintln!(
-        "{} devices connected in {:.1} s ({} failed); pushing for at most {} s",
+        "{} devices connected in {:.1} s ({} failed); pushing for at most {} s after a warm-up of {} s",
         stats.connections_opened.load(Ordering::Relaxed),
         t0.elapsed().as_secs_f64(),
         stats.connections_failed.load(Ordering::Relaxed),
-        args.duration_secs
+        args.duration_secs,
+        args.warmup_secs
     );
     monitor.reset(&stats);
     let started = Instant::now();
     let _ = go_tx.send(true);
-    let deadline = started + Duration::from_secs(args.duration_secs);
     let forget_old = || timed.lock().unwrap().retain(|_, t| t.elapsed() < Duration::from_secs(30));
-    let measured = monitor.watch_tasks(&stats, started, &mut tasks, deadline, forget_old).await;
+    let mut window_opened = started;
+    if args.warmup_secs > 0 {
+        let warmup = Duration::from_secs(args.warmup_secs);
+        monitor.watch_tasks(&stats, started, &mut tasks, started + warmup, forget_old).await;
+        monitor.end_warmup(&stats, started.elapsed());
+        window_opened = Instant::now();
+    }
+    let deadline = window_opened + Duration::from_secs(args.duration_secs);
+    monitor.watch_tasks(&stats, started, &mut tasks, deadline, forget_old).await;
+    let measured = window_opened.elapsed();
     let _ = stop_tx.send(true);
     monitor.stop(&stats);
     // Tasks that ended within the window were joined there (awaiting them again would panic).

@@ -245,7 +245,16 @@ mod tests {
     use super::*;
 
     fn tick(t_s: f64, merged: f64, deltas: f64, p99: f64, rss_kib: u64) -> Tick {
-        Tick { t_s, changes_merged_per_s: merged, deltas_per_s: deltas, ack_p99_ms: p99, hub_rss_kib: rss_kib, hub_cpu_pct: 0.0 }
+        Tick {
+            t_s,
+            changes_merged_per_s: merged,
+            deltas_per_s: deltas,
+            ack_p99_ms: p99,
+            delivery_p99_ms: 0.0,
+            hub_rss_kib: rss_kib,
+            hub_cpu_pct: 0.0,
+            steal_pct: 0.0,
+        }
     }
 
     /// Asserts the XML-ish shape and returns how many polylines were drawn.

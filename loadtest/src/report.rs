@@ -34,8 +34,9 @@ pub struct Stats {
     errors: Mutex<BTreeMap<String, u64>>,
     ack_latency: Mutex<Histogram<u64>>,
     delivery_latency: Mutex<Histogram<u64>>,
-    /// Histogram of the current second, for the timeline.
+    /// Histograms of the current second, for the timeline.
     window_ack: Mutex<Histogram<u64>>,
+    window_delivery: Mutex<Histogram<u64>>,
 }
 
 impl Default for Stats {
@@ -55,6 +56,7 @@ impl Default for Stats {
             ack_latency: Mutex::new(histogram()),
             delivery_latency: Mutex::new(histogram()),
             window_ack: Mutex::new(histogram()),
+            window_delivery: Mutex::new(histogram()),
         }
     }
 }
@@ -76,7 +78,16 @@ impl Stats {
     }
 
     pub fn delivery_latency(&self, d: Duration) {
-        let _ = self.delivery_latency.lock().unwrap().record(micros(d));
+        let us = micros(d);
+        let _ = self.delivery_latency.lock().unwrap().record(us);
+        let _ = self.window_delivery.lock().unwrap().record(us);
+    }
+
+    /// Start the latency histograms afresh; returns what they held (push→ack, push→delivery).
+    fn take_latencies(&self) -> (Histogram<u64>, Histogram<u64>) {
+        let ack = std::mem::replace(&mut *self.ack_latency.lock().unwrap(), histogram());
+        let delivery = std::mem::replace(&mut *self.delivery_latency.lock().unwrap(), histogram());
+        (ack, delivery)
     }
 
     /// Count the outcome of each change of an ack (rejections also by their reason).
@@ -137,9 +148,13 @@ pub struct Tick {
     pub changes_merged_per_s: f64,
     pub deltas_per_s: f64,
     pub ack_p99_ms: f64,
+    /// p99 of the push→delivery latencies measured in the second (0 when there were none).
+    pub delivery_p99_ms: f64,
     pub hub_rss_kib: u64,
     /// Hub CPU over the second, percent of one core (0 when the hub pid is unknown).
     pub hub_cpu_pct: f64,
+    /// CPU time the hypervisor took from the machine over the second, percent of one core.
+    pub steal_pct: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -162,6 +177,13 @@ pub struct Report {
     pub hub_rss_max_kib: u64,
     pub postgres_cpu_s: f64,
     pub loadgen_cpu_s: f64,
+    /// CPU seconds the hypervisor took from the machine over the measured window (all CPUs).
+    pub steal_cpu_s: f64,
+    /// Seconds of load before the measured window (`--warmup-secs`); the timeline includes them.
+    pub warmup_s: f64,
+    /// Latencies over the warm-up and the measured window together, when there was a warm-up.
+    pub ack_latency_with_warmup: Option<Latency>,
+    pub delivery_latency_with_warmup: Option<Latency>,
     pub timeline: Vec<Tick>,
 }
 
@@ -173,8 +195,11 @@ pub struct Monitor {
     timeline: Vec<Tick>,
     rss_max: u64,
     last: (Instant, u64, u64),
-    /// Hub CPU seconds at the previous tick.
+    /// Hub CPU and machine steal seconds at the previous tick.
     last_cpu: f64,
+    last_steal: f64,
+    /// The warm-up's latencies (push→ack, push→delivery) and length, when there was one.
+    warmup: Option<(Histogram<u64>, Histogram<u64>, Duration)>,
     /// Changes merged and deltas received when the measured window closed.
     at_stop: Option<(u64, u64)>,
     /// The same counters when the measured window opened.
@@ -192,6 +217,8 @@ impl Monitor {
             rss_max: start_sample.hub_rss_kib,
             last: (Instant::now(), 0, 0),
             last_cpu: start_sample.hub_cpu_s,
+            last_steal: start_sample.machine_steal_s,
+            warmup: None,
             at_stop: None,
             start_counts: (0, 0),
         }
@@ -202,8 +229,17 @@ impl Monitor {
         self.start_sample = proc_stats::sample(self.hub_pid);
         self.start_cpu = proc_stats::own_cpu_seconds();
         self.last_cpu = self.start_sample.hub_cpu_s;
+        self.last_steal = self.start_sample.machine_steal_s;
         self.last = (Instant::now(), stats.merged_total(), stats.deltas_received.load(Ordering::Relaxed));
         self.start_counts = (self.last.1, self.last.2);
+    }
+
+    /// End a warm-up of length `warmup`: what follows is the measured window. Latencies start
+    /// afresh (the report gives both), and so do rates and CPU; the timeline goes on.
+    pub fn end_warmup(&mut self, stats: &Stats, warmup: Duration) {
+        let (ack, delivery) = stats.take_latencies();
+        self.warmup = Some((ack, delivery, warmup));
+        self.reset(stats);
     }
 
     pub fn tick(&mut self, stats: &Stats, t0: Instant) {
@@ -213,21 +249,26 @@ impl Monitor {
         let dt = now.duration_since(self.last.0).as_secs_f64().max(1e-6);
         let sample = proc_stats::sample(self.hub_pid);
         self.rss_max = self.rss_max.max(sample.hub_rss_kib);
-        let p99 = {
-            let mut w = stats.window_ack.lock().unwrap();
+        let window_p99 = |window: &Mutex<Histogram<u64>>| {
+            let mut w = window.lock().unwrap();
             let p = w.value_at_quantile(0.99) as f64 / 1000.0;
             w.reset();
             p
         };
+        let p99 = window_p99(&stats.window_ack);
+        let delivery_p99 = window_p99(&stats.window_delivery);
         let tick = Tick {
             t_s: now.duration_since(t0).as_secs_f64(),
             changes_merged_per_s: (merged - self.last.1) as f64 / dt,
             deltas_per_s: (deltas - self.last.2) as f64 / dt,
             ack_p99_ms: p99,
+            delivery_p99_ms: delivery_p99,
             hub_rss_kib: sample.hub_rss_kib,
             hub_cpu_pct: (sample.hub_cpu_s - self.last_cpu).max(0.0) / dt * 100.0,
+            steal_pct: (sample.machine_steal_s - self.last_steal).max(0.0) / dt * 100.0,
         };
         self.last_cpu = sample.hub_cpu_s;
+        self.last_steal = sample.machine_steal_s;
         let errors: u64 = stats.errors.lock().unwrap().values().sum();
         eprint!(
             "\r{:>6.1}s  merged {:>9} ({:>8.0}/s)  deltas {:>9} ({:>8.0}/s)  ack p99 {:>7.2} ms  errors {:>5}  hub cpu {:>4.0}%  rss {:>7} KiB   ",
@@ -284,7 +325,8 @@ impl Monitor {
     ) -> Duration {
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
         ticker.tick().await;
-        let all_ended = futures_util::future::join_all(tasks.iter_mut());
+        // Tasks an earlier watch saw end were joined then; a join handle is awaited only once.
+        let all_ended = futures_util::future::join_all(tasks.iter_mut().filter(|t| !t.is_finished()));
         tokio::pin!(all_ended);
         loop {
             tokio::select! {
@@ -336,6 +378,14 @@ impl Monitor {
             ("rejected", stats.rejected.load(Ordering::Relaxed)),
             ("duplicate", stats.duplicate.load(Ordering::Relaxed)),
         ]);
+        let ack_latency = stats.ack_latency.lock().unwrap().clone();
+        let delivery_latency = stats.delivery_latency.lock().unwrap().clone();
+        let with_warmup = |warmup: &Histogram<u64>, measured: &Histogram<u64>| {
+            let mut whole = warmup.clone();
+            // Same bounds on both sides, so adding cannot fail.
+            let _ = whole.add(measured);
+            Latency::of(&whole)
+        };
         Report {
             scenario: scenario.to_string(),
             parameters,
@@ -346,8 +396,8 @@ impl Monitor {
             changes_merged_per_s: (merged_in_window - merged_before) as f64 / secs,
             deltas_received: stats.deltas_received.load(Ordering::Relaxed),
             deltas_per_s: (deltas_in_window - deltas_before) as f64 / secs,
-            ack_latency: Latency::of(&stats.ack_latency.lock().unwrap()),
-            delivery_latency: Latency::of(&stats.delivery_latency.lock().unwrap()),
+            ack_latency: Latency::of(&ack_latency),
+            delivery_latency: Latency::of(&delivery_latency),
             connections_opened: stats.connections_opened.load(Ordering::Relaxed),
             connections_failed: stats.connections_failed.load(Ordering::Relaxed),
             errors: stats.errors.lock().unwrap().clone(),
@@ -355,6 +405,10 @@ impl Monitor {
             hub_rss_max_kib: self.rss_max.max(end.hub_rss_kib),
             postgres_cpu_s: end.postgres_cpu_s - self.start_sample.postgres_cpu_s,
             loadgen_cpu_s: proc_stats::own_cpu_seconds() - self.start_cpu,
+            steal_cpu_s: end.machine_steal_s - self.start_sample.machine_steal_s,
+            warmup_s: self.warmup.as_ref().map_or(0.0, |(_, _, d)| d.as_secs_f64()),
+            ack_latency_with_warmup: self.warmup.as_ref().map(|(ack, _, _)| with_warmup(ack, &ack_latency)),
+            delivery_latency_with_warmup: self.warmup.as_ref().map(|(_, delivery, _)| with_warmup(delivery, &delivery_latency)),
             timeline: self.timeline,
         }
     }
@@ -368,6 +422,9 @@ impl Report {
         row("scenario", self.scenario.clone());
         row("parameters", self.parameters.to_string());
         row("measured for", format!("{:.1} s", self.duration_s));
+        if self.warmup_s > 0.0 {
+            row("warm-up before it", format!("{:.1} s (not in the figures below unless said)", self.warmup_s));
+        }
         row("changes sent", self.changes_sent.to_string());
         row("outcomes", self.outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "));
         row("changes merged / s", format!("{:.0}", self.changes_merged_per_s));
@@ -378,11 +435,19 @@ impl Report {
                 format!("p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}  (n={})", l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms, l.count),
             );
         }
+        for (name, l) in [("push→ack", &self.ack_latency_with_warmup), ("push→other device", &self.delivery_latency_with_warmup)] {
+            if let Some(l) = l {
+                row(&format!("{name}, with warm-up"), format!("p50 {:.2}  p99 {:.2}  max {:.2}  (n={})", l.p50_ms, l.p99_ms, l.max_ms, l.count));
+            }
+        }
         row("connections", format!("{} opened, {} failed", self.connections_opened, self.connections_failed));
         row("errors", if self.errors.is_empty() { "none".into() } else { format!("{:?}", self.errors) });
         row(
             "CPU seconds",
-            format!("hub {:.1}, postgres {:.1}, load generator {:.1}", self.hub_cpu_s, self.postgres_cpu_s, self.loadgen_cpu_s),
+            format!(
+                "hub {:.1}, postgres {:.1}, load generator {:.1}; taken by the hypervisor (steal) {:.1}",
+                self.hub_cpu_s, self.postgres_cpu_s, self.loadgen_cpu_s, self.steal_cpu_s
+            ),
         );
         row("hub RSS max", format!("{} KiB", self.hub_rss_max_kib));
         out

@@ -64,6 +64,8 @@ pub struct StormReport {
     pub catch_up_deltas: u64,
     pub hub_cpu_s: f64,
     pub hub_rss_max_kib: u64,
+    /// CPU seconds the hypervisor took from the machine during the storm (all CPUs).
+    pub steal_cpu_s: f64,
     pub errors: Vec<String>,
 }
 
@@ -135,8 +137,8 @@ async fn come_back(
 impl StormReport {
     pub fn table(&self) -> String {
         format!(
-            "  devices back                 {} ({} failed, {} retries)\n  half caught up after         {:.2} s\n  all caught up after          {:.2} s\n  all queued changes acked     {:.2} s\n  catch-up deltas received     {}\n  hub CPU during the storm     {:.1} s\n  hub RSS max                  {} KiB\n  errors                       {:?}\n",
-            self.devices_back, self.devices_failed, self.retries, self.median_caught_up_s, self.all_caught_up_s, self.all_acked_s, self.catch_up_deltas, self.hub_cpu_s, self.hub_rss_max_kib, self.errors
+            "  devices back                 {} ({} failed, {} retries)\n  half caught up after         {:.2} s\n  all caught up after          {:.2} s\n  all queued changes acked     {:.2} s\n  catch-up deltas received     {}\n  hub CPU during the storm     {:.1} s\n  hub RSS max                  {} KiB\n  CPU taken by the hypervisor  {:.1} s\n  errors                       {:?}\n",
+            self.devices_back, self.devices_failed, self.retries, self.median_caught_up_s, self.all_caught_up_s, self.all_acked_s, self.catch_up_deltas, self.hub_cpu_s, self.hub_rss_max_kib, self.steal_cpu_s, self.errors
         )
     }
 }
@@ -333,6 +335,7 @@ pub async fn run(target: Target, tokens: TokenSource, args: StormArgs, hub_pid: 
         catch_up_deltas: deltas.load(Ordering::Relaxed),
         hub_cpu_s: after.hub_cpu_s - before.hub_cpu_s,
         hub_rss_max_kib: rss_max.load(Ordering::Relaxed).max(after.hub_rss_kib),
+        steal_cpu_s: after.machine_steal_s - before.machine_steal_s,
         errors,
     })
 }

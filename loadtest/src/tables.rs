@@ -32,19 +32,34 @@ fn repeated_runs(dir: &Path, name: &str) -> Vec<Value> {
     }
 }
 
-/// The run with the median throughput (the lower middle one of an even count), and the lowest
-/// and highest throughput of all.
-fn median_run(runs: &[Value]) -> Option<(&Value, f64, f64)> {
-    let rate = |r: &Value| num(r, &["changes_merged_per_s"]);
+/// The run with the median of the figure at `path` (the lower middle one of an even count), and
+/// the lowest and highest of that figure over all runs.
+fn median_run_by<'a>(runs: &'a [Value], path: &[&str]) -> Option<(&'a Value, f64, f64)> {
+    let figure = |r: &Value| num(r, path);
     let mut sorted: Vec<&Value> = runs.iter().collect();
-    sorted.sort_by(|a, b| rate(a).total_cmp(&rate(b)));
+    sorted.sort_by(|a, b| figure(a).total_cmp(&figure(b)));
     let median = *sorted.get((sorted.len().checked_sub(1)?) / 2)?;
-    Some((median, rate(sorted[0]), rate(sorted[sorted.len() - 1])))
+    Some((median, figure(sorted[0]), figure(sorted[sorted.len() - 1])))
+}
+
+/// The run with the median throughput, and the lowest and highest throughput of all.
+fn median_run(runs: &[Value]) -> Option<(&Value, f64, f64)> {
+    median_run_by(runs, &["changes_merged_per_s"])
+}
+
+/// The figure a repeated measurement's runs are ranked by: device→device p99 for the latency
+/// runs, throughput for the others.
+fn ranking_figure(name: &str) -> &'static [&'static str] {
+    if name == "d2d" {
+        &["delivery_latency", "p99_ms"]
+    } else {
+        &["changes_merged_per_s"]
+    }
 }
 
 /// A report by name, as [`crate::compare`] reads it: the median run of a repeated measurement.
 pub fn median_report(dir: &Path, name: &str) -> Option<Value> {
-    median_run(&repeated_runs(dir, name)).map(|(run, _, _)| run.clone())
+    median_run_by(&repeated_runs(dir, name), ranking_figure(name)).map(|(run, _, _)| run.clone())
 }
 
 /// A median rate, with the range of the runs when there were several.
@@ -61,11 +76,12 @@ fn rate_cell(runs: &[Value]) -> String {
 /// Merge throughput of the hub against the plain-SQL ceiling, per batch size and conflict rate,
 /// and against Postgres writing the hub's bookkeeping as well (`pg-ceiling --with-log`), when run.
 /// Each figure is the median of the runs (with their range); ratios are of medians, and latency
-/// and CPU come from the hub's median run.
+/// and CPU (the hub's, Postgres's, and what the hypervisor took from the machine) come from the
+/// hub's median run.
 fn merge_table(dir: &Path) -> String {
     let mut out = String::from(
-        "| batch | conflicts | runs | hub changes/s (range) | ceiling rows/s (range) | ratio | with the hub's log, changes/s (range) | ratio | push→ack p50 / p99 (ms) | conflicts logged | hub CPU s | Postgres CPU s |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| batch | conflicts | runs | hub changes/s (range) | ceiling rows/s (range) | ratio | with the hub's log, changes/s (range) | ratio | push→ack p50 / p99 (ms) | conflicts logged | hub CPU s | Postgres CPU s | CPU taken by the hypervisor s |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let ratio = |hub: f64, base: f64| if base > 0.0 { format!("{:.2}", hub / base) } else { String::new() };
     let median_rate = |runs: &[Value]| median_run(runs).map_or(0.0, |(r, _, _)| num(r, &["changes_merged_per_s"]));
@@ -75,12 +91,12 @@ fn merge_table(dir: &Path) -> String {
             let pg = repeated_runs(dir, &format!("merge-pg-b{batch}-c{conflict}"));
             let logged = repeated_runs(dir, &format!("merge-pglog-b{batch}-c{conflict}"));
             let Some((hub_median, _, _)) = median_run(&hub).filter(|_| !pg.is_empty()) else {
-                out.push_str(&format!("| {batch} | {conflict}% | | not run | | | | | | | | |\n"));
+                out.push_str(&format!("| {batch} | {conflict}% | | not run | | | | | | | | | |\n"));
                 continue;
             };
             let hub_rate = num(hub_median, &["changes_merged_per_s"]);
             out.push_str(&format!(
-                "| {batch} | {conflict}% | {} | {} | {} | {} | {} | {} | {:.1} / {:.1} | {:.0} | {:.1} | {:.1} |\n",
+                "| {batch} | {conflict}% | {} | {} | {} | {} | {} | {} | {:.1} / {:.1} | {:.0} | {:.1} | {:.1} | {:.1} |\n",
                 hub.len(),
                 rate_cell(&hub),
                 rate_cell(&pg),
@@ -92,36 +108,50 @@ fn merge_table(dir: &Path) -> String {
                 num(hub_median, &["outcomes", "conflict"]),
                 num(hub_median, &["hub_cpu_s"]),
                 num(hub_median, &["postgres_cpu_s"]),
+                num(hub_median, &["steal_cpu_s"]),
             ));
         }
     }
     out
 }
 
-/// Device-to-device latency at a steady rate.
+/// Device-to-device latency at a steady rate: the run with the median p99 of its measured
+/// window, every run's p99, the median run's p99 with its warm-up counted too, and the CPU time
+/// the hypervisor took from the machine in that run.
 fn latency_table(dir: &Path) -> String {
     let mut out = String::from(
-        "| devices | changes/s offered | changes/s merged | deltas/s | device→device p50 / p99 / max (ms) | push→ack p50 / p99 (ms) | errors |\n\
-         |---:|---:|---:|---:|---:|---:|---:|\n",
+        "| devices | changes/s offered | changes/s merged | deltas/s | runs | warm-up (s) | device→device p50 / p99 / max (ms) | p99 of each run (ms) | p99 with the warm-up (ms) | push→ack p50 / p99 (ms) | CPU taken by the hypervisor (s) | errors |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
-    match load(dir, "d2d") {
-        Some(r) => {
-            let devices = num(&r, &["parameters", "devices"]);
-            let offered = devices * num(&r, &["parameters", "rate"]);
-            let errors = error_count(&r);
-            out.push_str(&format!(
-                "| {devices:.0} | {offered:.0} | {:.0} | {:.0} | {:.1} / {:.1} / {:.1} | {:.1} / {:.1} | {errors:.0} |\n",
-                num(&r, &["changes_merged_per_s"]),
-                num(&r, &["deltas_per_s"]),
-                num(&r, &["delivery_latency", "p50_ms"]),
-                num(&r, &["delivery_latency", "p99_ms"]),
-                num(&r, &["delivery_latency", "max_ms"]),
-                num(&r, &["ack_latency", "p50_ms"]),
-                num(&r, &["ack_latency", "p99_ms"]),
-            ));
-        }
-        None => out.push_str("| not run | | | | | | |\n"),
-    }
+    let runs = repeated_runs(dir, "d2d");
+    let p99 = ["delivery_latency", "p99_ms"];
+    let Some((r, _, _)) = median_run_by(&runs, &p99) else {
+        out.push_str("| not run | | | | | | | | | | | |\n");
+        return out;
+    };
+    let devices = num(r, &["parameters", "devices"]);
+    let offered = devices * num(r, &["parameters", "rate"]);
+    let mut each: Vec<f64> = runs.iter().map(|run| num(run, &p99)).collect();
+    each.sort_by(f64::total_cmp);
+    let each = each.iter().map(|p| format!("{p:.1}")).collect::<Vec<_>>().join(", ");
+    let with_warmup = match r.get("delivery_latency_with_warmup").filter(|v| !v.is_null()) {
+        Some(whole) => format!("{:.1}", num(whole, &["p99_ms"])),
+        None => "no warm-up".into(),
+    };
+    out.push_str(&format!(
+        "| {devices:.0} | {offered:.0} | {:.0} | {:.0} | {} | {:.0} | {:.1} / {:.1} / {:.1} | {each} | {with_warmup} | {:.1} / {:.1} | {:.1} | {:.0} |\n",
+        num(r, &["changes_merged_per_s"]),
+        num(r, &["deltas_per_s"]),
+        runs.len(),
+        num(r, &["warmup_s"]),
+        num(r, &["delivery_latency", "p50_ms"]),
+        num(r, &p99),
+        num(r, &["delivery_latency", "max_ms"]),
+        num(r, &["ack_latency", "p50_ms"]),
+        num(r, &["ack_latency", "p99_ms"]),
+        num(r, &["steal_cpu_s"]),
+        error_count(r),
+    ));
     out
 }
 
@@ -209,16 +239,16 @@ fn fanout_table(dir: &Path) -> String {
 /// Reconnect storm.
 fn storm_table(dir: &Path) -> String {
     let mut out = String::from(
-        "| devices | tenants | missed per tenant | queued per device | hub restarted | back | retries after busy | half caught up (s) | all caught up (s) | all queued acked (s) | catch-up deltas | hub CPU (s) | hub RSS max (MiB) |\n\
-         |---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| devices | tenants | missed per tenant | queued per device | hub restarted | back | retries after busy | half caught up (s) | all caught up (s) | all queued acked (s) | catch-up deltas | hub CPU (s) | hub RSS max (MiB) | CPU taken by the hypervisor (s) |\n\
+         |---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for name in ["storm", "storm-restart"] {
         let Some(r) = load(dir, name) else {
-            out.push_str(&format!("| {name}: not run | | | | | | | | | | | | |\n"));
+            out.push_str(&format!("| {name}: not run | | | | | | | | | | | | | |\n"));
             continue;
         };
         out.push_str(&format!(
-            "| {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1} | {:.0} |\n",
+            "| {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1} | {:.0} | {:.1} |\n",
             num(&r, &["parameters", "devices"]),
             num(&r, &["parameters", "tenants"]),
             num(&r, &["parameters", "missed"]),
@@ -232,6 +262,7 @@ fn storm_table(dir: &Path) -> String {
             num(&r, &["catch_up_deltas"]),
             num(&r, &["hub_cpu_s"]),
             num(&r, &["hub_rss_max_kib"]) / 1024.0,
+            num(&r, &["steal_cpu_s"]),
         ));
     }
     out
@@ -305,6 +336,29 @@ mod tests {
         let out = replace_between(doc, "merge", "| new |\n").unwrap();
         assert_eq!(out, "intro\n<!-- merge:begin -->\n| new |\n<!-- merge:end -->\nrest\n");
         assert!(replace_between(doc, "storm", "x").is_err());
+    }
+
+    #[test]
+    fn the_latency_table_gives_the_run_with_the_median_p99_and_every_run_s_p99() {
+        let dir = std::env::temp_dir().join(format!("synchub-latency-table-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(latency_table(&dir).contains("| not run |"));
+        for (run, p99, steal) in [(1, 14.5, 3.0), (2, 8.25, 0.5), (3, 9.0, 1.0)] {
+            let report = serde_json::json!({
+                "parameters": {"devices": 1000, "rate": 0.1},
+                "changes_merged_per_s": 100.0, "deltas_per_s": 900.0, "warmup_s": 5.0,
+                "delivery_latency": {"p50_ms": 3.0, "p99_ms": p99, "max_ms": 40.0},
+                "delivery_latency_with_warmup": {"p99_ms": p99 + 2.0},
+                "ack_latency": {"p50_ms": 2.5, "p99_ms": 7.0},
+                "steal_cpu_s": steal, "errors": {"busy": 1}
+            });
+            std::fs::write(dir.join(format!("d2d-r{run}.json")), report.to_string()).unwrap();
+        }
+        let table = latency_table(&dir);
+        let median = median_report(&dir, "d2d").map(|r| num(&r, &["delivery_latency", "p99_ms"]));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(table.contains("| 1000 | 100 | 100 | 900 | 3 | 5 | 3.0 / 9.0 / 40.0 | 8.2, 9.0, 14.5 | 11.0 | 2.5 / 7.0 | 1.0 | 1 |"), "{table}");
+        assert_eq!(median, Some(9.0));
     }
 
     #[test]
