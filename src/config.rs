@@ -167,6 +167,10 @@ pub struct Config {
     /// Log entries per tenant kept in memory by its tenant actor, from which sessions catch
     /// up without reading Postgres; 0 turns it off.
     pub catch_up_cache_deltas: usize,
+    /// Rows per tenant that its tenant actor keeps as its last group commits left them, so that
+    /// the next groups merge into them without reading them from Postgres; 0 turns it off.
+    /// Default 4096.
+    pub row_cache_rows: usize,
     /// Graceful shutdown: how long in-flight work may take, ms. Default 10000.
     pub shutdown_timeout_ms: u64,
 
@@ -249,6 +253,7 @@ impl Default for Config {
             tenant_mailbox: 1024,
             tenant_idle_ms: 60_000,
             catch_up_cache_deltas: 1000,
+            row_cache_rows: 4096,
             shutdown_timeout_ms: 10_000,
             record_file: None,
             record_tenants: Vec::new(),

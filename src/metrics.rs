@@ -38,6 +38,10 @@ pub struct Metrics {
     commit_buckets: [AtomicU64; 12],
     commit_micros_sum: AtomicU64,
     pub deltas_committed: AtomicU64,
+    /// Rows group commits merged into, by where they found them: Postgres, or the tenant's
+    /// row cache.
+    pub merge_rows_read: AtomicU64,
+    pub merge_rows_from_cache: AtomicU64,
     pub frames_sent: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub lagged_sessions: AtomicU64,
@@ -165,6 +169,8 @@ impl Metrics {
         buckets.push(("_count".into(), get(&self.group_commits)));
         metric("synchub_group_commit_seconds", "histogram", "Time from the start of a group transaction to its commit.", &buckets);
         metric("synchub_deltas_committed_total", "counter", "Log entries committed and fanned out.", &one(get(&self.deltas_committed)));
+        let rows = [("{source=\"postgres\"}".to_string(), get(&self.merge_rows_read)), ("{source=\"cache\"}".to_string(), get(&self.merge_rows_from_cache))];
+        metric("synchub_merge_rows_total", "counter", "Rows group commits merged into, by where they found them: read and locked in Postgres, or kept by the tenant actor from its earlier groups.", &rows);
         metric("synchub_frames_sent_total", "counter", "Frames written to sessions.", &one(get(&self.frames_sent)));
         metric("synchub_bytes_sent_total", "counter", "Bytes of frames written to sessions.", &one(get(&self.bytes_sent)));
         metric("synchub_lagged_sessions_total", "counter", "Live frames a full session mailbox could not take (the session catches up from the log).", &one(get(&self.lagged_sessions)));

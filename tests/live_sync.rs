@@ -138,6 +138,62 @@ async fn pushes_around_a_plain_sql_write_keep_the_log_gap_free() {
     hub.shutdown().await;
 }
 
+/// The tenant actor keeps the rows its groups wrote and merges the next group into them
+/// without reading them again; a plain SQL write in between moves the tenant's head, and the
+/// group is merged against the row as the SQL write left it.
+#[actix_web::test]
+async fn a_plain_sql_write_between_pushes_is_merged_against_not_the_row_the_hub_kept() {
+    let hub = TestHub::start().await;
+    let (mut a, _, _) = Client::device(&hub, "store-1", "pos-a").await;
+    let id = Uuid::new_v4();
+    let results = a.push(vec![upsert("products", json!({"id": id}), product(id, "Tea", 300), 1, now_ms(), 0)]).await;
+    let inserted_at = results[0].seq.expect("committed");
+    sqlx::query("update products set name = 'Back office tea' where id = $1").bind(id).execute(&hub.db).await.unwrap();
+
+    // The device had seen the row at its insert: the SQL write changed another field.
+    let results = a.push(vec![upsert("products", json!({"id": id}), json!({"price_cents": 350}), 2, now_ms(), inserted_at)]).await;
+    assert_eq!(results[0].status, ChangeStatus::Merged, "the row changed since the device saw it");
+    assert_eq!(results[0].seq, Some(inserted_at + 2), "after the SQL write's seq");
+    let row = results[0].row.as_ref().expect("a merged result carries the row");
+    assert_eq!((row["name"].clone(), row["price_cents"].clone()), (json!("Back office tea"), json!(350)));
+    let (old, new): (Option<serde_json::Value>, Option<serde_json::Value>) =
+        sqlx::query_as("select old_values, new_row from synchub.change_log where tenant_id = 'store-1' and seq = $1")
+            .bind(inserted_at as i64 + 2)
+            .fetch_one(&hub.db)
+            .await
+            .unwrap();
+    assert_eq!(old, Some(json!({"price_cents": 300})));
+    assert_eq!(new.unwrap()["name"], json!("Back office tea"));
+    hub.shutdown().await;
+}
+
+/// A group whose changes write nothing against the rows the hub kept still checks that no other
+/// writer moved the head: here SQL brought a deleted row back, and the device's delete of it
+/// must delete it, not be taken for a delete of a row that is already gone.
+#[actix_web::test]
+async fn a_delete_after_sql_brought_the_row_back_deletes_it() {
+    let hub = TestHub::start().await;
+    let (mut a, _, _) = Client::device(&hub, "store-1", "pos-a").await;
+    let id = Uuid::new_v4();
+    let results = a.push(vec![upsert("products", json!({"id": id}), product(id, "Tea", 300), 1, now_ms(), 0)]).await;
+    let inserted_at = results[0].seq.expect("committed");
+    let results = a.push(vec![delete("products", json!({"id": id}), 2, now_ms(), inserted_at)]).await;
+    assert_eq!(results[0].status, ChangeStatus::Applied);
+    sqlx::query("insert into products (tenant_id, id, sku, name, price_cents) values ('store-1', $1, 'BO-3', 'Tea again', 310)")
+        .bind(id)
+        .execute(&hub.db)
+        .await
+        .unwrap();
+    let back_at = inserted_at + 2;
+
+    let results = a.push(vec![delete("products", json!({"id": id}), 3, now_ms(), back_at)]).await;
+    assert_eq!(results[0].status, ChangeStatus::Applied);
+    assert_eq!(results[0].seq, Some(back_at + 1));
+    let left: i64 = sqlx::query_scalar("select count(*) from products where id = $1").bind(id).fetch_one(&hub.db).await.unwrap();
+    assert_eq!(left, 0, "the row SQL brought back is deleted");
+    hub.shutdown().await;
+}
+
 /// Catch-up reads the newest entries from the tenant actor's memory (filled from the log when
 /// the actor starts) and older ones from Postgres: every seq arrives once, in order, across the
 /// boundary, and live deltas follow.

@@ -57,6 +57,16 @@ async fn health_readiness_and_metrics() {
     assert!(sample(&after, "synchub_group_commit_seconds_count") >= 1.0);
     assert!(sample(&after, "synchub_frames_sent_total") >= 5.0, "welcome, up_to_date ×2, ack, delta");
     assert_eq!(sample(&after, "synchub_tenant_queue_batches"), 0.0);
+    assert_eq!(sample(&after, "synchub_merge_rows_total{source=\"postgres\"}"), 1.0);
+    assert_eq!(sample(&after, "synchub_merge_rows_total{source=\"cache\"}"), 0.0);
+
+    // The row's next write finds it kept by the tenant actor instead of reading it again.
+    let seq = results[0].seq.expect("committed");
+    let results = a.push(vec![upsert("products", json!({"id": id}), json!({"price_cents": 310}), 3, now_ms(), seq)]).await;
+    assert_eq!(results[0].status, ChangeStatus::Applied);
+    let (_, kept) = get(&hub, "/metrics").await;
+    assert_eq!(sample(&kept, "synchub_merge_rows_total{source=\"postgres\"}"), 1.0);
+    assert_eq!(sample(&kept, "synchub_merge_rows_total{source=\"cache\"}"), 1.0);
 
     // A second session of pos-a replaces the first: counted as a 4010 close.
     let (_c, _, _) = Client::device(&hub, "store-1", "pos-a").await;

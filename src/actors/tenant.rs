@@ -23,6 +23,7 @@ use crate::ids::{DeviceId, Seq, SessionId, TenantId, UserId};
 use crate::metrics::Metrics;
 use crate::storage::apply::{ApplyLimits, BatchInput};
 use crate::storage::log::TenantHead;
+use crate::storage::row_cache::RowCache;
 use crate::storage::{GroupConnection, Store};
 
 /// How often the actor retries nudging lagged sessions and checks for idleness.
@@ -80,6 +81,9 @@ pub struct TenantActor {
     /// it, and finds out in its own transaction when another writer moved it. `None` after a
     /// failed commit, whose outcome may be unknown.
     committed_head: Option<Seq>,
+    /// The rows the last groups read and wrote (at most `row_cache_rows`), current while the
+    /// head is `committed_head`; lent to the group in flight.
+    row_cache: Option<RowCache>,
     /// Last seq handed to subscribers; fan-out continues at `fanned + 1`.
     fanned: Seq,
     /// The tenant's epoch and log floor: `hello` is answered from them instead of a query per
@@ -119,6 +123,7 @@ impl TenantActor {
             queue: VecDeque::new(),
             committing: false,
             committed_head: None,
+            row_cache: None,
             fanned: 0,
             epoch: Arc::from(""),
             log_floor: 0,
@@ -169,24 +174,31 @@ impl TenantActor {
         let tenant = self.tenant.clone();
         let limits = self.limits();
         let expected_head = self.committed_head;
+        let mut row_cache = self.row_cache.take().unwrap_or_else(|| RowCache::new(self.config.row_cache_rows));
         let started = Instant::now();
         let work = async move {
-            let mut conn = conn?;
+            let mut conn = match conn {
+                Ok(conn) => conn,
+                Err(err) => return (Err(err), row_cache),
+            };
             let mut attempt = 0;
             loop {
-                match store.commit_group(&mut conn, &tenant, &inputs, limits, expected_head).await {
+                match store.commit_group_cached(&mut conn, &tenant, &inputs, limits, expected_head, &mut row_cache).await {
                     Err(Error::Database(err)) if attempt < 2 && is_retryable(&err) => attempt += 1,
-                    other => return other,
+                    other => return (other, row_cache),
                 }
             }
         };
-        ctx.spawn(work.into_actor(self).map(move |outcome, actor, ctx| {
+        ctx.spawn(work.into_actor(self).map(move |(outcome, row_cache), actor, ctx| {
             actor.committing = false;
+            actor.row_cache = Some(row_cache);
             actor.last_activity = Instant::now();
             match outcome {
                 Ok(output) => {
                     actor.committed_head = Some(output.head_seq);
                     actor.metrics.commit(started.elapsed());
+                    actor.metrics.merge_rows_read.fetch_add(output.rows_read, Ordering::Relaxed);
+                    actor.metrics.merge_rows_from_cache.fetch_add(output.rows_from_cache, Ordering::Relaxed);
                     for (reply, results) in replies.into_iter().zip(output.results) {
                         for result in &results {
                             actor.metrics.change(result.status);

@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use super::catalog::{Catalog, TableSchema};
 use super::conflicts::{self, ResolveConflict};
+use super::row_cache::{CachedRow, RowCache};
 use super::Store;
 use crate::error::{Error, Result};
 use crate::ids::{DeviceId, Seq, TenantId, UserId};
@@ -66,6 +67,10 @@ pub struct GroupOutput {
     pub resolved: Vec<ConflictRecord>,
     /// The tenant's open conflicts after the commit, when the group logged or resolved any.
     pub open_conflicts: Option<u64>,
+    /// Rows the group merged into, by where it found them: read from Postgres, or kept from
+    /// the tenant's earlier groups (see `row_cache`).
+    pub rows_read: u64,
+    pub rows_from_cache: u64,
 }
 
 /// Versions assigned before the tenant's head is locked are provisional: this base plus the
@@ -107,6 +112,13 @@ type RowId = (String, String); // (table, normalized key)
 #[derive(Clone, Default)]
 struct MergeState {
     rows: HashMap<RowId, RowSlot>,
+    /// (table, key as pushed) → key as Postgres renders it, for the keys read from Postgres.
+    aliases: Vec<(RowId, String)>,
+    /// Some rows came from the tenant's row cache rather than a locking read.
+    from_cache: bool,
+    /// Rows read from Postgres, and rows taken from the cache.
+    rows_read: u64,
+    rows_from_cache: u64,
     /// Merge decisions in the order they were taken.
     decided: Vec<Decided>,
     /// Changes with an effect so far; the next one takes seq `head + next_ordinal + 1`.
@@ -260,6 +272,45 @@ impl Store {
         limits: ApplyLimits,
         expected_head: Option<Seq>,
     ) -> Result<GroupOutput> {
+        self.commit_group_cached(conn, tenant, batches, limits, expected_head, &mut RowCache::new(0)).await
+    }
+
+    /// [`Store::commit_group`] with the tenant's row cache: when it is current as of
+    /// `expected_head`, rows found in it are not read from Postgres, and the group's
+    /// bookkeeping statement checks the head even when the group wrote nothing. After a
+    /// commit the cache holds the group's rows; after anything else it is empty.
+    pub async fn commit_group_cached(
+        &self,
+        conn: &mut PgConnection,
+        tenant: &TenantId,
+        batches: &[BatchInput],
+        limits: ApplyLimits,
+        expected_head: Option<Seq>,
+        cache: &mut RowCache,
+    ) -> Result<GroupOutput> {
+        let usable = cache.usable_at(expected_head);
+        let committed = self.commit_group_with(conn, tenant, batches, limits, expected_head, usable.then_some(&mut *cache)).await;
+        match committed {
+            Ok((output, fill)) => {
+                cache.put(output.head_seq, fill.rows.into_iter(), fill.aliases.into_iter());
+                Ok(output)
+            }
+            Err(err) => {
+                cache.clear();
+                Err(err)
+            }
+        }
+    }
+
+    async fn commit_group_with(
+        &self,
+        conn: &mut PgConnection,
+        tenant: &TenantId,
+        batches: &[BatchInput],
+        limits: ApplyLimits,
+        expected_head: Option<Seq>,
+        mut cache: Option<&mut RowCache>,
+    ) -> Result<(GroupOutput, CacheFill)> {
         let catalog = match batches.iter().flat_map(|b| &b.changes).map(|c| c.table.as_str()).find(|t| self.catalog().get(t).is_none()) {
             Some(unknown) => self.catalog_with(unknown).await,
             None => self.catalog(),
@@ -270,19 +321,23 @@ impl Store {
         let settings = if changes >= LARGE_GROUP_CHANGES { LARGE_GROUP_SETTINGS } else { MERGE_SETTINGS };
         let begin = self.tenant_begin_sql(tenant, "begin", settings, "savepoint synchub_group");
         let mut tx = conn.begin_with(begin).await?;
-        let output = match apply_group(&mut tx, &catalog, tenant, batches, limits, expected_head).await? {
-            Applied::Done(output) => output,
+        let done = match apply_group(&mut tx, &catalog, tenant, batches, limits, expected_head, cache.as_deref_mut()).await? {
+            Applied::Done(output, fill) => (output, fill),
             Applied::HeadMoved => {
                 tracing::debug!(tenant = %tenant, "head moved under the group; redone with the head locked");
+                // Another writer moved it: what the cache holds may be stale.
+                if let Some(cache) = cache {
+                    cache.clear();
+                }
                 sqlx::query("rollback to savepoint synchub_group").execute(&mut *tx).await?;
-                match apply_group(&mut tx, &catalog, tenant, batches, limits, None).await? {
-                    Applied::Done(output) => output,
+                match apply_group(&mut tx, &catalog, tenant, batches, limits, None, None).await? {
+                    Applied::Done(output, fill) => (output, fill),
                     Applied::HeadMoved => return Err(Error::Internal("the tenant's head moved while locked".into())),
                 }
             }
         };
         tx.commit().await?;
-        Ok(output)
+        Ok(done)
     }
 }
 
@@ -338,9 +393,16 @@ fn assign_device_seqs(batches: &[BatchInput], cursors: &HashMap<&str, u64>) -> O
 
 /// How a pass over the group ended.
 enum Applied {
-    Done(GroupOutput),
+    /// With the group's rows as it leaves them, for the tenant's row cache.
+    Done(GroupOutput, CacheFill),
     /// The head was not where the caller expected it: the pass must be rolled back.
     HeadMoved,
+}
+
+/// The rows a committed group read and wrote, versions made real, and the keys devices used.
+struct CacheFill {
+    rows: Vec<(RowId, CachedRow)>,
+    aliases: Vec<(RowId, String)>,
 }
 
 /// The hub's bookkeeping statement of a group (step 5 of [`apply_group`]) around its conflicts
@@ -397,6 +459,7 @@ async fn apply_group(
     batches: &[BatchInput],
     limits: ApplyLimits,
     expected_head: Option<Seq>,
+    cache: Option<&mut RowCache>,
 ) -> Result<Applied> {
     let now = now_ms();
     let mut outcomes: Vec<Vec<Option<Outcome>>> = batches.iter().map(|b| b.changes.iter().map(|_| None).collect()).collect();
@@ -451,7 +514,10 @@ async fn apply_group(
 
     // 2. Current rows (locked) with their versions, and the devices' cursors (locked).
     let lock_devices = early_cursors.is_none().then_some(locks.devices.as_slice());
-    let (mut state, read_cursors) = load_all_rows(conn, tenant, &locks, &mut pending, &mut outcomes, lock_devices).await?;
+    let (mut state, read_cursors) = load_all_rows(conn, tenant, &locks, &mut pending, &mut outcomes, lock_devices, cache).await?;
+    // Rows merged from the cache are current only if the head is still the expected one,
+    // which the bookkeeping statement then checks whatever the group writes.
+    let from_cache = state.from_cache;
     let cursor_rows = match (early_cursors, read_cursors) {
         (Some(rows), _) | (None, Some(rows)) => rows,
         // No row was read: nothing to merge, but duplicates and gaps are still told apart.
@@ -496,7 +562,7 @@ async fn apply_group(
         // Rare: start over from the rows as loaded (reading them again is cheaper than
         // keeping a copy of the group's state on the common path).
         back_to_group_start(conn, tenant, &locks).await?;
-        state = load_all_rows(conn, tenant, &locks, &mut pending, &mut outcomes, None).await?.0;
+        state = load_all_rows(conn, tenant, &locks, &mut pending, &mut outcomes, None, None).await?.0;
         for &p in &all {
             let pend = &pending[p];
             let id = (pend.table.name.clone(), pend.row_key.clone().unwrap_or_default());
@@ -610,7 +676,7 @@ async fn apply_group(
     let versions = RowVersionColumns::of(&state, head);
     let log = LogColumns::of(&deltas, logged.iter().map(|&(p, op)| (&pending[p], op)));
     // One statement for the hub's own bookkeeping (`bookkeeping_sql`).
-    let take_head = expected_head.filter(|_| state.next_ordinal > 0).map(|h| h as i64);
+    let take_head = expected_head.filter(|_| state.next_ordinal > 0 || from_cache).map(|h| h as i64);
     let bookkeeping: sqlx::Result<(Value, bool)> = sqlx::query_as(
         if conflicts.is_empty() { BOOKKEEPING_NO_CONFLICTS_SQL } else { BOOKKEEPING_SQL },
     )
@@ -727,7 +793,31 @@ async fn apply_group(
                 .collect()
         })
         .collect();
-    Ok(Applied::Done(GroupOutput { results, deltas, head_seq: new_head, conflicts: logged_conflicts, resolved, open_conflicts }))
+    let (rows_read, rows_from_cache) = (state.rows_read, state.rows_from_cache);
+    let fill = CacheFill::of(catalog, state, head);
+    let output = GroupOutput { results, deltas, head_seq: new_head, conflicts: logged_conflicts, resolved, open_conflicts, rows_read, rows_from_cache };
+    Ok(Applied::Done(output, fill))
+}
+
+impl CacheFill {
+    /// The group's rows as committed: provisional versions made real from the `head` the
+    /// group's seqs follow.
+    fn of(catalog: &Catalog, state: MergeState, head: Seq) -> CacheFill {
+        let real = |clock: &mut FieldClock| clock.version = real_version(clock.version, head);
+        let rows = state
+            .rows
+            .into_iter()
+            .filter_map(|(id, slot)| {
+                let table = catalog.get(&id.0)?.clone();
+                let mut row = slot.state;
+                row.version = real_version(row.version, head);
+                row.clocks.values_mut().for_each(real);
+                row.deleted.as_mut().map(real);
+                Some((id, CachedRow { table, key: slot.key, state: row }))
+            })
+            .collect();
+        CacheFill { rows, aliases: state.aliases }
+    }
 }
 
 /// The log's op and old values: old values of changed columns for an update, the whole old
@@ -784,9 +874,10 @@ async fn load_all_rows(
     pending: &mut [Pending<'_>],
     outcomes: &mut [Vec<Option<Outcome>>],
     lock_devices: Option<&[&str]>,
+    cache: Option<&mut RowCache>,
 ) -> Result<(MergeState, Option<Vec<(String, i64)>>)> {
     let mut state = MergeState::default();
-    match load_rows(conn, tenant, pending, &mut state, None, lock_devices).await {
+    match load_rows(conn, tenant, pending, &mut state, None, lock_devices, cache).await {
         Ok(cursors) => return Ok((state, cursors)),
         Err(err) if value_error(&err).is_none() => return Err(err.into()),
         Err(_) => {}
@@ -795,7 +886,7 @@ async fn load_all_rows(
     state = MergeState::default();
     for p in 0..pending.len() {
         sqlx::query("savepoint synchub_change").execute(&mut *conn).await?;
-        if let Err(err) = load_rows(conn, tenant, pending, &mut state, Some(p), None).await {
+        if let Err(err) = load_rows(conn, tenant, pending, &mut state, Some(p), None, None).await {
             let message = value_error(&err).ok_or(Error::Database(err))?;
             sqlx::query("rollback to savepoint synchub_change").execute(&mut *conn).await?;
             pending[p].row_key = None;
@@ -806,8 +897,9 @@ async fn load_all_rows(
 }
 
 /// Read the current rows and versions for `pending` (or only `only`), filling row slots and
-/// each change's normalized key; with `lock_devices`, the first table's statement reads and
-/// locks their cursors too, returned when a row was read.
+/// each change's normalized key; with `lock_devices`, the first table's statement that reads
+/// rows reads and locks their cursors too, returned when a row was read. Rows found in `cache`
+/// are taken from it instead (not locked; see `row_cache`).
 async fn load_rows(
     conn: &mut PgConnection,
     tenant: &TenantId,
@@ -815,6 +907,7 @@ async fn load_rows(
     state: &mut MergeState,
     only: Option<usize>,
     mut lock_devices: Option<&[&str]>,
+    mut cache: Option<&mut RowCache>,
 ) -> std::result::Result<Option<Vec<(String, i64)>>, sqlx::Error> {
     let mut by_table: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for (p, pend) in pending.iter().enumerate() {
@@ -828,18 +921,37 @@ async fn load_rows(
         // Each key once: a row that several changes of the group write is read (and locked)
         // once, not once per change (five times per row at batches of 1,000 in the benchmark).
         let mut keys: Vec<Value> = Vec::with_capacity(members.len());
+        let mut pushed_keys: Vec<String> = Vec::with_capacity(members.len());
         let mut readers: Vec<Vec<usize>> = Vec::with_capacity(members.len());
         let mut position: HashMap<String, usize> = HashMap::with_capacity(members.len());
+        let mut cached: HashMap<String, String> = HashMap::new();
         for &p in &members {
             let key = Value::Object(pending[p].change.key.clone());
-            match position.entry(key.to_string()) {
+            let pushed = key.to_string();
+            if let Some(row_key) = cached.get(&pushed) {
+                pending[p].row_key = Some(row_key.clone());
+                continue;
+            }
+            match position.entry(pushed) {
                 Entry::Occupied(at) => readers[*at.get()].push(p),
                 Entry::Vacant(at) => {
+                    if let Some((row_key, row)) = cache.as_deref_mut().and_then(|c| c.take(&table, at.key())) {
+                        state.from_cache = true;
+                        state.rows_from_cache += 1;
+                        pending[p].row_key = Some(row_key.clone());
+                        state.rows.entry((table_name.clone(), row_key.clone())).or_insert(RowSlot { key: row.key, state: row.state, writes: 0 });
+                        cached.insert(at.into_key(), row_key);
+                        continue;
+                    }
+                    pushed_keys.push(at.key().clone());
                     at.insert(keys.len());
                     keys.push(key);
                     readers.push(vec![p]);
                 }
             }
+        }
+        if keys.is_empty() {
+            continue;
         }
         let with_cursors = lock_devices.take();
         let rows = match with_cursors {
@@ -860,10 +972,12 @@ async fn load_rows(
             for &p in &readers[(ordinal - 1) as usize] {
                 pending[p].row_key = Some(key_text.clone());
             }
+            state.aliases.push(((table_name.clone(), pushed_keys[(ordinal - 1) as usize].clone()), key_text.clone()));
             let id = (table_name.clone(), key_text);
             if state.rows.contains_key(&id) {
                 continue;
             }
+            state.rows_read += 1;
             let values = row.get::<Option<Value>, _>("row").and_then(as_object);
             let mut row_state = RowState { version: row.get::<Option<i64>, _>("version").unwrap_or(0) as u64, ..RowState::default() };
             // A row that exists again (re-inserted by SQL before the trigger saw it) is not a tombstone.

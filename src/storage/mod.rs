@@ -6,6 +6,7 @@ pub mod apply;
 pub mod catalog;
 pub mod conflicts;
 pub mod log;
+pub mod row_cache;
 pub mod subscriptions;
 
 use std::sync::{Arc, RwLock};
