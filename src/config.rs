@@ -171,6 +171,9 @@ pub struct Config {
     /// the next groups merge into them without reading them from Postgres; 0 turns it off.
     /// Default 4096.
     pub row_cache_rows: usize,
+    /// Rows all tenants' row caches hold together; a tenant's cache takes what is left.
+    /// Default 131072.
+    pub row_cache_total_rows: usize,
     /// Graceful shutdown: how long in-flight work may take, ms. Default 10000.
     pub shutdown_timeout_ms: u64,
 
@@ -254,6 +257,7 @@ impl Default for Config {
             tenant_idle_ms: 60_000,
             catch_up_cache_deltas: 1000,
             row_cache_rows: 4096,
+            row_cache_total_rows: 131_072,
             shutdown_timeout_ms: 10_000,
             record_file: None,
             record_tenants: Vec::new(),

@@ -83,6 +83,8 @@ pub struct Gauges {
     pub tenants: usize,
     pub db_connections: u32,
     pub db_idle: usize,
+    /// Rows held by the tenants' row caches together.
+    pub row_cache_rows: usize,
     /// The allocator's own figures (`None` where it cannot tell).
     pub memory: Option<AllocatorStats>,
 }
@@ -148,6 +150,7 @@ impl Metrics {
         let get = |a: &AtomicU64| a.load(Relaxed) as f64;
         metric("synchub_sessions", "gauge", "Open WebSocket sessions.", &one(gauges.sessions as f64));
         metric("synchub_tenants_active", "gauge", "Tenant actors running.", &one(gauges.tenants as f64));
+        metric("synchub_row_cache_rows", "gauge", "Rows the tenant actors keep from their group commits, over all tenants (at most row_cache_total_rows).", &one(gauges.row_cache_rows as f64));
         metric("synchub_sessions_opened_total", "counter", "Sessions that completed hello.", &one(get(&self.sessions_opened)));
         let closes: Vec<_> = CLOSE_CODES.iter().zip(&self.closes).map(|(c, n)| (format!("{{code=\"{}\"}}", c.code()), get(n))).collect();
         metric("synchub_session_closes_total", "counter", "Sessions the hub closed, by WebSocket close code.", &closes);
@@ -217,7 +220,7 @@ mod tests {
         m.error(ErrorCode::InvalidValue);
         m.http_pushes.fetch_add(2, Relaxed);
         let memory = AllocatorStats { allocated: 10, active: 20, resident: 30, metadata: 4 };
-        let text = m.render(&Gauges { sessions: 2, tenants: 1, db_connections: 3, db_idle: 1, memory: Some(memory) });
+        let text = m.render(&Gauges { sessions: 2, tenants: 1, db_connections: 3, db_idle: 1, row_cache_rows: 0, memory: Some(memory) });
         assert!(text.contains("synchub_sessions 2\n"));
         assert!(text.contains("synchub_changes_total{status=\"conflict\"} 1\n"));
         assert!(text.contains("synchub_session_closes_total{code=\"4008\"} 1\n"));

@@ -138,6 +138,7 @@ async fn metrics_text(hub: web::Data<Arc<Hub>>) -> HttpResponse {
         tenants: hub.registry.tenant_count(),
         db_connections: hub.store.pool.size(),
         db_idle: hub.store.pool.num_idle(),
+        row_cache_rows: hub.store.row_budget().held(),
         memory: AllocatorStats::read(),
     };
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(hub.metrics.render(&gauges))

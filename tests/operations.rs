@@ -67,6 +67,7 @@ async fn health_readiness_and_metrics() {
     let (_, kept) = get(&hub, "/metrics").await;
     assert_eq!(sample(&kept, "synchub_merge_rows_total{source=\"postgres\"}"), 1.0);
     assert_eq!(sample(&kept, "synchub_merge_rows_total{source=\"cache\"}"), 1.0);
+    assert_eq!(sample(&kept, "synchub_row_cache_rows"), 1.0);
 
     // A second session of pos-a replaces the first: counted as a 4010 close.
     let (_c, _, _) = Client::device(&hub, "store-1", "pos-a").await;

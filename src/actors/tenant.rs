@@ -174,7 +174,7 @@ impl TenantActor {
         let tenant = self.tenant.clone();
         let limits = self.limits();
         let expected_head = self.committed_head;
-        let mut row_cache = self.row_cache.take().unwrap_or_else(|| RowCache::new(self.config.row_cache_rows));
+        let mut row_cache = self.row_cache.take().unwrap_or_else(|| RowCache::new(self.config.row_cache_rows, self.store.row_budget()));
         let started = Instant::now();
         let work = async move {
             let mut conn = match conn {

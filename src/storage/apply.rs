@@ -191,12 +191,28 @@ fn validate(change: &Change, table: &TableSchema, tenant: &TenantId, limits: App
                 return Some(reject(ErrorCode::InvalidKey, format!("fields change primary-key column `{name}`")));
             }
         }
-        let size = serde_json::to_string(value).map(|s| s.len()).unwrap_or(usize::MAX);
+        let size = json_size(value);
         if size > limits.max_field_bytes {
             return Some(reject(ErrorCode::ValueTooLarge, format!("`{name}` is {size} bytes, more than {}", limits.max_field_bytes)));
         }
     }
     None
+}
+
+/// Bytes of `value` as JSON, counted without writing it out.
+fn json_size(value: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value).map(|_| count.0).unwrap_or(usize::MAX)
 }
 
 /// Postgres errors caused by a value (class 22 data exception, 23 integrity violation):
@@ -205,10 +221,6 @@ fn value_error(err: &sqlx::Error) -> Option<String> {
     let db = err.as_database_error()?.try_downcast_ref::<PgDatabaseError>()?;
     let code = db.code();
     (code.starts_with("22") || code.starts_with("23") || code == "42804").then(|| format!("{} ({code})", db.message()))
-}
-
-fn clock_json(clock: &FieldClock) -> Value {
-    json!([clock.hlc.wall_ms, clock.hlc.counter, clock.device, clock.version, clock.user])
 }
 
 fn clock_from_json(value: &Value) -> Option<FieldClock> {
@@ -272,7 +284,7 @@ impl Store {
         limits: ApplyLimits,
         expected_head: Option<Seq>,
     ) -> Result<GroupOutput> {
-        self.commit_group_cached(conn, tenant, batches, limits, expected_head, &mut RowCache::new(0)).await
+        self.commit_group_cached(conn, tenant, batches, limits, expected_head, &mut RowCache::off()).await
     }
 
     /// [`Store::commit_group`] with the tenant's row cache: when it is current as of
@@ -838,27 +850,53 @@ fn log_op_and_old(decision: &Decision, before: Option<&Object>, after: Option<&O
     }
 }
 
-/// Versions, tombstones and field clocks of the rows this group wrote, one vector per column.
+/// Versions, tombstones and field clocks of the rows this group wrote, one vector per column,
+/// borrowing the rows' keys and clocks (serialized straight into the statement's arguments).
 struct RowVersionColumns<'a> {
     tables: Vec<&'a str>,
-    keys: Vec<Value>,
+    keys: Vec<Json<&'a Object>>,
     versions: Vec<i64>,
-    deleted: Vec<Option<Value>>,
-    clocks: Vec<Value>,
+    deleted: Vec<Option<Json<RealClock<'a>>>>,
+    clocks: Vec<Json<RealClocks<'a>>>,
 }
 
 impl<'a> RowVersionColumns<'a> {
     fn of(state: &'a MergeState, head: Seq) -> RowVersionColumns<'a> {
-        let real_clock = |c: &FieldClock| clock_json(&FieldClock { version: real_version(c.version, head), ..c.clone() });
         let mut columns = RowVersionColumns { tables: Vec::new(), keys: Vec::new(), versions: Vec::new(), deleted: Vec::new(), clocks: Vec::new() };
         for ((table, _), slot) in state.rows.iter().filter(|(_, s)| s.writes > 0) {
             columns.tables.push(table.as_str());
-            columns.keys.push(Value::Object(slot.key.clone()));
+            columns.keys.push(Json(&slot.key));
             columns.versions.push(real_version(slot.state.version, head) as i64);
-            columns.deleted.push(slot.state.deleted.as_ref().map(real_clock));
-            columns.clocks.push(Value::Object(slot.state.clocks.iter().map(|(f, c)| (f.clone(), real_clock(c))).collect()));
+            columns.deleted.push(slot.state.deleted.as_ref().map(|clock| Json(RealClock { clock, head })));
+            columns.clocks.push(Json(RealClocks { clocks: &slot.state.clocks, head }));
         }
         columns
+    }
+}
+
+/// A field clock as `row_versions` stores it (`[wall_ms, counter, device, version, user]`, read
+/// back by `clock_from_json`), its provisional version made real from the group's `head`.
+struct RealClock<'a> {
+    clock: &'a FieldClock,
+    head: Seq,
+}
+
+impl serde::Serialize for RealClock<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        let c = self.clock;
+        (c.hlc.wall_ms, c.hlc.counter, &c.device, real_version(c.version, self.head), &c.user).serialize(serializer)
+    }
+}
+
+/// A row's field clocks as `row_versions.clocks` stores them: `{field: clock}`.
+struct RealClocks<'a> {
+    clocks: &'a BTreeMap<String, FieldClock>,
+    head: Seq,
+}
+
+impl serde::Serialize for RealClocks<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.collect_map(self.clocks.iter().map(|(field, clock)| (field, RealClock { clock, head: self.head })))
     }
 }
 

@@ -39,6 +39,8 @@ pub struct Store {
     catalog: RwLock<(Arc<Catalog>, Instant)>,
     /// Tenant-scoped transactions run as `synchub_tenant` (config `row_level_security`).
     row_level_security: bool,
+    /// Rows the tenants' row caches hold together (config `row_cache_total_rows`).
+    row_budget: row_cache::RowBudget,
 }
 
 /// How many of the pool's connections session reads and group commits may hold at once: half
@@ -89,6 +91,11 @@ pub fn sql_literal(text: &str) -> String {
 }
 
 impl Store {
+    /// What every tenant's row cache counts its rows against.
+    pub fn row_budget(&self) -> row_cache::RowBudget {
+        self.row_budget.clone()
+    }
+
     /// Connect, migrate, register the configured tables and load the catalog.
     pub async fn open(config: &Config) -> Result<Arc<Store>> {
         let options: PgConnectOptions =
@@ -114,6 +121,7 @@ impl Store {
             merges: Arc::new(tokio::sync::Semaphore::new(merges)),
             catalog: RwLock::new((Arc::new(catalog), Instant::now())),
             row_level_security: config.row_level_security,
+            row_budget: row_cache::RowBudget::new(config.row_cache_total_rows),
         }))
     }
 
