@@ -577,6 +577,7 @@ async fn the_group_returns_the_conflicts_it_logged_and_resolved() {
     use synchub::ids::{DeviceId, TenantId, UserId};
     use synchub::storage::apply::{ApplyLimits, BatchInput};
     use synchub::storage::conflicts::{ResolveConflict, Resolution};
+    use synchub::storage::row_cache::{RowBudget, RowCache};
 
     let hub = TestHub::start().await;
     let store = hub.running.as_ref().unwrap().hub.store.clone();
@@ -591,10 +592,12 @@ async fn the_group_returns_the_conflicts_it_logged_and_resolved() {
     let now = now_ms();
     let head_before = store.tenant_head(&tenant).await.unwrap().head_seq;
     let mut conn = store.group_connection().await.unwrap();
+    // The rows each group leaves are kept for the next, as a tenant actor keeps them.
+    let mut cache = RowCache::new(64, RowBudget::new(64));
     // Expecting a head the tenant does not have: the group is redone with the real one.
     let expected_wrong = Some(head_before + 1000);
     let out = store
-        .commit_group(&mut conn, &tenant, &[batch("pos-1", vec![upsert("products", key.clone(), product(id, "Tea", 1), 1, now - 9, 0)])], limits, expected_wrong)
+        .commit_group(&mut conn, &tenant, &[batch("pos-1", vec![upsert("products", key.clone(), product(id, "Tea", 1), 1, now - 9, 0)])], limits, expected_wrong, &mut cache)
         .await
         .unwrap();
     let v1 = out.results[0][0].seq.unwrap();
@@ -610,9 +613,11 @@ async fn the_group_returns_the_conflicts_it_logged_and_resolved() {
             ],
             limits,
             Some(out.head_seq),
+            &mut cache,
         )
         .await
         .unwrap();
+    assert_eq!(out.rows_from_cache, 1, "merged into the row the first group left");
     assert_eq!(out.results[1][0].status, ChangeStatus::Conflict);
     assert_eq!(out.conflicts.len(), 1, "{:?}", out.conflicts);
     let logged = &out.conflicts[0];
@@ -629,7 +634,7 @@ async fn the_group_returns_the_conflicts_it_logged_and_resolved() {
         resolves: Some(ResolveConflict { conflict_id: logged.id, resolution: Resolution::Value }),
         ..batch("console:mgr", vec![upsert("products", key.clone(), json!({"price_cents": price}), 99, now, version)])
     };
-    let out = store.commit_group(&mut conn, &tenant, &[resolving(7), resolving(8)], limits, None).await.unwrap();
+    let out = store.commit_group(&mut conn, &tenant, &[resolving(7), resolving(8)], limits, None, &mut cache).await.unwrap();
     assert_eq!(out.results[0][0].status, ChangeStatus::Applied);
     assert_eq!(out.results[0][0].device_seq, 1);
     assert_eq!(out.results[1][0].status, ChangeStatus::Rejected);

@@ -183,7 +183,7 @@ impl TenantActor {
             };
             let mut attempt = 0;
             loop {
-                match store.commit_group_cached(&mut conn, &tenant, &inputs, limits, expected_head, &mut row_cache).await {
+                match store.commit_group(&mut conn, &tenant, &inputs, limits, expected_head, &mut row_cache).await {
                     Err(Error::Database(err)) if attempt < 2 && is_retryable(&err) => attempt += 1,
                     other => return (other, row_cache),
                 }

@@ -276,22 +276,13 @@ impl Store {
     /// group's seqs follow it and the log statement takes the head only if it is still there,
     /// which saves a round trip; when another writer moved it, the group is redone from its
     /// savepoint with the head read under lock.
+    ///
+    /// `cache` holds the rows the tenant's earlier groups left (see `row_cache`): when it is
+    /// current as of `expected_head`, rows found in it are not read from Postgres, and the
+    /// group's bookkeeping statement checks the head even when the group wrote nothing. After a
+    /// commit it holds the group's rows; after anything else it is empty.
+    /// ([`RowCache::off`] keeps nothing.)
     pub async fn commit_group(
-        &self,
-        conn: &mut PgConnection,
-        tenant: &TenantId,
-        batches: &[BatchInput],
-        limits: ApplyLimits,
-        expected_head: Option<Seq>,
-    ) -> Result<GroupOutput> {
-        self.commit_group_cached(conn, tenant, batches, limits, expected_head, &mut RowCache::off()).await
-    }
-
-    /// [`Store::commit_group`] with the tenant's row cache: when it is current as of
-    /// `expected_head`, rows found in it are not read from Postgres, and the group's
-    /// bookkeeping statement checks the head even when the group wrote nothing. After a
-    /// commit the cache holds the group's rows; after anything else it is empty.
-    pub async fn commit_group_cached(
         &self,
         conn: &mut PgConnection,
         tenant: &TenantId,
@@ -300,8 +291,37 @@ impl Store {
         expected_head: Option<Seq>,
         cache: &mut RowCache,
     ) -> Result<GroupOutput> {
-        let usable = cache.usable_at(expected_head);
-        let committed = self.commit_group_with(conn, tenant, batches, limits, expected_head, usable.then_some(&mut *cache)).await;
+        let mut usable = cache.usable_at(expected_head).then_some(&mut *cache);
+        let committed = async {
+            let catalog = match batches.iter().flat_map(|b| &b.changes).map(|c| c.table.as_str()).find(|t| self.catalog().get(t).is_none()) {
+                Some(unknown) => self.catalog_with(unknown).await,
+                None => self.catalog(),
+            };
+            // One round trip opens the transaction, sets it up and takes the savepoint that a
+            // refused value rolls back to (at a batch of one change, round trips are the cost).
+            let changes: usize = batches.iter().map(|b| b.changes.len()).sum();
+            let settings = if changes >= LARGE_GROUP_CHANGES { LARGE_GROUP_SETTINGS } else { MERGE_SETTINGS };
+            let begin = self.tenant_begin_sql(tenant, "begin", settings, "savepoint synchub_group");
+            let mut tx = conn.begin_with(begin).await?;
+            let done = match apply_group(&mut tx, &catalog, tenant, batches, limits, expected_head, usable.as_deref_mut()).await? {
+                Applied::Done(output, fill) => (output, fill),
+                Applied::HeadMoved => {
+                    tracing::debug!(tenant = %tenant, "head moved under the group; redone with the head locked");
+                    // Another writer moved it: what the cache holds may be stale.
+                    if let Some(cache) = usable {
+                        cache.clear();
+                    }
+                    sqlx::query("rollback to savepoint synchub_group").execute(&mut *tx).await?;
+                    match apply_group(&mut tx, &catalog, tenant, batches, limits, None, None).await? {
+                        Applied::Done(output, fill) => (output, fill),
+                        Applied::HeadMoved => return Err(Error::Internal("the tenant's head moved while locked".into())),
+                    }
+                }
+            };
+            tx.commit().await?;
+            Ok::<_, Error>(done)
+        }
+        .await;
         match committed {
             Ok((output, fill)) => {
                 cache.put(output.head_seq, fill.rows.into_iter(), fill.aliases.into_iter());
@@ -312,44 +332,6 @@ impl Store {
                 Err(err)
             }
         }
-    }
-
-    async fn commit_group_with(
-        &self,
-        conn: &mut PgConnection,
-        tenant: &TenantId,
-        batches: &[BatchInput],
-        limits: ApplyLimits,
-        expected_head: Option<Seq>,
-        mut cache: Option<&mut RowCache>,
-    ) -> Result<(GroupOutput, CacheFill)> {
-        let catalog = match batches.iter().flat_map(|b| &b.changes).map(|c| c.table.as_str()).find(|t| self.catalog().get(t).is_none()) {
-            Some(unknown) => self.catalog_with(unknown).await,
-            None => self.catalog(),
-        };
-        // One round trip opens the transaction, sets it up and takes the savepoint that a
-        // refused value rolls back to (at a batch of one change, round trips are the cost).
-        let changes: usize = batches.iter().map(|b| b.changes.len()).sum();
-        let settings = if changes >= LARGE_GROUP_CHANGES { LARGE_GROUP_SETTINGS } else { MERGE_SETTINGS };
-        let begin = self.tenant_begin_sql(tenant, "begin", settings, "savepoint synchub_group");
-        let mut tx = conn.begin_with(begin).await?;
-        let done = match apply_group(&mut tx, &catalog, tenant, batches, limits, expected_head, cache.as_deref_mut()).await? {
-            Applied::Done(output, fill) => (output, fill),
-            Applied::HeadMoved => {
-                tracing::debug!(tenant = %tenant, "head moved under the group; redone with the head locked");
-                // Another writer moved it: what the cache holds may be stale.
-                if let Some(cache) = cache {
-                    cache.clear();
-                }
-                sqlx::query("rollback to savepoint synchub_group").execute(&mut *tx).await?;
-                match apply_group(&mut tx, &catalog, tenant, batches, limits, None, None).await? {
-                    Applied::Done(output, fill) => (output, fill),
-                    Applied::HeadMoved => return Err(Error::Internal("the tenant's head moved while locked".into())),
-                }
-            }
-        };
-        tx.commit().await?;
-        Ok(done)
     }
 }
 
