@@ -114,9 +114,7 @@ struct MergeState {
     rows: HashMap<RowId, RowSlot>,
     /// (table, key as pushed) → key as Postgres renders it, for the keys read from Postgres.
     aliases: Vec<(RowId, String)>,
-    /// Some rows came from the tenant's row cache rather than a locking read.
-    from_cache: bool,
-    /// Rows read from Postgres, and rows taken from the cache.
+    /// Rows read from Postgres, and rows taken from the tenant's row cache (not locked).
     rows_read: u64,
     rows_from_cache: u64,
     /// Merge decisions in the order they were taken.
@@ -511,7 +509,7 @@ async fn apply_group(
     let (mut state, read_cursors) = load_all_rows(conn, tenant, &locks, &mut pending, &mut outcomes, lock_devices, cache).await?;
     // Rows merged from the cache are current only if the head is still the expected one,
     // which the bookkeeping statement then checks whatever the group writes.
-    let from_cache = state.from_cache;
+    let from_cache = state.rows_from_cache > 0;
     let cursor_rows = match (early_cursors, read_cursors) {
         (Some(rows), _) | (None, Some(rows)) => rows,
         // No row was read: nothing to merge, but duplicates and gaps are still told apart.
@@ -956,7 +954,6 @@ async fn load_rows(
                 Entry::Occupied(at) => readers[*at.get()].push(p),
                 Entry::Vacant(at) => {
                     if let Some((row_key, row)) = cache.as_deref_mut().and_then(|c| c.take(&table, at.key())) {
-                        state.from_cache = true;
                         state.rows_from_cache += 1;
                         pending[p].row_key = Some(row_key.clone());
                         state.rows.entry((table_name.clone(), row_key.clone())).or_insert(RowSlot { key: row.key, state: row.state, writes: 0 });
