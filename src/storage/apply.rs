@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use super::catalog::{Catalog, TableSchema};
 use super::conflicts::{self, ResolveConflict};
+use super::json_text::JsonText;
 use super::row_cache::{CachedRow, RowCache};
 use super::Store;
 use crate::error::{Error, Result};
@@ -408,7 +409,7 @@ macro_rules! bookkeeping_sql {
          log as (\
            insert into synchub.change_log (tenant_id, seq, table_name, op, pk, new_row, old_values, written, origin_device, user_id, \
              change_id, device_seq, hlc_wall_ms, hlc_counter) \
-           select $1, * from unnest($2::int8[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[], $7::jsonb[], $8::jsonb[], \
+           select $1, * from unnest($2::int8[], $3::text[], $4::text[], $5::jsonb[], $6::json[], $7::json[], $8::json[], \
              $9::text[], $10::text[], $11::uuid[], $12::int8[], $13::int8[], $14::int4[])), \
          versions as (\
            insert into synchub.row_versions (tenant_id, table_name, pk, version, deleted, clocks) \
@@ -1125,9 +1126,9 @@ struct LogColumns<'a> {
     table: Vec<&'a str>,
     op: Vec<&'static str>,
     pk: Vec<Json<&'a Object>>,
-    new_row: Vec<Option<Json<&'a Object>>>,
-    old: Vec<Option<Json<&'a Object>>>,
-    written: Vec<Option<Json<&'a Object>>>,
+    new_row: Vec<Option<JsonText<&'a Object>>>,
+    old: Vec<Option<JsonText<&'a Object>>>,
+    written: Vec<Option<JsonText<&'a Object>>>,
     origin: Vec<&'a str>,
     user: Vec<Option<&'a str>>,
     change_id: Vec<Uuid>,
@@ -1160,9 +1161,9 @@ impl<'a> LogColumns<'a> {
             log.table.push(&delta.table);
             log.op.push(op);
             log.pk.push(Json(&delta.key));
-            log.new_row.push(delta.row.as_ref().map(Json));
-            log.old.push(delta.old.as_ref().map(Json));
-            log.written.push((pend.change.op == Op::Upsert).then_some(Json(&pend.change.fields)));
+            log.new_row.push(delta.row.as_ref().map(JsonText));
+            log.old.push(delta.old.as_ref().map(JsonText));
+            log.written.push((pend.change.op == Op::Upsert).then_some(JsonText(&pend.change.fields)));
             log.origin.push(&pend.clock.device);
             log.user.push(pend.clock.user.as_deref());
             log.change_id.push(pend.change.change_id);

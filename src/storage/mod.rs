@@ -5,6 +5,7 @@
 pub mod apply;
 pub mod catalog;
 pub mod conflicts;
+pub mod json_text;
 pub mod log;
 pub mod row_cache;
 pub mod subscriptions;
