@@ -80,7 +80,7 @@ impl TableSchema {
             ("", "")
         };
         format!(
-            "{cursors_cte}select x.i, kt.key, case when t.{first} is null then null else to_jsonb(t) end as row, \
+            "{cursors_cte}select x.i, kt.key, case when t.{first} is null then null else to_json(t) end as row, \
                rv.version, rv.deleted, rv.clocks{cursors_column} \
              from unnest($2::jsonb[]) with ordinality as x(kj, i) \
              cross join lateral jsonb_populate_record(null::{table}, x.kj) as k \
@@ -118,7 +118,7 @@ impl TableSchema {
     fn build_delete_sql(&self) -> String {
         format!(
             "delete from {table} t using synchub.records_of(null::{table}, $2) v where {tenant} and ({tk}) = ({vk}) \
-             returning {keyobj} as key, to_jsonb(t) as row",
+             returning {keyobj} as key, to_json(t) as row",
             table = self.name,
             tenant = self.tenant_match("t"),
             tk = self.key_list("t"),
@@ -134,7 +134,7 @@ impl TableSchema {
         let sets: Vec<String> = columns.iter().map(|c| format!("{q} = v.{q}", q = quote_ident(c))).collect();
         format!(
             "update {table} t set {sets} from synchub.records_of(null::{table}, $2) v where {tenant} and ({tk}) = ({vk}) \
-             returning {keyobj} as key, to_jsonb(t) as row",
+             returning {keyobj} as key, to_json(t) as row",
             table = self.name,
             sets = sets.join(", "),
             tenant = self.tenant_match("t"),
@@ -155,7 +155,7 @@ impl TableSchema {
         }
         format!(
             "insert into {table} as t ({names}) select {values} from jsonb_populate_recordset(null::{table}, $2) v \
-             returning {keyobj} as key, to_jsonb(t) as row",
+             returning {keyobj} as key, to_json(t) as row",
             table = self.name,
             names = names.join(", "),
             values = values.join(", "),
