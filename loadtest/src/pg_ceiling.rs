@@ -252,11 +252,11 @@ async fn write_logged_batch(pool: &sqlx::PgPool, writer: &Writer, changes: &[pro
            insert into loadtest_products as t (tenant_id, id, sku, name, price_cents, stock) \
            select $1, * from unnest($3::uuid[], $4::text[], $5::text[], $6::int4[], $7::int4[]) \
            on conflict (id) do update set sku = excluded.sku, name = excluded.name, price_cents = excluded.price_cents, stock = excluded.stock \
-           returning t.id, to_jsonb(t) as img), \
+           returning t.id, to_json(t) as img), \
          partial_rows as (\
            update loadtest_products p set price_cents = x.price, stock = x.stock \
            from unnest($8::uuid[], $9::int4[], $10::int4[]) as x(id, price, stock) where p.id = x.id \
-           returning p.id, to_jsonb(p) as img), \
+           returning p.id, to_json(p) as img), \
          new as (select * from full_rows union all select * from partial_rows), \
          c as (select * from unnest($11::uuid[], $12::jsonb[], $13::uuid[], $14::int8[], $15::int8[], $16::int4[]) \
            with ordinality as c(id, written, change_id, device_seq, wall, counter, n)), \
