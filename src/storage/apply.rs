@@ -94,8 +94,8 @@ struct Pending<'a> {
     /// The pushing identity's rules; `None`: unrestricted.
     access: Option<&'a AccessView>,
     table: Arc<TableSchema>,
-    /// Normalized key (as Postgres renders it), set once the row has been read.
-    row_key: Option<String>,
+    /// Table and normalized key (as Postgres renders it), set once the row has been read.
+    row_id: Option<RowId>,
     clock: FieldClock,
 }
 
@@ -499,7 +499,7 @@ async fn apply_group(
                 change,
                 access: batch.access.as_deref(),
                 table: table.clone(),
-                row_key: None,
+                row_id: None,
                 clock: FieldClock { hlc, device: batch.device.to_string(), user: Some(batch.user.to_string()), version: 0 },
             });
         }
@@ -546,7 +546,7 @@ async fn apply_group(
     pending.retain(|p| outcomes[p.batch][p.index].is_none());
 
     // 3. Merge and write: all at once, or change by change when a value is refused.
-    let all: Vec<usize> = (0..pending.len()).filter(|&p| pending[p].row_key.is_some()).collect();
+    let all: Vec<usize> = (0..pending.len()).filter(|&p| pending[p].row_id.is_some()).collect();
     let fast = merge_and_write(conn, tenant, &pending, &mut state, &all).await;
     if let Err(err) = fast {
         if value_error(&err).is_none() {
@@ -558,7 +558,7 @@ async fn apply_group(
         state = load_all_rows(conn, tenant, &locks, &mut pending, &mut outcomes, None, None).await?.0;
         for &p in &all {
             let pend = &pending[p];
-            let id = (pend.table.name.clone(), pend.row_key.clone().unwrap_or_default());
+            let id = pend.row_id.clone().unwrap_or_default();
             let before = (state.rows.get(&id).cloned(), state.decided.len(), state.next_ordinal);
             sqlx::query("savepoint synchub_change").execute(&mut *conn).await?;
             if let Err(err) = merge_and_write(conn, tenant, &pending, &mut state, &[p]).await {
@@ -601,12 +601,12 @@ async fn apply_group(
     // The delta of each row's latest write so far: a second write to a row in the same group
     // compares with the row as the first one left it in the database (the image its decision
     // saw holds only the fields written, without defaults, key or tenant).
-    let mut latest: HashMap<RowId, usize> = HashMap::new();
+    let mut latest: HashMap<&RowId, usize> = HashMap::new();
     for decided in state.decided.iter_mut() {
         let pend = &pending[decided.pending];
-        let row_key = pend.row_key.clone().unwrap_or_default();
-        let row_id = (pend.table.name.clone(), row_key);
-        let slot = &state.rows[&row_id];
+        // unwrap: only changes with a row are decided.
+        let row_id = pend.row_id.as_ref().expect("decided change's row");
+        let slot = &state.rows[row_id];
         let seq = decided.ordinal.map(|o| head + o + 1);
         let decision = &decided.decision;
         let status = if decision.rejection.is_some() { ChangeStatus::Rejected } else { decision.status };
@@ -908,7 +908,7 @@ async fn load_all_rows(
         if let Err(err) = load_rows(conn, tenant, pending, &mut state, Some(p), None, None).await {
             let message = value_error(&err).ok_or(Error::Database(err))?;
             sqlx::query("rollback to savepoint synchub_change").execute(&mut *conn).await?;
-            pending[p].row_key = None;
+            pending[p].row_id = None;
             outcomes[pending[p].batch][pending[p].index] = Some(reject(ErrorCode::InvalidValue, message));
         }
     }
@@ -948,7 +948,7 @@ async fn load_rows(
             let key = Value::Object(pending[p].change.key.clone());
             let pushed = key.to_string();
             if let Some(row_key) = cached.get(&pushed) {
-                pending[p].row_key = Some(row_key.clone());
+                pending[p].row_id = Some((table_name.clone(), row_key.clone()));
                 continue;
             }
             match position.entry(pushed) {
@@ -956,7 +956,7 @@ async fn load_rows(
                 Entry::Vacant(at) => {
                     if let Some((row_key, row)) = cache.as_deref_mut().and_then(|c| c.take(&table, at.key())) {
                         state.rows_from_cache += 1;
-                        pending[p].row_key = Some(row_key.clone());
+                        pending[p].row_id = Some((table_name.clone(), row_key.clone()));
                         state.rows.entry((table_name.clone(), row_key.clone())).or_insert(RowSlot { key: row.key, state: row.state, writes: 0 });
                         cached.insert(at.into_key(), row_key);
                         continue;
@@ -988,7 +988,7 @@ async fn load_rows(
             let key: Value = row.get("key");
             let key_text = key.to_string();
             for &p in &readers[(ordinal - 1) as usize] {
-                pending[p].row_key = Some(key_text.clone());
+                pending[p].row_id = Some((table_name.clone(), key_text.clone()));
             }
             state.aliases.push(((table_name.clone(), pushed_keys[(ordinal - 1) as usize].clone()), key_text.clone()));
             let id = (table_name.clone(), key_text);
@@ -1034,9 +1034,9 @@ async fn merge_and_write(
     let mut plan = WritePlan::new();
     for &p in which {
         let pend = &pending[p];
-        let Some(row_key) = &pend.row_key else { continue };
+        let Some(row_id) = &pend.row_id else { continue };
         // unwrap: load_rows created a slot for every key it normalized.
-        let slot = state.rows.get_mut(&(pend.table.name.clone(), row_key.clone())).expect("row slot");
+        let slot = state.rows.get_mut(row_id).expect("row slot");
         // Key and tenant columns are identity, not fields to merge (copied only when present).
         let identity = |c: &String| *c == pend.table.tenant_column || pend.table.key.contains(c);
         let fields = if pend.change.fields.keys().any(identity) {
@@ -1084,7 +1084,7 @@ async fn merge_and_write(
         state.decided.push(Decided { pending: p, decision, before, after: None, ordinal: Some(ordinal), forbidden: None });
     }
 
-    for ((_, table_name, kind, columns), (positions, rows)) in plan {
+    for ((_, _, kind, columns), (positions, rows)) in plan {
         let table = pending[state.decided[positions[0]].pending].table.clone();
         let cols: Vec<&str> = columns.iter().map(String::as_str).collect();
         let mut images: HashMap<String, Object> = if kind == WriteKind::Update && cols.is_empty() {
@@ -1102,12 +1102,12 @@ async fn merge_and_write(
                 .collect()
         };
         for pos in positions {
-            let row_key = pending[state.decided[pos].pending].row_key.clone().unwrap_or_default();
-            let slot = state.rows.get_mut(&(table_name.clone(), row_key.clone()));
+            let row_id = pending[state.decided[pos].pending].row_id.as_ref().expect("decided change's row");
+            let slot = state.rows.get_mut(row_id);
             let after = match kind {
                 WriteKind::Delete => None,
                 // A statement touches a row once: its image is taken, not copied.
-                _ => images.remove(&row_key).or_else(|| slot.as_ref().and_then(|s| s.state.values.clone())),
+                _ => images.remove(&row_id.1).or_else(|| slot.as_ref().and_then(|s| s.state.values.clone())),
             };
             // Keep the database's rendering of the row for later changes and the log.
             if let (Some(slot), Some(image)) = (slot, &after) {
