@@ -233,6 +233,9 @@ async fn write_logged_batch(pool: &sqlx::PgPool, writer: &Writer, changes: &[pro
     }
     let ids: Vec<Uuid> = changes.iter().map(devices::key_uuid).collect();
     let written: Vec<Value> = changes.iter().map(|c| Value::Object(c.fields.clone())).collect();
+    // The log keeps the fields as written in a `json` column, as the hub's does: sent as text,
+    // beside the `jsonb` the old values and clocks are computed from.
+    let written_text: Vec<String> = written.iter().map(Value::to_string).collect();
     let change_ids: Vec<Uuid> = changes.iter().map(|c| c.change_id).collect();
     let device_seqs: Vec<i64> = changes.iter().map(|c| c.device_seq as i64).collect();
     let walls: Vec<i64> = changes.iter().map(|c| c.hlc.wall_ms as i64).collect();
@@ -258,14 +261,14 @@ async fn write_logged_batch(pool: &sqlx::PgPool, writer: &Writer, changes: &[pro
            from unnest($8::uuid[], $9::int4[], $10::int4[]) as x(id, price, stock) where p.id = x.id \
            returning p.id, to_json(p) as img), \
          new as (select * from full_rows union all select * from partial_rows), \
-         c as (select * from unnest($11::uuid[], $12::jsonb[], $13::uuid[], $14::int8[], $15::int8[], $16::int4[]) \
-           with ordinality as c(id, written, change_id, device_seq, wall, counter, n)), \
+         c as (select * from unnest($11::uuid[], $12::jsonb[], $13::uuid[], $14::int8[], $15::int8[], $16::int4[], $20::text[]) \
+           with ordinality as c(id, written, change_id, device_seq, wall, counter, written_text, n)), \
          log as (\
            insert into loadtest_change_log (tenant_id, seq, table_name, op, pk, new_row, old_values, written, origin_device, user_id, \
              change_id, device_seq, hlc_wall_ms, hlc_counter) \
            select $1, $17 + c.n, 'products', case when old.img is null then 'insert' else 'update' end, jsonb_build_object('id', c.id), \
              new.img, (select jsonb_object_agg(k, old.img -> k) from jsonb_object_keys(c.written) k where old.img -> k is distinct from c.written -> k), \
-             c.written, $18, $18, c.change_id, c.device_seq, c.wall, c.counter \
+             c.written_text::json, $18, $18, c.change_id, c.device_seq, c.wall, c.counter \
            from c join new on new.id = c.id left join old on old.id = c.id), \
          versions as (\
            insert into loadtest_row_versions (tenant_id, table_name, pk, version, clocks) \
@@ -296,6 +299,7 @@ async fn write_logged_batch(pool: &sqlx::PgPool, writer: &Writer, changes: &[pro
     .bind(base)
     .bind(&writer.device)
     .bind(last.device_seq as i64)
+    .bind(&written_text)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
