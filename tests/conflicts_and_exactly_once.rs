@@ -1133,6 +1133,36 @@ async fn invalid_value_mid_batch_advances_cursor_and_leaves_no_trace() {
     hub.shutdown().await;
 }
 
+/// A value holding U+0000 is `invalid_value` up front, also when it would lose the merge: a
+/// losing value is never written to its row, but its conflict record is, and Postgres refusing
+/// that would fail the whole group on every retry.
+#[actix_web::test]
+async fn a_nul_character_is_rejected_even_in_a_losing_value() {
+    let hub = TestHub::start().await;
+    let (mut a, _, _) = Client::device(&hub, TENANT, "pos-a").await;
+    let (mut b, _, _) = Client::device(&hub, TENANT, "pos-b").await;
+    let t = now_ms();
+    let (p1, p2) = (Uuid::new_v4(), Uuid::new_v4());
+    let r = push_batch(&mut a, Uuid::now_v7(), &[upsert("products", json!({"id": p1}), product_fields(p1, "One", 100, 1), 1, t, 0)]).await;
+    assert_eq!(r[0].status, ChangeStatus::Applied);
+    // Older clock and a stale base: the name would lose to pos-a's and be logged as a conflict.
+    let batch = vec![
+        upsert("products", json!({"id": p1}), json!({"name": "late\u{0}name"}), 1, t - 10_000, 0),
+        upsert("products", json!({"id": p2}), product_fields(p2, "Two", 200, 2), 2, t, 0),
+    ];
+    let r = push_batch(&mut b, Uuid::now_v7(), &batch).await;
+    assert_eq!(
+        r.iter().map(|x| (x.status, x.reason)).collect::<Vec<_>>(),
+        vec![(ChangeStatus::Rejected, Some(ErrorCode::InvalidValue)), (ChangeStatus::Applied, None)]
+    );
+    assert!(r[0].message.as_deref().is_some_and(|m| m.contains("U+0000")), "{:?}", r[0].message);
+    assert_eq!(db_row(&hub, "products", p1).await.unwrap()["name"], json!("One"));
+    assert!(db_row(&hub, "products", p2).await.is_some());
+    assert_eq!(conflict_count(&hub).await, 0);
+    assert_eq!(cursor(&hub, "pos-b").await, Some(2));
+    hub.shutdown().await;
+}
+
 /// The cursor check comes first, whatever else is wrong with a change: a retried change whose
 /// key does not fit its column is a duplicate, and one after a gap is `seq_gap`; only a new
 /// change in order is rejected for its key. The group reads the cursors with the rows, so this

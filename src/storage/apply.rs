@@ -164,6 +164,9 @@ fn validate(change: &Change, table: &TableSchema, tenant: &TenantId, limits: App
         }
     }
     for (name, value) in &change.key {
+        if holds_nul(value) {
+            return Some(reject(ErrorCode::InvalidValue, format!("key `{name}` holds the character U+0000, which Postgres cannot store")));
+        }
         if *name == table.tenant_column {
             if !tenant_matches(value) {
                 return Some(reject(ErrorCode::TenantMismatch, "tenant value differs from the token's tenant"));
@@ -190,12 +193,27 @@ fn validate(change: &Change, table: &TableSchema, tenant: &TenantId, limits: App
                 return Some(reject(ErrorCode::InvalidKey, format!("fields change primary-key column `{name}`")));
             }
         }
+        if holds_nul(value) {
+            return Some(reject(ErrorCode::InvalidValue, format!("`{name}` holds the character U+0000, which Postgres cannot store")));
+        }
         let size = json_size(value);
         if size > limits.max_field_bytes {
             return Some(reject(ErrorCode::ValueTooLarge, format!("`{name}` is {size} bytes, more than {}", limits.max_field_bytes)));
         }
     }
     None
+}
+
+/// Whether a string anywhere in `value` (object keys too) holds U+0000, which neither text
+/// columns nor `jsonb` accept. Checked up front: a losing value is never written to its row, but
+/// its conflict record is, and that statement failing would fail the whole group every retry.
+fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
+    }
 }
 
 /// Bytes of `value` as JSON, counted without writing it out.
