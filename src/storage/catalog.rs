@@ -27,6 +27,10 @@ pub struct TableSchema {
     /// Writable columns (generated columns are left out).
     pub columns: BTreeMap<String, Column>,
     pub policy: MergePolicy,
+    /// How the merge's reads and writes render a row: `to_json` where it renders every column
+    /// as `to_jsonb` does (snapshots, the capture trigger) and is cheaper, `to_jsonb` otherwise
+    /// ([`renders_as_jsonb`]).
+    pub row_json: &'static str,
     /// Reads the current rows of a set of keys and locks them (how: `build_read_sql`).
     pub read_sql: String,
     /// The same, and reads and locks the cursors of a group's devices as well.
@@ -80,7 +84,7 @@ impl TableSchema {
             ("", "")
         };
         format!(
-            "{cursors_cte}select x.i, kt.key, case when t.{first} is null then null else to_json(t) end as row, \
+            "{cursors_cte}select x.i, kt.key, case when t.{first} is null then null else {row_json}(t) end as row, \
                rv.version, rv.deleted, rv.clocks{cursors_column} \
              from unnest($2::jsonb[]) with ordinality as x(kj, i) \
              cross join lateral jsonb_populate_record(null::{table}, x.kj) as k \
@@ -93,6 +97,7 @@ impl TableSchema {
             tk = self.key_list("t"),
             kk = self.key_list("k"),
             keyobj = self.key_object("k"),
+            row_json = self.row_json,
         )
     }
 
@@ -118,12 +123,13 @@ impl TableSchema {
     fn build_delete_sql(&self) -> String {
         format!(
             "delete from {table} t using synchub.records_of(null::{table}, $2) v where {tenant} and ({tk}) = ({vk}) \
-             returning {keyobj} as key, to_json(t) as row",
+             returning {keyobj} as key, {row_json}(t) as row",
             table = self.name,
             tenant = self.tenant_match("t"),
             tk = self.key_list("t"),
             vk = self.key_list("v"),
             keyobj = self.key_object("t"),
+            row_json = self.row_json,
         )
     }
 
@@ -134,13 +140,14 @@ impl TableSchema {
         let sets: Vec<String> = columns.iter().map(|c| format!("{q} = v.{q}", q = quote_ident(c))).collect();
         format!(
             "update {table} t set {sets} from synchub.records_of(null::{table}, $2) v where {tenant} and ({tk}) = ({vk}) \
-             returning {keyobj} as key, to_json(t) as row",
+             returning {keyobj} as key, {row_json}(t) as row",
             table = self.name,
             sets = sets.join(", "),
             tenant = self.tenant_match("t"),
             tk = self.key_list("t"),
             vk = self.key_list("v"),
             keyobj = self.key_object("t"),
+            row_json = self.row_json,
         )
     }
 
@@ -155,11 +162,12 @@ impl TableSchema {
         }
         format!(
             "insert into {table} as t ({names}) select {values} from jsonb_populate_recordset(null::{table}, $2) v \
-             returning {keyobj} as key, to_json(t) as row",
+             returning {keyobj} as key, {row_json}(t) as row",
             table = self.name,
             names = names.join(", "),
             values = values.join(", "),
             keyobj = self.key_object("t"),
+            row_json = self.row_json,
         )
     }
 
@@ -243,6 +251,7 @@ impl Catalog {
             let key: Vec<String> = key.into_iter().filter(|k| *k != tenant_column).collect();
             let mut columns = BTreeMap::new();
             let mut tenant_type = None;
+            let row_json = if cols.iter().all(|c| renders_as_jsonb(c.get("ty"))) { "to_json" } else { "to_jsonb" };
             for c in cols {
                 let col = Column { name: c.get("name"), sql_type: c.get("ty") };
                 if col.name == tenant_column {
@@ -263,6 +272,7 @@ impl Catalog {
                 key,
                 columns,
                 policy,
+                row_json,
                 read_sql: String::new(),
                 read_locking_cursors_sql: String::new(),
                 delete_sql: String::new(),
@@ -274,6 +284,40 @@ impl Catalog {
         }
         Ok(Catalog { tables })
     }
+}
+
+/// Whether `to_json` renders a column of this type (`format_type`) exactly as `to_jsonb` does.
+/// They differ for floats (`to_json` writes 1e15 and above in exponent form, which parses as a
+/// float where `to_jsonb`'s digits parse as an integer) and for `json` (kept as written:
+/// `1E2`, spaces), and may for types not listed (domains, composites, enums are not checked).
+fn renders_as_jsonb(sql_type: &str) -> bool {
+    // Without type modifiers: `numeric(10,2)`, `timestamp(3) with time zone`.
+    let mut depth = 0usize;
+    let base: String = sql_type
+        .trim_end_matches("[]")
+        .chars()
+        .filter(|c| match c {
+            '(' => { depth += 1; false }
+            ')' => { depth = depth.saturating_sub(1); false }
+            _ => depth == 0,
+        })
+        .collect();
+    matches!(
+        base.as_str(),
+        "text"
+            | "character varying"
+            | "character"
+            | "smallint"
+            | "integer"
+            | "bigint"
+            | "numeric"
+            | "boolean"
+            | "uuid"
+            | "date"
+            | "timestamp without time zone"
+            | "timestamp with time zone"
+            | "jsonb"
+    )
 }
 
 /// Register a table through the SQL function, which also installs the capture trigger and,
@@ -292,4 +336,19 @@ pub async fn register_table(pool: &PgPool, name: &str, tenant_column: &str, poli
         .map_err(fail)?;
     tx.commit().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::renders_as_jsonb;
+
+    #[test]
+    fn to_json_only_for_types_it_renders_as_to_jsonb_does() {
+        for alike in ["text", "integer", "numeric(10,2)", "timestamp(3) with time zone", "character varying(40)", "uuid[]", "jsonb", "boolean"] {
+            assert!(renders_as_jsonb(alike), "{alike}");
+        }
+        for unlike in ["double precision", "real", "json", "double precision[]", "mood", "public.money_amount"] {
+            assert!(!renders_as_jsonb(unlike), "{unlike}");
+        }
+    }
 }

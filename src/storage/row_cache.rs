@@ -187,6 +187,7 @@ mod tests {
             key: vec!["id".into()],
             columns: Default::default(),
             policy: MergePolicy::Lww,
+            row_json: "to_json",
             read_sql: String::new(),
             read_locking_cursors_sql: String::new(),
             delete_sql: String::new(),
