@@ -14,6 +14,11 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::error::{LoadError, Result};
 
+/// How long a client waits, unless told otherwise (`--answer-timeout-secs`), for the hub to
+/// accept its socket and then to answer its `hello`: every run stops by itself, even against a
+/// hub that stopped answering.
+pub const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub type Ws = WebSocketStream<TcpStream>;
 
 /// Where and how to connect.
@@ -24,6 +29,8 @@ pub struct Target {
     pub encoding: Encoding,
     /// Source addresses to spread sockets over (empty: let the kernel choose).
     pub sources: Vec<IpAddr>,
+    /// See [`ANSWER_TIMEOUT`].
+    pub answer_timeout: std::time::Duration,
 }
 
 impl Target {
@@ -35,7 +42,7 @@ impl Target {
             return Err(LoadError::Usage(format!("{url}: load tests target loopback (127.0.0.0/8) only")));
         }
         let sources = (1..=source_addrs.min(250)).map(|i| IpAddr::from([127, 0, 0, i as u8])).collect();
-        Ok(Target { url: url.to_string(), addr, encoding, sources })
+        Ok(Target { url: url.to_string(), addr, encoding, sources, answer_timeout: ANSWER_TIMEOUT })
     }
 
     /// Open WebSocket number `n` to `url` (on this target's address), from its source address.
@@ -44,8 +51,14 @@ impl Target {
     }
 
     /// [`Target::connect_raw`], sending `bearer` (a token) in the upgrade request's
-    /// `Authorization` header.
+    /// `Authorization` header; a hub that does not accept within the answer timeout is an error.
     async fn connect_raw_with(&self, url: &str, n: usize, bearer: Option<&str>) -> Result<Ws> {
+        tokio::time::timeout(self.answer_timeout, self.open_ws(url, n, bearer))
+            .await
+            .map_err(|_| LoadError::Timeout(self.answer_timeout, "connect and upgrade"))?
+    }
+
+    async fn open_ws(&self, url: &str, n: usize, bearer: Option<&str>) -> Result<Ws> {
         let connect_error = |source| LoadError::Connect { url: url.to_string(), source };
         let mut request = url.into_client_request().map_err(connect_error)?;
         if let Some(token) = bearer {
@@ -77,7 +90,7 @@ impl Target {
 
     fn client(&self, ws: Ws) -> Client {
         let (sink, stream) = ws.split();
-        Client { sender: Sender { sink, encoding: self.encoding }, receiver: Receiver { stream, encoding: self.encoding } }
+        Client { sender: Sender { sink, encoding: self.encoding }, receiver: Receiver { stream, encoding: self.encoding, answer_timeout: self.answer_timeout } }
     }
 }
 
@@ -94,6 +107,7 @@ pub struct Sender {
 pub struct Receiver {
     stream: SplitStream<Ws>,
     encoding: Encoding,
+    answer_timeout: std::time::Duration,
 }
 
 impl Sender {
@@ -219,7 +233,9 @@ impl Client {
         self.sender
             .send(&ClientFrame::Hello { mode: Default::default(), id: 1, versions: vec![1], token, device_id: Some(device.to_string()), position })
             .await?;
-        let epoch = match self.receiver.recv().await? {
+        let wait = self.receiver.answer_timeout;
+        let welcome = tokio::time::timeout(wait, self.receiver.recv()).await;
+        let epoch = match welcome.map_err(|_| LoadError::Timeout(wait, "hello"))?? {
             ServerFrame::Welcome { epoch, .. } => epoch,
             ServerFrame::Error { code, message, .. } => return Err(LoadError::Refused { code: code.as_str().into(), message }),
             other => return Err(LoadError::Protocol(format!("expected welcome, got {other:?}"))),

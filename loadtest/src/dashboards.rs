@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::client::{Client, Target};
 use crate::error::{LoadError, Result};
-use crate::report::{Monitor, Report, Stats};
+use crate::report::{join_by, Monitor, Report, Stats};
 use crate::tokens::TokenSource;
 
 #[derive(Debug, Clone, Serialize, clap::Args)]
@@ -151,11 +151,9 @@ pub async fn run(target: Target, tokens: TokenSource, args: DashboardsArgs, hub_
             }
         }));
     }
-    let measured = monitor.watch_until(&stats, started, || jobs.iter().all(|j| j.is_finished())).await;
+    let measured = monitor.watch_until(&stats, started, deadline, || jobs.iter().all(|j| j.is_finished())).await;
     let _ = stop_tx.send(true);
-    for task in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
-    }
+    join_by(jobs.into_iter().chain(tasks), Duration::from_secs(5)).await;
     let mut parameters = serde_json::to_value(&args).unwrap_or(Value::Null);
     parameters["snapshot_p50_ms"] = json!(pick(0.5));
     parameters["snapshot_p99_ms"] = json!(pick(0.99));

@@ -213,9 +213,7 @@ pub async fn run(target: Target, tokens: TokenSource, args: DevicesArgs, hub_pid
     let _ = stop_tx.send(true);
     monitor.stop(&stats);
     // Tasks that ended within the window were joined there (awaiting them again would panic).
-    for task in tasks.into_iter().filter(|t| !t.is_finished()) {
-        let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
-    }
+    crate::report::join_by(tasks.into_iter().filter(|t| !t.is_finished()), Duration::from_secs(15)).await;
     let parameters = serde_json::to_value(&args).unwrap_or(Value::Null);
     monitor.finish("devices", parameters, &stats, measured)
 }
@@ -265,7 +263,7 @@ async fn push_loop(
     args: DevicesArgs,
     stats: Arc<Stats>,
     timed: Arc<Timed>,
-    stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
     mut acks: tokio::sync::mpsc::Receiver<Vec<protocol::ChangeResult>>,
 ) -> Sender {
     let pace = (args.rate > 0.0).then(|| Duration::from_secs_f64(args.batch as f64 / args.rate));
@@ -294,7 +292,13 @@ async fn push_loop(
             break;
         }
         stats.changes_sent.fetch_add(count, Ordering::Relaxed);
-        let Some(results) = acks.recv().await else { break };
+        // A push the hub refused (an error frame, counted by the receiver) is never acked: the
+        // device waits for the end of the run instead of holding it open.
+        let results = tokio::select! {
+            results = acks.recv() => results,
+            _ = stop.wait_for(|s| *s) => None,
+        };
+        let Some(results) = results else { break };
         stats.ack_latency(sent_at.elapsed());
         for (result, row) in results.iter().zip(own) {
             if let (Some(r), Some(seq)) = (row, result.seq) {

@@ -14,6 +14,8 @@ pub enum LoadError {
     Protocol(String),
     #[error("the hub answered with error {code}: {message}")]
     Refused { code: String, message: String },
+    #[error("no answer from the hub within {0:?} ({1})")]
+    Timeout(std::time::Duration, &'static str),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     #[error("{0}")]

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::client::{Target, Ws};
 use crate::error::{LoadError, Result};
-use crate::report::{Monitor, Report, Stats};
+use crate::report::{join_by, Monitor, Report, Stats};
 use crate::tokens::TokenSource;
 
 #[derive(Debug, Clone, Serialize, clap::Args)]
@@ -110,12 +110,14 @@ pub async fn run(target: Target, tokens: TokenSource, args: FanoutArgs, hub_pid:
     let subscribed = stats.connections_opened.load(Ordering::Relaxed);
     let delivered_all = || stats.deltas_received.load(Ordering::Relaxed) >= stats.changes_sent.load(Ordering::Relaxed) * subscribed;
     let drain = Duration::from_secs(args.drain_secs);
-    let measured = monitor.watch_until_drained(&stats, started, || published.load(Ordering::Relaxed), delivered_all, drain).await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), publisher).await;
+    // A publisher that never finishes (a hub that stops acking keeps its window shut) is
+    // given up on a drain period after its last send was due.
+    let hard_end = started + Duration::from_secs(args.duration_secs + args.drain_secs);
+    let measured =
+        monitor.watch_until_drained(&stats, started, hard_end, || published.load(Ordering::Relaxed), delivered_all, drain).await;
+    join_by([publisher], Duration::from_secs(5)).await;
     let _ = stop_tx.send(true);
-    for task in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
-    }
+    join_by(tasks, Duration::from_secs(5)).await;
     let name = if args.nats_url.is_some() { "fanout-nats" } else { "fanout-hub" };
     Ok(monitor.finish(name, serde_json::to_value(&args).unwrap_or(Value::Null), &stats, measured))
 }

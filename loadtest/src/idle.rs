@@ -74,14 +74,17 @@ pub struct IdleReport {
     pub hub_kib_per_connection: f64,
     /// Kernel slab growth per connection; on loopback this covers both ends of each socket.
     pub slab_kib_per_connection: f64,
+    /// Hub CPU over `idle_window_s`: from the memory sample after connecting until the
+    /// workers' hold ended.
     pub hub_cpu_s_while_idle: f64,
+    pub idle_window_s: f64,
     pub dropped_while_holding: u64,
 }
 
 impl IdleReport {
     pub fn table(&self) -> String {
         format!(
-            "  connections held             {} ({} failed)\n  connected in                 {:.1} s ({:.0}/s)\n  hub RSS                      {} KiB before, {} KiB held\n  hub memory per connection    {:.2} KiB user space\n  kernel slab per connection   {:.2} KiB (both ends, loopback)\n  hub CPU while idle           {:.2} s over {} s\n  dropped while holding        {}\n",
+            "  connections held             {} ({} failed)\n  connected in                 {:.1} s ({:.0}/s)\n  hub RSS                      {} KiB before, {} KiB held\n  hub memory per connection    {:.2} KiB user space\n  kernel slab per connection   {:.2} KiB (both ends, loopback)\n  hub CPU while idle           {:.2} s over {:.1} s\n  dropped while holding        {}\n",
             self.connections_held,
             self.connections_failed,
             self.connect_seconds,
@@ -91,7 +94,7 @@ impl IdleReport {
             self.hub_kib_per_connection,
             self.slab_kib_per_connection,
             self.hub_cpu_s_while_idle,
-            self.parameters.hold_secs,
+            self.idle_window_s,
             self.dropped_while_holding,
         )
     }
@@ -138,6 +141,7 @@ pub fn run(worker_args: &[String], args: IdleArgs, hub_pid: u32) -> Result<IdleR
     // Let allocations settle (first heartbeats, freed handshake buffers) before measuring.
     std::thread::sleep(Duration::from_secs(3));
     let held_sample = proc_stats::sample(Some(hub_pid));
+    let idle_from = Instant::now();
     let slab_held = slab_kib();
     let mut dropped = 0;
     for lines in readers.iter_mut() {
@@ -146,6 +150,7 @@ pub fn run(worker_args: &[String], args: IdleArgs, hub_pid: u32) -> Result<IdleR
         }
     }
     let idle_cpu = proc_stats::sample(Some(hub_pid)).hub_cpu_s - held_sample.hub_cpu_s;
+    let idle_window_s = idle_from.elapsed().as_secs_f64();
     for mut child in children {
         let _ = child.wait();
     }
@@ -160,6 +165,7 @@ pub fn run(worker_args: &[String], args: IdleArgs, hub_pid: u32) -> Result<IdleR
         hub_kib_per_connection: per(held_sample.hub_rss_kib as i64 - before.hub_rss_kib as i64),
         slab_kib_per_connection: per(slab_held as i64 - slab_before as i64),
         hub_cpu_s_while_idle: idle_cpu,
+        idle_window_s,
         dropped_while_holding: dropped,
         parameters: args,
     })
@@ -233,7 +239,5 @@ pub async fn worker(
     tokio::time::sleep(hold).await;
     println!("done {}", dropped.load(Ordering::Relaxed));
     let _ = release_tx.send(true);
-    for task in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
-    }
+    crate::report::join_by(tasks, Duration::from_secs(5)).await;
 }

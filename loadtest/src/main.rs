@@ -44,6 +44,9 @@ struct HubArgs {
     /// Pid of the hub, to report its CPU time and memory.
     #[arg(long)]
     hub_pid: Option<u32>,
+    /// Seconds a client waits for the hub to accept its socket, and then to answer its hello.
+    #[arg(long, default_value_t = 30)]
+    answer_timeout_secs: u64,
 }
 
 #[derive(Subcommand)]
@@ -145,14 +148,22 @@ enum Command {
 impl HubArgs {
     fn connect_parts(self) -> Result<(client::Target, tokens::TokenSource), error::LoadError> {
         let encoding = if self.msgpack { Encoding::MsgPack } else { Encoding::Json };
-        let target = client::Target::new(&self.url, encoding, self.source_addrs)?;
+        let mut target = client::Target::new(&self.url, encoding, self.source_addrs)?;
+        target.answer_timeout = std::time::Duration::from_secs(self.answer_timeout_secs.max(1));
         let tokens = tokens::TokenSource::from_args(self.secret, self.secret_file, self.tokens_file)?;
         Ok((target, tokens))
     }
 
     /// The same hub arguments, for a worker process.
     fn worker_args(&self) -> Vec<String> {
-        let mut args = vec!["--url".to_string(), self.url.clone(), "--source-addrs".into(), self.source_addrs.to_string()];
+        let mut args = vec![
+            "--url".to_string(),
+            self.url.clone(),
+            "--source-addrs".into(),
+            self.source_addrs.to_string(),
+            "--answer-timeout-secs".into(),
+            self.answer_timeout_secs.to_string(),
+        ];
         if let Some(s) = &self.secret {
             args.extend(["--secret".into(), s.clone()]);
         }

@@ -143,9 +143,7 @@ pub async fn run(target: Target, tokens: TokenSource, args: ReplayArgs, hub_pid:
     monitor.stop(&shared.stats);
     let _ = stop_tx.send(true);
     // Tasks that ended within the window were joined there (awaiting them again would panic).
-    for task in tasks.into_iter().filter(|t| !t.is_finished()) {
-        let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
-    }
+    crate::report::join_by(tasks.into_iter().filter(|t| !t.is_finished()), Duration::from_secs(15)).await;
     let mut parameters = serde_json::to_value(&args).unwrap_or(Value::Null);
     if let Value::Object(p) = &mut parameters {
         p.insert(

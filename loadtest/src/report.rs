@@ -202,6 +202,9 @@ pub struct Monitor {
     warmup: Option<(Histogram<u64>, Histogram<u64>, Duration)>,
     /// Changes merged and deltas received when the measured window closed.
     at_stop: Option<(u64, u64)>,
+    /// The hub's and Postgres's CPU, the machine's steal and the load generator's own CPU when
+    /// the window closed: shutting the clients down afterwards is not part of the run.
+    sample_at_stop: Option<(Sample, f64)>,
     /// The same counters when the measured window opened.
     start_counts: (u64, u64),
 }
@@ -220,6 +223,7 @@ impl Monitor {
             last_steal: start_sample.machine_steal_s,
             warmup: None,
             at_stop: None,
+            sample_at_stop: None,
             start_counts: (0, 0),
         }
     }
@@ -278,13 +282,15 @@ impl Monitor {
         self.last = (now, merged, deltas);
     }
 
-    /// Tick every second until `done`, then end the window at the first moment `drained` holds
-    /// (looked at every 10 ms), or `grace` after `done` at the latest; returns the window.
-    /// Both servers of a comparison get the same end: when what was sent has arrived.
+    /// Tick every second until `done` (or `hard_end`, should the sender never finish), then end
+    /// the window at the first moment `drained` holds (looked at every 10 ms), or `grace` after
+    /// that at the latest; returns the window. Both servers of a comparison get the same end:
+    /// when what was sent has arrived.
     pub async fn watch_until_drained(
         &mut self,
         stats: &Stats,
         started: Instant,
+        hard_end: Instant,
         done: impl Fn() -> bool,
         drained: impl Fn() -> bool,
         grace: Duration,
@@ -297,7 +303,7 @@ impl Monitor {
             tokio::select! {
                 _ = ticker.tick() => self.tick(stats, started),
                 _ = poll.tick() => {
-                    if drain_deadline.is_none() && done() {
+                    if drain_deadline.is_none() && (done() || Instant::now() >= hard_end) {
                         drain_deadline = Some(Instant::now() + grace);
                     }
                     if drain_deadline.is_some_and(|deadline| drained() || Instant::now() >= deadline) {
@@ -343,17 +349,23 @@ impl Monitor {
         started.elapsed()
     }
 
-    /// Tick every second until `done`, let the last messages arrive, and close the measured
-    /// window; returns its length.
-    pub async fn watch_until(&mut self, stats: &Stats, started: Instant, done: impl Fn() -> bool) -> Duration {
+    /// Tick every second until `done` (looked at every 10 ms; at the latest a minute after
+    /// `window_end`), let the last messages arrive, and close the measured window. Returns its
+    /// length: up to `window_end`, when the clients stop sending, or to `done` if that came
+    /// first, not the time they take to finish afterwards.
+    pub async fn watch_until(&mut self, stats: &Stats, started: Instant, window_end: Instant, done: impl Fn() -> bool) -> Duration {
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
         ticker.tick().await;
-        while !done() {
-            ticker.tick().await;
-            self.tick(stats, started);
+        let mut poll = tokio::time::interval(Duration::from_millis(10));
+        let hard_end = window_end + Duration::from_secs(60);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => self.tick(stats, started),
+                _ = poll.tick() => if done() || Instant::now() >= hard_end { break },
+            }
         }
+        let measured = Instant::now().min(window_end).saturating_duration_since(started);
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let measured = started.elapsed();
         self.stop(stats);
         measured
     }
@@ -362,6 +374,7 @@ impl Monitor {
     /// batches still in flight, which arrive afterwards.
     pub fn stop(&mut self, stats: &Stats) {
         self.at_stop = Some((stats.merged_total(), stats.deltas_received.load(Ordering::Relaxed)));
+        self.sample_at_stop = Some((proc_stats::sample(self.hub_pid), proc_stats::own_cpu_seconds()));
     }
 
     pub fn finish(self, scenario: &str, parameters: Value, stats: &Stats, measured: Duration) -> Report {
@@ -369,7 +382,8 @@ impl Monitor {
             self.at_stop.unwrap_or((stats.merged_total(), stats.deltas_received.load(Ordering::Relaxed)));
         let (merged_before, deltas_before) = (self.start_counts.0, self.start_counts.1);
         eprintln!();
-        let end = proc_stats::sample(self.hub_pid);
+        let (end, own_cpu_at_end) =
+            self.sample_at_stop.unwrap_or_else(|| (proc_stats::sample(self.hub_pid), proc_stats::own_cpu_seconds()));
         let secs = measured.as_secs_f64().max(1e-6);
         let outcomes = BTreeMap::from([
             ("applied", stats.applied.load(Ordering::Relaxed)),
@@ -404,12 +418,24 @@ impl Monitor {
             hub_cpu_s: end.hub_cpu_s - self.start_sample.hub_cpu_s,
             hub_rss_max_kib: self.rss_max.max(end.hub_rss_kib),
             postgres_cpu_s: end.postgres_cpu_s - self.start_sample.postgres_cpu_s,
-            loadgen_cpu_s: proc_stats::own_cpu_seconds() - self.start_cpu,
+            loadgen_cpu_s: own_cpu_at_end - self.start_cpu,
             steal_cpu_s: end.machine_steal_s - self.start_sample.machine_steal_s,
             warmup_s: self.warmup.as_ref().map_or(0.0, |(_, _, d)| d.as_secs_f64()),
             ack_latency_with_warmup: self.warmup.as_ref().map(|(ack, _, _)| with_warmup(ack, &ack_latency)),
             delivery_latency_with_warmup: self.warmup.as_ref().map(|(_, delivery, _)| with_warmup(delivery, &delivery_latency)),
             timeline: self.timeline,
+        }
+    }
+}
+
+/// Join the clients' tasks after a run, all within one `grace` from now rather than one each
+/// (10,000 stuck subscribers would otherwise take hours); those still running then are aborted.
+pub async fn join_by<T>(tasks: impl IntoIterator<Item = tokio::task::JoinHandle<T>>, grace: Duration) {
+    let deadline = tokio::time::Instant::now() + grace;
+    for task in tasks {
+        let abort = task.abort_handle();
+        if tokio::time::timeout_at(deadline, task).await.is_err() {
+            abort.abort();
         }
     }
 }

@@ -51,7 +51,8 @@ pub struct StormReport {
     pub devices_failed: u64,
     /// Hellos and pushes tried again after `busy` or `unavailable` (the hub shedding load).
     pub retries: u64,
-    /// From the first reconnect to the last device's `up_to_date`.
+    /// From the first reconnect to the last device's `up_to_date`; a device that failed counts
+    /// at the run's timeout (here, in the median and in the deciles of catching up).
     pub all_caught_up_s: f64,
     /// Half of the devices were caught up by this time.
     pub median_caught_up_s: f64,
@@ -306,13 +307,23 @@ pub async fn run(target: Target, tokens: TokenSource, args: StormArgs, hub_pid: 
                 caught_up = caught_up.max(c);
                 acked = acked.max(a);
             }
-            Ok(Ok(Err(err))) => {
+            // A device that failed or never finished within the run's timeout has not caught
+            // up: it counts at the timeout, so a run that loses devices cannot look faster.
+            outcome => {
                 failed += 1;
+                let why = match outcome {
+                    Ok(Ok(Err(err))) => err.to_string(),
+                    Ok(Err(join)) => format!("device task: {join}"),
+                    _ => format!("not caught up within {} s", args.timeout_secs),
+                };
                 if errors.len() < 10 {
-                    errors.push(err.to_string());
+                    errors.push(why);
                 }
+                let never = Duration::from_secs(args.timeout_secs);
+                each.push(never);
+                caught_up = caught_up.max(never);
+                acked = acked.max(never);
             }
-            _ => failed += 1,
         }
     }
     sampler.abort();

@@ -16,6 +16,11 @@ fn num(v: &Value, path: &[&str]) -> f64 {
     path.iter().try_fold(v, |v, k| v.get(*k)).and_then(Value::as_f64).unwrap_or(0.0)
 }
 
+/// The time an idle run's hub CPU was measured over (reports before the field: the hold).
+fn idle_window_s(report: &Value) -> f64 {
+    Some(num(report, &["idle_window_s"])).filter(|w| *w > 0.0).unwrap_or_else(|| num(report, &["parameters", "hold_secs"]).max(1.0))
+}
+
 /// Errors of a report, all codes together.
 fn error_count(report: &Value) -> u64 {
     report.get("errors").and_then(Value::as_object).map(|m| m.values().filter_map(Value::as_u64).sum()).unwrap_or(0)
@@ -80,7 +85,7 @@ fn rate_cell(runs: &[Value]) -> String {
 /// hub's median run.
 fn merge_table(dir: &Path) -> String {
     let mut out = String::from(
-        "| batch | conflicts | runs | hub changes/s (range) | ceiling rows/s (range) | ratio | with the hub's log, changes/s (range) | ratio | push→ack p50 / p99 (ms) | conflicts logged | hub CPU s | Postgres CPU s | CPU taken by the hypervisor s |\n\
+        "| batch | conflicts | runs | hub changes/s (range) | ceiling changes/s (range) | ratio | with the hub's log, changes/s (range) | ratio | push→ack p50 / p99 (ms) | conflicts logged | hub CPU s | Postgres CPU s | CPU taken by the hypervisor s |\n\
          |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let ratio = |hub: f64, base: f64| if base > 0.0 { format!("{:.2}", hub / base) } else { String::new() };
@@ -199,7 +204,7 @@ fn idle_table(dir: &Path) -> String {
                 num(&r, &["hub_rss_held_kib"]) / 1024.0,
                 num(&r, &["hub_kib_per_connection"]),
                 num(&r, &["slab_kib_per_connection"]),
-                num(&r, &["hub_cpu_s_while_idle"]) * 10.0 / num(&r, &["parameters", "hold_secs"]).max(1.0),
+                num(&r, &["hub_cpu_s_while_idle"]) * 10.0 / idle_window_s(&r),
                 num(&r, &["dropped_while_holding"]),
             )),
             None => out.push_str(&format!("| {run}: not run | | | | | | | |\n")),
