@@ -16,6 +16,8 @@ pub enum LoadError {
     Refused { code: String, message: String },
     #[error("no answer from the hub within {0:?} ({1})")]
     Timeout(std::time::Duration, &'static str),
+    #[error("a load-generator worker process failed: {0}")]
+    Worker(String),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     #[error("{0}")]

@@ -106,9 +106,13 @@ pub async fn run(target: Target, tokens: TokenSource, args: FanoutArgs, hub_pid:
             }
         })
     };
-    // The window ends when every subscriber has every message (for both servers alike).
+    // The window ends when every subscriber has every message the server took (for both
+    // servers alike; only the hub refuses any).
     let subscribed = stats.connections_opened.load(Ordering::Relaxed);
-    let delivered_all = || stats.deltas_received.load(Ordering::Relaxed) >= stats.changes_sent.load(Ordering::Relaxed) * subscribed;
+    let delivered_all = || {
+        let taken = stats.changes_sent.load(Ordering::Relaxed).saturating_sub(stats.rejected.load(Ordering::Relaxed));
+        stats.deltas_received.load(Ordering::Relaxed) >= taken * subscribed
+    };
     let drain = Duration::from_secs(args.drain_secs);
     // A publisher that never finishes (a hub that stops acking keeps its window shut) is
     // given up on a drain period after its last send was due.
@@ -216,14 +220,14 @@ async fn hub_publisher(target: &Target, token: String, device: String, args: &Fa
             match receiver.recv().await {
                 Ok(ServerFrame::Ack { results, .. }) => {
                     stats.batches_acked.fetch_add(1, Ordering::Relaxed);
-                    // A refused change merges nothing and reaches no subscriber: count it.
-                    for r in results.iter().filter(|r| r.status == protocol::ChangeStatus::Rejected) {
-                        stats.error(r.reason.map_or("rejected", |code| code.as_str()));
-                    }
+                    // Merged as the hub says; a refused change is an error and reaches no one.
+                    stats.count_results(&results);
                     window.add_permits(1);
                 }
                 Ok(ServerFrame::Error { code, .. }) => {
+                    // A refused push (one change): nothing merged, nothing to deliver.
                     stats.error(code.as_str());
+                    stats.rejected.fetch_add(1, Ordering::Relaxed);
                     window.add_permits(1);
                 }
                 Ok(_) => {}
@@ -256,7 +260,6 @@ async fn hub_publisher(target: &Target, token: String, device: String, args: &Fa
             };
             sender.send(&ClientFrame::Push { id: seq + 10, batch_id: Uuid::now_v7(), changes: vec![change] }).await?;
             stats.changes_sent.fetch_add(1, Ordering::Relaxed);
-            stats.applied.fetch_add(1, Ordering::Relaxed);
         }
         published.store(true, Ordering::Relaxed);
         // A device keeps its socket until its pushes are acked: closing earlier may leave the

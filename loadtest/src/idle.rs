@@ -132,7 +132,7 @@ pub fn run(worker_args: &[String], args: IdleArgs, hub_pid: u32) -> Result<IdleR
     let mut readers: Vec<_> = children.iter_mut().map(|c| BufReader::new(c.stdout.take().expect("piped stdout")).lines()).collect();
     let (mut held, mut failed) = (0u64, 0u64);
     for lines in readers.iter_mut() {
-        let line = lines.next().transpose()?.ok_or_else(|| LoadError::Usage("a worker exited before connecting".into()))?;
+        let line = lines.next().transpose()?.ok_or_else(|| LoadError::Worker("a worker exited before connecting".into()))?;
         let mut parts = line.split_whitespace().skip(1).map(|n| n.parse::<u64>().unwrap_or(0));
         held += parts.next().unwrap_or(0);
         failed += parts.next().unwrap_or(0);
@@ -145,9 +145,8 @@ pub fn run(worker_args: &[String], args: IdleArgs, hub_pid: u32) -> Result<IdleR
     let slab_held = slab_kib();
     let mut dropped = 0;
     for lines in readers.iter_mut() {
-        if let Some(Ok(line)) = lines.next() {
-            dropped += line.split_whitespace().nth(1).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
-        }
+        let line = lines.next().transpose()?.ok_or_else(|| LoadError::Worker("a worker exited before its hold ended".into()))?;
+        dropped += line.split_whitespace().nth(1).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
     }
     let idle_cpu = proc_stats::sample(Some(hub_pid)).hub_cpu_s - held_sample.hub_cpu_s;
     let idle_window_s = idle_from.elapsed().as_secs_f64();
@@ -211,8 +210,11 @@ pub async fn worker(
                 };
                 match connected {
                     Ok(c) => c,
-                    Err(_) => {
-                        failed.fetch_add(1, Ordering::Relaxed);
+                    Err(err) => {
+                        // The first failure's reason, on the worker's stderr (the parent's).
+                        if failed.fetch_add(1, Ordering::Relaxed) == 0 {
+                            eprintln!("idle worker {worker}: connection {n} failed: {err}");
+                        }
                         return;
                     }
                 }

@@ -13,7 +13,8 @@ pub struct Sample {
     pub hub_cpu_s: f64,
     /// Resident set size of the hub, KiB.
     pub hub_rss_kib: u64,
-    /// CPU seconds used so far by all processes named `postgres`.
+    /// CPU seconds used so far by all processes named `postgres`, with their children that
+    /// ended (backends and autovacuum workers that exited count in their postmaster).
     pub postgres_cpu_s: f64,
     /// CPU seconds stolen so far from this (virtual) machine's CPUs by the hypervisor, summed over
     /// the CPUs: time the machine's processes were ready to run but another guest ran instead.
@@ -21,14 +22,20 @@ pub struct Sample {
 }
 
 fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    cpu_seconds_of(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?, false)
+}
+
+/// CPU seconds from the text of /proc/<pid>/stat: utime and stime, and with `ended_children`
+/// cutime and cstime too (the children it waited for).
+fn cpu_seconds_of(stat: &str, ended_children: bool) -> Option<f64> {
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the full line, 12 and 13 after the name.
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / TICKS_PER_SEC)
+    // utime, stime, cutime and cstime are fields 14 to 17 of the full line, 12 to 15 after the name.
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    let own = field(11)? + field(12)?;
+    let children = if ended_children { field(13)? + field(14)? } else { 0.0 };
+    Some((own + children) / TICKS_PER_SEC)
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -43,7 +50,7 @@ fn postgres_cpu() -> f64 {
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("comm")).is_ok_and(|c| c.trim() == "postgres"))
-        .filter_map(cpu_seconds)
+        .filter_map(|pid| cpu_seconds_of(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?, true))
         .sum()
 }
 
@@ -76,7 +83,16 @@ pub fn own_cpu_seconds() -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::steal_seconds_of;
+    use super::{cpu_seconds_of, steal_seconds_of};
+
+    #[test]
+    fn cpu_time_with_and_without_ended_children() {
+        // pid (comm with spaces) state ppid … utime stime cutime cstime …, in ticks of 10 ms.
+        let stat = "42 (postgres: a b) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 700 300 20 0 1 0 100 1000 10";
+        assert_eq!(cpu_seconds_of(stat, false), Some(3.0));
+        assert_eq!(cpu_seconds_of(stat, true), Some(13.0));
+        assert_eq!(cpu_seconds_of("42 (short) S 1", false), None);
+    }
 
     #[test]
     fn steal_is_the_eighth_value_of_the_all_cpus_line() {
