@@ -199,7 +199,7 @@ pub async fn run(target: Target, tokens: TokenSource, args: DevicesArgs, hub_pid
     monitor.reset(&stats);
     let started = Instant::now();
     let _ = go_tx.send(true);
-    let forget_old = || timed.lock().unwrap().retain(|_, t| t.elapsed() < Duration::from_secs(30));
+    let forget_old = || timed.lock().unwrap().retain(|_, t| t.elapsed() < crate::report::LATENCY_MAX);
     let mut window_opened = started;
     if args.warmup_secs > 0 {
         let warmup = Duration::from_secs(args.warmup_secs);

@@ -138,7 +138,7 @@ pub async fn run(target: Target, tokens: TokenSource, args: ReplayArgs, hub_pid:
 
     let mut monitor = Monitor::new(hub_pid);
     monitor.reset(&shared.stats);
-    let forget_old = || shared.timed.lock().unwrap().retain(|_, t| t.elapsed() < Duration::from_secs(30));
+    let forget_old = || shared.timed.lock().unwrap().retain(|_, t| t.elapsed() < crate::report::LATENCY_MAX);
     let measured = monitor.watch_tasks(&shared.stats, started, &mut tasks, shared.deadline, forget_old).await;
     monitor.stop(&shared.stats);
     let _ = stop_tx.send(true);

@@ -13,10 +13,14 @@ use serde_json::Value;
 
 use crate::proc_stats::{self, Sample};
 
-/// Latency histogram in microseconds, 1 µs to 60 s at 3 significant digits.
+/// The longest latency the histograms hold; longer ones count as this. Clients remember a
+/// push's send time as long, so that a delivery that late is still measured.
+pub const LATENCY_MAX: Duration = Duration::from_secs(60);
+
+/// Latency histogram in microseconds, 1 µs to [`LATENCY_MAX`] at 3 significant digits.
 fn histogram() -> Histogram<u64> {
     // unwrap: the bounds are valid constants.
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+    Histogram::new_with_bounds(1, LATENCY_MAX.as_micros() as u64, 3).expect("valid histogram bounds")
 }
 
 /// Counters and histograms shared by every task of a run.
@@ -62,7 +66,7 @@ impl Default for Stats {
 }
 
 fn micros(d: Duration) -> u64 {
-    (d.as_micros() as u64).clamp(1, 60_000_000)
+    (d.as_micros() as u64).clamp(1, LATENCY_MAX.as_micros() as u64)
 }
 
 impl Stats {
