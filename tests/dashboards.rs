@@ -329,6 +329,55 @@ async fn unsubscribe_limits_and_refused_subscriptions() {
     hub.shutdown().await;
 }
 
+/// A snapshot still loading when its subscription is dropped and the name subscribed again is
+/// thrown away: the new subscription gets its own reply and rows, once, and counts once.
+#[actix_web::test]
+async fn a_snapshot_finishing_after_its_unsubscribe_is_not_the_new_subscriptions() {
+    let hub = TestHub::start().await;
+    let (mut device, _, _) = Client::device(&hub, "store-1", "pos-1").await;
+    let changes = (0..5)
+        .map(|i| upsert("products", json!({"id": Uuid::new_v4()}), product_with_stock(&format!("p{i}"), i), i as u64 + 1, now_ms(), 0))
+        .collect();
+    device.push(changes).await;
+    let (mut dash, _) = Client::dashboard(&hub, "store-1", "mia", "Manager").await;
+
+    // The table locked, so the first snapshot's read waits while the other two frames arrive.
+    let mut lock = hub.db.begin().await.unwrap();
+    sqlx::query("lock table products in access exclusive mode").execute(&mut *lock).await.unwrap();
+    let first = dash.send_subscribe("s", Some("products"), vec![cond("stock", FilterOp::Lt, json!(2))], true, None).await;
+    let unsubscribe = dash.next_id();
+    dash.send(&ClientFrame::Unsubscribe { id: unsubscribe, sub: "s".into() }).await;
+    dash.expect(|f| matches!(f, ServerFrame::Unsubscribed { id, .. } if *id == unsubscribe).then_some(())).await;
+    let second = dash.send_subscribe("s", Some("products"), vec![cond("stock", FilterOp::Gte, json!(2))], true, None).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    lock.rollback().await.unwrap();
+    let (mut replies, mut rows) = (Vec::new(), Vec::new());
+    loop {
+        match dash.recv().await {
+            ServerFrame::Subscribed { id, .. } => replies.push(id),
+            ServerFrame::SubRows { sub, rows: page, last, .. } if sub == "s" => {
+                rows.extend(page.iter().map(|r| name_of(&r.row)));
+                if last {
+                    break;
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(!replies.contains(&first), "the dropped subscription was answered: {replies:?}");
+    assert_eq!(replies, vec![second]);
+    rows.sort();
+    assert_eq!(rows, ["p2", "p3", "p4"]);
+    // Nothing more comes for the first request, and the gauge holds one subscription.
+    device.push(vec![upsert("products", json!({"id": Uuid::new_v4()}), product_with_stock("late", 3), 6, now_ms(), 0)]).await;
+    let (deltas, _) = dash.next_sub_delta("s").await;
+    assert_eq!(name_of(deltas[0].row.as_ref().unwrap()), "late");
+    assert!(!dash.inbox.iter().any(|f| matches!(f, ServerFrame::Subscribed { .. } | ServerFrame::SubRows { .. })), "{:?}", dash.inbox);
+    let metrics = reqwest::get(format!("http://{}/metrics", hub.addr)).await.unwrap().text().await.unwrap();
+    assert!(metrics.lines().any(|l| l == "synchub_subscriptions 1"), "{metrics}");
+    hub.shutdown().await;
+}
+
 #[actix_web::test]
 async fn presence_shows_joins_and_leaves_of_the_tenant_only() {
     let hub = TestHub::start().await;

@@ -109,8 +109,10 @@ struct Subscription {
 
 enum Target {
     /// Rows of a table matching a filter. `after`: the last seq this subscription has been
-    /// given (or skipped); `ready` once its snapshot went out.
-    Table { table: String, filter: Vec<Condition>, after: Seq, ready: bool },
+    /// given (or skipped); `ready` once its snapshot went out; `request`: the id of the
+    /// `subscribe` it answers, so that a snapshot finishing after an unsubscribe and a new
+    /// subscribe under the same name is not taken for the new one's.
+    Table { table: String, filter: Vec<Condition>, after: Seq, ready: bool, request: u64 },
     Channel(Channel),
 }
 
@@ -757,7 +759,7 @@ impl DeviceSession {
         // Reserve the name now; the subscription gets deltas once `ready`.
         self.subscriptions_mut().push(Subscription {
             name: name.clone(),
-            target: Target::Table { table: table.clone(), filter: filter.clone(), after: Seq::MAX, ready: false },
+            target: Target::Table { table: table.clone(), filter: filter.clone(), after: Seq::MAX, ready: false, request: id },
         });
         let store = self.hub.store.clone();
         // unwrap: only authenticated sessions reach here.
@@ -799,7 +801,8 @@ impl DeviceSession {
             }
         };
         ctx.spawn(work.into_actor(self).map(move |result, session, ctx| {
-            let Some(index) = session.subscriptions().iter().position(|s| s.name == name) else { return }; // unsubscribed meanwhile
+            let pending = |s: &Subscription| s.name == name && matches!(s.target, Target::Table { ready: false, request, .. } if request == id);
+            let Some(index) = session.subscriptions().iter().position(pending) else { return }; // unsubscribed meanwhile
             if session.closed {
                 return;
             }
@@ -1043,7 +1046,7 @@ impl DeviceSession {
         let view = self.view();
         let Some(subscriptions) = self.subscriptions.as_mut() else { return };
         for sub in subscriptions.iter_mut() {
-            let Target::Table { table, filter, after, ready: true } = &mut sub.target else { continue };
+            let Target::Table { table, filter, after, ready: true, .. } = &mut sub.target else { continue };
             if seq <= *after {
                 continue;
             }
