@@ -43,9 +43,28 @@ struct Envelope {
     kind: String,
 }
 
-const CLIENT_TYPES: &[&str] = &["hello", "push", "auth", "resume", "snapshot", "ping"];
+/// Every `type` of [`ClientFrame`] and [`ServerFrame`]: a frame of one of these that does not
+/// decode is malformed, any other type is unknown (which a reader may skip).
+const CLIENT_TYPES: &[&str] = &["hello", "push", "auth", "resume", "snapshot", "ping", "subscribe", "unsubscribe"];
 const SERVER_TYPES: &[&str] = &[
-    "welcome", "ack", "catch_up", "up_to_date", "delta", "must_resync", "snapshot_page", "auth_ok", "pong", "error",
+    "welcome",
+    "ack",
+    "catch_up",
+    "up_to_date",
+    "delta",
+    "must_resync",
+    "snapshot_page",
+    "auth_ok",
+    "pong",
+    "error",
+    "subscribed",
+    "sub_rows",
+    "sub_delta",
+    "presence",
+    "presence_diff",
+    "conflict",
+    "unsubscribed",
+    "broadcast",
 ];
 
 /// Decode a frame (or any value) in `encoding` as `T`: a reader that needs only part of a
@@ -155,6 +174,26 @@ mod tests {
                 base_version: 0,
             }],
         }
+    }
+
+    /// A frame of a known type that does not decode is malformed, for every type: the lists
+    /// of known types hold every frame (a subscribe with a bad filter was reported unknown).
+    #[test]
+    fn every_frame_type_is_known() {
+        for kind in CLIENT_TYPES.iter().chain(SERVER_TYPES) {
+            let bytes = serde_json::to_vec(&json!({"type": kind, "id": "not a number", "sub": 5})).unwrap();
+            let decoded = if CLIENT_TYPES.contains(kind) {
+                decode_client(Encoding::Json, &bytes).map(|_| ())
+            } else {
+                decode_server(Encoding::Json, &bytes).map(|_| ())
+            };
+            assert!(matches!(decoded, Err(DecodeError::Malformed(_))), "{kind}: {decoded:?}");
+        }
+        let subscribe = json!({"type": "subscribe", "id": 1, "sub": "s", "table": "t", "filter": [{"column": "a", "op": "like", "value": 1}]});
+        let bytes = serde_json::to_vec(&subscribe).unwrap();
+        assert!(matches!(decode_client(Encoding::Json, &bytes), Err(DecodeError::Malformed(_))));
+        let unknown = serde_json::to_vec(&json!({"type": "teleport", "id": 1})).unwrap();
+        assert!(matches!(decode_client(Encoding::Json, &unknown), Err(DecodeError::UnknownType(t)) if t == "teleport"));
     }
 
     #[test]

@@ -61,7 +61,8 @@ pub enum ErrorCode {
     SnapshotTooLarge,
     /// No subscription of that name on this socket.
     UnknownSubscription,
-    /// A filter names an unknown column, an unknown operator, or `in` without an array.
+    /// A filter names an unknown column, or `in` without an array (a filter whose `op` is not
+    /// one of the operators does not decode: `malformed_frame`).
     InvalidFilter,
     /// The requested object does not exist (HTTP API).
     NotFound,
