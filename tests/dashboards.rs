@@ -257,6 +257,23 @@ async fn dashboard_sessions_are_read_only_and_receive_only_what_they_subscribe_t
     let id = dash.next_id();
     dash.send(&ClientFrame::Push { id, batch_id: Uuid::now_v7(), changes: vec![upsert("products", json!({"id": Uuid::new_v4()}), product(Uuid::new_v4(), "X", 1), 1, now_ms(), 0)] }).await;
     assert_eq!(dash.expect_error(id).await, ErrorCode::Forbidden);
+    // A second hello asking for a device session is refused and leaves the session a dashboard.
+    let id = dash.next_id();
+    let again = token("store-1", "user-pos-1", "Employee", Some("pos-1"));
+    dash.send(&ClientFrame::Hello { mode: protocol::SessionMode::Device, id, versions: vec![1], token: again, device_id: None, position: None }).await;
+    assert_eq!(dash.expect_error(id).await, ErrorCode::AlreadyAuthenticated);
+    let id = dash.next_id();
+    dash.send(&ClientFrame::Push { id, batch_id: Uuid::now_v7(), changes: vec![upsert("products", json!({"id": Uuid::new_v4()}), product(Uuid::new_v4(), "X", 1), 1, now_ms(), 0)] }).await;
+    assert_eq!(dash.expect_error(id).await, ErrorCode::Forbidden, "still read-only");
+    // Its token, with the device claim it ignores, can be refreshed.
+    let id = dash.next_id();
+    dash.send(&ClientFrame::Auth { id, token: token("store-1", "user-pos-1", "Employee", Some("pos-1")) }).await;
+    dash.expect(|f| match f {
+        ServerFrame::AuthOk { id: got, .. } if *got == id => Some(()),
+        ServerFrame::Error { id: Some(got), code, message, .. } if *got == id => panic!("refresh refused: {code:?} {message}"),
+        _ => None,
+    })
+    .await;
     assert_eq!(sqlx::query_scalar::<_, i64>("select count(*) from products where name = 'X'").fetch_one(&hub.db).await.unwrap(), 0);
     // The device still works: it was not replaced.
     let results = device.push(vec![upsert("products", json!({"id": Uuid::new_v4()}), product(Uuid::new_v4(), "Mate", 300), 2, now_ms(), 0)]).await;
@@ -417,6 +434,17 @@ async fn presence_shows_joins_and_leaves_of_the_tenant_only() {
         "another tenant's device is not shown"
     );
     drop(other_tenant);
+
+    // A second presence subscription on the socket gets the list too.
+    let id = dash.send_subscribe("who-else", None, vec![], false, Some(Channel::Presence)).await;
+    dash.expect(|f| matches!(f, ServerFrame::Subscribed { id: got, .. } if *got == id).then_some(())).await;
+    let online = dash
+        .expect(|f| match f {
+            ServerFrame::Presence { sub, online } if sub == "who-else" => Some(online.clone()),
+            _ => None,
+        })
+        .await;
+    assert!(online.iter().any(|p| p.user_id == "mia"), "{online:?}");
     hub.shutdown().await;
 }
 

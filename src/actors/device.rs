@@ -353,7 +353,10 @@ impl DeviceSession {
         }
         match frame {
             ClientFrame::Hello { versions, token, device_id, position, mode, .. } => {
-                self.mode = mode;
+                // The mode is the first hello's: a second one is refused and changes nothing.
+                if self.phase == Phase::AwaitHello {
+                    self.mode = mode;
+                }
                 self.hello(ctx, id, versions, token, device_id, position)
             }
             _ if self.auth.is_none() || self.phase == Phase::Starting => {
@@ -560,10 +563,13 @@ impl DeviceSession {
     /// Put a verified token in force in place of the session's (`auth`, or over HTTP); its
     /// expiry, or why it may not replace the session's.
     fn replace_token(&mut self, identity: Identity) -> Result<u64, Error> {
+        // A dashboard session has an id of its own and ignores the token's device claim, as at
+        // its hello.
+        let dashboard = self.mode == SessionMode::Dashboard;
         let Some(auth) = self.auth.as_mut() else {
             return Err(Error::client(ErrorCode::NotAuthenticated, "the session has not been welcomed yet"));
         };
-        let same_device = identity.device.as_ref().is_none_or(|d| *d == auth.identity.device);
+        let same_device = dashboard || identity.device.as_ref().is_none_or(|d| *d == auth.identity.device);
         if identity.tenant != auth.identity.tenant || identity.user != auth.identity.user || !same_device {
             return Err(Error::client(ErrorCode::Forbidden, "a refreshed token must name the same tenant, user and device"));
         }
@@ -747,7 +753,10 @@ impl DeviceSession {
             return self.send_error(ctx, Some(id), ErrorCode::Forbidden, format!("role {} may not review conflicts", auth.identity.role));
         }
         let watching = self.subscriptions().iter().any(|s| matches!(s.target, Target::Channel(c) if c == channel));
-        if !watching && auth.tenant.upgrade().is_none_or(|t| t.try_send(Watch { session: self.id, channel, on: true }).is_err()) {
+        // Presence is asked for again by a second subscription: the tenant answers with the
+        // list, which every presence subscription gets after its `subscribed`.
+        let ask = !watching || channel == Channel::Presence;
+        if ask && auth.tenant.upgrade().is_none_or(|t| t.try_send(Watch { session: self.id, channel, on: true }).is_err()) {
             return self.send_error(ctx, Some(id), ErrorCode::Busy, "the tenant is saturated; retry");
         }
         self.subscriptions_mut().push(Subscription { name: name.clone(), target: Target::Channel(channel) });
