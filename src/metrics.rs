@@ -35,6 +35,8 @@ pub struct Metrics {
     changes: [AtomicU64; 5],
     pub group_commits: AtomicU64,
     pub group_commit_failures: AtomicU64,
+    /// Group transactions run again after a deadlock or serialization failure.
+    pub group_commit_retries: AtomicU64,
     commit_buckets: [AtomicU64; 12],
     commit_micros_sum: AtomicU64,
     pub deltas_committed: AtomicU64,
@@ -158,6 +160,7 @@ impl Metrics {
         let changes: Vec<_> = STATUS_NAMES.iter().zip(&self.changes).map(|(s, n)| (format!("{{status=\"{s}\"}}"), get(n))).collect();
         metric("synchub_changes_total", "counter", "Pushed changes by result status.", &changes);
         metric("synchub_group_commit_failures_total", "counter", "Group transactions that failed (batches answered with an error).", &one(get(&self.group_commit_failures)));
+        metric("synchub_group_commit_retries_total", "counter", "Group transactions run again after a deadlock or serialization failure.", &one(get(&self.group_commit_retries)));
         let mut cumulative = 0;
         let mut buckets: Vec<_> = COMMIT_BUCKETS
             .iter()
@@ -167,9 +170,11 @@ impl Metrics {
                 (format!("_bucket{{le=\"{b}\"}}"), cumulative as f64)
             })
             .collect();
-        buckets.push(("_bucket{le=\"+Inf\"}".into(), get(&self.group_commits)));
+        // One reading for both, never below the last bucket (a commit may land between reads).
+        let commits = get(&self.group_commits).max(cumulative as f64);
+        buckets.push(("_bucket{le=\"+Inf\"}".into(), commits));
         buckets.push(("_sum".into(), self.commit_micros_sum.load(Relaxed) as f64 / 1e6));
-        buckets.push(("_count".into(), get(&self.group_commits)));
+        buckets.push(("_count".into(), commits));
         metric("synchub_group_commit_seconds", "histogram", "Time from the start of a group transaction to its commit.", &buckets);
         metric("synchub_deltas_committed_total", "counter", "Log entries committed and fanned out.", &one(get(&self.deltas_committed)));
         let rows = [("{source=\"postgres\"}".to_string(), get(&self.merge_rows_read)), ("{source=\"cache\"}".to_string(), get(&self.merge_rows_from_cache))];

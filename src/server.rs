@@ -141,7 +141,7 @@ async fn metrics_text(hub: web::Data<Arc<Hub>>) -> HttpResponse {
         row_cache_rows: hub.store.row_budget().held(),
         memory: AllocatorStats::read(),
     };
-    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(hub.metrics.render(&gauges))
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(hub.metrics.render(&gauges))
 }
 
 /// Forward `synchub_log` notifications (sent by the capture trigger when another SQL client

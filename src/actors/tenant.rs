@@ -176,6 +176,7 @@ impl TenantActor {
         let expected_head = self.committed_head;
         let mut row_cache = self.row_cache.take().unwrap_or_else(|| RowCache::new(self.config.row_cache_rows, self.store.row_budget()));
         let started = Instant::now();
+        let metrics = self.metrics.clone();
         let work = async move {
             let mut conn = match conn {
                 Ok(conn) => conn,
@@ -184,7 +185,10 @@ impl TenantActor {
             let mut attempt = 0;
             loop {
                 match store.commit_group(&mut conn, &tenant, &inputs, limits, expected_head, &mut row_cache).await {
-                    Err(Error::Database(err)) if attempt < 2 && is_retryable(&err) => attempt += 1,
+                    Err(Error::Database(err)) if attempt < 2 && is_retryable(&err) => {
+                        attempt += 1;
+                        metrics.group_commit_retries.fetch_add(1, Ordering::Relaxed);
+                    }
                     other => return (other, row_cache),
                 }
             }
