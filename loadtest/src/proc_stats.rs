@@ -2,6 +2,7 @@
 //! CPU time the hypervisor took from this machine, read from /proc, so a report can say where
 //! the machine's time went during a run.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 /// Linux reports /proc CPU times in USER_HZ ticks, 100 per second on every architecture we run.
@@ -13,45 +14,73 @@ pub struct Sample {
     pub hub_cpu_s: f64,
     /// Resident set size of the hub, KiB.
     pub hub_rss_kib: u64,
-    /// CPU seconds used so far by all processes named `postgres`, with their children that
-    /// ended (backends and autovacuum workers that exited count in their postmaster).
-    pub postgres_cpu_s: f64,
     /// CPU seconds stolen so far from this (virtual) machine's CPUs by the hypervisor, summed over
     /// the CPUs: time the machine's processes were ready to run but another guest ran instead.
     pub machine_steal_s: f64,
 }
 
 fn cpu_seconds(pid: u32) -> Option<f64> {
-    cpu_seconds_of(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?, false)
+    cpu_times_of(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?).map(|t| t.own_s)
 }
 
-/// CPU seconds from the text of /proc/<pid>/stat: utime and stime, and with `ended_children`
-/// cutime and cstime too (the children it waited for).
-fn cpu_seconds_of(stat: &str, ended_children: bool) -> Option<f64> {
+/// A process's CPU times, from /proc/<pid>/stat.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct CpuTimes {
+    parent: u32,
+    /// utime + stime, seconds.
+    own_s: f64,
+    /// cutime + cstime: the children it waited for, seconds.
+    ended_children_s: f64,
+}
+
+fn cpu_times_of(stat: &str) -> Option<CpuTimes> {
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime, stime, cutime and cstime are fields 14 to 17 of the full line, 12 to 15 after the name.
+    // ppid is field 4 of the full line; utime, stime, cutime and cstime are fields 14 to 17
+    // (2, and 12 to 15, after the name).
     let field = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
-    let own = field(11)? + field(12)?;
-    let children = if ended_children { field(13)? + field(14)? } else { 0.0 };
-    Some((own + children) / TICKS_PER_SEC)
+    Some(CpuTimes {
+        parent: fields.get(1)?.parse().ok()?,
+        own_s: (field(11)? + field(12)?) / TICKS_PER_SEC,
+        ended_children_s: (field(13)? + field(14)?) / TICKS_PER_SEC,
+    })
+}
+
+/// The CPU times of every process named `postgres` at one moment, by pid.
+#[derive(Debug, Clone, Default)]
+pub struct PostgresCpu(HashMap<u32, CpuTimes>);
+
+impl PostgresCpu {
+    pub fn read() -> PostgresCpu {
+        let Ok(entries) = std::fs::read_dir("/proc") else { return PostgresCpu::default() };
+        PostgresCpu(
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("comm")).is_ok_and(|c| c.trim() == "postgres"))
+                .filter_map(|pid| Some((pid, cpu_times_of(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?)))
+                .collect(),
+        )
+    }
+
+    /// CPU seconds Postgres used from `start` to this reading: what each process used since
+    /// (all of it, for one started since), with its children that ended. A process that ended
+    /// in between is in its parent's children time, so what it had used before `start` is taken
+    /// off; when its parent ended too (a cluster stopped in between), neither is this run's.
+    pub fn since(&self, start: &PostgresCpu) -> f64 {
+        let total = |t: &CpuTimes| t.own_s + t.ended_children_s;
+        let grown: f64 = self.0.iter().map(|(pid, now)| (total(now) - start.0.get(pid).map_or(0.0, total)).max(0.0)).sum();
+        let before_start_of_ended: f64 =
+            start.0.iter().filter(|(pid, was)| !self.0.contains_key(pid) && self.0.contains_key(&was.parent)).map(|(_, was)| total(was)).sum();
+        (grown - before_start_of_ended).max(0.0)
+    }
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
-}
-
-fn postgres_cpu() -> f64 {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return 0.0 };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("comm")).is_ok_and(|c| c.trim() == "postgres"))
-        .filter_map(|pid| cpu_seconds_of(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?, true))
-        .sum()
 }
 
 /// Steal time of the machine, CPU seconds, from the text of /proc/stat: the eighth value of the
@@ -71,7 +100,6 @@ pub fn sample(hub_pid: Option<u32>) -> Sample {
     Sample {
         hub_cpu_s: hub_pid.and_then(cpu_seconds).unwrap_or(0.0),
         hub_rss_kib: hub_pid.and_then(rss_kib).unwrap_or(0),
-        postgres_cpu_s: postgres_cpu(),
         machine_steal_s: machine_steal(),
     }
 }
@@ -83,15 +111,27 @@ pub fn own_cpu_seconds() -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{cpu_seconds_of, steal_seconds_of};
+    use super::{cpu_times_of, steal_seconds_of, CpuTimes, PostgresCpu};
 
     #[test]
-    fn cpu_time_with_and_without_ended_children() {
+    fn cpu_times_with_the_parent_and_ended_children() {
         // pid (comm with spaces) state ppid … utime stime cutime cstime …, in ticks of 10 ms.
-        let stat = "42 (postgres: a b) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 700 300 20 0 1 0 100 1000 10";
-        assert_eq!(cpu_seconds_of(stat, false), Some(3.0));
-        assert_eq!(cpu_seconds_of(stat, true), Some(13.0));
-        assert_eq!(cpu_seconds_of("42 (short) S 1", false), None);
+        let stat = "42 (postgres: a b) S 7 42 42 0 -1 4194560 100 0 0 0 250 50 700 300 20 0 1 0 100 1000 10";
+        assert_eq!(cpu_times_of(stat), Some(CpuTimes { parent: 7, own_s: 3.0, ended_children_s: 10.0 }));
+        assert_eq!(cpu_times_of("42 (short) S 1"), None);
+    }
+
+    #[test]
+    fn postgres_cpu_counts_ended_backends_once_and_stopped_clusters_not_at_all() {
+        let times = |parent, own_s, ended_children_s| CpuTimes { parent, own_s, ended_children_s };
+        // Cluster A (postmaster 10) runs on; its backend 11 ends (4 s before the start, 6 s in
+        // all) and backend 12 starts (2 s). Cluster B (postmaster 20, 30 s) stops.
+        let start = PostgresCpu([(10, times(1, 1.0, 5.0)), (11, times(10, 4.0, 0.0)), (20, times(1, 2.0, 28.0))].into());
+        let end = PostgresCpu([(10, times(1, 1.5, 11.0)), (12, times(10, 2.0, 0.0))].into());
+        // A's postmaster: 0.5 s of its own and 6 s of the ended backend, less its 4 s before the
+        // start; the new backend's 2 s; nothing of B.
+        assert_eq!(end.since(&start), 4.5);
+        assert_eq!(start.since(&start), 0.0);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use protocol::ChangeStatus;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::proc_stats::{self, Sample};
+use crate::proc_stats::{self, PostgresCpu, Sample};
 
 /// The longest latency the histograms hold; longer ones count as this. Clients remember a
 /// push's send time as long, so that a delivery that late is still measured.
@@ -208,7 +208,9 @@ pub struct Monitor {
     at_stop: Option<(u64, u64)>,
     /// The hub's and Postgres's CPU, the machine's steal and the load generator's own CPU when
     /// the window closed: shutting the clients down afterwards is not part of the run.
-    sample_at_stop: Option<(Sample, f64)>,
+    sample_at_stop: Option<(Sample, f64, PostgresCpu)>,
+    /// Postgres's processes when the measured window opened.
+    start_postgres: PostgresCpu,
     /// The same counters when the measured window opened.
     start_counts: (u64, u64),
 }
@@ -228,6 +230,7 @@ impl Monitor {
             warmup: None,
             at_stop: None,
             sample_at_stop: None,
+            start_postgres: PostgresCpu::read(),
             start_counts: (0, 0),
         }
     }
@@ -235,6 +238,7 @@ impl Monitor {
     /// Restart the clock and counters' baseline (after connecting, before the measured phase).
     pub fn reset(&mut self, stats: &Stats) {
         self.start_sample = proc_stats::sample(self.hub_pid);
+        self.start_postgres = PostgresCpu::read();
         self.start_cpu = proc_stats::own_cpu_seconds();
         self.last_cpu = self.start_sample.hub_cpu_s;
         self.last_steal = self.start_sample.machine_steal_s;
@@ -378,16 +382,18 @@ impl Monitor {
     /// batches still in flight, which arrive afterwards.
     pub fn stop(&mut self, stats: &Stats) {
         self.at_stop = Some((stats.merged_total(), stats.deltas_received.load(Ordering::Relaxed)));
-        self.sample_at_stop = Some((proc_stats::sample(self.hub_pid), proc_stats::own_cpu_seconds()));
+        self.sample_at_stop = Some((proc_stats::sample(self.hub_pid), proc_stats::own_cpu_seconds(), PostgresCpu::read()));
     }
 
-    pub fn finish(self, scenario: &str, parameters: Value, stats: &Stats, measured: Duration) -> Report {
+    pub fn finish(mut self, scenario: &str, parameters: Value, stats: &Stats, measured: Duration) -> Report {
         let (merged_in_window, deltas_in_window) =
             self.at_stop.unwrap_or((stats.merged_total(), stats.deltas_received.load(Ordering::Relaxed)));
         let (merged_before, deltas_before) = (self.start_counts.0, self.start_counts.1);
         eprintln!();
-        let (end, own_cpu_at_end) =
-            self.sample_at_stop.unwrap_or_else(|| (proc_stats::sample(self.hub_pid), proc_stats::own_cpu_seconds()));
+        let (end, own_cpu_at_end, postgres_at_end) = self
+            .sample_at_stop
+            .take()
+            .unwrap_or_else(|| (proc_stats::sample(self.hub_pid), proc_stats::own_cpu_seconds(), PostgresCpu::read()));
         let secs = measured.as_secs_f64().max(1e-6);
         let outcomes = BTreeMap::from([
             ("applied", stats.applied.load(Ordering::Relaxed)),
@@ -421,7 +427,7 @@ impl Monitor {
             errors: stats.errors.lock().unwrap().clone(),
             hub_cpu_s: end.hub_cpu_s - self.start_sample.hub_cpu_s,
             hub_rss_max_kib: self.rss_max.max(end.hub_rss_kib),
-            postgres_cpu_s: end.postgres_cpu_s - self.start_sample.postgres_cpu_s,
+            postgres_cpu_s: postgres_at_end.since(&self.start_postgres),
             loadgen_cpu_s: own_cpu_at_end - self.start_cpu,
             steal_cpu_s: end.machine_steal_s - self.start_sample.machine_steal_s,
             warmup_s: self.warmup.as_ref().map_or(0.0, |(_, _, d)| d.as_secs_f64()),
