@@ -45,8 +45,8 @@ struct Envelope {
 
 /// Every `type` of [`ClientFrame`] and [`ServerFrame`]: a frame of one of these that does not
 /// decode is malformed, any other type is unknown (which a reader may skip).
-const CLIENT_TYPES: &[&str] = &["hello", "push", "auth", "resume", "snapshot", "ping", "subscribe", "unsubscribe"];
-const SERVER_TYPES: &[&str] = &[
+pub const CLIENT_TYPES: &[&str] = &["hello", "push", "auth", "resume", "snapshot", "ping", "subscribe", "unsubscribe"];
+pub const SERVER_TYPES: &[&str] = &[
     "welcome",
     "ack",
     "catch_up",

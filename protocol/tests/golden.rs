@@ -9,6 +9,9 @@
 //! Regenerate the files after an intended wire change with
 //! `SYNCHUB_BLESS_GOLDEN=1 cargo test -p synchub-protocol --test golden`, then review the diff.
 
+// The decoder's own lists of frame types: the vectors must cover exactly these, and the
+// exhaustive matches of frame types tie them to the frame enums.
+use protocol::codec::{CLIENT_TYPES, SERVER_TYPES};
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::PathBuf;
@@ -691,27 +694,6 @@ fn msgpack_to_value(bytes: &[u8]) -> Value {
     serde::Deserialize::deserialize(&mut de).expect("msgpack decodes to a generic value")
 }
 
-const CLIENT_TYPES: [&str; 8] = ["hello", "push", "auth", "resume", "snapshot", "ping", "subscribe", "unsubscribe"];
-const SERVER_TYPES: [&str; 18] = [
-    "welcome",
-    "ack",
-    "catch_up",
-    "up_to_date",
-    "delta",
-    "must_resync",
-    "snapshot_page",
-    "auth_ok",
-    "pong",
-    "error",
-    "subscribed",
-    "sub_rows",
-    "sub_delta",
-    "presence",
-    "presence_diff",
-    "conflict",
-    "unsubscribed",
-    "broadcast",
-];
 
 /// Exhaustive on purpose: a new variant fails to compile here until it gets a golden vector.
 fn client_type(f: &ClientFrame) -> &'static str {
@@ -944,7 +926,7 @@ fn every_vector_file_decodes_as_the_type_its_name_says() {
         assert!(known.contains(stem), "{file} has no vector in tests/golden.rs (stale file?)");
         let bytes = fs::read(&path).unwrap();
         if let Some(rest) = stem.strip_prefix("client_") {
-            let want = type_from_name(rest, &CLIENT_TYPES).unwrap_or_else(|| panic!("{file}: no client type in name"));
+            let want = type_from_name(rest, CLIENT_TYPES).unwrap_or_else(|| panic!("{file}: no client type in name"));
             let frame = codec::decode_client(enc, &bytes).unwrap_or_else(|e| panic!("{file}: {e}"));
             assert_eq!(client_type(&frame), want, "{file}");
             assert!(
@@ -952,7 +934,7 @@ fn every_vector_file_decodes_as_the_type_its_name_says() {
                 "{file} must not decode as a server frame"
             );
         } else if let Some(rest) = stem.strip_prefix("server_") {
-            let want = type_from_name(rest, &SERVER_TYPES).unwrap_or_else(|| panic!("{file}: no server type in name"));
+            let want = type_from_name(rest, SERVER_TYPES).unwrap_or_else(|| panic!("{file}: no server type in name"));
             let frame = codec::decode_server(enc, &bytes).unwrap_or_else(|e| panic!("{file}: {e}"));
             assert_eq!(server_type(&frame), want, "{file}");
             assert!(
@@ -992,8 +974,8 @@ fn vectors_cover_every_variant_and_status() {
             }
         }
     }
-    assert_eq!(client, CLIENT_TYPES.into_iter().collect());
-    assert_eq!(server, SERVER_TYPES.into_iter().collect());
+    assert_eq!(client, CLIENT_TYPES.iter().copied().collect());
+    assert_eq!(server, SERVER_TYPES.iter().copied().collect());
     assert_eq!(ops, ["Delete", "Upsert"].map(String::from).into_iter().collect());
     // One ack carries every status.
     let all = gs
