@@ -395,18 +395,22 @@ async fn a_snapshot_finishing_after_its_unsubscribe_is_not_the_new_subscriptions
     hub.shutdown().await;
 }
 
+/// Subscribe to presence as `name`; the list that follows the reply.
+async fn subscribe_presence(dash: &mut Client, name: &str) -> Vec<protocol::PresenceEntry> {
+    let id = dash.send_subscribe(name, None, vec![], false, Some(Channel::Presence)).await;
+    dash.expect(|f| matches!(f, ServerFrame::Subscribed { id: got, .. } if *got == id).then_some(())).await;
+    dash.expect(|f| match f {
+        ServerFrame::Presence { sub, online } if sub == name => Some(online.clone()),
+        _ => None,
+    })
+    .await
+}
+
 #[actix_web::test]
 async fn presence_shows_joins_and_leaves_of_the_tenant_only() {
     let hub = TestHub::start().await;
     let (mut dash, _) = Client::dashboard(&hub, "store-1", "mia", "Manager").await;
-    let id = dash.send_subscribe("who", None, vec![], false, Some(Channel::Presence)).await;
-    dash.expect(|f| matches!(f, ServerFrame::Subscribed { id: got, .. } if *got == id).then_some(())).await;
-    let online = dash
-        .expect(|f| match f {
-            ServerFrame::Presence { sub, online } if sub == "who" => Some(online.clone()),
-            _ => None,
-        })
-        .await;
+    let online = subscribe_presence(&mut dash, "who").await;
     assert_eq!(online.len(), 1);
     assert_eq!((online[0].user_id.as_str(), online[0].role.as_str(), online[0].mode), ("mia", "Manager", protocol::SessionMode::Dashboard));
 
@@ -436,14 +440,7 @@ async fn presence_shows_joins_and_leaves_of_the_tenant_only() {
     drop(other_tenant);
 
     // A second presence subscription on the socket gets the list too.
-    let id = dash.send_subscribe("who-else", None, vec![], false, Some(Channel::Presence)).await;
-    dash.expect(|f| matches!(f, ServerFrame::Subscribed { id: got, .. } if *got == id).then_some(())).await;
-    let online = dash
-        .expect(|f| match f {
-            ServerFrame::Presence { sub, online } if sub == "who-else" => Some(online.clone()),
-            _ => None,
-        })
-        .await;
+    let online = subscribe_presence(&mut dash, "who-else").await;
     assert!(online.iter().any(|p| p.user_id == "mia"), "{online:?}");
     hub.shutdown().await;
 }
