@@ -1,0 +1,7 @@
+//! Client and server frames as MessagePack binary frames.
+#![no_main]
+
+#[path = "../bodies/frames.rs"]
+mod frames;
+
+libfuzzer_sys::fuzz_target!(|bytes: &[u8]| frames::frame(protocol::Encoding::MsgPack, bytes));
