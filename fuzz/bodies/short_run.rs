@@ -1,8 +1,8 @@
 //! The short form of a fuzz target, for the test suite: its body over its seeds, over the
 //! crash inputs kept in `fuzz/regressions/<target>/`, and over a bounded number of proptest
 //! inputs (seeds with a few bytes changed, and random bytes; the same ones on every run). With
-//! `SYNCHUB_FUZZ_CORPUS` set to a folder, the seeds are also written to `<folder>/<target>/`
-//! for `cargo fuzz run`.
+//! `SYNCHUB_FUZZ_CORPUS` set to a folder, it only writes the seeds to `<folder>/<target>/`, the
+//! seed corpora of `cargo fuzz run` (fuzz/seed-corpora).
 
 // Each includer uses a part.
 #![allow(dead_code)]
@@ -26,6 +26,7 @@ pub fn run(fuzz_dir: &Path, target: &str, seeds: Vec<(String, Vec<u8>)>, body: f
         for (name, bytes) in &seeds {
             std::fs::write(dir.join(name), bytes).expect("a seed can be written");
         }
+        return;
     }
     let regressions = std::fs::read_dir(fuzz_dir.join("regressions").join(target))
         .into_iter()
