@@ -171,7 +171,7 @@ fn comfortably_valid(setup: &Setup, claims: &Value) -> bool {
     let is_text = |path: &[&str]| matches!(text(claims, path), Ok(Some(_)));
     let tenant_ok = matches!(text(claims, setup.tenant), Ok(Some(t)) if !t.contains('\0'));
     let exp_ok = claims.get("exp").and_then(Value::as_u64).is_some_and(|exp| exp > now + 120);
-    let nbf_ok = claims.get("nbf").map_or(true, |nbf| nbf.as_u64().is_some_and(|nbf| nbf + 120 < now));
+    let nbf_ok = claims.get("nbf").map_or(true, |nbf| nbf.as_u64().is_some_and(|nbf| nbf.saturating_add(120) < now));
     let matches_or_absent = |claim: &str, wanted: Option<&str>| match (claims.get(claim), wanted) {
         (None, _) => wanted.is_none(),
         (Some(Value::String(s)), Some(w)) => s == w,
