@@ -119,6 +119,13 @@ pub struct Config {
     pub max_batch_changes: usize,
     /// Largest JSON size of one field value, bytes. Default 64 KiB; larger rejects the change.
     pub max_field_bytes: usize,
+    /// Largest JSON size of a change's key (all its columns), bytes. Default 1024; larger
+    /// rejects the change `invalid_key`. Keys are indexed, and Postgres refuses index entries
+    /// past about 2.7 KB, which would fail the write for the whole group.
+    pub max_key_bytes: usize,
+    /// Longest tenant, user, role or device id (from a token, `hello` or a service push),
+    /// bytes. Default 256; longer is refused (`invalid_token`, `forbidden`, `invalid_batch`).
+    pub max_id_bytes: usize,
     /// Deltas per catch-up page. Default 1000.
     pub catch_up_page_changes: u32,
     /// Most rows per snapshot page. Default 1000.
@@ -237,6 +244,8 @@ impl Default for Config {
             max_frame_bytes: 2 * 1024 * 1024,
             max_batch_changes: 1000,
             max_field_bytes: 64 * 1024,
+            max_key_bytes: 1024,
+            max_id_bytes: 256,
             catch_up_page_changes: 1000,
             snapshot_page_rows: 1000,
             hello_timeout_ms: 10_000,
@@ -303,6 +312,8 @@ impl Config {
         let positive = [
             ("max_frame_bytes", self.max_frame_bytes as u64),
             ("max_batch_changes", self.max_batch_changes as u64),
+            ("max_key_bytes", self.max_key_bytes as u64),
+            ("max_id_bytes", self.max_id_bytes as u64),
             ("catch_up_page_changes", self.catch_up_page_changes as u64),
             ("snapshot_page_rows", self.snapshot_page_rows as u64),
             ("session_outbound_budget_bytes", self.session_outbound_budget_bytes as u64),

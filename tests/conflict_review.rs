@@ -583,7 +583,7 @@ async fn the_group_returns_the_conflicts_it_logged_and_resolved() {
     let store = hub.running.as_ref().unwrap().hub.store.clone();
     let tenant = TenantId::new("store-direct");
     store.tenant_head(&tenant).await.unwrap();
-    let limits = ApplyLimits { max_field_bytes: 65_536, max_clock_skew_ms: 300_000 };
+    let limits = ApplyLimits { max_field_bytes: 65_536, max_key_bytes: 1024, max_clock_skew_ms: 300_000 };
     let batch = |device: &str, changes: Vec<Change>| {
         BatchInput::pushed(DeviceId::new(device), UserId::new(format!("user-{device}")), Uuid::now_v7(), changes)
     };

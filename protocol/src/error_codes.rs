@@ -68,6 +68,9 @@ pub enum ErrorCode {
     NotFound,
     /// The conflict was already resolved or dismissed (HTTP API).
     ConflictNotOpen,
+    /// The change's `change_id` belongs to another change: an earlier one of the same batch
+    /// or group, or one the hub already committed under another device or device_seq.
+    ChangeIdReused,
 }
 
 impl ErrorCode {
@@ -109,6 +112,7 @@ impl ErrorCode {
             ErrorCode::InvalidFilter => "invalid_filter",
             ErrorCode::NotFound => "not_found",
             ErrorCode::ConflictNotOpen => "conflict_not_open",
+            ErrorCode::ChangeIdReused => "change_id_reused",
         }
     }
 }

@@ -733,7 +733,7 @@ fn server_type(f: &ServerFrame) -> &'static str {
 }
 
 /// Every ErrorCode; `error_code_index` is exhaustive so a new code fails to compile here.
-const ALL_ERROR_CODES: [ErrorCode; 30] = [
+const ALL_ERROR_CODES: [ErrorCode; 31] = [
     ErrorCode::MalformedFrame,
     ErrorCode::UnknownType,
     ErrorCode::UnsupportedVersion,
@@ -764,6 +764,7 @@ const ALL_ERROR_CODES: [ErrorCode; 30] = [
     ErrorCode::InvalidFilter,
     ErrorCode::NotFound,
     ErrorCode::ConflictNotOpen,
+    ErrorCode::ChangeIdReused,
 ];
 
 fn error_code_index(c: ErrorCode) -> usize {
@@ -799,6 +800,7 @@ fn error_code_index(c: ErrorCode) -> usize {
         InvalidFilter => 27,
         NotFound => 28,
         ConflictNotOpen => 29,
+        ChangeIdReused => 30,
     }
 }
 

@@ -28,7 +28,7 @@ use super::tenant::TenantActor;
 use crate::auth::{unix_now, Identity, SessionIdentity};
 use crate::rules::AccessView;
 use crate::error::Error;
-use crate::ids::{DeviceId, Seq, SessionId, DASHBOARD_DEVICE_PREFIX};
+use crate::ids::{id_problem, DeviceId, Seq, SessionId, DASHBOARD_DEVICE_PREFIX};
 use crate::server::Hub;
 use crate::storage::apply::BatchInput;
 use crate::storage::log::TenantHead;
@@ -420,8 +420,14 @@ impl DeviceSession {
                 return self.close(ctx, CloseCode::Unauthorized, "device mismatch");
             }
             (Some(claimed), _) => claimed.clone(),
-            (None, Some(given)) if !given.is_empty() && given.len() <= 200 => DeviceId::new(given),
-            (None, _) => {
+            (None, Some(given)) => match id_problem(&given, self.hub.config.max_id_bytes) {
+                None => DeviceId::new(given),
+                Some(problem) => {
+                    self.send_error(ctx, Some(id), ErrorCode::Forbidden, format!("hello.device_id {problem}"));
+                    return self.close(ctx, CloseCode::Unauthorized, "unusable device id");
+                }
+            },
+            (None, None) => {
                 self.send_error(ctx, Some(id), ErrorCode::Forbidden, "the token names no device: hello.device_id is required");
                 return self.close(ctx, CloseCode::Unauthorized, "no device id");
             }
@@ -698,7 +704,8 @@ impl DeviceSession {
                 return Err(Error::client(ErrorCode::UnknownTable, format!("`{table}` is not a synced table")));
             };
             let (rows, seq, epoch) = store.snapshot_page(&tenant, &schema, after.as_ref(), limit, access.as_deref()).await.map_err(|e| match e {
-                Error::Database(ref db) if db.as_database_error().is_some() => {
+                // Only an `after` the key's columns refuse is the client's; an outage is not.
+                Error::Database(ref db) if matches!(crate::storage::refusal::blame(db), crate::storage::refusal::Blame::Change(..)) => {
                     Error::client(ErrorCode::InvalidKey, "`after` does not match the table's primary key")
                 }
                 other => other,

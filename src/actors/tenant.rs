@@ -139,7 +139,11 @@ impl TenantActor {
     }
 
     fn limits(&self) -> ApplyLimits {
-        ApplyLimits { max_field_bytes: self.config.max_field_bytes, max_clock_skew_ms: self.config.max_clock_skew_ms }
+        ApplyLimits {
+            max_field_bytes: self.config.max_field_bytes,
+            max_key_bytes: self.config.max_key_bytes,
+            max_clock_skew_ms: self.config.max_clock_skew_ms,
+        }
     }
 
     /// Start the next group transaction if none is in flight. The group is formed once a
@@ -198,12 +202,20 @@ impl TenantActor {
             actor.row_cache = Some(row_cache);
             actor.last_activity = Instant::now();
             match outcome {
-                Ok(output) => {
-                    actor.committed_head = Some(output.head_seq);
+                Ok(mut output) => {
+                    // A group committed piece by piece, some of it perhaps not at all, leaves
+                    // no head this actor can vouch for; the next group reads it under lock.
+                    actor.committed_head = output.failed.is_empty().then_some(output.head_seq);
                     actor.metrics.commit(started.elapsed());
                     actor.metrics.merge_rows_read.fetch_add(output.rows_read, Ordering::Relaxed);
                     actor.metrics.merge_rows_from_cache.fetch_add(output.rows_from_cache, Ordering::Relaxed);
-                    for (reply, results) in replies.into_iter().zip(output.results) {
+                    let mut failed: HashMap<usize, Error> = output.failed.drain(..).collect();
+                    for (b, (reply, results)) in replies.into_iter().zip(output.results).enumerate() {
+                        if let Some(err) = failed.remove(&b) {
+                            actor.metrics.group_commit_failures.fetch_add(1, Ordering::Relaxed);
+                            let _ = reply.send(Err(Error::client(err.code(), err.public_message())));
+                            continue;
+                        }
                         for result in &results {
                             actor.metrics.change(result.status);
                             if let Some(code) = result.reason {

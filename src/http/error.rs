@@ -45,7 +45,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         Internal => StatusCode::INTERNAL_SERVER_ERROR,
         MalformedFrame | UnknownType | UnsupportedVersion | AlreadyAuthenticated | InvalidBatch | UnknownTable | UnknownColumn
         | InvalidValue | InvalidKey | TenantMismatch | SeqGap | EpochMismatch | PositionTooOld | TooManySubscriptions
-        | SnapshotTooLarge | UnknownSubscription | InvalidFilter => StatusCode::BAD_REQUEST,
+        | SnapshotTooLarge | UnknownSubscription | InvalidFilter | ChangeIdReused => StatusCode::BAD_REQUEST,
     }
 }
 

@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod conflicts;
 pub mod json_text;
 pub mod log;
+pub mod refusal;
 pub mod row_cache;
 pub mod subscriptions;
 

@@ -71,10 +71,14 @@ impl TestHub {
     }
 
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestHub {
+        Self::start_on(fresh_database().await, adjust).await
+    }
+
+    /// A hub on a database the test prepared (e.g. with tables of its own).
+    pub async fn start_on(url: String, adjust: impl FnOnce(&mut Config)) -> TestHub {
         if std::env::var_os("TEST_LOG").is_some() {
             synchub::telemetry::init();
         }
-        let url = fresh_database().await;
         let mut config = test_config(url.clone());
         adjust(&mut config);
         let running = synchub::server::start(config).await.expect("hub starts");
