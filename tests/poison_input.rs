@@ -262,3 +262,22 @@ async fn a_pushed_batch_never_sees_unavailable_for_its_own_input() {
     assert_eq!(bad.expect(ack(bad_id)).await, Ok(vec![(Applied, None), (Rejected, Some(ErrorCode::ChangeIdReused))]));
     hub.shutdown().await;
 }
+
+#[actix_web::test]
+async fn filter_and_snapshot_values_postgres_cannot_hold_get_the_clients_own_code() {
+    use protocol::{Condition, FilterOp};
+    let hub = TestHub::start().await;
+    let (mut dash, _) = Client::dashboard(&hub, TENANT, "manager-1", "Manager").await;
+    let nul = Condition { column: "name".into(), op: FilterOp::Eq, value: json!("Tea\u{0}") };
+    let id = dash.send_subscribe("s1", Some("products"), vec![nul], true, None).await;
+    assert_eq!(dash.expect_error(id).await, ErrorCode::InvalidFilter);
+    // A snapshot page after a key Postgres cannot read.
+    let id = dash.next_id();
+    let after = Some(protocol::Object::from_iter([("id".to_string(), json!("not\u{0}a-uuid"))]));
+    dash.send(&ClientFrame::Snapshot { id, table: "products".into(), after, limit: None }).await;
+    assert_eq!(dash.expect_error(id).await, ErrorCode::InvalidKey);
+    // The session goes on.
+    let (_, rows) = dash.subscribe_table("s2", "products", vec![], true).await;
+    assert!(rows.is_empty());
+    hub.shutdown().await;
+}
