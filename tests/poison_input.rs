@@ -281,3 +281,29 @@ async fn filter_and_snapshot_values_postgres_cannot_hold_get_the_clients_own_cod
     assert!(rows.is_empty());
     hub.shutdown().await;
 }
+
+/// RFC 7519's NumericDate may be fractional: such a token is in force until its `exp`, not
+/// expired at 0 (which closed the session with 4002 a second after welcome).
+#[actix_web::test]
+async fn a_token_with_a_fractional_exp_lives_until_its_exp() {
+    let hub = TestHub::start().await;
+    let exp = synchub::auth::unix_now() + 3600;
+    let fractional = |device: &str| {
+        let claims = json!({"sub": "user-1", "role": "Employee", "tenant_id": TENANT, "device_id": device, "exp": exp as f64 + 0.5});
+        synchub::auth::mint_hs256(SECRET, &claims)
+    };
+    let mut c = hub.client().await;
+    c.hello(&fractional("pos-1"), None, None).await;
+    let id = c.next_id();
+    c.send(&ClientFrame::Auth { id, token: fractional("pos-1") }).await;
+    let expires_at = c
+        .expect(|f| match f {
+            ServerFrame::AuthOk { id: got, expires_at } if *got == id => Some(*expires_at),
+            ServerFrame::Error { id: Some(got), code, .. } if *got == id => panic!("auth refused: {code:?}"),
+            _ => None,
+        })
+        .await;
+    assert_eq!(expires_at, exp);
+    assert_eq!(statuses(&c.push(vec![new_product(1)]).await), vec![(ChangeStatus::Applied, None)]);
+    hub.shutdown().await;
+}
