@@ -22,7 +22,9 @@ use protocol::{
 };
 use uuid::Uuid;
 
-use super::messages::{ApplyBatch, Encoded, LiveFrame, Notice, RecentLog, RefreshToken, SessionControl, SharedFrame, Subscribe, Unsubscribe, Watch};
+use super::messages::{
+    ApplyBatch, Encoded, LiveFrame, Notice, RecentLog, RefreshToken, SessionControl, SharedFrame, Subscribe, Unsubscribe, Watch, NO_SUCH_SESSION,
+};
 use super::sweep::{monotonic_ms, unix_ms, SessionHandle};
 use super::tenant::TenantActor;
 use crate::auth::{unix_now, Identity, SessionIdentity};
@@ -1296,8 +1298,9 @@ impl Handler<RefreshToken> for DeviceSession {
     type Result = Result<u64, Error>;
 
     fn handle(&mut self, msg: RefreshToken, _ctx: &mut Self::Context) -> Self::Result {
-        if self.closed || self.phase == Phase::Starting {
-            return Err(Error::client(ErrorCode::NotAuthenticated, "the session is not open for a refresh"));
+        let tenant_matches = self.auth.as_ref().is_some_and(|a| a.identity.tenant == msg.0.tenant);
+        if self.closed || self.phase == Phase::Starting || !tenant_matches {
+            return Err(Error::client(ErrorCode::NotFound, NO_SUCH_SESSION));
         }
         self.replace_token(msg.0)
     }
