@@ -13,6 +13,10 @@ pub enum Error {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("configuration: {0}")]
     Config(String),
+    /// The database did not answer within the deadline of this wait (the connection is given
+    /// up; the outcome of a commit under way is unknown).
+    #[error("the database did not answer within {0:?}")]
+    StorageTimeout(std::time::Duration),
     #[error("the hub is saturated")]
     Busy,
     #[error("the hub is shutting down")]
@@ -33,9 +37,10 @@ impl Error {
     pub fn code(&self) -> ErrorCode {
         match self {
             Error::Client { code, .. } => *code,
-            // Every connection stayed busy for the acquire timeout: saturated, not broken.
-            Error::Database(sqlx::Error::PoolTimedOut) => ErrorCode::Busy,
-            Error::Database(_) | Error::Migrate(_) => ErrorCode::Unavailable,
+            // No connection within the acquire timeout: the group commits' and reads' shares of
+            // the pool keep the hub's own load from exhausting it, so the database is not
+            // answering (down, frozen, or out of connections), which is not saturation.
+            Error::Database(_) | Error::Migrate(_) | Error::StorageTimeout(_) => ErrorCode::Unavailable,
             Error::Config(_) | Error::Internal(_) => ErrorCode::Internal,
             Error::Busy => ErrorCode::Busy,
             Error::ShuttingDown => ErrorCode::ShuttingDown,
@@ -46,8 +51,7 @@ impl Error {
     pub fn public_message(&self) -> String {
         match self {
             Error::Client { message, .. } => message.clone(),
-            Error::Database(sqlx::Error::PoolTimedOut) => "the hub is saturated; retry later".into(),
-            Error::Database(_) | Error::Migrate(_) => "storage is unavailable; retry later".into(),
+            Error::Database(_) | Error::Migrate(_) | Error::StorageTimeout(_) => "storage is unavailable; retry later".into(),
             Error::Internal(_) => "internal error".into(),
             other => other.to_string(),
         }

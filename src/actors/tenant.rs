@@ -184,7 +184,8 @@ impl TenantActor {
             };
             let mut attempt = 0;
             loop {
-                match store.commit_group(&mut conn, &tenant, &inputs, limits, expected_head, &mut row_cache).await {
+                let commit = store.commit_group(&mut conn, &tenant, &inputs, limits, expected_head, &mut row_cache);
+                match store.within_transaction_deadline(commit).await {
                     Err(Error::Database(err)) if attempt < 2 && is_retryable(&err) => {
                         attempt += 1;
                         metrics.group_commit_retries.fetch_add(1, Ordering::Relaxed);
