@@ -91,10 +91,10 @@ pub struct Config {
     /// 10000; past it the request is answered `unavailable` (the group commits' own share of
     /// the pool keeps saturation from reaching it).
     pub db_acquire_timeout_ms: u64,
-    /// How long one group commit's transaction may take once it has its connection, ms.
-    /// Default 30000; past it the hub gives up on it (Postgres rolls it back, unless its commit
-    /// was already under way: a re-sent batch then comes back `duplicate`) and answers the
-    /// group's pushes `unavailable`.
+    /// How long one of a tenant actor's transactions (a group commit, a read of the tenant's
+    /// head or log) may take, ms. Default 30000; past it the hub gives up on it (Postgres rolls
+    /// it back, unless its commit was already under way: a re-sent batch then comes back
+    /// `duplicate`) and answers the group's pushes `unavailable`.
     pub db_transaction_timeout_ms: u64,
     /// Postgres `statement_timeout` on the hub's connections (migrations excepted), ms.
     /// Default 30000; 0 turns it off.

@@ -103,6 +103,14 @@ async fn a_hung_or_frozen_database_answers_unavailable_and_the_hub_recovers_by_i
     .await;
     let (mut device, _, _) = Client::device(&hub, "store-1", "pos-1").await;
     assert_eq!(readyz(&hub).await, 200);
+    // Postgres's own timeouts are set on the hub's connections (defaults: 30 s and 60 s).
+    let pool = &hub.running.as_ref().expect("running").hub.store.pool;
+    let timeouts: (String, String) =
+        sqlx::query_as("select current_setting('statement_timeout'), current_setting('idle_in_transaction_session_timeout')")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(timeouts, ("30s".to_string(), "1min".to_string()));
 
     // A transaction that hangs: another client holds a lock the group commit needs.
     let locked = Uuid::new_v4();

@@ -412,7 +412,8 @@ impl TenantActor {
         let tenant = self.tenant.clone();
         let after = self.fanned;
         let upto = self.ready.first_key_value().map(|(s, _)| s - 1);
-        ctx.spawn(async move { store.read_log(&tenant, after, upto, LOG_READ_PAGE).await }.into_actor(self).map(
+        let read = async move { store.within_transaction_deadline(store.read_log(&tenant, after, upto, LOG_READ_PAGE)).await };
+        ctx.spawn(read.into_actor(self).map(
             |result, actor, ctx| {
                 actor.reading_log = false;
                 match result {
@@ -474,7 +475,8 @@ impl Actor for TenantActor {
         // Learn where the log stands before handling anything else.
         let store = self.store.clone();
         let tenant = self.tenant.clone();
-        ctx.wait(async move { store.tenant_head(&tenant).await }.into_actor(self).map(|head, actor, ctx| match head {
+        let head = async move { store.within_transaction_deadline(store.tenant_head(&tenant)).await };
+        ctx.wait(head.into_actor(self).map(|head, actor, ctx| match head {
             Ok(head) => {
                 actor.fanned = head.head_seq;
                 actor.committed_head = Some(head.head_seq);
@@ -507,7 +509,8 @@ impl TenantActor {
         let store = self.store.clone();
         let tenant = self.tenant.clone();
         let after = head.saturating_sub(limit as u64);
-        ctx.wait(async move { store.read_log(&tenant, after, Some(head), limit as u32).await }.into_actor(self).map(
+        let read = async move { store.within_transaction_deadline(store.read_log(&tenant, after, Some(head), limit as u32)).await };
+        ctx.wait(read.into_actor(self).map(
             move |result, actor, _ctx| {
                 let Ok(read) = result else { return };
                 let deltas = read.deltas;

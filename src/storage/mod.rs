@@ -42,7 +42,7 @@ pub struct Store {
     row_level_security: bool,
     /// Rows the tenants' row caches hold together (config `row_cache_total_rows`).
     row_budget: row_cache::RowBudget,
-    /// How long one group commit may take once it has its connection (config
+    /// How long one of the tenant actors' transactions may take (config
     /// `db_transaction_timeout_ms`).
     transaction_timeout: Duration,
 }
@@ -134,9 +134,10 @@ impl Store {
         }))
     }
 
-    /// Run one group commit (or any transaction on a held connection) within the transaction
-    /// deadline. Past it the work is dropped with its connection: sqlx rolls the transaction
-    /// back, or finds it committed, once Postgres answers again.
+    /// Run one transaction (a group commit, a read of the tenant's head or log) within the
+    /// transaction deadline, so that a database that stops answering mid-way cannot hold a
+    /// tenant actor. Past it the work is dropped with its connection: sqlx rolls the
+    /// transaction back, or finds it committed, once Postgres answers again.
     pub async fn within_transaction_deadline<T>(&self, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
         tokio::time::timeout(self.transaction_timeout, work).await.unwrap_or(Err(Error::StorageTimeout(self.transaction_timeout)))
     }
