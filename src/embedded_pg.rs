@@ -878,6 +878,35 @@ fn percent_encode(s: &str, keep: &[u8]) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn owner_records_name_live_processes_only() {
+        let me = ProcessToken::of(std::process::id()).expect("our own start time");
+        assert!(me.alive());
+        // The same pid with another start time is a later process that reused it.
+        assert!(!ProcessToken { start: me.start + 1, ..me }.alive());
+        let record = parse_owner(&format!("hub {} {}\nwatchdog 7 99\n", me.pid, me.start));
+        assert_eq!(record.hub, Some(me));
+        assert_eq!(record.watchdog, Some(ProcessToken { pid: 7, start: 99 }));
+        // A file cut short while being rewritten names nobody.
+        let cut = parse_owner("hub 12");
+        assert!(cut.hub.is_none() && cut.watchdog.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_live_owner_is_named_and_a_released_lock_is_taken() {
+        let dir = std::env::temp_dir().join(format!("synchub-owner-test-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (held, _) = take_ownership(&dir).await.expect("a free lock is taken");
+        match take_ownership(&dir).await {
+            Err(ClusterError::InUse { pid, .. }) => assert_eq!(pid, std::process::id()),
+            other => panic!("expected InUse, got {:?}", other.map(|_| ())),
+        }
+        drop(held);
+        let (_again, previous) = take_ownership(&dir).await.expect("a released lock is taken");
+        assert_eq!(previous.hub.map(|h| h.pid), Some(std::process::id()));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[tokio::test]
     async fn ephemeral_cluster_serves_queries_and_cleans_up() {
         let dir =
