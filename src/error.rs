@@ -37,9 +37,10 @@ impl Error {
     pub fn code(&self) -> ErrorCode {
         match self {
             Error::Client { code, .. } => *code,
-            // No connection within the acquire timeout: the group commits' and reads' shares of
-            // the pool keep the hub's own load from exhausting it, so the database is not
-            // answering (down, frozen, or out of connections), which is not saturation.
+            // No connection within the acquire timeout (PoolTimedOut) is an outage too: group
+            // commits and session reads queue for their shares of the pool before they ask it,
+            // so the hub's own load waits there, and a pool that still gives nothing means a
+            // database that does not answer (down, frozen, out of connections).
             Error::Database(_) | Error::Migrate(_) | Error::StorageTimeout(_) => ErrorCode::Unavailable,
             Error::Config(_) | Error::Internal(_) => ErrorCode::Internal,
             Error::Busy => ErrorCode::Busy,
