@@ -87,6 +87,24 @@ pub struct Config {
     pub database_url: Secret,
     /// Connections in the hub's Postgres pool. Default 16.
     pub db_pool_size: u32,
+    /// How long a wait for a pooled connection (a new one included) may take, ms. Default
+    /// 10000; past it the request is answered `unavailable` (the group commits' own share of
+    /// the pool keeps saturation from reaching it).
+    pub db_acquire_timeout_ms: u64,
+    /// How long one of a tenant actor's transactions (a group commit, a read of the tenant's
+    /// head or log) may take, ms. Default 30000; past it the hub gives up on it (Postgres rolls
+    /// it back, unless its commit was already under way: a re-sent batch then comes back
+    /// `duplicate`) and answers the group's pushes `unavailable`.
+    pub db_transaction_timeout_ms: u64,
+    /// Postgres `statement_timeout` on the hub's connections (migrations excepted), ms.
+    /// Default 30000; 0 turns it off.
+    pub db_statement_timeout_ms: u64,
+    /// Postgres `idle_in_transaction_session_timeout` on the hub's connections, ms: a
+    /// transaction left idle this long (a hub that stopped answering) is ended by Postgres,
+    /// freeing its locks. Default 60000; 0 turns it off.
+    pub db_idle_in_transaction_timeout_ms: u64,
+    /// How long `/readyz` waits for the database to answer, ms. Default 2000; past it, 503.
+    pub readyz_timeout_ms: u64,
     /// HTTP worker threads (each also hosts tenant actors). Default: number of cores.
     pub workers: usize,
 
@@ -230,6 +248,11 @@ impl Default for Config {
             listen: "127.0.0.1:8080".into(),
             database_url: Secret::default(),
             db_pool_size: 16,
+            db_acquire_timeout_ms: 10_000,
+            db_transaction_timeout_ms: 30_000,
+            db_statement_timeout_ms: 30_000,
+            db_idle_in_transaction_timeout_ms: 60_000,
+            readyz_timeout_ms: 2_000,
             workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             jwt_hs256_secret: Secret::default(),
             jwt_public_key_file: None,
@@ -327,6 +350,9 @@ impl Config {
             ("group_commit_max_changes", self.group_commit_max_changes as u64),
             ("tenant_mailbox", self.tenant_mailbox as u64),
             ("db_pool_size", self.db_pool_size as u64),
+            ("db_acquire_timeout_ms", self.db_acquire_timeout_ms),
+            ("db_transaction_timeout_ms", self.db_transaction_timeout_ms),
+            ("readyz_timeout_ms", self.readyz_timeout_ms),
             ("workers", self.workers as u64),
             ("record_queue_entries", self.record_queue_entries as u64),
             ("max_http_body_bytes", self.max_http_body_bytes as u64),
@@ -384,6 +410,15 @@ impl Config {
     }
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_timeout_ms)
+    }
+    pub fn db_acquire_timeout(&self) -> Duration {
+        Duration::from_millis(self.db_acquire_timeout_ms)
+    }
+    pub fn db_transaction_timeout(&self) -> Duration {
+        Duration::from_millis(self.db_transaction_timeout_ms)
+    }
+    pub fn readyz_timeout(&self) -> Duration {
+        Duration::from_millis(self.readyz_timeout_ms)
     }
 }
 

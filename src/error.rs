@@ -13,6 +13,10 @@ pub enum Error {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("configuration: {0}")]
     Config(String),
+    /// The database did not answer within the deadline of this wait (the connection is given
+    /// up; the outcome of a commit under way is unknown).
+    #[error("the database did not answer within {0:?}")]
+    StorageTimeout(std::time::Duration),
     #[error("the hub is saturated")]
     Busy,
     #[error("the hub is shutting down")]
@@ -33,9 +37,11 @@ impl Error {
     pub fn code(&self) -> ErrorCode {
         match self {
             Error::Client { code, .. } => *code,
-            // Every connection stayed busy for the acquire timeout: saturated, not broken.
-            Error::Database(sqlx::Error::PoolTimedOut) => ErrorCode::Busy,
-            Error::Database(_) | Error::Migrate(_) => ErrorCode::Unavailable,
+            // No connection within the acquire timeout (PoolTimedOut) is an outage too: group
+            // commits and session reads queue for their shares of the pool before they ask it,
+            // so the hub's own load waits there, and a pool that still gives nothing means a
+            // database that does not answer (down, frozen, out of connections).
+            Error::Database(_) | Error::Migrate(_) | Error::StorageTimeout(_) => ErrorCode::Unavailable,
             Error::Config(_) | Error::Internal(_) => ErrorCode::Internal,
             Error::Busy => ErrorCode::Busy,
             Error::ShuttingDown => ErrorCode::ShuttingDown,
@@ -46,8 +52,7 @@ impl Error {
     pub fn public_message(&self) -> String {
         match self {
             Error::Client { message, .. } => message.clone(),
-            Error::Database(sqlx::Error::PoolTimedOut) => "the hub is saturated; retry later".into(),
-            Error::Database(_) | Error::Migrate(_) => "storage is unavailable; retry later".into(),
+            Error::Database(_) | Error::Migrate(_) | Error::StorageTimeout(_) => "storage is unavailable; retry later".into(),
             Error::Internal(_) => "internal error".into(),
             other => other.to_string(),
         }

@@ -123,7 +123,10 @@ async fn readyz(hub: web::Data<Arc<Hub>>) -> HttpResponse {
     if !hub.accepting() {
         return HttpResponse::ServiceUnavailable().body("shutting down");
     }
-    match hub.store.ping().await {
+    // A database that does not answer at all (frozen, or a network that drops packets) must
+    // not hold the probe: it is not ready either.
+    let waited = hub.config.readyz_timeout();
+    match tokio::time::timeout(waited, hub.store.ping()).await.unwrap_or(Err(Error::StorageTimeout(waited))) {
         Ok(()) => HttpResponse::Ok().body("ready"),
         Err(err) => {
             tracing::warn!(%err, "readiness check failed");

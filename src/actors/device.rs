@@ -469,7 +469,8 @@ impl DeviceSession {
         let store = self.hub.store.clone();
         let asked = position.clone();
         let work = async move {
-            let head = tenant.send(subscribe).await.map_err(|_| Error::Busy)?;
+            // The actor stopped before answering: it could not read the tenant's head.
+            let head = tenant.send(subscribe).await.map_err(|_| Error::client(ErrorCode::Unavailable, "storage is unavailable; retry later"))?;
             // The tenant actor's head answers a hello without a query. A position past it, or of
             // another epoch, is checked against Postgres before the device is told to resync:
             // it may hold entries of other SQL writers that a read of the log or a snapshot

@@ -188,7 +188,8 @@ impl TenantActor {
             };
             let mut attempt = 0;
             loop {
-                match store.commit_group(&mut conn, &tenant, &inputs, limits, expected_head, &mut row_cache).await {
+                let commit = store.commit_group(&mut conn, &tenant, &inputs, limits, expected_head, &mut row_cache);
+                match store.within_transaction_deadline(commit).await {
                     Err(Error::Database(err)) if attempt < 2 && is_retryable(&err) => {
                         attempt += 1;
                         metrics.group_commit_retries.fetch_add(1, Ordering::Relaxed);
@@ -423,7 +424,8 @@ impl TenantActor {
         let tenant = self.tenant.clone();
         let after = self.fanned;
         let upto = self.ready.first_key_value().map(|(s, _)| s - 1);
-        ctx.spawn(async move { store.read_log(&tenant, after, upto, LOG_READ_PAGE).await }.into_actor(self).map(
+        let read = async move { store.within_transaction_deadline(store.read_log(&tenant, after, upto, LOG_READ_PAGE)).await };
+        ctx.spawn(read.into_actor(self).map(
             |result, actor, ctx| {
                 actor.reading_log = false;
                 match result {
@@ -485,7 +487,8 @@ impl Actor for TenantActor {
         // Learn where the log stands before handling anything else.
         let store = self.store.clone();
         let tenant = self.tenant.clone();
-        ctx.wait(async move { store.tenant_head(&tenant).await }.into_actor(self).map(|head, actor, ctx| match head {
+        let head = async move { store.within_transaction_deadline(store.tenant_head(&tenant)).await };
+        ctx.wait(head.into_actor(self).map(|head, actor, ctx| match head {
             Ok(head) => {
                 actor.fanned = head.head_seq;
                 actor.committed_head = Some(head.head_seq);
@@ -518,7 +521,8 @@ impl TenantActor {
         let store = self.store.clone();
         let tenant = self.tenant.clone();
         let after = head.saturating_sub(limit as u64);
-        ctx.wait(async move { store.read_log(&tenant, after, Some(head), limit as u32).await }.into_actor(self).map(
+        let read = async move { store.within_transaction_deadline(store.read_log(&tenant, after, Some(head), limit as u32)).await };
+        ctx.wait(read.into_actor(self).map(
             move |result, actor, _ctx| {
                 let Ok(read) = result else { return };
                 let deltas = read.deltas;
