@@ -173,6 +173,40 @@ pub struct Config {
 
     /// Subscriptions one socket may hold. Default 16; more are refused `too_many_subscriptions`.
     pub max_subscriptions_per_session: usize,
+
+    // ---- rate limits (a rate of 0 is no limit; each refusal says how long to wait) ----
+    /// Pushes (batches) a second one device may make on average, over its sockets and the HTTP
+    /// push. Default 500; more are refused `rate_limited`.
+    pub device_push_rate: u32,
+    /// Pushes one device may make at once before its rate applies. Default 1000.
+    pub device_push_burst: u32,
+    /// Pushes (batches) a second all of one tenant's devices and writers may make. Default
+    /// 20000; more are refused `rate_limited`.
+    pub tenant_push_rate: u32,
+    /// Pushes one tenant may make at once. Default 40000.
+    pub tenant_push_burst: u32,
+    /// Sessions (`hello`s) a second one tenant may open. Default 1000; more are refused
+    /// `rate_limited` and closed with 4029.
+    pub tenant_connect_rate: u32,
+    /// Sessions one tenant may open at once (a reconnect storm). Default 10000.
+    pub tenant_connect_burst: u32,
+    /// `subscribe` frames a second one session may send. Default 20; more are refused
+    /// `rate_limited`.
+    pub session_subscribe_rate: u32,
+    /// `subscribe` frames one session may send at once. Default 40.
+    pub session_subscribe_burst: u32,
+    /// HTTP API requests a second for one tenant (conflict review, server-side writers, token
+    /// refresh). Default 200; more are answered 429 `rate_limited` with `Retry-After`.
+    pub tenant_http_rate: u32,
+    /// HTTP API requests one tenant may make at once. Default 400.
+    pub tenant_http_burst: u32,
+    /// Keys (devices, tenants) each rate limit tracks at most. Default 100000; past it, keys whose
+    /// buckets are full again are forgotten, and a new key goes unmetered while none is.
+    pub rate_limit_keys: usize,
+    /// WebSocket sessions this process holds at most. Default 0: the open-file limit less 512
+    /// (for Postgres connections, the listener and files). More are refused at the upgrade with
+    /// 503 `busy` and `Retry-After`, before the process runs out of file descriptors.
+    pub max_connections: usize,
     /// Most rows a subscription's snapshot may hold. Default 10000; a filter matching more is
     /// refused `snapshot_too_large`.
     pub subscription_snapshot_max_rows: usize,
@@ -281,6 +315,18 @@ impl Default for Config {
             session_mailbox: 64,
             session_pushes_in_flight: 64,
             max_subscriptions_per_session: 16,
+            device_push_rate: 500,
+            device_push_burst: 1000,
+            tenant_push_rate: 20_000,
+            tenant_push_burst: 40_000,
+            tenant_connect_rate: 1000,
+            tenant_connect_burst: 10_000,
+            session_subscribe_rate: 20,
+            session_subscribe_burst: 40,
+            tenant_http_rate: 200,
+            tenant_http_burst: 400,
+            rate_limit_keys: 100_000,
+            max_connections: 0,
             subscription_snapshot_max_rows: 10_000,
             max_clock_skew_ms: 300_000,
             tenant_queue_batches: 256,
@@ -345,6 +391,7 @@ impl Config {
             ("session_mailbox", self.session_mailbox as u64),
             ("session_pushes_in_flight", self.session_pushes_in_flight as u64),
             ("max_subscriptions_per_session", self.max_subscriptions_per_session as u64),
+            ("rate_limit_keys", self.rate_limit_keys as u64),
             ("subscription_snapshot_max_rows", self.subscription_snapshot_max_rows as u64),
             ("tenant_queue_batches", self.tenant_queue_batches as u64),
             ("group_commit_max_changes", self.group_commit_max_changes as u64),

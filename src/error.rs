@@ -19,6 +19,9 @@ pub enum Error {
     StorageTimeout(std::time::Duration),
     #[error("the hub is saturated")]
     Busy,
+    /// A rate limit (see `limits`): the same request may go through after `retry_after`.
+    #[error("too many {what}; retry in {} ms", retry_after_ms(*.retry_after))]
+    RateLimited { what: &'static str, retry_after: std::time::Duration },
     #[error("the hub is shutting down")]
     ShuttingDown,
     /// A bug or corrupt state inside the hub; the details are logged, not sent.
@@ -44,7 +47,16 @@ impl Error {
             Error::Database(_) | Error::Migrate(_) | Error::StorageTimeout(_) => ErrorCode::Unavailable,
             Error::Config(_) | Error::Internal(_) => ErrorCode::Internal,
             Error::Busy => ErrorCode::Busy,
+            Error::RateLimited { .. } => ErrorCode::RateLimited,
             Error::ShuttingDown => ErrorCode::ShuttingDown,
+        }
+    }
+
+    /// How long the client should wait before trying again, when the error says.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Error::RateLimited { retry_after, .. } => Some(*retry_after),
+            _ => None,
         }
     }
 
@@ -57,4 +69,10 @@ impl Error {
             other => other.to_string(),
         }
     }
+}
+
+/// A wait in whole milliseconds, rounded up (never 0: "retry in 0 ms" would invite a retry
+/// that is refused again).
+pub fn retry_after_ms(wait: std::time::Duration) -> u64 {
+    (wait.as_micros().div_ceil(1000) as u64).max(1)
 }

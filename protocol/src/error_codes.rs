@@ -71,12 +71,15 @@ pub enum ErrorCode {
     /// The change's `change_id` belongs to another change: an earlier one of the same batch
     /// or group, or one the hub already committed under another device or device_seq.
     ChangeIdReused,
+    /// A rate limit: too many pushes, sessions, subscriptions or API requests; retry after the
+    /// error's `retry_after_ms`.
+    RateLimited,
 }
 
 impl ErrorCode {
     /// Whether the same request can succeed if retried later unchanged.
     pub fn is_temporary(self) -> bool {
-        matches!(self, ErrorCode::Busy | ErrorCode::Unavailable | ErrorCode::ShuttingDown | ErrorCode::Internal)
+        matches!(self, ErrorCode::Busy | ErrorCode::Unavailable | ErrorCode::ShuttingDown | ErrorCode::Internal | ErrorCode::RateLimited)
     }
 
     /// The code as it is spelled on the wire.
@@ -113,6 +116,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::ConflictNotOpen => "conflict_not_open",
             ErrorCode::ChangeIdReused => "change_id_reused",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 }
@@ -135,6 +139,9 @@ pub enum CloseCode {
     UnsupportedVersion = 4003,
     /// The client fell too far behind reading; reconnect and resume from the last seq.
     SlowConsumer = 4008,
+    /// The tenant opened sessions faster than `tenant_connect_rate`: reconnect after the
+    /// error frame's `retry_after_ms`.
+    RateLimited = 4029,
     /// Too many bad frames on this socket.
     TooManyErrors = 4009,
     /// The same device opened another session; this one is replaced.
@@ -150,7 +157,7 @@ impl CloseCode {
 
     pub fn from_code(code: u16) -> Option<CloseCode> {
         use CloseCode::*;
-        [GoingAway, MessageTooBig, HelloTimeout, Unauthorized, TokenExpired, UnsupportedVersion, SlowConsumer, TooManyErrors, Replaced, HeartbeatTimeout]
+        [GoingAway, MessageTooBig, HelloTimeout, Unauthorized, TokenExpired, UnsupportedVersion, SlowConsumer, RateLimited, TooManyErrors, Replaced, HeartbeatTimeout]
             .into_iter()
             .find(|c| c.code() == code)
     }

@@ -372,6 +372,9 @@ pub enum ServerFrame {
         message: String,
         /// True when the same request may succeed if retried later.
         temporary: bool,
+        /// With `rate_limited`: how long to wait before retrying, ms.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
 }
 

@@ -645,6 +645,7 @@ fn goldens() -> Vec<Golden> {
                 code: ErrorCode::BatchTooLarge,
                 message: "batch has 742 changes; the limit is 500".into(),
                 temporary: false,
+                retry_after_ms: None,
             },
         ),
         s(
@@ -654,6 +655,17 @@ fn goldens() -> Vec<Golden> {
                 code: ErrorCode::Busy,
                 message: "tenant write queue is full; retry the same batch later".into(),
                 temporary: true,
+                retry_after_ms: None,
+            },
+        ),
+        s(
+            "server_error_rate_limited",
+            ServerFrame::Error {
+                id: Some(14),
+                code: ErrorCode::RateLimited,
+                message: "too many pushes; retry in 250 ms".into(),
+                temporary: true,
+                retry_after_ms: Some(250),
             },
         ),
         s(
@@ -663,6 +675,7 @@ fn goldens() -> Vec<Golden> {
                 code: ErrorCode::MalformedFrame,
                 message: "expected value at line 1 column 1".into(),
                 temporary: false,
+                retry_after_ms: None,
             },
         ),
     ]
@@ -733,7 +746,7 @@ fn server_type(f: &ServerFrame) -> &'static str {
 }
 
 /// Every ErrorCode; `error_code_index` is exhaustive so a new code fails to compile here.
-const ALL_ERROR_CODES: [ErrorCode; 31] = [
+const ALL_ERROR_CODES: [ErrorCode; 32] = [
     ErrorCode::MalformedFrame,
     ErrorCode::UnknownType,
     ErrorCode::UnsupportedVersion,
@@ -765,6 +778,7 @@ const ALL_ERROR_CODES: [ErrorCode; 31] = [
     ErrorCode::NotFound,
     ErrorCode::ConflictNotOpen,
     ErrorCode::ChangeIdReused,
+    ErrorCode::RateLimited,
 ];
 
 fn error_code_index(c: ErrorCode) -> usize {
@@ -801,6 +815,7 @@ fn error_code_index(c: ErrorCode) -> usize {
         NotFound => 28,
         ConflictNotOpen => 29,
         ChangeIdReused => 30,
+        RateLimited => 31,
     }
 }
 
@@ -1094,7 +1109,7 @@ fn readme_lists_every_error_code_and_close_code() {
         assert_eq!(temporary, want, "README: temporary column of {}", code.as_str());
     }
     let closes = all_close_codes();
-    assert_eq!(closes.len(), 10);
+    assert_eq!(closes.len(), 11);
     for c in closes {
         let prefix = format!("| {} |", c.code());
         assert!(close.iter().any(|l| l.starts_with(&prefix)), "README close-code table lacks {}", c.code());

@@ -30,6 +30,7 @@ use super::tenant::TenantActor;
 use crate::auth::{unix_now, Identity, SessionIdentity};
 use crate::rules::AccessView;
 use crate::error::Error;
+use crate::limits::Bucket;
 use crate::ids::{id_problem, DeviceId, Seq, SessionId, DASHBOARD_DEVICE_PREFIX};
 use crate::server::Hub;
 use crate::storage::apply::BatchInput;
@@ -103,6 +104,13 @@ struct Authenticated {
     view: Option<Arc<AccessView>>,
 }
 
+/// The socket's subscriptions, and its `subscribe` frames' rate (`session_subscribe_rate`).
+#[derive(Default)]
+struct Subscriptions {
+    list: Vec<Subscription>,
+    bucket: Option<Bucket>,
+}
+
 /// One of the socket's subscriptions.
 struct Subscription {
     name: String,
@@ -167,10 +175,9 @@ pub struct DeviceSession {
     device_live: bool,
     /// A `catch_up` page went to the device in the current catch-up.
     device_paged: bool,
-    /// The socket's subscriptions (dashboards; boxed at the first, like `pushes`: 8 bytes in
-    /// every session instead of a `Vec`'s 24).
-    #[allow(clippy::box_collection)]
-    subscriptions: Option<Box<Vec<Subscription>>>,
+    /// The socket's subscriptions (dashboards; boxed at the first `subscribe`, like `pushes`:
+    /// 8 bytes in every session instead of a `Vec`'s 24).
+    subscriptions: Option<Box<Subscriptions>>,
     /// Live frames that came while catching up (boxed while there are any).
     held: Option<Box<HeldFrames>>,
     catch_up_running: bool,
@@ -240,11 +247,11 @@ impl DeviceSession {
     }
 
     fn subscriptions(&self) -> &[Subscription] {
-        self.subscriptions.as_deref().map_or(&[], Vec::as_slice)
+        self.subscriptions.as_deref().map_or(&[], |s| s.list.as_slice())
     }
 
     fn subscriptions_mut(&mut self) -> &mut Vec<Subscription> {
-        self.subscriptions.get_or_insert_with(Box::default)
+        &mut self.subscriptions.get_or_insert_with(Box::default).list
     }
 
     fn held_mut(&mut self) -> &mut HeldFrames {
@@ -290,7 +297,16 @@ impl DeviceSession {
 
     fn send_error(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: Option<u64>, code: ErrorCode, message: impl Into<String>) {
         self.hub.metrics.error(code);
-        let frame = ServerFrame::Error { id, code, message: message.into(), temporary: code.is_temporary() };
+        let frame = ServerFrame::Error { id, code, message: message.into(), temporary: code.is_temporary(), retry_after_ms: None };
+        self.send(ctx, &frame);
+    }
+
+    /// An error frame for `err`, with how long to wait when it says (a rate limit).
+    fn send_failure(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: Option<u64>, err: &Error) {
+        let code = err.code();
+        self.hub.metrics.error(code);
+        let retry_after_ms = err.retry_after().map(crate::error::retry_after_ms);
+        let frame = ServerFrame::Error { id, code, message: err.public_message(), temporary: code.is_temporary(), retry_after_ms };
         self.send(ctx, &frame);
     }
 
@@ -437,6 +453,10 @@ impl DeviceSession {
         if self.mode == SessionMode::Device && DeviceId::is_reserved(device.as_str()) {
             self.send_error(ctx, Some(id), ErrorCode::Forbidden, "device ids starting with `console:` or `dashboard:` are the hub's own");
             return self.close(ctx, CloseCode::Unauthorized, "reserved device id");
+        }
+        if let Err(err) = self.hub.limits.connect(&identity.tenant) {
+            self.send_failure(ctx, Some(id), &err);
+            return self.close(ctx, CloseCode::RateLimited, "too many new sessions");
         }
         let tenant = self.hub.registry.get(&identity.tenant);
         self.set_token_deadline(identity.expires_at);
@@ -603,6 +623,10 @@ impl DeviceSession {
         }
         // unwrap: only authenticated sessions reach here.
         let auth = self.auth.as_ref().expect("authenticated");
+        if let Err(err) = self.hub.limits.push(&auth.identity.tenant, &auth.identity.device) {
+            return self.send_failure(ctx, Some(id), &err);
+        }
+        let auth = self.auth.as_ref().expect("authenticated");
         let input = BatchInput { access: auth.view.clone(), ..BatchInput::pushed(auth.identity.device.clone(), auth.identity.user.clone(), batch_id, changes) };
         self.hub.metrics.batches_pushed.fetch_add(1, Ordering::Relaxed);
         let pushes = self.pushes.get_or_insert_with(Box::default);
@@ -737,6 +761,12 @@ impl DeviceSession {
     ) {
         if !matches!(self.phase, Phase::CatchingUp | Phase::Live) {
             return self.bad_frame(ctx, Some(id), ErrorCode::InvalidBatch, "subscribe after welcome (and after resume, when told to resync)".into());
+        }
+        let rate = self.hub.limits.session_subscribes;
+        let now = std::time::Instant::now();
+        let bucket = self.subscriptions.get_or_insert_with(Box::default).bucket.get_or_insert_with(|| rate.full(now));
+        if let Err(retry_after) = rate.take(bucket, now) {
+            return self.send_failure(ctx, Some(id), &Error::RateLimited { what: "subscriptions", retry_after });
         }
         if name.is_empty() || name.chars().count() > 64 {
             return self.bad_frame(ctx, Some(id), ErrorCode::InvalidFilter, "`sub` must be 1 to 64 characters".into());
@@ -1064,7 +1094,7 @@ impl DeviceSession {
         let mut frames = Vec::new();
         let view = self.view();
         let Some(subscriptions) = self.subscriptions.as_mut() else { return };
-        for sub in subscriptions.iter_mut() {
+        for sub in subscriptions.list.iter_mut() {
             let Target::Table { table, filter, after, ready: true, .. } = &mut sub.target else { continue };
             if seq <= *after {
                 continue;

@@ -48,6 +48,7 @@ pub async fn push(
     body: web::Json<PushBody>,
 ) -> Result<HttpResponse, ApiError> {
     let tenant = tenant_of(tenant.into_inner(), &writer, hub.config.max_id_bytes)?;
+    hub.limits.http(&tenant)?;
     check_accepting(&hub)?;
     let PushBody { device_id, batch_id, changes } = body.into_inner();
     if let Some(problem) = id_problem(&device_id, hub.config.max_id_bytes) {
@@ -57,7 +58,9 @@ pub async fn push(
         return Err(ApiError::new(ErrorCode::Forbidden, "device ids starting with `console:` or `dashboard:` are the hub's own"));
     }
     check_batch(&changes, hub.config.max_batch_changes)?;
-    let input = BatchInput::pushed(DeviceId::new(device_id), UserId::new(format!("service:{}", writer.name)), batch_id, changes);
+    let device = DeviceId::new(device_id);
+    hub.limits.push(&tenant, &device)?;
+    let input = BatchInput::pushed(device, UserId::new(format!("service:{}", writer.name)), batch_id, changes);
     hub.metrics.http_pushes.fetch_add(1, Ordering::Relaxed);
     let results = submit(&hub, &tenant, input).await?;
     Ok(HttpResponse::Ok().json(json!({"batch_id": batch_id, "results": results})))
@@ -78,6 +81,7 @@ pub async fn broadcast(
     body: web::Json<BroadcastBody>,
 ) -> Result<HttpResponse, ApiError> {
     let tenant = tenant_of(tenant.into_inner(), &writer, hub.config.max_id_bytes)?;
+    hub.limits.http(&tenant)?;
     check_accepting(&hub)?;
     let BroadcastBody { channel, payload } = body.into_inner();
     if channel.is_empty() || channel.chars().count() > MAX_CHANNEL_CHARS {

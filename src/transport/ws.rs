@@ -25,6 +25,11 @@ pub async fn upgrade(req: HttpRequest, stream: web::Payload, hub: web::Data<Arc<
     if !hub.accepting() {
         return Ok(HttpResponse::ServiceUnavailable().body("shutting down"));
     }
+    // Refused here, before a socket and a session exist (config `max_connections`).
+    if hub.sessions.len() >= hub.limits.max_connections {
+        let full = ApiError::new(ErrorCode::Busy, format!("this hub holds its most sessions ({}); retry later", hub.limits.max_connections));
+        return Ok(full.error_response());
+    }
     let identity = match upgrade_identity(&req, &hub) {
         Ok(identity) => identity,
         Err(err) => return Ok(err.error_response()),
