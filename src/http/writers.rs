@@ -26,8 +26,9 @@ const MAX_ID_CHARS: usize = 200;
 const MAX_CHANNEL_CHARS: usize = 64;
 
 fn tenant_of(path: String, writer: &ServiceWriter) -> Result<TenantId, ApiError> {
-    if path.is_empty() || path.chars().count() > MAX_ID_CHARS {
-        return Err(ApiError::new(ErrorCode::MalformedFrame, format!("tenant ids are 1 to {MAX_ID_CHARS} characters")));
+    // The path is decoded (`%00` is a NUL) and the tenant id reaches Postgres as text.
+    if path.is_empty() || path.chars().count() > MAX_ID_CHARS || path.contains('\0') {
+        return Err(ApiError::new(ErrorCode::MalformedFrame, format!("tenant ids are 1 to {MAX_ID_CHARS} characters, none of them NUL")));
     }
     let tenant = TenantId::new(path);
     writer.check_tenant(&tenant)?;
