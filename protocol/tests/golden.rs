@@ -1092,7 +1092,7 @@ fn readme_lists_every_error_code_and_close_code() {
         assert_eq!(temporary, want, "README: temporary column of {}", code.as_str());
     }
     let closes = all_close_codes();
-    assert_eq!(closes.len(), 10);
+    assert_eq!(closes.len(), 12);
     for c in closes {
         let prefix = format!("| {} |", c.code());
         assert!(close.iter().any(|l| l.starts_with(&prefix)), "README close-code table lacks {}", c.code());
