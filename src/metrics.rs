@@ -12,14 +12,17 @@ use protocol::{ChangeStatus, CloseCode, ErrorCode};
 /// Upper bounds (seconds) of the group-commit latency histogram's buckets.
 const COMMIT_BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
 
-const CLOSE_CODES: [CloseCode; 10] = [
+const CLOSE_CODES: [CloseCode; 13] = [
     CloseCode::GoingAway,
+    CloseCode::ProtocolError,
+    CloseCode::InvalidPayload,
     CloseCode::MessageTooBig,
     CloseCode::HelloTimeout,
     CloseCode::Unauthorized,
     CloseCode::TokenExpired,
     CloseCode::UnsupportedVersion,
     CloseCode::SlowConsumer,
+    CloseCode::RateLimited,
     CloseCode::TooManyErrors,
     CloseCode::Replaced,
     CloseCode::HeartbeatTimeout,
@@ -29,7 +32,7 @@ const CLOSE_CODES: [CloseCode; 10] = [
 pub struct Metrics {
     pub sessions_opened: AtomicU64,
     /// Sessions closed by the hub, by close code (index in `CLOSE_CODES`).
-    closes: [AtomicU64; 10],
+    closes: [AtomicU64; 13],
     pub batches_pushed: AtomicU64,
     /// Change results by status: applied, merged, conflict, rejected, duplicate.
     changes: [AtomicU64; 5],

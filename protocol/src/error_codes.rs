@@ -127,7 +127,12 @@ impl ErrorCode {
 pub enum CloseCode {
     /// The hub is shutting down or restarting: reconnect with backoff and resume.
     GoingAway = 1001,
-    /// A frame larger than `max_frame_bytes` (also sent when the WebSocket framing cannot be read).
+    /// WebSocket framing the hub cannot accept: reserved bits set, an unmasked frame, an
+    /// unknown opcode, fragments out of order, a bad control or close frame (RFC 6455 §7.4.1).
+    ProtocolError = 1002,
+    /// A text frame (or a close reason) that is not UTF-8.
+    InvalidPayload = 1007,
+    /// A frame larger than `max_frame_bytes`.
     MessageTooBig = 1009,
     /// `hello` did not arrive in time after the socket opened.
     HelloTimeout = 4000,
@@ -157,7 +162,7 @@ impl CloseCode {
 
     pub fn from_code(code: u16) -> Option<CloseCode> {
         use CloseCode::*;
-        [GoingAway, MessageTooBig, HelloTimeout, Unauthorized, TokenExpired, UnsupportedVersion, SlowConsumer, RateLimited, TooManyErrors, Replaced, HeartbeatTimeout]
+        [GoingAway, ProtocolError, InvalidPayload, MessageTooBig, HelloTimeout, Unauthorized, TokenExpired, UnsupportedVersion, SlowConsumer, RateLimited, TooManyErrors, Replaced, HeartbeatTimeout]
             .into_iter()
             .find(|c| c.code() == code)
     }
