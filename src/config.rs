@@ -423,6 +423,10 @@ impl Config {
             if service.name.is_empty() || !names.insert(service.name.as_str()) {
                 return Err(Error::Config(format!("service_tokens[{i}]: name must be non-empty and unique")));
             }
+            // The name becomes the user id `service:<name>` of the writer's changes.
+            if let Some(problem) = crate::ids::id_problem(&format!("service:{}", service.name), self.max_id_bytes) {
+                return Err(Error::Config(format!("service_tokens[{i}]: the name as a user id {problem}")));
+            }
             if service.token.0.len() < MIN_SERVICE_TOKEN_BYTES {
                 return Err(Error::Config(format!("service token `{}` must be at least {MIN_SERVICE_TOKEN_BYTES} bytes", service.name)));
             }
@@ -547,5 +551,7 @@ mod tests {
         assert!(Config { service_tokens: vec![short], ..Config::default() }.validate().is_err());
         let twice = config.service_tokens[0].clone();
         assert!(Config { service_tokens: vec![twice.clone(), twice], ..Config::default() }.validate().is_err());
+        let nul = ServiceToken { name: "bridge\u{0}".into(), ..config.service_tokens[0].clone() };
+        assert!(Config { service_tokens: vec![nul], ..Config::default() }.validate().is_err());
     }
 }
