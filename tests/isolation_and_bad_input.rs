@@ -35,7 +35,7 @@ struct Refusal {
 /// The very next frame must be an `error`; returns it (its message must not be empty).
 async fn next_error(c: &mut Client) -> Refusal {
     match c.recv().await {
-        ServerFrame::Error { code, id, temporary, message } => {
+        ServerFrame::Error { code, id, temporary, message, .. } => {
             assert!(!message.is_empty(), "an error frame carries a message");
             Refusal { code, id, temporary }
         }
