@@ -2,6 +2,7 @@
 //! cluster, a demo schema and tenant, and prints ready-to-use tokens.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -48,8 +49,21 @@ enum Command {
     },
 }
 
+/// Exit 1 with the error and its causes on one line: a refusal to start (a folder another hub
+/// owns, a bad setting) is an answer for the operator, not a crash, so no backtrace even with
+/// `RUST_BACKTRACE` set.
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("synchub: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 #[actix_web::main]
-async fn main() -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<()> {
     telemetry::init();
     let cli = Cli::parse();
     let mut config = Config::load(cli.config.as_deref()).context("loading configuration")?;
