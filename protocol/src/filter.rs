@@ -36,7 +36,7 @@ pub fn holds(condition: &Condition, value: &Value) -> bool {
 pub fn check(condition: &Condition) -> Result<(), String> {
     // No stored value holds U+0000 (Postgres text and jsonb cannot), and a snapshot sends the
     // value to Postgres, which would refuse it.
-    if holds_nul(&condition.value) {
+    if crate::holds_nul(&condition.value) {
         return Err(format!("the value for `{}` holds the character U+0000", condition.column));
     }
     match condition.op {
@@ -47,15 +47,6 @@ pub fn check(condition: &Condition) -> Result<(), String> {
             Err(format!("`{}` is compared with a number or a string only", condition.column))
         }
         _ => Ok(()),
-    }
-}
-
-fn holds_nul(value: &Value) -> bool {
-    match value {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(items) => items.iter().any(holds_nul),
-        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
-        _ => false,
     }
 }
 

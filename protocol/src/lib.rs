@@ -19,6 +19,17 @@ pub use error_codes::{CloseCode, ErrorCode};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+
+/// Whether a string anywhere in `value` (object keys too) holds U+0000, which neither
+/// Postgres `text` nor `jsonb` can store: such a value can be neither written nor matched.
+pub fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
+    }
+}
 use uuid::Uuid;
 
 /// Protocol versions this crate speaks, newest last. The hub picks the highest one

@@ -9,7 +9,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use protocol::{Change, ChangeResult, ChangeStatus, ConflictRecord, Delta, ErrorCode, Hlc, Object, Op};
+use protocol::{holds_nul, Change, ChangeResult, ChangeStatus, ConflictRecord, Delta, ErrorCode, Hlc, Object, Op};
 use serde_json::{json, Value};
 use sqlx::types::Json;
 use sqlx::{Connection, PgConnection, Row};
@@ -225,18 +225,6 @@ fn validate(change: &Change, table: &TableSchema, tenant: &TenantId, limits: App
         }
     }
     None
-}
-
-/// Whether a string anywhere in `value` (object keys too) holds U+0000, which neither text
-/// columns nor `jsonb` accept. Checked up front: a losing value is never written to its row, but
-/// its conflict record is, and that statement failing would fail the whole group every retry.
-fn holds_nul(value: &Value) -> bool {
-    match value {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(items) => items.iter().any(holds_nul),
-        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
-        _ => false,
-    }
 }
 
 /// Bytes of `value` as JSON, counted without writing it out.
