@@ -1432,6 +1432,13 @@ async fn catch_up_while_another_device_keeps_writing() {
 // A device's own earlier writes (protocol §4: simply overwritten, never merged or conflict)
 // ---------------------------------------------------------------------------------------------
 
+/// Rows group commits merged into from `source` (`postgres` or `cache`), from `/metrics`.
+async fn merge_rows_from(hub: &TestHub, source: &str) -> f64 {
+    let text = reqwest::get(format!("http://{}/metrics", hub.addr)).await.expect("metrics").text().await.unwrap();
+    let series = format!("synchub_merge_rows_total{{source=\"{source}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(series.as_str())).expect("the merge rows series").parse().unwrap()
+}
+
 /// The spec's `client_push_batch`: a device opens an order and pays it in one offline batch,
 /// both changes made before it had seen the row (base_version 0). Both are `applied`.
 #[actix_web::test]
@@ -1473,6 +1480,8 @@ async fn a_device_updating_its_own_row_in_a_later_batch_is_applied() {
         let r = push_batch(&mut a, Uuid::now_v7(), &[void]).await;
         assert_eq!(r[0].status, ChangeStatus::Applied, "row cache of {cache_rows} rows");
         assert_eq!(db_row(&hub, "orders", order).await.expect("the order")["status"], json!("void"));
+        let (read, from_cache) = (merge_rows_from(&hub, "postgres").await, merge_rows_from(&hub, "cache").await);
+        assert_eq!((read, from_cache), if cache_rows > 0 { (1.0, 2.0) } else { (3.0, 0.0) }, "where the later groups found the row");
         assert_eq!(conflict_count(&hub).await, 0);
         hub.shutdown().await;
     }
@@ -1512,6 +1521,11 @@ async fn another_device_writing_in_between_still_merges_or_conflicts() {
         let r = push_batch(&mut a, Uuid::now_v7(), &[employee.clone()]).await;
         assert_eq!(r[0].status, ChangeStatus::Conflict, "row cache of {cache_rows} rows: {r:?}");
         assert_eq!(conflict_rows(&hub, employee.change_id).await.len(), 1);
+        if cache_rows == 0 {
+            assert_eq!(merge_rows_from(&hub, "cache").await, 0.0, "every group read the row and its clocks from Postgres");
+        } else {
+            assert!(merge_rows_from(&hub, "cache").await >= 2.0, "later groups merged into the row the earlier ones left");
+        }
         hub.shutdown().await;
     }
 }
