@@ -124,10 +124,12 @@ pub struct RowCache {
     head: Option<Seq>,
     /// Table → key as Postgres renders it (JSON text) → row.
     rows: HashMap<String, HashMap<Box<str>, StoredRow>>,
+    /// Rows in `rows`, over all tables.
     held: usize,
     /// Table → key as a device pushed it → key as Postgres renders it, for keys a device
     /// writes otherwise (a UUID's case); a key pushed as Postgres renders it needs none.
     aliases: HashMap<String, HashMap<Box<str>, Box<str>>>,
+    /// Keys in `aliases`, over all tables.
     aliases_held: usize,
 }
 
