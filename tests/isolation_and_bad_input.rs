@@ -630,14 +630,14 @@ async fn a_rejected_change_leaves_its_row_untouched() {
             (Rejected, Some(ErrorCode::UnknownColumn)),
             (Rejected, Some(ErrorCode::ValueTooLarge)),
             (Rejected, Some(ErrorCode::TenantMismatch)),
-            // The row changed since base_version 1 (by this batch's first change), on another field.
-            (Merged, None),
+            // The row changed since base_version 1 by this device's own first change only:
+            // simply overwritten (protocol §4), so applied and not merged.
+            (Applied, None),
         ]
     );
     results[1..6].iter().for_each(assert_rejected_shape);
     assert_eq!((results[0].seq, results[6].seq), (Some(2), Some(3)));
-    let merged_row = results[6].row.as_ref().expect("a merged result carries the row");
-    assert_eq!((&merged_row["name"], &merged_row["price_cents"], &merged_row["stock"]), (&json!("Scone 2"), &json!(300), &json!(7)));
+    assert_eq!(results[6].row, None, "an applied result carries no row");
 
     // A batch whose only change is half good, half bad: nothing of it is written.
     for (n, fields) in [(9, json!({"name": "Half", "price_cents": "abc"})), (10, json!({"name": "Half", "price_cents": 99_999_999_999i64}))] {
