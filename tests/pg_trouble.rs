@@ -29,8 +29,9 @@ use uuid::Uuid;
 use common::{cluster, fresh_database};
 use push_load::{check_database, write_config, Device, HubProcess, Stats, DEVICES, FINAL_BATCHES};
 
-/// Short deadlines, so that trouble is answered `unavailable` rather than waited out.
-const HUB_SETTINGS: &str = "db_acquire_timeout_ms = 2000\ndb_transaction_timeout_ms = 3000\nreadyz_timeout_ms = 1000\n";
+/// Short deadlines, so that trouble is answered `unavailable` rather than waited out; no
+/// catch-up from the tenant actor's memory, so that every reconnect reads the log in Postgres.
+const HUB_SETTINGS: &str = "db_acquire_timeout_ms = 2000\ndb_transaction_timeout_ms = 3000\nreadyz_timeout_ms = 1000\ncatch_up_cache_deltas = 0\n";
 /// Trouble starts this long into a round's load, at least and at most (ms).
 const TROUBLE_AFTER_MS: (u64, u64) = (50, 1500);
 /// Gaps between the terminations of one round (ms), and how many a round has.

@@ -192,7 +192,7 @@ pub struct Acked {
     pub committed_before_crash: bool,
 }
 
-/// One device: what it persists across crashes (its counter, position, unacked batch) and
+/// One device: what it persists across sessions (its counter, position, unacked batch) and
 /// what the test checks at the end (every ack, every delta delivered).
 pub struct Device {
     pub id: String,
@@ -226,9 +226,9 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<t
 
 /// Why a session ended.
 pub enum Ended {
-    /// The socket failed or closed: the hub was killed.
+    /// The socket failed or closed (the hub was killed, or closed it), or the hello was refused.
     Lost,
-    /// The last phase's batches are all acked.
+    /// The session's batches are all acked, or it was told to stop.
     Done,
 }
 
@@ -425,6 +425,8 @@ impl Device {
                 ServerFrame::MustResync { reason, .. } => {
                     self.problems.push(format!("{}: must_resync {reason:?} from position {:?}", self.id, self.position));
                 }
+                // The session's own failure (a catch-up read), before the hub closes it.
+                ServerFrame::Error { id: None, code, .. } => *self.refusals.entry(format!("session {code:?}")).or_default() += 1,
                 _ => {}
             }
             return Some(frame);
