@@ -18,45 +18,6 @@ use uuid::Uuid;
 /// Generous bound for any answer; the deadlines configured below are far shorter.
 const ANSWER: Duration = Duration::from_secs(30);
 
-/// The cluster's postmaster and every process it forked (backends, background workers).
-fn cluster_processes() -> Vec<u32> {
-    let pid_file = cluster().cluster_dir().join("postmaster.pid");
-    let postmaster: u32 = std::fs::read_to_string(pid_file).expect("postmaster.pid").lines().next().unwrap().trim().parse().unwrap();
-    let mut pids = vec![postmaster];
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-        // "pid (comm) state ppid ...": the parent is the second field after the name.
-        let ppid = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().nth(1)?.parse::<u32>().ok());
-        if ppid == Some(postmaster) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
-fn signal_cluster(sig: &str) {
-    let pids: Vec<String> = cluster_processes().iter().map(u32::to_string).collect();
-    let status = std::process::Command::new("kill").arg(format!("-{sig}")).args(&pids).status().expect("kill");
-    assert!(status.success(), "kill -{sig} {pids:?}");
-}
-
-/// Thaws the cluster even when an assertion fails while it is frozen.
-struct Frozen;
-
-impl Frozen {
-    fn freeze() -> Frozen {
-        signal_cluster("STOP");
-        Frozen
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        signal_cluster("CONT");
-    }
-}
-
 async fn readyz(hub: &TestHub) -> u16 {
     let client = reqwest::Client::builder().timeout(ANSWER).build().unwrap();
     client.get(format!("http://{}/readyz", hub.addr)).send().await.expect("/readyz answers").status().as_u16()

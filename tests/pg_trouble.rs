@@ -26,7 +26,7 @@ use sqlx::Connection;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use common::{cluster, fresh_database};
+use common::{cluster, fresh_database, Frozen};
 use push_load::{check_database, write_config, Device, HubProcess, Stats, DEVICES, FINAL_BATCHES};
 
 /// Short deadlines, so that trouble is answered `unavailable` rather than waited out; no
@@ -245,45 +245,6 @@ async fn pg_ctl(args: &[&str]) {
     };
     let out = command.arg("-D").arg(dir).args(args).stdin(std::process::Stdio::null()).output().await.expect("pg_ctl runs");
     assert!(out.status.success(), "pg_ctl {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-}
-
-/// The cluster's postmaster and every process it forked (backends, background workers).
-fn cluster_processes() -> Vec<u32> {
-    let pid_file = cluster().cluster_dir().join("postmaster.pid");
-    let postmaster: u32 = std::fs::read_to_string(pid_file).expect("postmaster.pid").lines().next().unwrap().trim().parse().unwrap();
-    let mut pids = vec![postmaster];
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-        // "pid (comm) state ppid ...": the parent is the second field after the name.
-        let ppid = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().nth(1)?.parse::<u32>().ok());
-        if ppid == Some(postmaster) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
-fn signal_cluster(sig: &str) {
-    let pids: Vec<String> = cluster_processes().iter().map(u32::to_string).collect();
-    let status = std::process::Command::new("kill").arg(format!("-{sig}")).args(&pids).status().expect("kill");
-    assert!(status.success(), "kill -{sig} {pids:?}");
-}
-
-/// Thaws the cluster when dropped, even by a failing assertion.
-struct Frozen;
-
-impl Frozen {
-    fn freeze() -> Frozen {
-        signal_cluster("STOP");
-        Frozen
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        signal_cluster("CONT");
-    }
 }
 
 fn print_summary(summary: &Summary, stats: &Stats, seed: u64, rounds: usize) {
