@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::ids::{DeviceId, TenantId, UserId};
+use crate::ids::{id_problem, DeviceId, TenantId, UserId};
 
 /// Who a verified token speaks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +53,8 @@ pub struct TokenVerifier {
     claim_user: Vec<String>,
     claim_role: Vec<String>,
     claim_device: Vec<String>,
+    /// Longest id a claim may hold (config `max_id_bytes`).
+    max_id_bytes: usize,
     /// Role names seen in tokens, one allocation shared by every session with that role.
     roles: std::sync::RwLock<Vec<Arc<str>>>,
 }
@@ -117,6 +119,7 @@ impl TokenVerifier {
             claim_user: claim_path(&config.claim_user),
             claim_role: claim_path(&config.claim_role),
             claim_device: claim_path(&config.claim_device),
+            max_id_bytes: config.max_id_bytes,
             roles: Default::default(),
         })
     }
@@ -159,14 +162,20 @@ impl TokenVerifier {
         let mut validation = Validation::new(key.algorithm);
         validation.leeway = self.leeway_secs;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp"]);
+        // A configured audience or issuer is required, not only checked when present.
+        let mut required = vec!["exp"];
         match &self.audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
         if let Some(iss) = &self.issuer {
             validation.set_issuer(&[iss]);
+            required.push("iss");
         }
+        validation.set_required_spec_claims(&required);
         let data = decode::<Value>(token, &key.key, &validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind;
             match e.kind() {
@@ -195,20 +204,40 @@ impl TokenVerifier {
         let required = |path: &[String], name: &str| -> Result<String> {
             text(path, name)?.ok_or_else(|| invalid(format!("token lacks the {name} claim `{}`", path.join("."))))
         };
-        let tenant = required(&self.claim_tenant, "tenant")?;
-        // The tenant becomes a Postgres setting and text value, which cannot hold NUL.
-        if tenant.contains('\0') {
-            return Err(invalid("the tenant claim contains a NUL character".into()));
-        }
+        // Ids become Postgres settings and indexed text values (see `id_problem`).
+        let checked = |value: String, name: &str| -> Result<String> {
+            match id_problem(&value, self.max_id_bytes) {
+                Some(problem) => Err(invalid(format!("the {name} claim {problem}"))),
+                None => Ok(value),
+            }
+        };
+        let tenant = checked(required(&self.claim_tenant, "tenant")?, "tenant")?;
+        let user = checked(required(&self.claim_user, "user")?, "user")?;
+        let role = checked(required(&self.claim_role, "role")?, "role")?;
+        let device = text(&self.claim_device, "device")?.map(|d| checked(d, "device")).transpose()?;
+        let expires_at = numeric_date(claims.get("exp")).ok_or_else(|| invalid("exp is not a NumericDate".into()))?;
         Ok(Identity {
             tenant: TenantId::new(tenant),
-            user: UserId::new(required(&self.claim_user, "user")?),
-            role: self.shared_role(&required(&self.claim_role, "role")?),
-            device: text(&self.claim_device, "device")?.map(DeviceId::new),
-            expires_at: claims.get("exp").and_then(Value::as_u64).unwrap_or(0),
+            user: UserId::new(user),
+            role: self.shared_role(&role),
+            device: device.map(DeviceId::new),
+            expires_at,
             claims: Arc::new(claims),
         })
     }
+}
+
+/// A NumericDate claim (RFC 7519 §2: seconds since the epoch, a JSON number that may be
+/// fractional) as whole Unix seconds, rounded down: a token is never taken to live longer than
+/// it says. A date before 1970 is 0. `None` when the claim is not a number.
+fn numeric_date(claim: Option<&Value>) -> Option<u64> {
+    let Value::Number(n) = claim? else { return None };
+    Some(match (n.as_u64(), n.as_f64()) {
+        (Some(whole), _) => whole,
+        // `as` saturates: past u64::MAX is u64::MAX, negative is 0.
+        (None, Some(seconds)) if seconds.is_finite() => seconds.floor() as u64,
+        _ => return None,
+    })
 }
 
 /// Mint an HS256 token (used by `synchub dev` to print ready-made tokens, and by tests).
@@ -299,6 +328,47 @@ mod tests {
         let mut future = base;
         future["nbf"] = json!(unix_now() + 3600);
         assert_eq!(v.verify(&mint_hs256("s3cret", &future)).unwrap_err().code(), ErrorCode::TokenExpired);
+    }
+
+    #[test]
+    fn a_fractional_exp_is_a_numeric_date() {
+        let v = verifier(hs_config());
+        let exp = unix_now() + 3600;
+        let token = mint_hs256("s3cret", &json!({"sub": "u", "role": "r", "tenant_id": "t", "exp": exp as f64 + 0.5}));
+        assert_eq!(v.verify(&token).unwrap().expires_at, exp);
+        let past = mint_hs256("s3cret", &json!({"sub": "u", "role": "r", "tenant_id": "t", "exp": (unix_now() - 3600) as f64 + 0.25}));
+        assert_eq!(v.verify(&past).unwrap_err().code(), ErrorCode::TokenExpired);
+        let text = mint_hs256("s3cret", &json!({"sub": "u", "role": "r", "tenant_id": "t", "exp": exp.to_string()}));
+        assert_eq!(v.verify(&text).unwrap_err().code(), ErrorCode::InvalidToken);
+        assert_eq!(numeric_date(Some(&json!(1e300))), Some(u64::MAX));
+        assert_eq!(numeric_date(Some(&json!(-5.5))), Some(0));
+        assert_eq!(numeric_date(Some(&json!(null))), None);
+    }
+
+    #[test]
+    fn a_configured_audience_and_issuer_are_required() {
+        let v = verifier(Config { jwt_audience: Some("hub".into()), jwt_issuer: Some("idp".into()), ..hs_config() });
+        let base = json!({"sub": "u", "role": "r", "tenant_id": "t", "aud": "hub", "iss": "idp", "exp": unix_now() + 60});
+        assert!(v.verify(&mint_hs256("s3cret", &base)).is_ok());
+        for claim in ["aud", "iss"] {
+            let mut without = base.clone();
+            without.as_object_mut().unwrap().remove(claim);
+            assert_eq!(v.verify(&mint_hs256("s3cret", &without)).unwrap_err().code(), ErrorCode::InvalidToken, "{claim}");
+        }
+    }
+
+    #[test]
+    fn ids_postgres_cannot_store_are_refused_in_every_claim() {
+        let v = verifier(Config { max_id_bytes: 8, ..hs_config() });
+        let base = json!({"sub": "u", "role": "r", "tenant_id": "t", "device_id": "d", "exp": unix_now() + 60});
+        assert!(v.verify(&mint_hs256("s3cret", &base)).is_ok());
+        for claim in ["sub", "role", "tenant_id", "device_id"] {
+            for bad in ["a\u{0}b", "a\nb", "123456789"] {
+                let mut token = base.clone();
+                token[claim] = json!(bad);
+                assert_eq!(v.verify(&mint_hs256("s3cret", &token)).unwrap_err().code(), ErrorCode::InvalidToken, "{claim} = {bad:?}");
+            }
+        }
     }
 
     fn es256_token(kid: Option<&str>) -> String {

@@ -87,6 +87,24 @@ pub struct Config {
     pub database_url: Secret,
     /// Connections in the hub's Postgres pool. Default 16.
     pub db_pool_size: u32,
+    /// How long a wait for a pooled connection (a new one included) may take, ms. Default
+    /// 10000; past it the request is answered `unavailable` (the group commits' own share of
+    /// the pool keeps saturation from reaching it).
+    pub db_acquire_timeout_ms: u64,
+    /// How long one of a tenant actor's transactions (a group commit, a read of the tenant's
+    /// head or log) may take, ms. Default 30000; past it the hub gives up on it (Postgres rolls
+    /// it back, unless its commit was already under way: a re-sent batch then comes back
+    /// `duplicate`) and answers the group's pushes `unavailable`.
+    pub db_transaction_timeout_ms: u64,
+    /// Postgres `statement_timeout` on the hub's connections (migrations excepted), ms.
+    /// Default 30000; 0 turns it off.
+    pub db_statement_timeout_ms: u64,
+    /// Postgres `idle_in_transaction_session_timeout` on the hub's connections, ms: a
+    /// transaction left idle this long (a hub that stopped answering) is ended by Postgres,
+    /// freeing its locks. Default 60000; 0 turns it off.
+    pub db_idle_in_transaction_timeout_ms: u64,
+    /// How long `/readyz` waits for the database to answer, ms. Default 2000; past it, 503.
+    pub readyz_timeout_ms: u64,
     /// HTTP worker threads (each also hosts tenant actors). Default: number of cores.
     pub workers: usize,
 
@@ -119,6 +137,13 @@ pub struct Config {
     pub max_batch_changes: usize,
     /// Largest JSON size of one field value, bytes. Default 64 KiB; larger rejects the change.
     pub max_field_bytes: usize,
+    /// Largest JSON size of a change's key (all its columns), bytes. Default 1024; larger
+    /// rejects the change `invalid_key`. Keys are indexed, and Postgres refuses index entries
+    /// past about 2.7 KB, which would fail the write for the whole group.
+    pub max_key_bytes: usize,
+    /// Longest tenant, user, role or device id (from a token, `hello` or a service push),
+    /// bytes. Default 256; longer is refused (`invalid_token`, `forbidden`, `invalid_batch`).
+    pub max_id_bytes: usize,
     /// Deltas per catch-up page. Default 1000.
     pub catch_up_page_changes: u32,
     /// Most rows per snapshot page. Default 1000.
@@ -148,6 +173,40 @@ pub struct Config {
 
     /// Subscriptions one socket may hold. Default 16; more are refused `too_many_subscriptions`.
     pub max_subscriptions_per_session: usize,
+
+    // ---- rate limits (a rate of 0 is no limit; each refusal says how long to wait) ----
+    /// Pushes (batches) a second one device may make on average, over its sockets and the HTTP
+    /// push. Default 500; more are refused `rate_limited`.
+    pub device_push_rate: u32,
+    /// Pushes one device may make at once before its rate applies. Default 1000.
+    pub device_push_burst: u32,
+    /// Pushes (batches) a second all of one tenant's devices and writers may make. Default
+    /// 20000; more are refused `rate_limited`.
+    pub tenant_push_rate: u32,
+    /// Pushes one tenant may make at once. Default 40000.
+    pub tenant_push_burst: u32,
+    /// Sessions (`hello`s) a second one tenant may open. Default 1000; more are refused
+    /// `rate_limited` and closed with 4029.
+    pub tenant_connect_rate: u32,
+    /// Sessions one tenant may open at once (a reconnect storm). Default 10000.
+    pub tenant_connect_burst: u32,
+    /// `subscribe` frames a second one session may send. Default 20; more are refused
+    /// `rate_limited`.
+    pub session_subscribe_rate: u32,
+    /// `subscribe` frames one session may send at once. Default 40.
+    pub session_subscribe_burst: u32,
+    /// HTTP API requests a second for one tenant (conflict review, server-side writers, token
+    /// refresh). Default 200; more are answered 429 `rate_limited` with `Retry-After`.
+    pub tenant_http_rate: u32,
+    /// HTTP API requests one tenant may make at once. Default 400.
+    pub tenant_http_burst: u32,
+    /// Keys (devices, tenants) each rate limit tracks at most. Default 100000; past it, keys whose
+    /// buckets are full again are forgotten, and a new key goes unmetered while none is.
+    pub rate_limit_keys: usize,
+    /// WebSocket sessions this process holds at most. Default 0: the open-file limit less 512
+    /// (for Postgres connections, the listener and files). More are refused at the upgrade with
+    /// 503 `busy` and `Retry-After`, before the process runs out of file descriptors.
+    pub max_connections: usize,
     /// Most rows a subscription's snapshot may hold. Default 10000; a filter matching more is
     /// refused `snapshot_too_large`.
     pub subscription_snapshot_max_rows: usize,
@@ -223,6 +282,11 @@ impl Default for Config {
             listen: "127.0.0.1:8080".into(),
             database_url: Secret::default(),
             db_pool_size: 16,
+            db_acquire_timeout_ms: 10_000,
+            db_transaction_timeout_ms: 30_000,
+            db_statement_timeout_ms: 30_000,
+            db_idle_in_transaction_timeout_ms: 60_000,
+            readyz_timeout_ms: 2_000,
             workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             jwt_hs256_secret: Secret::default(),
             jwt_public_key_file: None,
@@ -237,6 +301,8 @@ impl Default for Config {
             max_frame_bytes: 2 * 1024 * 1024,
             max_batch_changes: 1000,
             max_field_bytes: 64 * 1024,
+            max_key_bytes: 1024,
+            max_id_bytes: 256,
             catch_up_page_changes: 1000,
             snapshot_page_rows: 1000,
             hello_timeout_ms: 10_000,
@@ -249,6 +315,18 @@ impl Default for Config {
             session_mailbox: 64,
             session_pushes_in_flight: 64,
             max_subscriptions_per_session: 16,
+            device_push_rate: 500,
+            device_push_burst: 1000,
+            tenant_push_rate: 20_000,
+            tenant_push_burst: 40_000,
+            tenant_connect_rate: 1000,
+            tenant_connect_burst: 10_000,
+            session_subscribe_rate: 20,
+            session_subscribe_burst: 40,
+            tenant_http_rate: 200,
+            tenant_http_burst: 400,
+            rate_limit_keys: 100_000,
+            max_connections: 0,
             subscription_snapshot_max_rows: 10_000,
             max_clock_skew_ms: 300_000,
             tenant_queue_batches: 256,
@@ -303,6 +381,8 @@ impl Config {
         let positive = [
             ("max_frame_bytes", self.max_frame_bytes as u64),
             ("max_batch_changes", self.max_batch_changes as u64),
+            ("max_key_bytes", self.max_key_bytes as u64),
+            ("max_id_bytes", self.max_id_bytes as u64),
             ("catch_up_page_changes", self.catch_up_page_changes as u64),
             ("snapshot_page_rows", self.snapshot_page_rows as u64),
             ("session_outbound_budget_bytes", self.session_outbound_budget_bytes as u64),
@@ -311,11 +391,15 @@ impl Config {
             ("session_mailbox", self.session_mailbox as u64),
             ("session_pushes_in_flight", self.session_pushes_in_flight as u64),
             ("max_subscriptions_per_session", self.max_subscriptions_per_session as u64),
+            ("rate_limit_keys", self.rate_limit_keys as u64),
             ("subscription_snapshot_max_rows", self.subscription_snapshot_max_rows as u64),
             ("tenant_queue_batches", self.tenant_queue_batches as u64),
             ("group_commit_max_changes", self.group_commit_max_changes as u64),
             ("tenant_mailbox", self.tenant_mailbox as u64),
             ("db_pool_size", self.db_pool_size as u64),
+            ("db_acquire_timeout_ms", self.db_acquire_timeout_ms),
+            ("db_transaction_timeout_ms", self.db_transaction_timeout_ms),
+            ("readyz_timeout_ms", self.readyz_timeout_ms),
             ("workers", self.workers as u64),
             ("record_queue_entries", self.record_queue_entries as u64),
             ("max_http_body_bytes", self.max_http_body_bytes as u64),
@@ -338,6 +422,10 @@ impl Config {
         for (i, service) in self.service_tokens.iter().enumerate() {
             if service.name.is_empty() || !names.insert(service.name.as_str()) {
                 return Err(Error::Config(format!("service_tokens[{i}]: name must be non-empty and unique")));
+            }
+            // The name becomes the user id `service:<name>` of the writer's changes.
+            if let Some(problem) = crate::ids::id_problem(&format!("service:{}", service.name), self.max_id_bytes) {
+                return Err(Error::Config(format!("service_tokens[{i}]: the name as a user id {problem}")));
             }
             if service.token.0.len() < MIN_SERVICE_TOKEN_BYTES {
                 return Err(Error::Config(format!("service token `{}` must be at least {MIN_SERVICE_TOKEN_BYTES} bytes", service.name)));
@@ -373,6 +461,15 @@ impl Config {
     }
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_timeout_ms)
+    }
+    pub fn db_acquire_timeout(&self) -> Duration {
+        Duration::from_millis(self.db_acquire_timeout_ms)
+    }
+    pub fn db_transaction_timeout(&self) -> Duration {
+        Duration::from_millis(self.db_transaction_timeout_ms)
+    }
+    pub fn readyz_timeout(&self) -> Duration {
+        Duration::from_millis(self.readyz_timeout_ms)
     }
 }
 
@@ -454,5 +551,7 @@ mod tests {
         assert!(Config { service_tokens: vec![short], ..Config::default() }.validate().is_err());
         let twice = config.service_tokens[0].clone();
         assert!(Config { service_tokens: vec![twice.clone(), twice], ..Config::default() }.validate().is_err());
+        let nul = ServiceToken { name: "bridge\u{0}".into(), ..config.service_tokens[0].clone() };
+        assert!(Config { service_tokens: vec![nul], ..Config::default() }.validate().is_err());
     }
 }

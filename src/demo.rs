@@ -9,35 +9,40 @@ use crate::error::Result;
 
 pub const DEMO_TENANT: &str = "demo-store";
 
-/// Idempotent: tables are created only if missing.
+/// Idempotent: tables are created only if missing. Every primary key starts with the tenant, as
+/// a multi-tenant schema's should: two tenants may use the same id, and a write under one
+/// tenant's key cannot meet, or reveal, another tenant's row.
 pub const SCHEMA_SQL: &str = r#"
 create table if not exists public.products (
     tenant_id   text not null,
-    id          uuid primary key,
+    id          uuid not null,
     sku         text not null,
     name        text not null,
     price_cents integer not null check (price_cents >= 0),
     stock       integer not null default 0,
     active      boolean not null default true,
-    updated_at  timestamptz not null default now()
+    updated_at  timestamptz not null default now(),
+    primary key (tenant_id, id)
 );
 create table if not exists public.customers (
     tenant_id  text not null,
-    id         uuid primary key,
+    id         uuid not null,
     name       text not null,
     email      text,
     phone      text,
-    loyalty_points integer not null default 0
+    loyalty_points integer not null default 0,
+    primary key (tenant_id, id)
 );
 create table if not exists public.orders (
     tenant_id   text not null,
-    id          uuid primary key,
+    id          uuid not null,
     store_id    text not null,
     customer_id uuid,
     status      text not null default 'open' check (status in ('open', 'paid', 'void', 'refunded')),
     total_cents integer not null default 0,
     employee_id text,
-    created_at  timestamptz not null default now()
+    created_at  timestamptz not null default now(),
+    primary key (tenant_id, id)
 );
 create table if not exists public.order_lines (
     tenant_id        text not null,
@@ -46,7 +51,7 @@ create table if not exists public.order_lines (
     product_id       uuid not null,
     quantity         integer not null check (quantity > 0),
     unit_price_cents integer not null,
-    primary key (order_id, line_no)
+    primary key (tenant_id, order_id, line_no)
 );
 "#;
 
@@ -74,7 +79,7 @@ pub async fn seed(pool: &PgPool) -> Result<()> {
     for (id, sku, name, price) in products {
         sqlx::query(
             "insert into public.products (tenant_id, id, sku, name, price_cents, stock) values ($1, $2::uuid, $3, $4, $5, 50) \
-             on conflict (id) do nothing",
+             on conflict (tenant_id, id) do nothing",
         )
         .bind(DEMO_TENANT)
         .bind(id)

@@ -1,4 +1,10 @@
 //! Owns the private PostgreSQL cluster behind `synchub dev` and the integration tests: finding the binaries, initdb, starting (or adopting) the server on a socket-only config, a watchdog that stops it when its owner dies, and teardown.
+//!
+//! Ownership: the live owner holds an exclusive `flock` on `data_dir/cluster.lock` for as long
+//! as it runs (the kernel drops it when the process dies, even by SIGKILL). The watchdog waits
+//! for that lock and stops the server only while holding it, so it can never stop a server that
+//! a successor has taken over; a successor waits while a dead owner's watchdog holds the lock,
+//! and refuses to start, naming the owner, while a live one does.
 
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -22,8 +28,13 @@ const POINTER_FILE: &str = "pgdata-location";
 /// postgresql.conf stays the user's and options like `ephemeral` can change.
 const CONF_FILE: &str = "synchub.conf";
 const INCLUDE_LINE: &str = "include_if_exists = 'synchub.conf'";
-/// How long a server from an earlier run may take to finish starting or stopping.
+/// How long a server from an earlier run may take to finish starting or stopping, and a dead
+/// owner's watchdog to finish stopping it.
 const ADOPT_TIMEOUT: Duration = Duration::from_secs(60);
+/// In `data_dir`: locked by the live owner, and naming it and its watchdog (see the module docs).
+const OWNER_FILE: &str = "cluster.lock";
+/// How often a starting hub looks again at a lock held by a dead owner's watchdog.
+const OWNER_POLL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -63,6 +74,18 @@ pub enum ClusterError {
     SocketDirNotOurs(PathBuf),
     #[error("a server from an earlier run in {} neither became ready nor went away", .0.display())]
     AdoptTimeout(PathBuf),
+    #[error(
+        "the cluster of {} is in use by another synchub process (pid {pid}); stop that one first, \
+         or give this one another data folder",
+        dir.display()
+    )]
+    InUse { dir: PathBuf, pid: u32 },
+    #[error(
+        "{} stayed locked for {} s by a process that is not a live synchub (a dead hub's watchdog \
+         stopping its cluster?); see `fuser {}`",
+        .0.display(), ADOPT_TIMEOUT.as_secs(), .0.display()
+    )]
+    OwnerTimeout(PathBuf),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ClusterError + '_ {
@@ -80,8 +103,8 @@ pub struct ClusterOptions {
     pub ephemeral: bool,
 }
 
-/// A running cluster. Dropping it does not stop the server; the watchdog does
-/// that once this process exits. Call `stop()` to stop it sooner.
+/// A running cluster, owned by this process. Dropping it gives up ownership: the watchdog then
+/// stops the server (as it does when this process exits). `stop()` stops it at once.
 pub struct PgCluster {
     data_dir: PathBuf,
     cluster_dir: PathBuf,
@@ -90,6 +113,8 @@ pub struct PgCluster {
     bin_dir: PathBuf,
     run_as: RunAs,
     watchdog: Option<std::process::Child>,
+    /// Holds the owner lock (closing it releases the lock).
+    owner: std::fs::File,
 }
 
 impl PgCluster {
@@ -109,6 +134,14 @@ impl PgCluster {
             if p.to_str().is_none() {
                 return Err(ClusterError::NonUtf8Path(p.clone()));
             }
+        }
+
+        // Before anything touches the cluster: a dead owner's watchdog may still be stopping it.
+        let (owner, previous) = take_ownership(&data_dir).await?;
+        if let Some(watchdog) = previous.watchdog.filter(ProcessToken::alive) {
+            // It waits for the lock we now hold and would stop the server once we are gone, as
+            // ours will: one is enough.
+            kill_process(watchdog.pid).await;
         }
 
         let cluster_dir = if run_as.is_root() {
@@ -136,20 +169,22 @@ impl PgCluster {
             bin_dir,
             run_as,
             watchdog: None,
+            owner,
         };
         if !pg.cluster_dir.join("PG_VERSION").exists() {
             pg.initdb().await?;
         }
         pg.ensure_socket_dir().await?;
         pg.write_config().await?;
-        if !pg.adopt_running_server().await? {
+        // We hold the owner lock, so no watchdog is at work: a server that runs is ours to use.
+        if pg.adopt_running_server().await? {
+            tracing::info!(cluster = %pg.cluster_dir.display(), "took over the server of an earlier run");
+        } else {
             pg.pg_ctl_start().await?;
         }
-        let postmaster = read_pid_file(&pg.cluster_dir.join("postmaster.pid"))
-            .await
-            .map(|p| p.pid)
-            .unwrap_or(0);
-        pg.watchdog = Some(pg.spawn_watchdog(postmaster)?);
+        pg.watchdog = pg.spawn_watchdog()?;
+        let watchdog = pg.watchdog.as_ref().and_then(|w| ProcessToken::of(w.id()));
+        write_owner(&pg.owner, &pg.data_dir.join(OWNER_FILE), watchdog)?;
         Ok(pg)
     }
 
@@ -375,9 +410,15 @@ impl PgCluster {
         })
     }
 
-    /// A detached shell that outlives us, even on SIGKILL, and stops the
-    /// server once our pid is gone.
-    fn spawn_watchdog(&self, postmaster: u32) -> Result<std::process::Child, ClusterError> {
+    /// A detached `flock` that outlives us, even on SIGKILL: it waits for the owner lock,
+    /// which is free once we are gone (or have dropped the cluster), and holding it stops the
+    /// server. None (with a warning) where `flock(1)` is missing: the server then outlives us
+    /// and the next start adopts it.
+    fn spawn_watchdog(&self) -> Result<Option<std::process::Child>, ClusterError> {
+        let Some(flock) = find_in_path("flock") else {
+            tracing::warn!(cluster = %self.cluster_dir.display(), "flock(1) not found (util-linux): the cluster keeps running if this process is killed");
+            return Ok(None);
+        };
         let dir = lossy(&self.cluster_dir);
         let stop = self.run_as.shell_line(
             &self.bin_dir.join("pg_ctl"),
@@ -393,47 +434,158 @@ impl PgCluster {
         } else {
             String::new()
         };
-        // A zombie owner is a dead owner, even if its parent is slow to reap it.
-        // The postmaster.pid check keeps us from stopping a successor's server
-        // started on the same cluster after ours went away.
-        let script = format!(
-            "while kill -0 {me} 2>/dev/null && ! grep -q '^State:.*Z' /proc/{me}/status 2>/dev/null; \
-             do sleep 1; done; \
-             cur=$(head -n 1 {pid_file} 2>/dev/null); \
-             if [ -z \"$cur\" ] || [ \"$cur\" = {postmaster} ]; then {stop};{cleanup} fi",
-            me = std::process::id(),
-            pid_file = sh_quote(&lossy(&self.cluster_dir.join("postmaster.pid"))),
-        );
-        let spawn = |program: &str, args: &[&str]| {
-            std::process::Command::new(program)
-                .args(args)
-                .current_dir("/")
+        let script = format!("{stop};{cleanup}");
+        let lock = lossy(&self.data_dir.join(OWNER_FILE));
+        let flock = lossy(&flock);
+        let args = [flock.as_str(), lock.as_str(), "sh", "-c", &script];
+        let quiet = |cmd: &mut std::process::Command| {
+            cmd.current_dir("/")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
+                .stderr(Stdio::null());
         };
-        // setsid: a new session, so neither the terminal's ^C/SIGHUP nor a
-        // kill of our process group reaches it.
-        match spawn("setsid", &["sh", "-c", &script]) {
+        // setsid: a new session, so neither the terminal's ^C/SIGHUP nor a kill of our
+        // process group reaches it. It execs flock, so the child's pid is flock's.
+        let mut setsid = std::process::Command::new("setsid");
+        setsid.args(args);
+        quiet(&mut setsid);
+        match setsid.spawn() {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 use std::os::unix::process::CommandExt;
-                std::process::Command::new("nohup")
-                    .args(["sh", "-c", &script])
-                    .process_group(0)
-                    .current_dir("/")
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
+                let mut nohup = std::process::Command::new("nohup");
+                nohup.args(args).process_group(0);
+                quiet(&mut nohup);
+                nohup.spawn()
             }
             other => other,
         }
+        .map(Some)
         .map_err(|source| ClusterError::Spawn {
             cmd: "watchdog".into(),
             source,
         })
     }
+}
+
+/// A process, told apart from a later one that reuses its pid by its start time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ProcessToken {
+    pid: u32,
+    /// Field 22 of `/proc/<pid>/stat`: clock ticks after boot.
+    start: u64,
+}
+
+impl ProcessToken {
+    fn of(pid: u32) -> Option<ProcessToken> {
+        Some(ProcessToken { pid, start: process_start_time(pid)? })
+    }
+
+    /// Still running (a zombie counts as dead).
+    fn alive(&self) -> bool {
+        process_start_time(self.pid) == Some(self.start)
+    }
+}
+
+fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": fields after the name, which may hold spaces and parens.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    if matches!(fields.first(), Some(&("Z" | "X")) | None) {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+/// Who the owner file names: the owning hub and its watchdog.
+#[derive(Debug, Default)]
+struct OwnerRecord {
+    hub: Option<ProcessToken>,
+    watchdog: Option<ProcessToken>,
+}
+
+fn parse_owner(text: &str) -> OwnerRecord {
+    let mut record = OwnerRecord::default();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        let (Some(role), Some(pid), Some(start)) = (words.next(), words.next(), words.next()) else { continue };
+        let (Ok(pid), Ok(start)) = (pid.parse(), start.parse()) else { continue };
+        match role {
+            "hub" => record.hub = Some(ProcessToken { pid, start }),
+            "watchdog" => record.watchdog = Some(ProcessToken { pid, start }),
+            _ => {}
+        }
+    }
+    record
+}
+
+/// Take the owner lock of `data_dir`, returning it with what the file said of the previous
+/// owner. Waits while a dead owner's watchdog holds it (it is stopping the cluster); refuses
+/// while a live hub does.
+async fn take_ownership(data_dir: &Path) -> Result<(std::fs::File, OwnerRecord), ClusterError> {
+    let path = data_dir.join(OWNER_FILE);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    let deadline = Instant::now() + ADOPT_TIMEOUT;
+    let mut waited = false;
+    loop {
+        match file.try_lock() {
+            Ok(()) => break,
+            Err(std::fs::TryLockError::WouldBlock) => {}
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&path)(e)),
+        }
+        let record = parse_owner(&std::fs::read_to_string(&path).unwrap_or_default());
+        if let Some(hub) = record.hub.filter(ProcessToken::alive) {
+            return Err(ClusterError::InUse { dir: data_dir.to_path_buf(), pid: hub.pid });
+        }
+        if Instant::now() >= deadline {
+            return Err(ClusterError::OwnerTimeout(path));
+        }
+        if !waited {
+            tracing::info!(lock = %path.display(), "the previous owner is gone; waiting for its watchdog to stop the cluster");
+            waited = true;
+        }
+        tokio::time::sleep(OWNER_POLL).await;
+    }
+    let previous = parse_owner(&std::fs::read_to_string(&path).unwrap_or_default());
+    // Named at once, so that a hub started meanwhile refuses instead of waiting.
+    write_owner(&file, &path, None)?;
+    Ok((file, previous))
+}
+
+/// Name this process (and its watchdog) in the owner file, which we hold locked.
+fn write_owner(file: &std::fs::File, path: &Path, watchdog: Option<ProcessToken>) -> Result<(), ClusterError> {
+    use std::os::unix::fs::FileExt;
+    let me = ProcessToken::of(std::process::id());
+    let mut text = String::new();
+    for (role, token) in [("hub", me), ("watchdog", watchdog)] {
+        if let Some(t) = token {
+            text.push_str(&format!("{role} {} {}\n", t.pid, t.start));
+        }
+    }
+    file.set_len(0)
+        .and_then(|()| file.write_all_at(text.as_bytes(), 0))
+        .map_err(io_err(path))
+}
+
+/// SIGKILL, best effort (the process may be gone, or another user's).
+async fn kill_process(pid: u32) {
+    let _ = Command::new("sh")
+        .args(["-c", &format!("kill -KILL {pid}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await;
+}
+
+fn find_in_path(program: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
 }
 
 /// How PostgreSQL's tools are run: as ourselves, or, because the server
@@ -725,6 +877,35 @@ fn percent_encode(s: &str, keep: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owner_records_name_live_processes_only() {
+        let me = ProcessToken::of(std::process::id()).expect("our own start time");
+        assert!(me.alive());
+        // The same pid with another start time is a later process that reused it.
+        assert!(!ProcessToken { start: me.start + 1, ..me }.alive());
+        let record = parse_owner(&format!("hub {} {}\nwatchdog 7 99\n", me.pid, me.start));
+        assert_eq!(record.hub, Some(me));
+        assert_eq!(record.watchdog, Some(ProcessToken { pid: 7, start: 99 }));
+        // A file cut short while being rewritten names nobody.
+        let cut = parse_owner("hub 12");
+        assert!(cut.hub.is_none() && cut.watchdog.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_live_owner_is_named_and_a_released_lock_is_taken() {
+        let dir = std::env::temp_dir().join(format!("synchub-owner-test-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (held, _) = take_ownership(&dir).await.expect("a free lock is taken");
+        match take_ownership(&dir).await {
+            Err(ClusterError::InUse { pid, .. }) => assert_eq!(pid, std::process::id()),
+            other => panic!("expected InUse, got {:?}", other.map(|_| ())),
+        }
+        drop(held);
+        let (_again, previous) = take_ownership(&dir).await.expect("a released lock is taken");
+        assert_eq!(previous.hub.map(|h| h.pid), Some(std::process::id()));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[tokio::test]
     async fn ephemeral_cluster_serves_queries_and_cleans_up() {

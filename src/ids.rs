@@ -60,3 +60,54 @@ impl DeviceId {
         id.starts_with(CONSOLE_DEVICE_PREFIX) || id.starts_with(DASHBOARD_DEVICE_PREFIX)
     }
 }
+
+/// Why `value` cannot be a tenant, user, role or device id; `None` when it can. Ids come from
+/// clients (tokens, `hello`, service pushes) and are stored as Postgres `text` in indexed
+/// columns: a NUL (which `text` cannot hold), another control character, or an id longer than
+/// an index entry takes would fail the statement that writes it, and with it every other
+/// change of its group. So they are refused where they enter, with the client's own error.
+pub fn id_problem(value: &str, max_bytes: usize) -> Option<String> {
+    if value.is_empty() {
+        return Some("is empty".into());
+    }
+    if value.len() > max_bytes {
+        return Some(format!("is {} bytes, more than {max_bytes}", value.len()));
+    }
+    if value.contains('\0') {
+        return Some("holds the character U+0000".into());
+    }
+    if value.chars().any(char::is_control) {
+        return Some("holds a control character".into());
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn ids_that_postgres_cannot_store_are_refused() {
+        assert_eq!(id_problem("pos-1", 16), None);
+        assert_eq!(id_problem("ünïcode ✓", 16), None);
+        assert!(id_problem("", 16).is_some());
+        assert!(id_problem("a\0b", 16).is_some());
+        assert!(id_problem("a\nb", 16).is_some());
+        assert!(id_problem("a\u{7f}", 16).is_some());
+        assert!(id_problem("a\u{85}", 16).is_some());
+        assert!(id_problem(&"x".repeat(17), 16).is_some());
+        assert_eq!(id_problem(&"x".repeat(16), 16), None);
+    }
+
+    proptest! {
+        /// Whatever is accepted is storable: bounded, and free of NUL and control characters.
+        #[test]
+        fn accepted_ids_are_storable(value in any::<String>(), max in 1usize..64) {
+            if id_problem(&value, max).is_none() {
+                prop_assert!(!value.is_empty() && value.len() <= max);
+                prop_assert!(!value.chars().any(|c| c == '\0' || c.is_control()));
+            }
+        }
+    }
+}

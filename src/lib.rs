@@ -6,6 +6,7 @@
 //! - [`config`]: every setting and limit, from a TOML file and `SYNCHUB_*` variables.
 //! - [`auth`]: JWT → [`auth::Identity`] (tenant, user, role, device, claims).
 //! - [`rules`]: roles and rules: which tables and rows a role reads and writes, hidden columns.
+//! - [`limits`]: rate limits per device, session and tenant, and the cap on sessions.
 //! - [`transport`]: the WebSocket endpoint: frames, codec, byte budget, heartbeats.
 //! - [`actors`]: one `DeviceSession` per socket, one `TenantActor` per tenant (serial merges,
 //!   group commit, fan-out after commit), and the registry that finds tenant actors.
@@ -30,6 +31,7 @@ pub mod embedded_pg;
 pub mod error;
 pub mod http;
 pub mod ids;
+pub mod limits;
 pub mod metrics;
 pub mod recorder;
 pub mod rules;

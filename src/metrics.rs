@@ -1,5 +1,6 @@
 //! The hub's counters and gauges, and their rendering in the Prometheus text format for
 //! `GET /metrics`. Counting is lock-free (atomics); only error codes go through a small map.
+//! The allocator's figures are read here too, and its free pages returned.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -12,14 +13,17 @@ use protocol::{ChangeStatus, CloseCode, ErrorCode};
 /// Upper bounds (seconds) of the group-commit latency histogram's buckets.
 const COMMIT_BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
 
-const CLOSE_CODES: [CloseCode; 10] = [
+const CLOSE_CODES: [CloseCode; 13] = [
     CloseCode::GoingAway,
+    CloseCode::ProtocolError,
+    CloseCode::InvalidPayload,
     CloseCode::MessageTooBig,
     CloseCode::HelloTimeout,
     CloseCode::Unauthorized,
     CloseCode::TokenExpired,
     CloseCode::UnsupportedVersion,
     CloseCode::SlowConsumer,
+    CloseCode::RateLimited,
     CloseCode::TooManyErrors,
     CloseCode::Replaced,
     CloseCode::HeartbeatTimeout,
@@ -29,7 +33,7 @@ const CLOSE_CODES: [CloseCode; 10] = [
 pub struct Metrics {
     pub sessions_opened: AtomicU64,
     /// Sessions closed by the hub, by close code (index in `CLOSE_CODES`).
-    closes: [AtomicU64; 10],
+    closes: [AtomicU64; 13],
     pub batches_pushed: AtomicU64,
     /// Change results by status: applied, merged, conflict, rejected, duplicate.
     changes: [AtomicU64; 5],
@@ -112,6 +116,22 @@ impl AllocatorStats {
             metadata: stats::metadata::read().ok()? as u64,
         })
     }
+}
+
+/// Give every arena's free pages back to the system now. jemalloc returns them on its own only
+/// as an arena allocates again (or from its background threads): the arenas of threads that
+/// went quiet after a burst would otherwise keep them resident. Returns the resident bytes
+/// before and after, where the allocator can tell.
+pub fn purge_allocator() -> Option<(u64, u64)> {
+    let before = AllocatorStats::read()?.resident;
+    // `arena.<MALLCTL_ARENAS_ALL>.purge`: every arena's dirty and muzzy pages.
+    let name = c"arena.4096.purge";
+    // SAFETY: a control that reads and writes no value; the name is a valid C string.
+    let failed = unsafe { tikv_jemalloc_sys::mallctl(name.as_ptr(), std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut(), 0) };
+    if failed != 0 {
+        return None;
+    }
+    Some((before, AllocatorStats::read()?.resident))
 }
 
 impl Metrics {

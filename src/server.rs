@@ -21,6 +21,7 @@ use crate::auth::TokenVerifier;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::ids::{SessionId, TenantId};
+use crate::limits::Limits;
 use crate::metrics::{AllocatorStats, Gauges, Metrics};
 use crate::recorder::Recorder;
 use crate::rules::Rules;
@@ -39,6 +40,8 @@ pub struct Hub {
     pub rules: Rules,
     /// Present when `record_file` is set.
     pub recorder: Option<Recorder>,
+    /// Rate limits and the session cap.
+    pub limits: Limits,
     accepting: AtomicBool,
 }
 
@@ -84,6 +87,7 @@ pub async fn start(config: Config) -> Result<RunningHub> {
         metrics,
         rules,
         recorder,
+        limits: Limits::from_config(&config),
         accepting: AtomicBool::new(true),
     });
     let listener = tokio::spawn(listen_for_log_writes(store.clone(), registry));
@@ -101,6 +105,10 @@ pub async fn start(config: Config) -> Result<RunningHub> {
             .configure(crate::console::configure)
     })
     .workers(config.workers)
+    // Connections the workers accept before they stop accepting: the session cap and a few for
+    // plain HTTP requests and for upgrades to refuse, so that accept waits rather than fails for
+    // want of file descriptors (sessions past the cap are refused at the upgrade).
+    .max_connections((hub.limits.max_connections + 64).div_ceil(config.workers.max(1)))
     // Frames are small and latency matters: without TCP_NODELAY, Nagle's algorithm holds a
     // frame written while an earlier one is unacknowledged until the client's delayed ACK
     // (up to 40 ms on Linux), which dominated push→ack latency.
@@ -123,7 +131,10 @@ async fn readyz(hub: web::Data<Arc<Hub>>) -> HttpResponse {
     if !hub.accepting() {
         return HttpResponse::ServiceUnavailable().body("shutting down");
     }
-    match hub.store.ping().await {
+    // A database that does not answer at all (frozen, or a network that drops packets) must
+    // not hold the probe: it is not ready either.
+    let waited = hub.config.readyz_timeout();
+    match tokio::time::timeout(waited, hub.store.ping()).await.unwrap_or(Err(Error::StorageTimeout(waited))) {
         Ok(()) => HttpResponse::Ok().body("ready"),
         Err(err) => {
             tracing::warn!(%err, "readiness check failed");

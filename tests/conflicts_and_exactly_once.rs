@@ -1427,3 +1427,105 @@ async fn catch_up_while_another_device_keeps_writing() {
     assert_quiet(&mut r1, "reader 1 at the end").await;
     hub.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// A device's own earlier writes (protocol §4: simply overwritten, never merged or conflict)
+// ---------------------------------------------------------------------------------------------
+
+/// Rows group commits merged into from `source` (`postgres` or `cache`), from `/metrics`.
+async fn merge_rows_from(hub: &TestHub, source: &str) -> f64 {
+    let text = reqwest::get(format!("http://{}/metrics", hub.addr)).await.expect("metrics").text().await.unwrap();
+    let series = format!("synchub_merge_rows_total{{source=\"{source}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(series.as_str())).expect("the merge rows series").parse().unwrap()
+}
+
+/// The spec's `client_push_batch`: a device opens an order and pays it in one offline batch,
+/// both changes made before it had seen the row (base_version 0). Both are `applied`.
+#[actix_web::test]
+async fn a_device_updating_its_own_new_row_in_one_batch_is_applied() {
+    let hub = TestHub::start().await;
+    let (mut a, _, _) = connect(&hub, "pos-a", None).await;
+    let order = Uuid::new_v4();
+    let t = now_ms();
+    let batch = [
+        with_clock(upsert("orders", json!({"id": order}), json!({"store_id": "s1", "status": "open", "total_cents": 710}), 1, 0, 0), t, 0),
+        with_clock(upsert("orders", json!({"id": order}), json!({"status": "paid"}), 2, 0, 0), t + 9_000, 0),
+    ];
+    let r = push_batch(&mut a, Uuid::now_v7(), &batch).await;
+    let statuses: Vec<_> = r.iter().map(|r| (r.status, r.row.is_some())).collect();
+    assert_eq!(statuses, [(ChangeStatus::Applied, false), (ChangeStatus::Applied, false)], "{r:?}");
+    let row = db_row(&hub, "orders", order).await.expect("the order");
+    assert_eq!((row["status"].clone(), row["total_cents"].clone()), (json!("paid"), json!(710)));
+    assert_eq!(conflict_count(&hub).await, 0);
+    hub.shutdown().await;
+}
+
+/// The same across two batches of one device, the second made offline before the first's
+/// ack (base_version 0), with the row found by the next group in the tenant's row cache and,
+/// with the cache off, read back from Postgres with its field clocks.
+#[actix_web::test]
+async fn a_device_updating_its_own_row_in_a_later_batch_is_applied() {
+    for cache_rows in [4096, 0] {
+        let hub = TestHub::start_with(|c| c.row_cache_rows = cache_rows).await;
+        let (mut a, _, _) = connect(&hub, "pos-a", None).await;
+        let order = Uuid::new_v4();
+        let t = now_ms();
+        let open = with_clock(upsert("orders", json!({"id": order}), json!({"store_id": "s1", "status": "open", "total_cents": 710}), 1, 0, 0), t, 0);
+        let r = push_batch(&mut a, Uuid::now_v7(), &[open]).await;
+        assert_eq!(r[0].status, ChangeStatus::Applied);
+        let paid = with_clock(upsert("orders", json!({"id": order}), json!({"status": "paid", "total_cents": 720}), 2, 0, 0), t + 1, 0);
+        let r = push_batch(&mut a, Uuid::now_v7(), &[paid]).await;
+        assert_eq!((r[0].status, r[0].row.as_ref(), r[0].lost_fields.len()), (ChangeStatus::Applied, None, 0), "row cache of {cache_rows} rows");
+        let void = with_clock(upsert("orders", json!({"id": order}), json!({"status": "void"}), 3, 0, 0), t + 2, 0);
+        let r = push_batch(&mut a, Uuid::now_v7(), &[void]).await;
+        assert_eq!(r[0].status, ChangeStatus::Applied, "row cache of {cache_rows} rows");
+        assert_eq!(db_row(&hub, "orders", order).await.expect("the order")["status"], json!("void"));
+        let (read, from_cache) = (merge_rows_from(&hub, "postgres").await, merge_rows_from(&hub, "cache").await);
+        assert_eq!((read, from_cache), if cache_rows > 0 { (1.0, 2.0) } else { (3.0, 0.0) }, "where the later groups found the row");
+        assert_eq!(conflict_count(&hub).await, 0);
+        hub.shutdown().await;
+    }
+}
+
+/// Another device's write in between still counts: the same device's later changes (base 0)
+/// are `merged` when the other device changed other fields, and `conflict` on the fields it
+/// changed; in one batch, in a later batch from the row cache, and read back from Postgres.
+#[actix_web::test]
+async fn another_device_writing_in_between_still_merges_or_conflicts() {
+    for cache_rows in [4096, 0] {
+        let hub = TestHub::start_with(|c| c.row_cache_rows = cache_rows).await;
+        let (mut a, _, _) = connect(&hub, "pos-a", None).await;
+        let (mut b, _, _) = connect(&hub, "pos-b", None).await;
+        let order = Uuid::new_v4();
+        let t = now_ms();
+        let open = with_clock(upsert("orders", json!({"id": order}), json!({"store_id": "s1", "status": "open", "total_cents": 710}), 1, 0, 0), t, 0);
+        let r = push_batch(&mut a, Uuid::now_v7(), &[open]).await;
+        assert_eq!(r[0].status, ChangeStatus::Applied);
+        let seen = r[0].seq.expect("seq");
+
+        // B, which had seen A's insert, sets the employee.
+        let by_b = with_clock(upsert("orders", json!({"id": order}), json!({"employee_id": "emp-b"}), 1, 0, seen), t + 1, 0);
+        assert_eq!(push_batch(&mut b, Uuid::now_v7(), &[by_b]).await[0].status, ChangeStatus::Applied);
+
+        // A, offline since its insert (base 0), pays the order and then changes the employee.
+        let batch = [
+            with_clock(upsert("orders", json!({"id": order}), json!({"status": "paid"}), 2, 0, 0), t + 2, 0),
+            with_clock(upsert("orders", json!({"id": order}), json!({"total_cents": 730}), 3, 0, 0), t + 3, 0),
+        ];
+        let r = push_batch(&mut a, Uuid::now_v7(), &batch).await;
+        let statuses: Vec<_> = r.iter().map(|r| r.status).collect();
+        assert_eq!(statuses, [ChangeStatus::Merged, ChangeStatus::Merged], "row cache of {cache_rows} rows: {r:?}");
+        assert_eq!(r[1].row.as_ref().map(|row| row["employee_id"].clone()), Some(json!("emp-b")));
+
+        let employee = with_clock(upsert("orders", json!({"id": order}), json!({"employee_id": "emp-a"}), 4, 0, 0), t + 4, 0);
+        let r = push_batch(&mut a, Uuid::now_v7(), &[employee.clone()]).await;
+        assert_eq!(r[0].status, ChangeStatus::Conflict, "row cache of {cache_rows} rows: {r:?}");
+        assert_eq!(conflict_rows(&hub, employee.change_id).await.len(), 1);
+        if cache_rows == 0 {
+            assert_eq!(merge_rows_from(&hub, "cache").await, 0.0, "every group read the row and its clocks from Postgres");
+        } else {
+            assert!(merge_rows_from(&hub, "cache").await >= 2.0, "later groups merged into the row the earlier ones left");
+        }
+        hub.shutdown().await;
+    }
+}

@@ -35,7 +35,7 @@ struct Refusal {
 /// The very next frame must be an `error`; returns it (its message must not be empty).
 async fn next_error(c: &mut Client) -> Refusal {
     match c.recv().await {
-        ServerFrame::Error { code, id, temporary, message } => {
+        ServerFrame::Error { code, id, temporary, message, .. } => {
             assert!(!message.is_empty(), "an error frame carries a message");
             Refusal { code, id, temporary }
         }
@@ -298,61 +298,42 @@ async fn a_tenant_never_sees_or_touches_another_tenants_rows() {
     };
     assert_eq!(a_rows, vec![2, 1, 1, 1]);
 
-    // B writes to keys that exist in tenant A (the demo tables' primary keys do not include
-    // the tenant, so a key is unique across tenants): an upsert cannot take over or create the
-    // row (rejected invalid_value: the key is taken), a delete finds no row of B's (nothing
-    // written, no seq). A's rows stay exactly as they were; B's own row goes through with B's
-    // first seq.
+    // B writes under keys that exist in tenant A. The demo tables' keys start with the tenant,
+    // so B's writes make and delete B's own rows only: an upsert of A's key is a new row of B's,
+    // a delete of A's key finds no row of B's (nothing written, no seq). A's rows stay exactly
+    // as they were.
     let pb = Uuid::now_v7();
     let (line_key, _) = order_line(oa, 1, pa, 1);
     let results = b1
         .push(vec![
-            upsert("products", json!({"id": pa}), product(pa, "B's takeover", 1), 1, t + 2, 0),
-            upsert("products", json!({"id": pa}), json!({"price_cents": 1}), 2, t + 2, 9),
-            upsert("order_lines", line_key, json!({"product_id": pb, "quantity": 50, "unit_price_cents": 1}), 3, t + 2, 4),
-            delete("products", json!({"id": pa}), 4, t + 2, 9),
-            delete("orders", json!({"id": oa}), 5, t + 2, 3),
-            upsert("products", json!({"id": pb}), product(pb, "B's tea", 250), 6, t + 2, 0),
+            upsert("products", json!({"id": pa}), product(pa, "B's own latte", 1), 1, t + 2, 0),
+            upsert("order_lines", line_key, json!({"product_id": pb, "quantity": 50, "unit_price_cents": 1}), 2, t + 2, 0),
+            delete("orders", json!({"id": oa}), 3, t + 2, 3),
+            upsert("products", json!({"id": pb}), product(pb, "B's tea", 250), 4, t + 2, 0),
         ])
         .await;
-    use ChangeStatus::*;
-    assert_eq!(
-        statuses(&results),
-        vec![
-            (Rejected, Some(ErrorCode::InvalidValue)),
-            (Rejected, Some(ErrorCode::InvalidValue)),
-            (Rejected, Some(ErrorCode::InvalidValue)),
-            (Applied, None),
-            (Applied, None),
-            (Applied, None),
-        ]
-    );
-    results[..3].iter().for_each(assert_rejected_shape);
-    assert_eq!(results.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![None, None, None, None, None, Some(1)], "only B's own row took a seq");
-    for r in &results {
-        if let Some(m) = &r.message {
-            assert!(!m.contains("store-a") && !m.contains("A's"), "a rejection reveals nothing of A's row: {m}");
-        }
-    }
-    assert_eq!(product_row(&hub.db, pa).await, Some(pa_row), "A's product untouched");
-    let line = row_of(&hub.db, "order_lines", "order_id = $1 and line_no = 1", oa).await.expect("A's order line");
+    assert_eq!(statuses(&results), vec![(ChangeStatus::Applied, None); 4]);
+    assert_eq!(results.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![Some(1), Some(2), None, Some(3)], "B's own seqs");
+    assert_eq!(row_of(&hub.db, "products", "id = $1 and tenant_id = 'store-a'", pa).await, Some(pa_row), "A's product untouched");
+    let line = row_of(&hub.db, "order_lines", "order_id = $1 and line_no = 1 and tenant_id = 'store-a'", oa).await.expect("A's order line");
     assert_eq!((&line["tenant_id"], &line["quantity"], &line["product_id"]), (&json!("store-a"), &json!(1), &json!(pa)));
-    assert!(row_of(&hub.db, "orders", "id = $1", oa).await.is_some(), "A's order not deleted");
-    assert_eq!(cursor(&hub.db, "store-b", "pos-b1").await, Some(6));
+    assert!(row_of(&hub.db, "orders", "id = $1 and tenant_id = 'store-a'", oa).await.is_some(), "A's order not deleted");
+    let b_latte = row_of(&hub.db, "products", "id = $1 and tenant_id = 'store-b'", pa).await.expect("B's own row under A's key");
+    assert_eq!(b_latte["name"], json!("B's own latte"));
+    assert_eq!(cursor(&hub.db, "store-b", "pos-b1").await, Some(4));
     assert_eq!(count(&hub.db, "select count(*) from synchub.change_log where tenant_id = $1", "store-a").await, 9, "A's log unchanged");
-    let b_versions: Vec<Value> = sqlx::query_scalar("select pk from synchub.row_versions where tenant_id = 'store-b'").fetch_all(&hub.db).await.unwrap();
-    assert_eq!(b_versions, vec![json!({"id": pb})], "B's versions hold B's row only");
     assert_eq!(
         footprint(&hub.db, "store-b").await,
-        vec![("products", 1), ("customers", 0), ("orders", 0), ("order_lines", 0), ("change_log", 1), ("row_versions", 1), ("conflicts", 0)]
+        vec![("products", 2), ("customers", 0), ("orders", 0), ("order_lines", 1), ("change_log", 3), ("row_versions", 3), ("conflicts", 0)]
     );
 
-    // B's other device receives exactly B's row, at B's seq 1; A's devices receive nothing.
-    let (deltas, upto) = b2.next_deltas().await;
-    assert_eq!(upto, 1);
-    assert_eq!(deltas.len(), 1);
-    assert_eq!((deltas[0].seq, deltas[0].key.clone(), deltas[0].origin.as_deref()), (1, obj(json!({"id": pb})), Some("pos-b1")));
-    assert_eq!(deltas[0].row.as_ref().unwrap()["tenant_id"], json!("store-b"));
+    // B's other device receives exactly B's rows, at B's seqs; A's devices receive nothing.
+    let deltas = deltas_through(&mut b2, 3).await;
+    assert_eq!(deltas.iter().map(|d| (d.seq, d.origin.as_deref())).collect::<Vec<_>>(), vec![(1, Some("pos-b1")), (2, Some("pos-b1")), (3, Some("pos-b1"))]);
+    assert_eq!(deltas[2].key, obj(json!({"id": pb})));
+    for d in &deltas {
+        assert_eq!(d.row.as_ref().unwrap()["tenant_id"], json!("store-b"), "{d:?}");
+    }
     receives_nothing(&mut b2, "B's second device after B's row").await;
     receives_nothing(&mut a1, "A's first device").await;
     receives_nothing(&mut a2, "A's second device").await;
@@ -649,14 +630,14 @@ async fn a_rejected_change_leaves_its_row_untouched() {
             (Rejected, Some(ErrorCode::UnknownColumn)),
             (Rejected, Some(ErrorCode::ValueTooLarge)),
             (Rejected, Some(ErrorCode::TenantMismatch)),
-            // The row changed since base_version 1 (by this batch's first change), on another field.
-            (Merged, None),
+            // The row changed since base_version 1 by this device's own first change only:
+            // simply overwritten (protocol §4), so applied and not merged.
+            (Applied, None),
         ]
     );
     results[1..6].iter().for_each(assert_rejected_shape);
     assert_eq!((results[0].seq, results[6].seq), (Some(2), Some(3)));
-    let merged_row = results[6].row.as_ref().expect("a merged result carries the row");
-    assert_eq!((&merged_row["name"], &merged_row["price_cents"], &merged_row["stock"]), (&json!("Scone 2"), &json!(300), &json!(7)));
+    assert_eq!(results[6].row, None, "an applied result carries no row");
 
     // A batch whose only change is half good, half bad: nothing of it is written.
     for (n, fields) in [(9, json!({"name": "Half", "price_cents": "abc"})), (10, json!({"name": "Half", "price_cents": 99_999_999_999i64}))] {
@@ -982,10 +963,11 @@ async fn a_session_token_refreshed_over_http_keeps_the_session_open() {
     };
 
     // Refused: a token of another user or device, a bad token, a session that is not open.
+    // Another tenant's token is told what a token for no session is told (not_found).
     let cases = [
         (session.to_string(), token("store-1", "u2", "Employee", Some("d1")), 403, "forbidden"),
         (session.to_string(), token("store-1", "u1", "Employee", Some("d2")), 403, "forbidden"),
-        (session.to_string(), token("store-2", "u1", "Employee", Some("d1")), 403, "forbidden"),
+        (session.to_string(), token("store-2", "u1", "Employee", Some("d1")), 404, "not_found"),
         (session.to_string(), "not.a.token".to_string(), 401, "invalid_token"),
         (Uuid::new_v4().to_string(), token("store-1", "u1", "Employee", Some("d1")), 404, "not_found"),
     ];

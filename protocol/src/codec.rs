@@ -100,7 +100,9 @@ fn decode_type_first<T: TypeFirst>(encoding: Encoding, bytes: &[u8]) -> Result<O
 fn decode_frame<T: DeserializeOwned + TypeFirst>(encoding: Encoding, bytes: &[u8], known: &[&str]) -> Result<T, DecodeError> {
     let decoded = match decode_type_first::<T>(encoding, bytes) {
         Ok(Some(frame)) => Ok(frame),
-        Ok(None) => decode_value::<T>(encoding, bytes),
+        // The derived decoding would take an integer `type` as a variant's index, as
+        // MessagePack's reader offers it where JSON's refuses: a type is a name in both.
+        Ok(None) => decode_value::<Envelope>(encoding, bytes).and_then(|_| decode_value::<T>(encoding, bytes)),
         Err(message) => Err(message),
     };
     decoded.map_err(|message| {
@@ -287,6 +289,27 @@ mod tests {
     fn unknown_fields_are_ignored() {
         let frame = decode_client(Encoding::Json, br#"{"type":"ping","id":5,"future":true}"#).unwrap();
         assert_eq!(frame, ClientFrame::Ping { id: 5 });
+    }
+
+    #[test]
+    fn enums_are_read_by_the_names_they_are_written_with() {
+        fn check<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug + Copy>(names: &[(&str, T)]) {
+            for (name, value) in names {
+                assert_eq!(serde_json::to_value(value).unwrap(), json!(name));
+                for encoding in [Encoding::Json, Encoding::MsgPack] {
+                    assert_eq!(decode_value::<T>(encoding, &encode(encoding, name)).as_ref(), Ok(value), "{encoding:?} {name}");
+                    // Not the variant's index, nor the map form `{"name": null}`.
+                    assert!(decode_value::<T>(encoding, &encode(encoding, &0)).is_err(), "{encoding:?}");
+                    assert!(decode_value::<T>(encoding, &encode(encoding, &json!({*name: null}))).is_err(), "{encoding:?}");
+                }
+            }
+            assert!(decode_value::<T>(Encoding::Json, b"\"teleport\"").is_err());
+        }
+        check(Op::NAMES);
+        check(SessionMode::NAMES);
+        check(Channel::NAMES);
+        check(FilterOp::NAMES);
+        assert_eq!(FilterOp::NAMES.len(), 7);
     }
 
     #[test]

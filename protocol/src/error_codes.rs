@@ -68,12 +68,18 @@ pub enum ErrorCode {
     NotFound,
     /// The conflict was already resolved or dismissed (HTTP API).
     ConflictNotOpen,
+    /// The change's `change_id` belongs to another change: an earlier one of the same batch
+    /// or group, or one the hub already committed under another device or device_seq.
+    ChangeIdReused,
+    /// A rate limit: too many pushes, sessions, subscriptions or API requests; retry after the
+    /// error's `retry_after_ms`.
+    RateLimited,
 }
 
 impl ErrorCode {
     /// Whether the same request can succeed if retried later unchanged.
     pub fn is_temporary(self) -> bool {
-        matches!(self, ErrorCode::Busy | ErrorCode::Unavailable | ErrorCode::ShuttingDown | ErrorCode::Internal)
+        matches!(self, ErrorCode::Busy | ErrorCode::Unavailable | ErrorCode::ShuttingDown | ErrorCode::Internal | ErrorCode::RateLimited)
     }
 
     /// The code as it is spelled on the wire.
@@ -109,6 +115,8 @@ impl ErrorCode {
             ErrorCode::InvalidFilter => "invalid_filter",
             ErrorCode::NotFound => "not_found",
             ErrorCode::ConflictNotOpen => "conflict_not_open",
+            ErrorCode::ChangeIdReused => "change_id_reused",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 }
@@ -119,7 +127,12 @@ impl ErrorCode {
 pub enum CloseCode {
     /// The hub is shutting down or restarting: reconnect with backoff and resume.
     GoingAway = 1001,
-    /// A frame larger than `max_frame_bytes` (also sent when the WebSocket framing cannot be read).
+    /// WebSocket framing the hub cannot accept: reserved bits set, an unmasked frame, an
+    /// unknown opcode, fragments out of order, a bad control or close frame (RFC 6455 §7.4.1).
+    ProtocolError = 1002,
+    /// A text frame (or a close reason) that is not UTF-8.
+    InvalidPayload = 1007,
+    /// A frame larger than `max_frame_bytes`.
     MessageTooBig = 1009,
     /// `hello` did not arrive in time after the socket opened.
     HelloTimeout = 4000,
@@ -131,6 +144,9 @@ pub enum CloseCode {
     UnsupportedVersion = 4003,
     /// The client fell too far behind reading; reconnect and resume from the last seq.
     SlowConsumer = 4008,
+    /// The tenant opened sessions faster than `tenant_connect_rate`: reconnect after the
+    /// error frame's `retry_after_ms`.
+    RateLimited = 4029,
     /// Too many bad frames on this socket.
     TooManyErrors = 4009,
     /// The same device opened another session; this one is replaced.
@@ -146,7 +162,7 @@ impl CloseCode {
 
     pub fn from_code(code: u16) -> Option<CloseCode> {
         use CloseCode::*;
-        [GoingAway, MessageTooBig, HelloTimeout, Unauthorized, TokenExpired, UnsupportedVersion, SlowConsumer, TooManyErrors, Replaced, HeartbeatTimeout]
+        [GoingAway, ProtocolError, InvalidPayload, MessageTooBig, HelloTimeout, Unauthorized, TokenExpired, UnsupportedVersion, SlowConsumer, RateLimited, TooManyErrors, Replaced, HeartbeatTimeout]
             .into_iter()
             .find(|c| c.code() == code)
     }

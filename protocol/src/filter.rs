@@ -34,6 +34,11 @@ pub fn holds(condition: &Condition, value: &Value) -> bool {
 /// A condition that cannot be evaluated as written: `in` without an array, or an ordering
 /// comparison with something other than a number or a string.
 pub fn check(condition: &Condition) -> Result<(), String> {
+    // No stored value holds U+0000 (Postgres text and jsonb cannot), and a snapshot sends the
+    // value to Postgres, which would refuse it.
+    if crate::holds_nul(&condition.value) {
+        return Err(format!("the value for `{}` holds the character U+0000", condition.column));
+    }
     match condition.op {
         FilterOp::In if !condition.value.is_array() => Err(format!("`in` on `{}` needs an array of values", condition.column)),
         FilterOp::Lt | FilterOp::Lte | FilterOp::Gt | FilterOp::Gte
@@ -83,6 +88,14 @@ mod tests {
 
     fn row(v: Value) -> Object {
         v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn a_value_holding_nul_is_refused() {
+        assert!(check(&cond("name", FilterOp::Eq, json!("a\u{0}b"))).is_err());
+        assert!(check(&cond("name", FilterOp::In, json!(["ok", "a\u{0}"]))).is_err());
+        assert!(check(&cond("name", FilterOp::Eq, json!({"k\u{0}": 1}))).is_err());
+        assert!(check(&cond("name", FilterOp::Eq, json!("ab"))).is_ok());
     }
 
     #[test]

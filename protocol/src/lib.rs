@@ -19,6 +19,17 @@ pub use error_codes::{CloseCode, ErrorCode};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+
+/// Whether a string anywhere in `value` (object keys too) holds U+0000, which neither
+/// Postgres `text` nor `jsonb` can store: such a value can be neither written nor matched.
+pub fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
+    }
+}
 use uuid::Uuid;
 
 /// Protocol versions this crate speaks, newest last. The hub picks the highest one
@@ -49,7 +60,7 @@ pub struct Hlc {
     pub counter: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Op {
     /// Insert the row or update the given fields of it.
@@ -68,15 +79,77 @@ pub struct Change {
     pub table: String,
     pub op: Op,
     /// Primary-key columns and their values.
+    #[serde(deserialize_with = "object_not_null")]
     pub key: Object,
-    /// Columns written (upsert only; must be empty or absent for delete).
-    #[serde(default)]
+    /// Columns written (upsert only; must be empty or absent for delete); absent is empty,
+    /// `null` is malformed.
+    #[serde(default, deserialize_with = "object_not_null")]
     pub fields: Object,
     pub hlc: Hlc,
     /// The row version (tenant seq of its last write) the device had seen when it made
     /// this change; 0 when it had never seen the row.
     #[serde(default)]
     pub base_version: u64,
+}
+
+/// A unit-only enum of client frames is read from its name alone. serde's derive would also
+/// take a variant's index (`1` for the second), which MessagePack's reader offers for an
+/// integer while JSON refuses one: both encodings must refuse it. Serialization stays derived
+/// (`rename_all`); a test checks that it writes the names listed here.
+macro_rules! names_only {
+    ($ty:ident { $($name:literal => $variant:ident),+ $(,)? }) => {
+        impl $ty {
+            /// Every variant with its name on the wire.
+            pub const NAMES: &'static [(&'static str, $ty)] = &[$(($name, $ty::$variant)),+];
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                deserializer.deserialize_str(ByName($ty::NAMES))
+            }
+        }
+    };
+}
+
+/// Reads one of `names` from a string, and nothing else.
+struct ByName<T: 'static>(&'static [(&'static str, T)]);
+
+impl<'de, T: Copy> serde::de::Visitor<'de> for ByName<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let names: Vec<String> = self.0.iter().map(|(name, _)| format!("`{name}`")).collect();
+        write!(f, "one of {}", names.join(", "))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<T, E> {
+        match self.0.iter().find(|(name, _)| *name == text) {
+            Some((_, value)) => Ok(*value),
+            None => Err(E::invalid_value(serde::de::Unexpected::Str(text), &self)),
+        }
+    }
+}
+
+/// An object that must be one. `Map`'s own reader takes a unit as an empty map, which
+/// MessagePack's `nil` is while JSON's `null` is refused: both encodings must refuse it.
+fn object_not_null<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Object, D::Error> {
+    struct ObjectOnly;
+    impl<'de> serde::de::Visitor<'de> for ObjectOnly {
+        type Value = Object;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Object, A::Error> {
+            let mut object = Object::new();
+            while let Some((key, value)) = map.next_entry::<String, Value>()? {
+                object.insert(key, value);
+            }
+            Ok(object)
+        }
+    }
+    deserializer.deserialize_map(ObjectOnly)
 }
 
 /// Frames a client sends.
@@ -144,7 +217,7 @@ pub enum ClientFrame {
 }
 
 /// What a session is for: a device that syncs, or a read-only dashboard.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SessionMode {
     #[default]
@@ -159,7 +232,7 @@ impl SessionMode {
 }
 
 /// Channels a session can subscribe to besides tables.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Channel {
     /// Conflicts opened and resolved in the tenant (manager roles only).
@@ -169,7 +242,7 @@ pub enum Channel {
 }
 
 /// Comparison of a filter condition; see [`filter`] for the exact semantics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FilterOp {
     Eq,
@@ -181,6 +254,11 @@ pub enum FilterOp {
     /// `value` is an array; the column equals one of its elements.
     In,
 }
+
+names_only!(Op { "upsert" => Upsert, "delete" => Delete });
+names_only!(SessionMode { "device" => Device, "dashboard" => Dashboard });
+names_only!(Channel { "conflicts" => Conflicts, "presence" => Presence });
+names_only!(FilterOp { "eq" => Eq, "neq" => Neq, "lt" => Lt, "lte" => Lte, "gt" => Gt, "gte" => Gte, "in" => In });
 
 /// One condition of a subscription filter: `row[column] <op> value`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -372,6 +450,9 @@ pub enum ServerFrame {
         message: String,
         /// True when the same request may succeed if retried later.
         temporary: bool,
+        /// With `rate_limited`: how long to wait before retrying, ms.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
 }
 

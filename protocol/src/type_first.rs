@@ -116,6 +116,8 @@ enum ServerFrameTypeFirst {
         code: ErrorCode,
         message: String,
         temporary: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
 }
 

@@ -22,13 +22,16 @@ use protocol::{
 };
 use uuid::Uuid;
 
-use super::messages::{ApplyBatch, Encoded, LiveFrame, Notice, RecentLog, RefreshToken, SessionControl, SharedFrame, Subscribe, Unsubscribe, Watch};
+use super::messages::{
+    ApplyBatch, Encoded, LiveFrame, Notice, RecentLog, RefreshToken, SessionControl, SharedFrame, Subscribe, Unsubscribe, Watch, NO_SUCH_SESSION,
+};
 use super::sweep::{monotonic_ms, unix_ms, SessionHandle};
 use super::tenant::TenantActor;
 use crate::auth::{unix_now, Identity, SessionIdentity};
 use crate::rules::AccessView;
 use crate::error::Error;
-use crate::ids::{DeviceId, Seq, SessionId, DASHBOARD_DEVICE_PREFIX};
+use crate::limits::Bucket;
+use crate::ids::{id_problem, DeviceId, Seq, SessionId, DASHBOARD_DEVICE_PREFIX};
 use crate::server::Hub;
 use crate::storage::apply::BatchInput;
 use crate::storage::log::TenantHead;
@@ -101,6 +104,13 @@ struct Authenticated {
     view: Option<Arc<AccessView>>,
 }
 
+/// The socket's subscriptions, and its `subscribe` frames' rate (`session_subscribe_rate`).
+#[derive(Default)]
+struct Subscriptions {
+    list: Vec<Subscription>,
+    bucket: Option<Bucket>,
+}
+
 /// One of the socket's subscriptions.
 struct Subscription {
     name: String,
@@ -165,10 +175,9 @@ pub struct DeviceSession {
     device_live: bool,
     /// A `catch_up` page went to the device in the current catch-up.
     device_paged: bool,
-    /// The socket's subscriptions (dashboards; boxed at the first, like `pushes`: 8 bytes in
-    /// every session instead of a `Vec`'s 24).
-    #[allow(clippy::box_collection)]
-    subscriptions: Option<Box<Vec<Subscription>>>,
+    /// The socket's subscriptions (dashboards; boxed at the first `subscribe`, like `pushes`:
+    /// 8 bytes in every session instead of a `Vec`'s 24).
+    subscriptions: Option<Box<Subscriptions>>,
     /// Live frames that came while catching up (boxed while there are any).
     held: Option<Box<HeldFrames>>,
     catch_up_running: bool,
@@ -238,11 +247,11 @@ impl DeviceSession {
     }
 
     fn subscriptions(&self) -> &[Subscription] {
-        self.subscriptions.as_deref().map_or(&[], Vec::as_slice)
+        self.subscriptions.as_deref().map_or(&[], |s| s.list.as_slice())
     }
 
     fn subscriptions_mut(&mut self) -> &mut Vec<Subscription> {
-        self.subscriptions.get_or_insert_with(Box::default)
+        &mut self.subscriptions.get_or_insert_with(Box::default).list
     }
 
     fn held_mut(&mut self) -> &mut HeldFrames {
@@ -288,7 +297,16 @@ impl DeviceSession {
 
     fn send_error(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: Option<u64>, code: ErrorCode, message: impl Into<String>) {
         self.hub.metrics.error(code);
-        let frame = ServerFrame::Error { id, code, message: message.into(), temporary: code.is_temporary() };
+        let frame = ServerFrame::Error { id, code, message: message.into(), temporary: code.is_temporary(), retry_after_ms: None };
+        self.send(ctx, &frame);
+    }
+
+    /// An error frame for `err`, with how long to wait when it says (a rate limit).
+    fn send_failure(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: Option<u64>, err: &Error) {
+        let code = err.code();
+        self.hub.metrics.error(code);
+        let retry_after_ms = err.retry_after().map(crate::error::retry_after_ms);
+        let frame = ServerFrame::Error { id, code, message: err.public_message(), temporary: code.is_temporary(), retry_after_ms };
         self.send(ctx, &frame);
     }
 
@@ -420,8 +438,14 @@ impl DeviceSession {
                 return self.close(ctx, CloseCode::Unauthorized, "device mismatch");
             }
             (Some(claimed), _) => claimed.clone(),
-            (None, Some(given)) if !given.is_empty() && given.len() <= 200 => DeviceId::new(given),
-            (None, _) => {
+            (None, Some(given)) => match id_problem(&given, self.hub.config.max_id_bytes) {
+                None => DeviceId::new(given),
+                Some(problem) => {
+                    self.send_error(ctx, Some(id), ErrorCode::Forbidden, format!("hello.device_id {problem}"));
+                    return self.close(ctx, CloseCode::Unauthorized, "unusable device id");
+                }
+            },
+            (None, None) => {
                 self.send_error(ctx, Some(id), ErrorCode::Forbidden, "the token names no device: hello.device_id is required");
                 return self.close(ctx, CloseCode::Unauthorized, "no device id");
             }
@@ -429,6 +453,10 @@ impl DeviceSession {
         if self.mode == SessionMode::Device && DeviceId::is_reserved(device.as_str()) {
             self.send_error(ctx, Some(id), ErrorCode::Forbidden, "device ids starting with `console:` or `dashboard:` are the hub's own");
             return self.close(ctx, CloseCode::Unauthorized, "reserved device id");
+        }
+        if let Err(err) = self.hub.limits.connect(&identity.tenant) {
+            self.send_failure(ctx, Some(id), &err);
+            return self.close(ctx, CloseCode::RateLimited, "too many new sessions");
         }
         let tenant = self.hub.registry.get(&identity.tenant);
         self.set_token_deadline(identity.expires_at);
@@ -461,7 +489,8 @@ impl DeviceSession {
         let store = self.hub.store.clone();
         let asked = position.clone();
         let work = async move {
-            let head = tenant.send(subscribe).await.map_err(|_| Error::Busy)?;
+            // The actor stopped before answering: it could not read the tenant's head.
+            let head = tenant.send(subscribe).await.map_err(|_| Error::client(ErrorCode::Unavailable, "storage is unavailable; retry later"))?;
             // The tenant actor's head answers a hello without a query. A position past it, or of
             // another epoch, is checked against Postgres before the device is told to resync:
             // it may hold entries of other SQL writers that a read of the log or a snapshot
@@ -594,6 +623,10 @@ impl DeviceSession {
         }
         // unwrap: only authenticated sessions reach here.
         let auth = self.auth.as_ref().expect("authenticated");
+        if let Err(err) = self.hub.limits.push(&auth.identity.tenant, &auth.identity.device) {
+            return self.send_failure(ctx, Some(id), &err);
+        }
+        let auth = self.auth.as_ref().expect("authenticated");
         let input = BatchInput { access: auth.view.clone(), ..BatchInput::pushed(auth.identity.device.clone(), auth.identity.user.clone(), batch_id, changes) };
         self.hub.metrics.batches_pushed.fetch_add(1, Ordering::Relaxed);
         let pushes = self.pushes.get_or_insert_with(Box::default);
@@ -698,7 +731,8 @@ impl DeviceSession {
                 return Err(Error::client(ErrorCode::UnknownTable, format!("`{table}` is not a synced table")));
             };
             let (rows, seq, epoch) = store.snapshot_page(&tenant, &schema, after.as_ref(), limit, access.as_deref()).await.map_err(|e| match e {
-                Error::Database(ref db) if db.as_database_error().is_some() => {
+                // Only an `after` the key's columns refuse is the client's; an outage is not.
+                Error::Database(ref db) if matches!(crate::storage::refusal::blame(db), crate::storage::refusal::Blame::Change(..)) => {
                     Error::client(ErrorCode::InvalidKey, "`after` does not match the table's primary key")
                 }
                 other => other,
@@ -727,6 +761,12 @@ impl DeviceSession {
     ) {
         if !matches!(self.phase, Phase::CatchingUp | Phase::Live) {
             return self.bad_frame(ctx, Some(id), ErrorCode::InvalidBatch, "subscribe after welcome (and after resume, when told to resync)".into());
+        }
+        let rate = self.hub.limits.session_subscribes;
+        let now = std::time::Instant::now();
+        let bucket = self.subscriptions.get_or_insert_with(Box::default).bucket.get_or_insert_with(|| rate.full(now));
+        if let Err(retry_after) = rate.take(bucket, now) {
+            return self.send_failure(ctx, Some(id), &Error::RateLimited { what: "subscriptions", retry_after });
         }
         if name.is_empty() || name.chars().count() > 64 {
             return self.bad_frame(ctx, Some(id), ErrorCode::InvalidFilter, "`sub` must be 1 to 64 characters".into());
@@ -1054,7 +1094,7 @@ impl DeviceSession {
         let mut frames = Vec::new();
         let view = self.view();
         let Some(subscriptions) = self.subscriptions.as_mut() else { return };
-        for sub in subscriptions.iter_mut() {
+        for sub in subscriptions.list.iter_mut() {
             let Target::Table { table, filter, after, ready: true, .. } = &mut sub.target else { continue };
             if seq <= *after {
                 continue;
@@ -1289,8 +1329,9 @@ impl Handler<RefreshToken> for DeviceSession {
     type Result = Result<u64, Error>;
 
     fn handle(&mut self, msg: RefreshToken, _ctx: &mut Self::Context) -> Self::Result {
-        if self.closed || self.phase == Phase::Starting {
-            return Err(Error::client(ErrorCode::NotAuthenticated, "the session is not open for a refresh"));
+        let tenant_matches = self.auth.as_ref().is_some_and(|a| a.identity.tenant == msg.0.tenant);
+        if self.closed || self.phase == Phase::Starting || !tenant_matches {
+            return Err(Error::client(ErrorCode::NotFound, NO_SUCH_SESSION));
         }
         self.replace_token(msg.0)
     }

@@ -125,6 +125,11 @@ pub struct LogAppended;
 #[rtype(result = "Result<u64>")]
 pub struct RefreshToken(pub crate::auth::Identity);
 
+/// What a refresh over HTTP is told when the session is not one its token may refresh: not
+/// open, not welcomed yet, or of another tenant. The caller knows only the session's id, and
+/// learns nothing from it about sessions that are not its own.
+pub const NO_SUCH_SESSION: &str = "no open session with this id on this hub";
+
 /// Orders from the hub to a session.
 #[derive(Message, Debug, Clone, Copy, PartialEq, Eq)]
 #[rtype(result = "()")]

@@ -1,7 +1,8 @@
 //! The session clock: one task for all sessions instead of timers in each. Every tick it
 //! checks each open session's hello deadline and token expiry, and tells the sessions whose
 //! heartbeat slot came round to ping their client (each once per heartbeat interval); a
-//! session acts on these as control messages.
+//! session acts on these as control messages. When the last tenant actor stops, it has the
+//! allocator give its free pages back.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use actix::prelude::*;
 use super::device::DeviceSession;
 use super::messages::SessionControl;
 use crate::ids::SessionId;
+use crate::metrics;
 use crate::server::Hub;
 
 /// What the hub keeps of an open session: where to reach it, its deadline, and when its client
@@ -65,8 +67,21 @@ pub async fn run(hub: Arc<Hub>) {
     let mut last_tick = 0;
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tenants_were_running = false;
     loop {
         ticker.tick().await;
+        let tenants_running = hub.registry.tenant_count() > 0;
+        if tenants_were_running && !tenants_running {
+            // The last tenant actor stopped: the hub is idle, and what its row caches, queues
+            // and frames held is free. Returned now rather than never, for arenas that no
+            // longer allocate do not decay on their own.
+            tokio::task::spawn_blocking(|| {
+                if let Some((before, after)) = metrics::purge_allocator() {
+                    tracing::info!(resident_before = before, resident_after = after, "hub idle: free memory returned to the system");
+                }
+            });
+        }
+        tenants_were_running = tenants_running;
         let now_ms = unix_ms();
         // Ticks count from the start, so a late tick still covers every slot it passed.
         let this_tick = (started.elapsed().as_millis() / tick.as_millis()) as u64;

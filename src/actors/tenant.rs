@@ -139,7 +139,11 @@ impl TenantActor {
     }
 
     fn limits(&self) -> ApplyLimits {
-        ApplyLimits { max_field_bytes: self.config.max_field_bytes, max_clock_skew_ms: self.config.max_clock_skew_ms }
+        ApplyLimits {
+            max_field_bytes: self.config.max_field_bytes,
+            max_key_bytes: self.config.max_key_bytes,
+            max_clock_skew_ms: self.config.max_clock_skew_ms,
+        }
     }
 
     /// Start the next group transaction if none is in flight. The group is formed once a
@@ -184,7 +188,8 @@ impl TenantActor {
             };
             let mut attempt = 0;
             loop {
-                match store.commit_group(&mut conn, &tenant, &inputs, limits, expected_head, &mut row_cache).await {
+                let commit = store.commit_group(&mut conn, &tenant, &inputs, limits, expected_head, &mut row_cache);
+                match store.within_transaction_deadline(commit).await {
                     Err(Error::Database(err)) if attempt < 2 && is_retryable(&err) => {
                         attempt += 1;
                         metrics.group_commit_retries.fetch_add(1, Ordering::Relaxed);
@@ -198,12 +203,20 @@ impl TenantActor {
             actor.row_cache = Some(row_cache);
             actor.last_activity = Instant::now();
             match outcome {
-                Ok(output) => {
-                    actor.committed_head = Some(output.head_seq);
+                Ok(mut output) => {
+                    // A group committed piece by piece, some of it perhaps not at all, leaves
+                    // no head this actor can vouch for; the next group reads it under lock.
+                    actor.committed_head = output.failed.is_empty().then_some(output.head_seq);
                     actor.metrics.commit(started.elapsed());
                     actor.metrics.merge_rows_read.fetch_add(output.rows_read, Ordering::Relaxed);
                     actor.metrics.merge_rows_from_cache.fetch_add(output.rows_from_cache, Ordering::Relaxed);
-                    for (reply, results) in replies.into_iter().zip(output.results) {
+                    let mut failed: HashMap<usize, Error> = output.failed.drain(..).collect();
+                    for (b, (reply, results)) in replies.into_iter().zip(output.results).enumerate() {
+                        if let Some(err) = failed.remove(&b) {
+                            actor.metrics.group_commit_failures.fetch_add(1, Ordering::Relaxed);
+                            let _ = reply.send(Err(Error::client(err.code(), err.public_message())));
+                            continue;
+                        }
                         for result in &results {
                             actor.metrics.change(result.status);
                             if let Some(code) = result.reason {
@@ -411,7 +424,8 @@ impl TenantActor {
         let tenant = self.tenant.clone();
         let after = self.fanned;
         let upto = self.ready.first_key_value().map(|(s, _)| s - 1);
-        ctx.spawn(async move { store.read_log(&tenant, after, upto, LOG_READ_PAGE).await }.into_actor(self).map(
+        let read = async move { store.within_transaction_deadline(store.read_log(&tenant, after, upto, LOG_READ_PAGE)).await };
+        ctx.spawn(read.into_actor(self).map(
             |result, actor, ctx| {
                 actor.reading_log = false;
                 match result {
@@ -473,7 +487,8 @@ impl Actor for TenantActor {
         // Learn where the log stands before handling anything else.
         let store = self.store.clone();
         let tenant = self.tenant.clone();
-        ctx.wait(async move { store.tenant_head(&tenant).await }.into_actor(self).map(|head, actor, ctx| match head {
+        let head = async move { store.within_transaction_deadline(store.tenant_head(&tenant)).await };
+        ctx.wait(head.into_actor(self).map(|head, actor, ctx| match head {
             Ok(head) => {
                 actor.fanned = head.head_seq;
                 actor.committed_head = Some(head.head_seq);
@@ -506,7 +521,8 @@ impl TenantActor {
         let store = self.store.clone();
         let tenant = self.tenant.clone();
         let after = head.saturating_sub(limit as u64);
-        ctx.wait(async move { store.read_log(&tenant, after, Some(head), limit as u32).await }.into_actor(self).map(
+        let read = async move { store.within_transaction_deadline(store.read_log(&tenant, after, Some(head), limit as u32)).await };
+        ctx.wait(read.into_actor(self).map(
             move |result, actor, _ctx| {
                 let Ok(read) = result else { return };
                 let deltas = read.deltas;

@@ -40,6 +40,7 @@ impl Manager {
     fn from_request(req: &HttpRequest) -> Result<Manager, ApiError> {
         let hub = hub(req)?;
         let identity = hub.verifier.verify(bearer(req)?)?;
+        hub.limits.http(&identity.tenant)?;
         if !hub.config.is_manager(&identity.role) {
             return Err(ApiError::new(ErrorCode::Forbidden, format!("role `{}` may not review conflicts", identity.role)));
         }

@@ -20,7 +20,7 @@ use crate::error::Error;
 use crate::ids::{DeviceId, CONSOLE_DEVICE_PREFIX};
 use crate::server::Hub;
 use crate::storage::apply::BatchInput;
-use crate::storage::conflicts::{is_rfc3339, ConflictFilter, ResolveConflict, Resolution};
+use crate::storage::conflicts::{ConflictFilter, ResolveConflict, Resolution, Timestamp};
 
 /// Longest table or device name accepted as a filter, characters.
 const MAX_FILTER_NAME_CHARS: usize = 200;
@@ -50,23 +50,27 @@ impl ListQuery {
             Some("dismissed") => Some(ReviewStatus::Dismissed),
             Some(other) => return Err(invalid(format!("status `{other}`: expected open, resolved or dismissed"))),
         };
+        // Text goes to Postgres as a parameter: it must hold no NUL, which `text` cannot store.
         for (name, value) in [("table", &self.table), ("device", &self.device)] {
-            if value.as_ref().is_some_and(|v| v.is_empty() || v.chars().count() > MAX_FILTER_NAME_CHARS) {
-                return Err(invalid(format!("{name} must be 1 to {MAX_FILTER_NAME_CHARS} characters")));
+            if value.as_ref().is_some_and(|v| v.is_empty() || v.chars().count() > MAX_FILTER_NAME_CHARS || v.contains('\0')) {
+                return Err(invalid(format!("{name} must be 1 to {MAX_FILTER_NAME_CHARS} characters, none of them NUL")));
             }
         }
-        for (name, value) in [("since", &self.since), ("until", &self.until)] {
-            if value.as_ref().is_some_and(|v| !is_rfc3339(v)) {
-                return Err(invalid(format!("{name} must be an RFC 3339 date-time such as 2024-11-30T10:00:00Z")));
-            }
-        }
+        let date = |name: &str, value: Option<&str>| match value {
+            None => Ok(None),
+            Some(text) => Timestamp::parse_rfc3339(text).map(Some).ok_or_else(|| {
+                invalid(format!("{name} must be an RFC 3339 date-time in the years 0001 to 9999, such as 2024-11-30T10:00:00Z"))
+            }),
+        };
+        let since = date("since", self.since.as_deref())?;
+        let until = date("until", self.until.as_deref())?;
         let limit = self.limit.unwrap_or(hub.config.conflict_page_default).clamp(1, hub.config.conflict_page_max);
         Ok(ConflictFilter {
             status,
             table: self.table,
             device: self.device,
-            since: self.since,
-            until: self.until,
+            since,
+            until,
             before_id: self.before_id,
             limit,
         })

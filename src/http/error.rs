@@ -43,9 +43,10 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         BatchTooLarge | ValueTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         Busy | Unavailable | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        RateLimited => StatusCode::TOO_MANY_REQUESTS,
         MalformedFrame | UnknownType | UnsupportedVersion | AlreadyAuthenticated | InvalidBatch | UnknownTable | UnknownColumn
         | InvalidValue | InvalidKey | TenantMismatch | SeqGap | EpochMismatch | PositionTooOld | TooManySubscriptions
-        | SnapshotTooLarge | UnknownSubscription | InvalidFilter => StatusCode::BAD_REQUEST,
+        | SnapshotTooLarge | UnknownSubscription | InvalidFilter | ChangeIdReused => StatusCode::BAD_REQUEST,
     }
 }
 
@@ -56,7 +57,7 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let code = self.0.code();
-        if !matches!(self.0, Error::Client { .. }) {
+        if !matches!(self.0, Error::Client { .. } | Error::RateLimited { .. }) {
             tracing::warn!(err = %self.0, "HTTP request failed");
         }
         let mut response = HttpResponse::build(self.status_code());
@@ -67,9 +68,18 @@ impl ResponseError for ApiError {
             StatusCode::SERVICE_UNAVAILABLE => {
                 response.insert_header((header::RETRY_AFTER, "1"));
             }
+            StatusCode::TOO_MANY_REQUESTS => {
+                // Whole seconds, rounded up: a client that waits that long finds a token.
+                let wait = self.0.retry_after().unwrap_or_default();
+                response.insert_header((header::RETRY_AFTER, wait.as_secs_f64().ceil().max(1.0).to_string()));
+            }
             _ => {}
         }
-        response.json(json!({"code": code.as_str(), "message": self.0.public_message()}))
+        let mut body = json!({"code": code.as_str(), "message": self.0.public_message()});
+        if let Some(wait) = self.0.retry_after() {
+            body["retry_after_ms"] = json!(crate::error::retry_after_ms(wait));
+        }
+        response.json(body)
     }
 }
 

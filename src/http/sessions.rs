@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::auth::bearer;
 use super::error::ApiError;
-use crate::actors::messages::RefreshToken;
+use crate::actors::messages::{RefreshToken, NO_SUCH_SESSION};
 use crate::error::Error;
 use crate::server::Hub;
 
@@ -22,7 +22,8 @@ const REFRESH_WAIT: Duration = Duration::from_secs(5);
 /// `POST /v1/sessions/{id}/token`: `{"expires_at": <Unix seconds>}`.
 pub async fn refresh_token(req: HttpRequest, hub: web::Data<Arc<Hub>>, session: web::Path<Uuid>) -> Result<HttpResponse, ApiError> {
     let identity = hub.verifier.verify(bearer(&req)?)?;
-    let not_found = || ApiError::new(ErrorCode::NotFound, "no open session with this id on this hub");
+    hub.limits.http(&identity.tenant)?;
+    let not_found = || ApiError::new(ErrorCode::NotFound, NO_SUCH_SESSION);
     let session = hub.sessions.get(&session.into_inner()).map(|handle| handle.session.clone()).ok_or_else(not_found)?;
     let expires_at = match session.send(RefreshToken(identity)).timeout(REFRESH_WAIT).await {
         Ok(answer) => answer?,

@@ -15,19 +15,17 @@ use super::auth::ServiceWriter;
 use super::error::ApiError;
 use super::{check_accepting, submit};
 use crate::actors::messages::Broadcast;
-use crate::ids::{DeviceId, TenantId, UserId};
+use crate::ids::{id_problem, DeviceId, TenantId, UserId};
 use crate::server::Hub;
 use crate::storage::apply::BatchInput;
 use crate::sync::batch::check_batch;
 
-/// Longest tenant or device id accepted, characters (as for `hello`'s device id).
-const MAX_ID_CHARS: usize = 200;
 /// Longest broadcast channel name, characters.
 const MAX_CHANNEL_CHARS: usize = 64;
 
-fn tenant_of(path: String, writer: &ServiceWriter) -> Result<TenantId, ApiError> {
-    if path.is_empty() || path.chars().count() > MAX_ID_CHARS {
-        return Err(ApiError::new(ErrorCode::MalformedFrame, format!("tenant ids are 1 to {MAX_ID_CHARS} characters")));
+fn tenant_of(path: String, writer: &ServiceWriter, max_id_bytes: usize) -> Result<TenantId, ApiError> {
+    if let Some(problem) = id_problem(&path, max_id_bytes) {
+        return Err(ApiError::new(ErrorCode::MalformedFrame, format!("the tenant id {problem}")));
     }
     let tenant = TenantId::new(path);
     writer.check_tenant(&tenant)?;
@@ -49,17 +47,20 @@ pub async fn push(
     tenant: web::Path<String>,
     body: web::Json<PushBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let tenant = tenant_of(tenant.into_inner(), &writer)?;
+    let tenant = tenant_of(tenant.into_inner(), &writer, hub.config.max_id_bytes)?;
+    hub.limits.http(&tenant)?;
     check_accepting(&hub)?;
     let PushBody { device_id, batch_id, changes } = body.into_inner();
-    if device_id.is_empty() || device_id.chars().count() > MAX_ID_CHARS {
-        return Err(ApiError::new(ErrorCode::InvalidBatch, format!("device_id must be 1 to {MAX_ID_CHARS} characters")));
+    if let Some(problem) = id_problem(&device_id, hub.config.max_id_bytes) {
+        return Err(ApiError::new(ErrorCode::InvalidBatch, format!("device_id {problem}")));
     }
     if DeviceId::is_reserved(&device_id) {
         return Err(ApiError::new(ErrorCode::Forbidden, "device ids starting with `console:` or `dashboard:` are the hub's own"));
     }
     check_batch(&changes, hub.config.max_batch_changes)?;
-    let input = BatchInput::pushed(DeviceId::new(device_id), UserId::new(format!("service:{}", writer.name)), batch_id, changes);
+    let device = DeviceId::new(device_id);
+    hub.limits.push(&tenant, &device)?;
+    let input = BatchInput::pushed(device, UserId::new(format!("service:{}", writer.name)), batch_id, changes);
     hub.metrics.http_pushes.fetch_add(1, Ordering::Relaxed);
     let results = submit(&hub, &tenant, input).await?;
     Ok(HttpResponse::Ok().json(json!({"batch_id": batch_id, "results": results})))
@@ -79,7 +80,8 @@ pub async fn broadcast(
     tenant: web::Path<String>,
     body: web::Json<BroadcastBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let tenant = tenant_of(tenant.into_inner(), &writer)?;
+    let tenant = tenant_of(tenant.into_inner(), &writer, hub.config.max_id_bytes)?;
+    hub.limits.http(&tenant)?;
     check_accepting(&hub)?;
     let BroadcastBody { channel, payload } = body.into_inner();
     if channel.is_empty() || channel.chars().count() > MAX_CHANNEL_CHARS {

@@ -9,9 +9,8 @@ use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use protocol::{Change, ChangeResult, ChangeStatus, ConflictRecord, Delta, ErrorCode, Hlc, Object, Op};
+use protocol::{holds_nul, Change, ChangeResult, ChangeStatus, ConflictRecord, Delta, ErrorCode, Hlc, Object, Op};
 use serde_json::{json, Value};
-use sqlx::postgres::PgDatabaseError;
 use sqlx::types::Json;
 use sqlx::{Connection, PgConnection, Row};
 use uuid::Uuid;
@@ -19,6 +18,7 @@ use uuid::Uuid;
 use super::catalog::{Catalog, TableSchema};
 use super::conflicts::{self, ResolveConflict};
 use super::json_text::JsonText;
+use super::refusal::{self, Blame};
 use super::row_cache::{CachedRow, RowCache};
 use super::Store;
 use crate::error::{Error, Result};
@@ -72,6 +72,24 @@ pub struct GroupOutput {
     /// the tenant's earlier groups (see `row_cache`).
     pub rows_read: u64,
     pub rows_from_cache: u64,
+    /// Batches that failed as a whole, by index, when the group had to be committed piece by
+    /// piece (see [`Store::commit_group`]); their entries in `results` are empty. The other
+    /// batches' results and deltas are committed.
+    pub failed: Vec<(usize, Error)>,
+}
+
+impl GroupOutput {
+    /// Add what a later transaction of the same tenant committed (results as well).
+    fn absorb(&mut self, later: GroupOutput) {
+        self.results.extend(later.results);
+        self.deltas.extend(later.deltas);
+        self.head_seq = self.head_seq.max(later.head_seq);
+        self.conflicts.extend(later.conflicts);
+        self.resolved.extend(later.resolved);
+        self.open_conflicts = later.open_conflicts.or(self.open_conflicts);
+        self.rows_read += later.rows_read;
+        self.rows_from_cache += later.rows_from_cache;
+    }
 }
 
 /// Versions assigned before the tenant's head is locked are provisional: this base plus the
@@ -83,6 +101,7 @@ const PROVISIONAL: u64 = 1 << 62;
 #[derive(Debug, Clone, Copy)]
 pub struct ApplyLimits {
     pub max_field_bytes: usize,
+    pub max_key_bytes: usize,
     pub max_clock_skew_ms: u64,
 }
 
@@ -163,6 +182,10 @@ fn validate(change: &Change, table: &TableSchema, tenant: &TenantId, limits: App
             return Some(reject(ErrorCode::InvalidKey, format!("key lacks primary-key column `{column}`")));
         }
     }
+    let key_size: usize = change.key.iter().map(|(name, value)| name.len() + json_size(value)).sum();
+    if key_size > limits.max_key_bytes {
+        return Some(reject(ErrorCode::InvalidKey, format!("the key is {key_size} bytes, more than {}", limits.max_key_bytes)));
+    }
     for (name, value) in &change.key {
         if holds_nul(value) {
             return Some(reject(ErrorCode::InvalidValue, format!("key `{name}` holds the character U+0000, which Postgres cannot store")));
@@ -204,18 +227,6 @@ fn validate(change: &Change, table: &TableSchema, tenant: &TenantId, limits: App
     None
 }
 
-/// Whether a string anywhere in `value` (object keys too) holds U+0000, which neither text
-/// columns nor `jsonb` accept. Checked up front: a losing value is never written to its row, but
-/// its conflict record is, and that statement failing would fail the whole group every retry.
-fn holds_nul(value: &Value) -> bool {
-    match value {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(items) => items.iter().any(holds_nul),
-        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
-        _ => false,
-    }
-}
-
 /// Bytes of `value` as JSON, counted without writing it out.
 fn json_size(value: &Value) -> usize {
     struct Count(usize);
@@ -232,12 +243,17 @@ fn json_size(value: &Value) -> usize {
     serde_json::to_writer(&mut count, value).map(|_| count.0).unwrap_or(usize::MAX)
 }
 
-/// Postgres errors caused by a value (class 22 data exception, 23 integrity violation):
-/// these reject one change. Anything else fails the whole group.
-fn value_error(err: &sqlx::Error) -> Option<String> {
-    let db = err.as_database_error()?.try_downcast_ref::<PgDatabaseError>()?;
-    let code = db.code();
-    (code.starts_with("22") || code.starts_with("23") || code == "42804").then(|| format!("{} ({code})", db.message()))
+/// The refusal of one change for a database error its own values caused (see
+/// [`refusal::blame`]); `None` when the error is not the change's. Postgres's text is logged
+/// here, never returned.
+fn change_refusal(err: &sqlx::Error, tenant: &TenantId) -> Option<Outcome> {
+    match refusal::blame(err) {
+        Blame::Change(code, message) => {
+            tracing::info!(tenant = %tenant, %err, "change refused by the database");
+            Some(reject(code, message))
+        }
+        _ => None,
+    }
 }
 
 fn clock_from_json(value: &Value) -> Option<FieldClock> {
@@ -282,6 +298,9 @@ pub const MERGE_SETTINGS: &[(&str, &str)] = &[("synchub.origin", "hub"), ("enabl
 /// two sessions), a difference near the runs' spread but always the same way.
 pub const LARGE_GROUP_SETTINGS: &[(&str, &str)] = &[("synchub.origin", "hub"), ("enable_seqscan", "off"), ("jit", "off"), ("enable_memoize", "off")];
 
+/// The change log's primary key, (tenant, seq) (migration 0001).
+const LOG_SEQ_KEY: &str = "change_log_pkey";
+
 /// Changes from which a group counts as large.
 const LARGE_GROUP_CHANGES: usize = 64;
 
@@ -299,6 +318,12 @@ impl Store {
     /// group's bookkeeping statement checks the head even when the group wrote nothing. After a
     /// commit it holds the group's rows; after anything else it is empty.
     /// ([`RowCache::off`] keeps nothing.)
+    ///
+    /// No batch fails another: when the group meets a database error that is not transient
+    /// (see [`refusal::blame`]), it is committed again batch by batch, and a batch that fails
+    /// alone change by change, so that a change whose values the database refuses is rejected
+    /// for good and a batch that fails for an unknown reason fails alone (in
+    /// [`GroupOutput::failed`]).
     pub async fn commit_group(
         &self,
         conn: &mut PgConnection,
@@ -307,6 +332,96 @@ impl Store {
         limits: ApplyLimits,
         expected_head: Option<Seq>,
         cache: &mut RowCache,
+    ) -> Result<GroupOutput> {
+        match self.commit_pass(conn, tenant, batches, limits, expected_head, cache, None).await {
+            Err(Error::Database(err)) if refusal::blame(&err).isolate() => {
+                tracing::warn!(tenant = %tenant, %err, batches = batches.len(), "group failed on its input; committing its batches one by one");
+                self.commit_isolated(conn, tenant, batches, limits).await
+            }
+            other => other,
+        }
+    }
+
+    /// Commit each batch in its own transaction; a batch that fails for a reason other than
+    /// the database's state is committed change by change ([`Store::commit_changes_alone`]).
+    /// Slow, and only for a group that failed.
+    async fn commit_isolated(&self, conn: &mut PgConnection, tenant: &TenantId, batches: &[BatchInput], limits: ApplyLimits) -> Result<GroupOutput> {
+        let mut output = GroupOutput::default();
+        for (b, batch) in batches.iter().enumerate() {
+            // A group of one batch is that batch, which just failed.
+            let alone = if batches.len() > 1 {
+                Some(self.commit_pass(conn, tenant, std::slice::from_ref(batch), limits, None, &mut RowCache::off(), None).await)
+            } else {
+                None
+            };
+            let failure = match alone {
+                Some(Ok(one)) => {
+                    output.absorb(one);
+                    continue;
+                }
+                Some(Err(Error::Database(err))) if !refusal::blame(&err).isolate() => Some(Error::Database(err)),
+                // It failed on its input: find the change.
+                _ => self.commit_changes_alone(conn, tenant, batch, limits, &mut output).await,
+            };
+            if let Some(err) = failure {
+                tracing::warn!(tenant = %tenant, device = %batch.device, batch = %batch.batch_id, %err, "batch failed alone");
+                output.results.push(Vec::new());
+                output.failed.push((b, err));
+            }
+        }
+        Ok(output)
+    }
+
+    /// Commit `batch`'s changes one per transaction, in order, adding their results to the
+    /// last entry of `output.results` (which this pushes); a change the database refuses for
+    /// its values is committed as rejected, which moves the device's cursor past it. Returns
+    /// the error that stopped the batch, if one did: its results are then dropped, and the
+    /// batch fails with a temporary error (a retry finds the changes committed so far
+    /// `duplicate`).
+    async fn commit_changes_alone(
+        &self,
+        conn: &mut PgConnection,
+        tenant: &TenantId,
+        batch: &BatchInput,
+        limits: ApplyLimits,
+        output: &mut GroupOutput,
+    ) -> Option<Error> {
+        let mut results = Vec::with_capacity(batch.changes.len());
+        for change in &batch.changes {
+            let single = [BatchInput { changes: vec![change.clone()], ..batch.clone() }];
+            let mut committed = self.commit_pass(conn, tenant, &single, limits, None, &mut RowCache::off(), None).await;
+            if let Err(Error::Database(err)) = &committed {
+                if let Blame::Change(code, message) = refusal::blame(err) {
+                    tracing::info!(tenant = %tenant, device = %batch.device, change = %change.change_id, %err, "change refused by the database");
+                    let refusal = (code, message);
+                    committed = self.commit_pass(conn, tenant, &single, limits, None, &mut RowCache::off(), Some(&refusal)).await;
+                }
+            }
+            match committed {
+                Ok(mut one) => {
+                    results.append(&mut one.results[0]);
+                    one.results.clear();
+                    output.absorb(one);
+                }
+                Err(err) => return Some(err),
+            }
+        }
+        output.results.push(results);
+        None
+    }
+
+    /// One try at committing the group in one transaction (see [`Store::commit_group`]);
+    /// `refuse` rejects every change of it with that code and message, moving the cursors.
+    #[allow(clippy::too_many_arguments)]
+    async fn commit_pass(
+        &self,
+        conn: &mut PgConnection,
+        tenant: &TenantId,
+        batches: &[BatchInput],
+        limits: ApplyLimits,
+        expected_head: Option<Seq>,
+        cache: &mut RowCache,
+        refuse: Option<&(ErrorCode, String)>,
     ) -> Result<GroupOutput> {
         let mut usable = cache.usable_at(expected_head).then_some(&mut *cache);
         let committed = async {
@@ -320,7 +435,7 @@ impl Store {
             let settings = if changes >= LARGE_GROUP_CHANGES { LARGE_GROUP_SETTINGS } else { MERGE_SETTINGS };
             let begin = self.tenant_begin_sql(tenant, "begin", settings, "savepoint synchub_group");
             let mut tx = conn.begin_with(begin).await?;
-            let done = match apply_group(&mut tx, &catalog, tenant, batches, limits, expected_head, usable.as_deref_mut()).await? {
+            let done = match apply_group(&mut tx, &catalog, tenant, batches, limits, expected_head, usable.as_deref_mut(), refuse).await? {
                 Applied::Done(output, fill) => (output, fill),
                 Applied::HeadMoved => {
                     tracing::debug!(tenant = %tenant, "head moved under the group; redone with the head locked");
@@ -329,7 +444,7 @@ impl Store {
                         cache.clear();
                     }
                     sqlx::query("rollback to savepoint synchub_group").execute(&mut *tx).await?;
-                    match apply_group(&mut tx, &catalog, tenant, batches, limits, None, None).await? {
+                    match apply_group(&mut tx, &catalog, tenant, batches, limits, None, None, refuse).await? {
                         Applied::Done(output, fill) => (output, fill),
                         Applied::HeadMoved => return Err(Error::Internal("the tenant's head moved while locked".into())),
                     }
@@ -471,6 +586,7 @@ async fn apply_group(
     limits: ApplyLimits,
     expected_head: Option<Seq>,
     cache: Option<&mut RowCache>,
+    refuse: Option<&(ErrorCode, String)>,
 ) -> Result<Applied> {
     let now = now_ms();
     let mut outcomes: Vec<Vec<Option<Outcome>>> = batches.iter().map(|b| b.changes.iter().map(|_| None).collect()).collect();
@@ -489,10 +605,21 @@ async fn apply_group(
     let batches: &[BatchInput] = assigned.as_deref().unwrap_or(batches);
     let mut resolvable: HashSet<i64> = conflicts::lock_open(conn, tenant, &locks.conflicts).await?.into_iter().collect();
     let mut pending: Vec<Pending> = Vec::new();
+    // A change id names one change: a later change of the group under the same id could never
+    // be logged (the log keeps ids unique), and would fail the group's log statement.
+    let mut change_ids: HashSet<Uuid> = HashSet::with_capacity(batches.iter().map(|b| b.changes.len()).sum());
     for (b, batch) in batches.iter().enumerate() {
         // A conflict is resolved by the first batch of the group that resolves it.
         let may_resolve = batch.resolves.is_none_or(|r| resolvable.remove(&r.conflict_id));
         for (i, change) in batch.changes.iter().enumerate() {
+            if let Some(refusal) = refuse {
+                outcomes[b][i] = Some(reject(refusal.0, refusal.1.clone()));
+                continue;
+            }
+            if !change_ids.insert(change.change_id) {
+                outcomes[b][i] = Some(reject(ErrorCode::ChangeIdReused, "an earlier change of this batch or group has the same change_id"));
+                continue;
+            }
             if let Some(conflict_id) = batch.resolves.filter(|_| !may_resolve).map(|r| r.conflict_id) {
                 outcomes[b][i] = Some(reject(ErrorCode::ConflictNotOpen, format!("conflict {conflict_id} is not open")));
                 continue;
@@ -567,7 +694,7 @@ async fn apply_group(
     let all: Vec<usize> = (0..pending.len()).filter(|&p| pending[p].row_id.is_some()).collect();
     let fast = merge_and_write(conn, tenant, &pending, &mut state, &all).await;
     if let Err(err) = fast {
-        if value_error(&err).is_none() {
+        if !matches!(refusal::blame(&err), Blame::Change(..)) {
             return Err(err.into());
         }
         // Rare: start over from the rows as loaded (reading them again is cheaper than
@@ -580,7 +707,7 @@ async fn apply_group(
             let before = (state.rows.get(&id).cloned(), state.decided.len(), state.next_ordinal);
             sqlx::query("savepoint synchub_change").execute(&mut *conn).await?;
             if let Err(err) = merge_and_write(conn, tenant, &pending, &mut state, &[p]).await {
-                let message = value_error(&err).ok_or(Error::Database(err))?;
+                let refused = change_refusal(&err, tenant).ok_or(Error::Database(err))?;
                 sqlx::query("rollback to savepoint synchub_change").execute(&mut *conn).await?;
                 // Only this change's row and its decision moved: put them back.
                 if let Some(slot) = before.0 {
@@ -588,7 +715,7 @@ async fn apply_group(
                 }
                 state.decided.truncate(before.1);
                 state.next_ordinal = before.2;
-                outcomes[pending[p].batch][pending[p].index] = Some(reject(ErrorCode::InvalidValue, message));
+                outcomes[pending[p].batch][pending[p].index] = Some(refused);
             }
         }
     }
@@ -721,8 +848,9 @@ async fn apply_group(
     let logged_conflicts = match bookkeeping {
         Ok((logged, true)) => logged,
         Ok((_, false)) => return Ok(Applied::HeadMoved),
-        // Another writer's log entries took the seqs this pass expected.
-        Err(sqlx::Error::Database(err)) if take_head.is_some() && err.is_unique_violation() => return Ok(Applied::HeadMoved),
+        // Another writer's log entries took the seqs this pass expected (a reused change id
+        // violates the log's other unique index: that one is the change's, see `refusal`).
+        Err(sqlx::Error::Database(err)) if take_head.is_some() && err.constraint() == Some(LOG_SEQ_KEY) => return Ok(Applied::HeadMoved),
         Err(err) => return Err(err.into()),
     };
     let logged_conflicts = conflicts::conflict_records(logged_conflicts)?;
@@ -806,7 +934,17 @@ async fn apply_group(
         .collect();
     let (rows_read, rows_from_cache) = (state.rows_read, state.rows_from_cache);
     let fill = CacheFill::of(catalog, state, head);
-    let output = GroupOutput { results, deltas, head_seq: new_head, conflicts: logged_conflicts, resolved, open_conflicts, rows_read, rows_from_cache };
+    let output = GroupOutput {
+        results,
+        deltas,
+        head_seq: new_head,
+        conflicts: logged_conflicts,
+        resolved,
+        open_conflicts,
+        rows_read,
+        rows_from_cache,
+        failed: Vec::new(),
+    };
     Ok(Applied::Done(output, fill))
 }
 
@@ -916,7 +1054,7 @@ async fn load_all_rows(
     let mut state = MergeState::default();
     match load_rows(conn, tenant, pending, &mut state, None, lock_devices, cache).await {
         Ok(cursors) => return Ok((state, cursors)),
-        Err(err) if value_error(&err).is_none() => return Err(err.into()),
+        Err(err) if !matches!(refusal::blame(&err), Blame::Change(..)) => return Err(err.into()),
         Err(_) => {}
     }
     let cursors = back_to_group_start(conn, tenant, locks).await?;
@@ -924,10 +1062,10 @@ async fn load_all_rows(
     for p in 0..pending.len() {
         sqlx::query("savepoint synchub_change").execute(&mut *conn).await?;
         if let Err(err) = load_rows(conn, tenant, pending, &mut state, Some(p), None, None).await {
-            let message = value_error(&err).ok_or(Error::Database(err))?;
+            let refused = change_refusal(&err, tenant).ok_or(Error::Database(err))?;
             sqlx::query("rollback to savepoint synchub_change").execute(&mut *conn).await?;
             pending[p].row_id = None;
-            outcomes[pending[p].batch][pending[p].index] = Some(reject(ErrorCode::InvalidValue, message));
+            outcomes[pending[p].batch][pending[p].index] = Some(refused);
         }
     }
     Ok((state, lock_devices.map(|_| cursors)))

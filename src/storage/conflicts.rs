@@ -6,7 +6,11 @@
 use protocol::{ConflictRecord, ConflictSide, Hlc, Object, ReviewStatus};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::{PgConnection, Row};
+use sqlx::encode::IsNull;
+use sqlx::error::BoxDynError;
+use sqlx::postgres::types::Oid;
+use sqlx::postgres::{PgArgumentBuffer, PgTypeInfo};
+use sqlx::{Encode, PgConnection, Postgres, Row, Type};
 use uuid::Uuid;
 
 use super::Store;
@@ -50,10 +54,10 @@ pub struct ConflictFilter {
     pub table: Option<String>,
     /// Either side's device.
     pub device: Option<String>,
-    /// RFC 3339, inclusive, on `created_at`.
-    pub since: Option<String>,
-    /// RFC 3339, exclusive, on `created_at`.
-    pub until: Option<String>,
+    /// Inclusive, on `created_at`.
+    pub since: Option<Timestamp>,
+    /// Exclusive, on `created_at`.
+    pub until: Option<Timestamp>,
     /// Only conflicts with a smaller id (the previous page's `next_before_id`).
     pub before_id: Option<i64>,
     pub limit: u32,
@@ -149,50 +153,103 @@ pub fn conflict_records(rows: Value) -> Result<Vec<ConflictRecord>> {
     }
 }
 
-/// Whether `text` is an RFC 3339 date-time (`2024-11-30T10:00:00Z`, fraction and offset
-/// optional parts as the RFC allows). Checked here so that a bad filter is a 400, not a
-/// database error.
-pub fn is_rfc3339(text: &str) -> bool {
-    let b = text.as_bytes();
-    let digits = |range: std::ops::Range<usize>| b.get(range).is_some_and(|s| s.iter().all(u8::is_ascii_digit));
-    if b.len() < 20
-        || !digits(0..4)
-        || b[4] != b'-'
-        || !digits(5..7)
-        || b[7] != b'-'
-        || !digits(8..10)
-        || !matches!(b[10], b'T' | b't' | b' ')
-        || !digits(11..13)
-        || b[13] != b':'
-        || !digits(14..16)
-        || b[16] != b':'
-        || !digits(17..19)
-    {
-        return false;
-    }
-    let num = |range: std::ops::Range<usize>| text[range].parse::<u32>().unwrap_or(99);
-    if !(1..=12).contains(&num(5..7)) || !(1..=31).contains(&num(8..10)) || num(11..13) > 23 || num(14..16) > 59 || num(17..19) > 60 {
-        return false;
-    }
-    let mut rest = &text[19..];
-    if let Some(frac) = rest.strip_prefix('.') {
-        let n = frac.bytes().take_while(u8::is_ascii_digit).count();
-        if n == 0 {
-            return false;
+/// A date-time a client gave, parsed at the boundary: a real RFC 3339 date-time
+/// (`2024-11-30T10:00:00Z`; fraction and offset as the RFC allows) in the years 0001 to 9999.
+/// It is bound as a binary `timestamptz`, so Postgres never parses client text: a date it would
+/// refuse (Feb 31, year 0, an offset past ±15:59) is a 400 here, not a database error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Timestamp {
+    /// Microseconds since 2000-01-01T00:00:00Z, Postgres's own epoch and binary form.
+    pg_micros: i64,
+}
+
+/// Seconds from the Unix epoch to Postgres's (2000-01-01T00:00:00Z).
+const PG_EPOCH_UNIX_SECS: i64 = 946_684_800;
+
+impl Timestamp {
+    /// The date-time of RFC 3339 `text`, or `None` when it is not one. Fractions finer than a
+    /// microsecond are dropped, as the column keeps microseconds; a leap second (`:60`) is the
+    /// next minute's first, as Postgres reads it.
+    pub fn parse_rfc3339(text: &str) -> Option<Timestamp> {
+        let b = text.as_bytes();
+        let digits = |range: std::ops::Range<usize>| -> Option<i64> {
+            let s = b.get(range)?;
+            s.iter().all(u8::is_ascii_digit).then(|| s.iter().fold(0, |n, d| n * 10 + i64::from(d - b'0')))
+        };
+        let at = |i: usize, allowed: &[u8]| b.get(i).is_some_and(|c| allowed.contains(c));
+        if !(at(4, b"-") && at(7, b"-") && at(10, b"Tt ") && at(13, b":") && at(16, b":")) {
+            return None;
         }
-        rest = &frac[n..];
-    }
-    match rest.as_bytes() {
-        [b'Z' | b'z'] => true,
-        [b'+' | b'-', h1, h2, b':', m1, m2] => {
-            [h1, h2, m1, m2].iter().all(|c| c.is_ascii_digit()) && num_of(*h1, *h2) <= 23 && num_of(*m1, *m2) <= 59
+        let (year, month, day) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
+        let (hour, minute, second) = (digits(11..13)?, digits(14..16)?, digits(17..19)?);
+        if year == 0 || !(1..=12).contains(&month) || day == 0 || day > days_in_month(year, month) {
+            return None;
         }
-        _ => false,
+        if hour > 23 || minute > 59 || second > 60 {
+            return None;
+        }
+        let mut rest = &b[19..];
+        let mut micros = 0;
+        if let Some(frac) = rest.strip_prefix(b".") {
+            let n = frac.iter().take_while(|c| c.is_ascii_digit()).count();
+            if n == 0 {
+                return None;
+            }
+            micros = frac[..n].iter().chain(std::iter::repeat(&b'0')).take(6).fold(0, |m, d| m * 10 + i64::from(d - b'0'));
+            rest = &frac[n..];
+        }
+        let offset_secs = match rest {
+            [b'Z' | b'z'] => 0,
+            [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] if [h1, h2, m1, m2].iter().all(|c| c.is_ascii_digit()) => {
+                let (h, m) = (i64::from((h1 - b'0') * 10 + (h2 - b'0')), i64::from((m1 - b'0') * 10 + (m2 - b'0')));
+                if h > 23 || m > 59 {
+                    return None;
+                }
+                if *sign == b'+' { h * 3600 + m * 60 } else { -(h * 3600 + m * 60) }
+            }
+            _ => return None,
+        };
+        let unix_secs = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset_secs;
+        Some(Timestamp { pg_micros: (unix_secs - PG_EPOCH_UNIX_SECS) * 1_000_000 + micros })
     }
 }
 
-fn num_of(a: u8, b: u8) -> u32 {
-    u32::from(a - b'0') * 10 + u32::from(b - b'0')
+fn days_in_month(year: i64, month: i64) -> i64 {
+    match month {
+        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Days from 1970-01-01 to a date of the proleptic Gregorian calendar (H. Hinnant's
+/// `days_from_civil`).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// `timestamptz` in `pg_type`.
+const TIMESTAMPTZ_OID: Oid = Oid(1184);
+
+impl Type<Postgres> for Timestamp {
+    fn type_info() -> PgTypeInfo {
+        PgTypeInfo::with_oid(TIMESTAMPTZ_OID)
+    }
+}
+
+impl Encode<'_, Postgres> for Timestamp {
+    fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
+        // The binary form of `timestamptz`: microseconds since 2000-01-01 UTC, big-endian.
+        buf.extend_from_slice(&self.pg_micros.to_be_bytes());
+        Ok(IsNull::No)
+    }
 }
 
 impl Store {
@@ -218,8 +275,8 @@ impl Store {
         .bind(filter.status.map(status_str))
         .bind(filter.table.as_deref())
         .bind(filter.device.as_deref())
-        .bind(filter.since.as_deref())
-        .bind(filter.until.as_deref())
+        .bind(filter.since)
+        .bind(filter.until)
         .bind(filter.before_id)
         .bind(i64::from(limit) + 1)
         .fetch_all(&mut *tx)
@@ -358,13 +415,57 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn rfc3339_accepts_the_rfc_and_nothing_else() {
-        for ok in ["2024-11-30T10:00:00Z", "2024-11-30T10:00:00.123456+01:00", "2024-02-29t23:59:60-05:30", "2024-11-30 10:00:00z"] {
-            assert!(is_rfc3339(ok), "{ok}");
+    fn rfc3339_accepts_real_dates_and_nothing_else() {
+        let at = |text: &str| Timestamp::parse_rfc3339(text).unwrap_or_else(|| panic!("{text}")).pg_micros;
+        assert_eq!(at("2000-01-01T00:00:00Z"), 0);
+        assert_eq!(at("1970-01-01T00:00:00Z"), -PG_EPOCH_UNIX_SECS * 1_000_000);
+        assert_eq!(at("2024-11-30T10:00:00Z"), (1_732_960_800 - PG_EPOCH_UNIX_SECS) * 1_000_000);
+        assert_eq!(at("2024-11-30T11:30:00+01:30"), at("2024-11-30T10:00:00Z"));
+        assert_eq!(at("2024-11-30T04:30:00-05:30"), at("2024-11-30t10:00:00z"));
+        assert_eq!(at("2024-11-30 10:00:00.1234567Z") - at("2024-11-30T10:00:00Z"), 123_456);
+        assert_eq!(at("2024-11-30T10:00:00.5Z") - at("2024-11-30T10:00:00Z"), 500_000);
+        assert_eq!(at("2016-12-31T23:59:60Z"), at("2017-01-01T00:00:00Z"), "a leap second");
+        assert_eq!(at("2024-03-01T00:00:00Z") - at("2024-02-29T00:00:00Z"), 86_400_000_000);
+        assert_eq!(at("2001-03-01T00:00:00Z") - at("2001-02-28T00:00:00Z"), 86_400_000_000);
+        assert!(at("0001-01-01T00:00:00+23:59") < at("9999-12-31T23:59:59.999999-23:59"));
+        for ok in ["2000-02-29T00:00:00Z", "2024-02-29T23:59:60-05:30", "0001-01-01T00:00:00Z", "9999-12-31T23:59:59Z"] {
+            assert!(Timestamp::parse_rfc3339(ok).is_some(), "{ok}");
         }
-        for bad in ["2024-11-30", "2024-11-30T10:00:00", "2024-13-01T00:00:00Z", "2024-11-30T10:00:00.Z", "yesterday", "2024-11-30T10:00:00+1:00", "'; drop"] {
-            assert!(!is_rfc3339(bad), "{bad}");
+        for bad in [
+            "2024-02-31T00:00:00Z",
+            "2023-02-29T00:00:00Z",
+            "1900-02-29T00:00:00Z",
+            "2024-04-31T00:00:00Z",
+            "0000-01-01T00:00:00Z",
+            "2024-00-01T00:00:00Z",
+            "2024-01-00T00:00:00Z",
+            "2024-11-30",
+            "2024-11-30T10:00:00",
+            "2024-13-01T00:00:00Z",
+            "2024-11-30T24:00:00Z",
+            "2024-11-30T10:60:00Z",
+            "2024-11-30T10:00:61Z",
+            "2024-11-30T10:00:00.Z",
+            "2024-11-30T10:00:00+24:00",
+            "2024-11-30T10:00:00+1:00",
+            "2024-11-30T10:00:00Z ",
+            "+2024-11-30T10:00:00Z",
+            "2024-11-30T10:00:00\0Z",
+            "yesterday",
+            "'; drop",
+            "",
+        ] {
+            assert!(Timestamp::parse_rfc3339(bad).is_none(), "{bad}");
         }
+    }
+
+    #[test]
+    fn timestamps_bind_as_binary_timestamptz() {
+        let mut buf = PgArgumentBuffer::default();
+        let t = Timestamp::parse_rfc3339("2000-01-01T00:00:01Z").unwrap();
+        assert!(matches!(t.encode_by_ref(&mut buf), Ok(IsNull::No)));
+        assert_eq!(&buf[..], &1_000_000i64.to_be_bytes());
+        assert_eq!(<Timestamp as Type<Postgres>>::type_info().oid(), Some(TIMESTAMPTZ_OID));
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod conflicts;
 pub mod json_text;
 pub mod log;
+pub mod refusal;
 pub mod row_cache;
 pub mod subscriptions;
 
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::pool::PoolConnection;
-use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Transaction};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -42,6 +43,9 @@ pub struct Store {
     row_level_security: bool,
     /// Rows the tenants' row caches hold together (config `row_cache_total_rows`).
     row_budget: row_cache::RowBudget,
+    /// How long one of the tenant actors' transactions may take (config
+    /// `db_transaction_timeout_ms`).
+    transaction_timeout: Duration,
 }
 
 /// How many of the pool's connections session reads and group commits may hold at once: half
@@ -101,12 +105,16 @@ impl Store {
     pub async fn open(config: &Config) -> Result<Arc<Store>> {
         let options: PgConnectOptions =
             config.database_url.0.parse().map_err(|e| Error::Config(format!("database_url: {e}")))?;
+        // Migrations may rewrite large tables: on a connection of their own, without the
+        // statement timeout.
+        let mut setup = PgConnection::connect_with(&options).await?;
+        MIGRATOR.run(&mut setup).await?;
+        let _ = setup.close().await;
         let pool = PgPoolOptions::new()
             .max_connections(config.db_pool_size)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
+            .acquire_timeout(config.db_acquire_timeout())
+            .connect_with(with_server_timeouts(options, config))
             .await?;
-        MIGRATOR.run(&pool).await?;
         for table in &config.tables {
             catalog::register_table(&pool, &table.name, &table.tenant_column, table.policy, config.row_level_security).await?;
         }
@@ -123,7 +131,16 @@ impl Store {
             catalog: RwLock::new((Arc::new(catalog), Instant::now())),
             row_level_security: config.row_level_security,
             row_budget: row_cache::RowBudget::new(config.row_cache_total_rows),
+            transaction_timeout: config.db_transaction_timeout(),
         }))
+    }
+
+    /// Run one transaction (a group commit, a read of the tenant's head or log) within the
+    /// transaction deadline, so that a database that stops answering mid-way cannot hold a
+    /// tenant actor. Past it the work is dropped with its connection: sqlx rolls the
+    /// transaction back, or finds it committed, once Postgres answers again.
+    pub async fn within_transaction_deadline<T>(&self, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        tokio::time::timeout(self.transaction_timeout, work).await.unwrap_or(Err(Error::StorageTimeout(self.transaction_timeout)))
     }
 
     /// Open a transaction scoped to `tenant`, in one round trip: `begin` (the opening
@@ -210,6 +227,16 @@ impl Store {
         sqlx::query("select 1").execute(&self.pool).await?;
         Ok(())
     }
+}
+
+/// The server-side timeouts of the hub's connections (`0` leaves Postgres's setting).
+fn with_server_timeouts(options: PgConnectOptions, config: &Config) -> PgConnectOptions {
+    let timeouts = [
+        ("statement_timeout", config.db_statement_timeout_ms),
+        ("idle_in_transaction_session_timeout", config.db_idle_in_transaction_timeout_ms),
+    ];
+    let set: Vec<(&str, String)> = timeouts.iter().filter(|(_, ms)| *ms > 0).map(|(name, ms)| (*name, ms.to_string())).collect();
+    options.options(set)
 }
 
 /// With row-level security on, the hub must be able to become the tenant role, and every synced

@@ -1,6 +1,7 @@
 //! The checks a pushed batch passes before it is queued, whoever pushed it (a device on its
 //! socket, or a server-side writer over HTTP): not empty, at most `max_batch_changes`, and
-//! device_seqs from 1 up, consecutive and increasing. A batch that fails is refused whole.
+//! device_seqs from 1 up, consecutive and increasing, and versions in range. A batch that fails
+//! is refused whole.
 
 use protocol::{Change, ErrorCode};
 
@@ -21,6 +22,10 @@ pub fn check_batch(changes: &[Change], max_batch_changes: usize) -> Result<()> {
             ErrorCode::InvalidBatch,
             "device_seqs must start at 1 or more and be consecutive and increasing within a batch",
         ));
+    }
+    // Versions are seqs, which fit the log's bigint; a larger one could never be stored.
+    if changes.iter().any(|c| c.base_version > i64::MAX as u64) {
+        return Err(Error::client(ErrorCode::InvalidBatch, "base_version is larger than any version (2^63 - 1)"));
     }
     Ok(())
 }
@@ -54,5 +59,8 @@ mod tests {
         assert_eq!(code(&[change(2), change(1)], 10), Some(ErrorCode::InvalidBatch));
         assert_eq!(code(&[change(u64::MAX)], 10), Some(ErrorCode::InvalidBatch));
         assert_eq!(code(&[change(7), change(8)], 10), None);
+        let mut far = change(1);
+        far.base_version = u64::MAX;
+        assert_eq!(code(&[far], 10), Some(ErrorCode::InvalidBatch));
     }
 }

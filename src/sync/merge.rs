@@ -187,9 +187,12 @@ fn decide_upsert(row: &RowState, change: &Incoming<'_>, policy: MergePolicy) -> 
             }
         }
     }
+    // The row's version alone cannot tell: it moves with the device's own earlier writes too
+    // (a batch that inserts a row and then updates it), and those are simply overwritten.
+    let others_wrote_since_seen = row.clocks.values().any(|clock| is_concurrent(clock, change));
     let status = if !conflicts.is_empty() {
         ChangeStatus::Conflict
-    } else if row.values.is_some() && row.version > change.base_version {
+    } else if row.values.is_some() && others_wrote_since_seen {
         ChangeStatus::Merged
     } else {
         ChangeStatus::Applied
@@ -348,7 +351,31 @@ mod tests {
         let row = row_with(json!({"qty": 1}), &[("qty", clock(50, "a", 4))], 4);
         let fields = obj(json!({"qty": 2}));
         let change = Incoming { op: Op::Upsert, fields: &fields, clock: clock(60, "a", 0), base_version: 0 };
-        assert_eq!(decide(&row, &change, MergePolicy::Lww).status, ChangeStatus::Merged);
+        let d = decide(&row, &change, MergePolicy::Lww);
+        assert_eq!((d.status, d.conflicts.len()), (ChangeStatus::Applied, 0), "its own earlier write is simply overwritten");
+    }
+
+    /// The spec's `client_push_batch`: an order inserted and then updated in one batch, both
+    /// changes made before the device had seen the row (base_version 0).
+    #[test]
+    fn a_device_updating_the_row_it_inserted_is_applied() {
+        let mut row = RowState::default();
+        let insert = obj(json!({"status": "open", "total_cents": 710}));
+        let first = Incoming { op: Op::Upsert, fields: &insert, clock: clock(10, "a", 0), base_version: 0 };
+        let d = decide(&row, &first, MergePolicy::Lww);
+        assert_eq!(d.status, ChangeStatus::Applied);
+        advance(&mut row, &d, &first.clock, 1, None);
+        let update = obj(json!({"status": "paid", "paid_at": "09:14"}));
+        let second = Incoming { op: Op::Upsert, fields: &update, clock: clock(20, "a", 0), base_version: 0 };
+        assert_eq!(decide(&row, &second, MergePolicy::Lww).status, ChangeStatus::Applied);
+
+        // Another writer's field, newer than what the device had seen, still makes it merged.
+        row.clocks.insert("note".into(), clock(5, "b", 2));
+        row.version = 2;
+        assert_eq!(decide(&row, &second, MergePolicy::Lww).status, ChangeStatus::Merged);
+        // ... and a plain SQL write too (no device).
+        row.clocks.insert("note".into(), clock(5, "", 2));
+        assert_eq!(decide(&row, &second, MergePolicy::Lww).status, ChangeStatus::Merged);
     }
 
     #[test]
@@ -402,7 +429,48 @@ mod tests {
             .prop_map(|m| m.into_iter().map(|(k, v)| (k.to_string(), json!(v))).collect())
     }
 
+    fn arb_own_change() -> impl Strategy<Value = (Op, Object, u64, u64)> {
+        // Mostly upserts; a base version from 0 up to past the versions written so far.
+        (prop::bool::weighted(0.1), arb_fields(), 0u64..20, 0u64..12).prop_map(|(delete, fields, wall, base)| {
+            if delete {
+                (Op::Delete, Object::new(), wall, base)
+            } else {
+                (Op::Upsert, fields, wall, base)
+            }
+        })
+    }
+
     proptest! {
+        /// A device's own earlier writes never make its change merged or conflict, whatever
+        /// their order, clocks and base versions, and whatever other writers did before the
+        /// version the device had seen.
+        #[test]
+        fn own_earlier_writes_never_merge_or_conflict(
+            seen in prop::collection::vec((arb_fields(), prop::sample::select(vec!["b", ""])), 0..3),
+            own in prop::collection::vec(arb_own_change(), 1..12),
+            policy in prop::sample::select(vec![MergePolicy::Lww, MergePolicy::ClientWins]),
+        ) {
+            let mut row = RowState::default();
+            let mut version = 0;
+            for (fields, writer) in &seen {
+                let change = Incoming { op: Op::Upsert, fields, clock: clock(100, writer, 0), base_version: version };
+                let d = decide(&row, &change, policy);
+                version += 1;
+                advance(&mut row, &d, &change.clock, version, None);
+            }
+            let seen_version = version;
+            for (op, fields, wall, base) in own {
+                let change = Incoming { op, fields: &fields, clock: clock(wall, "a", 0), base_version: seen_version.max(base.min(version)) };
+                let d = decide(&row, &change, policy);
+                prop_assert!(d.conflicts.is_empty(), "{:?}", d);
+                prop_assert!(matches!(d.status, ChangeStatus::Applied | ChangeStatus::Rejected), "{:?}", d);
+                if d.effect != Effect::Nothing {
+                    version += 1;
+                    advance(&mut row, &d, &change.clock, version, None);
+                }
+            }
+        }
+
         /// Two devices that edited the same row offline (both from the same base) converge to
         /// the same row whichever of their changes reaches the hub first.
         #[test]

@@ -1,14 +1,18 @@
-//! `GET /v1/ws`: upgrades to a WebSocket run by a `DeviceSession`, with the frame size limit
-//! applied by the codec before any frame is buffered whole. A token sent with the upgrade
-//! request is verified here, so a refused one never gets a socket.
+//! `GET /v1/ws`: upgrades to a WebSocket run by a `DeviceSession`, with the framing (and the
+//! frame size limit, at each frame's header) checked by `frame_guard` before actix buffers a
+//! frame. A token sent with the upgrade request is verified here, so a refused one never gets
+//! a socket.
 
+use std::rc::Rc;
 use std::sync::Arc;
 
+use actix_http::ws::Codec;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use actix_web_actors::ws;
 use serde::Deserialize;
 
+use super::frame_guard::{InboundGuard, OutboundCloser, Verdict};
 use crate::actors::device::DeviceSession;
 use crate::auth::Identity;
 use crate::http::auth::bearer;
@@ -25,12 +29,23 @@ pub async fn upgrade(req: HttpRequest, stream: web::Payload, hub: web::Data<Arc<
     if !hub.accepting() {
         return Ok(HttpResponse::ServiceUnavailable().body("shutting down"));
     }
+    // Refused here, before a socket and a session exist (config `max_connections`).
+    if hub.sessions.len() >= hub.limits.max_connections {
+        let full = ApiError::new(ErrorCode::Busy, format!("this hub holds its most sessions ({}); retry later", hub.limits.max_connections));
+        return Ok(full.error_response());
+    }
     let identity = match upgrade_identity(&req, &hub) {
         Ok(identity) => identity,
         Err(err) => return Ok(err.error_response()),
     };
+    let mut response = ws::handshake(&req)?;
     let max = hub.config.max_frame_bytes;
-    ws::WsResponseBuilder::new(DeviceSession::new(hub.get_ref().clone(), identity), &req, stream).frame_size(max).start()
+    // The framing is checked on its way in; a violation ends the connection with its code.
+    let verdict = Rc::new(Verdict::default());
+    let input = InboundGuard::new(stream, max, verdict.clone());
+    let session = DeviceSession::new(hub.get_ref().clone(), identity);
+    let output = ws::WebsocketContext::with_codec(session, input, Codec::new().max_size(max));
+    Ok(response.streaming(OutboundCloser::new(Box::pin(output), verdict, hub.get_ref().clone())))
 }
 
 /// The verified token of the upgrade request, if it carried one: `Authorization: Bearer <jwt>`,

@@ -71,10 +71,14 @@ impl TestHub {
     }
 
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestHub {
+        Self::start_on(fresh_database().await, adjust).await
+    }
+
+    /// A hub on a database the test prepared (e.g. with tables of its own).
+    pub async fn start_on(url: String, adjust: impl FnOnce(&mut Config)) -> TestHub {
         if std::env::var_os("TEST_LOG").is_some() {
             synchub::telemetry::init();
         }
-        let url = fresh_database().await;
         let mut config = test_config(url.clone());
         adjust(&mut config);
         let running = synchub::server::start(config).await.expect("hub starts");
@@ -352,5 +356,44 @@ impl Client {
             _ => None,
         })
         .await
+    }
+}
+
+/// The cluster's postmaster and every process it forked (backends, background workers).
+pub fn cluster_processes() -> Vec<u32> {
+    let pid_file = cluster().cluster_dir().join("postmaster.pid");
+    let postmaster: u32 = std::fs::read_to_string(pid_file).expect("postmaster.pid").lines().next().unwrap().trim().parse().unwrap();
+    let mut pids = vec![postmaster];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // "pid (comm) state ppid ...": the parent is the second field after the name.
+        let ppid = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().nth(1)?.parse::<u32>().ok());
+        if ppid == Some(postmaster) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+pub fn signal_cluster(sig: &str) {
+    let pids: Vec<String> = cluster_processes().iter().map(u32::to_string).collect();
+    let status = std::process::Command::new("kill").arg(format!("-{sig}")).args(&pids).status().expect("kill");
+    assert!(status.success(), "kill -{sig} {pids:?}");
+}
+
+/// Thaws the cluster when dropped, even by a failing assertion.
+pub struct Frozen;
+
+impl Frozen {
+    pub fn freeze() -> Frozen {
+        signal_cluster("STOP");
+        Frozen
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal_cluster("CONT");
     }
 }
