@@ -1,8 +1,8 @@
 //! What must hold for any token a client presents (`TokenVerifier::verify` with an HS256 key):
 //! no panic; only the documented codes (`invalid_token`, `token_expired`); nothing verifies
 //! without its exact signature; and a signed token's claims are read as the configuration says
-//! (tenant, user, role and device as text, `exp` as the NumericDate RFC 7519 defines), with a
-//! comfortably valid token always accepted.
+//! (tenant, user, role and device as text an id can hold, `exp` as the NumericDate RFC 7519
+//! defines), with a comfortably valid token always accepted.
 
 // Each includer uses a part: the fuzz targets leave out the seeds.
 #![allow(dead_code)]
@@ -155,7 +155,10 @@ fn check_token(setup: &Setup, token: &str, claims: Option<&Value>) {
     assert_eq!(*identity.claims, claims, "the identity keeps the signed claims");
     let context = format!("claims {claims}");
     assert_eq!(text(&claims, setup.tenant), Ok(Some(identity.tenant.as_str().to_owned())), "tenant; {context}");
-    assert!(!identity.tenant.as_str().contains('\0'), "tenant with NUL; {context}");
+    let device = identity.device.as_ref().map(|d| d.as_str());
+    for id in [identity.tenant.as_str(), identity.user.as_str(), &identity.role].into_iter().chain(device) {
+        assert!(storable(id), "an id Postgres cannot store or index: {id:?}; {context}");
+    }
     assert_eq!(text(&claims, &["sub"]), Ok(Some(identity.user.as_str().to_owned())), "user; {context}");
     assert_eq!(text(&claims, &["role"]), Ok(Some(identity.role.to_string())), "role; {context}");
     assert_eq!(text(&claims, &["device_id"]), Ok(identity.device.as_ref().map(|d| d.as_str().to_owned())), "device; {context}");
@@ -164,12 +167,18 @@ fn check_token(setup: &Setup, token: &str, claims: Option<&Value>) {
     assert!((identity.expires_at as f64 - exp).abs() < 1.0, "expires_at {} for exp {exp}; {context}", identity.expires_at);
 }
 
-/// Claims every configuration must accept: text identity claims, an integer `exp` well ahead,
-/// no `nbf` or one well past, and the audience and issuer asked for.
+/// Whether an id can be stored and indexed: no control character (U+0000 included), at most
+/// `max_id_bytes` (default 256).
+fn storable(id: &str) -> bool {
+    !id.is_empty() && id.len() <= Config::default().max_id_bytes && !id.chars().any(char::is_control)
+}
+
+/// Claims every configuration must accept: storable text identity claims, an integer `exp` well
+/// ahead, no `nbf` or one well past, and the audience and issuer asked for.
 fn comfortably_valid(setup: &Setup, claims: &Value) -> bool {
     let now = unix_now();
-    let is_text = |path: &[&str]| matches!(text(claims, path), Ok(Some(_)));
-    let tenant_ok = matches!(text(claims, setup.tenant), Ok(Some(t)) if !t.contains('\0'));
+    let is_text = |path: &[&str]| matches!(text(claims, path), Ok(Some(id)) if storable(&id));
+    let tenant_ok = is_text(setup.tenant);
     let exp_ok = claims.get("exp").and_then(Value::as_u64).is_some_and(|exp| exp > now + 120);
     let nbf_ok = claims.get("nbf").map_or(true, |nbf| nbf.as_u64().is_some_and(|nbf| nbf.saturating_add(120) < now));
     let matches_or_absent = |claim: &str, wanted: Option<&str>| match (claims.get(claim), wanted) {
@@ -181,8 +190,8 @@ fn comfortably_valid(setup: &Setup, claims: &Value) -> bool {
     claims.is_object()
         && tenant_ok
         && is_text(&["role"])
-        && claims.get("sub").is_some_and(|s| s.as_str().is_some_and(|s| !s.is_empty()))
-        && text(claims, &["device_id"]).is_ok()
+        && claims.get("sub").is_some_and(|s| s.as_str().is_some_and(storable))
+        && text(claims, &["device_id"]).is_ok_and(|device| device.as_deref().map_or(true, storable))
         && exp_ok
         && nbf_ok
         && matches_or_absent("aud", setup.audience)

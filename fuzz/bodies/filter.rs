@@ -2,7 +2,7 @@
 //! spec gives the operators (protocol/README.md §13.1): `neq` is not `eq`, `in` is `eq` with
 //! one of the options, two numbers or two strings are exactly one of less, equal or greater
 //! (`lte` is `lt` or `eq`, and `x lt y` is `y gt x`), other pairs are never ordered, and
-//! `filter::check` refuses exactly the conditions the spec says cannot be evaluated.
+//! `filter::check` refuses exactly the conditions the spec says cannot be evaluated or stored.
 
 // Each includer uses a part: the fuzz targets leave out the seeds.
 #![allow(dead_code)]
@@ -60,11 +60,12 @@ fn check_laws(conditions: &[Condition], row: &Object) {
         let value = row.get(&condition.column).unwrap_or(&Value::Null);
         check_pair(value, &condition.value);
         check_pair(&condition.value, value);
-        let checkable = match condition.op {
-            FilterOp::Eq | FilterOp::Neq => true,
-            FilterOp::In => condition.value.is_array(),
-            _ => condition.value.is_number() || condition.value.is_string(),
-        };
+        let checkable = !nul_inside(&condition.value)
+            && match condition.op {
+                FilterOp::Eq | FilterOp::Neq => true,
+                FilterOp::In => condition.value.is_array(),
+                _ => condition.value.is_number() || condition.value.is_string(),
+            };
         assert_eq!(check(condition).is_ok(), checkable, "check of {condition:?}");
     }
 }
@@ -92,6 +93,17 @@ fn check_pair(column: &Value, expected: &Value) {
     let in_options = Value::Array(vec![Value::Bool(false), expected.clone()]);
     assert_eq!(op(FilterOp::In, &in_options), eq || *column == Value::Bool(false), "in: {context}");
     assert!(!op(FilterOp::In, expected) || expected.as_array().is_some_and(|o| o.iter().any(|o| op(FilterOp::Eq, o))), "in: {context}");
+}
+
+/// Whether U+0000 is anywhere in a value, keys included: no stored value holds it, so a filter
+/// with it is refused.
+fn nul_inside(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(nul_inside),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || nul_inside(v)),
+        _ => false,
+    }
 }
 
 fn ordered(a: &Value, b: &Value) -> bool {
