@@ -66,7 +66,7 @@ impl Capture {
                     return Err(format!("line {}: capture format {} is not supported", n + 1, header.synchub_capture));
                 }
                 let first = *first_start_ms.get_or_insert(header.started_at_ms);
-                offset_us = header.started_at_ms.saturating_sub(first) * 1000;
+                offset_us = header.started_at_ms.saturating_sub(first).saturating_mul(1000);
                 continue;
             }
             if first_start_ms.is_none() {
@@ -76,7 +76,7 @@ impl Capture {
             if !tenants.is_empty() && !tenants.contains(&entry.tenant) {
                 continue;
             }
-            let t = entry.t_us + offset_us;
+            let t = entry.t_us.saturating_add(offset_us);
             capture.span_us = capture.span_us.max(t);
             let device = devices.entry((entry.tenant.clone(), entry.device.clone())).or_insert_with(|| RecordedDevice {
                 tenant: entry.tenant.clone(),
@@ -87,7 +87,17 @@ impl Capture {
                 first_device_seq: u64::MAX,
             });
             let index = match sessions.get(&entry.session) {
-                Some((_, _, i)) => *i,
+                Some((tenant, device, i)) if *tenant == entry.tenant && *device == entry.device => *i,
+                // A session is one device's socket: a file that says otherwise is not a capture.
+                Some((tenant, device, _)) => {
+                    return Err(format!(
+                        "line {}: session {} is device `{device}` of `{tenant}`, not `{}` of `{}`",
+                        n + 1,
+                        entry.session,
+                        entry.device,
+                        entry.tenant
+                    ))
+                }
                 None => {
                     let msgpack = matches!(entry.event, CaptureEvent::Frame { msgpack: true, .. });
                     device.sessions.push(RecordedSession { start_us: t, msgpack, ..RecordedSession::default() });
