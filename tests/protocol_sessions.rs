@@ -795,6 +795,7 @@ struct Fuzzer {
     subscriptions: HashSet<String>,
     pongs: HashSet<u64>,
     unanswered_subscribes: usize,
+    started: std::time::Instant,
     /// Where the fuzzed session's stream stands, when it is running.
     stream_at: Option<u64>,
     log: Vec<String>,
@@ -1426,6 +1427,9 @@ impl Fuzzer {
             4029 => self.hello_refusal == Some(ErrorCode::RateLimited),
             4009 => self.errors_received > MAX_ERRORS_PER_MINUTE as usize,
             1009 => self.largest_sent > MAX_FRAME_BYTES,
+            // The hello timeout (10 s by default) runs from the socket's opening, a little
+            // before `started`.
+            4000 => self.welcomed.is_none() && self.started.elapsed() >= Duration::from_secs(9),
             _ => false,
         }
     }
@@ -1711,6 +1715,7 @@ async fn run(case: &Case<'_>, sequence: &Sequence) -> Result<String, String> {
         subscriptions: HashSet::new(),
         pongs: HashSet::new(),
         unanswered_subscribes: 0,
+        started: std::time::Instant::now(),
         stream_at: None,
         log: Vec::new(),
     };
