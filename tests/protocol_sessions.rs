@@ -48,6 +48,8 @@ const REPLY_WAIT: Duration = Duration::from_secs(20);
 #[derive(Debug, Clone)]
 struct Sequence {
     encoding: Encoding,
+    /// A token sent with the upgrade request (section 1), besides or instead of `hello.token`.
+    upgrade: Option<TokenGen>,
     steady_encoding: Encoding,
     steady_batches: usize,
     steps: Vec<Step>,
@@ -563,10 +565,11 @@ fn step() -> BoxedStrategy<Step> {
 
 fn sequence() -> BoxedStrategy<Sequence> {
     let opening = prop_oneof![9 => opening_hello().prop_map(Some), 1 => Just(None)];
-    (encoding(), encoding(), 1usize..=4, opening, prop::collection::vec(step(), 0..30)).prop_map(|(encoding, steady_encoding, steady_batches, opening, rest)| {
+    let upgrade = prop_oneof![6 => Just(None), 1 => token_gen().prop_map(|t| Some(if let TokenGen::Empty = t { TokenGen::Garbage } else { t }))];
+    (encoding(), upgrade, encoding(), 1usize..=4, opening, prop::collection::vec(step(), 0..30)).prop_map(|(encoding, upgrade, steady_encoding, steady_batches, opening, rest)| {
         let mut steps: Vec<Step> = opening.map(|frame| Step { frame, wait: true }).into_iter().collect();
         steps.extend(rest);
-        Sequence { encoding, steady_encoding, steady_batches, steps }
+        Sequence { encoding, upgrade, steady_encoding, steady_batches, steps }
     }).boxed()
 }
 
@@ -768,6 +771,8 @@ async fn read(ws: &mut Ws, wait: Duration) -> Result<Read, String> {
 
 struct Fuzzer {
     ws: Ws,
+    /// The token the upgrade request carried, which the hub accepted (empty for none).
+    upgrade_token: String,
     tenant: String,
     other_tenant: String,
     /// The tenant's epoch, as the steady device's welcome told it.
@@ -808,27 +813,7 @@ impl Fuzzer {
     }
 
     fn token(&self, gen: TokenGen) -> String {
-        let (tenant, now) = (self.tenant.as_str(), synchub::auth::unix_now());
-        let mint = |secret: &str, tenant: &str, user: &str, device: Option<&str>, exp: u64, role: &str| {
-            let mut claims = json!({"sub": user, "role": role, "tenant_id": tenant, "exp": exp});
-            if let Some(d) = device {
-                claims["device_id"] = json!(d);
-            }
-            synchub::auth::mint_hs256(secret, &claims)
-        };
-        match gen {
-            TokenGen::Good { claim, manager } => {
-                mint(SECRET, tenant, "user-fuzz", claim.then_some(FUZZ_DEVICE), now + 3600, if manager { "Manager" } else { "Employee" })
-            }
-            TokenGen::OtherDevice => mint(SECRET, tenant, "user-fuzz", Some("fuzz-z"), now + 3600, "Employee"),
-            TokenGen::OtherUser => mint(SECRET, tenant, "user-other", Some(FUZZ_DEVICE), now + 3600, "Employee"),
-            TokenGen::OtherTenant => mint(SECRET, &self.other_tenant, "user-fuzz", Some(FUZZ_DEVICE), now + 3600, "Employee"),
-            TokenGen::WrongSecret => mint("not-the-secret", tenant, "user-fuzz", Some(FUZZ_DEVICE), now + 3600, "Employee"),
-            TokenGen::Expired => mint(SECRET, tenant, "user-fuzz", Some(FUZZ_DEVICE), now - 3600, "Employee"),
-            TokenGen::NulUser => mint(SECRET, tenant, "user\u{0}fuzz", Some(FUZZ_DEVICE), now + 3600, "Employee"),
-            TokenGen::Garbage => "abc.def.ghi".into(),
-            TokenGen::Empty => String::new(),
-        }
+        mint_token(gen, &self.tenant, &self.other_tenant)
     }
 
     fn position(&self, gen: PositionGen) -> Option<Position> {
@@ -1122,7 +1107,8 @@ impl Fuzzer {
                             self.hello_encoding = Some(encoding);
                         }
                         if self.asked.is_none() {
-                            let claims = decode_claims(&token);
+                            // hello.token, when not empty, replaces the upgrade's.
+                            let claims = decode_claims(if token.is_empty() { &self.upgrade_token } else { &token });
                             let tenant = claims.get("tenant_id").and_then(Value::as_str).unwrap_or_default().to_string();
                             self.asked = Some((tenant, mode == protocol::SessionMode::Dashboard));
                         }
@@ -1435,6 +1421,31 @@ impl Fuzzer {
     }
 }
 
+/// A token of the fuzzed identity, or one a hub must refuse (or refuse to let it replace).
+fn mint_token(gen: TokenGen, tenant: &str, other_tenant: &str) -> String {
+    let now = synchub::auth::unix_now();
+    let mint = |secret: &str, tenant: &str, user: &str, device: Option<&str>, exp: u64, role: &str| {
+        let mut claims = json!({"sub": user, "role": role, "tenant_id": tenant, "exp": exp});
+        if let Some(d) = device {
+            claims["device_id"] = json!(d);
+        }
+        synchub::auth::mint_hs256(secret, &claims)
+    };
+    match gen {
+        TokenGen::Good { claim, manager } => {
+            mint(SECRET, tenant, "user-fuzz", claim.then_some(FUZZ_DEVICE), now + 3600, if manager { "Manager" } else { "Employee" })
+        }
+        TokenGen::OtherDevice => mint(SECRET, tenant, "user-fuzz", Some("fuzz-z"), now + 3600, "Employee"),
+        TokenGen::OtherUser => mint(SECRET, tenant, "user-other", Some(FUZZ_DEVICE), now + 3600, "Employee"),
+        TokenGen::OtherTenant => mint(SECRET, other_tenant, "user-fuzz", Some(FUZZ_DEVICE), now + 3600, "Employee"),
+        TokenGen::WrongSecret => mint("not-the-secret", tenant, "user-fuzz", Some(FUZZ_DEVICE), now + 3600, "Employee"),
+        TokenGen::Expired => mint(SECRET, tenant, "user-fuzz", Some(FUZZ_DEVICE), now - 3600, "Employee"),
+        TokenGen::NulUser => mint(SECRET, tenant, "user\u{0}fuzz", Some(FUZZ_DEVICE), now + 3600, "Employee"),
+        TokenGen::Garbage => "abc.def.ghi".into(),
+        TokenGen::Empty => String::new(),
+    }
+}
+
 /// The claims of a token, unverified (to know which tenant a hello asked for).
 fn decode_claims(token: &str) -> Value {
     use base64_free::decode_url_safe;
@@ -1689,9 +1700,10 @@ async fn run(case: &Case<'_>, sequence: &Sequence) -> Result<String, String> {
     let tenant = format!("fz-{}", &Uuid::new_v4().simple().to_string()[..12]);
     let other_tenant = format!("{tenant}-other");
     let (mut steady, epoch) = Steady::connect(case.hub.addr, &tenant, sequence.steady_encoding).await?;
-    let client = Client::connect(case.hub.addr, sequence.encoding).await;
+    let (ws, upgrade_token) = connect_fuzzed(case, sequence, &tenant, &other_tenant).await?;
     let mut fuzz = Fuzzer {
-        ws: client.ws,
+        ws,
+        upgrade_token,
         tenant: tenant.clone(),
         other_tenant,
         epoch,
@@ -1760,6 +1772,24 @@ async fn run(case: &Case<'_>, sequence: &Sequence) -> Result<String, String> {
     match HUB_PANICS.load(std::sync::atomic::Ordering::SeqCst) {
         0 => Ok(fuzz.summary()),
         n => Err(format!("{n} panics on the hub's threads (their messages are above)\nsession log:\n  {}", fuzz.log.join("\n  "))),
+    }
+}
+
+/// The fuzzed session's socket, with the sequence's token at the upgrade: a token the hub must
+/// accept opens the socket, any other is refused with 401 before one is opened (and the session
+/// then goes on without one).
+async fn connect_fuzzed(case: &Case<'_>, sequence: &Sequence, tenant: &str, other_tenant: &str) -> Result<(Ws, String), String> {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let plain = || async { Client::connect(case.hub.addr, sequence.encoding).await.ws };
+    let Some(gen) = sequence.upgrade else { return Ok((plain().await, String::new())) };
+    let token = mint_token(gen, tenant, other_tenant);
+    let acceptable = matches!(gen, TokenGen::Good { .. } | TokenGen::OtherDevice | TokenGen::OtherUser | TokenGen::OtherTenant);
+    let bearer = format!("Bearer {token}");
+    match Client::connect_with(case.hub.addr, &[("authorization", bearer.as_str())], "").await {
+        Ok(client) if acceptable => Ok((client.ws, token)),
+        Ok(_) => Err(format!("a {gen:?} token was accepted at the upgrade")),
+        Err(WsError::Http(response)) if !acceptable && response.status() == 401 => Ok((plain().await, String::new())),
+        Err(e) => Err(format!("the upgrade with a {gen:?} token: {e}")),
     }
 }
 
