@@ -67,15 +67,23 @@ pub const SERVER_TYPES: &[&str] = &[
     "broadcast",
 ];
 
+/// How deep arrays and maps of a MessagePack frame may nest: JSON's limit (serde_json's
+/// recursion limit). The reader recurses once per level; rmp-serde's own limit of 1024 let a
+/// frame of about 1 KB overflow the stack of the thread that read it.
+pub const MAX_MSGPACK_DEPTH: usize = 128;
+
+fn msgpack_reader(bytes: &[u8]) -> rmp_serde::Deserializer<rmp_serde::decode::ReadRefReader<'_, [u8]>, rmp_serde::config::HumanReadableConfig<rmp_serde::config::DefaultConfig>> {
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes).with_human_readable();
+    de.set_max_depth(MAX_MSGPACK_DEPTH);
+    de
+}
+
 /// Decode a frame (or any value) in `encoding` as `T`: a reader that needs only part of a
 /// frame decodes it into a view of its own, whose unknown keys are skipped unparsed.
 pub fn decode_value<T: DeserializeOwned>(encoding: Encoding, bytes: &[u8]) -> Result<T, String> {
     match encoding {
         Encoding::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
-        Encoding::MsgPack => {
-            let mut de = rmp_serde::Deserializer::from_read_ref(bytes).with_human_readable();
-            T::deserialize(&mut de).map_err(|e| e.to_string())
-        }
+        Encoding::MsgPack => T::deserialize(&mut msgpack_reader(bytes)).map_err(|e| e.to_string()),
     }
 }
 
@@ -90,10 +98,7 @@ fn decode_type_first<T: TypeFirst>(encoding: Encoding, bytes: &[u8]) -> Result<O
             de.end().map_err(|e| e.to_string())?;
             Ok(frame)
         }
-        Encoding::MsgPack => {
-            let mut de = rmp_serde::Deserializer::from_read_ref(bytes).with_human_readable();
-            de.deserialize_map(visitor).map_err(|e| e.to_string())
-        }
+        Encoding::MsgPack => msgpack_reader(bytes).deserialize_map(visitor).map_err(|e| e.to_string()),
     }
 }
 
@@ -154,7 +159,7 @@ pub fn encode_server(encoding: Encoding, frame: &ServerFrame) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     fn sample_push() -> ClientFrame {
         let mut key = Object::new();
@@ -283,6 +288,63 @@ mod tests {
         assert_eq!(peek_request_id(Encoding::MsgPack, &bytes), Some(9));
         assert_eq!(peek_request_id(Encoding::MsgPack, &[0xc1, 0x00]), None);
         assert_eq!(peek_request_id(Encoding::MsgPack, &encode(Encoding::MsgPack, &json!([9]))), None);
+    }
+
+    /// A subscribe whose filter value is `depth` arrays deep.
+    fn nested_filter(depth: usize) -> Value {
+        let mut value = json!(null);
+        for _ in 0..depth {
+            value = json!([value]);
+        }
+        json!({"type": "subscribe", "id": 4, "sub": "s", "table": "products", "filter": [{"column": "a", "op": "eq", "value": value}]})
+    }
+
+    /// MessagePack nests as deep as JSON does and no deeper, and a frame nested past that is
+    /// malformed, not a stack overflow: a MessagePack array of arrays a thousand deep overflowed
+    /// a 2 MiB stack in a debug build, as the filter value of a subscribe, in an unknown field,
+    /// and when the hub looked for the id of the frame that did not decode.
+    #[test]
+    fn frames_nested_past_the_limit_are_malformed_in_both_encodings() {
+        // The frame, the filter list, the condition and the innermost array's null take four
+        // levels: both encodings read 124 arrays there, and refuse 125.
+        let fits = nested_filter(MAX_MSGPACK_DEPTH - 4);
+        let deep = nested_filter(MAX_MSGPACK_DEPTH - 3);
+        for encoding in [Encoding::Json, Encoding::MsgPack] {
+            let bytes = encode(encoding, &fits);
+            assert!(decode_client(encoding, &bytes).is_ok(), "{encoding:?}");
+            let bytes = match encoding {
+                // serde_json writes values of any depth; only its reader has the limit.
+                Encoding::Json => serde_json::to_vec(&deep).unwrap(),
+                Encoding::MsgPack => encode(encoding, &deep),
+            };
+            assert_eq!(decode_client(encoding, &bytes).map_err(|e| e.code()), Err(ErrorCode::MalformedFrame), "{encoding:?}");
+        }
+        let thousand = |prefix: &[u8]| {
+            let mut bytes = prefix.to_vec();
+            bytes.extend(std::iter::repeat(0x91).take(1000));
+            bytes.push(0xc0);
+            bytes
+        };
+        // A ping with such an unknown field `x`; a subscribe with such a filter value (the
+        // frame's map is written last, with its `value` left out); an array that is no frame.
+        let ping = thousand(&[0x83, 0xa4, b't', b'y', b'p', b'e', 0xa4, b'p', b'i', b'n', b'g', 0xa2, b'i', b'd', 0x07, 0xa1, b'x']);
+        let mut head = encode(Encoding::MsgPack, &json!({"type": "subscribe", "id": 4, "sub": "s", "table": "products", "filter": [{"column": "a", "op": "eq"}]}));
+        let last_map = head.iter().rposition(|b| *b == 0x82).unwrap();
+        head[last_map] = 0x83;
+        head.extend([0xa5, b'v', b'a', b'l', b'u', b'e']);
+        let filter = thousand(&head);
+        let array = thousand(&[]);
+        let read = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                for bytes in [&ping, &filter, &array] {
+                    assert_eq!(decode_client(Encoding::MsgPack, bytes).map_err(|e| e.code()), Err(ErrorCode::MalformedFrame));
+                    assert_eq!(peek_request_id(Encoding::MsgPack, bytes), None);
+                }
+            })
+            .unwrap()
+            .join();
+        assert!(read.is_ok());
     }
 
     #[test]

@@ -397,3 +397,41 @@ impl Drop for Frozen {
         signal_cluster("CONT");
     }
 }
+
+/// A hub on a thread of its own, in an actix system of its own, for tests whose body is not
+/// async (a proptest runner driving sessions from a runtime of its own). Dropped, it shuts the
+/// hub down and joins the thread.
+pub struct HubThread {
+    pub addr: SocketAddr,
+    pub database_url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HubThread {
+    pub fn start(adjust: impl FnOnce(&mut Config) + Send + 'static) -> HubThread {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            actix_web::rt::System::new().block_on(async move {
+                let hub = TestHub::start_with(adjust).await;
+                let _ = ready_tx.send((hub.addr, hub.database_url.clone()));
+                let _ = stop_rx.await;
+                hub.shutdown().await;
+            })
+        });
+        let (addr, database_url) = ready_rx.recv().expect("hub starts on its thread");
+        HubThread { addr, database_url, stop: Some(stop_tx), thread: Some(thread) }
+    }
+}
+
+impl Drop for HubThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
