@@ -368,10 +368,11 @@ async fn a_snapshot_finishing_after_its_unsubscribe_is_not_the_new_subscriptions
     let second = dash.send_subscribe("s", Some("products"), vec![cond("stock", FilterOp::Gte, json!(2))], true, None).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     lock.rollback().await.unwrap();
-    let (mut replies, mut rows) = (Vec::new(), Vec::new());
+    let (mut replies, mut rows, mut withdrawn) = (Vec::new(), Vec::new(), Vec::new());
     loop {
         match dash.recv().await {
             ServerFrame::Subscribed { id, .. } => replies.push(id),
+            ServerFrame::Error { id: Some(id), code, .. } => withdrawn.push((id, code)),
             ServerFrame::SubRows { sub, rows: page, last, .. } if sub == "s" => {
                 rows.extend(page.iter().map(|r| name_of(&r.row)));
                 if last {
@@ -383,6 +384,12 @@ async fn a_snapshot_finishing_after_its_unsubscribe_is_not_the_new_subscriptions
     }
     assert!(!replies.contains(&first), "the dropped subscription was answered: {replies:?}");
     assert_eq!(replies, vec![second]);
+    // The first request is answered all the same (its snapshot may finish after the second's):
+    // it was withdrawn.
+    if withdrawn.is_empty() {
+        withdrawn.push((first, dash.expect_error(first).await));
+    }
+    assert_eq!(withdrawn, vec![(first, ErrorCode::UnknownSubscription)]);
     rows.sort();
     assert_eq!(rows, ["p2", "p3", "p4"]);
     // Nothing more comes for the first request, and the gauge holds one subscription.

@@ -694,7 +694,9 @@ impl Kind {
             Kind::Resume => &[NotAuthenticated, InvalidBatch],
             // invalid_key: an `after` the table's key columns refuse (tests/poison_input.rs).
             Kind::Snapshot { .. } => &[NotAuthenticated, UnknownTable, Forbidden, InvalidKey],
-            Kind::Subscribe { .. } => &[NotAuthenticated, InvalidBatch, UnknownTable, Forbidden, InvalidFilter, TooManySubscriptions, SnapshotTooLarge, RateLimited],
+            Kind::Subscribe { .. } => {
+                &[NotAuthenticated, InvalidBatch, UnknownTable, Forbidden, InvalidFilter, TooManySubscriptions, SnapshotTooLarge, RateLimited, UnknownSubscription]
+            }
             Kind::Unsubscribe { .. } => &[NotAuthenticated, UnknownSubscription],
             Kind::Ping => &[NotAuthenticated],
             Kind::Bad => &[MalformedFrame, UnknownType],
@@ -799,7 +801,7 @@ struct Fuzzer {
     last_batch_id: Option<Uuid>,
     subscriptions: HashSet<String>,
     pongs: HashSet<u64>,
-    unanswered_subscribes: usize,
+    withdrawn_subscribes: usize,
     started: std::time::Instant,
     /// Where the fuzzed session's stream stands, when it is running.
     stream_at: Option<u64>,
@@ -1161,12 +1163,6 @@ impl Fuzzer {
         }
     }
 
-    /// Take the oldest pending request for which `fits` holds, whatever its id.
-    fn take_any(&mut self, fits: impl Fn(&Kind) -> bool) -> Option<Pending> {
-        let i = self.pending.iter().position(|p| fits(&p.kind))?;
-        Some(self.pending.remove(i))
-    }
-
     /// Read frames until `done` holds, the socket closes, or `wait` passes.
     async fn pump(&mut self, wait: Duration, done: impl Fn(&Fuzzer) -> bool) -> Result<bool, String> {
         let deadline = tokio::time::Instant::now() + wait;
@@ -1282,12 +1278,14 @@ impl Fuzzer {
                     return Err(format!("unsubscribed {sub:?} for {:?}", pending.kind));
                 }
                 if !self.subscriptions.remove(&sub) {
-                    // A table subscription ended before its `subscribed`: the hub drops the
-                    // subscribe unanswered (src/actors/device.rs, "unsubscribed meanwhile"). Not
-                    // in the spec; nothing may come for it afterwards, its reply included.
-                    let waiting = |k: &Kind| matches!(k, Kind::Subscribe { sub: asked } if *asked == sub);
-                    self.take_any(waiting).ok_or_else(|| format!("unsubscribed {sub:?}, which was never subscribed"))?;
-                    self.unanswered_subscribes += 1;
+                    // A table subscription ended before its `subscribed`: its subscribe is
+                    // answered `unknown_subscription` (protocol 13.1), and nothing else comes
+                    // for it.
+                    let waiting = |p: &Pending| matches!(&p.kind, Kind::Subscribe { sub: asked } if *asked == sub);
+                    if !self.pending.iter().any(waiting) {
+                        return Err(format!("unsubscribed {sub:?}, which was never subscribed"));
+                    }
+                    self.withdrawn_subscribes += 1;
                 }
             }
             ServerFrame::SubRows { ref sub, .. }
@@ -1398,9 +1396,9 @@ impl Fuzzer {
             Some(_) => "device",
             None => "never welcomed",
         };
-        let dropped = match self.unanswered_subscribes {
+        let dropped = match self.withdrawn_subscribes {
             0 => String::new(),
-            n => format!(", {n} subscribe(s) unsubscribed unanswered"),
+            n => format!(", {n} subscribe(s) unsubscribed before their answer"),
         };
         format!("{session}, {} errors, closed {:?}, changes {statuses:?}{dropped}", self.errors_received, self.closed)
     }
@@ -1726,7 +1724,7 @@ async fn run(case: &Case<'_>, sequence: &Sequence) -> Result<String, String> {
         last_batch_id: None,
         subscriptions: HashSet::new(),
         pongs: HashSet::new(),
-        unanswered_subscribes: 0,
+        withdrawn_subscribes: 0,
         started: std::time::Instant::now(),
         stream_at: None,
         log: Vec::new(),

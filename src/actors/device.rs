@@ -851,10 +851,14 @@ impl DeviceSession {
         };
         ctx.spawn(work.into_actor(self).map(move |result, session, ctx| {
             let pending = |s: &Subscription| s.name == name && matches!(s.target, Target::Table { ready: false, request, .. } if request == id);
-            let Some(index) = session.subscriptions().iter().position(pending) else { return }; // unsubscribed meanwhile
             if session.closed {
                 return;
             }
+            let Some(index) = session.subscriptions().iter().position(pending) else {
+                // Unsubscribed before its snapshot finished: every request gets its answer.
+                let withdrawn = format!("`{name}` was unsubscribed before its snapshot finished");
+                return session.send_error(ctx, Some(id), ErrorCode::UnknownSubscription, withdrawn);
+            };
             let snapshot = match result {
                 Ok(snapshot) => snapshot,
                 Err(err) => {
