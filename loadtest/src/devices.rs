@@ -98,6 +98,13 @@ impl Workload {
         (self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
     }
 
+    /// Own row `row` is now at version `seq` (from an ack), so its next update merges cleanly.
+    pub fn learn_version(&mut self, row: usize, seq: u64) {
+        if let Some(v) = self.versions.get_mut(row) {
+            *v = seq;
+        }
+    }
+
     /// The next change, and which own row it writes (`None` for a shared row).
     pub fn next(&mut self) -> (Change, Option<usize>) {
         self.counter = self.counter.wrapping_add(1);
@@ -302,7 +309,7 @@ async fn push_loop(
         stats.ack_latency(sent_at.elapsed());
         for (result, row) in results.iter().zip(own) {
             if let (Some(r), Some(seq)) = (row, result.seq) {
-                workload.versions[r] = seq;
+                workload.learn_version(r, seq);
             }
         }
     }

@@ -14,6 +14,7 @@ pub mod plot;
 pub mod proc_stats;
 pub mod replay;
 pub mod report;
+pub mod soak;
 pub mod storm;
 pub mod tables;
 pub mod tokens;

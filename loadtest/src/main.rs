@@ -1,7 +1,7 @@
 //! `synchub-loadtest`: drives a synchub hub over real WebSockets on loopback with bounded,
 //! self-stopping scenarios, and reports latency, throughput, errors and hub CPU/memory.
 
-use synchub_loadtest::{client, compare, dashboards, devices, error, fanout, idle, pg_ceiling, plot, replay, storm, tables, tokens};
+use synchub_loadtest::{client, compare, dashboards, devices, error, fanout, idle, pg_ceiling, plot, replay, soak, storm, tables, tokens};
 
 use std::path::PathBuf;
 
@@ -101,6 +101,16 @@ enum Command {
         hub: HubArgs,
         #[command(flatten)]
         args: replay::ReplayArgs,
+    },
+    /// A long run of devices (with conflicts and reconnects) and dashboards, through whatever
+    /// restarts of the hub and Postgres happen meanwhile (see loadtest/run-soak): RSS, p99 and
+    /// errors every interval and per phase, then a check of the log against every ack.
+    /// Exits with status 1 when an acked change was lost, doubled or misplaced, or seqs skipped.
+    Soak {
+        #[command(flatten)]
+        hub: HubArgs,
+        #[command(flatten)]
+        args: soak::SoakArgs,
     },
     /// One process of the `idle` scenario (started by it).
     #[command(hide = true)]
@@ -235,6 +245,22 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", report.table());
             if let Some(path) = cli.json {
                 std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
+            }
+            return Ok(());
+        }
+        Command::Soak { hub, args } => {
+            let (target, tokens) = hub.connect_parts()?;
+            let report = soak::run(target, tokens, args).await?;
+            print!("{}", report.table());
+            if let Some(path) = cli.json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&report)?)?;
+            }
+            if let Some(path) = cli.svg {
+                let title = format!("synchub soak: {:.0} s, hub kill -9 and Postgres restart", report.duration_s);
+                std::fs::write(&path, plot::timeline_svg(&title, &report.ticks()))?;
+            }
+            if !report.passed() {
+                std::process::exit(1);
             }
             return Ok(());
         }

@@ -75,6 +75,11 @@ impl Stats {
         *self.errors.lock().unwrap().entry(code.to_string()).or_default() += 1;
     }
 
+    /// The errors counted so far, by code.
+    pub fn errors_snapshot(&self) -> BTreeMap<String, u64> {
+        self.errors.lock().unwrap().clone()
+    }
+
     pub fn ack_latency(&self, d: Duration) {
         let us = micros(d);
         let _ = self.ack_latency.lock().unwrap().record(us);
@@ -88,7 +93,7 @@ impl Stats {
     }
 
     /// Start the latency histograms afresh; returns what they held (push→ack, push→delivery).
-    fn take_latencies(&self) -> (Histogram<u64>, Histogram<u64>) {
+    pub(crate) fn take_latencies(&self) -> (Histogram<u64>, Histogram<u64>) {
         let ack = std::mem::replace(&mut *self.ack_latency.lock().unwrap(), histogram());
         let delivery = std::mem::replace(&mut *self.delivery_latency.lock().unwrap(), histogram());
         (ack, delivery)
@@ -139,7 +144,7 @@ pub struct Latency {
 }
 
 impl Latency {
-    fn of(h: &Histogram<u64>) -> Latency {
+    pub fn of(h: &Histogram<u64>) -> Latency {
         let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
         Latency { count: h.len(), p50_ms: ms(0.5), p90_ms: ms(0.9), p99_ms: ms(0.99), p999_ms: ms(0.999), max_ms: h.max() as f64 / 1000.0 }
     }
