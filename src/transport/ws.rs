@@ -45,7 +45,7 @@ pub async fn upgrade(req: HttpRequest, stream: web::Payload, hub: web::Data<Arc<
     let input = InboundGuard::new(stream, max, verdict.clone());
     let session = DeviceSession::new(hub.get_ref().clone(), identity);
     let output = ws::WebsocketContext::with_codec(session, input, Codec::new().max_size(max));
-    Ok(response.streaming(OutboundCloser::new(Box::pin(output), verdict, hub.get_ref().clone())))
+    Ok(response.streaming(OutboundCloser::new(output, verdict, hub.get_ref().clone())))
 }
 
 /// The verified token of the upgrade request, if it carried one: `Authorization: Bearer <jwt>`,
