@@ -74,6 +74,37 @@ pub struct ServiceToken {
     pub tenants: Vec<String>,
 }
 
+/// What a `masterWrite` does with a document the client changed from a state the hub no
+/// longer holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RxdbConflicts {
+    /// RxDB's own rule: the write is refused and the current document returned, so the
+    /// client's conflict handler decides; the hub also logs the conflict for review.
+    #[default]
+    Report,
+    /// The hub merges the write by the table's policy (per-field LWW), logs what lost, and
+    /// streams the merged document back: the client sees no conflict.
+    ServerMerge,
+}
+
+/// An RxDB collection served at `/rxdb/v1` (`[[rxdb_collections]]`). A collection without an
+/// entry is the synced table of its name, with every column but the tenant column.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RxdbCollectionConfig {
+    /// The collection's name in the client.
+    pub name: String,
+    /// The synced table it is; default: the collection's name.
+    #[serde(default)]
+    pub table: Option<String>,
+    /// Columns the documents hold (the key among them); default: all but the tenant column.
+    #[serde(default)]
+    pub fields: Option<Vec<String>>,
+    #[serde(default)]
+    pub conflicts: RxdbConflicts,
+}
+
 /// Shortest service token accepted, bytes: shorter ones are guessable.
 pub const MIN_SERVICE_TOKEN_BYTES: usize = 16;
 
@@ -265,6 +296,23 @@ pub struct Config {
     /// Tables to register at start-up.
     pub tables: Vec<TableConfig>,
 
+    // ---- RxDB replication (`/rxdb/v1`) ----
+    /// `[[rxdb_collections]]`: collections mapped to tables other than their name's, with
+    /// chosen fields, or merged by the hub (see [`RxdbCollectionConfig`]). Default none.
+    pub rxdb_collections: Vec<RxdbCollectionConfig>,
+    /// How long an RxDB socket opened without `?token=` may wait for its `auth` message, ms.
+    /// Default 10000; then it is closed 4001.
+    pub rxdb_auth_timeout_ms: u64,
+    /// Requests an RxDB socket holds until its `auth` message arrives (the client sends what it
+    /// queued offline first). Default 256; one more closes the socket 4001.
+    pub rxdb_pending_requests: usize,
+    /// Most documents in one `masterChangesSince` reply; a larger batch size is lowered to it.
+    /// Default 1000.
+    pub rxdb_max_pull_documents: u32,
+    /// Live frames an RxDB socket holds while one of its pulls is read; past it the collection
+    /// is sent `RESYNC` once the pull is answered. Default 256.
+    pub rxdb_held_frames: usize,
+
     // ---- roles and rules ----
     /// `[[rules]]`: per table and role, read/write access, a row restriction to a claim, and
     /// hidden columns (see [`crate::rules`]). Default none: every role reads and writes
@@ -347,6 +395,11 @@ impl Default for Config {
             conflict_page_default: 50,
             conflict_page_max: 500,
             tables: Vec::new(),
+            rxdb_collections: Vec::new(),
+            rxdb_auth_timeout_ms: 10_000,
+            rxdb_pending_requests: 256,
+            rxdb_max_pull_documents: 1000,
+            rxdb_held_frames: 256,
             rules: Vec::new(),
             row_level_security: true,
         }
@@ -406,6 +459,10 @@ impl Config {
             ("max_broadcast_payload_bytes", self.max_broadcast_payload_bytes as u64),
             ("conflict_page_default", self.conflict_page_default as u64),
             ("conflict_page_max", self.conflict_page_max as u64),
+            ("rxdb_auth_timeout_ms", self.rxdb_auth_timeout_ms),
+            ("rxdb_pending_requests", self.rxdb_pending_requests as u64),
+            ("rxdb_max_pull_documents", self.rxdb_max_pull_documents as u64),
+            ("rxdb_held_frames", self.rxdb_held_frames as u64),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -417,6 +474,12 @@ impl Config {
         }
         if self.conflict_page_default > self.conflict_page_max {
             return Err(Error::Config("conflict_page_default must be at most conflict_page_max".into()));
+        }
+        let mut collections = std::collections::HashSet::new();
+        for collection in &self.rxdb_collections {
+            if !collections.insert(collection.name.as_str()) {
+                return Err(Error::Config(format!("rxdb_collections names `{}` twice", collection.name)));
+            }
         }
         let mut names = std::collections::HashSet::new();
         for (i, service) in self.service_tokens.iter().enumerate() {

@@ -68,7 +68,42 @@ pub struct Metrics {
     pub http_pushes: AtomicU64,
     pub http_broadcasts: AtomicU64,
     pub conflict_resolutions: AtomicU64,
+    /// RxDB replication (`/rxdb/v1`): sockets authenticated, requests by method, and what
+    /// could not be served as asked, by kind.
+    pub rxdb_sessions_opened: AtomicU64,
+    rxdb_requests: [AtomicU64; RXDB_METHODS.len()],
+    rxdb_failures: [AtomicU64; RXDB_FAILURES.len()],
+    pub rxdb_resyncs: AtomicU64,
     errors: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+/// RxDB request methods as counted (`other`: a method RxDB does not define).
+pub const RXDB_METHODS: [&str; 5] = ["auth", "masterChangeStream$", "masterChangesSince", "masterWrite", "other"];
+
+/// Why an RxDB request was not served as asked:
+/// - `malformed`: a frame that is not a request (answered when it has an id);
+/// - `unknown_collection`: no synced table for the collection (pulls answer nothing, writes are
+///   answered with a non-array result, which RxDB retries);
+/// - `refused_write`: a document the hub can never write (the rules, an invalid value, an unknown
+///   field): answered as a conflict with the current document (or a tombstone);
+/// - `write_unavailable`: a write that may succeed later (storage down, busy, rate-limited):
+///   answered with a non-array result, which RxDB retries;
+/// - `pull_unavailable`: a pull that could not be read: answered with no documents and the
+///   checkpoint given, then `RESYNC` once reads work again.
+pub const RXDB_FAILURES: [&str; 5] = ["malformed", "unknown_collection", "refused_write", "write_unavailable", "pull_unavailable"];
+
+impl Metrics {
+    pub fn rxdb_request(&self, method: &str) {
+        let i = RXDB_METHODS.iter().position(|m| *m == method).unwrap_or(RXDB_METHODS.len() - 1);
+        self.rxdb_requests[i].fetch_add(1, Relaxed);
+    }
+
+    /// Count a failure of one of the kinds in [`RXDB_FAILURES`].
+    pub fn rxdb_failure(&self, kind: &'static str) {
+        if let Some(i) = RXDB_FAILURES.iter().position(|k| *k == kind) {
+            self.rxdb_failures[i].fetch_add(1, Relaxed);
+        }
+    }
 }
 
 fn status_index(status: ChangeStatus) -> usize {
@@ -213,6 +248,12 @@ impl Metrics {
         metric("synchub_http_pushes_total", "counter", "Batches server-side writers pushed over HTTP.", &one(get(&self.http_pushes)));
         metric("synchub_http_broadcasts_total", "counter", "Broadcasts server-side writers sent over HTTP.", &one(get(&self.http_broadcasts)));
         metric("synchub_conflict_resolutions_total", "counter", "Conflicts resolved through the review API.", &one(get(&self.conflict_resolutions)));
+        metric("synchub_rxdb_sessions_opened_total", "counter", "RxDB sockets authenticated.", &one(get(&self.rxdb_sessions_opened)));
+        let requests: Vec<_> = RXDB_METHODS.iter().zip(&self.rxdb_requests).map(|(m, n)| (format!("{{method=\"{m}\"}}"), get(n))).collect();
+        metric("synchub_rxdb_requests_total", "counter", "RxDB requests, by method.", &requests);
+        let failures: Vec<_> = RXDB_FAILURES.iter().zip(&self.rxdb_failures).map(|(k, n)| (format!("{{kind=\"{k}\"}}"), get(n))).collect();
+        metric("synchub_rxdb_failures_total", "counter", "RxDB requests not served as asked, by kind (README: RxDB replication).", &failures);
+        metric("synchub_rxdb_resyncs_total", "counter", "RESYNC events sent to RxDB clients (a gap, a slow reader, or a lost live stream).", &one(get(&self.rxdb_resyncs)));
         let errors: Vec<_> = self.errors.lock().unwrap().iter().map(|(c, n)| (format!("{{code=\"{c}\"}}"), *n as f64)).collect();
         metric("synchub_errors_total", "counter", "Error frames sent and rejected changes, by code.", &errors);
         metric("synchub_db_connections", "gauge", "Connections in the database pool.", &one(gauges.db_connections as f64));
@@ -252,6 +293,13 @@ mod tests {
         assert!(text.contains("synchub_errors_total{code=\"invalid_value\"} 1\n"));
         assert!(text.contains("synchub_http_pushes_total 2\n"));
         assert!(text.contains("synchub_conflict_resolutions_total 0\n"));
+        m.rxdb_request("masterWrite");
+        m.rxdb_request("nonsense");
+        m.rxdb_failure("refused_write");
+        let text = m.render(&Gauges { sessions: 2, tenants: 1, db_connections: 3, db_idle: 1, row_cache_rows: 0, memory: Some(AllocatorStats { allocated: 10, active: 20, resident: 30, metadata: 4 }) });
+        assert!(text.contains("synchub_rxdb_requests_total{method=\"masterWrite\"} 1\n"));
+        assert!(text.contains("synchub_rxdb_requests_total{method=\"other\"} 1\n"));
+        assert!(text.contains("synchub_rxdb_failures_total{kind=\"refused_write\"} 1\n"));
         assert!(text.contains("synchub_group_commit_seconds_bucket{le=\"0.0025\"} 0\n"));
         assert!(text.contains("synchub_group_commit_seconds_bucket{le=\"0.005\"} 1\n"));
         assert!(text.contains("synchub_group_commit_seconds_bucket{le=\"0.05\"} 2\n"));

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use actix::WeakAddr;
 use actix_web_actors::ws;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use protocol::capture::{AckedChange, CaptureEvent};
 use protocol::{CatchUpRef, Delta};
 use protocol::{
@@ -25,7 +25,7 @@ use uuid::Uuid;
 use super::messages::{
     ApplyBatch, Encoded, LiveFrame, Notice, RecentLog, RefreshToken, SessionControl, SharedFrame, Subscribe, Unsubscribe, Watch, NO_SUCH_SESSION,
 };
-use super::sweep::{monotonic_ms, unix_ms, SessionHandle};
+use super::sweep::{monotonic_ms, unix_ms, SessionAddr, SessionHandle};
 use super::tenant::TenantActor;
 use crate::auth::{unix_now, Identity, SessionIdentity};
 use crate::rules::AccessView;
@@ -34,6 +34,7 @@ use crate::limits::Bucket;
 use crate::ids::{id_problem, DeviceId, Seq, SessionId, DASHBOARD_DEVICE_PREFIX};
 use crate::server::Hub;
 use crate::storage::apply::BatchInput;
+use crate::transport::fragments::Fragments;
 use crate::storage::log::TenantHead;
 use crate::storage::subscriptions::SnapshotRefusal;
 use crate::sync::views::subscription_view;
@@ -153,8 +154,8 @@ struct HeldFrames {
 struct RareState {
     /// When the bad frames of the last minute came.
     errors: VecDeque<Instant>,
-    /// A fragmented message being reassembled: (is text, bytes so far).
-    partial: Option<(bool, BytesMut)>,
+    /// A fragmented message being reassembled.
+    partial: Fragments,
 }
 
 pub struct DeviceSession {
@@ -451,7 +452,7 @@ impl DeviceSession {
             }
         };
         if self.mode == SessionMode::Device && DeviceId::is_reserved(device.as_str()) {
-            self.send_error(ctx, Some(id), ErrorCode::Forbidden, "device ids starting with `console:` or `dashboard:` are the hub's own");
+            self.send_error(ctx, Some(id), ErrorCode::Forbidden, "device ids starting with `console:`, `dashboard:` or `rxdb:` are the hub's own");
             return self.close(ctx, CloseCode::Unauthorized, "reserved device id");
         }
         if let Err(err) = self.hub.limits.connect(&identity.tenant) {
@@ -485,6 +486,7 @@ impl DeviceSession {
             mode: self.mode,
             since_ms: unix_ms(),
             link,
+            exclusive: true,
         };
         let store = self.hub.store.clone();
         let asked = position.clone();
@@ -1165,7 +1167,7 @@ impl Actor for DeviceSession {
         ctx.set_mailbox_capacity(self.hub.config.session_mailbox);
         // Deadlines and heartbeats come from the session clock (`sweep`), not per-session timers.
         let hello_deadline = unix_ms() + self.hub.config.hello_timeout_ms;
-        let link = Arc::new(SessionHandle::new(ctx.address(), hello_deadline.max(1)));
+        let link = Arc::new(SessionHandle::new(SessionAddr::Native(ctx.address()), hello_deadline.max(1)));
         self.hub.sessions.insert(self.id, link.clone());
         self.link = Some(link);
     }
@@ -1243,28 +1245,13 @@ impl DeviceSession {
     /// Reassemble fragmented messages, bounded by `max_frame_bytes`.
     fn continuation(&mut self, ctx: &mut ws::WebsocketContext<Self>, item: actix_http::ws::Item) {
         let max = self.hub.config.max_frame_bytes;
-        let (is_text, chunk, last) = match item {
-            actix_http::ws::Item::FirstText(b) => (Some(true), b, false),
-            actix_http::ws::Item::FirstBinary(b) => (Some(false), b, false),
-            actix_http::ws::Item::Continue(b) => (None, b, false),
-            actix_http::ws::Item::Last(b) => (None, b, true),
-        };
-        let partial = &mut self.rare.get_or_insert_with(Box::default).partial;
-        if let Some(text) = is_text {
-            *partial = Some((text, BytesMut::new()));
-        }
-        let Some((text, buf)) = partial.as_mut() else {
-            return self.close(ctx, CloseCode::MessageTooBig, "continuation without a first fragment");
-        };
-        buf.extend_from_slice(&chunk);
-        if buf.len() > max {
-            return self.close(ctx, CloseCode::MessageTooBig, "message larger than max_frame_bytes");
-        }
-        if last {
-            let text = *text;
-            let whole: Bytes = partial.take().map(|(_, b)| b.freeze()).unwrap_or_default();
-            let encoding = if text { Encoding::Json } else { Encoding::MsgPack };
-            self.handle_payload(ctx, &whole, encoding);
+        match self.rare.get_or_insert_with(Box::default).partial.add(item, max) {
+            Ok(Some((text, whole))) => {
+                let encoding = if text { Encoding::Json } else { Encoding::MsgPack };
+                self.handle_payload(ctx, &whole, encoding);
+            }
+            Ok(None) => {}
+            Err(why) => self.close(ctx, CloseCode::MessageTooBig, why),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! `try_send` on bounded mailboxes; a full mailbox makes the session catch up from the log.
 
 use std::ops::Range;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use actix::prelude::*;
 use bytes::Bytes;
@@ -38,6 +38,9 @@ pub struct Subscribe {
     pub since_ms: u64,
     /// Where the session is reached (live frames, control, notices).
     pub link: Arc<SessionHandle>,
+    /// A newer exclusive session of the same device replaces this one (native sessions). An
+    /// RxDB app opens one socket per collection, all with the same device: those coexist.
+    pub exclusive: bool,
 }
 
 /// A session starts or stops watching a channel (presence, conflicts) of its tenant.
@@ -164,6 +167,9 @@ pub struct SharedFrame {
     pub deltas: Vec<Delta>,
     json: OnceLock<(ByteString, Vec<Range<usize>>)>,
     msgpack: OnceLock<(Bytes, Vec<Range<usize>>)>,
+    /// Renderings for other wire protocols (e.g. an RxDB collection's documents), by the
+    /// adapter's key, made once however many of the tenant's sessions send them.
+    adapted: Mutex<Vec<(Box<str>, Option<Arc<str>>)>>,
 }
 
 /// Bytes of a frame, ready for a text or binary WebSocket message.
@@ -226,7 +232,20 @@ impl SharedFrame {
     fn new(after: Seq, deltas: Vec<Delta>) -> SharedFrame {
         let seq = deltas.last().map_or(after, |d| d.seq);
         let origin = deltas.first().and_then(|d| d.origin.clone());
-        SharedFrame { after, seq, origin, deltas, json: OnceLock::new(), msgpack: OnceLock::new() }
+        SharedFrame { after, seq, origin, deltas, json: OnceLock::new(), msgpack: OnceLock::new(), adapted: Mutex::new(Vec::new()) }
+    }
+
+    /// The frame as an adapter renders it under `key`, rendered on first use (`None`: the
+    /// rendering is empty, e.g. no change of the adapter's collection).
+    pub fn rendered(&self, key: &str, render: impl FnOnce() -> Option<String>) -> Option<Arc<str>> {
+        // unwrap: the lock is never held across a panic-prone section.
+        let mut adapted = self.adapted.lock().expect("frame renderings");
+        if let Some((_, text)) = adapted.iter().find(|(k, _)| &**k == key) {
+            return text.clone();
+        }
+        let text: Option<Arc<str>> = render().map(Arc::from);
+        adapted.push((key.into(), text.clone()));
+        text
     }
 
     fn encode(&self, encoding: Encoding) -> (Bytes, Vec<Range<usize>>) {

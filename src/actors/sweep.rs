@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use super::device::DeviceSession;
-use super::messages::SessionControl;
+use super::messages::{LiveFrame, Notice, RefreshToken, SessionControl};
 use crate::ids::SessionId;
 use crate::metrics;
 use crate::server::Hub;
@@ -21,7 +21,7 @@ use crate::server::Hub;
 /// costs one mailbox sender; what the session itself needs only now and then lives here too,
 /// which keeps an idle session in a smaller allocation.
 pub struct SessionHandle {
-    pub session: Addr<DeviceSession>,
+    pub session: SessionAddr,
     /// Unix milliseconds of the session's next deadline: by which `hello` must arrive until it
     /// did, then after which its token (plus leeway) is void; 0 when the session was told, or
     /// between `hello` and its token's verification.
@@ -33,8 +33,77 @@ pub struct SessionHandle {
 }
 
 impl SessionHandle {
-    pub fn new(session: Addr<DeviceSession>, hello_deadline_ms: u64) -> SessionHandle {
+    pub fn new(session: SessionAddr, hello_deadline_ms: u64) -> SessionHandle {
         SessionHandle { session, deadline_ms: AtomicU64::new(hello_deadline_ms), last_heard_ms: AtomicU64::new(monotonic_ms()), bytes_confirmed: AtomicU64::new(0) }
+    }
+}
+
+/// Where a session of any wire protocol is reached. Native sessions, by far the most numerous,
+/// keep a plain address (one sender); sessions of other protocols (RxDB, Supabase Realtime)
+/// are reached through one recipient per message kind, so that this module needs to know
+/// nothing of the transports above it.
+#[derive(Clone)]
+pub enum SessionAddr {
+    Native(Addr<DeviceSession>),
+    Adapter(Arc<AdapterRecipients>),
+}
+
+/// The messages every session takes, as recipients of an adapter's actor.
+pub struct AdapterRecipients {
+    pub live: Recipient<LiveFrame>,
+    pub notice: Recipient<Notice>,
+    pub control: Recipient<SessionControl>,
+    pub refresh: Recipient<RefreshToken>,
+}
+
+impl AdapterRecipients {
+    pub fn of<A>(addr: &Addr<A>) -> AdapterRecipients
+    where
+        A: Actor + Handler<LiveFrame> + Handler<Notice> + Handler<SessionControl> + Handler<RefreshToken>,
+        A::Context: actix::dev::ToEnvelope<A, LiveFrame>
+            + actix::dev::ToEnvelope<A, Notice>
+            + actix::dev::ToEnvelope<A, SessionControl>
+            + actix::dev::ToEnvelope<A, RefreshToken>,
+    {
+        AdapterRecipients { live: addr.clone().recipient(), notice: addr.clone().recipient(), control: addr.clone().recipient(), refresh: addr.clone().recipient() }
+    }
+}
+
+impl SessionAddr {
+    pub fn try_live(&self, msg: LiveFrame) -> Result<(), SendError<LiveFrame>> {
+        match self {
+            SessionAddr::Native(addr) => addr.try_send(msg),
+            SessionAddr::Adapter(r) => r.live.try_send(msg),
+        }
+    }
+
+    pub fn try_notice(&self, msg: Notice) -> Result<(), SendError<Notice>> {
+        match self {
+            SessionAddr::Native(addr) => addr.try_send(msg),
+            SessionAddr::Adapter(r) => r.notice.try_send(msg),
+        }
+    }
+
+    pub fn try_control(&self, msg: SessionControl) -> Result<(), SendError<SessionControl>> {
+        match self {
+            SessionAddr::Native(addr) => addr.try_send(msg),
+            SessionAddr::Adapter(r) => r.control.try_send(msg),
+        }
+    }
+
+    /// Hand a fresh token to the session and wait (at most `wait`) for its answer.
+    pub async fn refresh(&self, msg: RefreshToken, wait: Duration) -> Result<crate::error::Result<u64>, MailboxError> {
+        match self {
+            SessionAddr::Native(addr) => addr.send(msg).timeout(wait).await,
+            SessionAddr::Adapter(r) => r.refresh.send(msg).timeout(wait).await,
+        }
+    }
+
+    pub fn connected(&self) -> bool {
+        match self {
+            SessionAddr::Native(addr) => addr.connected(),
+            SessionAddr::Adapter(r) => r.control.connected(),
+        }
     }
 }
 
@@ -49,9 +118,9 @@ pub fn unix_ms() -> u64 {
 }
 
 /// Tell a session once that `deadline` passed; if its mailbox is full, try again next tick.
-fn fire(deadline: &AtomicU64, now_ms: u64, session: &Addr<DeviceSession>, msg: SessionControl) {
+fn fire(deadline: &AtomicU64, now_ms: u64, session: &SessionAddr, msg: SessionControl) {
     let at = deadline.load(Ordering::Relaxed);
-    if at != 0 && now_ms >= at && session.try_send(msg).is_ok() {
+    if at != 0 && now_ms >= at && session.try_control(msg).is_ok() {
         // A refresh that stored a new deadline meanwhile wins.
         let _ = deadline.compare_exchange(at, 0, Ordering::Relaxed, Ordering::Relaxed);
     }
@@ -90,7 +159,7 @@ pub async fn run(hub: Arc<Hub>) {
             fire(&handle.deadline_ms, now_ms, &handle.session, SessionControl::Deadline);
             if slots.due(slots.of(entry.key()), last_tick, this_tick) {
                 // A full mailbox means the session is busy with frames: it is alive.
-                let _ = handle.session.try_send(SessionControl::Heartbeat);
+                let _ = handle.session.try_control(SessionControl::Heartbeat);
             }
         }
         last_tick = this_tick;

@@ -35,6 +35,8 @@ const LOG_REREAD_EVERY: Duration = Duration::from_secs(5);
 
 struct Subscriber {
     device: DeviceId,
+    /// Replaced by a newer exclusive session of the same device.
+    exclusive: bool,
     /// The session's mailbox, shared with the session clock.
     link: Arc<SessionHandle>,
     /// A frame could not be delivered; the session must be told to catch up.
@@ -282,7 +284,7 @@ impl TenantActor {
         }
         let mut gone = Vec::new();
         for (id, sub) in self.sessions.iter_mut() {
-            match sub.link.session.try_send(LiveFrame(frames.clone())) {
+            match sub.link.session.try_live(LiveFrame(frames.clone())) {
                 Ok(()) => {}
                 Err(SendError::Full(_)) => {
                     sub.lagged = true;
@@ -314,7 +316,7 @@ impl TenantActor {
         let (joins, leaves) = (Arc::new(joins), Arc::new(leaves));
         for sub in self.sessions.values_mut().filter(|s| s.watches_presence && !s.presence_stale) {
             let notice = Notice::PresenceDiff { joins: joins.clone(), leaves: leaves.clone() };
-            if sub.link.session.try_send(notice).is_err() {
+            if sub.link.session.try_notice(notice).is_err() {
                 sub.presence_stale = true;
             }
         }
@@ -327,7 +329,7 @@ impl TenantActor {
         }
         let list = self.presence_list();
         for sub in self.sessions.values_mut().filter(|s| s.presence_stale) {
-            if sub.link.session.try_send(Notice::PresenceList(list.clone())).is_ok() {
+            if sub.link.session.try_notice(Notice::PresenceList(list.clone())).is_ok() {
                 sub.presence_stale = false;
             }
         }
@@ -341,7 +343,7 @@ impl TenantActor {
         }
         let news = Arc::new(news);
         for sub in self.sessions.values().filter(|s| s.watches_conflicts) {
-            let _ = sub.link.session.try_send(Notice::Conflicts(news.clone()));
+            let _ = sub.link.session.try_notice(Notice::Conflicts(news.clone()));
         }
     }
 
@@ -405,7 +407,7 @@ impl TenantActor {
 
     fn nudge_lagged(&mut self) {
         for sub in self.sessions.values_mut().filter(|s| s.lagged) {
-            if sub.link.session.try_send(SessionControl::Lagged).is_ok() {
+            if sub.link.session.try_control(SessionControl::Lagged).is_ok() {
                 sub.lagged = false;
             }
         }
@@ -571,15 +573,20 @@ impl Handler<Subscribe> for TenantActor {
     fn handle(&mut self, msg: Subscribe, _ctx: &mut Context<Self>) -> Self::Result {
         self.last_activity = Instant::now();
         // One live session per device: the newer one replaces the older.
-        let replaced: Vec<SessionId> = self.sessions.iter().filter(|(_, s)| s.device == msg.device).map(|(id, _)| *id).collect();
+        let replaced: Vec<SessionId> = if msg.exclusive {
+            self.sessions.iter().filter(|(_, s)| s.exclusive && s.device == msg.device).map(|(id, _)| *id).collect()
+        } else {
+            Vec::new()
+        };
         for id in &replaced {
             if let Some(old) = self.sessions.get(id) {
-                let _ = old.link.session.try_send(SessionControl::Replaced);
+                let _ = old.link.session.try_control(SessionControl::Replaced);
             }
         }
         self.remove_sessions(replaced);
         let subscriber = Subscriber {
             device: msg.device,
+            exclusive: msg.exclusive,
             link: msg.link,
             lagged: false,
             user: msg.user,
@@ -618,7 +625,7 @@ impl Handler<Watch> for TenantActor {
                 sub.watches_presence = msg.on;
                 // The list goes through the same mailbox as the diffs after it, so none overtakes it.
                 if let Some(list) = list {
-                    sub.presence_stale = sub.link.session.try_send(Notice::PresenceList(list)).is_err();
+                    sub.presence_stale = sub.link.session.try_notice(Notice::PresenceList(list)).is_err();
                 }
             }
         }
@@ -631,7 +638,7 @@ impl Handler<Broadcast> for TenantActor {
     fn handle(&mut self, msg: Broadcast, _ctx: &mut Context<Self>) -> usize {
         let frame = Arc::new(SharedServerFrame::new(protocol::ServerFrame::Broadcast { channel: msg.channel, payload: msg.payload }));
         // Ephemeral: a session whose mailbox is full misses it.
-        self.sessions.values().filter(|s| s.link.session.try_send(Notice::Broadcast(frame.clone())).is_ok()).count()
+        self.sessions.values().filter(|s| s.link.session.try_notice(Notice::Broadcast(frame.clone())).is_ok()).count()
     }
 }
 

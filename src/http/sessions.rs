@@ -25,7 +25,7 @@ pub async fn refresh_token(req: HttpRequest, hub: web::Data<Arc<Hub>>, session: 
     hub.limits.http(&identity.tenant)?;
     let not_found = || ApiError::new(ErrorCode::NotFound, NO_SUCH_SESSION);
     let session = hub.sessions.get(&session.into_inner()).map(|handle| handle.session.clone()).ok_or_else(not_found)?;
-    let expires_at = match session.send(RefreshToken(identity)).timeout(REFRESH_WAIT).await {
+    let expires_at = match session.refresh(RefreshToken(identity), REFRESH_WAIT).await {
         Ok(answer) => answer?,
         Err(actix::MailboxError::Timeout) => return Err(Error::Busy.into()),
         Err(actix::MailboxError::Closed) => return Err(not_found()),

@@ -55,7 +55,7 @@ pub async fn push(
         return Err(ApiError::new(ErrorCode::InvalidBatch, format!("device_id {problem}")));
     }
     if DeviceId::is_reserved(&device_id) {
-        return Err(ApiError::new(ErrorCode::Forbidden, "device ids starting with `console:` or `dashboard:` are the hub's own"));
+        return Err(ApiError::new(ErrorCode::Forbidden, "device ids starting with `console:`, `dashboard:` or `rxdb:` are the hub's own"));
     }
     check_batch(&changes, hub.config.max_batch_changes)?;
     let device = DeviceId::new(device_id);

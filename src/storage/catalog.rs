@@ -265,24 +265,44 @@ impl Catalog {
                 tracing::warn!(table = %name, "registered table lacks its tenant column or a primary key; skipped");
                 continue;
             };
-            let mut schema = TableSchema {
-                name: name.clone(),
-                tenant_column,
-                tenant_type,
-                key,
-                columns,
-                policy,
-                row_json,
-                read_sql: String::new(),
-                read_locking_cursors_sql: String::new(),
-                delete_sql: String::new(),
-            };
-            schema.read_sql = schema.build_read_sql(false);
-            schema.read_locking_cursors_sql = schema.build_read_sql(true);
-            schema.delete_sql = schema.build_delete_sql();
-            tables.insert(name, Arc::new(schema));
+            tables.insert(name.clone(), Arc::new(TableSchema::assemble(name, tenant_column, tenant_type, key, columns, policy, row_json)));
         }
         Ok(Catalog { tables })
+    }
+
+    /// A catalog of the given tables (tests, and tools that know their tables).
+    pub fn of(tables: Vec<TableSchema>) -> Catalog {
+        Catalog { tables: tables.into_iter().map(|t| (t.name.clone(), Arc::new(t))).collect() }
+    }
+}
+
+impl TableSchema {
+    /// A table's schema with its statements built.
+    pub fn assemble(
+        name: String,
+        tenant_column: String,
+        tenant_type: String,
+        key: Vec<String>,
+        columns: BTreeMap<String, Column>,
+        policy: MergePolicy,
+        row_json: &'static str,
+    ) -> TableSchema {
+        let mut schema = TableSchema {
+            name,
+            tenant_column,
+            tenant_type,
+            key,
+            columns,
+            policy,
+            row_json,
+            read_sql: String::new(),
+            read_locking_cursors_sql: String::new(),
+            delete_sql: String::new(),
+        };
+        schema.read_sql = schema.build_read_sql(false);
+        schema.read_locking_cursors_sql = schema.build_read_sql(true);
+        schema.delete_sql = schema.build_delete_sql();
+        schema
     }
 }
 
