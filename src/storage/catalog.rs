@@ -43,6 +43,11 @@ pub fn quote_ident(name: &str) -> String {
 }
 
 impl TableSchema {
+    /// The `format_type` of a column; `None` for a column the table lacks (or a generated one).
+    pub fn column_type(&self, column: &str) -> Option<&str> {
+        self.columns.get(column).map(|c| c.sql_type.as_str())
+    }
+
     fn key_list(&self, alias: &str) -> String {
         self.key.iter().map(|k| format!("{alias}.{}", quote_ident(k))).collect::<Vec<_>>().join(", ")
     }
@@ -292,16 +297,7 @@ impl Catalog {
 /// `1E2`, spaces), and may for types not listed (domains, composites, enums are not checked).
 fn renders_as_jsonb(sql_type: &str) -> bool {
     // Without type modifiers: `numeric(10,2)`, `timestamp(3) with time zone`.
-    let mut depth = 0usize;
-    let base: String = sql_type
-        .trim_end_matches("[]")
-        .chars()
-        .filter(|c| match c {
-            '(' => { depth += 1; false }
-            ')' => { depth = depth.saturating_sub(1); false }
-            _ => depth == 0,
-        })
-        .collect();
+    let base = super::as_written::base_type(sql_type.trim_end_matches("[]"));
     matches!(
         base.as_str(),
         "text"

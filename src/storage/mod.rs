@@ -3,6 +3,7 @@
 //! actors; it returns results and deltas to whoever asked.
 
 pub mod apply;
+pub mod as_written;
 pub mod catalog;
 pub mod conflicts;
 pub mod json_text;
