@@ -194,6 +194,28 @@ impl TableSchema {
 }
 
 impl TableSchema {
+    /// Tombstones page: `$1` tenant, `$2` key to start after (jsonb, may be null), `$3` limit →
+    /// the keys of rows deleted and not there again, in the order of their keys' text, with the
+    /// old row of the delete while the log still holds it (`old_values`, else null);
+    /// `row_restricted`: only tombstones whose last known values (else key) hold `$5` in column
+    /// `$4`, as text.
+    pub fn tombstones_sql(&self, row_restricted: bool) -> String {
+        format!(
+            "select v.pk as key, l.old_values::jsonb as old_values from synchub.row_versions v \
+             left join synchub.change_log l on l.tenant_id = $1 and l.seq = v.version and l.op = 'delete' \
+             where v.tenant_id = $1 and v.table_name = '{table_literal}' and v.deleted is not null \
+             and ($2::jsonb is null or v.pk_text > $2::jsonb::text) \
+             and not exists (select from {table} t, jsonb_populate_record(null::{table}, v.pk) k where {tenant} and ({tk}) = ({kk})) {restricted}\
+             order by v.pk_text limit $3",
+            restricted = if row_restricted { "and (coalesce(l.old_values::jsonb, v.pk) ->> $4::text) = $5::text " } else { "" },
+            table_literal = self.name.replace('\'', "''"),
+            table = self.name,
+            tenant = self.tenant_match("t"),
+            tk = self.key_list("t"),
+            kk = self.key_list("k"),
+        )
+    }
+
     /// Subscription snapshot page: `$1` tenant, `$2` key to start after (jsonb, may be null),
     /// `$3` limit, `$4` jsonb object the row must contain (the filter's equalities).
     pub fn filtered_snapshot_sql(&self) -> String {
