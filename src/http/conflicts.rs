@@ -178,6 +178,7 @@ pub async fn resolve(
         resolves: Some(ResolveConflict { conflict_id: id, resolution }),
         // Managers only (`manager_roles`): a review is not bound by device rules.
         access: None,
+        conditions: Vec::new(),
     };
     let result = submit(&hub, &identity.tenant, input)
         .await?

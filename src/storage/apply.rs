@@ -15,6 +15,7 @@ use sqlx::types::Json;
 use sqlx::{Connection, PgConnection, Row};
 use uuid::Uuid;
 
+use super::as_written::{keep_as_written, same_value};
 use super::catalog::{Catalog, TableSchema};
 use super::conflicts::{self, ResolveConflict};
 use super::json_text::JsonText;
@@ -24,6 +25,7 @@ use super::Store;
 use crate::error::{Error, Result};
 use crate::ids::{DeviceId, Seq, TenantId, UserId};
 use crate::rules::AccessView;
+use crate::sync::conditional::{self, WriteCondition};
 use crate::sync::merge::{self, Decision, Effect, FieldClock, Incoming, RowState};
 
 /// One device's pushed batch, as handed to storage.
@@ -44,12 +46,36 @@ pub struct BatchInput {
     pub resolves: Option<ResolveConflict>,
     /// What the pushing identity may write; `None`: everything.
     pub access: Option<Arc<AccessView>>,
+    /// Empty: no change is conditional. Otherwise one entry per change: a change with a
+    /// condition is written only when the stored row is the one it assumed (see
+    /// [`crate::sync::conditional`]); a batch whose conditions do not match its changes in
+    /// number has every change rejected `invalid_batch`.
+    pub conditions: Vec<Option<WriteCondition>>,
 }
 
 impl BatchInput {
     /// A device's batch as it pushed it (its own device_seqs, resolving nothing).
     pub fn pushed(device: DeviceId, user: UserId, batch_id: Uuid, changes: Vec<Change>) -> BatchInput {
-        BatchInput { device, user, batch_id, changes, assign_device_seqs: false, resolves: None, access: None }
+        BatchInput { device, user, batch_id, changes, assign_device_seqs: false, resolves: None, access: None, conditions: Vec::new() }
+    }
+
+    /// The condition of change `index`; `Err` when the batch's conditions do not match its
+    /// changes in number.
+    fn condition(&self, index: usize) -> std::result::Result<Option<&WriteCondition>, ()> {
+        match self.conditions.len() {
+            0 => Ok(None),
+            n if n == self.changes.len() => Ok(self.conditions[index].as_ref()),
+            _ => Err(()),
+        }
+    }
+
+    /// Change `index` alone, with its condition.
+    fn single(&self, index: usize) -> BatchInput {
+        BatchInput {
+            changes: vec![self.changes[index].clone()],
+            conditions: self.conditions.get(index).cloned().into_iter().collect(),
+            ..self.clone()
+        }
     }
 }
 
@@ -112,6 +138,8 @@ struct Pending<'a> {
     change: &'a Change,
     /// The pushing identity's rules; `None`: unrestricted.
     access: Option<&'a AccessView>,
+    /// Write only if the stored row is the one assumed (see [`BatchInput::conditions`]).
+    condition: Option<&'a WriteCondition>,
     table: Arc<TableSchema>,
     /// Table and normalized key (as Postgres renders it), set once the row has been read.
     row_id: Option<RowId>,
@@ -387,8 +415,8 @@ impl Store {
         output: &mut GroupOutput,
     ) -> Option<Error> {
         let mut results = Vec::with_capacity(batch.changes.len());
-        for change in &batch.changes {
-            let single = [BatchInput { changes: vec![change.clone()], ..batch.clone() }];
+        for (index, change) in batch.changes.iter().enumerate() {
+            let single = [batch.single(index)];
             let mut committed = self.commit_pass(conn, tenant, &single, limits, None, &mut RowCache::off(), None).await;
             if let Err(Error::Database(err)) = &committed {
                 if let Blame::Change(code, message) = refusal::blame(err) {
@@ -637,12 +665,17 @@ async fn apply_group(
                 outcomes[b][i] = Some(reject(ErrorCode::Forbidden, why));
                 continue;
             }
+            let Ok(condition) = batch.condition(i) else {
+                outcomes[b][i] = Some(reject(ErrorCode::InvalidBatch, "a batch's conditions must be none or one per change"));
+                continue;
+            };
             let (hlc, _) = merge::clamp_hlc(change.hlc, now, limits.max_clock_skew_ms);
             pending.push(Pending {
                 batch: b,
                 index: i,
                 change,
                 access: batch.access.as_deref(),
+                condition,
                 table: table.clone(),
                 row_id: None,
                 clock: FieldClock { hlc, device: batch.device.to_string(), user: Some(batch.user.to_string()), version: 0 },
@@ -764,7 +797,7 @@ async fn apply_group(
                 Some(earlier) => deltas[earlier].row.as_ref(),
                 None => decided.before.as_ref(),
             };
-            let (op, old) = log_op_and_old(decision, before, decided.after.as_ref());
+            let (op, old) = log_op_and_old(&pend.table, decision, before, decided.after.as_ref());
             logged.push((decided.pending, op));
             deltas.push(Delta {
                 seq,
@@ -969,9 +1002,9 @@ impl CacheFill {
     }
 }
 
-/// The log's op and old values: old values of changed columns for an update, the whole old
-/// row for a delete, none for an insert.
-fn log_op_and_old(decision: &Decision, before: Option<&Object>, after: Option<&Object>) -> (&'static str, Option<Object>) {
+/// The log's op and old values: old values of changed columns for an update (a value written in
+/// another notation is not a change), the whole old row for a delete, none for an insert.
+fn log_op_and_old(table: &TableSchema, decision: &Decision, before: Option<&Object>, after: Option<&Object>) -> (&'static str, Option<Object>) {
     match (&decision.effect, before) {
         (Effect::Delete, _) => ("delete", before.cloned()),
         (_, None) => ("insert", None),
@@ -979,7 +1012,10 @@ fn log_op_and_old(decision: &Decision, before: Option<&Object>, after: Option<&O
             let changed: Object = after
                 .into_iter()
                 .flat_map(|after| after.iter())
-                .filter(|(k, v)| before.get(*k) != Some(*v))
+                .filter(|(k, v)| match before.get(*k) {
+                    Some(old) => old != *v && !same_value(table.column_type(k).unwrap_or(""), old, v),
+                    None => true,
+                })
                 .map(|(k, _)| (k.clone(), before.get(k).cloned().unwrap_or(Value::Null)))
                 .collect();
             ("update", Some(changed))
@@ -1214,7 +1250,10 @@ async fn merge_and_write(
             continue;
         }
         let incoming = Incoming { op: pend.change.op, fields: &fields, clock: pend.clock.clone(), base_version: pend.change.base_version };
-        let decision = merge::decide(&slot.state, &incoming, pend.table.policy);
+        let decision = match pend.condition {
+            Some(condition) => conditional::decide(condition, &slot.state, &incoming, pend.table.policy, &|c| pend.table.column_type(c)),
+            None => merge::decide(&slot.state, &incoming, pend.table.policy),
+        };
         if decision.effect == Effect::Nothing {
             state.decided.push(Decided { pending: p, decision, before: None, after: None, ordinal: None, forbidden: None });
             continue;
@@ -1263,7 +1302,14 @@ async fn merge_and_write(
             let after = match kind {
                 WriteKind::Delete => None,
                 // A statement touches a row once: its image is taken, not copied.
-                _ => images.remove(&row_id.1).or_else(|| slot.as_ref().and_then(|s| s.state.values.clone())),
+                _ => match images.remove(&row_id.1) {
+                    Some(mut image) => {
+                        let previous = slot.as_ref().and_then(|s| s.state.values.as_ref());
+                        image_as_written(&table, &mut image, previous, &state.decided[pos].decision.effect);
+                        Some(image)
+                    }
+                    None => slot.as_ref().and_then(|s| s.state.values.clone()),
+                },
             };
             // Keep the database's rendering of the row for later changes and the log.
             if let (Some(slot), Some(image)) = (slot, &after) {
@@ -1273,6 +1319,19 @@ async fn merge_and_write(
         }
     }
     Ok(())
+}
+
+/// The row image a write returned, with the values a client wrote where Postgres holds them
+/// unchanged (see `as_written`): this write's fields, and the fields of earlier writes that
+/// `previous` (the row as the hub knew it) still holds as written.
+fn image_as_written(table: &TableSchema, image: &mut Object, previous: Option<&Object>, effect: &Effect) {
+    let column_type = |c: &str| table.column_type(c);
+    if let Some(previous) = previous {
+        keep_as_written(image, previous, column_type);
+    }
+    if let Effect::Write(written) = effect {
+        keep_as_written(image, written, column_type);
+    }
 }
 
 /// Columns of the change log insert, one vector per column, borrowing the deltas' images and

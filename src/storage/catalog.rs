@@ -43,6 +43,11 @@ pub fn quote_ident(name: &str) -> String {
 }
 
 impl TableSchema {
+    /// The `format_type` of a column; `None` for a column the table lacks (or a generated one).
+    pub fn column_type(&self, column: &str) -> Option<&str> {
+        self.columns.get(column).map(|c| c.sql_type.as_str())
+    }
+
     fn key_list(&self, alias: &str) -> String {
         self.key.iter().map(|k| format!("{alias}.{}", quote_ident(k))).collect::<Vec<_>>().join(", ")
     }
@@ -189,6 +194,28 @@ impl TableSchema {
 }
 
 impl TableSchema {
+    /// Tombstones page: `$1` tenant, `$2` key to start after (jsonb, may be null), `$3` limit →
+    /// the keys of rows deleted and not there again, in the order of their keys' text, with the
+    /// old row of the delete while the log still holds it (`old_values`, else null);
+    /// `row_restricted`: only tombstones whose last known values (else key) hold `$5` in column
+    /// `$4`, as text.
+    pub fn tombstones_sql(&self, row_restricted: bool) -> String {
+        format!(
+            "select v.pk as key, l.old_values::jsonb as old_values from synchub.row_versions v \
+             left join synchub.change_log l on l.tenant_id = $1 and l.seq = v.version and l.op = 'delete' \
+             where v.tenant_id = $1 and v.table_name = '{table_literal}' and v.deleted is not null \
+             and ($2::jsonb is null or v.pk_text > $2::jsonb::text) \
+             and not exists (select from {table} t, jsonb_populate_record(null::{table}, v.pk) k where {tenant} and ({tk}) = ({kk})) {restricted}\
+             order by v.pk_text limit $3",
+            restricted = if row_restricted { "and (coalesce(l.old_values::jsonb, v.pk) ->> $4::text) = $5::text " } else { "" },
+            table_literal = self.name.replace('\'', "''"),
+            table = self.name,
+            tenant = self.tenant_match("t"),
+            tk = self.key_list("t"),
+            kk = self.key_list("k"),
+        )
+    }
+
     /// Subscription snapshot page: `$1` tenant, `$2` key to start after (jsonb, may be null),
     /// `$3` limit, `$4` jsonb object the row must contain (the filter's equalities).
     pub fn filtered_snapshot_sql(&self) -> String {
@@ -312,16 +339,7 @@ impl TableSchema {
 /// `1E2`, spaces), and may for types not listed (domains, composites, enums are not checked).
 fn renders_as_jsonb(sql_type: &str) -> bool {
     // Without type modifiers: `numeric(10,2)`, `timestamp(3) with time zone`.
-    let mut depth = 0usize;
-    let base: String = sql_type
-        .trim_end_matches("[]")
-        .chars()
-        .filter(|c| match c {
-            '(' => { depth += 1; false }
-            ')' => { depth = depth.saturating_sub(1); false }
-            _ => depth == 0,
-        })
-        .collect();
+    let base = super::as_written::base_type(sql_type.trim_end_matches("[]"));
     matches!(
         base.as_str(),
         "text"

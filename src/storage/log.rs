@@ -14,6 +14,14 @@ use crate::ids::{Seq, TenantId};
 use crate::rules::AccessView;
 use crate::storage::catalog::TableSchema;
 
+/// The columns of a change log entry that make its delta (see [`delta_of_entry`]).
+macro_rules! delta_columns {
+    () => {
+        "seq, table_name, op, pk, new_row, old_values, origin_device, change_id"
+    };
+}
+pub(super) use delta_columns;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TenantHead {
     pub epoch: Arc<str>,
@@ -66,8 +74,11 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?;
         let rows = sqlx::query(
-            "select seq, table_name, op, pk, new_row, old_values, origin_device, change_id from synchub.change_log \
-             where tenant_id = $1 and seq > $2 and ($3::int8 is null or seq <= $3) order by seq limit $4",
+            concat!(
+                "select ",
+                delta_columns!(),
+                " from synchub.change_log where tenant_id = $1 and seq > $2 and ($3::int8 is null or seq <= $3) order by seq limit $4"
+            ),
         )
         .bind(tenant.as_str())
         .bind(after as i64)
@@ -76,19 +87,7 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        let deltas = rows
-            .into_iter()
-            .map(|r| Delta {
-                seq: r.get::<i64, _>("seq") as Seq,
-                table: r.get("table_name"),
-                op: if r.get::<&str, _>("op") == "delete" { Op::Delete } else { Op::Upsert },
-                key: object(r.get("pk")).unwrap_or_default(),
-                row: object(r.get("new_row")),
-                old: object(r.get("old_values")),
-                origin: r.get("origin_device"),
-                change_id: r.get("change_id"),
-            })
-            .collect::<Vec<_>>();
+        let deltas = rows.iter().map(delta_of_entry).collect::<Vec<_>>();
         let (head, floor) = head.unwrap_or((0, 0));
         let head_seq = (head as Seq).max(deltas.last().map_or(0, |d| d.seq));
         Ok(LogPage { deltas, head_seq, log_floor: floor as Seq })
@@ -158,6 +157,20 @@ impl Store {
         .await?;
         tx.commit().await?;
         Ok(rows.into_iter().map(|(id, seq)| (id, seq as Seq)).collect())
+    }
+}
+
+/// A change log entry (its `delta_columns!()`) as a delta.
+pub(super) fn delta_of_entry(r: &sqlx::postgres::PgRow) -> Delta {
+    Delta {
+        seq: r.get::<i64, _>("seq") as Seq,
+        table: r.get("table_name"),
+        op: if r.get::<&str, _>("op") == "delete" { Op::Delete } else { Op::Upsert },
+        key: object(r.get("pk")).unwrap_or_default(),
+        row: object(r.get("new_row")),
+        old: object(r.get("old_values")),
+        origin: r.get("origin_device"),
+        change_id: r.get("change_id"),
     }
 }
 

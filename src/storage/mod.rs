@@ -3,8 +3,10 @@
 //! actors; it returns results and deltas to whoever asked.
 
 pub mod apply;
+pub mod as_written;
 pub mod catalog;
 pub mod conflicts;
+pub mod documents;
 pub mod json_text;
 pub mod log;
 pub mod refusal;
