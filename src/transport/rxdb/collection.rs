@@ -10,7 +10,7 @@ use protocol::{Object, Op};
 use serde_json::Value;
 
 use crate::config::{Config, RxdbConflicts};
-use crate::storage::apply::WriteCondition;
+use crate::sync::conditional::WriteCondition;
 use crate::storage::catalog::{Catalog, TableSchema};
 
 /// The field RxDB marks tombstones with.

@@ -63,7 +63,7 @@ pub async fn read(store: Arc<Store>, tenant: TenantId, collection: Arc<Collectio
             Err(err) => return Err(err),
         }
     }
-    let (head, mut cursor) = match plan {
+    let (mut head, mut cursor) = match plan {
         PullPlan::Snapshot { head, cursor } => (head, cursor),
         PullPlan::Log { .. } => (None, None),
     };
@@ -71,7 +71,16 @@ pub async fn read(store: Arc<Store>, tenant: TenantId, collection: Arc<Collectio
     let mut documents = Vec::new();
     let mut first: Option<DocumentPage> = None;
     loop {
-        let (page, next) = store.document_snapshot(&tenant, &collection.table, cursor.as_ref(), limit - documents.len() as u32, access).await?;
+        let wanted = limit - documents.len() as u32;
+        let (page, next) = match store.document_snapshot(&tenant, &collection.table, cursor.as_ref(), wanted, access).await {
+            Ok(read) => read,
+            // The epoch changed or the log was trimmed past the snapshot's start: start over.
+            Err(err) if err.code() == ErrorCode::PositionTooOld && cursor.is_some() && documents.is_empty() => {
+                (head, cursor) = (None, None);
+                continue;
+            }
+            Err(err) => return Err(err),
+        };
         documents.extend(page.docs.iter().map(|d| Value::Object(collection.document(&d.row, d.deleted))));
         first.get_or_insert(page);
         cursor = next;

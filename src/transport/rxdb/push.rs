@@ -11,7 +11,7 @@ use uuid::Uuid;
 use super::collection::{Collection, DocumentProblem};
 use super::wire::WriteRow;
 use crate::config::RxdbConflicts;
-use crate::storage::apply::WriteCondition;
+use crate::sync::conditional::WriteCondition;
 
 /// The rows of one `masterWrite` as changes, and what became of those that are not changes.
 pub struct PlannedWrite {

@@ -490,7 +490,7 @@ impl RxdbSession {
 
     /// The planned changes as batches of at most `max_batch_changes`, each with the rows its
     /// changes came from.
-    fn batches(&self, changes: Vec<(usize, protocol::Change, Option<crate::storage::apply::WriteCondition>)>) -> Vec<(HashMap<uuid::Uuid, usize>, BatchInput)> {
+    fn batches(&self, changes: Vec<(usize, protocol::Change, Option<crate::sync::conditional::WriteCondition>)>) -> Vec<(HashMap<uuid::Uuid, usize>, BatchInput)> {
         // unwrap: requests are handled once the session is live.
         let auth = self.auth.as_ref().expect("authenticated");
         let max = self.hub.config.max_batch_changes.max(1);
