@@ -11,6 +11,7 @@ use uuid::Uuid;
 use super::collection::{Collection, DocumentProblem};
 use super::wire::WriteRow;
 use crate::config::RxdbConflicts;
+use crate::rules::AccessView;
 use crate::sync::conditional::WriteCondition;
 
 /// The rows of one `masterWrite` as changes, and what became of those that are not changes.
@@ -68,15 +69,22 @@ pub enum RowOutcome {
     LookUp(ErrorCode),
 }
 
-/// The outcome of a change from its result.
-pub fn outcome(collection: &Collection, row: &WriteRow, result: &ChangeResult) -> RowOutcome {
+/// The outcome of a change from its result, showing the writer only what its rules let it
+/// read of the stored row (a row it may not see is answered as a tombstone).
+pub fn outcome(collection: &Collection, row: &WriteRow, result: &ChangeResult, view: Option<&AccessView>) -> RowOutcome {
     match result.status {
         ChangeStatus::Applied | ChangeStatus::Merged | ChangeStatus::Duplicate => RowOutcome::Written,
         ChangeStatus::Conflict if collection.conflicts == RxdbConflicts::ServerMerge => RowOutcome::Written,
-        ChangeStatus::Conflict => match &result.row {
-            Some(current) => RowOutcome::Master(collection.document(current, false)),
-            None => RowOutcome::Master(collection.refusal_tombstone(&row.new_document_state)),
-        },
+        ChangeStatus::Conflict => {
+            let visible = match (&result.row, view) {
+                (Some(current), Some(view)) => view.visible_row(&collection.table.name, current),
+                (current, _) => current.clone(),
+            };
+            match visible {
+                Some(current) => RowOutcome::Master(collection.document(&current, false)),
+                None => RowOutcome::Master(collection.refusal_tombstone(&row.new_document_state)),
+            }
+        }
         ChangeStatus::Rejected if result.reason == Some(ErrorCode::RowDeleted) => RowOutcome::Master(collection.refusal_tombstone(&row.new_document_state)),
         ChangeStatus::Rejected => RowOutcome::LookUp(result.reason.unwrap_or(ErrorCode::InvalidValue)),
     }
@@ -168,18 +176,18 @@ mod tests {
             message: None,
             row: row.map(obj),
         };
-        assert_eq!(outcome(&report, &r, &result(ChangeStatus::Applied, None, None)), RowOutcome::Written);
+        assert_eq!(outcome(&report, &r, &result(ChangeStatus::Applied, None, None), None), RowOutcome::Written);
         let theirs = json!({"tenant_id": "t", "id": "a", "name": "theirs", "stock": 3});
         assert_eq!(
-            outcome(&report, &r, &result(ChangeStatus::Conflict, Some(theirs.clone()), None)),
+            outcome(&report, &r, &result(ChangeStatus::Conflict, Some(theirs.clone()), None), None),
             RowOutcome::Master(obj(json!({"id": "a", "name": "theirs", "stock": 3, "_deleted": false})))
         );
         assert_eq!(
-            outcome(&report, &r, &result(ChangeStatus::Rejected, None, Some(ErrorCode::RowDeleted))),
+            outcome(&report, &r, &result(ChangeStatus::Rejected, None, Some(ErrorCode::RowDeleted)), None),
             RowOutcome::Master(obj(json!({"id": "a", "name": "mine", "stock": 1, "_deleted": true})))
         );
-        assert_eq!(outcome(&report, &r, &result(ChangeStatus::Rejected, None, Some(ErrorCode::Forbidden))), RowOutcome::LookUp(ErrorCode::Forbidden));
+        assert_eq!(outcome(&report, &r, &result(ChangeStatus::Rejected, None, Some(ErrorCode::Forbidden)), None), RowOutcome::LookUp(ErrorCode::Forbidden));
         let merged = collection(RxdbConflicts::ServerMerge);
-        assert_eq!(outcome(&merged, &r, &result(ChangeStatus::Conflict, Some(theirs), None)), RowOutcome::Written);
+        assert_eq!(outcome(&merged, &r, &result(ChangeStatus::Conflict, Some(theirs), None), None), RowOutcome::Written);
     }
 }

@@ -436,7 +436,7 @@ impl RxdbSession {
             }
             let mut outcomes: Vec<(usize, RowOutcome)> = Vec::new();
             for (index, result) in results {
-                outcomes.push((index, push::outcome(&collection, &rows[index], &result)));
+                outcomes.push((index, push::outcome(&collection, &rows[index], &result, view.as_deref())));
             }
             for (index, problem) in planned.refused {
                 tracing::debug!(%problem, "RxDB document refused");
