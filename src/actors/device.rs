@@ -25,16 +25,17 @@ use uuid::Uuid;
 use super::messages::{
     ApplyBatch, Encoded, LiveFrame, Notice, RecentLog, RefreshToken, SessionControl, SharedFrame, Subscribe, Unsubscribe, Watch, NO_SUCH_SESSION,
 };
-use super::sweep::{monotonic_ms, unix_ms, SessionAddr, SessionHandle};
+use super::sweep::{unix_ms, SessionAddr};
 use super::tenant::TenantActor;
 use crate::auth::{unix_now, Identity, SessionIdentity};
 use crate::rules::AccessView;
 use crate::error::Error;
 use crate::limits::Bucket;
-use crate::ids::{id_problem, DeviceId, Seq, SessionId, DASHBOARD_DEVICE_PREFIX};
+use crate::ids::{id_problem, DeviceId, Seq, DASHBOARD_DEVICE_PREFIX};
 use crate::server::Hub;
 use crate::storage::apply::BatchInput;
 use crate::transport::fragments::Fragments;
+use crate::transport::socket::SocketCore;
 use crate::storage::log::TenantHead;
 use crate::storage::subscriptions::SnapshotRefusal;
 use crate::sync::views::subscription_view;
@@ -80,10 +81,6 @@ fn visible<'d>(view: Option<&AccessView>, delta: &'d Delta) -> Option<Cow<'d, De
 const HELLO_GRACE: Duration = Duration::from_millis(20);
 /// Live frames a catching-up session keeps; past this it drops them and reads the log again.
 const CATCH_UP_BUFFER_FRAMES: usize = 256;
-/// After sending a close frame, how long a session waits for the client's close reply before
-/// it drops the connection (at once while the hub shuts down).
-const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(10);
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     AwaitHello,
@@ -159,8 +156,8 @@ struct RareState {
 }
 
 pub struct DeviceSession {
-    id: SessionId,
-    hub: Arc<Hub>,
+    /// The socket: id, registration, bytes written and pings, close.
+    core: SocketCore,
     encoding: Encoding,
     mode: SessionMode,
     phase: Phase,
@@ -184,7 +181,6 @@ pub struct DeviceSession {
     catch_up_running: bool,
     /// Catch-up waits for pongs before sending more.
     catch_up_paused: bool,
-    bytes_written: u64,
     /// Pushes on their way to the tenant actor and back (boxed at the first push, like `rare`:
     /// an idle session stays small).
     pushes: Option<Box<PushQueues>>,
@@ -195,15 +191,10 @@ pub struct DeviceSession {
     closing: bool,
     /// A `resume` is reading the tenant's head.
     resuming: bool,
-    /// A close frame was sent: nothing more is written or handled, and the session stops when
-    /// the client answers the close (or after `CLOSE_REPLY_WAIT`).
-    closed: bool,
     /// Bad frames and fragments, which most sessions never see.
     rare: Option<Box<RareState>>,
     /// The hub records this session's traffic (its tenant is in `record_tenants`).
     recording: bool,
-    /// How the session clock and the tenant actor reach this session (set once started).
-    link: Option<Arc<SessionHandle>>,
     /// The token verified with the upgrade request, in force from `hello` on unless `hello`
     /// carries one (taken at `hello`).
     upgrade_identity: Option<Box<Identity>>,
@@ -214,8 +205,7 @@ impl DeviceSession {
     /// already verified.
     pub fn new(hub: Arc<Hub>, upgrade_identity: Option<Identity>) -> DeviceSession {
         DeviceSession {
-            id: Uuid::new_v4(),
-            hub,
+            core: SocketCore::new(hub),
             encoding: Encoding::Json,
             mode: SessionMode::Device,
             phase: Phase::AwaitHello,
@@ -229,16 +219,13 @@ impl DeviceSession {
             held: None,
             catch_up_running: false,
             catch_up_paused: false,
-            bytes_written: 0,
             pushes: None,
             forwarding: false,
             awaiting_ack: false,
             closing: false,
             resuming: false,
-            closed: false,
             rare: None,
             recording: false,
-            link: None,
             upgrade_identity: upgrade_identity.map(Box::new),
         }
     }
@@ -261,33 +248,19 @@ impl DeviceSession {
 
     /// Add an event of this session to the capture file, when its tenant is recorded.
     fn record(&self, event: CaptureEvent) {
-        if let (true, Some(recorder), Some(auth)) = (self.recording, &self.hub.recorder, &self.auth) {
-            recorder.record(self.id, &auth.identity, event);
+        if let (true, Some(recorder), Some(auth)) = (self.recording, &self.core.hub.recorder, &self.auth) {
+            recorder.record(self.core.id, &auth.identity, event);
         }
     }
 
     fn unconfirmed(&self) -> u64 {
-        let confirmed = self.link.as_ref().map_or(0, |link| link.bytes_confirmed.load(Ordering::Relaxed));
-        self.bytes_written.saturating_sub(confirmed)
+        self.core.unconfirmed()
     }
 
     fn write(&mut self, ctx: &mut ws::WebsocketContext<Self>, encoded: Encoded) {
-        if self.closed {
-            return; // nothing may follow the close frame
-        }
-        let before = self.bytes_written;
-        self.bytes_written += encoded.len() as u64;
-        self.hub.metrics.frames_sent.fetch_add(1, Ordering::Relaxed);
-        self.hub.metrics.bytes_sent.fetch_add(encoded.len() as u64, Ordering::Relaxed);
         match encoded {
-            Encoded::Text(text) => ctx.text(text),
-            Encoded::Binary(bytes) => ctx.binary(bytes),
-        }
-        // A ping each time the count passes a multiple of `ping_every_bytes` (no per-session
-        // "next ping at" to keep). The pong echoes the count: everything before it has been read.
-        let every = self.hub.config.ping_every_bytes.max(1) as u64;
-        if before / every != self.bytes_written / every {
-            ctx.ping(&self.bytes_written.to_be_bytes());
+            Encoded::Text(text) => self.core.text(ctx, text),
+            Encoded::Binary(bytes) => self.core.binary(ctx, bytes),
         }
     }
 
@@ -297,7 +270,7 @@ impl DeviceSession {
     }
 
     fn send_error(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: Option<u64>, code: ErrorCode, message: impl Into<String>) {
-        self.hub.metrics.error(code);
+        self.core.hub.metrics.error(code);
         let frame = ServerFrame::Error { id, code, message: message.into(), temporary: code.is_temporary(), retry_after_ms: None };
         self.send(ctx, &frame);
     }
@@ -305,33 +278,20 @@ impl DeviceSession {
     /// An error frame for `err`, with how long to wait when it says (a rate limit).
     fn send_failure(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: Option<u64>, err: &Error) {
         let code = err.code();
-        self.hub.metrics.error(code);
+        self.core.hub.metrics.error(code);
         let retry_after_ms = err.retry_after().map(crate::error::retry_after_ms);
         let frame = ServerFrame::Error { id, code, message: err.public_message(), temporary: code.is_temporary(), retry_after_ms };
         self.send(ctx, &frame);
     }
 
     fn close(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: CloseCode, reason: &str) {
-        if self.closed {
+        if !self.core.close(ctx, code, reason) {
             return;
         }
-        self.closed = true;
-        self.hub.metrics.closed(code);
-        tracing::debug!(session = %self.id, code = code.code(), reason, "closing session");
-        ctx.close(Some(ws::CloseReason { code: ws::CloseCode::Other(code.code()), description: Some(reason.to_owned()) }));
         if let Some(auth) = &self.auth {
             if let Some(tenant) = auth.tenant.upgrade() {
-                let _ = tenant.try_send(Unsubscribe { session: self.id });
+                let _ = tenant.try_send(Unsubscribe { session: self.core.id });
             }
-        }
-        if self.hub.accepting() {
-            // Keep the connection until the client answers the close frame. Dropping it now
-            // would lose the close code for a client that is behind in reading: its pending
-            // writes (pongs to pings it has yet to read) would make the connection reset
-            // before it reads the frames sent so far and the close frame.
-            ctx.run_later(CLOSE_REPLY_WAIT, |_, ctx| ctx.stop());
-        } else {
-            ctx.stop();
         }
     }
 
@@ -343,7 +303,7 @@ impl DeviceSession {
             errors.pop_front();
         }
         errors.push_back(now);
-        let too_many = errors.len() > self.hub.config.max_errors_per_minute as usize;
+        let too_many = errors.len() > self.core.hub.config.max_errors_per_minute as usize;
         self.send_error(ctx, id, code, message);
         if too_many {
             self.close(ctx, CloseCode::TooManyErrors, "too many bad frames");
@@ -408,20 +368,18 @@ impl DeviceSession {
         if self.phase != Phase::AwaitHello {
             return self.bad_frame(ctx, Some(id), ErrorCode::AlreadyAuthenticated, "hello was already sent".into());
         }
-        if let Some(link) = &self.link {
-            link.deadline_ms.store(0, Ordering::Relaxed);
-        }
+        self.core.clear_deadline();
         let Some(version) = SUPPORTED_VERSIONS.iter().rev().find(|v| versions.contains(v)).copied() else {
             self.send_error(ctx, Some(id), ErrorCode::UnsupportedVersion, format!("this hub speaks versions {SUPPORTED_VERSIONS:?}"));
             return self.close(ctx, CloseCode::UnsupportedVersion, "no common protocol version");
         };
-        if !self.hub.accepting() {
+        if !self.core.hub.accepting() {
             self.send_error(ctx, Some(id), ErrorCode::ShuttingDown, "the hub is shutting down");
             return self.close(ctx, CloseCode::GoingAway, "shutting down");
         }
         let verified = match self.upgrade_identity.take() {
-            _ if !token.is_empty() => self.hub.verifier.verify(&token),
-            Some(identity) => self.hub.verifier.still_valid(*identity),
+            _ if !token.is_empty() => self.core.hub.verifier.verify(&token),
+            Some(identity) => self.core.hub.verifier.still_valid(*identity),
             None => Err(Error::client(ErrorCode::InvalidToken, "no token: send it in hello.token or with the upgrade request")),
         };
         let identity = match verified {
@@ -433,13 +391,13 @@ impl DeviceSession {
         };
         let device = match (&identity.device, device_id) {
             // Dashboards never take a device's id (they would replace its session).
-            _ if self.mode == SessionMode::Dashboard => DeviceId::new(format!("{DASHBOARD_DEVICE_PREFIX}{}", self.id)),
+            _ if self.mode == SessionMode::Dashboard => DeviceId::new(format!("{DASHBOARD_DEVICE_PREFIX}{}", self.core.id)),
             (Some(claimed), Some(given)) if claimed.as_str() != given => {
                 self.send_error(ctx, Some(id), ErrorCode::Forbidden, "device_id differs from the token's device");
                 return self.close(ctx, CloseCode::Unauthorized, "device mismatch");
             }
             (Some(claimed), _) => claimed.clone(),
-            (None, Some(given)) => match id_problem(&given, self.hub.config.max_id_bytes) {
+            (None, Some(given)) => match id_problem(&given, self.core.hub.config.max_id_bytes) {
                 None => DeviceId::new(given),
                 Some(problem) => {
                     self.send_error(ctx, Some(id), ErrorCode::Forbidden, format!("hello.device_id {problem}"));
@@ -455,15 +413,15 @@ impl DeviceSession {
             self.send_error(ctx, Some(id), ErrorCode::Forbidden, "device ids starting with `console:`, `dashboard:` or `rxdb:` are the hub's own");
             return self.close(ctx, CloseCode::Unauthorized, "reserved device id");
         }
-        if let Err(err) = self.hub.limits.connect(&identity.tenant) {
+        if let Err(err) = self.core.hub.limits.connect(&identity.tenant) {
             self.send_failure(ctx, Some(id), &err);
             return self.close(ctx, CloseCode::RateLimited, "too many new sessions");
         }
-        let tenant = self.hub.registry.get(&identity.tenant);
+        let tenant = self.core.hub.registry.get(&identity.tenant);
         self.set_token_deadline(identity.expires_at);
-        let view = self.hub.rules.view_for(&identity);
+        let view = self.core.hub.rules.view_for(&identity);
         let identity = SessionIdentity {
-            tenant: self.hub.registry.shared_id(&identity.tenant),
+            tenant: self.core.hub.registry.shared_id(&identity.tenant),
             user: identity.user,
             role: identity.role,
             device: device.clone(),
@@ -472,14 +430,14 @@ impl DeviceSession {
         let (user, role) = (identity.user.clone(), identity.role.clone());
         let tenant_id = identity.tenant.clone();
         self.auth = Some(Authenticated { identity, tenant: tenant.downgrade(), view });
-        self.recording = self.hub.recorder.as_ref().is_some_and(|r| r.records(tenant_id.as_str()));
+        self.recording = self.core.hub.recorder.as_ref().is_some_and(|r| r.records(tenant_id.as_str()));
         let hello = ClientFrame::Hello { mode: Default::default(), id, versions, token: String::new(), device_id: Some(device.to_string()), position: position.clone() };
         self.record(CaptureEvent::Frame { msgpack: self.encoding == Encoding::MsgPack, frame: hello });
         // `started` set the link before any frame was read.
-        let Some(link) = self.link.clone() else { return self.close(ctx, CloseCode::GoingAway, "session not started") };
+        let Some(link) = self.core.link.clone() else { return self.close(ctx, CloseCode::GoingAway, "session not started") };
         self.phase = Phase::Starting;
         let subscribe = Subscribe {
-            session: self.id,
+            session: self.core.id,
             device: device.clone(),
             user,
             role,
@@ -488,7 +446,7 @@ impl DeviceSession {
             link,
             exclusive: true,
         };
-        let store = self.hub.store.clone();
+        let store = self.core.hub.store.clone();
         let asked = position.clone();
         let work = async move {
             // The actor stopped before answering: it could not read the tenant's head.
@@ -503,7 +461,7 @@ impl DeviceSession {
             }
         };
         ctx.spawn(work.into_actor(self).map(move |result, session, ctx| {
-            if session.closed {
+            if session.core.closed {
                 return;
             }
             let head = match result {
@@ -514,18 +472,18 @@ impl DeviceSession {
                 }
             };
             let limits = Limits {
-                max_frame_bytes: session.hub.config.max_frame_bytes as u64,
-                max_batch_changes: session.hub.config.max_batch_changes as u32,
-                catch_up_page_changes: session.hub.config.catch_up_page_changes,
-                snapshot_page_rows: session.hub.config.snapshot_page_rows,
+                max_frame_bytes: session.core.hub.config.max_frame_bytes as u64,
+                max_batch_changes: session.core.hub.config.max_batch_changes as u32,
+                catch_up_page_changes: session.core.hub.config.catch_up_page_changes,
+                snapshot_page_rows: session.core.hub.config.snapshot_page_rows,
             };
-            session.hub.metrics.sessions_opened.fetch_add(1, Ordering::Relaxed);
+            session.core.hub.metrics.sessions_opened.fetch_add(1, Ordering::Relaxed);
             session.send(
                 ctx,
                 &ServerFrame::Welcome {
                     id,
                     version,
-                    session_id: session.id,
+                    session_id: session.core.id,
                     device_id: device.to_string(),
                     epoch: head.epoch.to_string(),
                     head_seq: head.head_seq,
@@ -568,16 +526,13 @@ impl DeviceSession {
 
     /// Hand the token's expiry (plus leeway) to the session clock.
     fn set_token_deadline(&self, expires_at: u64) {
-        if let Some(link) = &self.link {
-            let void_at = expires_at.saturating_add(self.hub.config.jwt_leeway_secs).saturating_mul(1000);
-            link.deadline_ms.store(void_at.max(1), Ordering::Relaxed);
-        }
+        self.core.set_token_deadline(expires_at);
     }
 
     /// The session clock says the token expired: close, unless a refresh came first.
     fn token_expired(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
         let Some(expires_at) = self.auth.as_ref().map(|a| a.identity.expires_at) else { return };
-        if unix_now() < expires_at + self.hub.config.jwt_leeway_secs {
+        if unix_now() < expires_at + self.core.hub.config.jwt_leeway_secs {
             return self.set_token_deadline(expires_at);
         }
         self.send_error(ctx, None, ErrorCode::TokenExpired, "the session's token expired");
@@ -585,7 +540,7 @@ impl DeviceSession {
     }
 
     fn refresh_token(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: u64, token: &str) {
-        match self.hub.verifier.verify(token).and_then(|identity| self.replace_token(identity)) {
+        match self.core.hub.verifier.verify(token).and_then(|identity| self.replace_token(identity)) {
             Ok(expires_at) => self.send(ctx, &ServerFrame::AuthOk { id, expires_at }),
             Err(err) => self.send_error(ctx, Some(id), err.code(), err.public_message()),
         }
@@ -605,7 +560,7 @@ impl DeviceSession {
             return Err(Error::client(ErrorCode::Forbidden, "a refreshed token must name the same tenant, user and device"));
         }
         let expires_at = identity.expires_at;
-        auth.view = self.hub.rules.view_for(&identity);
+        auth.view = self.core.hub.rules.view_for(&identity);
         auth.identity.role = identity.role;
         auth.identity.expires_at = expires_at;
         self.set_token_deadline(expires_at);
@@ -616,21 +571,21 @@ impl DeviceSession {
         if self.closing {
             return self.send_error(ctx, Some(id), ErrorCode::ShuttingDown, "the hub is shutting down; reconnect");
         }
-        if let Err(err) = check_batch(&changes, self.hub.config.max_batch_changes) {
+        if let Err(err) = check_batch(&changes, self.core.hub.config.max_batch_changes) {
             return self.bad_frame(ctx, Some(id), err.code(), err.public_message());
         }
-        if self.pushes_in_flight() >= self.hub.config.session_pushes_in_flight {
-            let max = self.hub.config.session_pushes_in_flight;
+        if self.pushes_in_flight() >= self.core.hub.config.session_pushes_in_flight {
+            let max = self.core.hub.config.session_pushes_in_flight;
             return self.send_error(ctx, Some(id), ErrorCode::Busy, format!("{max} pushes already await their acks on this session; wait for acks"));
         }
         // unwrap: only authenticated sessions reach here.
         let auth = self.auth.as_ref().expect("authenticated");
-        if let Err(err) = self.hub.limits.push(&auth.identity.tenant, &auth.identity.device) {
+        if let Err(err) = self.core.hub.limits.push(&auth.identity.tenant, &auth.identity.device) {
             return self.send_failure(ctx, Some(id), &err);
         }
         let auth = self.auth.as_ref().expect("authenticated");
         let input = BatchInput { access: auth.view.clone(), ..BatchInput::pushed(auth.identity.device.clone(), auth.identity.user.clone(), batch_id, changes) };
-        self.hub.metrics.batches_pushed.fetch_add(1, Ordering::Relaxed);
+        self.core.hub.metrics.batches_pushed.fetch_add(1, Ordering::Relaxed);
         let pushes = self.pushes.get_or_insert_with(Box::default);
         pushes.in_flight += 1;
         pushes.to_forward.push_back((id, batch_id, input));
@@ -709,7 +664,7 @@ impl DeviceSession {
         // The position is checked as on hello, against the tenant's head as it is now: the
         // epoch or the log's floor may have moved while the device read its snapshot.
         self.resuming = true;
-        let store = self.hub.store.clone();
+        let store = self.core.hub.store.clone();
         // unwrap: only authenticated sessions reach here.
         let tenant = self.auth.as_ref().expect("authenticated").identity.tenant.clone();
         ctx.spawn(async move { store.tenant_head(&tenant).await }.into_actor(self).map(move |result, session, ctx| {
@@ -722,11 +677,11 @@ impl DeviceSession {
     }
 
     fn snapshot(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: u64, table: String, after: Option<protocol::Object>, limit: Option<u32>) {
-        let store = self.hub.store.clone();
+        let store = self.core.hub.store.clone();
         // unwrap: only authenticated sessions reach here.
         let identity = &self.auth.as_ref().expect("authenticated").identity;
         let (tenant, access) = (identity.tenant.clone(), self.view());
-        let limit = limit.unwrap_or(self.hub.config.snapshot_page_rows).clamp(1, self.hub.config.snapshot_page_rows);
+        let limit = limit.unwrap_or(self.core.hub.config.snapshot_page_rows).clamp(1, self.core.hub.config.snapshot_page_rows);
         let work = async move {
             let catalog = store.catalog_with(&table).await;
             let Some(schema) = catalog.get(&table).cloned() else {
@@ -764,7 +719,7 @@ impl DeviceSession {
         if !matches!(self.phase, Phase::CatchingUp | Phase::Live) {
             return self.bad_frame(ctx, Some(id), ErrorCode::InvalidBatch, "subscribe after welcome (and after resume, when told to resync)".into());
         }
-        let rate = self.hub.limits.session_subscribes;
+        let rate = self.core.hub.limits.session_subscribes;
         let now = std::time::Instant::now();
         let bucket = self.subscriptions.get_or_insert_with(Box::default).bucket.get_or_insert_with(|| rate.full(now));
         if let Err(retry_after) = rate.take(bucket, now) {
@@ -776,7 +731,7 @@ impl DeviceSession {
         if self.subscriptions().iter().any(|s| s.name == name) {
             return self.bad_frame(ctx, Some(id), ErrorCode::InvalidFilter, format!("a subscription named `{name}` exists on this socket"));
         }
-        let max = self.hub.config.max_subscriptions_per_session;
+        let max = self.core.hub.config.max_subscriptions_per_session;
         if self.subscriptions().len() >= max {
             return self.send_error(ctx, Some(id), ErrorCode::TooManySubscriptions, format!("at most {max} subscriptions per socket"));
         }
@@ -791,18 +746,18 @@ impl DeviceSession {
     fn subscribe_channel(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: u64, name: String, channel: Channel) {
         // unwrap: only authenticated sessions reach here.
         let auth = self.auth.as_ref().expect("authenticated");
-        if channel == Channel::Conflicts && !self.hub.config.is_manager(&auth.identity.role) {
+        if channel == Channel::Conflicts && !self.core.hub.config.is_manager(&auth.identity.role) {
             return self.send_error(ctx, Some(id), ErrorCode::Forbidden, format!("role {} may not review conflicts", auth.identity.role));
         }
         let watching = self.subscriptions().iter().any(|s| matches!(s.target, Target::Channel(c) if c == channel));
         // Presence is asked for again by a second subscription: the tenant answers with the
         // list, which every presence subscription gets after its `subscribed`.
         let ask = !watching || channel == Channel::Presence;
-        if ask && auth.tenant.upgrade().is_none_or(|t| t.try_send(Watch { session: self.id, channel, on: true }).is_err()) {
+        if ask && auth.tenant.upgrade().is_none_or(|t| t.try_send(Watch { session: self.core.id, channel, on: true }).is_err()) {
             return self.send_error(ctx, Some(id), ErrorCode::Busy, "the tenant is saturated; retry");
         }
         self.subscriptions_mut().push(Subscription { name: name.clone(), target: Target::Channel(channel) });
-        self.hub.metrics.subscriptions.fetch_add(1, Ordering::Relaxed);
+        self.core.hub.metrics.subscriptions.fetch_add(1, Ordering::Relaxed);
         self.send(ctx, &ServerFrame::Subscribed { id, sub: name, seq: self.position });
     }
 
@@ -812,10 +767,10 @@ impl DeviceSession {
             name: name.clone(),
             target: Target::Table { table: table.clone(), filter: filter.clone(), after: Seq::MAX, ready: false, request: id },
         });
-        let store = self.hub.store.clone();
+        let store = self.core.hub.store.clone();
         // unwrap: only authenticated sessions reach here.
         let tenant = self.auth.as_ref().expect("authenticated").identity.tenant.clone();
-        let (page_rows, max_rows) = (self.hub.config.snapshot_page_rows, self.hub.config.subscription_snapshot_max_rows);
+        let (page_rows, max_rows) = (self.core.hub.config.snapshot_page_rows, self.core.hub.config.subscription_snapshot_max_rows);
         let view = self.view();
         let work = async move {
             let catalog = store.catalog_with(&table).await;
@@ -853,7 +808,7 @@ impl DeviceSession {
         };
         ctx.spawn(work.into_actor(self).map(move |result, session, ctx| {
             let pending = |s: &Subscription| s.name == name && matches!(s.target, Target::Table { ready: false, request, .. } if request == id);
-            if session.closed {
+            if session.core.closed {
                 return;
             }
             let Some(index) = session.subscriptions().iter().position(pending) else {
@@ -871,9 +826,9 @@ impl DeviceSession {
             // Without a snapshot the subscription starts where the session's stream is.
             let seq = snapshot.as_ref().map_or(session.position, |(_, seq)| *seq);
             session.send(ctx, &ServerFrame::Subscribed { id, sub: name.clone(), seq });
-            session.hub.metrics.subscriptions.fetch_add(1, Ordering::Relaxed);
+            session.core.hub.metrics.subscriptions.fetch_add(1, Ordering::Relaxed);
             if let Some((rows, _)) = snapshot {
-                session.hub.metrics.subscription_snapshot_rows.fetch_add(rows.len() as u64, Ordering::Relaxed);
+                session.core.hub.metrics.subscription_snapshot_rows.fetch_add(rows.len() as u64, Ordering::Relaxed);
                 let page = page_rows.max(1) as usize;
                 let pages = rows.len().div_ceil(page).max(1);
                 let mut rows = rows.into_iter();
@@ -896,14 +851,14 @@ impl DeviceSession {
         };
         let removed = self.subscriptions_mut().remove(index);
         if !matches!(removed.target, Target::Table { ready: false, .. }) {
-            self.hub.metrics.subscriptions.fetch_sub(1, Ordering::Relaxed);
+            self.core.hub.metrics.subscriptions.fetch_sub(1, Ordering::Relaxed);
         }
         if let Target::Channel(channel) = removed.target {
             let still = self.subscriptions().iter().any(|s| matches!(s.target, Target::Channel(c) if c == channel));
             if let (false, Some(auth)) = (still, &self.auth) {
                 // Best effort: a watcher that is gone is also dropped with the session.
                 if let Some(tenant) = auth.tenant.upgrade() {
-                    let _ = tenant.try_send(Watch { session: self.id, channel, on: false });
+                    let _ = tenant.try_send(Watch { session: self.core.id, channel, on: false });
                 }
             }
         }
@@ -927,25 +882,25 @@ impl DeviceSession {
     /// Read one page of the log after `position`; when the log is exhausted and the buffered
     /// live frames continue where it ended, switch to live.
     fn catch_up_step(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
-        if self.catch_up_running || self.phase != Phase::CatchingUp || self.closed {
+        if self.catch_up_running || self.phase != Phase::CatchingUp || self.core.closed {
             return;
         }
         if let Some(to) = self.held.as_mut().and_then(|h| h.rewind_to.take()) {
             self.position = self.position.min(to);
         }
-        if self.unconfirmed() > self.hub.config.session_outbound_budget_bytes as u64 / 2 {
+        if self.unconfirmed() > self.core.hub.config.session_outbound_budget_bytes as u64 / 2 {
             // Flow control: wait for the client to read what was sent (resumed on pong).
             self.catch_up_paused = true;
-            ctx.ping(&self.bytes_written.to_be_bytes());
+            ctx.ping(&self.core.bytes_written().to_be_bytes());
             return;
         }
         self.catch_up_running = true;
-        let store = self.hub.store.clone();
+        let store = self.core.hub.store.clone();
         // unwrap: catch-up only starts after hello succeeded.
         let auth = self.auth.as_ref().expect("authenticated");
         let (tenant, actor) = (auth.identity.tenant.clone(), auth.tenant.upgrade());
         let after = self.position;
-        let page = self.hub.config.catch_up_page_changes;
+        let page = self.core.hub.config.catch_up_page_changes;
         let read = async move {
             // The tenant actor's memory first; Postgres when it does not reach back that far.
             if let Some(actor) = actor {
@@ -960,7 +915,7 @@ impl DeviceSession {
             let (read, head) = match result {
                 Ok(read) => read,
                 Err(err) => {
-                    tracing::warn!(session = %session.id, %err, "catch-up read failed");
+                    tracing::warn!(session = %session.core.id, %err, "catch-up read failed");
                     session.send_error(ctx, None, err.code(), err.public_message());
                     return session.close(ctx, CloseCode::GoingAway, "storage unavailable");
                 }
@@ -976,7 +931,7 @@ impl DeviceSession {
             let exhausted = (deltas.len() as u32) < page;
             if let Some(last) = deltas.last().map(|d| d.seq) {
                 let from_memory = matches!(read, CatchUpRead::Memory(_));
-                let pages = if from_memory { &session.hub.metrics.catch_up_pages_from_memory } else { &session.hub.metrics.catch_up_pages };
+                let pages = if from_memory { &session.core.hub.metrics.catch_up_pages_from_memory } else { &session.core.hub.metrics.catch_up_pages };
                 pages.fetch_add(1, Ordering::Relaxed);
                 if session.mode == SessionMode::Device && last > session.device_after {
                     let device_after = session.device_after;
@@ -1009,7 +964,7 @@ impl DeviceSession {
             // budget a live frame closes the session, so switching with a large page still
             // unconfirmed would cut off a client that reads fine but whose pong is on its way.
             // Otherwise the next step waits for the pong and reads the log again.
-            let confirmed_enough = session.unconfirmed() <= session.hub.config.session_outbound_budget_bytes as u64 / 2;
+            let confirmed_enough = session.unconfirmed() <= session.core.hub.config.session_outbound_budget_bytes as u64 / 2;
             if exhausted && confirmed_enough && session.try_go_live(ctx) {
                 return;
             }
@@ -1062,7 +1017,7 @@ impl DeviceSession {
             self.device_after = self.device_after.max(frame.seq);
             return;
         }
-        if self.unconfirmed() > self.hub.config.session_outbound_budget_bytes as u64 {
+        if self.unconfirmed() > self.core.hub.config.session_outbound_budget_bytes as u64 {
             return self.close(ctx, CloseCode::SlowConsumer, "client is not reading; resume from your last seq");
         }
         if self.mode == SessionMode::Device && frame.seq > self.device_after {
@@ -1117,7 +1072,7 @@ impl DeviceSession {
                 .collect();
             *after = seq;
             if !picked.is_empty() {
-                self.hub.metrics.subscription_deltas.fetch_add(picked.len() as u64, Ordering::Relaxed);
+                self.core.hub.metrics.subscription_deltas.fetch_add(picked.len() as u64, Ordering::Relaxed);
                 frames.push(ServerFrame::SubDelta { sub: sub.name.clone(), deltas: picked, seq });
             }
         }
@@ -1149,14 +1104,9 @@ impl DeviceSession {
     }
 
     fn heartbeat(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
-        if self.closed {
-            return;
+        if !self.core.heartbeat(ctx) {
+            self.close(ctx, CloseCode::HeartbeatTimeout, "no pong or frame within the heartbeat timeout");
         }
-        let last_heard_ms = self.link.as_ref().map_or(0, |link| link.last_heard_ms.load(Ordering::Relaxed));
-        if monotonic_ms().saturating_sub(last_heard_ms) > self.hub.config.heartbeat_timeout_ms {
-            return self.close(ctx, CloseCode::HeartbeatTimeout, "no pong or frame within the heartbeat timeout");
-        }
-        ctx.ping(&self.bytes_written.to_be_bytes());
     }
 }
 
@@ -1164,22 +1114,20 @@ impl Actor for DeviceSession {
     type Context = ws::WebsocketContext<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(self.hub.config.session_mailbox);
+        ctx.set_mailbox_capacity(self.core.hub.config.session_mailbox);
         // Deadlines and heartbeats come from the session clock (`sweep`), not per-session timers.
-        let hello_deadline = unix_ms() + self.hub.config.hello_timeout_ms;
-        let link = Arc::new(SessionHandle::new(SessionAddr::Native(ctx.address()), hello_deadline.max(1)));
-        self.hub.sessions.insert(self.id, link.clone());
-        self.link = Some(link);
+        let hello_deadline = unix_ms() + self.core.hub.config.hello_timeout_ms;
+        self.core.register(SessionAddr::Native(ctx.address()), hello_deadline);
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
-        self.hub.sessions.remove(&self.id);
+        self.core.deregister();
         let held = self.subscriptions().iter().filter(|s| !matches!(s.target, Target::Table { ready: false, .. })).count();
-        self.hub.metrics.subscriptions.fetch_sub(held as i64, Ordering::Relaxed);
+        self.core.hub.metrics.subscriptions.fetch_sub(held as i64, Ordering::Relaxed);
         self.record(CaptureEvent::Close);
         if let Some(auth) = &self.auth {
             if let Some(tenant) = auth.tenant.upgrade() {
-                let _ = tenant.try_send(Unsubscribe { session: self.id });
+                let _ = tenant.try_send(Unsubscribe { session: self.core.id });
             }
         }
     }
@@ -1187,10 +1135,8 @@ impl Actor for DeviceSession {
 
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for DeviceSession {
     fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
-        if let Some(link) = &self.link {
-            link.last_heard_ms.store(monotonic_ms(), Ordering::Relaxed);
-        }
-        if self.closed {
+        self.core.heard();
+        if self.core.closed {
             // Waiting for the client's answer to our close frame; everything else is ignored.
             if matches!(msg, Ok(ws::Message::Close(_)) | Err(_)) {
                 ctx.stop();
@@ -1204,12 +1150,12 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for DeviceSession {
             }
             Err(ws::ProtocolError::Io(err)) => {
                 // The connection is gone: no close frame can reach the client.
-                tracing::debug!(session = %self.id, %err, "connection lost");
+                tracing::debug!(session = %self.core.id, %err, "connection lost");
                 ctx.stop();
                 return;
             }
             Err(err) => {
-                tracing::debug!(session = %self.id, %err, "websocket protocol error");
+                tracing::debug!(session = %self.core.id, %err, "websocket protocol error");
                 return self.close(ctx, CloseCode::MessageTooBig, "websocket protocol error");
             }
         };
@@ -1218,10 +1164,8 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for DeviceSession {
             ws::Message::Binary(bytes) => self.handle_payload(ctx, &bytes, Encoding::MsgPack),
             ws::Message::Ping(payload) => ctx.pong(&payload),
             ws::Message::Pong(payload) => {
-                if let (Ok(count), Some(link)) = (<[u8; 8]>::try_from(payload.as_ref()), &self.link) {
-                    link.bytes_confirmed.fetch_max(u64::from_be_bytes(count).min(self.bytes_written), Ordering::Relaxed);
-                }
-                if self.catch_up_paused && self.unconfirmed() <= self.hub.config.session_outbound_budget_bytes as u64 / 2 {
+                self.core.pong(&payload);
+                if self.catch_up_paused && self.unconfirmed() <= self.core.hub.config.session_outbound_budget_bytes as u64 / 2 {
                     self.catch_up_paused = false;
                     self.catch_up_step(ctx);
                 }
@@ -1244,7 +1188,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for DeviceSession {
 impl DeviceSession {
     /// Reassemble fragmented messages, bounded by `max_frame_bytes`.
     fn continuation(&mut self, ctx: &mut ws::WebsocketContext<Self>, item: actix_http::ws::Item) {
-        let max = self.hub.config.max_frame_bytes;
+        let max = self.core.hub.config.max_frame_bytes;
         match self.rare.get_or_insert_with(Box::default).partial.add(item, max) {
             Ok(Some((text, whole))) => {
                 let encoding = if text { Encoding::Json } else { Encoding::MsgPack };
@@ -1261,7 +1205,7 @@ impl Handler<LiveFrame> for DeviceSession {
 
     fn handle(&mut self, LiveFrame(frames): LiveFrame, ctx: &mut Self::Context) {
         for frame in frames.iter() {
-            if self.closed {
+            if self.core.closed {
                 return;
             }
             match self.phase {
@@ -1286,7 +1230,7 @@ impl Handler<Notice> for DeviceSession {
     type Result = ();
 
     fn handle(&mut self, notice: Notice, ctx: &mut Self::Context) {
-        if self.closed || self.phase == Phase::AwaitHello {
+        if self.core.closed || self.phase == Phase::AwaitHello {
             return;
         }
         match notice {
@@ -1321,7 +1265,7 @@ impl Handler<RefreshToken> for DeviceSession {
 
     fn handle(&mut self, msg: RefreshToken, _ctx: &mut Self::Context) -> Self::Result {
         let tenant_matches = self.auth.as_ref().is_some_and(|a| a.identity.tenant == msg.0.tenant);
-        if self.closed || self.phase == Phase::Starting || !tenant_matches {
+        if self.core.closed || self.phase == Phase::Starting || !tenant_matches {
             return Err(Error::client(ErrorCode::NotFound, NO_SUCH_SESSION));
         }
         self.replace_token(msg.0)
@@ -1332,7 +1276,7 @@ impl Handler<SessionControl> for DeviceSession {
     type Result = ();
 
     fn handle(&mut self, msg: SessionControl, ctx: &mut Self::Context) {
-        if self.closed {
+        if self.core.closed {
             // Closed and waiting for the client's answer: a shutdown does not wait for it.
             if msg == SessionControl::Shutdown {
                 ctx.stop();
@@ -1359,7 +1303,7 @@ impl Handler<SessionControl> for DeviceSession {
                 // hub that fell behind (a reconnect storm) would close sessions whose hello is
                 // already here. Look again once those frames had their turn.
                 ctx.run_later(HELLO_GRACE, |session, ctx| {
-                    if session.phase == Phase::AwaitHello && !session.closed {
+                    if session.phase == Phase::AwaitHello && !session.core.closed {
                         session.close(ctx, CloseCode::HelloTimeout, "hello did not arrive in time");
                     }
                 });

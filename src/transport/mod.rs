@@ -4,4 +4,5 @@
 pub mod fragments;
 pub mod frame_guard;
 pub mod rxdb;
+pub mod socket;
 pub mod ws;

@@ -23,18 +23,17 @@ use super::push::{self, RowOutcome};
 use super::stream::{Coverage, FrameVerdict};
 use super::wire::{self, Checkpoint, Method, Request, WriteRow};
 use crate::actors::messages::{ApplyBatch, LiveFrame, Notice, RefreshToken, SessionControl, SharedFrame, Subscribe, Unsubscribe, NO_SUCH_SESSION};
-use crate::actors::sweep::{monotonic_ms, unix_ms, AdapterRecipients, SessionAddr, SessionHandle};
+use crate::actors::sweep::{unix_ms, AdapterRecipients, SessionAddr};
 use crate::actors::tenant::TenantActor;
 use crate::auth::{unix_now, Identity, SessionIdentity};
 use crate::error::Error;
-use crate::ids::{DeviceId, Seq, SessionId, RXDB_DEVICE_PREFIX};
+use crate::ids::{DeviceId, Seq, RXDB_DEVICE_PREFIX};
 use crate::rules::AccessView;
 use crate::server::Hub;
 use crate::storage::apply::BatchInput;
 use crate::transport::fragments::Fragments;
+use crate::transport::socket::SocketCore;
 
-/// After sending a close frame, how long the session waits for the client's reply.
-const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(10);
 /// After a pull that could not be read, when the collection is told to pull again.
 const PULL_RETRY: Duration = Duration::from_secs(1);
 
@@ -54,9 +53,8 @@ struct CollectionState {
 }
 
 pub struct RxdbSession {
-    id: SessionId,
-    hub: Arc<Hub>,
-    link: Option<Arc<SessionHandle>>,
+    /// The socket: id, registration, bytes written and pings, close.
+    core: SocketCore,
     /// The token of the upgrade request (`?token=`) as verified, put in force (or refused)
     /// when the session starts.
     upgrade_identity: Option<Result<Identity, Error>>,
@@ -73,20 +71,16 @@ pub struct RxdbSession {
     held_overflow: bool,
     pulls_in_flight: usize,
     writes_in_flight: usize,
-    bytes_written: u64,
     last_clock: Hlc,
     fragments: Fragments,
     /// Shutting down: close once the writes in flight are answered.
     closing: bool,
-    closed: bool,
 }
 
 impl RxdbSession {
     pub fn new(hub: Arc<Hub>, upgrade_identity: Option<Result<Identity, Error>>) -> RxdbSession {
         RxdbSession {
-            id: SessionId::new_v4(),
-            hub,
-            link: None,
+            core: SocketCore::new(hub),
             upgrade_identity,
             auth: None,
             live: None,
@@ -96,39 +90,20 @@ impl RxdbSession {
             held_overflow: false,
             pulls_in_flight: 0,
             writes_in_flight: 0,
-            bytes_written: 0,
             last_clock: Hlc { wall_ms: 0, counter: 0 },
             fragments: Fragments::default(),
             closing: false,
-            closed: false,
         }
     }
 
     // ---- the socket ----
 
     fn write(&mut self, ctx: &mut ws::WebsocketContext<Self>, text: String) {
-        if self.closed {
-            return;
-        }
-        let before = self.bytes_written;
-        self.bytes_written += text.len() as u64;
-        self.hub.metrics.frames_sent.fetch_add(1, Ordering::Relaxed);
-        self.hub.metrics.bytes_sent.fetch_add(text.len() as u64, Ordering::Relaxed);
-        ctx.text(ByteString::from(text));
-        // The pong echoes the count: everything before it has been read (as native sessions).
-        let every = self.hub.config.ping_every_bytes.max(1) as u64;
-        if before / every != self.bytes_written / every {
-            ctx.ping(&self.bytes_written.to_be_bytes());
-        }
-    }
-
-    fn unconfirmed(&self) -> u64 {
-        let confirmed = self.link.as_ref().map_or(0, |link| link.bytes_confirmed.load(Ordering::Relaxed));
-        self.bytes_written.saturating_sub(confirmed)
+        self.core.text(ctx, ByteString::from(text));
     }
 
     fn over_budget(&self) -> bool {
-        self.unconfirmed() > self.hub.config.session_outbound_budget_bytes as u64
+        self.core.unconfirmed() > self.core.hub.config.session_outbound_budget_bytes as u64
     }
 
     fn answer(&mut self, ctx: &mut ws::WebsocketContext<Self>, request: &Request, result: &Value) {
@@ -137,24 +112,14 @@ impl RxdbSession {
     }
 
     fn close(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: CloseCode, reason: &str) {
-        if self.closed {
-            return;
-        }
-        self.closed = true;
-        self.hub.metrics.closed(code);
-        tracing::debug!(session = %self.id, code = code.code(), reason, "closing RxDB session");
-        ctx.close(Some(ws::CloseReason { code: ws::CloseCode::Other(code.code()), description: Some(reason.to_owned()) }));
-        self.unsubscribe();
-        if self.hub.accepting() {
-            ctx.run_later(CLOSE_REPLY_WAIT, |_, ctx| ctx.stop());
-        } else {
-            ctx.stop();
+        if self.core.close(ctx, code, reason) {
+            self.unsubscribe();
         }
     }
 
     fn unsubscribe(&self) {
         if let Some(tenant) = self.auth.as_ref().and_then(|a| a.tenant.upgrade()) {
-            let _ = tenant.try_send(Unsubscribe { session: self.id });
+            let _ = tenant.try_send(Unsubscribe { session: self.core.id });
         }
     }
 
@@ -163,19 +128,19 @@ impl RxdbSession {
             Ok(request) => request,
             Err(problem) => {
                 // Nothing to answer without an id; RxDB never sends such a frame.
-                self.hub.metrics.rxdb_failure("malformed");
-                tracing::debug!(session = %self.id, %problem, "RxDB frame is not a request");
+                self.core.hub.metrics.rxdb_failure("malformed");
+                tracing::debug!(session = %self.core.id, %problem, "RxDB frame is not a request");
                 return;
             }
         };
-        self.hub.metrics.rxdb_request(request.method.name());
+        self.core.hub.metrics.rxdb_request(request.method.name());
         if let Method::Auth(headers) = &request.method {
             let token = wire::token_from_headers(headers).map(str::to_owned);
             return self.auth_message(ctx, token);
         }
         if self.live.is_none() {
             // RxDB flushes what it queued offline before `auth`: held, answered after it.
-            if self.early.len() >= self.hub.config.rxdb_pending_requests {
+            if self.early.len() >= self.core.hub.config.rxdb_pending_requests {
                 return self.close(ctx, CloseCode::Unauthorized, "too many requests before auth");
             }
             self.early.push_back(request);
@@ -196,8 +161,8 @@ impl RxdbSession {
             Method::ChangesSince { checkpoint, batch_size } => self.changes_since(ctx, request, checkpoint, batch_size),
             Method::Write(rows) => self.master_write(ctx, request, rows),
             Method::Unusable { why, .. } => {
-                self.hub.metrics.rxdb_failure("malformed");
-                tracing::debug!(session = %self.id, why, "unusable RxDB request");
+                self.core.hub.metrics.rxdb_failure("malformed");
+                tracing::debug!(session = %self.core.id, why, "unusable RxDB request");
                 self.answer(ctx, &request, &Value::Null);
             }
         }
@@ -207,14 +172,14 @@ impl RxdbSession {
     /// counted) when no synced table serves it.
     fn collection(&mut self, _ctx: &mut ws::WebsocketContext<Self>, name: &str) -> Option<&mut CollectionState> {
         if !self.collections.contains_key(name) {
-            match Collection::resolve(name, &self.hub.config, &self.hub.store.catalog()) {
+            match Collection::resolve(name, &self.core.hub.config, &self.core.hub.store.catalog()) {
                 Ok(collection) => {
                     let state = CollectionState { collection: Arc::new(collection), streaming: false, coverage: Coverage::default(), resync_owed: false };
                     self.collections.insert(name.to_owned(), state);
                 }
                 Err(problem) => {
-                    self.hub.metrics.rxdb_failure("unknown_collection");
-                    tracing::warn!(session = %self.id, collection = name, %problem, "RxDB collection cannot be served");
+                    self.core.hub.metrics.rxdb_failure("unknown_collection");
+                    tracing::warn!(session = %self.core.id, collection = name, %problem, "RxDB collection cannot be served");
                     return None;
                 }
             }
@@ -226,7 +191,7 @@ impl RxdbSession {
 
     fn auth_message(&mut self, ctx: &mut ws::WebsocketContext<Self>, token: Option<String>) {
         let verified = match token {
-            Some(token) => self.hub.verifier.verify(&token),
+            Some(token) => self.core.hub.verifier.verify(&token),
             // Headers without a token: the one of the upgrade request stands, if any.
             None if self.auth.is_some() => return,
             None => Err(Error::client(ErrorCode::InvalidToken, "the auth message carries no token")),
@@ -235,7 +200,7 @@ impl RxdbSession {
             Ok(identity) if self.auth.is_some() => {
                 // Every reconnect sends `auth` again; on a live socket it refreshes the token.
                 if let Err(err) = self.replace_token(identity) {
-                    tracing::debug!(session = %self.id, %err, "RxDB token refresh refused");
+                    tracing::debug!(session = %self.core.id, %err, "RxDB token refresh refused");
                     self.close(ctx, CloseCode::Unauthorized, "token of another identity");
                 }
             }
@@ -246,16 +211,13 @@ impl RxdbSession {
 
     /// Close for a token that was refused: 4002 when it expired, 4001 otherwise.
     fn refuse(&mut self, ctx: &mut ws::WebsocketContext<Self>, err: &Error) {
-        tracing::debug!(session = %self.id, %err, "RxDB token refused");
+        tracing::debug!(session = %self.core.id, %err, "RxDB token refused");
         let code = if err.code() == ErrorCode::TokenExpired { CloseCode::TokenExpired } else { CloseCode::Unauthorized };
         self.close(ctx, code, "token refused");
     }
 
     fn set_token_deadline(&self, expires_at: u64) {
-        if let Some(link) = &self.link {
-            let void_at = expires_at.saturating_add(self.hub.config.jwt_leeway_secs).saturating_mul(1000);
-            link.deadline_ms.store(void_at.max(1), Ordering::Relaxed);
-        }
+        self.core.set_token_deadline(expires_at);
     }
 
     fn replace_token(&mut self, identity: Identity) -> Result<u64, Error> {
@@ -265,7 +227,7 @@ impl RxdbSession {
         if identity.tenant != auth.identity.tenant || identity.user != auth.identity.user {
             return Err(Error::client(ErrorCode::Forbidden, "a refreshed token must name the same tenant and user"));
         }
-        auth.view = self.hub.rules.view_for(&identity);
+        auth.view = self.core.hub.rules.view_for(&identity);
         auth.identity.role = identity.role;
         auth.identity.expires_at = identity.expires_at;
         self.set_token_deadline(identity.expires_at);
@@ -274,29 +236,29 @@ impl RxdbSession {
 
     /// Put a verified token in force and subscribe to the tenant's stream.
     fn start(&mut self, ctx: &mut ws::WebsocketContext<Self>, identity: Identity) {
-        if !self.hub.accepting() {
+        if !self.core.hub.accepting() {
             return self.close(ctx, CloseCode::GoingAway, "shutting down");
         }
-        if let Err(err) = self.hub.limits.connect(&identity.tenant) {
-            tracing::debug!(session = %self.id, %err, "RxDB session refused");
+        if let Err(err) = self.core.hub.limits.connect(&identity.tenant) {
+            tracing::debug!(session = %self.core.id, %err, "RxDB session refused");
             return self.close(ctx, CloseCode::RateLimited, "too many new sessions");
         }
-        let Some(link) = self.link.clone() else { return self.close(ctx, CloseCode::GoingAway, "session not started") };
+        let Some(link) = self.core.link.clone() else { return self.close(ctx, CloseCode::GoingAway, "session not started") };
         // The hub numbers an RxDB client's changes: its cursor is its own (`rxdb:` device).
         let named = identity.device.as_ref().map_or_else(|| identity.user.to_string(), |d| d.to_string());
         let device = DeviceId::new(format!("{RXDB_DEVICE_PREFIX}{named}"));
-        let tenant = self.hub.registry.get(&identity.tenant);
+        let tenant = self.core.hub.registry.get(&identity.tenant);
         self.set_token_deadline(identity.expires_at);
-        let view = self.hub.rules.view_for(&identity);
+        let view = self.core.hub.rules.view_for(&identity);
         let identity = SessionIdentity {
-            tenant: self.hub.registry.shared_id(&identity.tenant),
+            tenant: self.core.hub.registry.shared_id(&identity.tenant),
             user: identity.user,
             role: identity.role,
             device: device.clone(),
             expires_at: identity.expires_at,
         };
         let subscribe = Subscribe {
-            session: self.id,
+            session: self.core.id,
             device,
             user: identity.user.clone(),
             role: identity.role.clone(),
@@ -307,11 +269,11 @@ impl RxdbSession {
         };
         self.auth = Some(Authenticated { identity, tenant: tenant.downgrade(), view });
         ctx.spawn(async move { tenant.send(subscribe).await }.into_actor(self).map(|head, session, ctx| {
-            if session.closed {
+            if session.core.closed {
                 return;
             }
             let Ok(head) = head else { return session.close(ctx, CloseCode::GoingAway, "hub unavailable") };
-            session.hub.metrics.rxdb_sessions_opened.fetch_add(1, Ordering::Relaxed);
+            session.core.hub.metrics.rxdb_sessions_opened.fetch_add(1, Ordering::Relaxed);
             session.live = Some((head.epoch.clone(), head.head_seq));
             for request in std::mem::take(&mut session.early) {
                 session.handle_request(ctx, request);
@@ -338,8 +300,8 @@ impl RxdbSession {
             return self.answer(ctx, &request, &json!({ "documents": [], "checkpoint": cp }));
         }
         let plan = PullPlan::for_checkpoint(checkpoint.as_ref(), &epoch);
-        let limit = batch_size.clamp(1, self.hub.config.rxdb_max_pull_documents);
-        let read = pull::read(self.hub.store.clone(), auth.identity.tenant.clone(), collection, plan, limit, auth.view.clone());
+        let limit = batch_size.clamp(1, self.core.hub.config.rxdb_max_pull_documents);
+        let read = pull::read(self.core.hub.store.clone(), auth.identity.tenant.clone(), collection, plan, limit, auth.view.clone());
         self.pulls_in_flight += 1;
         ctx.spawn(read.into_actor(self).map(move |pulled, session, ctx| {
             session.pulls_in_flight -= 1;
@@ -361,8 +323,8 @@ impl RxdbSession {
             Err(err) => {
                 // The client takes an empty page as "nothing new" and keeps its checkpoint; it is
                 // told to pull again shortly, when the read may work.
-                self.hub.metrics.rxdb_failure("pull_unavailable");
-                tracing::warn!(session = %self.id, collection = %request.collection, %err, "RxDB pull could not be read");
+                self.core.hub.metrics.rxdb_failure("pull_unavailable");
+                tracing::warn!(session = %self.core.id, collection = %request.collection, %err, "RxDB pull could not be read");
                 self.answer(ctx, &request, &json!({ "documents": [], "checkpoint": asked }));
                 let collection = request.collection.clone();
                 ctx.run_later(PULL_RETRY, move |session, ctx| session.resync(ctx, &collection));
@@ -374,7 +336,7 @@ impl RxdbSession {
         if let Some(state) = self.collections.get_mut(collection) {
             state.coverage.lose();
             if state.streaming {
-                self.hub.metrics.rxdb_resyncs.fetch_add(1, Ordering::Relaxed);
+                self.core.hub.metrics.rxdb_resyncs.fetch_add(1, Ordering::Relaxed);
                 self.write(ctx, wire::resync_event(collection));
             }
         }
@@ -390,8 +352,8 @@ impl RxdbSession {
 
     /// Answer a write with a non-array result: RxDB retries it after its `retryTime`.
     fn write_unavailable(&mut self, ctx: &mut ws::WebsocketContext<Self>, request: &Request, err: &Error) {
-        self.hub.metrics.rxdb_failure("write_unavailable");
-        tracing::debug!(session = %self.id, %err, "RxDB write not taken; the client retries");
+        self.core.hub.metrics.rxdb_failure("write_unavailable");
+        tracing::debug!(session = %self.core.id, %err, "RxDB write not taken; the client retries");
         let result = json!({ "error": { "code": err.code(), "message": err.public_message() } });
         self.answer(ctx, request, &result);
     }
@@ -405,23 +367,23 @@ impl RxdbSession {
             return self.write_unavailable(ctx, &request, &err);
         };
         let collection = state.collection.clone();
-        if self.writes_in_flight >= self.hub.config.session_pushes_in_flight {
+        if self.writes_in_flight >= self.core.hub.config.session_pushes_in_flight {
             return self.write_unavailable(ctx, &request, &Error::Busy);
         }
         // unwrap: requests are handled once the session is live.
         let auth = self.auth.as_ref().expect("authenticated");
-        if let Err(err) = self.hub.limits.push(&auth.identity.tenant, &auth.identity.device) {
+        if let Err(err) = self.core.hub.limits.push(&auth.identity.tenant, &auth.identity.device) {
             return self.write_unavailable(ctx, &request, &err);
         }
         let last_clock = &mut self.last_clock;
         let planned = push::plan(&collection, &rows, || Self::next_clock(last_clock));
         let inputs = self.batches(planned.changes);
         let tenant = auth.tenant.upgrade();
-        let store = self.hub.store.clone();
+        let store = self.core.hub.store.clone();
         let tenant_id = auth.identity.tenant.clone();
         let view = auth.view.clone();
         self.writes_in_flight += 1;
-        self.hub.metrics.batches_pushed.fetch_add(inputs.len() as u64, Ordering::Relaxed);
+        self.core.hub.metrics.batches_pushed.fetch_add(inputs.len() as u64, Ordering::Relaxed);
         let work = async move {
             let mut results = HashMap::new();
             for (rows_of, input) in inputs {
@@ -476,7 +438,7 @@ impl RxdbSession {
             match answer {
                 Ok((masters, refused)) => {
                     for _ in 0..refused {
-                        session.hub.metrics.rxdb_failure("refused_write");
+                        session.core.hub.metrics.rxdb_failure("refused_write");
                     }
                     session.answer(ctx, &request, &Value::Array(masters));
                 }
@@ -493,7 +455,7 @@ impl RxdbSession {
     fn batches(&self, changes: Vec<(usize, protocol::Change, Option<crate::sync::conditional::WriteCondition>)>) -> Vec<(HashMap<uuid::Uuid, usize>, BatchInput)> {
         // unwrap: requests are handled once the session is live.
         let auth = self.auth.as_ref().expect("authenticated");
-        let max = self.hub.config.max_batch_changes.max(1);
+        let max = self.core.hub.config.max_batch_changes.max(1);
         let mut batches = Vec::new();
         let mut changes = changes.into_iter().peekable();
         while changes.peek().is_some() {
@@ -568,7 +530,7 @@ impl RxdbSession {
     }
 
     fn hold(&mut self, frame: Arc<SharedFrame>) {
-        if self.held.len() >= self.hub.config.rxdb_held_frames {
+        if self.held.len() >= self.core.hub.config.rxdb_held_frames {
             self.held.clear();
             self.held_overflow = true;
             // Frames after the dropped ones are no use without them either.
@@ -611,19 +573,14 @@ impl RxdbSession {
     }
 
     fn heartbeat(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
-        if self.closed {
-            return;
+        if !self.core.heartbeat(ctx) {
+            self.close(ctx, CloseCode::HeartbeatTimeout, "no pong or frame within the heartbeat timeout");
         }
-        let last_heard_ms = self.link.as_ref().map_or(0, |link| link.last_heard_ms.load(Ordering::Relaxed));
-        if monotonic_ms().saturating_sub(last_heard_ms) > self.hub.config.heartbeat_timeout_ms {
-            return self.close(ctx, CloseCode::HeartbeatTimeout, "no pong or frame within the heartbeat timeout");
-        }
-        ctx.ping(&self.bytes_written.to_be_bytes());
     }
 
     /// A pong confirmed reading: collections whose live changes were withheld pull again.
     fn confirmed(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
-        if self.unconfirmed() > self.hub.config.session_outbound_budget_bytes as u64 / 2 {
+        if self.core.unconfirmed() > self.core.hub.config.session_outbound_budget_bytes as u64 / 2 {
             return;
         }
         let owed: Vec<String> = self.collections.iter().filter(|(_, s)| s.resync_owed).map(|(n, _)| n.clone()).collect();
@@ -652,12 +609,9 @@ impl Actor for RxdbSession {
     type Context = ws::WebsocketContext<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(self.hub.config.session_mailbox);
-        let auth_deadline = unix_ms() + self.hub.config.rxdb_auth_timeout_ms;
-        let addr = SessionAddr::Adapter(Arc::new(AdapterRecipients::of(&ctx.address())));
-        let link = Arc::new(SessionHandle::new(addr, auth_deadline.max(1)));
-        self.hub.sessions.insert(self.id, link.clone());
-        self.link = Some(link);
+        ctx.set_mailbox_capacity(self.core.hub.config.session_mailbox);
+        let auth_deadline = unix_ms() + self.core.hub.config.rxdb_auth_timeout_ms;
+        self.core.register(SessionAddr::Adapter(Arc::new(AdapterRecipients::of(&ctx.address()))), auth_deadline);
         match self.upgrade_identity.take() {
             Some(Ok(identity)) => self.start(ctx, identity),
             Some(Err(err)) => self.refuse(ctx, &err),
@@ -666,17 +620,15 @@ impl Actor for RxdbSession {
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
-        self.hub.sessions.remove(&self.id);
+        self.core.deregister();
         self.unsubscribe();
     }
 }
 
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for RxdbSession {
     fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
-        if let Some(link) = &self.link {
-            link.last_heard_ms.store(monotonic_ms(), Ordering::Relaxed);
-        }
-        if self.closed {
+        self.core.heard();
+        if self.core.closed {
             if matches!(msg, Ok(ws::Message::Close(_)) | Err(_)) {
                 ctx.stop();
             }
@@ -693,12 +645,10 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for RxdbSession {
             ws::Message::Binary(_) => self.close(ctx, CloseCode::InvalidPayload, "RxDB replication speaks JSON text frames"),
             ws::Message::Ping(payload) => ctx.pong(&payload),
             ws::Message::Pong(payload) => {
-                if let (Ok(count), Some(link)) = (<[u8; 8]>::try_from(payload.as_ref()), &self.link) {
-                    link.bytes_confirmed.fetch_max(u64::from_be_bytes(count).min(self.bytes_written), Ordering::Relaxed);
-                }
+                self.core.pong(&payload);
                 self.confirmed(ctx);
             }
-            ws::Message::Continuation(item) => match self.fragments.add(item, self.hub.config.max_frame_bytes) {
+            ws::Message::Continuation(item) => match self.fragments.add(item, self.core.hub.config.max_frame_bytes) {
                 Ok(Some((true, whole))) => match std::str::from_utf8(&whole) {
                     Ok(text) => self.handle_text(ctx, text),
                     Err(_) => self.close(ctx, CloseCode::InvalidPayload, "text message is not UTF-8"),
@@ -725,7 +675,7 @@ impl Handler<LiveFrame> for RxdbSession {
 
     fn handle(&mut self, LiveFrame(frames): LiveFrame, ctx: &mut Self::Context) {
         for frame in frames.iter() {
-            if self.closed {
+            if self.core.closed {
                 return;
             }
             self.take_frame(ctx, frame.clone());
@@ -777,7 +727,7 @@ impl Handler<SessionControl> for RxdbSession {
             SessionControl::Heartbeat => self.heartbeat(ctx),
             SessionControl::Deadline => match self.auth.as_ref().map(|a| a.identity.expires_at) {
                 None => self.close(ctx, CloseCode::Unauthorized, "no auth message in time"),
-                Some(expires_at) if unix_now() < expires_at + self.hub.config.jwt_leeway_secs => self.set_token_deadline(expires_at),
+                Some(expires_at) if unix_now() < expires_at + self.core.hub.config.jwt_leeway_secs => self.set_token_deadline(expires_at),
                 Some(_) => self.close(ctx, CloseCode::TokenExpired, "token expired"),
             },
         }
