@@ -103,6 +103,21 @@ pub struct RxdbCollectionConfig {
     pub fields: Option<Vec<String>>,
     #[serde(default)]
     pub conflicts: RxdbConflicts,
+    /// How a column holding null appears in documents.
+    #[serde(default)]
+    pub nulls: RxdbNulls,
+}
+
+/// How a null column appears in an RxDB document.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RxdbNulls {
+    /// Left out, as an optional field the client never set (a schema of `type: 'string'`
+    /// refuses null).
+    #[default]
+    Omit,
+    /// Written as `null` (for schemas whose nullable fields say `type: ['string', 'null']`).
+    Keep,
 }
 
 /// Shortest service token accepted, bytes: shorter ones are guessable.

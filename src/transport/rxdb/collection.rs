@@ -9,7 +9,7 @@ use std::sync::Arc;
 use protocol::{Object, Op};
 use serde_json::Value;
 
-use crate::config::{Config, RxdbConflicts};
+use crate::config::{Config, RxdbConflicts, RxdbNulls};
 use crate::sync::conditional::WriteCondition;
 use crate::storage::catalog::{Catalog, TableSchema};
 
@@ -25,6 +25,8 @@ pub struct Collection {
     /// Columns a conditional write compares: the fields without the key.
     pub compared: Arc<[String]>,
     pub conflicts: RxdbConflicts,
+    /// Null columns are written as `null` rather than left out.
+    pub keep_nulls: bool,
 }
 
 /// Why a collection cannot be served (told to the operator in the log, counted in metrics).
@@ -80,6 +82,7 @@ impl Collection {
         Ok(Collection {
             name: name.to_owned(),
             conflicts: entry.map(|c| c.conflicts).unwrap_or_default(),
+            keep_nulls: entry.is_some_and(|c| c.nulls == RxdbNulls::Keep),
             table,
             fields: fields.into(),
             compared,
@@ -88,7 +91,15 @@ impl Collection {
 
     /// The document of a row (a tombstone when `deleted`).
     pub fn document(&self, row: &Object, deleted: bool) -> Object {
-        let mut doc: Object = self.fields.iter().filter_map(|f| Some((f.clone(), row.get(f).filter(|v| !v.is_null())?.clone()))).collect();
+        let mut doc: Object = self
+            .fields
+            .iter()
+            .filter_map(|f| match row.get(f) {
+                Some(Value::Null) | None if self.keep_nulls => Some((f.clone(), Value::Null)),
+                Some(v) if !v.is_null() => Some((f.clone(), v.clone())),
+                _ => None,
+            })
+            .collect();
         doc.insert(DELETED.into(), Value::Bool(deleted));
         doc
     }
@@ -192,11 +203,14 @@ mod tests {
             table: Some("products".into()),
             fields: Some(fields.into_iter().map(String::from).collect()),
             conflicts: RxdbConflicts::ServerMerge,
+            nulls: RxdbNulls::Keep,
         };
         config.rxdb_collections = vec![entry(vec!["id", "name"])];
         let c = Collection::resolve("items", &config, &catalog()).unwrap();
         assert_eq!(&*c.fields, &["id", "name"]);
         assert_eq!(c.conflicts, RxdbConflicts::ServerMerge);
+        let row = obj(json!({"tenant_id": "t1", "id": "a", "name": null}));
+        assert_eq!(c.document(&row, false), obj(json!({"id": "a", "name": null, "_deleted": false})), "nulls kept");
         config.rxdb_collections = vec![entry(vec!["name"])];
         assert_eq!(Collection::resolve("items", &config, &catalog()).unwrap_err(), CollectionProblem::KeyNotExposed("id".into()));
         config.rxdb_collections = vec![entry(vec!["id", "tenant_id"])];

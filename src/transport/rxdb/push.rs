@@ -114,7 +114,7 @@ mod tests {
             .collect();
         let table = TableSchema::assemble("items".into(), "tenant_id".into(), "text".into(), vec!["id".into()], columns, MergePolicy::Lww, "to_jsonb");
         let mut config = Config::default();
-        config.rxdb_collections = vec![RxdbCollectionConfig { name: "items".into(), table: None, fields: None, conflicts }];
+        config.rxdb_collections = vec![RxdbCollectionConfig { name: "items".into(), table: None, fields: None, conflicts, nulls: Default::default() }];
         Collection::resolve("items", &config, &Catalog::of(vec![table])).unwrap()
     }
 
