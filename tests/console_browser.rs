@@ -11,7 +11,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -37,30 +37,6 @@ fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("target"))
 }
 
-/// Run a set-up command, showing its output; panics with `why` when it fails.
-fn run(program: &str, args: &[&str], envs: &[(&str, &str)], why: &str) {
-    eprintln!("console_browser: running {program} {}", args.join(" "));
-    let status = Command::new(program)
-        .args(args)
-        .envs(envs.iter().copied())
-        .stdin(Stdio::null())
-        .status()
-        .unwrap_or_else(|e| panic!("{why}: cannot run {program}: {e}"));
-    assert!(status.success(), "{why}: `{program} {}` failed with {status}", args.join(" "));
-}
-
-fn on_path(program: &str) -> bool {
-    Command::new(program).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
-}
-
-fn apt_install(packages: &[&str], why: &str) {
-    let noninteractive = [("DEBIAN_FRONTEND", "noninteractive")];
-    run("apt-get", &["update"], &noninteractive, why);
-    let mut args = vec!["install", "-y", "--no-install-recommends"];
-    args.extend_from_slice(packages);
-    run("apt-get", &args, &noninteractive, why);
-}
-
 /// Chromium, node (20 or newer) and playwright-core, installed if missing. Idempotent; one
 /// installer at a time within this test binary.
 fn ensure_browser_tools() {
@@ -70,21 +46,11 @@ fn ensure_browser_tools() {
         return;
     }
     if !Path::new(CHROMIUM).exists() {
-        apt_install(&["chromium"], "installing Debian's chromium for the console test (needs root and the Debian archive)");
+        node::apt_install(&["chromium"], "installing Debian's chromium for the console test (needs root and the Debian archive)");
         assert!(Path::new(CHROMIUM).exists(), "apt-get installed chromium but {CHROMIUM} is missing");
     }
-    if !on_path("node") || !on_path("npm") {
-        apt_install(&["nodejs", "npm"], "installing node and npm for the console test");
-    }
-    let version = Command::new("node").arg("--version").output().expect("node runs");
-    let version = String::from_utf8_lossy(&version.stdout).trim().to_owned();
-    let major: u32 = version.trim_start_matches('v').split('.').next().and_then(|m| m.parse().ok()).unwrap_or(0);
-    assert!(major >= 20, "playwright-core needs node 20 or newer; this machine has node {version}");
-    let browser_dir = repo().join("tests/browser");
-    if !browser_dir.join("node_modules/playwright-core/package.json").exists() {
-        let dir = browser_dir.to_str().expect("UTF-8 path");
-        run("npm", &["ci", "--prefix", dir, "--no-audit", "--no-fund"], &[], "installing playwright-core from the npm registry (tests/browser/package-lock.json)");
-    }
+    node::ensure_node(20, "the console test (playwright-core)");
+    node::npm_ci(&repo().join("tests/browser"), "the console test (playwright-core)");
     *done = true;
 }
 

@@ -2,6 +2,8 @@
 //! on port 0, and a WebSocket client that speaks the protocol crate's codec.
 #![allow(dead_code)]
 
+pub mod node;
+
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -88,6 +90,37 @@ impl TestHub {
 
     pub async fn client(&self) -> Client {
         Client::connect(self.addr, Encoding::Json).await
+    }
+
+    /// Stop the hub gracefully, keeping its address and database for `start_again`.
+    pub async fn stop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+    }
+
+    /// Start a stopped hub again on the same address and database, configured by `adjust`
+    /// (clients reconnect to the URL they had).
+    pub async fn start_again(&mut self, adjust: impl FnOnce(&mut Config)) {
+        assert!(self.running.is_none(), "start_again: the hub is running; stop it first");
+        let mut config = test_config(self.database_url.clone());
+        adjust(&mut config);
+        config.listen = self.addr.to_string();
+        // The old listener's port may take a moment to be free again.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match synchub::server::start(config.clone()).await {
+                Ok(running) => {
+                    self.running = Some(running);
+                    return;
+                }
+                Err(err) if tokio::time::Instant::now() < deadline => {
+                    eprintln!("start_again: {err}; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(err) => panic!("the hub does not start again on {}: {err}", self.addr),
+            }
+        }
     }
 
     pub async fn shutdown(mut self) {
@@ -248,16 +281,23 @@ impl Client {
         }
     }
 
-    /// Drain catch-up until `up_to_date`; returns every delta seen and the final seq.
+    /// Drain catch-up until `up_to_date`; returns every delta seen and the final seq. Other
+    /// frames are kept in the inbox for later (set aside meanwhile: `recv` takes from the inbox
+    /// first, so putting them back at once would spin on them, e.g. on a `must_resync`).
     pub async fn until_up_to_date(&mut self) -> (Vec<protocol::Delta>, u64) {
         let mut deltas = Vec::new();
-        loop {
+        let mut others = Vec::new();
+        let seq = loop {
             match self.recv().await {
                 ServerFrame::CatchUp { deltas: page, .. } => deltas.extend(page),
-                ServerFrame::UpToDate { seq } => return (deltas, seq),
-                other => self.inbox.push_back(other),
+                ServerFrame::UpToDate { seq } => break seq,
+                other => others.push(other),
             }
+        };
+        for frame in others.into_iter().rev() {
+            self.inbox.push_front(frame);
         }
+        (deltas, seq)
     }
 
     /// A device that connects and is live: hello + catch-up. Returns its position.
