@@ -19,7 +19,7 @@ use clients::RxDriver;
 use common::*;
 use protocol::{ChangeStatus, Encoding};
 use serde_json::{json, Value};
-use synchub::config::{Config, MergePolicy, TableConfig};
+use synchub::config::{Config, MergePolicy, RxdbCollectionConfig, RxdbConflicts, RxdbNulls, TableConfig};
 
 const TENANT: &str = "rx-store";
 const OTHER_TENANT: &str = "rx-other-store";
@@ -45,6 +45,14 @@ const ITEMS_SQL: &str = "create table public.items (
 /// its table needs none.
 fn register_items(config: &mut Config) {
     config.tables.push(TableConfig { name: "items".into(), tenant_column: "tenant_id".into(), policy: MergePolicy::Lww });
+    // The clients' schema says `note: ['string', 'null']`: nulls come back as null.
+    config.rxdb_collections.push(RxdbCollectionConfig {
+        name: "items".into(),
+        table: None,
+        fields: None,
+        conflicts: RxdbConflicts::Report,
+        nulls: RxdbNulls::Keep,
+    });
 }
 
 async fn items_hub() -> TestHub {
@@ -307,7 +315,7 @@ async fn offline_conflict(hub: &TestHub, rx: &mut RxDriver) -> Value {
     assert_eq!(conflict["winner"], json!("server"));
     assert_eq!(number(&conflict["server"]["value"]), 11.25);
     assert_eq!(number(&conflict["incoming"]["value"]), 12.75);
-    assert_eq!(conflict["incoming"]["device"], json!("rx-b"));
+    assert_eq!(conflict["incoming"]["device"], json!("rxdb:rx-b"), "RxDB clients write as rxdb:<device>");
     conflict
 }
 

@@ -201,13 +201,13 @@ impl TableSchema {
     /// `$4`, as text.
     pub fn tombstones_sql(&self, row_restricted: bool) -> String {
         format!(
-            "select v.pk as key, l.old_values::jsonb as old_values from synchub.row_versions v \
+            "select v.pk as key, coalesce(l.old_values::jsonb, v.last_values) as old_values from synchub.row_versions v \
              left join synchub.change_log l on l.tenant_id = $1 and l.seq = v.version and l.op = 'delete' \
              where v.tenant_id = $1 and v.table_name = '{table_literal}' and v.deleted is not null \
              and ($2::jsonb is null or v.pk_text > $2::jsonb::text) \
              and not exists (select from {table} t, jsonb_populate_record(null::{table}, v.pk) k where {tenant} and ({tk}) = ({kk})) {restricted}\
              order by v.pk_text limit $3",
-            restricted = if row_restricted { "and (coalesce(l.old_values::jsonb, v.pk) ->> $4::text) = $5::text " } else { "" },
+            restricted = if row_restricted { "and (coalesce(l.old_values::jsonb, v.last_values, v.pk) ->> $4::text) = $5::text " } else { "" },
             table_literal = self.name.replace('\'', "''"),
             table = self.name,
             tenant = self.tenant_match("t"),

@@ -41,8 +41,8 @@ pub struct StoredDocument {
     /// The primary key without the tenant column.
     pub key: Object,
     /// Current row image (values as written where the log still holds them and Postgres holds
-    /// the same values); for a tombstone the last values the hub knows (the delete's old row;
-    /// else just the key). Columns hidden from the reader are left out.
+    /// the same values); for a tombstone the last values the hub knows (the delete's old row, which
+    /// a trim of the log keeps in `row_versions.last_values`; else just the key). Columns hidden from the reader are left out.
     pub row: Object,
     pub deleted: bool,
 }
@@ -93,9 +93,11 @@ const CHANGED_RESTRICTED_SQL: &str =
     changed_sql!("and ((coalesce(l.new_row, l.old_values) ->> $5::text) = $6::text or (l.old_values ->> $5::text) = $6::text) ");
 
 /// The latest log image of rows of a table: `$1` tenant, `$2` table, `$3` keys (jsonb[]).
-const LATEST_IMAGES_SQL: &str = "select v.pk, l.new_row from synchub.row_versions v \
-     join synchub.change_log l on l.tenant_id = $1 and l.seq = v.version \
-     where v.tenant_id = $1 and v.table_name = $2 and v.pk_text = any($3::jsonb[]::text[]) and l.new_row is not null";
+/// Past a trim of the log, the image its last entry had, kept in `row_versions.last_values`.
+const LATEST_IMAGES_SQL: &str = "select v.pk, coalesce(l.new_row::jsonb, v.last_values) from synchub.row_versions v \
+     left join synchub.change_log l on l.tenant_id = $1 and l.seq = v.version \
+     where v.tenant_id = $1 and v.table_name = $2 and v.pk_text = any($3::jsonb[]::text[]) and v.deleted is null \
+     and coalesce(l.new_row::jsonb, v.last_values) is not null";
 
 impl Store {
     /// Rows of `table` changed after `after` (only this table's entries), each once at its latest
