@@ -713,3 +713,59 @@ async fn a_refused_token_closes_the_socket_with_4001() {
     rx.exit().await;
     hub.shutdown().await;
 }
+
+/// A collection the hub merges: two clients that edited different fields of one document
+/// offline both keep their edits, a field both edited goes to the later writer, the conflict is
+/// logged for review and neither client sees one; `/metrics` counts the RxDB traffic.
+#[actix_web::test]
+async fn a_server_merged_collection_keeps_both_clients_edits() {
+    let url = fresh_database().await;
+    let db = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::raw_sql(ITEMS_SQL).execute(&db).await.unwrap();
+    db.close().await;
+    let hub = TestHub::start_on(url, |config| {
+        register_items(config);
+        config.rxdb_collections[0].conflicts = RxdbConflicts::ServerMerge;
+    })
+    .await;
+    let mut rx = RxDriver::start().await;
+    rx.connected("a", "items", &rxdb_url(&hub), &device_token(TENANT, "rx-a")).await;
+    rx.connected("b", "items", &rxdb_url(&hub), &device_token(TENANT, "rx-b")).await;
+    rx.insert("a", &[item("m1", 1)]).await;
+    rx.await_doc("b", "m1", json!({"qty": 1})).await;
+
+    rx.pause("a").await;
+    rx.pause("b").await;
+    rx.patch("a", &["m1"], json!({"price": 11.25, "note": "from a"})).await;
+    rx.patch("b", &["m1"], json!({"qty": 7, "note": "from b"})).await;
+    rx.resume("a").await;
+    rx.await_in_sync("a").await;
+    rx.resume("b").await;
+    rx.await_in_sync("b").await;
+
+    let docs = rx.await_equal(&["a", "b"], 1, CONVERGE).await;
+    assert_eq!(number(&docs[0]["price"]), 11.25, "a's edit kept");
+    assert_eq!(docs[0]["qty"], json!(7), "b's edit kept");
+    assert_eq!(docs[0]["note"], json!("from b"), "the later writer wins the field both edited");
+    assert_table_holds(&hub, "items", TENANT, &docs).await;
+    for client in ["a", "b"] {
+        assert_eq!(rx.conflicts(client).await, Vec::<Value>::new(), "the hub merged: {client} saw no conflict");
+        rx.assert_no_errors(client, &[]).await;
+    }
+    let open = open_conflicts(&hub, TENANT).await;
+    assert_eq!(open.len(), 1, "one field was written by both: {open:#?}");
+    assert_eq!(open[0]["field"], json!("note"));
+    assert_eq!(open[0]["winner"], json!("incoming"));
+    assert_eq!(open[0]["server"]["value"], json!("from a"));
+
+    let metrics = reqwest::get(format!("http://{}/metrics", hub.addr)).await.unwrap().text().await.unwrap();
+    let sample = |name: &str| -> f64 {
+        metrics.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or_else(|| panic!("{name} in {metrics}"))
+    };
+    assert!(sample("synchub_rxdb_sessions_opened_total ") >= 2.0);
+    assert!(sample("synchub_rxdb_requests_total{method=\"masterWrite\"} ") >= 3.0);
+    assert!(sample("synchub_rxdb_requests_total{method=\"masterChangesSince\"} ") >= 2.0);
+    assert_eq!(sample("synchub_rxdb_failures_total{kind=\"malformed\"} "), 0.0);
+    rx.exit().await;
+    hub.shutdown().await;
+}

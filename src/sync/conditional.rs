@@ -21,6 +21,10 @@ pub struct WriteCondition {
     pub assumed_deleted: bool,
     /// Columns compared (the collection's exposed fields, without the tenant column).
     pub compared: Arc<[String]>,
+    /// Merge instead of refusing (RxDB's `server_merge` collections): a field whose stored value
+    /// is the one assumed was seen by the writer and is simply written; the others were written
+    /// concurrently and are merged by the table's policy, with their conflicts logged.
+    pub merge: bool,
 }
 
 /// Whether a conditional change may be written.
@@ -66,6 +70,9 @@ fn value_of<'v>(row: &'v Object, column: &str) -> &'v Value {
 /// that writes nothing, with one field conflict (the server winning) per field whose value
 /// differs from the stored one.
 pub fn decide(condition: &WriteCondition, row: &RowState, change: &Incoming<'_>, policy: MergePolicy, column_type: ColumnType<'_, '_>) -> Decision {
+    if condition.merge {
+        return merged(condition, row, change, policy, column_type);
+    }
     match verdict(condition, row, change.op, column_type) {
         Verdict::Pass => {
             let fields = changed_fields(change.fields, row.values.as_ref(), column_type);
@@ -73,6 +80,57 @@ pub fn decide(condition: &WriteCondition, row: &RowState, change: &Incoming<'_>,
             merge::decide(row, &seen, policy)
         }
         Verdict::Conflict => conflict(condition, row, change, column_type),
+    }
+}
+
+/// A change merged by the table's policy, each field as seen or not by its writer: the fields
+/// whose stored values are the ones assumed are decided as a change that saw the row, the others
+/// as one that saw none of it. A delete, or a write on no live row, is one decision: seen when
+/// the condition holds.
+fn merged(condition: &WriteCondition, row: &RowState, change: &Incoming<'_>, policy: MergePolicy, column_type: ColumnType<'_, '_>) -> Decision {
+    let (Some(stored), Op::Upsert) = (&row.values, change.op) else {
+        let base_version = if verdict(condition, row, change.op, column_type) == Verdict::Pass { row.version } else { 0 };
+        return merge::decide(row, &Incoming { base_version, ..change.clone() }, policy);
+    };
+    let fields = changed_fields(change.fields, Some(stored), column_type);
+    let was_seen = |column: &String| {
+        condition.assumed.as_ref().is_some_and(|a| same_value(column_type(column).unwrap_or(""), value_of(stored, column), value_of(a, column)))
+    };
+    let (seen, unseen): (Object, Object) = fields.into_iter().partition(|(column, _)| was_seen(column));
+    let seen_decision = merge::decide(row, &Incoming { fields: &seen, base_version: row.version, ..change.clone() }, policy);
+    if unseen.is_empty() {
+        return seen_decision;
+    }
+    let unseen_decision = merge::decide(row, &Incoming { fields: &unseen, base_version: 0, ..change.clone() }, policy);
+    if seen.is_empty() {
+        return unseen_decision;
+    }
+    combine(seen_decision, unseen_decision)
+}
+
+/// Two decisions on disjoint fields of one row as one.
+fn combine(a: Decision, b: Decision) -> Decision {
+    let rank = |s: ChangeStatus| match s {
+        ChangeStatus::Conflict => 3,
+        ChangeStatus::Merged => 2,
+        ChangeStatus::Rejected => 4,
+        _ => 1,
+    };
+    let status = if rank(a.status) >= rank(b.status) { a.status } else { b.status };
+    let effect = match (a.effect, b.effect) {
+        (Effect::Write(mut x), Effect::Write(y)) => {
+            x.extend(y);
+            Effect::Write(x)
+        }
+        (Effect::Write(x), _) | (_, Effect::Write(x)) => Effect::Write(x),
+        (x, _) => x,
+    };
+    Decision {
+        status,
+        effect,
+        lost_fields: a.lost_fields.into_iter().chain(b.lost_fields).collect(),
+        conflicts: a.conflicts.into_iter().chain(b.conflicts).collect(),
+        rejection: a.rejection.or(b.rejection),
     }
 }
 
@@ -169,7 +227,7 @@ mod tests {
     }
 
     fn condition(assumed: Option<Value>, deleted: bool) -> WriteCondition {
-        WriteCondition { assumed: assumed.map(obj), assumed_deleted: deleted, compared: COLUMNS.iter().map(|c| c.to_string()).collect() }
+        WriteCondition { assumed: assumed.map(obj), assumed_deleted: deleted, compared: COLUMNS.iter().map(|c| c.to_string()).collect(), merge: false }
     }
 
     /// The document a client saw of `row`: its compared columns, values as it was handed them.
@@ -187,6 +245,25 @@ mod tests {
 
     fn decide_with(condition: &WriteCondition, row: &RowState, change: &Incoming<'_>) -> Decision {
         decide(condition, row, change, MergePolicy::Lww, &types)
+    }
+
+    #[test]
+    fn merged_by_the_hub_a_seen_field_is_written_and_an_unseen_one_merged() {
+        let row = stored();
+        // The client saw the row but an older name: its price edit was made on what is stored,
+        // its name edit on a value another device has changed since.
+        let mut seen = as_seen(&row);
+        seen["name"] = json!("Old tea");
+        let merge = WriteCondition { merge: true, ..condition(Some(seen), false) };
+        let fields = obj(json!({"name": "Mint tea", "price": 3}));
+        let d = decide_with(&merge, &row, &upsert(&fields));
+        assert_eq!(d.status, ChangeStatus::Conflict, "the name was written concurrently");
+        assert_eq!(d.effect, Effect::Write(obj(json!({"name": "Mint tea", "price": 3}))), "the later clock wins the name");
+        assert_eq!(d.conflicts.iter().map(|c| (c.field.as_str(), c.winner)).collect::<Vec<_>>(), [("name", Winner::Incoming)]);
+        // Everything seen as stored: no conflict at all.
+        let merge = WriteCondition { merge: true, ..condition(Some(as_seen(&row)), false) };
+        let d = decide_with(&merge, &row, &upsert(&fields));
+        assert_eq!((d.status, d.conflicts.len()), (ChangeStatus::Applied, 0));
     }
 
     #[test]
@@ -303,7 +380,7 @@ mod tests {
             let compared: Arc<[String]> = ["a", "b", "c", "d"].iter().map(|c| c.to_string()).collect();
             let row = RowState { values: Some(values.clone()), version: 5, clocks: Default::default(), deleted: None };
             let change = upsert(&fields);
-            let same = WriteCondition { assumed: Some(values.clone()), assumed_deleted: false, compared: compared.clone() };
+            let same = WriteCondition { assumed: Some(values.clone()), assumed_deleted: false, compared: compared.clone(), merge: false };
             prop_assert_eq!(verdict(&same, &row, Op::Upsert, &loose), Verdict::Pass);
             let d = decide(&same, &row, &change, MergePolicy::Lww, &loose);
             prop_assert_eq!(d.status, ChangeStatus::Applied);
@@ -313,7 +390,7 @@ mod tests {
             let mut assumed = values.clone();
             assumed.insert(column.to_string(), other.clone());
             let differs = value_of(&values, column) != &other;
-            let cond = WriteCondition { assumed: Some(assumed), assumed_deleted: false, compared };
+            let cond = WriteCondition { assumed: Some(assumed), assumed_deleted: false, compared, merge: false };
             prop_assert_eq!(verdict(&cond, &row, Op::Upsert, &loose) == Verdict::Conflict, differs);
             if differs {
                 let d = decide(&cond, &row, &change, MergePolicy::Lww, &loose);

@@ -157,9 +157,11 @@ impl Collection {
     }
 
     /// RxDB's write rule as a condition on the stored row: write only if it is the document
-    /// the client assumed (none, when it assumed none).
+    /// the client assumed (none, when it assumed none); or, for a collection the hub merges,
+    /// what the client is known to have seen of the row.
     pub fn condition(&self, assumed: Option<&Object>) -> WriteCondition {
         WriteCondition {
+            merge: self.conflicts == RxdbConflicts::ServerMerge,
             assumed_deleted: assumed.is_some_and(|a| Self::deleted(a).unwrap_or(false)),
             assumed: assumed.map(|a| a.iter().filter(|(k, _)| !k.starts_with('_')).map(|(k, v)| (k.clone(), v.clone())).collect()),
             compared: self.compared.clone(),

@@ -27,8 +27,9 @@ pub fn plan(collection: &Collection, rows: &[WriteRow], mut next_clock: impl FnM
     let mut planned = PlannedWrite { changes: Vec::with_capacity(rows.len()), refused: Vec::new() };
     let merged_by_hub = collection.conflicts == RxdbConflicts::ServerMerge;
     for (index, row) in rows.iter().enumerate() {
-        // Merged by the hub, a row writes what the client changed; otherwise the whole document,
-        // on the condition that the stored one is the one the client assumed.
+        // Merged by the hub, a row writes what the client changed, merged on what it saw;
+        // otherwise the whole document, on the condition that the stored one is the one the
+        // client assumed.
         let since = if merged_by_hub { row.assumed_master_state.as_ref() } else { None };
         let write = match collection.write_of(&row.new_document_state, since) {
             Ok(write) => write,
@@ -37,7 +38,7 @@ pub fn plan(collection: &Collection, rows: &[WriteRow], mut next_clock: impl FnM
                 continue;
             }
         };
-        let condition = (!merged_by_hub).then(|| collection.condition(row.assumed_master_state.as_ref()));
+        let condition = Some(collection.condition(row.assumed_master_state.as_ref()));
         if merged_by_hub && write.op == protocol::Op::Upsert && write.fields.is_empty() {
             continue; // nothing changed: nothing to merge
         }
@@ -159,7 +160,7 @@ mod tests {
         let planned = plan(&c, &rows, clock());
         assert_eq!(planned.changes.len(), 1, "an unchanged document is not written");
         assert_eq!(planned.changes[0].1.fields, obj(json!({"stock": 2})));
-        assert!(planned.changes[0].2.is_none());
+        assert!(planned.changes[0].2.as_ref().is_some_and(|c| c.merge), "merged by the hub, on what the client saw");
     }
 
     #[test]
