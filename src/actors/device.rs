@@ -35,7 +35,7 @@ use crate::ids::{id_problem, DeviceId, Seq, DASHBOARD_DEVICE_PREFIX};
 use crate::server::Hub;
 use crate::storage::apply::BatchInput;
 use crate::transport::fragments::Fragments;
-use crate::transport::socket::SocketCore;
+use crate::transport::socket::{Inbound, SocketCore};
 use crate::storage::log::TenantHead;
 use crate::storage::subscriptions::SnapshotRefusal;
 use crate::sync::views::subscription_view;
@@ -1135,29 +1135,10 @@ impl Actor for DeviceSession {
 
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for DeviceSession {
     fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
-        self.core.heard();
-        if self.core.closed {
-            // Waiting for the client's answer to our close frame; everything else is ignored.
-            if matches!(msg, Ok(ws::Message::Close(_)) | Err(_)) {
-                ctx.stop();
-            }
-            return;
-        }
-        let msg = match msg {
-            Ok(msg) => msg,
-            Err(ws::ProtocolError::Overflow) => {
-                return self.close(ctx, CloseCode::MessageTooBig, "frame larger than max_frame_bytes");
-            }
-            Err(ws::ProtocolError::Io(err)) => {
-                // The connection is gone: no close frame can reach the client.
-                tracing::debug!(session = %self.core.id, %err, "connection lost");
-                ctx.stop();
-                return;
-            }
-            Err(err) => {
-                tracing::debug!(session = %self.core.id, %err, "websocket protocol error");
-                return self.close(ctx, CloseCode::MessageTooBig, "websocket protocol error");
-            }
+        let msg = match self.core.receive(ctx, msg) {
+            Inbound::Message(msg) => msg,
+            Inbound::Close(code, reason) => return self.close(ctx, code, reason),
+            Inbound::Nothing => return,
         };
         match msg {
             ws::Message::Text(text) => self.handle_payload(ctx, text.as_bytes(), Encoding::Json),

@@ -254,12 +254,7 @@ async fn current_rows(
     limit: usize,
     restriction: Option<(&str, &str)>,
 ) -> Result<Vec<StoredDocument>> {
-    let sql = table.snapshot_sql(restriction.is_some());
-    let mut query = sqlx::query(&sql).bind(tenant.as_str()).bind(after.map(|a| Value::Object(a.clone()))).bind(limit as i64);
-    if let Some((column, value)) = restriction {
-        query = query.bind(column).bind(value);
-    }
-    let rows = query.fetch_all(&mut *conn).await?;
+    let rows = key_ordered_page(conn, &table.snapshot_sql(restriction.is_some()), tenant, after, limit, restriction).await?;
     let keys: Vec<Value> = rows.iter().map(|r| r.get::<Value, _>("key")).collect();
     let mut images = latest_images(conn, tenant, &table.name, &keys).await?;
     let docs = rows
@@ -274,6 +269,23 @@ async fn current_rows(
         })
         .collect();
     Ok(docs)
+}
+
+/// One page of a key-ordered read (`sql` takes `$1` tenant, `$2` key to start after, `$3`
+/// limit, and with a row restriction `$4` column and `$5` value).
+async fn key_ordered_page(
+    conn: &mut PgConnection,
+    sql: &str,
+    tenant: &TenantId,
+    after: Option<&Object>,
+    limit: usize,
+    restriction: Option<(&str, &str)>,
+) -> Result<Vec<sqlx::postgres::PgRow>> {
+    let mut query = sqlx::query(sql).bind(tenant.as_str()).bind(after.map(|a| Value::Object(a.clone()))).bind(limit as i64);
+    if let Some((column, value)) = restriction {
+        query = query.bind(column).bind(value);
+    }
+    Ok(query.fetch_all(&mut *conn).await?)
 }
 
 /// The latest log images of these rows, by key text (the log may no longer hold some).
@@ -296,12 +308,7 @@ async fn tombstones(
     limit: usize,
     restriction: Option<(&str, &str)>,
 ) -> Result<Vec<StoredDocument>> {
-    let sql = table.tombstones_sql(restriction.is_some());
-    let mut query = sqlx::query(&sql).bind(tenant.as_str()).bind(after.map(|a| Value::Object(a.clone()))).bind(limit as i64);
-    if let Some((column, value)) = restriction {
-        query = query.bind(column).bind(value);
-    }
-    let rows = query.fetch_all(&mut *conn).await?;
+    let rows = key_ordered_page(conn, &table.tombstones_sql(restriction.is_some()), tenant, after, limit, restriction).await?;
     let docs = rows
         .into_iter()
         .map(|r| {

@@ -19,6 +19,16 @@ use protocol::CloseCode;
 /// it drops the connection (at once while the hub shuts down).
 const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(10);
 
+/// What a session does with what its stream handler received.
+pub enum Inbound {
+    /// A message to handle.
+    Message(ws::Message),
+    /// Close the session with this code.
+    Close(CloseCode, &'static str),
+    /// Nothing to do (the session is closing, or the connection is gone).
+    Nothing,
+}
+
 pub struct SocketCore {
     pub id: SessionId,
     pub hub: Arc<Hub>,
@@ -103,6 +113,37 @@ impl SocketCore {
     pub fn heard(&self) {
         if let Some(link) = &self.link {
             link.last_heard_ms.store(monotonic_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// The first step of every stream handler: note that the client was heard, ignore what
+    /// follows our close frame (stopping at the client's answer to it), and turn protocol
+    /// errors into the close they call for.
+    pub fn receive<A>(&self, ctx: &mut ws::WebsocketContext<A>, msg: Result<ws::Message, ws::ProtocolError>) -> Inbound
+    where
+        A: Actor<Context = ws::WebsocketContext<A>>,
+    {
+        self.heard();
+        if self.closed {
+            // Waiting for the client's answer to our close frame; everything else is ignored.
+            if matches!(msg, Ok(ws::Message::Close(_)) | Err(_)) {
+                ctx.stop();
+            }
+            return Inbound::Nothing;
+        }
+        match msg {
+            Ok(msg) => Inbound::Message(msg),
+            Err(ws::ProtocolError::Overflow) => Inbound::Close(CloseCode::MessageTooBig, "frame larger than max_frame_bytes"),
+            Err(ws::ProtocolError::Io(err)) => {
+                // The connection is gone: no close frame can reach the client.
+                tracing::debug!(session = %self.id, %err, "connection lost");
+                ctx.stop();
+                Inbound::Nothing
+            }
+            Err(err) => {
+                tracing::debug!(session = %self.id, %err, "websocket protocol error");
+                Inbound::Close(CloseCode::MessageTooBig, "websocket protocol error")
+            }
         }
     }
 

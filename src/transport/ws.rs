@@ -9,6 +9,7 @@ use std::sync::Arc;
 use actix_http::ws::Codec;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use actix::{Actor, StreamHandler};
 use actix_web_actors::ws;
 use serde::Deserialize;
 
@@ -26,26 +27,43 @@ struct UpgradeQuery {
 }
 
 pub async fn upgrade(req: HttpRequest, stream: web::Payload, hub: web::Data<Arc<Hub>>) -> actix_web::Result<HttpResponse> {
-    if !hub.accepting() {
-        return Ok(HttpResponse::ServiceUnavailable().body("shutting down"));
-    }
-    // Refused here, before a socket and a session exist (config `max_connections`).
-    if hub.sessions.len() >= hub.limits.max_connections {
-        let full = ApiError::new(ErrorCode::Busy, format!("this hub holds its most sessions ({}); retry later", hub.limits.max_connections));
-        return Ok(full.error_response());
+    if let Some(refused) = refuse_upgrade(&hub) {
+        return Ok(refused);
     }
     let identity = match upgrade_identity(&req, &hub) {
         Ok(identity) => identity,
         Err(err) => return Ok(err.error_response()),
     };
-    let mut response = ws::handshake(&req)?;
+    let session = DeviceSession::new(hub.get_ref().clone(), identity);
+    serve(&req, stream, &hub, session)
+}
+
+/// An upgrade refused before a socket and a session exist: the hub is shutting down, or holds
+/// its most sessions (config `max_connections`).
+pub fn refuse_upgrade(hub: &Hub) -> Option<HttpResponse> {
+    if !hub.accepting() {
+        return Some(HttpResponse::ServiceUnavailable().body("shutting down"));
+    }
+    if hub.sessions.len() >= hub.limits.max_connections {
+        let full = ApiError::new(ErrorCode::Busy, format!("this hub holds its most sessions ({}); retry later", hub.limits.max_connections));
+        return Some(full.error_response());
+    }
+    None
+}
+
+/// Upgrade the connection and run `session` on it, its framing checked on the way in (a
+/// violation ends the connection with its code) and the frame size limit applied at each frame's
+/// header.
+pub fn serve<A>(req: &HttpRequest, stream: web::Payload, hub: &Arc<Hub>, session: A) -> actix_web::Result<HttpResponse>
+where
+    A: Actor<Context = ws::WebsocketContext<A>> + StreamHandler<Result<ws::Message, ws::ProtocolError>>,
+{
+    let mut response = ws::handshake(req)?;
     let max = hub.config.max_frame_bytes;
-    // The framing is checked on its way in; a violation ends the connection with its code.
     let verdict = Rc::new(Verdict::default());
     let input = InboundGuard::new(stream, max, verdict.clone());
-    let session = DeviceSession::new(hub.get_ref().clone(), identity);
     let output = ws::WebsocketContext::with_codec(session, input, Codec::new().max_size(max));
-    Ok(response.streaming(OutboundCloser::new(output, verdict, hub.get_ref().clone())))
+    Ok(response.streaming(OutboundCloser::new(output, verdict, hub.clone())))
 }
 
 /// The verified token of the upgrade request, if it carried one: `Authorization: Bearer <jwt>`,

@@ -32,7 +32,7 @@ use crate::rules::AccessView;
 use crate::server::Hub;
 use crate::storage::apply::BatchInput;
 use crate::transport::fragments::Fragments;
-use crate::transport::socket::SocketCore;
+use crate::transport::socket::{Inbound, SocketCore};
 
 /// After a pull that could not be read, when the collection is told to pull again.
 const PULL_RETRY: Duration = Duration::from_secs(1);
@@ -627,18 +627,10 @@ impl Actor for RxdbSession {
 
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for RxdbSession {
     fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
-        self.core.heard();
-        if self.core.closed {
-            if matches!(msg, Ok(ws::Message::Close(_)) | Err(_)) {
-                ctx.stop();
-            }
-            return;
-        }
-        let msg = match msg {
-            Ok(msg) => msg,
-            Err(ws::ProtocolError::Overflow) => return self.close(ctx, CloseCode::MessageTooBig, "frame larger than max_frame_bytes"),
-            Err(ws::ProtocolError::Io(_)) => return ctx.stop(),
-            Err(_) => return self.close(ctx, CloseCode::MessageTooBig, "websocket protocol error"),
+        let msg = match self.core.receive(ctx, msg) {
+            Inbound::Message(msg) => msg,
+            Inbound::Close(code, reason) => return self.close(ctx, code, reason),
+            Inbound::Nothing => return,
         };
         match msg {
             ws::Message::Text(text) => self.handle_text(ctx, &text),
