@@ -769,3 +769,32 @@ async fn a_server_merged_collection_keeps_both_clients_edits() {
     rx.exit().await;
     hub.shutdown().await;
 }
+
+/// A socket that never sends `auth` is closed 4001 after `rxdb_auth_timeout_ms`; a token in the
+/// URL authenticates without one.
+#[actix_web::test]
+async fn a_socket_without_auth_is_closed_and_a_url_token_needs_none() {
+    let url = fresh_database().await;
+    let db = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::raw_sql(ITEMS_SQL).execute(&db).await.unwrap();
+    db.close().await;
+    let hub = TestHub::start_on(url, |config| {
+        register_items(config);
+        config.rxdb_auth_timeout_ms = 500;
+    })
+    .await;
+    let mut rx = RxDriver::start().await;
+    rx.raw_open("silent", &rxdb_url(&hub)).await;
+    rx.raw_send("silent", json!({"id": "p1", "collection": "items", "method": "masterChangesSince", "params": [null, 10]})).await;
+    let closed = rx.raw_await_close("silent").await;
+    assert_eq!(closed["code"], json!(4001), "no auth in time: {closed}");
+
+    let with_token = format!("{}?token={}", rxdb_url(&hub), device_token(TENANT, "rx-url"));
+    rx.raw_open("url", &with_token).await;
+    rx.raw_send("url", json!({"id": "p1", "collection": "items", "method": "masterChangesSince", "params": [null, 10]})).await;
+    let reply = rx.raw_next("url", "p1").await;
+    assert_eq!(reply["result"]["documents"], json!([]), "answered without an auth message: {reply}");
+    assert!(reply["result"]["checkpoint"]["epoch"].is_string(), "{reply}");
+    rx.exit().await;
+    hub.shutdown().await;
+}
