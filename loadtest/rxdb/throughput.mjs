@@ -1,13 +1,16 @@
 // RxDB documents replicated per second through a hub: pushed by one client (offline writes
 // sent on connect), pulled by a new client (first sync), and live from one client to another.
-//   node throughput.mjs URL SECRET_FILE TENANT [documents]
+//   node throughput.mjs URL SECRET_FILE TENANT [documents] [DATABASE_URL]
+// With DATABASE_URL, the first pull is measured again after `ANALYZE` (psql): right after a
+// bulk load into a new database, Postgres has no statistics for the hub's tables yet.
 // The device token is minted here (HS256) from the hub's secret, as `synchub dev` writes it.
 import { createRxDatabase, addRxPlugin } from 'rxdb';
 import { getRxStorageMemory } from 'rxdb/plugins/storage-memory';
 import { replicateWithWebsocketServer } from 'rxdb/plugins/replication-websocket';
 import { createHmac } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-const [url, secretFile, tenant, countArg] = process.argv.slice(2);
+import { execFileSync } from 'node:child_process';
+const [url, secretFile, tenant, countArg, databaseUrl] = process.argv.slice(2);
 const b64 = (v) => Buffer.from(typeof v === 'string' ? v : JSON.stringify(v)).toString('base64url');
 const mint = (claims) => {
   const body = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64(claims)}`;
@@ -43,12 +46,24 @@ await ra.awaitInSync();
 console.log(`push (offline writes, batch 100): ${rate(count, performance.now() - t)}`);
 
 // 2. Pull: a new client pulls everything the tenant holds (batches of 100).
+const firstPull = async (label) => {
+  const fresh = await client();
+  const t = performance.now();
+  const r = await replicate(fresh, 100);
+  await r.awaitInitialReplication();
+  const pulled = await fresh.products.count().exec();
+  console.log(`pull (first sync, batch 100${label}): ${rate(pulled, performance.now() - t)}`);
+  await r.cancel();
+  await fresh.close();
+};
+await firstPull(', no planner statistics yet');
+if (databaseUrl) {
+  execFileSync('psql', [databaseUrl, '-qc', 'analyze'], { stdio: 'inherit' });
+  await firstPull(', after ANALYZE');
+}
 const b = await client();
-t = performance.now();
 const rb = await replicate(b, 100);
 await rb.awaitInitialReplication();
-const pulled = await b.products.count().exec();
-console.log(`pull (first sync, batch 100): ${rate(pulled, performance.now() - t)}`);
 
 // 3. Live: A writes one document at a time; time until B holds all of them.
 const live = Math.min(count, 2000);
