@@ -38,16 +38,17 @@ pub enum Verdict {
 pub type ColumnType<'f, 't> = &'f dyn Fn(&str) -> Option<&'t str>;
 
 /// Whether the stored row is the one `condition` assumed: no row and no tombstone passes (an
-/// insert); a row or a tombstone with nothing assumed is a conflict; a tombstone passes a delete
-/// that assumed it deleted (an upsert is a conflict: ids of deleted documents are not reused);
+/// insert); a row or a tombstone with nothing assumed is a conflict; a tombstone passes a change
+/// that assumed it deleted (a delete writes nothing, an upsert brings the document back, as
+/// RxDB's own server does);
 /// a live row passes when the writer assumed it live and every compared column holds the value
 /// assumed (a column missing on either side reads as null).
-pub fn verdict(condition: &WriteCondition, row: &RowState, op: Op, column_type: ColumnType<'_, '_>) -> Verdict {
+pub fn verdict(condition: &WriteCondition, row: &RowState, column_type: ColumnType<'_, '_>) -> Verdict {
     let pass = match (&row.values, &row.deleted, &condition.assumed) {
         (None, None, _) => true,
         (_, _, None) => false,
         (Some(values), _, Some(assumed)) => !condition.assumed_deleted && compared_equal(condition, values, assumed, column_type),
-        (None, Some(_), Some(_)) => condition.assumed_deleted && op == Op::Delete,
+        (None, Some(_), Some(_)) => condition.assumed_deleted,
     };
     if pass {
         Verdict::Pass
@@ -73,7 +74,8 @@ pub fn decide(condition: &WriteCondition, row: &RowState, change: &Incoming<'_>,
     if condition.merge {
         return merged(condition, row, change, policy, column_type);
     }
-    match verdict(condition, row, change.op, column_type) {
+    match verdict(condition, row, column_type) {
+        Verdict::Pass if is_revival(row, change.op) => revival(change),
         Verdict::Pass => {
             let fields = changed_fields(change.fields, row.values.as_ref(), column_type);
             let seen = Incoming { fields: &fields, base_version: row.version, ..change.clone() };
@@ -89,7 +91,11 @@ pub fn decide(condition: &WriteCondition, row: &RowState, change: &Incoming<'_>,
 /// the condition holds.
 fn merged(condition: &WriteCondition, row: &RowState, change: &Incoming<'_>, policy: MergePolicy, column_type: ColumnType<'_, '_>) -> Decision {
     let (Some(stored), Op::Upsert) = (&row.values, change.op) else {
-        let base_version = if verdict(condition, row, change.op, column_type) == Verdict::Pass { row.version } else { 0 };
+        let pass = verdict(condition, row, column_type) == Verdict::Pass;
+        if pass && is_revival(row, change.op) {
+            return revival(change);
+        }
+        let base_version = if pass { row.version } else { 0 };
         return merge::decide(row, &Incoming { base_version, ..change.clone() }, policy);
     };
     let fields = changed_fields(change.fields, Some(stored), column_type);
@@ -106,6 +112,17 @@ fn merged(condition: &WriteCondition, row: &RowState, change: &Incoming<'_>, pol
         return unseen_decision;
     }
     combine(seen_decision, unseen_decision)
+}
+
+/// An upsert on a tombstone its writer saw.
+fn is_revival(row: &RowState, op: Op) -> bool {
+    op == Op::Upsert && row.values.is_none() && row.deleted.is_some()
+}
+
+/// The document written anew over its tombstone: every field it names (the merge alone would
+/// refuse it, since a native device must re-create a deleted row under a new key).
+fn revival(change: &Incoming<'_>) -> Decision {
+    Decision { status: ChangeStatus::Applied, effect: Effect::Write(change.fields.clone()), lost_fields: Vec::new(), conflicts: Vec::new(), rejection: None }
 }
 
 /// Two decisions on disjoint fields of one row as one.
@@ -333,8 +350,11 @@ mod tests {
             let d = decide_with(&cond, &tomb, &delete);
             assert_eq!((d.status, d.effect, d.conflicts.len()), (ChangeStatus::Conflict, Effect::Nothing, 0));
         }
-        // An upsert is always a conflict, the delete winning every field.
-        for cond in [condition(None, false), condition(Some(json!({"name": "Tea"})), true), condition(Some(json!({"name": "Tea"})), false)] {
+        // An upsert that saw the tombstone brings the document back, with every field it names.
+        let d = decide_with(&condition(Some(json!({"name": "Tea"})), true), &tomb, &upsert(&fields));
+        assert_eq!((d.status, d.effect.clone(), d.conflicts.len()), (ChangeStatus::Applied, Effect::Write(fields.clone()), 0));
+        // One that did not is a conflict, the delete winning every field.
+        for cond in [condition(None, false), condition(Some(json!({"name": "Tea"})), false)] {
             let d = decide_with(&cond, &tomb, &upsert(&fields));
             assert_eq!((d.status, d.effect.clone()), (ChangeStatus::Conflict, Effect::Nothing));
             assert_eq!(d.conflicts.len(), 1);
@@ -381,7 +401,7 @@ mod tests {
             let row = RowState { values: Some(values.clone()), version: 5, clocks: Default::default(), deleted: None };
             let change = upsert(&fields);
             let same = WriteCondition { assumed: Some(values.clone()), assumed_deleted: false, compared: compared.clone(), merge: false };
-            prop_assert_eq!(verdict(&same, &row, Op::Upsert, &loose), Verdict::Pass);
+            prop_assert_eq!(verdict(&same, &row, &loose), Verdict::Pass);
             let d = decide(&same, &row, &change, MergePolicy::Lww, &loose);
             prop_assert_eq!(d.status, ChangeStatus::Applied);
             let changed = changed_fields(&fields, Some(&values), &loose);
@@ -391,7 +411,7 @@ mod tests {
             assumed.insert(column.to_string(), other.clone());
             let differs = value_of(&values, column) != &other;
             let cond = WriteCondition { assumed: Some(assumed), assumed_deleted: false, compared, merge: false };
-            prop_assert_eq!(verdict(&cond, &row, Op::Upsert, &loose) == Verdict::Conflict, differs);
+            prop_assert_eq!(verdict(&cond, &row, &loose) == Verdict::Conflict, differs);
             if differs {
                 let d = decide(&cond, &row, &change, MergePolicy::Lww, &loose);
                 prop_assert_eq!(d.effect, Effect::Nothing);

@@ -228,6 +228,8 @@ fn decide_delete(row: &RowState, change: &Incoming<'_>) -> Decision {
 pub fn advance(row: &mut RowState, decision: &Decision, clock: &FieldClock, version: u64, written: Option<Object>) {
     match &decision.effect {
         Effect::Write(fields) => {
+            // Written over a tombstone (a conditional write that saw the delete): alive again.
+            row.deleted = None;
             for field in fields.keys() {
                 row.clocks.insert(field.clone(), FieldClock { version, ..clock.clone() });
             }
