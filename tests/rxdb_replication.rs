@@ -798,3 +798,67 @@ async fn a_socket_without_auth_is_closed_and_a_url_token_needs_none() {
     rx.exit().await;
     hub.shutdown().await;
 }
+
+/// A socket that stops reading: once more than `session_outbound_budget_bytes` it has not
+/// confirmed (by pongs) are out, its live changes are withheld rather than buffered, and when it
+/// has read its backlog it is told `RESYNC`, so that its next pull brings what it missed.
+#[actix_web::test]
+async fn a_reader_that_falls_behind_is_told_to_resync() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let url = fresh_database().await;
+    let db = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::raw_sql(ITEMS_SQL).execute(&db).await.unwrap();
+    db.close().await;
+    let hub = TestHub::start_on(url, |config| {
+        register_items(config);
+        config.session_outbound_budget_bytes = 16 * 1024;
+        config.ping_every_bytes = 4 * 1024;
+    })
+    .await;
+    let (mut reader, _) = tokio_tungstenite::connect_async(format!("{}?token={}", rxdb_url(&hub), device_token(TENANT, "rx-slow"))).await.unwrap();
+    let request = |id: &str, method: &str, params: Value| Message::text(json!({"id": id, "collection": "items", "method": method, "params": params}).to_string());
+    reader.send(request("stream", "masterChangeStream$", json!([]))).await.unwrap();
+    reader.send(request("p1", "masterChangesSince", json!([null, 10]))).await.unwrap();
+    loop {
+        let Message::Text(text) = reader.next().await.unwrap().unwrap() else { continue };
+        if serde_json::from_str::<Value>(&text).unwrap()["id"] == json!("p1") {
+            break; // covered from here on: live changes stream
+        }
+    }
+
+    // The reader stops reading while a device writes 300 rows of about 300 bytes each.
+    let mut device = Client::connect(hub.addr, Encoding::Json).await;
+    device.hello(&device_token(TENANT, "pos-1"), Some("pos-1"), None).await;
+    device.until_up_to_date().await;
+    let filler = "x".repeat(200);
+    for batch in 0..30u64 {
+        let changes = (0..10u64)
+            .map(|i| {
+                let n = batch * 10 + i;
+                upsert("items", json!({"id": format!("s{n:03}")}), json!({"price": 1, "at": "2025-01-02T03:04:05.678Z", "done": false, "note": filler, "meta": {}, "qty": n}), n + 1, now_ms(), 0)
+            })
+            .collect();
+        device.push(changes).await;
+    }
+
+    // Reading again: what was sent before the budget ran out, then RESYNC.
+    let mut streamed = 0;
+    let resync = tokio::time::timeout(WAIT, async {
+        while let Some(Ok(message)) = reader.next().await {
+            let Message::Text(text) = message else { continue };
+            let event: Value = serde_json::from_str(&text).unwrap();
+            match &event["result"] {
+                Value::String(s) if s == "RESYNC" => return true,
+                result => streamed += result["documents"].as_array().map_or(0, Vec::len),
+            }
+        }
+        false
+    })
+    .await
+    .expect("RESYNC within the wait");
+    assert!(resync, "the socket was told to pull again");
+    assert!(streamed < 300, "the live changes past the budget were withheld, not buffered ({streamed} streamed)");
+    hub.shutdown().await;
+}
