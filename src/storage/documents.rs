@@ -13,7 +13,7 @@ use sqlx::{PgConnection, Row};
 
 use super::as_written::keep_as_written;
 use super::catalog::TableSchema;
-use super::log::{delta_columns, delta_of_entry};
+use super::log::{delta_columns, delta_of_entry, row_versions_by_key};
 use super::Store;
 use crate::error::{Error, Result};
 use crate::ids::{Seq, TenantId};
@@ -94,10 +94,13 @@ const CHANGED_RESTRICTED_SQL: &str =
 
 /// The latest log image of rows of a table: `$1` tenant, `$2` table, `$3` keys (jsonb[]).
 /// Past a trim of the log, the image its last entry had, kept in `row_versions.last_values`.
-const LATEST_IMAGES_SQL: &str = "select v.pk, coalesce(l.new_row::jsonb, v.last_values) from synchub.row_versions v \
-     left join synchub.change_log l on l.tenant_id = $1 and l.seq = v.version \
-     where v.tenant_id = $1 and v.table_name = $2 and v.pk_text = any($3::jsonb[]::text[]) and v.deleted is null \
-     and coalesce(l.new_row::jsonb, v.last_values) is not null";
+/// Each key is looked up on its own (`ROW_VERSIONS_BY_KEY`).
+const LATEST_IMAGES_SQL: &str = concat!(
+    "select v.pk, coalesce(l.new_row::jsonb, v.last_values) from unnest($3::jsonb[]) k(pk) ",
+    row_versions_by_key!(),
+    " left join synchub.change_log l on l.tenant_id = $1 and l.seq = v.version \
+     where v.deleted is null and coalesce(l.new_row::jsonb, v.last_values) is not null"
+);
 
 impl Store {
     /// Rows of `table` changed after `after` (only this table's entries), each once at its latest

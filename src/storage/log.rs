@@ -174,15 +174,27 @@ pub(super) fn delta_of_entry(r: &sqlx::postgres::PgRow) -> Delta {
     }
 }
 
+/// The `row_versions` rows (as `v`) of the keys `k(pk)` of tenant `$1`'s table `$2`, each looked
+/// up by its own descent of the primary key. A list of keys (`pk_text = any(...)`) lets the
+/// planner scan the tenant's whole table instead when it expects few rows under the tenant and
+/// table, as it does before Postgres has statistics (a new database, a new tenant's first
+/// load): 237 ms a page of 100 against 0.9 ms at 5,000 rows. `offset 0` keeps each lookup its
+/// own subquery.
+macro_rules! row_versions_by_key {
+    () => {
+        "cross join lateral (select * from synchub.row_versions v where v.tenant_id = $1 and v.table_name = $2 \
+         and v.pk_text = k.pk::text offset 0) v"
+    };
+}
+pub(super) use row_versions_by_key;
+
 /// The versions of rows of `table` by normalized key, in the order of `keys` (0 for a row never
 /// written through the log).
 pub(super) async fn row_versions(conn: &mut sqlx::PgConnection, tenant: &TenantId, table: &str, keys: &[Value]) -> Result<Vec<Seq>> {
     if keys.is_empty() {
         return Ok(Vec::new());
     }
-    let found: Vec<(Value, i64)> = sqlx::query_as(
-        "select pk, version from synchub.row_versions where tenant_id = $1 and table_name = $2 and pk_text = any($3::jsonb[]::text[])",
-    )
+    let found: Vec<(Value, i64)> = sqlx::query_as(concat!("select v.pk, v.version from unnest($3::jsonb[]) k(pk) ", row_versions_by_key!()))
     .bind(tenant.as_str())
     .bind(table)
     .bind(keys)
