@@ -96,7 +96,7 @@ const CHANGED_RESTRICTED_SQL: &str =
 /// Past a trim of the log, the image its last entry had, kept in `row_versions.last_values`.
 /// Each key is looked up on its own (`ROW_VERSIONS_BY_KEY`).
 const LATEST_IMAGES_SQL: &str = concat!(
-    "select v.pk, coalesce(l.new_row::jsonb, v.last_values) from unnest($3::jsonb[]) k(pk) ",
+    "select v.pk, coalesce(l.new_row::jsonb, v.last_values) ",
     row_versions_by_key!(),
     " left join synchub.change_log l on l.tenant_id = $1 and l.seq = v.version \
      where v.deleted is null and coalesce(l.new_row::jsonb, v.last_values) is not null"
