@@ -56,11 +56,20 @@ fn register_items(config: &mut Config) {
 }
 
 async fn items_hub() -> TestHub {
+    items_hub_with(|_| {}).await
+}
+
+/// A hub with `items`, configured further by `adjust`.
+async fn items_hub_with(adjust: impl FnOnce(&mut Config)) -> TestHub {
     let url = fresh_database().await;
     let db = sqlx::PgPool::connect(&url).await.unwrap();
     sqlx::raw_sql(ITEMS_SQL).execute(&db).await.unwrap();
     db.close().await;
-    TestHub::start_on(url, register_items).await
+    TestHub::start_on(url, |config| {
+        register_items(config);
+        adjust(config);
+    })
+    .await
 }
 
 fn rxdb_url(hub: &TestHub) -> String {
@@ -719,12 +728,7 @@ async fn a_refused_token_closes_the_socket_with_4001() {
 /// logged for review and neither client sees one; `/metrics` counts the RxDB traffic.
 #[actix_web::test]
 async fn a_server_merged_collection_keeps_both_clients_edits() {
-    let url = fresh_database().await;
-    let db = sqlx::PgPool::connect(&url).await.unwrap();
-    sqlx::raw_sql(ITEMS_SQL).execute(&db).await.unwrap();
-    db.close().await;
-    let hub = TestHub::start_on(url, |config| {
-        register_items(config);
+    let hub = items_hub_with(|config| {
         config.rxdb_collections[0].conflicts = RxdbConflicts::ServerMerge;
     })
     .await;
@@ -774,12 +778,7 @@ async fn a_server_merged_collection_keeps_both_clients_edits() {
 /// URL authenticates without one.
 #[actix_web::test]
 async fn a_socket_without_auth_is_closed_and_a_url_token_needs_none() {
-    let url = fresh_database().await;
-    let db = sqlx::PgPool::connect(&url).await.unwrap();
-    sqlx::raw_sql(ITEMS_SQL).execute(&db).await.unwrap();
-    db.close().await;
-    let hub = TestHub::start_on(url, |config| {
-        register_items(config);
+    let hub = items_hub_with(|config| {
         config.rxdb_auth_timeout_ms = 500;
     })
     .await;
@@ -807,12 +806,7 @@ async fn a_reader_that_falls_behind_is_told_to_resync() {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
 
-    let url = fresh_database().await;
-    let db = sqlx::PgPool::connect(&url).await.unwrap();
-    sqlx::raw_sql(ITEMS_SQL).execute(&db).await.unwrap();
-    db.close().await;
-    let hub = TestHub::start_on(url, |config| {
-        register_items(config);
+    let hub = items_hub_with(|config| {
         config.session_outbound_budget_bytes = 16 * 1024;
         config.ping_every_bytes = 4 * 1024;
     })
