@@ -14,10 +14,10 @@ use actix::prelude::*;
 use actix::WeakAddr;
 use actix_web_actors::ws;
 use bytestring::ByteString;
-use protocol::{CloseCode, ErrorCode, Hlc, Object, SessionMode};
+use protocol::{ChangeResult, CloseCode, ErrorCode, Hlc, Object, SessionMode};
 use serde_json::{json, Value};
 
-use super::collection::Collection;
+use super::collection::{Collection, DocumentProblem};
 use super::pull::{self, PullPlan, Pulled};
 use super::push::{self, RowOutcome};
 use super::stream::{Coverage, FrameVerdict};
@@ -154,7 +154,7 @@ impl RxdbSession {
         match method {
             Method::Auth(_) => {}
             Method::ChangeStream => {
-                if let Some(state) = self.collection(ctx, &request.collection) {
+                if let Some(state) = self.collection(&request.collection) {
                     state.streaming = true;
                 }
             }
@@ -170,7 +170,7 @@ impl RxdbSession {
 
     /// The collection's state on this socket, resolved on first use; `None` (logged and
     /// counted) when no synced table serves it.
-    fn collection(&mut self, _ctx: &mut ws::WebsocketContext<Self>, name: &str) -> Option<&mut CollectionState> {
+    fn collection(&mut self, name: &str) -> Option<&mut CollectionState> {
         if !self.collections.contains_key(name) {
             match Collection::resolve(name, &self.core.hub.config, &self.core.hub.store.catalog()) {
                 Ok(collection) => {
@@ -285,7 +285,7 @@ impl RxdbSession {
     // ---- pulls ----
 
     fn changes_since(&mut self, ctx: &mut ws::WebsocketContext<Self>, request: Request, checkpoint: Option<Value>, batch_size: u32) {
-        let Some(state) = self.collection(ctx, &request.collection) else {
+        let Some(state) = self.collection(&request.collection) else {
             // No table: nothing to pull, and the checkpoint stays where it was.
             return self.answer(ctx, &request, &json!({ "documents": [], "checkpoint": checkpoint }));
         };
@@ -362,7 +362,7 @@ impl RxdbSession {
         if self.closing {
             return self.write_unavailable(ctx, &request, &Error::ShuttingDown);
         }
-        let Some(state) = self.collection(ctx, &request.collection) else {
+        let Some(state) = self.collection(&request.collection) else {
             let err = Error::client(ErrorCode::UnknownTable, "no synced table serves this collection");
             return self.write_unavailable(ctx, &request, &err);
         };
@@ -385,53 +385,9 @@ impl RxdbSession {
         self.writes_in_flight += 1;
         self.core.hub.metrics.batches_pushed.fetch_add(inputs.len() as u64, Ordering::Relaxed);
         let work = async move {
-            let mut results = HashMap::new();
-            for (rows_of, input) in inputs {
-                let tenant = tenant.clone().ok_or(Error::ShuttingDown)?;
-                let answer = tenant.send(ApplyBatch { input }).await.map_err(|_| Error::ShuttingDown)??;
-                let committed = answer.await.map_err(|_| Error::ShuttingDown)??;
-                for result in committed {
-                    if let Some(row) = rows_of.get(&result.change_id) {
-                        results.insert(*row, result);
-                    }
-                }
-            }
-            let mut outcomes: Vec<(usize, RowOutcome)> = Vec::new();
-            for (index, result) in results {
-                outcomes.push((index, push::outcome(&collection, &rows[index], &result, view.as_deref())));
-            }
-            for (index, problem) in planned.refused {
-                tracing::debug!(%problem, "RxDB document refused");
-                outcomes.push((index, RowOutcome::LookUp(ErrorCode::InvalidValue)));
-            }
-            outcomes.sort_by_key(|(index, _)| *index);
-            let mut masters = Vec::new();
-            let mut refused = 0;
-            for (index, outcome) in outcomes {
-                match outcome {
-                    RowOutcome::Written => {}
-                    RowOutcome::Master(doc) => masters.push(Value::Object(doc)),
-                    RowOutcome::LookUp(_) => {
-                        refused += 1;
-                        let doc = &rows[index].new_document_state;
-                        let current = match collection.key_of(doc) {
-                            Ok(key) => store.current_row(&tenant_id, &collection.table.name, &key).await?.0,
-                            Err(_) => None,
-                        };
-                        // What the rules hide is not shown, here either.
-                        let current = match (current, &view) {
-                            (Some(row), Some(view)) => view.visible_row(&collection.table.name, &row),
-                            (current, _) => current,
-                        };
-                        let master = match current {
-                            Some(row) => collection.document(&row, false),
-                            None => collection.refusal_tombstone(doc),
-                        };
-                        masters.push(Value::Object(master));
-                    }
-                }
-            }
-            Ok::<_, Error>((masters, refused))
+            let results = commit(tenant, inputs).await?;
+            let written = WrittenRows { store, tenant: tenant_id, collection, view, rows };
+            written.answer(results, planned.refused).await
         };
         ctx.spawn(work.into_actor(self).map(move |answer, session, ctx| {
             session.writes_in_flight -= 1;
@@ -590,6 +546,74 @@ impl RxdbSession {
             }
             self.resync(ctx, &name);
         }
+    }
+}
+
+/// Hand the batches to the tenant actor one after another and wait for each commit: the
+/// results by row index.
+async fn commit(tenant: Option<Addr<TenantActor>>, inputs: Vec<(HashMap<uuid::Uuid, usize>, BatchInput)>) -> Result<HashMap<usize, ChangeResult>, Error> {
+    let mut results = HashMap::new();
+    for (rows_of, input) in inputs {
+        let tenant = tenant.clone().ok_or(Error::ShuttingDown)?;
+        let answer = tenant.send(ApplyBatch { input }).await.map_err(|_| Error::ShuttingDown)??;
+        let committed = answer.await.map_err(|_| Error::ShuttingDown)??;
+        results.extend(committed.into_iter().filter_map(|result| Some((*rows_of.get(&result.change_id)?, result))));
+    }
+    Ok(results)
+}
+
+/// The rows of one `masterWrite` once committed, and what is needed to answer them.
+struct WrittenRows {
+    store: Arc<crate::storage::Store>,
+    tenant: crate::ids::TenantId,
+    collection: Arc<Collection>,
+    view: Option<Arc<AccessView>>,
+    rows: Vec<WriteRow>,
+}
+
+impl WrittenRows {
+    /// RxDB's answer, in row order: the master documents of the rows not written as asked; and
+    /// how many of those the hub refused for good.
+    async fn answer(&self, results: HashMap<usize, ChangeResult>, refused: Vec<(usize, DocumentProblem)>) -> Result<(Vec<Value>, usize), Error> {
+        let mut outcomes: Vec<(usize, RowOutcome)> =
+            results.into_iter().map(|(index, result)| (index, push::outcome(&self.collection, &self.rows[index], &result, self.view.as_deref()))).collect();
+        for (index, problem) in refused {
+            tracing::debug!(%problem, "RxDB document refused");
+            outcomes.push((index, RowOutcome::LookUp(ErrorCode::InvalidValue)));
+        }
+        outcomes.sort_by_key(|(index, _)| *index);
+        let mut masters = Vec::new();
+        let mut refused = 0;
+        for (index, outcome) in outcomes {
+            match outcome {
+                RowOutcome::Written => {}
+                RowOutcome::Master(doc) => masters.push(Value::Object(doc)),
+                RowOutcome::LookUp(_) => {
+                    refused += 1;
+                    masters.push(Value::Object(self.current_or_tombstone(&self.rows[index].new_document_state).await?));
+                }
+            }
+        }
+        Ok((masters, refused))
+    }
+
+    /// For a document refused for good: the stored one as the writer may see it, or a tombstone
+    /// of the writer's when there is none.
+    async fn current_or_tombstone(&self, doc: &Object) -> Result<Object, Error> {
+        let table = &self.collection.table.name;
+        let current = match self.collection.key_of(doc) {
+            Ok(key) => self.store.current_row(&self.tenant, table, &key).await?.0,
+            Err(_) => None,
+        };
+        // What the rules hide is not shown, here either.
+        let current = match (current, &self.view) {
+            (Some(row), Some(view)) => view.visible_row(table, &row),
+            (current, _) => current,
+        };
+        Ok(match current {
+            Some(row) => self.collection.document(&row, false),
+            None => self.collection.refusal_tombstone(doc),
+        })
     }
 }
 
