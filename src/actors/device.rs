@@ -23,7 +23,7 @@ use protocol::{
 use uuid::Uuid;
 
 use super::messages::{
-    ApplyBatch, Encoded, LiveFrame, Notice, RecentLog, RefreshToken, SessionControl, SharedFrame, Subscribe, Unsubscribe, Watch, NO_SUCH_SESSION,
+    ApplyBatch, Encoded, LiveFrame, Notice, RefreshToken, SessionControl, SharedFrame, Subscribe, Unsubscribe, Watch, NO_SUCH_SESSION,
 };
 use super::sweep::{unix_ms, SessionAddr};
 use super::tenant::TenantActor;
@@ -34,30 +34,13 @@ use crate::limits::Bucket;
 use crate::ids::{id_problem, DeviceId, Seq, DASHBOARD_DEVICE_PREFIX};
 use crate::server::Hub;
 use crate::storage::apply::BatchInput;
+use crate::transport::follow::{read_after, StreamRead};
 use crate::transport::fragments::Fragments;
 use crate::transport::socket::{Inbound, SocketCore};
 use crate::storage::log::TenantHead;
 use crate::storage::subscriptions::SnapshotRefusal;
 use crate::sync::views::subscription_view;
 use crate::sync::batch::check_batch;
-
-/// Where a catch-up page was read: the tenant actor's memory (shared frames) or Postgres.
-enum CatchUpRead {
-    Memory(Vec<Arc<SharedFrame>>),
-    Log(Vec<Delta>),
-}
-
-impl CatchUpRead {
-    /// The page's deltas: at most `limit` entries after `after`, in seq order.
-    fn page(&self, after: Seq, limit: u32) -> Vec<&Delta> {
-        match self {
-            CatchUpRead::Memory(frames) => {
-                frames.iter().flat_map(|f| f.deltas.iter()).filter(|d| d.seq > after).take(limit as usize).collect()
-            }
-            CatchUpRead::Log(deltas) => deltas.iter().take(limit as usize).collect(),
-        }
-    }
-}
 
 /// A `catch_up` page of the deltas in `frames` with seqs in `(after, upto]`, copied out of
 /// the frames' encodings (for a session that sees every delta as it is).
@@ -901,15 +884,7 @@ impl DeviceSession {
         let (tenant, actor) = (auth.identity.tenant.clone(), auth.tenant.upgrade());
         let after = self.position;
         let page = self.core.hub.config.catch_up_page_changes;
-        let read = async move {
-            // The tenant actor's memory first; Postgres when it does not reach back that far.
-            if let Some(actor) = actor {
-                if let Ok(Some((frames, head))) = actor.send(RecentLog { after, limit: page }).await {
-                    return Ok((CatchUpRead::Memory(frames), head));
-                }
-            }
-            store.read_log(&tenant, after, None, page).await.map(|read| (CatchUpRead::Log(read.deltas), read.head_seq))
-        };
+        let read = async move { read_after(&store, &tenant, actor, after, page).await };
         ctx.spawn(read.into_actor(self).map(move |result, session, ctx| {
             session.catch_up_running = false;
             let (read, head) = match result {
@@ -925,12 +900,12 @@ impl DeviceSession {
             // after `after` while the head is past it met entries trimmed away since hello
             // (the floor the session was checked against is the tenant actor's, read at its start).
             let first = deltas.first().map_or(head + 1, |d| d.seq);
-            if session.mode == SessionMode::Device && matches!(read, CatchUpRead::Log(_)) && after < head && first > after + 1 {
+            if session.mode == SessionMode::Device && matches!(read, StreamRead::Log(_)) && after < head && first > after + 1 {
                 return session.must_resync(ctx, head, ErrorCode::PositionTooOld);
             }
             let exhausted = (deltas.len() as u32) < page;
             if let Some(last) = deltas.last().map(|d| d.seq) {
-                let from_memory = matches!(read, CatchUpRead::Memory(_));
+                let from_memory = matches!(read, StreamRead::Memory(_));
                 let pages = if from_memory { &session.core.hub.metrics.catch_up_pages_from_memory } else { &session.core.hub.metrics.catch_up_pages };
                 pages.fetch_add(1, Ordering::Relaxed);
                 if session.mode == SessionMode::Device && last > session.device_after {
@@ -945,7 +920,7 @@ impl DeviceSession {
                     if !visible.is_empty() {
                         let encoded = match (&read, &view) {
                             // Cut from the frames' own encoding: no delta encoded per session.
-                            (CatchUpRead::Memory(frames), None) => spliced_page(frames, session.encoding, after.max(device_after), last, head),
+                            (StreamRead::Memory(frames), None) => spliced_page(frames, session.encoding, after.max(device_after), last, head),
                             // Encoded from the deltas where they are kept: no copy per session.
                             _ => {
                                 let page = CatchUpRef { deltas: visible.iter().map(|d| d.as_ref()).collect(), seq: last, head_seq: head };
@@ -1237,6 +1212,8 @@ impl Handler<Notice> for DeviceSession {
                     }
                 }
             }
+            // Native sessions join no topics.
+            Notice::Topic(_) => {}
         }
     }
 }
