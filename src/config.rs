@@ -88,6 +88,27 @@ pub enum RxdbConflicts {
     ServerMerge,
 }
 
+/// Who may join private Supabase channels (`[[supabase_private_channels]]`): channels whose name
+/// starts with `prefix` (empty: every name), for tokens whose role is one of `roles` (`"*"`:
+/// any role). The first rule whose prefix matches decides.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivateChannelRule {
+    #[serde(default)]
+    pub prefix: String,
+    pub roles: Vec<String>,
+}
+
+impl Config {
+    /// Whether `role` may join the private channel `name`.
+    pub fn may_join_private(&self, name: &str, role: &str) -> bool {
+        self.supabase_private_channels
+            .iter()
+            .find(|rule| name.starts_with(&rule.prefix))
+            .is_some_and(|rule| rule.roles.iter().any(|r| r == "*" || r == role))
+    }
+}
+
 /// An RxDB collection served at `/rxdb/v1` (`[[rxdb_collections]]`). A collection without an
 /// entry is the synced table of its name, with every column but the tenant column.
 #[derive(Debug, Clone, Deserialize)]
@@ -328,6 +349,26 @@ pub struct Config {
     /// is sent `RESYNC` once the pull is answered. Default 256.
     pub rxdb_held_frames: usize,
 
+    // ---- Supabase Realtime (`/realtime/v1`) ----
+    /// Channels one Supabase socket may join at once. Default 100; one more is refused
+    /// `ChannelRateLimitReached`.
+    pub supabase_max_channels_per_socket: usize,
+    /// Joins a Supabase socket may make per second (burst the same). Default 100; more are
+    /// refused `ClientJoinRateLimitReached`.
+    pub supabase_joins_per_second: u32,
+    /// Broadcasts and presence updates a Supabase socket may send per second (burst the same).
+    /// Default 100; more are refused (`ack`: `ClientMessageRateLimitReached`) or dropped.
+    pub supabase_messages_per_second: u32,
+    /// Requests a Supabase socket may have in flight (joins whose snapshot or catch-up is
+    /// read, pushes awaiting the tenant). Default 32; more are refused.
+    pub supabase_pending_requests: usize,
+    /// The public channel whose presence also lists the tenant's hub sessions (native devices,
+    /// dashboards, RxDB and Supabase sockets). Default `"sessions"`; empty turns it off.
+    pub supabase_sessions_channel: Option<String>,
+    /// `[[supabase_private_channels]]`: who may join private channels (`config.private`).
+    /// Default none: private joins are refused.
+    pub supabase_private_channels: Vec<PrivateChannelRule>,
+
     // ---- roles and rules ----
     /// `[[rules]]`: per table and role, read/write access, a row restriction to a claim, and
     /// hidden columns (see [`crate::rules`]). Default none: every role reads and writes
@@ -415,6 +456,12 @@ impl Default for Config {
             rxdb_pending_requests: 256,
             rxdb_max_pull_documents: 1000,
             rxdb_held_frames: 256,
+            supabase_max_channels_per_socket: 100,
+            supabase_joins_per_second: 100,
+            supabase_messages_per_second: 100,
+            supabase_pending_requests: 32,
+            supabase_sessions_channel: Some("sessions".into()),
+            supabase_private_channels: Vec::new(),
             rules: Vec::new(),
             row_level_security: true,
         }
@@ -478,6 +525,10 @@ impl Config {
             ("rxdb_pending_requests", self.rxdb_pending_requests as u64),
             ("rxdb_max_pull_documents", self.rxdb_max_pull_documents as u64),
             ("rxdb_held_frames", self.rxdb_held_frames as u64),
+            ("supabase_max_channels_per_socket", self.supabase_max_channels_per_socket as u64),
+            ("supabase_joins_per_second", self.supabase_joins_per_second as u64),
+            ("supabase_messages_per_second", self.supabase_messages_per_second as u64),
+            ("supabase_pending_requests", self.supabase_pending_requests as u64),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -489,6 +540,11 @@ impl Config {
         }
         if self.conflict_page_default > self.conflict_page_max {
             return Err(Error::Config("conflict_page_default must be at most conflict_page_max".into()));
+        }
+        for (i, rule) in self.supabase_private_channels.iter().enumerate() {
+            if rule.roles.is_empty() || rule.roles.iter().any(|r| r.is_empty()) {
+                return Err(Error::Config(format!("supabase_private_channels[{i}] needs roles (names, or \"*\" for any)")));
+            }
         }
         let mut collections = std::collections::HashSet::new();
         for collection in &self.rxdb_collections {

@@ -56,11 +56,14 @@ pub const DASHBOARD_DEVICE_PREFIX: &str = "dashboard:";
 /// `rxdb:<device>` writes an RxDB client's documents: the hub numbers its changes, so its
 /// cursor must not be shared with a native session of the same device.
 pub const RXDB_DEVICE_PREFIX: &str = "rxdb:";
+/// Supabase Realtime sockets: `supabase:<session id>`.
+pub const SUPABASE_DEVICE_PREFIX: &str = "supabase:";
 
 impl DeviceId {
     /// Whether the id is one the hub reserves for its own writers.
     pub fn is_reserved(id: &str) -> bool {
         id.starts_with(CONSOLE_DEVICE_PREFIX) || id.starts_with(DASHBOARD_DEVICE_PREFIX) || id.starts_with(RXDB_DEVICE_PREFIX)
+            || id.starts_with(SUPABASE_DEVICE_PREFIX)
     }
 }
 

@@ -74,6 +74,12 @@ pub struct Metrics {
     rxdb_requests: [AtomicU64; RXDB_METHODS.len()],
     rxdb_failures: [AtomicU64; RXDB_FAILURES.len()],
     pub rxdb_resyncs: AtomicU64,
+    /// Supabase Realtime (`/realtime/v1`): sockets started, joins asked, messages by kind, and
+    /// requests refused by reason.
+    pub supabase_sessions_opened: AtomicU64,
+    pub supabase_joins: AtomicU64,
+    supabase_messages: [AtomicU64; SUPABASE_MESSAGES.len()],
+    supabase_refusals: [AtomicU64; SUPABASE_REFUSALS.len()],
     errors: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -92,7 +98,44 @@ pub const RXDB_METHODS: [&str; 5] = ["auth", "masterChangeStream$", "masterChang
 ///   checkpoint given, then `RESYNC` once reads work again.
 pub const RXDB_FAILURES: [&str; 5] = ["malformed", "unknown_collection", "refused_write", "write_unavailable", "pull_unavailable"];
 
+/// Supabase messages as counted: `broadcast` and `presence` sent by clients,
+/// `broadcast_delivered` and `postgres_changes` sent to them, `rest_broadcast` through the REST API.
+pub const SUPABASE_MESSAGES: [&str; 5] = ["broadcast", "broadcast_delivered", "presence", "postgres_changes", "rest_broadcast"];
+
+/// Why a Supabase request was refused: the code of its `"Code: message"` reason (README:
+/// Supabase Realtime), `malformed` for a frame that could not be read, `other` for the rest.
+pub const SUPABASE_REFUSALS: [&str; 17] = [
+    "malformed",
+    "unmatched topic",
+    "TopicNameInvalid",
+    "InvalidJoinPayload",
+    "InvalidMessage",
+    "InvalidFilter",
+    "Unauthorized",
+    "RealtimeDisabledForConfiguration",
+    "ChannelRateLimitReached",
+    "ClientJoinRateLimitReached",
+    "ClientMessageRateLimitReached",
+    "ClientPresenceRateLimitReached",
+    "PayloadTooLarge",
+    "PayloadFormatNotSupported",
+    "SnapshotTooLarge",
+    "Unavailable",
+    "other",
+];
+
 impl Metrics {
+    pub fn supabase_messages(&self, kind: &str, n: u64) {
+        if let Some(i) = SUPABASE_MESSAGES.iter().position(|k| *k == kind) {
+            self.supabase_messages[i].fetch_add(n, Relaxed);
+        }
+    }
+
+    pub fn supabase_refusal(&self, code: &str) {
+        let i = SUPABASE_REFUSALS.iter().position(|k| *k == code).unwrap_or(SUPABASE_REFUSALS.len() - 1);
+        self.supabase_refusals[i].fetch_add(1, Relaxed);
+    }
+
     pub fn rxdb_request(&self, method: &str) {
         let i = RXDB_METHODS.iter().position(|m| *m == method).unwrap_or(RXDB_METHODS.len() - 1);
         self.rxdb_requests[i].fetch_add(1, Relaxed);
@@ -253,6 +296,12 @@ impl Metrics {
         metric("synchub_rxdb_requests_total", "counter", "RxDB requests, by method.", &requests);
         let failures: Vec<_> = RXDB_FAILURES.iter().zip(&self.rxdb_failures).map(|(k, n)| (format!("{{kind=\"{k}\"}}"), get(n))).collect();
         metric("synchub_rxdb_failures_total", "counter", "RxDB requests not served as asked, by kind (README: RxDB replication).", &failures);
+        metric("synchub_supabase_sessions_opened_total", "counter", "Supabase Realtime sockets started.", &one(get(&self.supabase_sessions_opened)));
+        metric("synchub_supabase_joins_total", "counter", "Supabase channel joins asked for.", &one(get(&self.supabase_joins)));
+        let messages: Vec<_> = SUPABASE_MESSAGES.iter().zip(&self.supabase_messages).map(|(k, n)| (format!("{{kind=\"{k}\"}}"), get(n))).collect();
+        metric("synchub_supabase_messages_total", "counter", "Supabase Realtime messages, by kind.", &messages);
+        let refusals: Vec<_> = SUPABASE_REFUSALS.iter().zip(&self.supabase_refusals).map(|(k, n)| (format!("{{reason=\"{k}\"}}"), get(n))).collect();
+        metric("synchub_supabase_refusals_total", "counter", "Supabase requests refused, by reason (README: Supabase Realtime).", &refusals);
         metric("synchub_rxdb_resyncs_total", "counter", "RESYNC events sent to RxDB clients (a gap, a slow reader, or a lost live stream).", &one(get(&self.rxdb_resyncs)));
         let errors: Vec<_> = self.errors.lock().unwrap().iter().map(|(c, n)| (format!("{{code=\"{c}\"}}"), *n as f64)).collect();
         metric("synchub_errors_total", "counter", "Error frames sent and rejected changes, by code.", &errors);

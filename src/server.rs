@@ -1,4 +1,4 @@
-//! The HTTP server: routes (`/v1/ws`, `/rxdb/v1`, `/healthz`, `/readyz`, `/metrics`, and the API of
+//! The HTTP server: routes (`/v1/ws`, `/rxdb/v1`, `/realtime/v1`, `/healthz`, `/readyz`, `/metrics`, and the API of
 //! [`crate::http`]), start-up of the hub's parts,
 //! the notification listener for other SQL writers, and the one graceful shutdown sequence:
 //! stop accepting → sessions finish in-flight pushes and close with going-away → stop.
@@ -100,6 +100,7 @@ pub async fn start(config: Config) -> Result<RunningHub> {
             .configure(|cfg| crate::http::routes(cfg, &app_config))
             .route("/v1/ws", web::get().to(crate::transport::ws::upgrade))
             .route("/rxdb/v1", web::get().to(crate::transport::rxdb::upgrade))
+            .configure(crate::transport::supabase::routes)
             .route("/healthz", web::get().to(|| async { HttpResponse::Ok().body("ok") }))
             .route("/readyz", web::get().to(readyz))
             .route("/metrics", web::get().to(metrics_text))
@@ -123,7 +124,7 @@ pub async fn start(config: Config) -> Result<RunningHub> {
     let server = server.run();
     let handle = server.handle();
     let server = tokio::spawn(server);
-    tracing::info!(%addr, "synchub listening; WebSocket at /v1/ws, RxDB replication at /rxdb/v1");
+    tracing::info!(%addr, "synchub listening; WebSocket at /v1/ws, RxDB replication at /rxdb/v1, Supabase Realtime at /realtime/v1");
     let session_clock = tokio::spawn(sweep::run(hub.clone()));
     Ok(RunningHub { addr, hub, handle, server, listener, session_clock, arbiters })
 }

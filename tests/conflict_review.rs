@@ -627,7 +627,7 @@ async fn broadcast_reaches_every_session_of_the_tenant() {
     for dev in [&mut one.c, &mut two.c] {
         let (channel, got) = dev
             .expect(|f| match f {
-                ServerFrame::Broadcast { channel, payload } => Some((channel.clone(), payload.clone())),
+                ServerFrame::Broadcast { channel, payload, .. } => Some((channel.clone(), payload.clone())),
                 _ => None,
             })
             .await;

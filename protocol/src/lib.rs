@@ -441,8 +441,14 @@ pub enum ServerFrame {
     Conflict { sub: String, event: ConflictEvent, conflict: Box<ConflictRecord>, open: u64 },
     /// Reply to `unsubscribe`.
     Unsubscribed { id: RequestId, sub: String },
-    /// An ephemeral message to every session of the tenant; never stored.
-    Broadcast { channel: String, payload: Value },
+    /// An ephemeral message to every session of the tenant; never stored. `event` names what
+    /// it is, when the sender said (a Supabase client's broadcast always does).
+    Broadcast {
+        channel: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        event: Option<String>,
+        payload: Value,
+    },
     Error {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<RequestId>,

@@ -109,7 +109,12 @@ enum ServerFrameTypeFirst {
     PresenceDiff { sub: String, joins: Vec<PresenceEntry>, leaves: Vec<PresenceEntry> },
     Conflict { sub: String, event: ConflictEvent, conflict: Box<ConflictRecord>, open: u64 },
     Unsubscribed { id: RequestId, sub: String },
-    Broadcast { channel: String, payload: Value },
+    Broadcast {
+        channel: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        event: Option<String>,
+        payload: Value,
+    },
     Error {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<RequestId>,

@@ -69,13 +69,75 @@ pub struct RecentLog {
     pub limit: u32,
 }
 
-/// An ephemeral message for every session of the tenant (never stored). Answers how many
-/// sessions it was handed to.
+/// An ephemeral message on a channel of the tenant (never stored): native sessions get every
+/// public one, sessions that joined the channel as a topic get it as the topic's broadcast.
+/// Answers how many sessions it was handed to.
 #[derive(Message)]
 #[rtype(result = "usize")]
 pub struct Broadcast {
     pub channel: String,
+    /// What the message is, as the sender named it (Supabase clients always do).
+    pub event: Option<String>,
     pub payload: serde_json::Value,
+    /// A private topic's message reaches only sessions that joined it as private.
+    pub private: bool,
+    /// The sending session, left out unless it asked for its own broadcasts.
+    pub from: Option<SessionId>,
+}
+
+/// A channel of the tenant that sessions join by name (Supabase Realtime's channels). A private
+/// and a public channel of the same name are two topics.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Topic {
+    pub name: Arc<str>,
+    pub private: bool,
+}
+
+/// A session joins a topic: it receives the topic's broadcasts (its own too when
+/// `receive_own`) and, with `presence`, the topic's presence state and then its diffs.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct JoinTopic {
+    pub session: SessionId,
+    pub topic: Topic,
+    pub receive_own: bool,
+    pub presence: bool,
+}
+
+/// A session leaves a topic; what it tracked there leaves with it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LeaveTopic {
+    pub session: SessionId,
+    pub topic: Topic,
+}
+
+/// A session shows itself on a topic's presence under `key` with `meta` (replacing what it
+/// tracked there before), or, with `meta: None`, stops showing itself.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Track {
+    pub session: SessionId,
+    pub topic: Topic,
+    pub key: Arc<str>,
+    pub meta: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// An event of a topic for the sessions that joined it, with its payload rendered once.
+pub struct TopicEvent {
+    pub topic: Topic,
+    pub kind: TopicEventKind,
+    /// A session that must not receive it (a sender that did not ask for its own broadcasts).
+    pub skip: Option<SessionId>,
+}
+
+pub enum TopicEventKind {
+    /// `event` and its JSON payload (as the sender gave it).
+    Broadcast { event: Arc<str>, payload: Arc<str> },
+    /// The whole presence of the topic, `{key: {metas: [...]}}` as JSON.
+    PresenceState(Arc<str>),
+    /// `{joins: {...}, leaves: {...}}` as JSON.
+    PresenceDiff(Arc<str>),
 }
 
 /// Tenant-wide events for sessions, besides the change stream.
@@ -89,6 +151,8 @@ pub enum Notice {
     PresenceDiff { joins: Arc<Vec<PresenceEntry>>, leaves: Arc<Vec<PresenceEntry>> },
     /// Conflicts opened or resolved by one commit, and the tenant's open count after it.
     Conflicts(Arc<ConflictNews>),
+    /// An event of a topic the session joined.
+    Topic(Arc<TopicEvent>),
 }
 
 pub struct ConflictNews {
@@ -165,6 +229,8 @@ pub struct SharedFrame {
     /// The device every delta of this frame came from; `None` for other SQL writers.
     pub origin: Option<String>,
     pub deltas: Vec<Delta>,
+    /// When the hub published the frame, Unix ms (Supabase's `commit_timestamp`).
+    published_ms: u64,
     json: OnceLock<(ByteString, Vec<Range<usize>>)>,
     msgpack: OnceLock<(Bytes, Vec<Range<usize>>)>,
     /// Renderings for other wire protocols (e.g. an RxDB collection's documents), by the
@@ -232,7 +298,12 @@ impl SharedFrame {
     fn new(after: Seq, deltas: Vec<Delta>) -> SharedFrame {
         let seq = deltas.last().map_or(after, |d| d.seq);
         let origin = deltas.first().and_then(|d| d.origin.clone());
-        SharedFrame { after, seq, origin, deltas, json: OnceLock::new(), msgpack: OnceLock::new(), adapted: Mutex::new(Vec::new()) }
+        let published_ms = super::sweep::unix_ms();
+        SharedFrame { after, seq, origin, deltas, published_ms, json: OnceLock::new(), msgpack: OnceLock::new(), adapted: Mutex::new(Vec::new()) }
+    }
+
+    pub fn published_ms(&self) -> u64 {
+        self.published_ms
     }
 
     /// The frame as an adapter renders it under `key`, rendered on first use (`None`: the

@@ -4,3 +4,4 @@ pub mod messages;
 pub mod registry;
 pub mod sweep;
 pub mod tenant;
+pub mod topics;

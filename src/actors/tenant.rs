@@ -12,9 +12,10 @@ use protocol::{ChangeResult, Channel, ConflictEvent, Delta, PresenceEntry, Sessi
 use tokio::sync::oneshot;
 
 use super::messages::{
-    ApplyBatch, Broadcast, ConflictNews, LiveFrame, LogAppended, Notice, RecentLog, SessionControl, SharedFrame, SharedServerFrame, Subscribe,
-    Unsubscribe, Watch,
+    ApplyBatch, Broadcast, ConflictNews, JoinTopic, LeaveTopic, LiveFrame, LogAppended, Notice, RecentLog, SessionControl, SharedFrame,
+    SharedServerFrame, Subscribe, Topic, TopicEventKind, Track, Unsubscribe, Watch,
 };
+use super::topics::{Deliveries, Topics};
 use super::registry::TenantRegistry;
 use super::sweep::SessionHandle;
 use crate::config::Config;
@@ -35,6 +36,8 @@ const LOG_REREAD_EVERY: Duration = Duration::from_secs(5);
 
 struct Subscriber {
     device: DeviceId,
+    /// A native protocol session (it takes native broadcast frames).
+    native: bool,
     /// Replaced by a newer exclusive session of the same device.
     exclusive: bool,
     /// The session's mailbox, shared with the session clock.
@@ -105,6 +108,8 @@ pub struct TenantActor {
     /// The log grew while a read was under way: read again after it.
     log_dirty: bool,
     last_activity: Instant,
+    /// Channels joined by name (Supabase Realtime): members, broadcasts, presence.
+    topics: Topics,
 }
 
 impl TenantActor {
@@ -118,7 +123,6 @@ impl TenantActor {
         TenantActor {
             tenant,
             store,
-            config,
             metrics,
             registry,
             sessions: HashMap::new(),
@@ -137,6 +141,8 @@ impl TenantActor {
             last_log_read: Instant::now(),
             log_dirty: false,
             last_activity: Instant::now(),
+            topics: Topics::new(config.supabase_sessions_channel.as_deref().filter(|c| !c.is_empty()).map(Arc::from)),
+            config,
         }
     }
 
@@ -299,8 +305,27 @@ impl TenantActor {
 
     /// Forget sessions and tell presence watchers they left.
     fn remove_sessions(&mut self, ids: impl IntoIterator<Item = SessionId>) {
-        let leaves: Vec<PresenceEntry> = ids.into_iter().filter_map(|id| Some(self.sessions.remove(&id)?.presence(id))).collect();
+        let mut leaves = Vec::new();
+        for id in ids {
+            let Some(gone) = self.sessions.remove(&id) else { continue };
+            leaves.push(gone.presence(id));
+            let deliveries = self.topics.remove_session(id);
+            self.deliver_topic_events(deliveries);
+        }
         self.announce_presence(Vec::new(), leaves);
+    }
+
+    /// Hand topic events to their sessions. A presence event that does not fit a mailbox makes
+    /// that member's presence stale (the whole state follows on a tick); a broadcast that does
+    /// not fit is missed, as broadcasts are.
+    fn deliver_topic_events(&mut self, deliveries: Deliveries) {
+        for (id, event) in deliveries {
+            let Some(sub) = self.sessions.get(&id) else { continue };
+            let presence = !matches!(event.kind, TopicEventKind::Broadcast { .. });
+            if sub.link.session.try_notice(Notice::Topic(event.clone())).is_err() && presence {
+                self.topics.mark_stale(id, &event.topic);
+            }
+        }
     }
 
     fn presence_list(&self) -> Arc<Vec<PresenceEntry>> {
@@ -313,6 +338,8 @@ impl TenantActor {
         if joins.is_empty() && leaves.is_empty() {
             return;
         }
+        let deliveries = self.topics.sessions_changed(&joins, &leaves);
+        self.deliver_topic_events(deliveries);
         let (joins, leaves) = (Arc::new(joins), Arc::new(leaves));
         for sub in self.sessions.values_mut().filter(|s| s.watches_presence && !s.presence_stale) {
             let notice = Notice::PresenceDiff { joins: joins.clone(), leaves: leaves.clone() };
@@ -324,6 +351,9 @@ impl TenantActor {
 
     /// Watchers that missed a diff get the whole list again.
     fn refresh_stale_presence(&mut self) {
+        let sessions = &self.sessions;
+        let deliveries = self.topics.refresh_stale(|| sessions.iter().map(|(id, s)| s.presence(*id)).collect());
+        self.deliver_topic_events(deliveries);
         if !self.sessions.values().any(|s| s.presence_stale) {
             return;
         }
@@ -585,6 +615,7 @@ impl Handler<Subscribe> for TenantActor {
         }
         self.remove_sessions(replaced);
         let subscriber = Subscriber {
+            native: matches!(msg.link.session, super::sweep::SessionAddr::Native(_)),
             device: msg.device,
             exclusive: msg.exclusive,
             link: msg.link,
@@ -635,10 +666,60 @@ impl Handler<Watch> for TenantActor {
 impl Handler<Broadcast> for TenantActor {
     type Result = usize;
 
+    /// Native sessions get every public broadcast of the tenant (protocol §13.4); sessions
+    /// that joined the channel as a topic get it as the topic's event. Ephemeral: a session
+    /// whose mailbox is full misses it.
     fn handle(&mut self, msg: Broadcast, _ctx: &mut Context<Self>) -> usize {
-        let frame = Arc::new(SharedServerFrame::new(protocol::ServerFrame::Broadcast { channel: msg.channel, payload: msg.payload }));
-        // Ephemeral: a session whose mailbox is full misses it.
-        self.sessions.values().filter(|s| s.link.session.try_notice(Notice::Broadcast(frame.clone())).is_ok()).count()
+        let topic = Topic { name: Arc::from(msg.channel.as_str()), private: msg.private };
+        let event = msg.event.as_deref().unwrap_or("broadcast");
+        let deliveries = self.topics.broadcast(&topic, event, &msg.payload, msg.from);
+        let mut reached = deliveries.len();
+        self.deliver_topic_events(deliveries);
+        if !msg.private {
+            let frame = protocol::ServerFrame::Broadcast { channel: msg.channel, event: msg.event, payload: msg.payload };
+            let frame = Arc::new(SharedServerFrame::new(frame));
+            reached += self
+                .sessions
+                .values()
+                .filter(|s| s.native && s.link.session.try_notice(Notice::Broadcast(frame.clone())).is_ok())
+                .count();
+        }
+        reached
+    }
+}
+
+impl Handler<JoinTopic> for TenantActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: JoinTopic, _ctx: &mut Context<Self>) {
+        if !self.sessions.contains_key(&msg.session) {
+            return; // gone meanwhile
+        }
+        let sessions = &self.sessions;
+        let deliveries = self.topics.join(msg.session, msg.topic, msg.receive_own, msg.presence, || {
+            let mut list: Vec<PresenceEntry> = sessions.iter().map(|(id, s)| s.presence(*id)).collect();
+            list.sort_by(|a, b| (a.since_ms, a.session_id).cmp(&(b.since_ms, b.session_id)));
+            list
+        });
+        self.deliver_topic_events(deliveries);
+    }
+}
+
+impl Handler<LeaveTopic> for TenantActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: LeaveTopic, _ctx: &mut Context<Self>) {
+        let deliveries = self.topics.leave(msg.session, &msg.topic);
+        self.deliver_topic_events(deliveries);
+    }
+}
+
+impl Handler<Track> for TenantActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Track, _ctx: &mut Context<Self>) {
+        let deliveries = self.topics.track(msg.session, &msg.topic, msg.key, msg.meta);
+        self.deliver_topic_events(deliveries);
     }
 }
 

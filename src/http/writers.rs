@@ -70,6 +70,10 @@ pub async fn push(
 #[serde(deny_unknown_fields)]
 pub struct BroadcastBody {
     channel: String,
+    /// What the message is; Supabase clients on the channel receive it under this event
+    /// (`"broadcast"` when absent).
+    #[serde(default)]
+    event: Option<String>,
     payload: Value,
 }
 
@@ -83,7 +87,7 @@ pub async fn broadcast(
     let tenant = tenant_of(tenant.into_inner(), &writer, hub.config.max_id_bytes)?;
     hub.limits.http(&tenant)?;
     check_accepting(&hub)?;
-    let BroadcastBody { channel, payload } = body.into_inner();
+    let BroadcastBody { channel, event, payload } = body.into_inner();
     if channel.is_empty() || channel.chars().count() > MAX_CHANNEL_CHARS {
         return Err(ApiError::new(ErrorCode::MalformedFrame, format!("channel must be 1 to {MAX_CHANNEL_CHARS} characters")));
     }
@@ -96,7 +100,7 @@ pub async fn broadcast(
     // A tenant without a running actor has no session to reach: none is started for it.
     let sessions = match hub.registry.running(&tenant) {
         Some(actor) => actor
-            .send(Broadcast { channel, payload })
+            .send(Broadcast { channel, event, payload, private: false, from: None })
             .await
             .map_err(|_| ApiError::new(ErrorCode::Unavailable, "tenant actor unavailable; retry"))?,
         None => 0,
