@@ -329,9 +329,7 @@ impl TenantActor {
     }
 
     fn presence_list(&self) -> Arc<Vec<PresenceEntry>> {
-        let mut online: Vec<PresenceEntry> = self.sessions.iter().map(|(id, s)| s.presence(*id)).collect();
-        online.sort_by(|a, b| (a.since_ms, a.session_id).cmp(&(b.since_ms, b.session_id)));
-        Arc::new(online)
+        Arc::new(online(&self.sessions))
     }
 
     fn announce_presence(&mut self, joins: Vec<PresenceEntry>, leaves: Vec<PresenceEntry>) {
@@ -352,7 +350,7 @@ impl TenantActor {
     /// Watchers that missed a diff get the whole list again.
     fn refresh_stale_presence(&mut self) {
         let sessions = &self.sessions;
-        let deliveries = self.topics.refresh_stale(|| sessions.iter().map(|(id, s)| s.presence(*id)).collect());
+        let deliveries = self.topics.refresh_stale(|| online(sessions));
         self.deliver_topic_events(deliveries);
         if !self.sessions.values().any(|s| s.presence_stale) {
             return;
@@ -498,6 +496,13 @@ impl TenantActor {
             ctx.stop();
         }
     }
+}
+
+/// The tenant's sessions as presence lists them, oldest first.
+fn online(sessions: &HashMap<SessionId, Subscriber>) -> Vec<PresenceEntry> {
+    let mut online: Vec<PresenceEntry> = sessions.iter().map(|(id, s)| s.presence(*id)).collect();
+    online.sort_by_key(|e| (e.since_ms, e.session_id));
+    online
 }
 
 fn is_retryable(err: &sqlx::Error) -> bool {
@@ -696,11 +701,7 @@ impl Handler<JoinTopic> for TenantActor {
             return; // gone meanwhile
         }
         let sessions = &self.sessions;
-        let deliveries = self.topics.join(msg.session, msg.topic, msg.receive_own, msg.presence, || {
-            let mut list: Vec<PresenceEntry> = sessions.iter().map(|(id, s)| s.presence(*id)).collect();
-            list.sort_by(|a, b| (a.since_ms, a.session_id).cmp(&(b.since_ms, b.session_id)));
-            list
-        });
+        let deliveries = self.topics.join(msg.session, msg.topic, msg.receive_own, msg.presence, || online(sessions));
         self.deliver_topic_events(deliveries);
     }
 }

@@ -69,9 +69,9 @@ fn token(req: &HttpRequest, query_key: Option<&str>, prefer_bearer: bool) -> Opt
     }
 }
 
-fn verify(hub: &Hub, token: Option<String>) -> Result<Identity, HttpResponse> {
-    let token = token.ok_or_else(|| error(StatusCode::UNAUTHORIZED, "No api key provided: send `apikey` (a JWT)"))?;
-    hub.verifier.verify(&token).map_err(|err| refused(&err))
+fn verify(hub: &Hub, token: Option<String>) -> Result<Identity, Box<HttpResponse>> {
+    let token = token.ok_or_else(|| Box::new(error(StatusCode::UNAUTHORIZED, "No api key provided: send `apikey` (a JWT)")))?;
+    hub.verifier.verify(&token).map_err(|err| Box::new(refused(&err)))
 }
 
 /// `GET /realtime/v1/websocket?apikey=<jwt>&vsn=1.0.0|2.0.0`. A refused token or vsn is
@@ -86,7 +86,7 @@ pub async fn upgrade(req: HttpRequest, stream: web::Payload, hub: web::Data<Arc<
     };
     let identity = match verify(&hub, token(&req, query.apikey.as_deref(), false)) {
         Ok(identity) => identity,
-        Err(response) => return Ok(response),
+        Err(response) => return Ok(*response),
     };
     if let Err(err) = hub.limits.connect(&identity.tenant) {
         return Ok(refused(&err));
@@ -117,18 +117,21 @@ struct Checked {
     private: bool,
 }
 
-fn check(hub: &Hub, identity: &Identity, topic: &str, event: String, payload: Value, private: bool) -> Result<Checked, HttpResponse> {
+fn check(hub: &Hub, identity: &Identity, topic: &str, event: String, payload: Value, private: bool) -> Result<Checked, Box<HttpResponse>> {
     let name = topic.strip_prefix("realtime:").unwrap_or(topic);
-    join::channel_name(&format!("realtime:{name}")).map_err(|why| error(StatusCode::BAD_REQUEST, why))?;
+    let refuse = |status, message: String| Err(Box::new(error(status, message)));
+    if let Err(why) = join::channel_name(&format!("realtime:{name}")) {
+        return refuse(StatusCode::BAD_REQUEST, why);
+    }
     if event.is_empty() || event.len() > 255 || event.contains('\0') {
-        return Err(error(StatusCode::BAD_REQUEST, "an event is 1 to 255 bytes, without U+0000"));
+        return refuse(StatusCode::BAD_REQUEST, "an event is 1 to 255 bytes, without U+0000".into());
     }
     let max = hub.config.max_broadcast_payload_bytes;
     if payload.to_string().len() > max {
-        return Err(error(StatusCode::PAYLOAD_TOO_LARGE, format!("a payload is at most {max} bytes of JSON (max_broadcast_payload_bytes)")));
+        return refuse(StatusCode::PAYLOAD_TOO_LARGE, format!("a payload is at most {max} bytes of JSON (max_broadcast_payload_bytes)"));
     }
     if private && !hub.config.may_join_private(name, &identity.role) {
-        return Err(error(StatusCode::FORBIDDEN, format!("You do not have permissions to write to this Channel topic: {name}")));
+        return refuse(StatusCode::FORBIDDEN, format!("You do not have permissions to write to this Channel topic: {name}"));
     }
     Ok(Checked { channel: name.to_owned(), event, payload, private })
 }
@@ -154,7 +157,7 @@ async fn send_all(hub: &Hub, identity: &Identity, messages: Vec<Checked>) -> Htt
 pub async fn broadcast_batch(req: HttpRequest, body: web::Bytes, hub: web::Data<Arc<Hub>>) -> HttpResponse {
     let identity = match verify(&hub, token(&req, query(&req).apikey.as_deref(), true)) {
         Ok(identity) => identity,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let body: BatchBody = match serde_json::from_slice(&body) {
         Ok(body) => body,
@@ -164,7 +167,7 @@ pub async fn broadcast_batch(req: HttpRequest, body: web::Bytes, hub: web::Data<
     for m in body.messages {
         match check(&hub, &identity, &m.topic, m.event, m.payload, m.private) {
             Ok(c) => checked.push(c),
-            Err(response) => return response,
+            Err(response) => return *response,
         }
     }
     send_all(&hub, &identity, checked).await
@@ -176,7 +179,7 @@ pub async fn broadcast_one(req: HttpRequest, path: web::Path<(String, String)>, 
     let query = query(&req);
     let identity = match verify(&hub, token(&req, query.apikey.as_deref(), true)) {
         Ok(identity) => identity,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let payload: Value = if body.is_empty() {
         Value::Null
@@ -190,7 +193,7 @@ pub async fn broadcast_one(req: HttpRequest, path: web::Path<(String, String)>, 
     let (topic, event) = path.into_inner();
     match check(&hub, &identity, &topic, event, payload, private) {
         Ok(checked) => send_all(&hub, &identity, vec![checked]).await,
-        Err(response) => response,
+        Err(response) => *response,
     }
 }
 
