@@ -362,6 +362,10 @@ pub struct Config {
     /// Requests a Supabase socket may have in flight (joins whose snapshot or catch-up is
     /// read, pushes awaiting the tenant). Default 32; more are refused.
     pub supabase_pending_requests: usize,
+    /// Live frames a Supabase socket holds while it reads older changes (a join with
+    /// `since_seq` or `snapshot`, or a gap); past it they are dropped and read from the log.
+    /// Default 256.
+    pub supabase_held_frames: usize,
     /// The public channel whose presence also lists the tenant's hub sessions (native devices,
     /// dashboards, RxDB and Supabase sockets). Default `"sessions"`; empty turns it off.
     pub supabase_sessions_channel: Option<String>,
@@ -460,6 +464,7 @@ impl Default for Config {
             supabase_joins_per_second: 100,
             supabase_messages_per_second: 100,
             supabase_pending_requests: 32,
+            supabase_held_frames: 256,
             supabase_sessions_channel: Some("sessions".into()),
             supabase_private_channels: Vec::new(),
             rules: Vec::new(),
@@ -529,6 +534,7 @@ impl Config {
             ("supabase_joins_per_second", self.supabase_joins_per_second as u64),
             ("supabase_messages_per_second", self.supabase_messages_per_second as u64),
             ("supabase_pending_requests", self.supabase_pending_requests as u64),
+            ("supabase_held_frames", self.supabase_held_frames as u64),
         ];
         for (name, value) in positive {
             if value == 0 {

@@ -671,9 +671,10 @@ impl Handler<Watch> for TenantActor {
 impl Handler<Broadcast> for TenantActor {
     type Result = usize;
 
-    /// Native sessions get every public broadcast of the tenant (protocol §13.4); sessions
-    /// that joined the channel as a topic get it as the topic's event. Ephemeral: a session
-    /// whose mailbox is full misses it.
+    /// Native sessions get every public broadcast of a server-side writer (protocol §13.4),
+    /// and native dashboards also those of Supabase clients (screen-to-screen traffic, which
+    /// devices are spared); sessions that joined the channel as a topic get it as the topic's
+    /// event. Ephemeral: a session whose mailbox is full misses it.
     fn handle(&mut self, msg: Broadcast, _ctx: &mut Context<Self>) -> usize {
         let topic = Topic { name: Arc::from(msg.channel.as_str()), private: msg.private };
         let event = msg.event.as_deref().unwrap_or("broadcast");
@@ -681,12 +682,14 @@ impl Handler<Broadcast> for TenantActor {
         let mut reached = deliveries.len();
         self.deliver_topic_events(deliveries);
         if !msg.private {
+            let from_writer = msg.from.is_none();
             let frame = protocol::ServerFrame::Broadcast { channel: msg.channel, event: msg.event, payload: msg.payload };
             let frame = Arc::new(SharedServerFrame::new(frame));
             reached += self
                 .sessions
                 .values()
-                .filter(|s| s.native && s.link.session.try_notice(Notice::Broadcast(frame.clone())).is_ok())
+                .filter(|s| s.native && (from_writer || s.mode == SessionMode::Dashboard))
+                .filter(|s| s.link.session.try_notice(Notice::Broadcast(frame.clone())).is_ok())
                 .count();
         }
         reached

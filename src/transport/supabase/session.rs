@@ -89,7 +89,7 @@ impl SupabaseSession {
         let now = Instant::now();
         let joins = Rate::new(hub.config.supabase_joins_per_second, hub.config.supabase_joins_per_second).full(now);
         let messages = Rate::new(hub.config.supabase_messages_per_second, hub.config.supabase_messages_per_second).full(now);
-        let held = hub.config.rxdb_held_frames;
+        let held = hub.config.supabase_held_frames;
         SupabaseSession {
             core: SocketCore::new(hub),
             vsn,
