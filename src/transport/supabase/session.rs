@@ -55,9 +55,6 @@ struct Channel {
     ack: bool,
     presence_key: Arc<str>,
     bindings: Vec<Binding>,
-    /// The renderings of this channel's changes are shared with every channel of the same
-    /// topic and bindings (when the reader sees everything): their key.
-    rendering_key: String,
 }
 
 pub struct SupabaseSession {
@@ -297,8 +294,6 @@ impl SupabaseSession {
         }
         self.generations += 1;
         let topic = Topic { name: Arc::from(name.as_str()), private: request.private };
-        let ids: Vec<String> = bindings.iter().map(|b| b.id.to_string()).collect();
-        let rendering_key = format!("supabase:{}:{}:{}", self.vsn.as_str(), message.topic, ids.join(","));
         let channel = Channel {
             join_ref: message.join_ref.clone(),
             wire_topic: message.topic.clone(),
@@ -310,7 +305,6 @@ impl SupabaseSession {
             view,
             ack: request.broadcast_ack,
             bindings,
-            rendering_key,
         };
         if let Some(tenant) = self.tenant() {
             let join = JoinTopic { session: self.core.id, topic, receive_own: request.broadcast_self, presence: request.presence_enabled };
@@ -645,8 +639,7 @@ impl SupabaseSession {
                     return self.close(ctx, CloseCode::SlowConsumer, "client is not reading; rejoin with since_seq");
                 }
                 let deltas: Vec<&Delta> = frame.deltas.iter().filter(|d| d.seq > after).collect();
-                let shared = (after == frame.after).then_some(&*frame);
-                self.route(ctx, shared, &deltas, frame.seq, frame.published_ms());
+                self.route(ctx, Some(&frame), &deltas, frame.seq, frame.published_ms());
             }
             LiveVerdict::Nothing => {}
             LiveVerdict::Read => self.read_step(ctx),
@@ -724,73 +717,43 @@ impl SupabaseSession {
     }
 
     /// Give each channel the deltas up to `upto` that its bindings take; `frame` when the
-    /// deltas are all of a shared frame's (then channels that see everything share one
-    /// rendering per frame).
+    /// deltas are a shared frame's (then the payload of a change for a set of bindings is
+    /// rendered once for every channel of the tenant that sees everything, whatever its topic).
     fn route(&mut self, ctx: &mut ws::WebsocketContext<Self>, frame: Option<&SharedFrame>, deltas: &[&Delta], upto: Seq, at_ms: u64) {
-        let mut out: Vec<(String, Vec<String>)> = Vec::new();
+        let mut texts: Vec<String> = Vec::new();
         let epoch = self.epoch.clone();
         let catalog = self.hub().store.catalog();
+        let timestamp = changes::rfc3339_ms(at_ms);
+        let stamp = Stamp { epoch: &epoch, commit_timestamp: &timestamp };
         let vsn = self.vsn;
-        let mut delivered = 0u64;
         for channel in self.channels.values_mut().filter(|c| c.joined) {
             if channel.bindings.iter().all(|b| !b.ready || b.after >= upto) {
                 continue;
             }
-            let shared = frame.filter(|f| channel.view.is_none() && channel.bindings.iter().all(|b| b.ready && b.after <= f.after));
-            let texts: Vec<String> = match shared {
-                Some(frame) => {
-                    let rendered = frame.rendered(&channel.rendering_key, || {
-                        let texts = render(vsn, &channel.wire_topic, &channel.bindings, None, deltas, &catalog, &epoch, at_ms);
-                        (!texts.is_empty()).then(|| texts.join("\n"))
-                    });
-                    rendered.map(|all| all.split('\n').map(str::to_owned).collect()).unwrap_or_default()
-                }
-                None => render(vsn, &channel.wire_topic, &channel.bindings, channel.view.as_deref(), deltas, &catalog, &epoch, at_ms),
-            };
+            let view = channel.view.as_deref();
+            for delta in deltas {
+                let Some(seen) = changes::visible(view, delta) else { continue };
+                let ids: Vec<u32> = channel.bindings.iter().filter(|b| b.takes(&seen)).map(|b| b.id).collect();
+                let Some(table) = catalog.get(&seen.table).filter(|_| !ids.is_empty()) else { continue };
+                let render = || changes::payload(&seen, table, &ids, &stamp);
+                let payload: Arc<str> = match frame.filter(|_| view.is_none()) {
+                    Some(frame) => {
+                        let key = format!("supabase:{}:{ids:?}", seen.seq);
+                        frame.rendered(&key, || Some(render())).unwrap_or_else(|| Arc::from(render()))
+                    }
+                    None => Arc::from(render()),
+                };
+                texts.push(wire::encode_text(vsn, None, None, &channel.wire_topic, "postgres_changes", &payload));
+            }
             for binding in channel.bindings.iter_mut().filter(|b| b.ready) {
                 binding.after = binding.after.max(upto);
             }
-            delivered += texts.len() as u64;
-            if !texts.is_empty() {
-                out.push((channel.wire_topic.clone(), texts));
-            }
         }
-        self.hub().metrics.supabase_messages("postgres_changes", delivered);
-        for (_, texts) in out {
-            for text in texts {
-                self.text(ctx, text);
-            }
+        self.hub().metrics.supabase_messages("postgres_changes", texts.len() as u64);
+        for text in texts {
+            self.text(ctx, text);
         }
     }
-}
-
-/// The `postgres_changes` frames of `deltas` for a channel's bindings, one per delta that
-/// some binding takes (JSON text holds no raw newline, so frames can be kept joined by one).
-#[allow(clippy::too_many_arguments)]
-fn render(
-    vsn: Vsn,
-    wire_topic: &str,
-    bindings: &[Binding],
-    view: Option<&AccessView>,
-    deltas: &[&Delta],
-    catalog: &crate::storage::catalog::Catalog,
-    epoch: &str,
-    at_ms: u64,
-) -> Vec<String> {
-    let timestamp = changes::rfc3339_ms(at_ms);
-    let stamp = Stamp { epoch, commit_timestamp: &timestamp };
-    let mut texts = Vec::new();
-    for delta in deltas {
-        let Some(seen) = changes::visible(view, delta) else { continue };
-        let ids: Vec<u32> = bindings.iter().filter(|b| b.takes(&seen)).map(|b| b.id).collect();
-        if ids.is_empty() {
-            continue;
-        }
-        let Some(table) = catalog.get(&seen.table) else { continue };
-        let payload = changes::payload(&seen, table, &ids, &stamp);
-        texts.push(wire::encode_text(vsn, None, None, wire_topic, "postgres_changes", &payload));
-    }
-    texts
 }
 
 impl Actor for SupabaseSession {
