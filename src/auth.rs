@@ -152,6 +152,29 @@ impl TokenVerifier {
     }
 
     pub fn verify(&self, token: &str) -> Result<Identity> {
+        let claims = self.verified_claims(token)?;
+        self.identity_of(claims)
+    }
+
+    /// A Supabase API key (`apikey`): verified like any token, but it may name no tenant, as a
+    /// project-wide anon key does; then `Ok(None)`, and the tenant comes from the channels'
+    /// tokens. It must still carry the role claim, as Supabase Realtime requires.
+    pub fn verify_api_key(&self, token: &str) -> Result<Option<Identity>> {
+        let claims = self.verified_claims(token)?;
+        let present = |path: &[String]| path.iter().try_fold(&claims, |v, part| v.get(part)).is_some_and(|v| !v.is_null());
+        if present(&self.claim_tenant) {
+            return self.identity_of(claims).map(Some);
+        }
+        if !present(&self.claim_role) {
+            let path = self.claim_role.join(".");
+            return Err(Error::client(ErrorCode::InvalidToken, format!("the key names no tenant and lacks the role claim `{path}`")));
+        }
+        Ok(None)
+    }
+
+    /// The claims of a token whose signature, expiry and (when configured) audience and issuer
+    /// hold.
+    fn verified_claims(&self, token: &str) -> Result<Value> {
         let invalid = |msg: String| Error::client(ErrorCode::InvalidToken, msg);
         let header = decode_header(token).map_err(|e| invalid(format!("token header: {e}")))?;
         let key = self
@@ -185,7 +208,11 @@ impl TokenVerifier {
                 _ => invalid(format!("token rejected: {e}")),
             }
         })?;
-        let claims = data.claims;
+        Ok(data.claims)
+    }
+
+    fn identity_of(&self, claims: Value) -> Result<Identity> {
+        let invalid = |msg: String| Error::client(ErrorCode::InvalidToken, msg);
         let text = |path: &[String], name: &str| -> Result<Option<String>> {
             let mut value = &claims;
             for part in path {

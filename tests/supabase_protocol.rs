@@ -390,3 +390,34 @@ async fn limits_on_joins_and_messages_per_second_are_answered_per_socket() {
     ok(&other.reply(&r).await);
     hub.shutdown().await;
 }
+
+#[actix_web::test]
+async fn a_project_wide_anon_key_connects_and_its_channels_bring_the_tenant() {
+    each_vsn(|vsn| async move {
+        let hub = TestHub::start().await;
+        let anon = synchub::auth::mint_hs256(SECRET, &json!({"role": "anon", "exp": synchub::auth::unix_now() + 3600}));
+        let mut c = Phoenix::connect(&hub, vsn, &anon).await;
+        let beat = c.send(None, "phoenix", "heartbeat", json!({})).await;
+        ok(&c.reply(&beat).await);
+        let (_, reply) = c.join("realtime:room1", json!({})).await;
+        assert!(reason(&reply).starts_with("Unauthorized"), "no tenant without a user's token: {reply}");
+        let user = token("t1", "u1", "authenticated", None);
+        let (_, reply) = c.join("realtime:room1", json!({"access_token": user, "config": {"broadcast": {"ack": true}}})).await;
+        ok(&reply);
+        let (_, reply) = c.join("realtime:room2", json!({})).await;
+        ok(&reply);
+        let other = token("t2", "u9", "authenticated", None);
+        let (_, reply) = c.join("realtime:room3", json!({"access_token": other})).await;
+        assert!(reason(&reply).starts_with("Unauthorized"), "one tenant per socket: {reply}");
+
+        // A key with neither a tenant nor a role is refused at the upgrade.
+        let roleless = synchub::auth::mint_hs256(SECRET, &json!({"exp": synchub::auth::unix_now() + 3600}));
+        let url = format!("ws://{}/realtime/v1/websocket?apikey={roleless}&vsn={}", hub.addr, vsn.as_str());
+        match tokio_tungstenite::connect_async(&url).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status().as_u16(), 401),
+            other => panic!("expected 401, got {:?}", other.map(|_| ())),
+        }
+        hub.shutdown().await;
+    })
+    .await;
+}

@@ -84,12 +84,18 @@ pub async fn upgrade(req: HttpRequest, stream: web::Payload, hub: web::Data<Arc<
     let Some(vsn) = Vsn::parse(query.vsn.as_deref().unwrap_or("1.0.0")) else {
         return Ok(error(StatusCode::BAD_REQUEST, "unsupported vsn: this hub speaks 1.0.0 and 2.0.0"));
     };
-    let identity = match verify(&hub, token(&req, query.apikey.as_deref(), false)) {
-        Ok(identity) => identity,
-        Err(response) => return Ok(*response),
+    let Some(key) = token(&req, query.apikey.as_deref(), false) else {
+        return Ok(error(StatusCode::UNAUTHORIZED, "No api key provided: send `apikey` (a JWT)"));
     };
-    if let Err(err) = hub.limits.connect(&identity.tenant) {
-        return Ok(refused(&err));
+    // A key without a tenant (a project-wide anon key) is let in; its channels bring one.
+    let identity = match hub.verifier.verify_api_key(&key) {
+        Ok(identity) => identity,
+        Err(err) => return Ok(refused(&err)),
+    };
+    if let Some(identity) = &identity {
+        if let Err(err) = hub.limits.connect(&identity.tenant) {
+            return Ok(refused(&err));
+        }
     }
     serve(&req, stream, &hub, SupabaseSession::new(hub.get_ref().clone(), vsn, identity))
 }

@@ -60,8 +60,10 @@ struct Channel {
 pub struct SupabaseSession {
     core: SocketCore,
     vsn: Vsn,
-    /// The socket's token (`apikey`), verified at the upgrade.
-    identity: Identity,
+    /// Who the socket is for its tenant: the `apikey` verified at the upgrade, or, when that
+    /// key names no tenant (a project-wide anon key), the token of the first channel that
+    /// brought one.
+    identity: Option<Identity>,
     tenant: Option<WeakAddr<TenantActor>>,
     /// The tenant's epoch and log floor as the subscription found them.
     epoch: Arc<str>,
@@ -82,7 +84,7 @@ pub struct SupabaseSession {
 }
 
 impl SupabaseSession {
-    pub fn new(hub: Arc<Hub>, vsn: Vsn, identity: Identity) -> SupabaseSession {
+    pub fn new(hub: Arc<Hub>, vsn: Vsn, identity: Option<Identity>) -> SupabaseSession {
         let now = Instant::now();
         let joins = Rate::new(hub.config.supabase_joins_per_second, hub.config.supabase_joins_per_second).full(now);
         let messages = Rate::new(hub.config.supabase_messages_per_second, hub.config.supabase_messages_per_second).full(now);
@@ -162,13 +164,14 @@ impl SupabaseSession {
     /// Subscribe the socket to its tenant's stream; messages wait until it is answered.
     fn start(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
         let Some(link) = self.core.link.clone() else { return self.close(ctx, CloseCode::GoingAway, "session not started") };
-        let tenant = self.core.hub.registry.get(&self.identity.tenant);
+        let Some(identity) = self.identity.as_ref() else { return };
+        let tenant = self.core.hub.registry.get(&identity.tenant);
         self.tenant = Some(tenant.downgrade());
         let subscribe = Subscribe {
             session: self.core.id,
             device: DeviceId::new(format!("{SUPABASE_DEVICE_PREFIX}{}", self.core.id)),
-            user: self.identity.user.clone(),
-            role: self.identity.role.clone(),
+            user: identity.user.clone(),
+            role: identity.role.clone(),
             mode: SessionMode::Dashboard,
             since_ms: unix_ms(),
             link,
@@ -203,6 +206,9 @@ impl SupabaseSession {
                 return;
             }
         };
+        if !self.subscribed && self.identity.is_none() {
+            return self.before_tenant(ctx, message);
+        }
         if !self.subscribed {
             if self.early.len() >= self.hub().config.supabase_pending_requests {
                 return self.close(ctx, CloseCode::RateLimited, "too many messages before the session started");
@@ -211,6 +217,32 @@ impl SupabaseSession {
             return;
         }
         self.handle(ctx, message);
+    }
+
+    /// A socket whose key names no tenant waits for a join whose token does: that join starts
+    /// the session (it is handled once the tenant answered); heartbeats are answered meanwhile.
+    fn before_tenant(&mut self, ctx: &mut ws::WebsocketContext<Self>, message: Inbound) {
+        if message.topic == "phoenix" || message.event != "phx_join" {
+            return self.handle(ctx, message);
+        }
+        let token = JoinRequest::parse(Self::json_payload(&message)).ok().and_then(|j| j.access_token);
+        let verified = match token {
+            Some(token) => self.hub().verifier.verify(&token).map_err(|err| format!("Unauthorized: {}", err.public_message())),
+            None => Err("Unauthorized: the API key names no tenant; join with a user's token (setAuth)".to_owned()),
+        };
+        match verified {
+            Ok(identity) => {
+                // The upgrade counted keys with a tenant; this socket's tenant is known now.
+                if let Err(err) = self.core.hub.limits.connect(&identity.tenant) {
+                    tracing::debug!(session = %self.core.id, %err, "Supabase session refused");
+                    return self.close(ctx, CloseCode::RateLimited, "too many new sessions");
+                }
+                self.identity = Some(identity);
+                self.early.push_back(message);
+                self.start(ctx);
+            }
+            Err(why) => self.refuse(ctx, &message, &why),
+        }
     }
 
     fn handle(&mut self, ctx: &mut ws::WebsocketContext<Self>, message: Inbound) {
@@ -322,12 +354,13 @@ impl SupabaseSession {
 
     /// The identity a channel acts as: its own token, or the socket's while it is valid.
     fn channel_identity(&self, token: Option<&str>) -> Result<Identity, String> {
+        let Some(socket) = self.identity.as_ref() else { return Err("Unauthorized: no tenant".into()) };
         let verified = match token {
             Some(token) => self.hub().verifier.verify(token),
-            None => self.hub().verifier.still_valid(self.identity.clone()),
+            None => self.hub().verifier.still_valid(socket.clone()),
         };
         let identity = verified.map_err(|err| format!("Unauthorized: {}", err.public_message()))?;
-        if identity.tenant != self.identity.tenant {
+        if identity.tenant != socket.tenant {
             return Err("Unauthorized: the channel's token names another tenant than the socket's".into());
         }
         Ok(identity)
@@ -346,7 +379,7 @@ impl SupabaseSession {
             .collect();
         let view = channel.view.clone();
         let store = self.hub().store.clone();
-        let tenant = self.identity.tenant.clone();
+        let Some(tenant) = self.identity.as_ref().map(|i| i.tenant.clone()) else { return };
         let (page_rows, max_rows) = (self.hub().config.snapshot_page_rows, self.hub().config.subscription_snapshot_max_rows);
         self.pending += 1;
         let read = async move {
@@ -659,7 +692,7 @@ impl SupabaseSession {
         }
         let Some(after) = self.follower.next_read() else { return };
         let store = self.hub().store.clone();
-        let tenant = self.identity.tenant.clone();
+        let Some(tenant) = self.identity.as_ref().map(|i| i.tenant.clone()) else { return };
         let actor = self.tenant();
         let page = self.hub().config.catch_up_page_changes;
         let read = async move { read_after(&store, &tenant, actor, after, page).await };
@@ -768,7 +801,9 @@ impl Actor for SupabaseSession {
         if !self.core.hub.accepting() {
             return self.close(ctx, CloseCode::GoingAway, "shutting down");
         }
-        self.start(ctx);
+        if self.identity.is_some() {
+            self.start(ctx);
+        }
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
