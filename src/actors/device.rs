@@ -34,7 +34,7 @@ use crate::limits::Bucket;
 use crate::ids::{id_problem, DeviceId, Seq, DASHBOARD_DEVICE_PREFIX};
 use crate::server::Hub;
 use crate::storage::apply::BatchInput;
-use crate::transport::follow::{read_after, StreamRead};
+use crate::transport::follow::{read_after, AfterPage, Follower, LiveVerdict, StreamRead};
 use crate::transport::fragments::Fragments;
 use crate::transport::socket::{Inbound, SocketCore};
 use crate::storage::log::TenantHead;
@@ -71,8 +71,8 @@ enum Phase {
     Starting,
     /// must_resync was sent; waiting for `resume`.
     AwaitResume,
-    CatchingUp,
-    Live,
+    /// Following the tenant's stream: catching up, or live (`stream`).
+    Streaming,
 }
 
 struct Authenticated {
@@ -118,17 +118,6 @@ struct PushQueues {
     awaiting_acks: VecDeque<(u64, Uuid, tokio::sync::oneshot::Receiver<Result<Vec<protocol::ChangeResult>, Error>>)>,
 }
 
-/// What a catching-up session keeps of the live stream until it goes live.
-#[derive(Default)]
-struct HeldFrames {
-    /// Live frames received while catching up, oldest first.
-    frames: VecDeque<Arc<SharedFrame>>,
-    /// Highest seq of a live frame dropped while catching up.
-    dropped_upto: Seq,
-    /// Re-read the stream from this seq once the catch-up read under way is done.
-    rewind_to: Option<Seq>,
-}
-
 /// Session state for what goes wrong or arrives in pieces.
 #[derive(Default)]
 struct RareState {
@@ -146,9 +135,10 @@ pub struct DeviceSession {
     phase: Phase,
     auth: Option<Authenticated>,
     epoch: Arc<str>,
-    /// Last seq of the tenant's stream this session has handled (sent to the device, to
-    /// subscriptions, or skipped as nobody's).
-    position: Seq,
+    /// Where the session stands in the tenant's stream (the last seq it has handled: sent to
+    /// the device, to subscriptions, or skipped as nobody's), and the live frames it holds
+    /// while it catches up.
+    stream: Follower,
     /// Last seq of the device stream (`catch_up`, `delta`) the client has; ahead of `position`
     /// while a new subscription makes the session read older entries again.
     device_after: Seq,
@@ -159,9 +149,6 @@ pub struct DeviceSession {
     /// The socket's subscriptions (dashboards; boxed at the first `subscribe`, like `pushes`:
     /// 8 bytes in every session instead of a `Vec`'s 24).
     subscriptions: Option<Box<Subscriptions>>,
-    /// Live frames that came while catching up (boxed while there are any).
-    held: Option<Box<HeldFrames>>,
-    catch_up_running: bool,
     /// Catch-up waits for pongs before sending more.
     catch_up_paused: bool,
     /// Pushes on their way to the tenant actor and back (boxed at the first push, like `rare`:
@@ -194,13 +181,11 @@ impl DeviceSession {
             phase: Phase::AwaitHello,
             auth: None,
             epoch: Arc::from(""),
-            position: 0,
+            stream: Follower::new(),
             device_after: 0,
             device_live: false,
             device_paged: false,
             subscriptions: None,
-            held: None,
-            catch_up_running: false,
             catch_up_paused: false,
             pushes: None,
             forwarding: false,
@@ -223,10 +208,6 @@ impl DeviceSession {
 
     fn subscriptions_mut(&mut self) -> &mut Vec<Subscription> {
         &mut self.subscriptions.get_or_insert_with(Box::default).list
-    }
-
-    fn held_mut(&mut self) -> &mut HeldFrames {
-        self.held.get_or_insert_with(Box::default)
     }
 
     /// Add an event of this session to the capture file, when its tenant is recorded.
@@ -500,9 +481,7 @@ impl DeviceSession {
 
     fn must_resync(&mut self, ctx: &mut ws::WebsocketContext<Self>, head_seq: Seq, reason: ErrorCode) {
         self.phase = Phase::AwaitResume;
-        if let Some(held) = self.held.as_mut() {
-            held.frames.clear();
-        }
+        self.stream.stop();
         let frame = ServerFrame::MustResync { epoch: self.epoch.to_string(), head_seq, reason };
         self.send(ctx, &frame);
     }
@@ -699,7 +678,7 @@ impl DeviceSession {
         snapshot: bool,
         channel: Option<Channel>,
     ) {
-        if !matches!(self.phase, Phase::CatchingUp | Phase::Live) {
+        if self.phase != Phase::Streaming {
             return self.bad_frame(ctx, Some(id), ErrorCode::InvalidBatch, "subscribe after welcome (and after resume, when told to resync)".into());
         }
         let rate = self.core.hub.limits.session_subscribes;
@@ -741,7 +720,7 @@ impl DeviceSession {
         }
         self.subscriptions_mut().push(Subscription { name: name.clone(), target: Target::Channel(channel) });
         self.core.hub.metrics.subscriptions.fetch_add(1, Ordering::Relaxed);
-        self.send(ctx, &ServerFrame::Subscribed { id, sub: name, seq: self.position });
+        self.send(ctx, &ServerFrame::Subscribed { id, sub: name, seq: self.stream.position() });
     }
 
     fn subscribe_table(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: u64, name: String, table: String, filter: Vec<Condition>, snapshot: bool) {
@@ -807,7 +786,7 @@ impl DeviceSession {
                 }
             };
             // Without a snapshot the subscription starts where the session's stream is.
-            let seq = snapshot.as_ref().map_or(session.position, |(_, seq)| *seq);
+            let seq = snapshot.as_ref().map_or(session.stream.position(), |(_, seq)| *seq);
             session.send(ctx, &ServerFrame::Subscribed { id, sub: name.clone(), seq });
             session.core.hub.metrics.subscriptions.fetch_add(1, Ordering::Relaxed);
             if let Some((rows, _)) = snapshot {
@@ -857,19 +836,16 @@ impl DeviceSession {
     }
 
     fn start_catch_up(&mut self, ctx: &mut ws::WebsocketContext<Self>, from: Seq) {
-        self.phase = Phase::CatchingUp;
-        self.position = from;
+        self.phase = Phase::Streaming;
+        self.stream.start_at(from);
         self.catch_up_step(ctx);
     }
 
-    /// Read one page of the log after `position`; when the log is exhausted and the buffered
-    /// live frames continue where it ended, switch to live.
+    /// Read one page of the stream after the session's position when it is catching up; when
+    /// the log is exhausted and the held live frames continue where it ended, switch to live.
     fn catch_up_step(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
-        if self.catch_up_running || self.phase != Phase::CatchingUp || self.core.closed {
+        if self.phase != Phase::Streaming || !self.stream.wants_read() || self.core.closed {
             return;
-        }
-        if let Some(to) = self.held.as_mut().and_then(|h| h.rewind_to.take()) {
-            self.position = self.position.min(to);
         }
         if self.unconfirmed() > self.core.hub.config.session_outbound_budget_bytes as u64 / 2 {
             // Flow control: wait for the client to read what was sent (resumed on pong).
@@ -877,19 +853,18 @@ impl DeviceSession {
             ctx.ping(&self.core.bytes_written().to_be_bytes());
             return;
         }
-        self.catch_up_running = true;
+        let Some(after) = self.stream.next_read() else { return };
         let store = self.core.hub.store.clone();
         // unwrap: catch-up only starts after hello succeeded.
         let auth = self.auth.as_ref().expect("authenticated");
         let (tenant, actor) = (auth.identity.tenant.clone(), auth.tenant.upgrade());
-        let after = self.position;
         let page = self.core.hub.config.catch_up_page_changes;
         let read = async move { read_after(&store, &tenant, actor, after, page).await };
         ctx.spawn(read.into_actor(self).map(move |result, session, ctx| {
-            session.catch_up_running = false;
             let (read, head) = match result {
                 Ok(read) => read,
                 Err(err) => {
+                    session.stream.read_failed();
                     tracing::warn!(session = %session.core.id, %err, "catch-up read failed");
                     session.send_error(ctx, None, err.code(), err.public_message());
                     return session.close(ctx, CloseCode::GoingAway, "storage unavailable");
@@ -904,91 +879,75 @@ impl DeviceSession {
                 return session.must_resync(ctx, head, ErrorCode::PositionTooOld);
             }
             let exhausted = (deltas.len() as u32) < page;
-            if let Some(last) = deltas.last().map(|d| d.seq) {
-                let from_memory = matches!(read, StreamRead::Memory(_));
-                let pages = if from_memory { &session.core.hub.metrics.catch_up_pages_from_memory } else { &session.core.hub.metrics.catch_up_pages };
-                pages.fetch_add(1, Ordering::Relaxed);
-                if session.mode == SessionMode::Device && last > session.device_after {
-                    let device_after = session.device_after;
-                    let view = session.view();
-                    let visible: Vec<Cow<Delta>> = deltas
-                        .iter()
-                        .filter(|d| d.seq > device_after)
-                        .filter_map(|d| visible(view.as_deref(), d))
-                        .collect();
-                    // A page that the rules emptied is not sent; `up_to_date` carries the position.
-                    if !visible.is_empty() {
-                        let encoded = match (&read, &view) {
-                            // Cut from the frames' own encoding: no delta encoded per session.
-                            (StreamRead::Memory(frames), None) => spliced_page(frames, session.encoding, after.max(device_after), last, head),
-                            // Encoded from the deltas where they are kept: no copy per session.
-                            _ => {
-                                let page = CatchUpRef { deltas: visible.iter().map(|d| d.as_ref()).collect(), seq: last, head_seq: head };
-                                Encoded::of_value(session.encoding, &page)
-                            }
-                        };
-                        session.write(ctx, encoded);
-                        session.device_paged = true;
-                    }
-                    session.device_after = last;
-                }
+            let last = deltas.last().map(|d| d.seq);
+            if let Some(last) = last {
+                session.send_catch_up_page(ctx, &read, &deltas, after, last, head);
                 session.route_to_subscriptions(ctx, &deltas, last);
-                session.position = last;
             }
             // Go live only once the client has confirmed most of what catch-up sent: past the
             // budget a live frame closes the session, so switching with a large page still
             // unconfirmed would cut off a client that reads fine but whose pong is on its way.
             // Otherwise the next step waits for the pong and reads the log again.
             let confirmed_enough = session.unconfirmed() <= session.core.hub.config.session_outbound_budget_bytes as u64 / 2;
-            if exhausted && confirmed_enough && session.try_go_live(ctx) {
-                return;
+            match session.stream.page_read(last, exhausted && confirmed_enough) {
+                AfterPage::ReadAgain => session.catch_up_step(ctx),
+                AfterPage::Live(held) => session.went_live(ctx, held),
             }
-            session.catch_up_step(ctx);
         }));
     }
 
-    /// Switch to live if the buffered frames continue right after `position`.
-    fn try_go_live(&mut self, ctx: &mut ws::WebsocketContext<Self>) -> bool {
-        let position = self.position;
-        if let Some(held) = self.held.as_mut() {
-            if held.dropped_upto > position || held.rewind_to.is_some() {
-                return false;
-            }
-            while held.frames.front().is_some_and(|f| f.seq <= position) {
-                held.frames.pop_front();
-            }
-            if held.frames.front().is_some_and(|f| f.after > position) {
-                return false; // a gap the log has not shown us yet: read again
-            }
+    /// A catch-up page's deltas the device has not had, as a `catch_up` frame (devices only).
+    fn send_catch_up_page(&mut self, ctx: &mut ws::WebsocketContext<Self>, read: &StreamRead, deltas: &[&Delta], after: Seq, last: Seq, head: Seq) {
+        let from_memory = matches!(read, StreamRead::Memory(_));
+        let pages = if from_memory { &self.core.hub.metrics.catch_up_pages_from_memory } else { &self.core.hub.metrics.catch_up_pages };
+        pages.fetch_add(1, Ordering::Relaxed);
+        if self.mode != SessionMode::Device || last <= self.device_after {
+            return;
         }
-        self.phase = Phase::Live;
+        let device_after = self.device_after;
+        let view = self.view();
+        let visible: Vec<Cow<Delta>> = deltas.iter().filter(|d| d.seq > device_after).filter_map(|d| visible(view.as_deref(), d)).collect();
+        // A page that the rules emptied is not sent; `up_to_date` carries the position.
+        if !visible.is_empty() {
+            let encoded = match (read, &view) {
+                // Cut from the frames' own encoding: no delta encoded per session.
+                (StreamRead::Memory(frames), None) => spliced_page(frames, self.encoding, after.max(device_after), last, head),
+                // Encoded from the deltas where they are kept: no copy per session.
+                _ => {
+                    let page = CatchUpRef { deltas: visible.iter().map(|d| d.as_ref()).collect(), seq: last, head_seq: head };
+                    Encoded::of_value(self.encoding, &page)
+                }
+            };
+            self.write(ctx, encoded);
+            self.device_paged = true;
+        }
+        self.device_after = last;
+    }
+
+    /// Live now: the device hears `up_to_date` (after a catch-up that sent pages, or the first
+    /// time), and the frames held meanwhile go out.
+    fn went_live(&mut self, ctx: &mut ws::WebsocketContext<Self>, held: VecDeque<Arc<SharedFrame>>) {
         if self.mode == SessionMode::Device && (!self.device_live || self.device_paged) {
-            self.send(ctx, &ServerFrame::UpToDate { seq: self.position });
+            self.send(ctx, &ServerFrame::UpToDate { seq: self.stream.position() });
         }
         self.device_live = true;
         self.device_paged = false;
-        // Live now: what was held goes out, and an idle session keeps no box.
-        let frames = self.held.take().map(|held| held.frames).unwrap_or_default();
-        for frame in frames {
+        for frame in held {
             self.deliver(ctx, frame);
         }
-        true
     }
 
-    /// Send a live frame, dropping deltas the client already has.
+    /// Send a live frame, dropping deltas the client already has; hold it while catching up.
     fn deliver(&mut self, ctx: &mut ws::WebsocketContext<Self>, frame: Arc<SharedFrame>) {
-        if frame.seq <= self.position {
-            return;
-        }
-        if frame.after > self.position {
+        let after = match self.stream.live_frame(frame.clone(), CATCH_UP_BUFFER_FRAMES) {
+            LiveVerdict::Deliver { after } => after,
+            LiveVerdict::Nothing => return,
             // Frames went missing (mailbox was full): fall back to the log.
-            self.held_mut().frames.push_back(frame);
-            return self.start_catch_up(ctx, self.position);
-        }
+            LiveVerdict::Read => return self.catch_up_step(ctx),
+        };
         let own = frame.origin.is_some() && frame.origin.as_deref() == self.auth.as_ref().map(|a| a.identity.device.as_str());
         if own && self.subscriptions().is_empty() {
             // The device's own changes: it has their acks, so only the position moves.
-            self.position = frame.seq;
             self.device_after = self.device_after.max(frame.seq);
             return;
         }
@@ -1016,9 +975,8 @@ impl DeviceSession {
                 self.write(ctx, encoded);
             }
         }
-        let fresh: Vec<&Delta> = frame.deltas.iter().filter(|d| d.seq > self.position).collect();
+        let fresh: Vec<&Delta> = frame.deltas.iter().filter(|d| d.seq > after).collect();
         self.route_to_subscriptions(ctx, &fresh, frame.seq);
-        self.position = frame.seq;
     }
 
     /// Give each ready table subscription the deltas up to `seq` that it has not had and that
@@ -1059,22 +1017,8 @@ impl DeviceSession {
     /// Read the stream again from `to` (a subscription's snapshot is older than `position`);
     /// whoever already has an entry skips it.
     fn rewind(&mut self, ctx: &mut ws::WebsocketContext<Self>, to: Seq) {
-        if to >= self.position {
-            return;
-        }
-        match self.phase {
-            Phase::Live => {
-                if let Some(held) = self.held.as_mut() {
-                    held.frames.clear();
-                }
-                self.start_catch_up(ctx, to)
-            }
-            Phase::CatchingUp => {
-                let held = self.held_mut();
-                held.rewind_to = Some(held.rewind_to.map_or(to, |r| r.min(to)));
-                self.catch_up_step(ctx);
-            }
-            _ => {}
+        if self.phase == Phase::Streaming && self.stream.rewind(to) {
+            self.catch_up_step(ctx);
         }
     }
 
@@ -1165,17 +1109,8 @@ impl Handler<LiveFrame> for DeviceSession {
                 return;
             }
             match self.phase {
-                Phase::Live => self.deliver(ctx, frame.clone()),
-                Phase::CatchingUp | Phase::Starting => {
-                    let held = self.held_mut();
-                    if held.frames.len() >= CATCH_UP_BUFFER_FRAMES {
-                        // Bounded: forget what is buffered; the log has it, and buffering restarts.
-                        held.frames.clear();
-                        held.dropped_upto = held.dropped_upto.max(frame.seq);
-                    } else {
-                        held.frames.push_back(frame.clone());
-                    }
-                }
+                // Delivered, or held (bounded) while catching up or starting.
+                Phase::Streaming | Phase::Starting => self.deliver(ctx, frame.clone()),
                 Phase::AwaitHello | Phase::AwaitResume => {}
             }
         }
@@ -1244,9 +1179,8 @@ impl Handler<SessionControl> for DeviceSession {
         match msg {
             SessionControl::Replaced => self.close(ctx, CloseCode::Replaced, "the device opened a newer session"),
             SessionControl::Lagged => {
-                if self.phase == Phase::Live {
-                    let position = self.position;
-                    self.start_catch_up(ctx, position);
+                if self.phase == Phase::Streaming && self.stream.lagged() {
+                    self.catch_up_step(ctx);
                 }
             }
             SessionControl::Shutdown => {

@@ -88,7 +88,6 @@ impl SupabaseSession {
         let now = Instant::now();
         let joins = Rate::new(hub.config.supabase_joins_per_second, hub.config.supabase_joins_per_second).full(now);
         let messages = Rate::new(hub.config.supabase_messages_per_second, hub.config.supabase_messages_per_second).full(now);
-        let held = hub.config.supabase_held_frames;
         SupabaseSession {
             core: SocketCore::new(hub),
             vsn,
@@ -98,7 +97,7 @@ impl SupabaseSession {
             log_floor: 0,
             subscribed: false,
             early: VecDeque::new(),
-            follower: Follower::new(held),
+            follower: Follower::new(),
             read_paused: false,
             channels: HashMap::new(),
             generations: 0,
@@ -186,7 +185,7 @@ impl SupabaseSession {
             session.subscribed = true;
             session.epoch = head.epoch.clone();
             session.log_floor = head.log_floor;
-            session.follower.started(head.head_seq);
+            session.follower.start_at(head.head_seq);
             session.read_step(ctx);
             for message in std::mem::take(&mut session.early) {
                 session.handle(ctx, message);
@@ -663,7 +662,7 @@ impl SupabaseSession {
     }
 
     fn live_frame(&mut self, ctx: &mut ws::WebsocketContext<Self>, frame: Arc<SharedFrame>) {
-        match self.follower.live_frame(frame.clone()) {
+        match self.follower.live_frame(frame.clone(), self.core.hub.config.supabase_held_frames) {
             LiveVerdict::Deliver { after } => {
                 if !self.has_bindings() {
                     return;
