@@ -478,7 +478,7 @@ impl SupabaseSession {
         for payload in payloads {
             self.push(ctx, wire_topic, "postgres_changes", &payload);
         }
-        let done = json!({"extension": "postgres_changes", "status": "ok", "message": "Snapshot complete", "channel": channel_name(wire_topic).unwrap_or(wire_topic), "ids": [id], "seq": seq});
+        let done = json!({"extension": "postgres_changes", "status": "ok", "message": "Snapshot complete", "channel": channel_name(wire_topic).unwrap_or(wire_topic), "binding_ids": [id], "seq": seq});
         self.push(ctx, wire_topic, "system", &done.to_string());
     }
 
