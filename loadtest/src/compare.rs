@@ -31,6 +31,8 @@ const FIGURES: &[(&str, &[&str], &str, Better)] = &[
     ("fanout-hub-1000", &["delivery_latency", "p99_ms"], "fan-out 1,000 subscribers: p99 ms", Better::Lower),
     ("fanout-hub-10000", &["deltas_per_s"], "fan-out 10,000 subscribers: deliveries/s", Better::Higher),
     ("fanout-hub-10000", &["delivery_latency", "p99_ms"], "fan-out 10,000 subscribers: p99 ms", Better::Lower),
+    ("dashboards-supabase", &["client_groups", "supabase", "deliveries_per_s"], "Supabase 1,000 subscribers: deliveries/s", Better::Higher),
+    ("dashboards-supabase", &["client_groups", "supabase", "delivery_latency", "p99_ms"], "Supabase 1,000 subscribers: p99 ms", Better::Lower),
     ("idle-10000", &["hub_kib_per_connection"], "idle 10,000: KiB per connection", Better::Lower),
     ("idle-19000", &["hub_kib_per_connection"], "idle 19,000: KiB per connection", Better::Lower),
     ("idle-10000-hello", &["hub_kib_per_connection"], "idle 10,000, token in hello: KiB per connection", Better::Lower),

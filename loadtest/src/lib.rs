@@ -10,6 +10,7 @@ pub mod error;
 pub mod fanout;
 pub mod idle;
 pub mod pg_ceiling;
+pub mod phoenix;
 pub mod plot;
 pub mod proc_stats;
 pub mod replay;

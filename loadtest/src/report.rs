@@ -193,7 +193,39 @@ pub struct Report {
     /// Latencies over the warm-up and the measured window together, when there was a warm-up.
     pub ack_latency_with_warmup: Option<Latency>,
     pub delivery_latency_with_warmup: Option<Latency>,
+    /// Clients of another protocol measured beside the scenario's own in the same run, by name
+    /// (the dashboards scenario's Supabase Realtime subscribers: `supabase`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub client_groups: BTreeMap<String, ClientGroup>,
     pub timeline: Vec<Tick>,
+}
+
+/// What a second group of clients of a run received, counted apart from the scenario's own
+/// (with a [`Stats`] of its own: deliveries, push→delivery latency, connections).
+#[derive(Debug, Clone, Serialize)]
+pub struct ClientGroup {
+    /// What the clients are, for the table.
+    pub label: String,
+    pub connections_opened: u64,
+    pub connections_failed: u64,
+    /// Deliveries over the whole run, and per second of the measured window.
+    pub deliveries: u64,
+    pub deliveries_per_s: f64,
+    pub delivery_latency: Latency,
+}
+
+impl ClientGroup {
+    /// The group counted in `stats`, of which `in_window` deliveries fell in the measured window.
+    pub fn of(label: &str, stats: &Stats, in_window: u64, measured: Duration) -> ClientGroup {
+        ClientGroup {
+            label: label.to_string(),
+            connections_opened: stats.connections_opened.load(Ordering::Relaxed),
+            connections_failed: stats.connections_failed.load(Ordering::Relaxed),
+            deliveries: stats.deltas_received.load(Ordering::Relaxed),
+            deliveries_per_s: in_window as f64 / measured.as_secs_f64().max(1e-6),
+            delivery_latency: Latency::of(&stats.delivery_latency.lock().unwrap()),
+        }
+    }
 }
 
 /// Prints a progress line every second and keeps the timeline; stop it to get the report.
@@ -438,6 +470,7 @@ impl Monitor {
             warmup_s: self.warmup.as_ref().map_or(0.0, |(_, _, d)| d.as_secs_f64()),
             ack_latency_with_warmup: self.warmup.as_ref().map(|(ack, _, _)| with_warmup(ack, &ack_latency)),
             delivery_latency_with_warmup: self.warmup.as_ref().map(|(_, delivery, _)| with_warmup(delivery, &delivery_latency)),
+            client_groups: BTreeMap::new(),
             timeline: self.timeline,
         }
     }
@@ -482,6 +515,15 @@ impl Report {
             }
         }
         row("connections", format!("{} opened, {} failed", self.connections_opened, self.connections_failed));
+        for (name, g) in &self.client_groups {
+            let l = &g.delivery_latency;
+            row(&format!("{name}: clients"), format!("{} ({} opened, {} failed)", g.label, g.connections_opened, g.connections_failed));
+            row(&format!("{name}: deliveries / s"), format!("{:.0} ({} in all)", g.deliveries_per_s, g.deliveries));
+            row(
+                &format!("{name}: push→delivery (ms)"),
+                format!("p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}  (n={})", l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms, l.count),
+            );
+        }
         row("errors", if self.errors.is_empty() { "none".into() } else { format!("{:?}", self.errors) });
         row(
             "CPU seconds",

@@ -189,6 +189,59 @@ fn dashboards_table(dir: &Path) -> String {
     out
 }
 
+/// Native dashboards and Supabase Realtime clients watching the same rows in one run.
+fn supabase_table(dir: &Path) -> String {
+    let mut out = String::from(
+        "| clients (one run) | sockets | deliveries/s | timed deliveries | push→delivery p50 / p99 / max (ms) | subscribed p50 / p99 (ms) |\n\
+         |---|---:|---:|---:|---:|---:|\n",
+    );
+    let Some(r) = load(dir, "dashboards-supabase") else {
+        out.push_str("| not run | | | | | |\n");
+        return out;
+    };
+    let latency = |base: &[&str]| {
+        let at = |q: &str| num(&r, &[base, &[q]].concat());
+        format!("{:.1} / {:.1} / {:.1}", at("p50_ms"), at("p99_ms"), at("max_ms"))
+    };
+    out.push_str(&format!(
+        "| native dashboards (`sub_delta`, MessagePack; snapshot first) | {:.0} | {:.0} | {:.0} | {} | {:.1} / {:.1} (snapshot) |\n",
+        num(&r, &["connections_opened"]),
+        num(&r, &["deltas_per_s"]),
+        num(&r, &["delivery_latency", "count"]),
+        latency(&["delivery_latency"]),
+        num(&r, &["parameters", "snapshot_p50_ms"]),
+        num(&r, &["parameters", "snapshot_p99_ms"]),
+    ));
+    let group = ["client_groups", "supabase"];
+    out.push_str(&format!(
+        "| Supabase Realtime, Phoenix vsn {} (`postgres_changes`, JSON) | {:.0} | {:.0} | {:.0} | {} | {:.1} / {:.1} (join) |\n",
+        r["parameters"]["supabase_vsn"].as_str().unwrap_or("?"),
+        num(&r, &[&group[..], &["connections_opened"]].concat()),
+        num(&r, &[&group[..], &["deliveries_per_s"]].concat()),
+        num(&r, &[&group[..], &["delivery_latency", "count"]].concat()),
+        latency(&[&group[..], &["delivery_latency"]].concat()),
+        num(&r, &["parameters", "supabase_join_p50_ms"]),
+        num(&r, &["parameters", "supabase_join_p99_ms"]),
+    ));
+    let secs = num(&r, &["duration_s"]).max(1e-6);
+    out.push_str(&format!(
+        "\nSame run: {:.0} tenants, {:.0} changes/s offered, {:.0} merged, push→ack p50 / p99 {:.1} / {:.1} ms, {} errors; \
+         over {:.1} s the hub used {:.1} CPU s ({:.0}% of one core), Postgres {:.1}, the load generator {:.1}.\n",
+        num(&r, &["parameters", "tenants"]),
+        num(&r, &["parameters", "rate"]),
+        num(&r, &["changes_merged_per_s"]),
+        num(&r, &["ack_latency", "p50_ms"]),
+        num(&r, &["ack_latency", "p99_ms"]),
+        error_count(&r),
+        secs,
+        num(&r, &["hub_cpu_s"]),
+        num(&r, &["hub_cpu_s"]) / secs * 100.0,
+        num(&r, &["postgres_cpu_s"]),
+        num(&r, &["loadgen_cpu_s"]),
+    ));
+    out
+}
+
 /// Memory per idle authenticated connection.
 fn idle_table(dir: &Path) -> String {
     let mut out = String::from(
@@ -323,6 +376,7 @@ pub fn rewrite(results: &Path, benchmarks: &Path) -> Result<()> {
     doc = replace_between(&doc, "merge", &merge_table(results))?;
     doc = replace_between(&doc, "latency", &latency_table(results))?;
     doc = replace_between(&doc, "dashboards", &dashboards_table(results))?;
+    doc = replace_between(&doc, "supabase", &supabase_table(results))?;
     doc = replace_between(&doc, "idle", &idle_table(results))?;
     doc = replace_between(&doc, "fanout", &fanout_table(results))?;
     doc = replace_between(&doc, "storm", &storm_table(results))?;
@@ -341,6 +395,28 @@ mod tests {
         let out = replace_between(doc, "merge", "| new |\n").unwrap();
         assert_eq!(out, "intro\n<!-- merge:begin -->\n| new |\n<!-- merge:end -->\nrest\n");
         assert!(replace_between(doc, "storm", "x").is_err());
+    }
+
+    #[test]
+    fn the_supabase_table_sets_both_paths_of_one_run_side_by_side() {
+        let dir = std::env::temp_dir().join(format!("synchub-supabase-table-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(supabase_table(&dir).contains("| not run |"));
+        let latency = |p50: f64, p99: f64, count: u64| serde_json::json!({"count": count, "p50_ms": p50, "p99_ms": p99, "max_ms": 50.0});
+        let report = serde_json::json!({
+            "parameters": {"tenants": 10, "rate": 200.0, "supabase_vsn": "2.0.0", "snapshot_p50_ms": 180.0, "snapshot_p99_ms": 230.0,
+                           "supabase_join_p50_ms": 3.0, "supabase_join_p99_ms": 9.5},
+            "duration_s": 20.0, "changes_merged_per_s": 199.0, "deltas_per_s": 11000.0, "connections_opened": 1000,
+            "delivery_latency": latency(2.5, 4.7, 150000), "ack_latency": latency(2.0, 3.5, 4000),
+            "client_groups": {"supabase": {"connections_opened": 1000, "deliveries_per_s": 7000.0, "delivery_latency": latency(3.0, 6.0, 140000)}},
+            "errors": {}, "hub_cpu_s": 10.0, "postgres_cpu_s": 2.0, "loadgen_cpu_s": 8.0
+        });
+        std::fs::write(dir.join("dashboards-supabase.json"), report.to_string()).unwrap();
+        let table = supabase_table(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(table.contains("| 1000 | 11000 | 150000 | 2.5 / 4.7 / 50.0 | 180.0 / 230.0 (snapshot) |"), "{table}");
+        assert!(table.contains("vsn 2.0.0 (`postgres_changes`, JSON) | 1000 | 7000 | 140000 | 3.0 / 6.0 / 50.0 | 3.0 / 9.5 (join) |"), "{table}");
+        assert!(table.contains("used 10.0 CPU s (50% of one core)"), "{table}");
     }
 
     #[test]
