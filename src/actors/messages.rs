@@ -324,6 +324,15 @@ impl SharedFrame {
         (Bytes::from(frame.bytes), frame.deltas)
     }
 
+    /// Let go of the renderings for other protocols: kept only while the frame is fresh (its
+    /// live delivery), they would otherwise stay with every frame kept for catch-up, one per
+    /// set of Supabase bindings or RxDB collection. A late reader renders again.
+    pub fn forget_renderings(&self) {
+        // unwrap: the lock is never held across a panic-prone section.
+        let mut adapted = self.adapted.lock().expect("frame renderings");
+        *adapted = Vec::new();
+    }
+
     /// The JSON frame and where each delta lies in it, encoded on first use.
     fn json(&self) -> &(ByteString, Vec<Range<usize>>) {
         self.json.get_or_init(|| {

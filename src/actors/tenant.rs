@@ -31,6 +31,9 @@ use crate::storage::{GroupConnection, Store};
 const TICK: Duration = Duration::from_millis(250);
 /// Log entries read per query when filling a gap left by other SQL writers.
 const LOG_READ_PAGE: u32 = 1000;
+/// Frames that keep their renderings for other protocols (the latest ones, still being
+/// delivered); older frames kept for catch-up let theirs go.
+const RENDERED_FRAMES: usize = 64;
 /// Backstop for a lost notification: while sessions are connected, re-read the log this often.
 const LOG_REREAD_EVERY: Duration = Duration::from_secs(5);
 
@@ -285,6 +288,10 @@ impl TenantActor {
         // Remembered even with no session: catch-up from memory answers up to `fanned`, so a
         // frame left out would be skipped by the next device that catches up.
         self.remember(frames.iter().cloned());
+        // The frames that these pushed out of the window of fresh ones.
+        for stale in self.recent.iter().rev().skip(RENDERED_FRAMES).take(frames.len()) {
+            stale.forget_renderings();
+        }
         if self.sessions.is_empty() {
             return;
         }

@@ -15,7 +15,6 @@ use super::types::supabase_type_name;
 use crate::ids::Seq;
 use crate::rules::AccessView;
 use crate::storage::catalog::{Catalog, TableSchema};
-use crate::sync::views::previous_image;
 
 /// The schema a table without one in its name is shown in, as Postgres's default schema.
 const DEFAULT_SCHEMA: &str = "public";
@@ -247,44 +246,76 @@ pub struct Stamp<'a> {
     pub commit_timestamp: &'a str,
 }
 
-/// The `postgres_changes` payload of `delta` for bindings `ids` (JSON text).
+/// The `postgres_changes` payload of `delta` for bindings `ids` (JSON text), written straight
+/// from the delta's rows (nothing is cloned into a JSON tree: every change of a tenant is
+/// rendered here once per set of bindings).
 pub fn payload(delta: &Delta, table: &TableSchema, ids: &[u32], stamp: &Stamp<'_>) -> String {
+    payload_with(delta, table, ids, stamp, false)
+}
+
+fn payload_with(delta: &Delta, table: &TableSchema, ids: &[u32], stamp: &Stamp<'_>, snapshot: bool) -> String {
+    use std::fmt::Write;
     let change = ChangeType::of(delta);
     let (schema, name) = schema_and_table(&table.name);
-    let columns: Vec<Value> = table.columns.values().map(|c| json!({"name": c.name, "type": supabase_type_name(&c.sql_type)})).collect();
-    let mut data = Map::new();
-    data.insert("schema".into(), json!(schema));
-    data.insert("table".into(), json!(name));
-    data.insert("commit_timestamp".into(), json!(stamp.commit_timestamp));
-    data.insert("type".into(), json!(change.name()));
-    data.insert("columns".into(), Value::Array(columns));
-    let object = |o: Option<Object>| Value::Object(o.unwrap_or_default());
+    let text = |s: &str| Value::String(s.to_owned()).to_string();
+    let mut out = String::with_capacity(256 + 64 * table.columns.len());
+    // unwrap (all `write!`s): writing to a String cannot fail.
+    write!(out, r#"{{"ids":{},"data":{{"schema":{},"table":{},"commit_timestamp":{},"type":"{}","columns":["#, json!(ids), text(schema), text(name), text(stamp.commit_timestamp), change.name()).expect("string");
+    for (i, column) in table.columns.values().enumerate() {
+        let comma = if i == 0 { "" } else { "," };
+        write!(out, r#"{comma}{{"name":{},"type":{}}}"#, text(&column.name), text(&supabase_type_name(&column.sql_type))).expect("string");
+    }
+    out.push(']');
+    let empty = Object::new();
     match change {
         ChangeType::Insert => {
-            data.insert("record".into(), object(delta.row.clone()));
+            write!(out, r#","record":{}"#, object_text(delta.row.as_ref().unwrap_or(&empty))).expect("string");
         }
         ChangeType::Update => {
-            data.insert("record".into(), object(delta.row.clone()));
-            data.insert("old_record".into(), object(previous_image(delta)));
+            let row = delta.row.as_ref().unwrap_or(&empty);
+            write!(out, r#","record":{},"old_record":{}"#, object_text(row), previous_image_text(row, delta.old.as_ref().unwrap_or(&empty))).expect("string");
         }
         ChangeType::Delete => {
-            data.insert("old_record".into(), object(delta.old.clone()));
+            write!(out, r#","old_record":{}"#, object_text(delta.old.as_ref().unwrap_or(&empty))).expect("string");
         }
     }
-    data.insert("errors".into(), Value::Null);
-    data.insert("seq".into(), json!(delta.seq));
-    data.insert("epoch".into(), json!(stamp.epoch));
-    json!({"ids": ids, "data": Value::Object(data)}).to_string()
+    let marker = if snapshot { r#","snapshot":true"# } else { "" };
+    write!(out, r#","errors":null,"seq":{},"epoch":{}{marker}}}}}"#, delta.seq, text(stamp.epoch)).expect("string");
+    out
+}
+
+fn object_text(object: &Object) -> String {
+    // unwrap: a JSON object always serializes.
+    serde_json::to_string(object).expect("JSON object")
+}
+
+/// The row before an update, `row` with `old`'s values laid over it, written without building it.
+fn previous_image_text(row: &Object, old: &Object) -> String {
+    let mut out = String::from("{");
+    let mut first = true;
+    let mut entry = |key: &String, value: &Value| {
+        if !first {
+            out.push(',');
+        }
+        first = false;
+        out.push_str(&Value::String(key.clone()).to_string());
+        out.push(':');
+        out.push_str(&value.to_string());
+    };
+    for (key, value) in row {
+        entry(key, old.get(key).unwrap_or(value));
+    }
+    for (key, value) in old.iter().filter(|(k, _)| !row.contains_key(*k)) {
+        entry(key, value);
+    }
+    out.push('}');
+    out
 }
 
 /// A snapshot row as an `INSERT` message marked `snapshot: true`, at the snapshot's seq.
 pub fn snapshot_payload(row: &Object, table: &TableSchema, id: u32, seq: Seq, stamp: &Stamp<'_>) -> String {
     let delta = Delta { seq, table: table.name.clone(), op: Op::Upsert, key: Object::new(), row: Some(row.clone()), old: None, origin: None, change_id: None };
-    let mut value: Value = serde_json::from_str(&payload(&delta, table, &[id], stamp)).unwrap_or(Value::Null);
-    if let Some(data) = value.get_mut("data").and_then(Value::as_object_mut) {
-        data.insert("snapshot".into(), Value::Bool(true));
-    }
-    value.to_string()
+    payload_with(&delta, table, &[id], stamp, true)
 }
 
 /// Unix milliseconds as RFC 3339 UTC with milliseconds (`2026-12-06T21:54:03.123Z`).
@@ -373,6 +404,15 @@ mod tests {
         assert_eq!(p["data"]["errors"], Value::Null);
         assert_eq!(p["data"]["seq"], 9);
         assert!(p["data"]["columns"].as_array().unwrap().contains(&json!({"name": "id", "type": "int4"})));
+        assert_eq!(p["data"]["epoch"], "e1");
+        let written: Value = serde_json::from_str(&previous_image_text(d.row.as_ref().unwrap(), d.old.as_ref().unwrap())).unwrap();
+        assert_eq!(written, Value::Object(crate::sync::views::previous_image(&d).unwrap()), "as the subscriptions' view builds it");
+        let deleted = delta(Op::Delete, None, Some(json!({"id": 1, "status": "open"})));
+        let p: Value = serde_json::from_str(&payload(&deleted, &b.tables[0], &[1], &stamp)).unwrap();
+        assert_eq!((p["data"]["type"].as_str(), p["data"].get("record")), (Some("DELETE"), None));
+        assert_eq!(p["data"]["old_record"]["status"], "open");
+        let snap: Value = serde_json::from_str(&snapshot_payload(&obj(json!({"id": 3})), &b.tables[0], 1, 12, &stamp)).unwrap();
+        assert_eq!((snap["data"]["type"].as_str(), &snap["data"]["snapshot"], &snap["data"]["seq"]), (Some("INSERT"), &json!(true), &json!(12)));
     }
 
     #[test]
