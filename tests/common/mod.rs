@@ -2,6 +2,7 @@
 //! on port 0, and a WebSocket client that speaks the protocol crate's codec.
 #![allow(dead_code)]
 
+pub mod driver;
 pub mod node;
 
 use std::net::SocketAddr;
