@@ -328,6 +328,7 @@ fn goldens() -> Vec<Golden> {
             "server_broadcast",
             ServerFrame::Broadcast {
                 channel: "alerts".into(),
+                event: None,
                 payload: json!({"text": "Card terminals are offline: take cash only", "level": "warning"}),
             },
         ),

@@ -337,12 +337,6 @@ impl SupabaseSession {
             ack: request.broadcast_ack,
             bindings,
         };
-        if let Some(tenant) = self.tenant() {
-            let join = JoinTopic { session: self.core.id, topic, receive_own: request.broadcast_self, presence: request.presence_enabled };
-            if tenant.try_send(join).is_err() {
-                return self.refuse(ctx, &message, "Unavailable: the tenant is saturated; retry");
-            }
-        }
         self.channels.insert(message.topic.clone(), channel);
         self.update_deadline();
         if snapshots.is_empty() {
@@ -421,6 +415,16 @@ impl SupabaseSession {
     /// send what comes before live changes: the snapshot rows, then (by rewinding the stream)
     /// the changes after each binding's position.
     fn answer_join(&mut self, ctx: &mut ws::WebsocketContext<Self>, message: Inbound, request: JoinRequest, snapshots: Vec<(usize, Vec<protocol::Object>, Seq)>) {
+        // The topic is joined at the tenant now, so that its presence state comes after the
+        // reply, as the client expects it.
+        let topic = self.channels.get(&message.topic).map(|c| c.topic.clone());
+        let join = topic.map(|topic| JoinTopic { session: self.core.id, topic, receive_own: request.broadcast_self, presence: request.presence_enabled });
+        if join.is_some_and(|join| self.tenant().is_none_or(|tenant| tenant.try_send(join).is_err())) {
+            if let Some(channel) = self.channels.remove(&message.topic) {
+                self.drop_channel(ctx, channel, false);
+            }
+            return self.refuse(ctx, &message, "Unavailable: the tenant is saturated; retry");
+        }
         let position = self.follower.position();
         let epoch = self.epoch.clone();
         let floor = self.log_floor;
