@@ -12,7 +12,7 @@
 // The `ws` class is instrumented (send and incoming messages) to keep a per-client log of
 // frames, so that a wait that times out can say which requests were never answered.
 
-import readline from 'node:readline';
+import { send, serve } from '../common/json-lines.mjs';
 import { createRxDatabase, addRxPlugin } from 'rxdb';
 import { getRxStorageMemory } from 'rxdb/plugins/storage-memory';
 import { wrappedValidateAjvStorage } from 'rxdb/plugins/validate-ajv';
@@ -24,18 +24,9 @@ const DEFAULT_TIMEOUT_MS = 20000;
 const POLL_MS = 50;
 const WIRE_LOG_FRAMES = 4000;
 
-// stdout carries the protocol only: RxDB's own console output goes to stderr.
-const protocolOut = process.stdout;
-console.log = (...args) => console.error(...args);
-console.info = (...args) => console.error(...args);
-console.debug = (...args) => console.error(...args);
 
 disableWarnings();
 addRxPlugin(RxDBDevModePlugin);
-
-function send(message) {
-    protocolOut.write(JSON.stringify(message) + '\n');
-}
 
 function fatal(what, err) {
     const text = `${what}: ${err && err.stack ? err.stack : String(err)}`;
@@ -680,33 +671,4 @@ const commands = {
     }
 };
 
-async function handle(line) {
-    let cmd;
-    try {
-        cmd = JSON.parse(line);
-    } catch (err) {
-        send({ id: null, ok: false, error: `not a JSON command: ${line.slice(0, 200)}` });
-        return;
-    }
-    const run = commands[cmd.cmd];
-    if (!run) {
-        send({ id: cmd.id, ok: false, error: `unknown command ${JSON.stringify(cmd.cmd)}` });
-        return;
-    }
-    try {
-        const result = await run(cmd);
-        send({ id: cmd.id, ok: true, result: result === undefined ? null : result });
-    } catch (err) {
-        send({ id: cmd.id, ok: false, error: `${cmd.cmd}: ${err && err.message ? err.message : String(err)}` });
-    }
-}
-
-const input = readline.createInterface({ input: process.stdin });
-input.on('line', line => {
-    if (line.trim()) {
-        handle(line);
-    }
-});
-// The test went away: nothing is left to drive.
-input.on('close', () => process.exit(0));
-send({ ready: true });
+serve(commands);

@@ -19,7 +19,7 @@
 // Exceptions thrown inside the clients (e.g. by supabase-js on a frame it cannot handle) do
 // not end the process: they are kept, shown by every failed wait, and returned by `errors`.
 
-import readline from 'node:readline';
+import { send, serve } from '../common/json-lines.mjs';
 import { readFileSync } from 'node:fs';
 import { createClient, RealtimeClient } from '@supabase/supabase-js';
 import { WebSocket } from 'ws';
@@ -30,16 +30,6 @@ const WIRE_LOG_FRAMES = 3000;
 /** The installed version of package `name` (read from its package.json under node_modules). */
 const versionOf = name => JSON.parse(readFileSync(new URL(`./node_modules/${name}/package.json`, import.meta.url), 'utf8')).version;
 
-// stdout carries the protocol only.
-const protocolOut = process.stdout;
-console.log = (...args) => console.error(...args);
-console.info = (...args) => console.error(...args);
-console.debug = (...args) => console.error(...args);
-console.warn = (...args) => console.error(...args);
-
-function send(message) {
-    protocolOut.write(JSON.stringify(message) + '\n');
-}
 
 /** Exceptions thrown by client code outside a command (kept, never fatal). */
 const uncaught = [];
@@ -614,33 +604,4 @@ const commands = {
     }
 };
 
-async function handle(line) {
-    let cmd;
-    try {
-        cmd = JSON.parse(line);
-    } catch (err) {
-        send({ id: null, ok: false, error: `not a JSON command: ${line.slice(0, 200)}` });
-        return;
-    }
-    const run = commands[cmd.cmd];
-    if (!run) {
-        send({ id: cmd.id, ok: false, error: `unknown command ${JSON.stringify(cmd.cmd)}` });
-        return;
-    }
-    try {
-        const result = await run(cmd);
-        send({ id: cmd.id, ok: true, result: result === undefined ? null : result });
-    } catch (err) {
-        send({ id: cmd.id, ok: false, error: `${cmd.cmd}: ${err && err.message ? err.message : String(err)}` });
-    }
-}
-
-const input = readline.createInterface({ input: process.stdin });
-input.on('line', line => {
-    if (line.trim()) {
-        handle(line);
-    }
-});
-// The test went away: nothing is left to drive.
-input.on('close', () => process.exit(0));
-send({ ready: true });
+serve(commands);
