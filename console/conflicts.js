@@ -245,7 +245,8 @@ export class Conflicts {
           const out = await this.api.resolve(c.id, action);
           const seq = out.result?.seq;
           this.items.set(c.id, out.conflict);
-          this.lastResult = `Conflict #${c.id} resolved: ${RESOLUTION_TEXT[action.action]}${seq ? `, written as change ${seq}` : ''}.`;
+          const written = 'resolved_value' in out.conflict ? ` (${show(out.conflict.resolved_value)})` : '';
+          this.lastResult = `Conflict #${c.id} resolved: ${RESOLUTION_TEXT[action.action]}${written}${seq ? `, written as change ${seq}` : ''}.`;
           this.refreshCounts();
           await this.show(c.id, { keepFocus: true });
           const shown = this.detailEl.querySelector('.result');
@@ -297,6 +298,7 @@ export class Conflicts {
           c.resolution ? ['Resolution', RESOLUTION_TEXT[c.resolution] ?? c.resolution] : null,
           c.reviewed_by ? ['By', c.reviewed_by] : null,
           c.reviewed_at ? ['At', timeEl(c.reviewed_at)] : null,
+          'resolved_value' in c ? ['Value written', show(c.resolved_value)] : null,
           c.resolution_seq ? ['Written as change', String(c.resolution_seq)] : null,
         ], 'resolution-facts'),
         resultEl,

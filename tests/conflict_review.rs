@@ -234,8 +234,8 @@ async fn list_filters_paging_counts_and_one_conflict() {
     let page2 = api.get("/v1/conflicts", Some(&mgr), &[("limit", "2"), ("before_id", &before)]).await.1;
     assert_eq!(ids(&page2), vec![all_ids[2]]);
     assert_eq!(page2["next_before_id"], Value::Null);
-    // limit is bounded to 1..=conflict_page_max.
-    assert_eq!(count(&api.get("/v1/conflicts", Some(&mgr), &[("limit", "0")]).await.1), 1);
+    // limit is 1..=conflict_page_max: 0 is refused, a larger one lowered.
+    assert_error(api.get("/v1/conflicts", Some(&mgr), &[("limit", "0")]).await, 400, "invalid_filter");
     assert_eq!(count(&api.get("/v1/conflicts", Some(&mgr), &[("limit", "100000")]).await.1), 3);
 
     // Bad filters.
@@ -386,6 +386,9 @@ async fn resolutions_sync_as_ordinary_changes_and_are_logged() {
         assert_eq!(conflict["status"], "resolved");
         assert_eq!(conflict["resolution"], resolution);
         assert_eq!(conflict["resolution_seq"], seq);
+        assert_eq!(conflict["resolved_value"], price, "the value written is returned");
+        let (_, fetched) = api.get(&format!("/v1/conflicts/{id}"), Some(&mgr), &[]).await;
+        assert_eq!(fetched["conflict"]["resolved_value"], price, "and kept");
         assert_eq!(conflict["reviewed_by"], "mgr-1");
         assert!(conflict["reviewed_at"].is_string());
 

@@ -534,4 +534,7 @@ pub struct ConflictRecord {
     /// Seq of the change that wrote the resolution.
     #[serde(default)]
     pub resolution_seq: Option<u64>,
+    /// The value the resolution wrote, once resolved with a write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_value: Option<Value>,
 }

@@ -319,6 +319,7 @@ fn goldens() -> Vec<Golden> {
                     reviewed_at: None,
                     resolution: None,
                     resolution_seq: None,
+                    resolved_value: None,
                 }),
                 open: 3,
             },

@@ -64,7 +64,10 @@ impl ListQuery {
         };
         let since = date("since", self.since.as_deref())?;
         let until = date("until", self.until.as_deref())?;
-        let limit = self.limit.unwrap_or(hub.config.conflict_page_default).clamp(1, hub.config.conflict_page_max);
+        if self.limit == Some(0) {
+            return Err(invalid(format!("limit must be 1 to {} (conflict_page_max; a larger one is lowered to it)", hub.config.conflict_page_max)));
+        }
+        let limit = self.limit.unwrap_or(hub.config.conflict_page_default).min(hub.config.conflict_page_max);
         Ok(ConflictFilter {
             status,
             table: self.table,

@@ -111,6 +111,8 @@ struct ConflictRow {
     resolution: Option<String>,
     #[serde(default)]
     resolution_seq: Option<i64>,
+    #[serde(default)]
+    resolved_value: Option<Value>,
 }
 
 /// One `synchub.conflicts` row (`to_jsonb(c)`) as the wire's conflict record.
@@ -141,6 +143,7 @@ pub fn conflict_record(row: Value) -> Result<ConflictRecord> {
         reviewed_at: r.reviewed_at,
         resolution: r.resolution,
         resolution_seq: r.resolution_seq.map(|s| s as u64),
+        resolved_value: r.resolved_value,
     })
 }
 
@@ -488,6 +491,7 @@ mod tests {
         assert_eq!(record.incoming.version, None);
         assert_eq!(record.resolution.as_deref(), Some("keep"));
         assert_eq!(record.resolution_seq, Some(9));
+        assert_eq!(record.resolved_value, Some(json!(100)));
         assert_eq!(record.seq, None);
     }
 }
