@@ -12,6 +12,7 @@ const RESOLUTION_TEXT = {
   keep: 'kept the winning value',
   take_other: 'took the other value',
   value: 'wrote a new value',
+  dismiss: 'dismissed it (nothing written)',
 };
 
 export class Conflicts {
@@ -270,7 +271,9 @@ export class Conflicts {
           h('button', { type: 'button', class: 'primary', 'data-focus-key': 'keep', onclick: () => act({ action: 'keep' }, 'keep winner') },
             `Keep winner: ${show(winnerValue)}`),
           h('button', { type: 'button', class: 'primary', 'data-focus-key': 'take_other', onclick: () => act({ action: 'take_other' }, 'take other value') },
-            `Take other value: ${show(otherValue)}`)),
+            `Take other value: ${show(otherValue)}`),
+          h('button', { type: 'button', 'data-focus-key': 'dismiss', onclick: () => act({ action: 'dismiss' }, 'dismiss') },
+            'Dismiss (write nothing)')),
         h('form', {
           class: 'new-value',
           novalidate: true,

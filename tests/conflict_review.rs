@@ -812,3 +812,41 @@ async fn the_open_conflict_count_follows_every_statement_on_the_conflicts_table(
     assert!(left[0] > 0 && left[0] < 7, "{left:?}");
     hub.shutdown().await;
 }
+
+#[actix_web::test]
+async fn a_dismissal_writes_nothing_and_is_recorded_and_told() {
+    let hub = TestHub::start().await;
+    let api = Api::of(&hub);
+    let mgr = manager(TENANT);
+    let mut a = Dev::connect(&hub, TENANT, "pos-1").await;
+    let mut b = Dev::connect(&hub, TENANT, "pos-2").await;
+    let (mut board, _) = Client::dashboard(&hub, TENANT, "mgr-2", "Manager").await;
+    let id = board.send_subscribe("conflicts", None, vec![], false, Some(protocol::Channel::Conflicts)).await;
+    board.expect(|f| matches!(f, ServerFrame::Subscribed { id: got, .. } if *got == id).then_some(())).await;
+    let (key, _) = price_conflict(&mut a, &mut b, 200, 300, true).await;
+    let conflict = conflict_of(&api, TENANT, &key).await;
+    let id = conflict["id"].as_i64().unwrap();
+    assert_eq!(next_conflict_news(&mut board).await.2, 1, "opened");
+    let (_, before) = api.get(&format!("/v1/conflicts/{id}"), Some(&mgr), &[]).await;
+
+    let (status, dismissed) = api.post(&format!("/v1/conflicts/{id}/resolve"), Some(&mgr), &json!({"action": "dismiss"})).await;
+    assert_eq!(status, 200, "{dismissed}");
+    let record = &dismissed["conflict"];
+    assert_eq!((record["status"].as_str(), record["reviewed_by"].as_str()), (Some("dismissed"), Some("mgr-1")));
+    assert!(record["reviewed_at"].is_string());
+    assert_eq!((&record["resolution_seq"], record.get("resolved_value")), (&Value::Null, None), "nothing written: {record}");
+    let (event, told, open) = next_conflict_news(&mut board).await;
+    assert_eq!((event, told.id, told.status, open), (protocol::ConflictEvent::Resolved, id, protocol::ReviewStatus::Dismissed, 0));
+    let (_, after) = api.get(&format!("/v1/conflicts/{id}"), Some(&mgr), &[]).await;
+    assert_eq!(after["current"], before["current"], "the row and its version are as they were");
+    let (_, counts) = api.get("/v1/conflicts/counts", Some(&mgr), &[]).await;
+    assert_eq!(counts, json!({"open": 0, "resolved": 0, "dismissed": 1}));
+    let (_, listed) = api.get("/v1/conflicts", Some(&mgr), &[("status", "dismissed")]).await;
+    assert_eq!(ids(&listed), vec![id]);
+
+    // A dismissed conflict is no longer open: neither dismissed nor resolved again.
+    for body in [json!({"action": "dismiss"}), json!({"action": "keep"})] {
+        assert_error(api.post(&format!("/v1/conflicts/{id}/resolve"), Some(&mgr), &body).await, 409, "conflict_not_open");
+    }
+    hub.shutdown().await;
+}

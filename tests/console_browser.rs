@@ -1,8 +1,9 @@
 //! The manager console (`/console`) end to end: its files are served with the right types and
 //! a strict Content-Security-Policy; and, in Debian's headless `chromium` driven by
 //! `playwright-core` (tests/browser/console.mjs), a manager signs in, watches a device push a
-//! conflicting change, reviews it side by side and resolves it with the keyboard, and the
-//! device receives the resolution as an ordinary delta; a broadcast shows as a banner.
+//! conflicting change, reviews it side by side and resolves it with the keyboard (the value
+//! written shown), and the device receives the resolution as an ordinary delta; a second
+//! conflict is dismissed, writing nothing; a broadcast shows as a banner.
 //!
 //! The test installs what it needs when it is missing (it runs as root on a fresh Debian
 //! machine under `cargo test --workspace`): `chromium` with apt-get, and playwright-core (pinned
@@ -114,6 +115,10 @@ async fn manager_resolves_a_conflict_in_the_browser_and_the_device_receives_it()
     let now = now_ms();
     let written = a.push(vec![upsert("products", json!({"id": id}), product(id, "Flat white", 380), 1, now, 0)]).await;
     assert_eq!(written[0].status, ChangeStatus::Applied);
+    // A second product, whose conflict the manager dismisses.
+    let dismissed_id = Uuid::new_v4();
+    let written = a.push(vec![upsert("products", json!({"id": dismissed_id}), product(dismissed_id, "Oat milk", 90), 2, now, 0)]).await;
+    assert_eq!(written[0].status, ChangeStatus::Applied);
 
     let screenshot = target_dir().join("console-e2e.png");
     std::fs::create_dir_all(target_dir()).unwrap();
@@ -181,6 +186,12 @@ async fn manager_resolves_a_conflict_in_the_browser_and_the_device_receives_it()
             stdin.write_all(b"pushed\n").await.unwrap();
             stdin.flush().await.unwrap();
             pushed = true;
+        }
+        if line == "console-e2e: ready for a second conflict" {
+            let results = b.push(vec![upsert("products", json!({"id": dismissed_id}), json!({"price_cents": 70}), 2, now - 60_000, 0)]).await;
+            assert_eq!(results[0].status, ChangeStatus::Conflict, "B's older write conflicts: {results:?}");
+            stdin.write_all(b"pushed\n").await.unwrap();
+            stdin.flush().await.unwrap();
         }
     }
     let status = tokio::time::timeout_at(deadline, node.wait()).await.expect("node exits").expect("node runs");

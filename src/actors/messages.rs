@@ -181,6 +181,11 @@ impl SharedServerFrame {
     }
 }
 
+/// Conflicts reviewed outside a commit (a dismissal), for the sessions watching them.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct TellConflicts(pub ConflictNews);
+
 /// Rows were written to the tenant's log by someone else (another SQL client).
 #[derive(Message)]
 #[rtype(result = "()")]

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 
 use super::messages::{
     ApplyBatch, Broadcast, ConflictNews, JoinTopic, LeaveTopic, LiveFrame, LogAppended, Notice, RecentLog, SessionControl, SharedFrame,
-    SharedServerFrame, Subscribe, Topic, TopicEventKind, Track, Unsubscribe, Watch,
+    SharedServerFrame, Subscribe, TellConflicts, Topic, TopicEventKind, Track, Unsubscribe, Watch,
 };
 use super::topics::{Deliveries, Topics};
 use super::registry::TenantRegistry;
@@ -731,6 +731,14 @@ impl Handler<Track> for TenantActor {
     fn handle(&mut self, msg: Track, _ctx: &mut Context<Self>) {
         let deliveries = self.topics.track(msg.session, &msg.topic, msg.key, msg.meta);
         self.deliver_topic_events(deliveries);
+    }
+}
+
+impl Handler<TellConflicts> for TenantActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: TellConflicts, _ctx: &mut Context<Self>) {
+        self.tell_conflicts(msg.0);
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use actix_web::{web, HttpResponse};
-use protocol::{Change, ChangeStatus, ConflictRecord, ErrorCode, Hlc, Object, Op, ReviewStatus};
+use protocol::{Change, ChangeStatus, ConflictEvent, ConflictRecord, ErrorCode, Hlc, Object, Op, ReviewStatus};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -15,6 +15,7 @@ use uuid::Uuid;
 use super::auth::Manager;
 use super::error::ApiError;
 use super::{check_accepting, submit};
+use crate::actors::messages::{ConflictNews, TellConflicts};
 use crate::actors::sweep::unix_ms;
 use crate::error::Error;
 use crate::ids::{DeviceId, CONSOLE_DEVICE_PREFIX};
@@ -113,6 +114,8 @@ pub enum ResolveBody {
     Keep,
     TakeOther,
     Value { value: Value },
+    /// Close the conflict without writing anything.
+    Dismiss,
 }
 
 /// The change that writes a resolution, at the row's current version so that it does not
@@ -146,8 +149,26 @@ fn resolution_change(conflict: &ConflictRecord, body: &ResolveBody, version: u64
         ResolveBody::Keep => winner.value.clone(),
         ResolveBody::TakeOther => loser.value.clone(),
         ResolveBody::Value { value } => value.clone(),
+        // Handled by `dismiss`, before any write is made.
+        ResolveBody::Dismiss => return Err(ApiError(Error::Internal("a dismissal writes nothing".into()))),
     };
     Ok(change(Op::Upsert, Object::from_iter([(conflict.field.clone(), value)])))
+}
+
+/// `{"action": "dismiss"}`: the conflict is closed as `dismissed` with nothing written, and the
+/// sessions watching conflicts are told (a `resolved` event whose record says `dismissed`).
+async fn dismiss(hub: &Hub, manager: &Manager, id: i64) -> Result<HttpResponse, ApiError> {
+    let identity = &manager.0;
+    let Some((conflict, open)) = hub.store.dismiss_conflict(&identity.tenant, id, identity.user.as_str()).await? else {
+        return Err(ApiError::new(ErrorCode::ConflictNotOpen, format!("conflict {id} is not open")));
+    };
+    if let Some(actor) = hub.registry.running(&identity.tenant) {
+        let news = ConflictNews { events: vec![(ConflictEvent::Resolved, conflict.clone())], open };
+        // Best effort, as every conflict event: the review API lists them all.
+        let _ = actor.try_send(TellConflicts(news));
+    }
+    hub.metrics.conflict_resolutions.fetch_add(1, Ordering::Relaxed);
+    Ok(HttpResponse::Ok().json(json!({ "conflict": conflict })))
 }
 
 /// `POST /v1/conflicts/{id}/resolve`
@@ -164,12 +185,16 @@ pub async fn resolve(
     if conflict.status != ReviewStatus::Open {
         return Err(ApiError::new(ErrorCode::ConflictNotOpen, format!("conflict {id} is not open")));
     }
-    let (row, version) = hub.store.current_row(&identity.tenant, &conflict.table, &conflict.key).await?;
     let body = body.into_inner();
+    if matches!(body, ResolveBody::Dismiss) {
+        return dismiss(&hub, &manager, id).await;
+    }
+    let (row, version) = hub.store.current_row(&identity.tenant, &conflict.table, &conflict.key).await?;
     let resolution = match body {
         ResolveBody::Keep => Resolution::Keep,
         ResolveBody::TakeOther => Resolution::TakeOther,
-        ResolveBody::Value { .. } => Resolution::Value,
+        // (`Dismiss` returned above.)
+        ResolveBody::Value { .. } | ResolveBody::Dismiss => Resolution::Value,
     };
     let change = resolution_change(&conflict, &body, version, row.is_some())?;
     let input = BatchInput {

@@ -324,6 +324,32 @@ impl Store {
         Ok(n.unwrap_or(0) as u64)
     }
 
+    /// Dismiss an open conflict: nothing is written, the review (`reviewed_by`, `reviewed_at`) is
+    /// recorded. The record and the tenant's open count after it; `None` when the conflict is
+    /// not open (or not the tenant's).
+    pub async fn dismiss_conflict(&self, tenant: &TenantId, id: i64, user: &str) -> Result<Option<(ConflictRecord, u64)>> {
+        let mut tx = self.begin_tenant(tenant).await?;
+        // The tenant's row first, as a group commit takes it, then the conflict's (whose update
+        // moves the open count on the tenant's row): the same order, so no deadlock with a
+        // group that resolves the same conflict.
+        sqlx::query("select 1 from synchub.tenants where tenant_id = $1 for update").bind(tenant.as_str()).execute(&mut *tx).await?;
+        let row: Option<Value> = sqlx::query_scalar(
+            "update synchub.conflicts c set review_status = 'dismissed', reviewed_by = $3, reviewed_at = now() \
+             where c.tenant_id = $1 and c.conflict_id = $2 and c.review_status = 'open' returning to_jsonb(c)",
+        )
+        .bind(tenant.as_str())
+        .bind(id)
+        .bind(user)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let open: Option<i64> = sqlx::query_scalar("select open_conflicts from synchub.tenants where tenant_id = $1")
+            .bind(tenant.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        row.map(|row| Ok((conflict_record(row)?, open.unwrap_or(0) as u64))).transpose()
+    }
+
     /// One conflict of the tenant; `None` when there is none with this id in the tenant.
     pub async fn conflict(&self, tenant: &TenantId, id: i64) -> Result<Option<ConflictRecord>> {
         let _read = self.read_permit().await?;

@@ -141,7 +141,7 @@ try {
     await cond.getByLabel('Operator').selectOption('gte');
     await cond.getByLabel('Value').fill('0');
     await page.getByRole('button', { name: 'Subscribe' }).click();
-    await page.locator('#feed .entry.snapshot', { hasText: '1 row' }).waitFor();
+    await page.locator('#feed .entry.snapshot', { hasText: '2 rows' }).waitFor();
   });
 
   await check('presence shows the devices', async () => {
@@ -229,6 +229,22 @@ try {
     await page.locator('#badge-text', { hasText: 'Conflicts: 0 open' }).waitFor();
     await page.locator('#feed .entry.update', { hasText: other }).first().waitFor();
     await page.locator('#conflict-detail .current', { hasText: other }).waitFor();
+    await page.locator('#conflict-detail .resolution-facts', { hasText: other }).waitFor();
+  });
+
+  say('ready for a second conflict');
+  await check('a second conflict is dismissed: nothing written', async () => {
+    const line = await Promise.race([nextStdinLine(), new Promise((r) => setTimeout(() => r(null), 60000))]);
+    expect(line !== null, 'the test did not say that it pushed the second conflicting change');
+    await page.locator('#badge-text', { hasText: 'Conflicts: 1 open' }).waitFor();
+    await page.locator('#conflict-list li', { hasText: '70' }).first().locator('.conflict-open').click();
+    await page.locator('#conflict-detail .sides').waitFor();
+    await page.getByRole('button', { name: 'Dismiss (write nothing)' }).click();
+    await page.locator('#conflict-detail .resolve.done', { hasText: 'Dismissed' }).waitFor();
+    await page.locator('#conflict-detail .result', { hasText: 'dismissed it (nothing written)' }).waitFor();
+    await page.locator('#badge-text', { hasText: 'Conflicts: 0 open' }).waitFor();
+    expect(!(await page.locator('#conflict-detail .resolution-facts').innerText()).includes('Value written'), 'a dismissal wrote a value');
+    await page.locator('#conflict-detail .current', { hasText: '90' }).waitFor();
   });
 
   await check('phone width: nothing overflows after resolving', async () => {
