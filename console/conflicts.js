@@ -238,7 +238,11 @@ export class Conflicts {
     if (c.status === 'open') {
       const valueId = `new-value-${c.id}`;
       const busy = (on) => resolveSection.querySelectorAll('button, input').forEach((el) => { el.disabled = on; });
+      // A resolution is based on the value this page shows: the hub refuses it (stale_conflict)
+      // if the field holds another one by then.
+      const seen = row ? { expected: row[c.field] ?? null } : {};
       const act = async (action, label) => {
+        if (action.action !== 'dismiss') action = { ...action, ...seen };
         errorEl.textContent = '';
         resultEl.textContent = `Resolving: ${label}…`;
         busy(true);
@@ -260,6 +264,13 @@ export class Conflicts {
           resultEl.textContent = '';
           errorEl.textContent = `Could not resolve conflict #${c.id}: ${describe(err)}`;
           if (err instanceof ApiError && err.code === 'conflict_not_open') this.show(c.id, { keepFocus: true });
+          if (err instanceof ApiError && err.code === 'stale_conflict') {
+            // Show the value the field holds now, and ask again.
+            const message = `${c.field} changed since this page showed it; nothing was written. Its current value is shown below: choose again.`;
+            await this.show(c.id, { keepFocus: true });
+            const shownError = this.detailEl.querySelector('.resolve .error');
+            if (shownError) shownError.textContent = message;
+          }
         }
       };
       const winnerValue = c[winnerSide]?.value;

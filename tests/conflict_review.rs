@@ -125,6 +125,11 @@ async fn next_conflict_news(c: &mut Client) -> (protocol::ConflictEvent, protoco
     .await
 }
 
+/// The tenant's head seq, as Postgres holds it.
+async fn head_of(hub: &TestHub, tenant: &str) -> i64 {
+    sqlx::query_scalar("select head_seq from synchub.tenants where tenant_id = $1").bind(tenant).fetch_one(&hub.db).await.unwrap()
+}
+
 /// The next live delta (the row's, from `origin`) a device receives.
 async fn delta_from(c: &mut Client, origin: &str) -> protocol::Delta {
     loop {
@@ -373,8 +378,22 @@ async fn resolutions_sync_as_ordinary_changes_and_are_logged() {
     assert_eq!(news[0].1.incoming.value, json!(300));
     assert_eq!(news[0].1.server.value, json!(200));
 
-    let cases = [(c1, &k1, json!({"action": "keep"}), 300, "keep"), (c2, &k2, json!({"action": "take_other"}), 400, "take_other"), (c3, &k3, json!({"action": "value", "value": 777}), 777, "value")];
+    // Keeping the value that is already there writes nothing: no change, no delta.
+    let head_before = head_of(&hub, TENANT).await;
+    let (status, kept) = api.post(&format!("/v1/conflicts/{c1}/resolve"), Some(&mgr), &json!({"action": "keep"})).await;
+    assert_eq!(status, 200, "{kept}");
+    assert_eq!((kept["result"]["status"].as_str(), &kept["result"]["seq"]), (Some("applied"), &Value::Null), "nothing written: {kept}");
+    let conflict = &kept["conflict"];
+    assert_eq!((conflict["status"].as_str(), conflict["resolution"].as_str()), (Some("resolved"), Some("keep")));
+    assert_eq!((&conflict["resolution_seq"], &conflict["resolved_value"]), (&Value::Null, &json!(300)));
+    assert_eq!(head_of(&hub, TENANT).await, head_before, "no change was logged");
+    let (event, record, open) = next_conflict_news(&mut board).await;
+    assert_eq!((event, record.id, open), (Resolved, c1, 2));
+    let _ = k1;
+
+    let cases = [(c2, &k2, json!({"action": "take_other"}), 400, "take_other"), (c3, &k3, json!({"action": "value", "value": 777}), 777, "value")];
     for (n, (id, key, body, price, resolution)) in cases.into_iter().enumerate() {
+        let n = n + 1;
         let (status, resolved) = api.post(&format!("/v1/conflicts/{id}/resolve"), Some(&mgr), &body).await;
         assert_eq!(status, 200, "{resolved}");
         let result = &resolved["result"];
@@ -848,5 +867,41 @@ async fn a_dismissal_writes_nothing_and_is_recorded_and_told() {
     for body in [json!({"action": "dismiss"}), json!({"action": "keep"})] {
         assert_error(api.post(&format!("/v1/conflicts/{id}/resolve"), Some(&mgr), &body).await, 409, "conflict_not_open");
     }
+    hub.shutdown().await;
+}
+
+#[actix_web::test]
+async fn a_resolution_based_on_a_value_that_changed_is_refused_and_writes_nothing() {
+    let hub = TestHub::start().await;
+    let api = Api::of(&hub);
+    let mgr = manager(TENANT);
+    let mut a = Dev::connect(&hub, TENANT, "pos-1").await;
+    let mut b = Dev::connect(&hub, TENANT, "pos-2").await;
+    let (key, version) = price_conflict(&mut a, &mut b, 200, 300, true).await; // incoming (300) won
+    let id = conflict_of(&api, TENANT, &key).await["id"].as_i64().unwrap();
+    // The field moves on after the conflict: 300 → 270, by another write.
+    let moved = a.upsert("products", key.clone(), json!({"price_cents": 270}), now_ms(), version).await;
+    assert_eq!(moved.status, ChangeStatus::Applied, "{moved:?}");
+    let head = head_of(&hub, TENANT).await;
+
+    // "Keep 300" now would overwrite 270: refused, nothing written, the conflict stays open.
+    for body in [json!({"action": "keep"}), json!({"action": "take_other"}), json!({"action": "value", "value": 1}), json!({"action": "keep", "expected": 300})] {
+        let (status, refused) = api.post(&format!("/v1/conflicts/{id}/resolve"), Some(&mgr), &body).await;
+        assert_eq!((status, refused["code"].as_str()), (409, Some("stale_conflict")), "{body}: {refused}");
+        assert!(refused["message"].as_str().is_some_and(|m| m.contains("price_cents")), "{refused}");
+    }
+    assert_eq!(head_of(&hub, TENANT).await, head, "nothing was written");
+    let (_, current) = api.get(&format!("/v1/conflicts/{id}"), Some(&mgr), &[]).await;
+    assert_eq!((current["conflict"]["status"].as_str(), &current["current"]["row"]["price_cents"]), (Some("open"), &json!(270)));
+    let (_, counts) = api.get("/v1/conflicts/counts", Some(&mgr), &[]).await;
+    assert_eq!(counts["open"], 1, "no conflict was logged by the refusals: {counts}");
+
+    // Based on what the manager now sees (270), keeping the winner writes it.
+    let (status, resolved) = api.post(&format!("/v1/conflicts/{id}/resolve"), Some(&mgr), &json!({"action": "keep", "expected": 270})).await;
+    assert_eq!(status, 200, "{resolved}");
+    assert!(resolved["result"]["seq"].as_u64().is_some(), "written: {resolved}");
+    assert_eq!(resolved["conflict"]["resolved_value"], 300);
+    let (_, after) = api.get(&format!("/v1/conflicts/{id}"), Some(&mgr), &[]).await;
+    assert_eq!(after["current"]["row"]["price_cents"], 300);
     hub.shutdown().await;
 }

@@ -119,6 +119,7 @@ async fn manager_resolves_a_conflict_in_the_browser_and_the_device_receives_it()
     let dismissed_id = Uuid::new_v4();
     let written = a.push(vec![upsert("products", json!({"id": dismissed_id}), product(dismissed_id, "Oat milk", 90), 2, now, 0)]).await;
     assert_eq!(written[0].status, ChangeStatus::Applied);
+    let oat_milk_version = written[0].seq.expect("written");
 
     let screenshot = target_dir().join("console-e2e.png");
     std::fs::create_dir_all(target_dir()).unwrap();
@@ -186,6 +187,13 @@ async fn manager_resolves_a_conflict_in_the_browser_and_the_device_receives_it()
             stdin.write_all(b"pushed\n").await.unwrap();
             stdin.flush().await.unwrap();
             pushed = true;
+        }
+        if line == "console-e2e: showing the second conflict" {
+            // While the manager looks at it, the price moves on (90 → 95).
+            let results = a.push(vec![upsert("products", json!({"id": dismissed_id}), json!({"price_cents": 95}), 3, now_ms(), oat_milk_version)]).await;
+            assert_eq!(results[0].status, ChangeStatus::Applied, "{results:?}");
+            stdin.write_all(b"moved\n").await.unwrap();
+            stdin.flush().await.unwrap();
         }
         if line == "console-e2e: ready for a second conflict" {
             let results = b.push(vec![upsert("products", json!({"id": dismissed_id}), json!({"price_cents": 70}), 2, now - 60_000, 0)]).await;

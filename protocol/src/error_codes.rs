@@ -68,6 +68,10 @@ pub enum ErrorCode {
     NotFound,
     /// The conflict was already resolved or dismissed (HTTP API).
     ConflictNotOpen,
+    /// The conflict's field no longer holds the value the resolution was based on: it changed
+    /// since the conflict, or since the value the reviewer saw (`expected`). Nothing was
+    /// written; look at the current value and decide again (HTTP API).
+    StaleConflict,
     /// The change's `change_id` belongs to another change: an earlier one of the same batch
     /// or group, or one the hub already committed under another device or device_seq.
     ChangeIdReused,
@@ -115,6 +119,7 @@ impl ErrorCode {
             ErrorCode::InvalidFilter => "invalid_filter",
             ErrorCode::NotFound => "not_found",
             ErrorCode::ConflictNotOpen => "conflict_not_open",
+            ErrorCode::StaleConflict => "stale_conflict",
             ErrorCode::ChangeIdReused => "change_id_reused",
             ErrorCode::RateLimited => "rate_limited",
         }

@@ -779,6 +779,7 @@ const ALL_ERROR_CODES: [ErrorCode; 32] = [
     ErrorCode::InvalidFilter,
     ErrorCode::NotFound,
     ErrorCode::ConflictNotOpen,
+    ErrorCode::StaleConflict,
     ErrorCode::ChangeIdReused,
     ErrorCode::RateLimited,
 ];
@@ -818,6 +819,7 @@ fn error_code_index(c: ErrorCode) -> usize {
         ConflictNotOpen => 29,
         ChangeIdReused => 30,
         RateLimited => 31,
+        StaleConflict => 32,
     }
 }
 

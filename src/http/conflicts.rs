@@ -22,6 +22,7 @@ use crate::ids::{DeviceId, CONSOLE_DEVICE_PREFIX};
 use crate::server::Hub;
 use crate::storage::apply::BatchInput;
 use crate::storage::conflicts::{ConflictFilter, ResolveConflict, Resolution, Timestamp};
+use crate::sync::conditional::WriteCondition;
 
 /// Longest table or device name accepted as a filter, characters.
 const MAX_FILTER_NAME_CHARS: usize = 200;
@@ -108,14 +109,55 @@ pub async fn get(hub: web::Data<Arc<Hub>>, manager: Manager, id: web::Path<i64>)
     Ok(HttpResponse::Ok().json(json!({"conflict": conflict, "current": {"row": row, "version": version}})))
 }
 
+/// A resolution. `expected` is the field's value the reviewer saw (null included); without it,
+/// the value the field held right after the conflict (the winner's). The resolution is written
+/// only if the field still holds it, else it is refused `stale_conflict`.
 #[derive(Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum ResolveBody {
-    Keep,
-    TakeOther,
-    Value { value: Value },
+    Keep {
+        #[serde(default, deserialize_with = "present")]
+        expected: Option<Value>,
+    },
+    TakeOther {
+        #[serde(default, deserialize_with = "present")]
+        expected: Option<Value>,
+    },
+    Value {
+        value: Value,
+        #[serde(default, deserialize_with = "present")]
+        expected: Option<Value>,
+    },
     /// Close the conflict without writing anything.
     Dismiss,
+}
+
+/// A field that is present, null included (absent is `None`, by `default`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+impl ResolveBody {
+    fn expected(&self) -> Option<&Value> {
+        match self {
+            ResolveBody::Keep { expected } | ResolveBody::TakeOther { expected } | ResolveBody::Value { expected, .. } => expected.as_ref(),
+            ResolveBody::Dismiss => None,
+        }
+    }
+}
+
+/// The condition a resolution is written under: the field still holds `expected` (or the
+/// winner's value). A "keep" whose value is already there then writes nothing.
+fn resolution_condition(conflict: &ConflictRecord, body: &ResolveBody) -> WriteCondition {
+    let winner = if conflict.winner == "server" { &conflict.server } else { &conflict.incoming };
+    let expected = body.expected().unwrap_or(&winner.value).clone();
+    WriteCondition {
+        assumed: Some(Object::from_iter([(conflict.field.clone(), expected)])),
+        assumed_deleted: false,
+        compared: Arc::from(vec![conflict.field.clone()]),
+        merge: false,
+        refuse: Some(ErrorCode::StaleConflict),
+    }
 }
 
 /// The change that writes a resolution, at the row's current version so that it does not
@@ -137,7 +179,7 @@ fn resolution_change(conflict: &ConflictRecord, body: &ResolveBody, version: u64
     let value = match body {
         // A delete won: keeping it writes nothing more (a delete of the missing row, logged as
         // the resolution without a seq).
-        ResolveBody::Keep if by_delete => {
+        ResolveBody::Keep { .. } if by_delete => {
             if row_exists {
                 return Err(ApiError::new(
                     ErrorCode::ConflictNotOpen,
@@ -146,9 +188,9 @@ fn resolution_change(conflict: &ConflictRecord, body: &ResolveBody, version: u64
             }
             return Ok(change(Op::Delete, Object::new()));
         }
-        ResolveBody::Keep => winner.value.clone(),
-        ResolveBody::TakeOther => loser.value.clone(),
-        ResolveBody::Value { value } => value.clone(),
+        ResolveBody::Keep { .. } => winner.value.clone(),
+        ResolveBody::TakeOther { .. } => loser.value.clone(),
+        ResolveBody::Value { value, .. } => value.clone(),
         // Handled by `dismiss`, before any write is made.
         ResolveBody::Dismiss => return Err(ApiError(Error::Internal("a dismissal writes nothing".into()))),
     };
@@ -191,12 +233,15 @@ pub async fn resolve(
     }
     let (row, version) = hub.store.current_row(&identity.tenant, &conflict.table, &conflict.key).await?;
     let resolution = match body {
-        ResolveBody::Keep => Resolution::Keep,
-        ResolveBody::TakeOther => Resolution::TakeOther,
+        ResolveBody::Keep { .. } => Resolution::Keep,
+        ResolveBody::TakeOther { .. } => Resolution::TakeOther,
         // (`Dismiss` returned above.)
         ResolveBody::Value { .. } | ResolveBody::Dismiss => Resolution::Value,
     };
     let change = resolution_change(&conflict, &body, version, row.is_some())?;
+    // Conditional on what the reviewer saw while the row is there (a deleted row is answered
+    // `row_deleted` by the merge, as before).
+    let conditions = if row.is_some() && change.op == Op::Upsert { vec![Some(resolution_condition(&conflict, &body))] } else { Vec::new() };
     let input = BatchInput {
         device: DeviceId::new(format!("{CONSOLE_DEVICE_PREFIX}{}", identity.user)),
         user: identity.user.clone(),
@@ -206,7 +251,7 @@ pub async fn resolve(
         resolves: Some(ResolveConflict { conflict_id: id, resolution }),
         // Managers only (`manager_roles`): a review is not bound by device rules.
         access: None,
-        conditions: Vec::new(),
+        conditions,
     };
     let result = submit(&hub, &identity.tenant, input)
         .await?
@@ -216,6 +261,10 @@ pub async fn resolve(
         let code = result.reason.unwrap_or(ErrorCode::Internal);
         let message = match code {
             ErrorCode::RowDeleted => "the row has been deleted; a resolution cannot re-create it".to_string(),
+            ErrorCode::StaleConflict => format!(
+                "`{}` changed since the conflict (or since the value given in `expected`); nothing was written: look at its current value and resolve again",
+                conflict.field
+            ),
             _ => result.message.clone().unwrap_or_else(|| "the resolution was refused".into()),
         };
         return Err(ApiError::new(code, message));

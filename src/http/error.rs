@@ -39,7 +39,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         InvalidToken | TokenExpired | NotAuthenticated => StatusCode::UNAUTHORIZED,
         Forbidden => StatusCode::FORBIDDEN,
         NotFound => StatusCode::NOT_FOUND,
-        ConflictNotOpen | RowDeleted => StatusCode::CONFLICT,
+        ConflictNotOpen | RowDeleted | StaleConflict => StatusCode::CONFLICT,
         BatchTooLarge | ValueTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         Busy | Unavailable | ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         Internal => StatusCode::INTERNAL_SERVER_ERROR,

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use protocol::{ChangeStatus, Hlc, Object, Op};
+use protocol::{ChangeStatus, ErrorCode, Hlc, Object, Op};
 use serde_json::Value;
 
 use super::merge::{self, Decision, Effect, FieldClock, FieldConflict, Incoming, RowState, Winner};
@@ -25,6 +25,9 @@ pub struct WriteCondition {
     /// is the one assumed was seen by the writer and is simply written; the others were written
     /// concurrently and are merged by the table's policy, with their conflicts logged.
     pub merge: bool,
+    /// Refuse with this code instead of logging a conflict when the stored row is not the one
+    /// assumed (a reviewer's resolution based on a value that has changed since).
+    pub refuse: Option<ErrorCode>,
 }
 
 /// Whether a conditional change may be written.
@@ -75,6 +78,9 @@ pub fn decide(condition: &WriteCondition, row: &RowState, change: &Incoming<'_>,
         return merged(condition, row, change, policy, column_type);
     }
     match verdict(condition, row, column_type) {
+        Verdict::Conflict if condition.refuse.is_some() => {
+            Decision { status: ChangeStatus::Rejected, effect: Effect::Nothing, lost_fields: vec![], conflicts: vec![], rejection: condition.refuse }
+        }
         Verdict::Pass if is_revival(row, change.op) => revival(change),
         Verdict::Pass => {
             let fields = changed_fields(change.fields, row.values.as_ref(), column_type);
@@ -244,7 +250,7 @@ mod tests {
     }
 
     fn condition(assumed: Option<Value>, deleted: bool) -> WriteCondition {
-        WriteCondition { assumed: assumed.map(obj), assumed_deleted: deleted, compared: COLUMNS.iter().map(|c| c.to_string()).collect(), merge: false }
+        WriteCondition { assumed: assumed.map(obj), assumed_deleted: deleted, compared: COLUMNS.iter().map(|c| c.to_string()).collect(), merge: false, refuse: None }
     }
 
     /// The document a client saw of `row`: its compared columns, values as it was handed them.
@@ -400,7 +406,7 @@ mod tests {
             let compared: Arc<[String]> = ["a", "b", "c", "d"].iter().map(|c| c.to_string()).collect();
             let row = RowState { values: Some(values.clone()), version: 5, clocks: Default::default(), deleted: None };
             let change = upsert(&fields);
-            let same = WriteCondition { assumed: Some(values.clone()), assumed_deleted: false, compared: compared.clone(), merge: false };
+            let same = WriteCondition { assumed: Some(values.clone()), assumed_deleted: false, compared: compared.clone(), merge: false, refuse: None };
             prop_assert_eq!(verdict(&same, &row, &loose), Verdict::Pass);
             let d = decide(&same, &row, &change, MergePolicy::Lww, &loose);
             prop_assert_eq!(d.status, ChangeStatus::Applied);
@@ -410,7 +416,7 @@ mod tests {
             let mut assumed = values.clone();
             assumed.insert(column.to_string(), other.clone());
             let differs = value_of(&values, column) != &other;
-            let cond = WriteCondition { assumed: Some(assumed), assumed_deleted: false, compared, merge: false };
+            let cond = WriteCondition { assumed: Some(assumed), assumed_deleted: false, compared, merge: false, refuse: None };
             prop_assert_eq!(verdict(&cond, &row, &loose) == Verdict::Conflict, differs);
             if differs {
                 let d = decide(&cond, &row, &change, MergePolicy::Lww, &loose);

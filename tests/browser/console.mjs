@@ -233,18 +233,27 @@ try {
   });
 
   say('ready for a second conflict');
-  await check('a second conflict is dismissed: nothing written', async () => {
+  await check('a second conflict: a stale keep is refused, then it is dismissed, nothing written', async () => {
     const line = await Promise.race([nextStdinLine(), new Promise((r) => setTimeout(() => r(null), 60000))]);
     expect(line !== null, 'the test did not say that it pushed the second conflicting change');
     await page.locator('#badge-text', { hasText: 'Conflicts: 1 open' }).waitFor();
     await page.locator('#conflict-list li', { hasText: '70' }).first().locator('.conflict-open').click();
     await page.locator('#conflict-detail .sides').waitFor();
+    await page.locator('#conflict-detail .current', { hasText: '90' }).waitFor();
+    // The price moves on while the page shows 90: keeping the winner now is refused.
+    say('showing the second conflict');
+    const moved = await Promise.race([nextStdinLine(), new Promise((r) => setTimeout(() => r(null), 60000))]);
+    expect(moved !== null, 'the test did not say that the price moved');
+    await page.getByRole('button', { name: /^Keep winner/ }).click();
+    await page.locator('#conflict-detail .resolve .error', { hasText: 'changed since this page showed it' }).waitFor();
+    await page.locator('#conflict-detail .current strong', { hasText: '95' }).waitFor();
+    await page.locator('#badge-text', { hasText: 'Conflicts: 1 open' }).waitFor();
     await page.getByRole('button', { name: 'Dismiss (write nothing)' }).click();
     await page.locator('#conflict-detail .resolve.done', { hasText: 'Dismissed' }).waitFor();
     await page.locator('#conflict-detail .result', { hasText: 'dismissed it (nothing written)' }).waitFor();
     await page.locator('#badge-text', { hasText: 'Conflicts: 0 open' }).waitFor();
     expect(!(await page.locator('#conflict-detail .resolution-facts').innerText()).includes('Value written'), 'a dismissal wrote a value');
-    await page.locator('#conflict-detail .current', { hasText: '90' }).waitFor();
+    await page.locator('#conflict-detail .current', { hasText: '95' }).waitFor();
   });
 
   await check('phone width: nothing overflows after resolving', async () => {

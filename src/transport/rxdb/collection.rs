@@ -165,6 +165,7 @@ impl Collection {
             assumed_deleted: assumed.is_some_and(|a| Self::deleted(a).unwrap_or(false)),
             assumed: assumed.map(|a| a.iter().filter(|(k, _)| !k.starts_with('_')).map(|(k, v)| (k.clone(), v.clone())).collect()),
             compared: self.compared.clone(),
+            refuse: None,
         }
     }
 }
