@@ -93,6 +93,8 @@ export class Feed {
       const raw = li.querySelector('[name=value]').value;
       if (!column && raw.trim() === '') continue; // an untouched row: no condition
       if (!column) throw new Error('A condition has a value but no column: name the column or remove the condition.');
+      // An empty value would be sent as "" and match only empty text: ask for one instead.
+      if (raw.trim() === '') throw new Error(`The condition on ${column} has no value: type one (for empty text, type "").`);
       let value = parseValue(raw);
       if (op === 'in' && !Array.isArray(value)) {
         value = raw.split(',').map((part) => parseValue(part.trim())).filter((v) => v !== '');

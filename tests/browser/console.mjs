@@ -134,6 +134,16 @@ try {
     await page.locator('#badge').waitFor();
   });
 
+  await check('a condition without a value is refused, not sent as ""', async () => {
+    await page.locator('#sub-form').getByLabel('Table').fill('products');
+    const cond = page.locator('#condition-list li').first();
+    await cond.getByLabel('Column').fill('price_cents');
+    await cond.getByLabel('Operator').selectOption('gte');
+    await page.getByRole('button', { name: 'Subscribe' }).click();
+    await page.locator('#sub-form', { hasText: 'has no value' }).waitFor();
+    expect(await page.locator('#feed .entry.snapshot').count() === 0, 'a subscription was made without a value');
+  });
+
   await check('subscribe to products with a filter and a snapshot', async () => {
     await page.locator('#sub-form').getByLabel('Table').fill('products');
     const cond = page.locator('#condition-list li').first();
