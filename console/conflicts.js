@@ -15,6 +15,11 @@ const RESOLUTION_TEXT = {
   dismiss: 'dismissed it (nothing written)',
 };
 
+/** Whether the conflict's winner deleted the row. */
+function deleteWon(c) {
+  return c.policy === 'delete_wins';
+}
+
 export class Conflicts {
   constructor() {
     this.api = null;
@@ -151,6 +156,8 @@ export class Conflicts {
 
   item(c) {
     const won = c.winner === 'server' ? 'server' : 'incoming';
+    // A side that won by deleting the row has no value: say so.
+    const valueOf = (name) => (deleteWon(c) && name === won ? 'deleted' : show(c[name]?.value));
     return h('li', { class: `conflict-item status-${c.status}${this.openId === c.id ? ' selected' : ''}`, dataset: { id: c.id } },
       h('button', {
         type: 'button',
@@ -161,7 +168,7 @@ export class Conflicts {
       },
       // The spaces between the lines keep the button's accessible name readable.
       h('span', { class: 'ci-title' }, `#${c.id} ${c.table} · ${c.field}`), ' ',
-      h('span', { class: 'ci-values' }, `${show(c.server?.value)} (${c.server?.device ?? '?'}) vs ${show(c.incoming?.value)} (${c.incoming?.device ?? '?'}), ${won} won`), ' ',
+      h('span', { class: 'ci-values' }, `${valueOf('server')} (${c.server?.device ?? '?'}) vs ${valueOf('incoming')} (${c.incoming?.device ?? '?'}), ${won} won`), ' ',
       h('span', { class: 'ci-meta' }, h('span', { class: `status status-${c.status}` }, c.status), ' · ', dateTime(c.created_at))));
   }
 
@@ -216,7 +223,7 @@ export class Conflicts {
       return h('section', { class: `side side-${name} ${won ? 'won' : 'lost'}`, 'aria-labelledby': `side-${name}-h` },
         h('h4', { id: `side-${name}-h` }, name === 'server' ? 'Server' : 'Incoming', ' ',
           h('span', { class: `tag ${won ? 'tag-won' : 'tag-lost'}` }, won ? 'won' : 'lost')),
-        h('p', { class: 'value', dataset: { side: name } }, show(s.value)),
+        h('p', { class: 'value', dataset: { side: name } }, won && deleteWon(c) ? `deleted by ${s.device ?? '?'}` : show(s.value)),
         dl([
           ['Device', s.device ?? '—'],
           ['User', s.user ?? '—'],
@@ -275,8 +282,17 @@ export class Conflicts {
       };
       const winnerValue = c[winnerSide]?.value;
       const otherValue = c[otherSide]?.value;
+      // The row was deleted and stays so: no value can be written to it from here.
+      const deletedForGood = deleteWon(c) && !row;
       const input = h('input', { id: valueId, name: 'value', autocomplete: 'off', 'aria-describedby': `${valueId}-help`, 'data-focus-key': 'value' });
-      resolveSection = h('section', { class: 'resolve', 'aria-labelledby': 'resolve-h' },
+      resolveSection = deletedForGood ? h('section', { class: 'resolve', 'aria-labelledby': 'resolve-h' },
+        h('h4', { id: 'resolve-h' }, 'Resolve'),
+        h('p', { class: 'hint' }, `The row was deleted by ${c[winnerSide]?.device ?? '?'}; a deleted row cannot be brought back from here.`),
+        h('div', { class: 'actions' },
+          h('button', { type: 'button', class: 'primary', 'data-focus-key': 'keep', onclick: () => act({ action: 'keep' }, 'keep it deleted') }, 'Keep it deleted'),
+          h('button', { type: 'button', 'data-focus-key': 'dismiss', onclick: () => act({ action: 'dismiss' }, 'dismiss') }, 'Dismiss (write nothing)')),
+        resultEl,
+        errorEl) : h('section', { class: 'resolve', 'aria-labelledby': 'resolve-h' },
         h('h4', { id: 'resolve-h' }, 'Resolve'),
         h('div', { class: 'actions' },
           h('button', { type: 'button', class: 'primary', 'data-focus-key': 'keep', onclick: () => act({ action: 'keep' }, 'keep winner') },

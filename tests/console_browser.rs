@@ -2,8 +2,10 @@
 //! a strict Content-Security-Policy; and, in Debian's headless `chromium` driven by
 //! `playwright-core` (tests/browser/console.mjs), a manager signs in, watches a device push a
 //! conflicting change, reviews it side by side and resolves it with the keyboard (the value
-//! written shown), and the device receives the resolution as an ordinary delta; a second
-//! conflict is dismissed, writing nothing; a broadcast shows as a banner.
+//! written shown), and the device receives the resolution as an ordinary delta; on a second
+//! conflict a "keep" based on a value that changed meanwhile is refused and the conflict is
+//! dismissed, writing nothing; a conflict a delete won shows who deleted the row and offers
+//! only what can be done; a broadcast shows as a banner.
 //!
 //! The test installs what it needs when it is missing (it runs as root on a fresh Debian
 //! machine under `cargo test --workspace`): `chromium` with apt-get, and playwright-core (pinned
@@ -193,6 +195,18 @@ async fn manager_resolves_a_conflict_in_the_browser_and_the_device_receives_it()
             let results = a.push(vec![upsert("products", json!({"id": dismissed_id}), json!({"price_cents": 95}), 3, now_ms(), oat_milk_version)]).await;
             assert_eq!(results[0].status, ChangeStatus::Applied, "{results:?}");
             stdin.write_all(b"moved\n").await.unwrap();
+            stdin.flush().await.unwrap();
+        }
+        if line == "console-e2e: ready for a delete that wins" {
+            // A deletes a product that B, offline since its creation, changes: the delete wins.
+            let gone = Uuid::new_v4();
+            let created = a.push(vec![upsert("products", json!({"id": gone}), product(gone, "Chai", 350), 4, now_ms() - 5_000, 0)]).await;
+            let v1 = created[0].seq.expect("created");
+            let deleted = a.push(vec![delete("products", json!({"id": gone}), 5, now_ms() - 2_000, v1)]).await;
+            assert_eq!(deleted[0].status, ChangeStatus::Applied, "{deleted:?}");
+            let results = b.push(vec![upsert("products", json!({"id": gone}), json!({"price_cents": 300}), 3, now_ms(), v1)]).await;
+            assert_eq!(results[0].status, ChangeStatus::Conflict, "{results:?}");
+            stdin.write_all(b"pushed\n").await.unwrap();
             stdin.flush().await.unwrap();
         }
         if line == "console-e2e: ready for a second conflict" {

@@ -266,6 +266,20 @@ try {
     await page.locator('#conflict-detail .current', { hasText: '95' }).waitFor();
   });
 
+  say('ready for a delete that wins');
+  await check('a delete that won: "deleted by", and only what can be done', async () => {
+    const line = await Promise.race([nextStdinLine(), new Promise((r) => setTimeout(() => r(null), 60000))]);
+    expect(line !== null, 'the test did not say that it pushed the change to a deleted row');
+    await page.locator('#badge-text', { hasText: 'Conflicts: 1 open' }).waitFor();
+    await page.locator('#conflict-list li', { hasText: 'deleted' }).first().locator('.conflict-open').click();
+    await page.locator('#conflict-detail .side.won .value', { hasText: 'deleted by pos-a' }).waitFor();
+    expect(!(await page.locator('#conflict-detail').innerText()).includes('null'), 'the deleted side shows null');
+    expect(await page.getByRole('button', { name: /^Take other value/ }).count() === 0, 'a value it cannot write is offered');
+    await page.getByRole('button', { name: 'Keep it deleted' }).click();
+    await page.locator('#conflict-detail .resolve.done', { hasText: 'Resolved' }).waitFor();
+    await page.locator('#badge-text', { hasText: 'Conflicts: 0 open' }).waitFor();
+  });
+
   await check('phone width: nothing overflows after resolving', async () => {
     await page.setViewportSize({ width: 375, height: 812 });
     await page.waitForTimeout(200);
