@@ -58,7 +58,9 @@ const fn fnv1a(bytes: &[u8]) -> u64 {
 
 /// Registers `/console`, `/console/` and `/console/{file}` (`config.json` and the assets).
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/console", web::get().to(index))
+    // The hub's root points a newcomer's browser at the console.
+    cfg.route("/", web::get().to(|| async { HttpResponse::TemporaryRedirect().insert_header((header::LOCATION, "/console")).finish() }))
+        .route("/console", web::get().to(index))
         .route("/console", web::head().to(index))
         .route("/console/", web::get().to(|| async { HttpResponse::PermanentRedirect().insert_header((header::LOCATION, "/console")).finish() }))
         .route("/console/config.json", web::get().to(config_json))

@@ -47,7 +47,9 @@ enum Command {
     /// Development hub: a private Postgres cluster in `--data-dir` (unless DATABASE_URL is
     /// set), the demo point-of-sale schema and tenant, and printed tokens.
     Dev {
-        /// Folder for the private cluster and the dev token secret.
+        /// Folder for the private cluster and the dev token secret. Run as root, the cluster's
+        /// files live under the `postgres` user's home (`~postgres/synchub/<hash>`, which
+        /// PostgreSQL can reach) and this folder keeps a pointer to them.
         #[arg(long, default_value = ".synchub")]
         data_dir: PathBuf,
     },
@@ -97,6 +99,7 @@ async fn run() -> anyhow::Result<()> {
     if dev {
         demo::seed(&running.hub.store.pool).await.context("seeding the demo tenant")?;
         println!("\nsynchub dev is ready: ws://{}/v1/ws  (tenant `{}`)", running.addr, demo::DEMO_TENANT);
+        println!("  console: http://{}/console  (sign in with the Manager token below)", running.addr);
         if cluster.is_some() {
             println!("  database: {}", config.database_url.0);
         }

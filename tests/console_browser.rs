@@ -95,6 +95,8 @@ async fn console_files_are_served_with_types_caching_and_a_strict_policy() {
     assert_eq!(config["claims"]["tenant"], "tenant_id");
     assert!(config["tables"].as_array().unwrap().contains(&json!("products")));
     assert_eq!(http.get(format!("{base}/console/missing.js")).send().await.unwrap().status(), 404);
+    let root = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap().get(format!("{base}/")).send().await.unwrap();
+    assert_eq!((root.status().as_u16(), header(&root, "location").as_str()), (307, "/console"), "the hub's root points at the console");
     assert_eq!(http.get(format!("{base}/console/../Cargo.toml")).send().await.unwrap().status(), 404);
     hub.shutdown().await;
 }

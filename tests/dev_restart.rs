@@ -134,6 +134,11 @@ async fn dev_restarted_at_any_moment_after_kill_9_serves_or_names_the_owner() {
     let log = std::env::temp_dir().join(format!("synchub-dev-restart-{}.log", Uuid::new_v4().simple()));
 
     let mut hub = start(&data_dir, &log).await.unwrap_or_else(|s| panic!("first start failed ({s}); log:\n{}", tail(&log)));
+    // A newcomer is told where the console is; a log written to a file is plain text.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let first_log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(first_log.contains(&format!("console: http://{}/console", hub.addr)), "the console's URL is printed:\n{first_log}");
+    assert!(!first_log.contains('\u{1b}'), "no terminal colour codes in a log file:\n{first_log}");
     assert_serving(&hub, &data_dir, "first", &log).await;
 
     // A second hub while the first is alive: refused, naming the first, and the first unharmed.

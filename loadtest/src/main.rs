@@ -287,7 +287,7 @@ async fn main() -> anyhow::Result<()> {
         if report.timeline.is_empty() {
             eprintln!("{} has no timeline to plot; no SVG written", report.scenario);
         } else {
-            let mut title = format!("synchub-loadtest {}: {}", report.scenario, report.parameters);
+            let mut title = format!("synchub-loadtest {}: {}", report.scenario, plot::in_words(&report.parameters));
             if title.chars().count() > 90 {
                 title = title.chars().take(89).chain(['…']).collect();
             }

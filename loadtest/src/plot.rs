@@ -184,6 +184,25 @@ fn project<'a>(
     ticks.map(|t| (x_pixel(t.t_s, t_max), panel.y(value(t), max))).collect()
 }
 
+/// A run's parameters in words for a title: `dashboards 1000, tenants 10, rate 200, …` (the
+/// scalar ones, by name, names with spaces).
+pub fn in_words(parameters: &serde_json::Value) -> String {
+    let Some(object) = parameters.as_object() else { return parameters.to_string() };
+    object
+        .iter()
+        .filter_map(|(name, value)| {
+            let value = match value {
+                serde_json::Value::Number(n) => n.as_f64().map(|f| if f.fract() == 0.0 { format!("{f:.0}") } else { format!("{f:.1}") })?,
+                serde_json::Value::Bool(b) => b.to_string(),
+                serde_json::Value::String(s) => s.clone(),
+                _ => return None,
+            };
+            Some(format!("{} {value}", name.replace('_', " ")))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Complete standalone SVG document plotting `ticks` under `title`.
 pub fn timeline_svg(title: &str, ticks: &[Tick]) -> String {
     let mut svg = String::with_capacity(8192 + 64 * ticks.len());
@@ -299,6 +318,12 @@ mod tests {
         assert!(svg.contains(r#"points="70.0,260.0 450.0,160.0 830.0,60.0""#), "{svg}");
         // Latency peak 5 ms is also a ladder value: top of the latency panel; 2 ms is 40% up.
         assert!(svg.contains(r#"points="70.0,346.0 450.0,418.0 830.0,310.0""#), "{svg}");
+    }
+
+    #[test]
+    fn parameters_read_as_words() {
+        let words = in_words(&serde_json::json!({"dashboards": 1000, "rate": 200.0, "supabase_vsn": "1.0.0", "p99_ms": 1.25, "tags": ["x"]}));
+        assert_eq!(words, "dashboards 1000, p99 ms 1.2, rate 200, supabase vsn 1.0.0");
     }
 
     #[test]

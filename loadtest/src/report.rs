@@ -319,10 +319,16 @@ impl Monitor {
         self.last_cpu = sample.hub_cpu_s;
         self.last_steal = sample.machine_steal_s;
         let errors: u64 = stats.errors.lock().unwrap().values().sum();
-        eprint!(
-            "\r{:>6.1}s  merged {:>9} ({:>8.0}/s)  deltas {:>9} ({:>8.0}/s)  ack p99 {:>7.2} ms  errors {:>5}  hub cpu {:>4.0}%  rss {:>7} KiB   ",
+        let line = format!(
+            "{:>6.1}s  merged {:>9} ({:>8.0}/s)  deltas {:>9} ({:>8.0}/s)  ack p99 {:>7.2} ms  errors {:>5}  hub cpu {:>4.0}%  rss {:>7} KiB",
             tick.t_s, merged, tick.changes_merged_per_s, deltas, tick.deltas_per_s, p99, errors, tick.hub_cpu_pct, sample.hub_rss_kib
         );
+        // One line rewritten in place on a terminal; a line per second in a file or a CI log.
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            eprint!("\r{line}   ");
+        } else {
+            eprintln!("{line}");
+        }
         self.timeline.push(tick);
         self.last = (now, merged, deltas);
     }
