@@ -42,7 +42,7 @@ fn conditional(device: &str, changes: Vec<(Change, Option<WriteCondition>)>) -> 
 
 fn assumed(doc: Option<&Value>, deleted: bool) -> Option<WriteCondition> {
     let compared: Arc<[String]> = COMPARED.iter().map(|c| c.to_string()).collect();
-    Some(WriteCondition { assumed: doc.map(|d| d.as_object().unwrap().clone()), assumed_deleted: deleted, compared, merge: false })
+    Some(WriteCondition { assumed: doc.map(|d| d.as_object().unwrap().clone()), assumed_deleted: deleted, compared, merge: false, refuse: None })
 }
 
 /// The master document: the row without its tenant column, as Postgres renders it.

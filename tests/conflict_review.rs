@@ -125,6 +125,14 @@ async fn next_conflict_news(c: &mut Client) -> (protocol::ConflictEvent, protoco
     .await
 }
 
+/// A manager's dashboard of `TENANT` watching the conflicts channel.
+async fn conflicts_board(hub: &TestHub) -> Client {
+    let (mut board, _) = Client::dashboard(hub, TENANT, "mgr-2", "Manager").await;
+    let id = board.send_subscribe("conflicts", None, vec![], false, Some(protocol::Channel::Conflicts)).await;
+    board.expect(|f| matches!(f, ServerFrame::Subscribed { id: got, .. } if *got == id).then_some(())).await;
+    board
+}
+
 /// The tenant's head seq, as Postgres holds it.
 async fn head_of(hub: &TestHub, tenant: &str) -> i64 {
     sqlx::query_scalar("select head_seq from synchub.tenants where tenant_id = $1").bind(tenant).fetch_one(&hub.db).await.unwrap()
@@ -358,9 +366,7 @@ async fn resolutions_sync_as_ordinary_changes_and_are_logged() {
     let mut a = Dev::connect(&hub, TENANT, "pos-1").await;
     let mut b = Dev::connect(&hub, TENANT, "pos-2").await;
     // A manager's dashboard watches the conflicts channel.
-    let (mut board, _) = Client::dashboard(&hub, TENANT, "mgr-2", "Manager").await;
-    let id = board.send_subscribe("conflicts", None, vec![], false, Some(protocol::Channel::Conflicts)).await;
-    board.expect(|f| matches!(f, ServerFrame::Subscribed { id: got, .. } if *got == id).then_some(())).await;
+    let mut board = conflicts_board(&hub).await;
     let (k1, _) = price_conflict(&mut a, &mut b, 200, 300, true).await; // incoming (300) won
     let (k2, _) = price_conflict(&mut a, &mut b, 400, 500, true).await; // incoming (500) won
     let (k3, _) = price_conflict(&mut a, &mut b, 600, 700, false).await; // server (600) won
@@ -839,9 +845,7 @@ async fn a_dismissal_writes_nothing_and_is_recorded_and_told() {
     let mgr = manager(TENANT);
     let mut a = Dev::connect(&hub, TENANT, "pos-1").await;
     let mut b = Dev::connect(&hub, TENANT, "pos-2").await;
-    let (mut board, _) = Client::dashboard(&hub, TENANT, "mgr-2", "Manager").await;
-    let id = board.send_subscribe("conflicts", None, vec![], false, Some(protocol::Channel::Conflicts)).await;
-    board.expect(|f| matches!(f, ServerFrame::Subscribed { id: got, .. } if *got == id).then_some(())).await;
+    let mut board = conflicts_board(&hub).await;
     let (key, _) = price_conflict(&mut a, &mut b, 200, 300, true).await;
     let conflict = conflict_of(&api, TENANT, &key).await;
     let id = conflict["id"].as_i64().unwrap();

@@ -748,7 +748,7 @@ fn server_type(f: &ServerFrame) -> &'static str {
 }
 
 /// Every ErrorCode; `error_code_index` is exhaustive so a new code fails to compile here.
-const ALL_ERROR_CODES: [ErrorCode; 32] = [
+const ALL_ERROR_CODES: [ErrorCode; 33] = [
     ErrorCode::MalformedFrame,
     ErrorCode::UnknownType,
     ErrorCode::UnsupportedVersion,
@@ -779,9 +779,9 @@ const ALL_ERROR_CODES: [ErrorCode; 32] = [
     ErrorCode::InvalidFilter,
     ErrorCode::NotFound,
     ErrorCode::ConflictNotOpen,
-    ErrorCode::StaleConflict,
     ErrorCode::ChangeIdReused,
     ErrorCode::RateLimited,
+    ErrorCode::StaleConflict,
 ];
 
 fn error_code_index(c: ErrorCode) -> usize {
