@@ -11,7 +11,7 @@ use serde_json::{Number, Value};
 use super::types::supabase_type_name;
 
 /// The operators [`parse_filter`] accepts, for error messages.
-pub const SUPPORTED_OPERATORS: &str = "eq, neq, lt, lte, gt, gte, in";
+pub const SUPPORTED_OPERATORS: &str = "eq, neq, lt, lte, gt, gte, in, is (null, true, false), and not.eq, not.neq, not.is";
 
 /// Parses a `postgres_changes` filter: `col=op.value` conditions joined by commas (AND), `op`
 /// one of [`SUPPORTED_OPERATORS`], `in.(a,b,"c,d")` for lists. `column_type` gives a column's
@@ -64,14 +64,37 @@ fn parse_condition<'f, 't>(
     if column.is_empty() {
         return Err(format!("`{}` names no column", first_part(text)));
     }
+    // `not.` negates the operator after it (`not.is.null`, `not.eq.5`).
+    let (negated, after_column) = match after_column.strip_prefix("not.") {
+        Some(rest) => (true, rest),
+        None => (false, after_column),
+    };
     let op_end = after_column.find(['.', ',']).filter(|&i| after_column.as_bytes()[i] == b'.');
     let Some(op_end) = op_end else {
         return Err(format!("`{}`: expected `operator.value` after `{column}=`", first_part(text)));
     };
-    let (op, value_text) = (&after_column[..op_end], &after_column[op_end + 1..]);
-    let op = operator(op)?;
+    let (op_name, value_text) = (&after_column[..op_end], &after_column[op_end + 1..]);
     let Some(sql_type) = column_type(column) else {
         return Err(format!("column `{column}` does not exist"));
+    };
+    if op_name == "is" {
+        // `is.null`, `is.true`, `is.false`: equality with that value (a missing column reads as
+        // null), negated by `not.`.
+        let (raw, rest) = parse_scalar(value_text)?;
+        let value = match raw.to_ascii_lowercase().as_str() {
+            "null" => Value::Null,
+            "true" => Value::Bool(true),
+            "false" => Value::Bool(false),
+            _ => return Err(format!("`{column}=is.{raw}`: `is` takes null, true or false")),
+        };
+        let op = if negated { FilterOp::Neq } else { FilterOp::Eq };
+        return Ok((Condition { column: column.to_owned(), op, value }, next_condition(rest)?));
+    }
+    let op = match (operator(op_name)?, negated) {
+        (op, false) => op,
+        (FilterOp::Eq, true) => FilterOp::Neq,
+        (FilterOp::Neq, true) => FilterOp::Eq,
+        (_, true) => return Err(format!("`not.{op_name}` is not supported; supported operators: {SUPPORTED_OPERATORS}")),
     };
     let kind = ValueKind::of(sql_type);
     let (value, rest) = if op == FilterOp::In {
@@ -104,7 +127,7 @@ fn operator(op: &str) -> Result<FilterOp, String> {
         "gt" => FilterOp::Gt,
         "gte" => FilterOp::Gte,
         "in" => FilterOp::In,
-        "not" => return Err(format!("negation (`not.`) is not supported; supported operators: {SUPPORTED_OPERATORS}")),
+        "not" => return Err(format!("`not.not` is not a condition; supported operators: {SUPPORTED_OPERATORS}")),
         other => return Err(format!("operator `{other}` is not supported; supported operators: {SUPPORTED_OPERATORS}")),
     })
 }
@@ -483,22 +506,33 @@ mod tests {
         for (filter, op) in [
             ("name=like.%a%", "like"),
             ("name=ilike.%a%", "ilike"),
-            ("name=is.null", "is"),
             ("name=match.^a", "match"),
             ("name=imatch.^a", "imatch"),
             ("name=isdistinct.a", "isdistinct"),
             ("name=cs.{a}", "cs"),
             ("name=EQ.a", "EQ"),
         ] {
-            assert_eq!(
-                parse(filter).unwrap_err(),
-                format!("operator `{op}` is not supported; supported operators: eq, neq, lt, lte, gt, gte, in")
-            );
+            assert_eq!(parse(filter).unwrap_err(), format!("operator `{op}` is not supported; supported operators: {SUPPORTED_OPERATORS}"));
         }
         assert_eq!(
             parse("status=not.in.(draft,archived)").unwrap_err(),
-            "negation (`not.`) is not supported; supported operators: eq, neq, lt, lte, gt, gte, in"
+            format!("`not.in` is not supported; supported operators: {SUPPORTED_OPERATORS}")
         );
+        assert_eq!(parse("name=is.maybe").unwrap_err(), "`name=is.maybe`: `is` takes null, true or false");
+    }
+
+    #[test]
+    fn is_and_not_are_equalities_with_null_true_and_false() {
+        assert_eq!(parse("name=is.null"), Ok(vec![cond("name", FilterOp::Eq, Value::Null)]));
+        assert_eq!(parse("name=not.is.null"), Ok(vec![cond("name", FilterOp::Neq, Value::Null)]));
+        assert_eq!(parse("name=is.TRUE,id=not.eq.3"), Ok(vec![cond("name", FilterOp::Eq, json!(true)), cond("id", FilterOp::Neq, json!(3))]));
+        assert_eq!(parse("id=not.neq.3"), Ok(vec![cond("id", FilterOp::Eq, json!(3))]));
+        // As a filter over rows: a missing column reads as null.
+        let row = |v: Value| v.as_object().unwrap().clone();
+        let null = parse("name=is.null").unwrap();
+        assert!(protocol::filter::matches(&null, &row(json!({"id": 1}))));
+        assert!(!protocol::filter::matches(&null, &row(json!({"name": "a"}))));
+        assert!(protocol::filter::matches(&parse("name=not.is.null").unwrap(), &row(json!({"name": "a"}))));
     }
 
     #[test]
