@@ -470,7 +470,7 @@ async fn policies_and_the_hub_role_are_in_place() {
     let rows = sqlx::query(
         "select c.relname::text as t, c.relrowsecurity as on, \
            array(select polname::text from pg_policy p where p.polrelid = c.oid order by 1) as policies \
-         from pg_class c where c.oid = any(array['work_orders', 'products', 'synchub.change_log', 'synchub.tenants']::regclass[]) order by 1",
+         from pg_class c where c.oid = any(array['work_orders', 'products', 'synchub.log_groups', 'synchub.log_device_ranges', 'synchub.tenants']::regclass[]) order by 1",
     )
     .fetch_all(&hub.db)
     .await
@@ -479,7 +479,7 @@ async fn policies_and_the_hub_role_are_in_place() {
         let (table, on, policies): (String, bool, Vec<String>) = (r.get("t"), r.get("on"), r.get("policies"));
         assert!(on, "{table}");
         assert!(policies.contains(&"synchub_tenant_only".to_string()) && policies.contains(&"synchub_tenant_rows".to_string()), "{table}: {policies:?}");
-        assert_eq!(policies.contains(&"synchub_other_roles".to_string()), !table.starts_with("change_log") && table != "tenants", "{table}");
+        assert_eq!(policies.contains(&"synchub_other_roles".to_string()), !table.starts_with("log_") && table != "tenants", "{table}");
     }
     // The capture function runs as its owner, with a fixed search_path.
     let (definer, config): (bool, Vec<String>) =

@@ -18,7 +18,8 @@ use uuid::Uuid;
 use super::as_written::{keep_as_written, same_value};
 use super::catalog::{Catalog, TableSchema};
 use super::conflicts::{self, ResolveConflict};
-use super::json_text::JsonText;
+use super::json_text::RawJson;
+use super::record::{self, ChangeToLog, LogOp};
 use super::refusal::{self, Blame};
 use super::row_cache::{CachedRow, RowCache};
 use super::Store;
@@ -326,8 +327,8 @@ pub const MERGE_SETTINGS: &[(&str, &str)] = &[("synchub.origin", "hub"), ("enabl
 /// two sessions), a difference near the runs' spread but always the same way.
 pub const LARGE_GROUP_SETTINGS: &[(&str, &str)] = &[("synchub.origin", "hub"), ("enable_seqscan", "off"), ("jit", "off"), ("enable_memoize", "off")];
 
-/// The change log's primary key, (tenant, seq) (migration 0001).
-const LOG_SEQ_KEY: &str = "change_log_pkey";
+/// The log records' primary key, (tenant, last seq) (migration 0015).
+const LOG_SEQ_KEY: &str = "log_groups_pkey";
 
 /// Changes from which a group counts as large.
 const LARGE_GROUP_CHANGES: usize = 64;
@@ -566,24 +567,25 @@ macro_rules! bookkeeping_sql {
     ($conflicts:literal) => {
         concat!(
             "with head as (\
-           update synchub.tenants set head_seq = head_seq + $25 where tenant_id = $1 and head_seq = $24 returning 1), \
+           update synchub.tenants set head_seq = head_seq + $18 where tenant_id = $1 and head_seq = $17 returning 1), \
          log as (\
-           insert into synchub.change_log (tenant_id, seq, table_name, op, pk, new_row, old_values, written, origin_device, user_id, \
-             change_id, device_seq, hlc_wall_ms, hlc_counter) \
-           select $1, * from unnest($2::int8[], $3::text[], $4::text[], $5::jsonb[], $6::json[], $7::json[], $8::json[], \
-             $9::text[], $10::text[], $11::uuid[], $12::int8[], $13::int8[], $14::int4[])), \
+           insert into synchub.log_groups (tenant_id, first_seq, last_seq, changes) \
+           select $1, $2, $3, $4::json where $4::json is not null), \
+         ranges as (\
+           insert into synchub.log_device_ranges (tenant_id, device_id, first_device_seq, last_device_seq, group_last_seq) \
+           select $1, d, f, l, $3 from unnest($5::text[], $6::int8[], $7::int8[]) as x(d, f, l)), \
          versions as (\
            insert into synchub.row_versions (tenant_id, table_name, pk, version, deleted, clocks) \
-           select $1, t, k, v, d, c from unnest($15::text[], $16::jsonb[], $17::int8[], $18::jsonb[], $19::jsonb[]) as x(t, k, v, d, c) \
+           select $1, t, k, v, d, c from unnest($8::text[], $9::jsonb[], $10::int8[], $11::jsonb[], $12::jsonb[]) as x(t, k, v, d, c) \
            on conflict (tenant_id, table_name, pk_text) do update set version = excluded.version, deleted = excluded.deleted, clocks = excluded.clocks), ",
             $conflicts,
             "cursors as (\
            insert into synchub.device_cursors (tenant_id, device_id, user_id, last_device_seq) \
-           select $1, d, u, s from unnest($21::text[], $22::text[], $23::int8[]) as x(d, u, s) \
+           select $1, d, u, s from unnest($14::text[], $15::text[], $16::int8[]) as x(d, u, s) \
            on conflict (tenant_id, device_id) do update set last_device_seq = greatest(device_cursors.last_device_seq, excluded.last_device_seq), \
              user_id = excluded.user_id, updated_at = now()) \
          select coalesce(jsonb_agg(to_jsonb(c) order by c.conflict_id), '[]'::jsonb), \
-           $24::int8 is null or exists (select from head) from conflicts c"
+           $17::int8 is null or exists (select from head) from conflicts c"
         )
     };
 }
@@ -595,16 +597,16 @@ const BOOKKEEPING_SQL: &str = bookkeeping_sql!(
              server_device, server_user, incoming_value, incoming_hlc, incoming_device, incoming_user, winner, policy, change_id, batch_id, seq) \
            select $1, table_name, pk, field, base_version, server_version, server_value, server_hlc, server_device, server_user, \
              incoming_value, incoming_hlc, incoming_device, incoming_user, winner, policy, change_id, batch_id, seq \
-           from jsonb_to_recordset($20) as x(table_name text, pk jsonb, field text, base_version int8, server_version int8, \
+           from jsonb_to_recordset($13) as x(table_name text, pk jsonb, field text, base_version int8, server_version int8, \
              server_value jsonb, server_hlc jsonb, server_device text, server_user text, incoming_value jsonb, incoming_hlc jsonb, \
              incoming_device text, incoming_user text, winner text, policy text, change_id uuid, batch_id uuid, seq int8) \
            returning *), "
 );
 
 /// Without: the conflicts table is left alone, so its statement triggers (migration 0012) do
-/// not run for the many groups that log none. `$20` stays typed for the same arguments.
+/// not run for the many groups that log none. `$13` stays typed for the same arguments.
 const BOOKKEEPING_NO_CONFLICTS_SQL: &str =
-    bookkeeping_sql!("conflicts as (select * from synchub.conflicts where false and $20::jsonb is not null), ");
+    bookkeeping_sql!("conflicts as (select * from synchub.conflicts where false and $13::jsonb is not null), ");
 
 async fn apply_group(
     conn: &mut PgConnection,
@@ -711,7 +713,7 @@ async fn apply_group(
             }
             if change.device_seq <= *cursor {
                 outcomes[b][i] = Some(Outcome { status: ChangeStatus::Duplicate, reason: None });
-                duplicates.push(change.change_id);
+                duplicates.push((batch.device.as_str(), change.device_seq));
                 continue;
             }
             *cursor = change.device_seq;
@@ -773,7 +775,7 @@ async fn apply_group(
     // 5. Log entries, deltas, conflict records and results of the decided changes.
     let mut deltas: Vec<Delta> = Vec::with_capacity(state.next_ordinal as usize);
     // For each delta: its pending change and log op; the log borrows the deltas' row images.
-    let mut logged: Vec<(usize, &'static str)> = Vec::with_capacity(state.next_ordinal as usize);
+    let mut logged: Vec<(usize, LogOp)> = Vec::with_capacity(state.next_ordinal as usize);
     let mut conflicts = Vec::new();
     let mut results_by_change: HashMap<(usize, usize), ChangeResult> = HashMap::new();
     // The delta of each row's latest write so far: a second write to a row in the same group
@@ -802,7 +804,7 @@ async fn apply_group(
             deltas.push(Delta {
                 seq,
                 table: pend.table.name.clone(),
-                op: if op == "delete" { Op::Delete } else { Op::Upsert },
+                op: if op == LogOp::Delete { Op::Delete } else { Op::Upsert },
                 key: slot.key.clone(),
                 // The delta owns the image from here on (the log borrows it from the delta).
                 row: decided.after.take(),
@@ -845,26 +847,19 @@ async fn apply_group(
     let (cursor_devices, (cursor_users, cursor_seqs)): (Vec<&str>, (Vec<&str>, Vec<i64>)) =
         devices_users.iter().map(|(d, (u, s))| (*d, (*u, *s as i64))).unzip();
     let versions = RowVersionColumns::of(&state, head);
-    let log = LogColumns::of(&deltas, logged.iter().map(|&(p, op)| (&pending[p], op)));
+    let log = LogRecord::of(&deltas, logged.iter().map(|&(p, op)| (&pending[p], op)));
     // One statement for the hub's own bookkeeping (`bookkeeping_sql`).
     let take_head = expected_head.filter(|_| state.next_ordinal > 0 || from_cache).map(|h| h as i64);
     let bookkeeping: sqlx::Result<(Value, bool)> = sqlx::query_as(
         if conflicts.is_empty() { BOOKKEEPING_NO_CONFLICTS_SQL } else { BOOKKEEPING_SQL },
     )
     .bind(tenant.as_str())
-    .bind(&log.seq)
-    .bind(&log.table)
-    .bind(&log.op)
-    .bind(&log.pk)
-    .bind(&log.new_row)
-    .bind(&log.old)
-    .bind(&log.written)
-    .bind(&log.origin)
-    .bind(&log.user)
-    .bind(&log.change_id)
-    .bind(&log.device_seq)
-    .bind(&log.wall)
-    .bind(&log.counter)
+    .bind((head + 1) as i64)
+    .bind(new_head as i64)
+    .bind(log.text.as_deref().map(RawJson))
+    .bind(&log.devices)
+    .bind(&log.first_device_seqs)
+    .bind(&log.last_device_seqs)
     .bind(&versions.tables)
     .bind(&versions.keys)
     .bind(&versions.versions)
@@ -925,17 +920,7 @@ async fn apply_group(
         Some(open as u64)
     };
 
-    let original_seqs: HashMap<Uuid, Seq> = if duplicates.is_empty() {
-        HashMap::new()
-    } else {
-        let rows: Vec<(Uuid, i64)> =
-            sqlx::query_as("select change_id, seq from synchub.change_log where tenant_id = $1 and change_id = any($2)")
-                .bind(tenant.as_str())
-                .bind(&duplicates)
-                .fetch_all(&mut *conn)
-                .await?;
-        rows.into_iter().map(|(id, s)| (id, s as Seq)).collect()
-    };
+    let original_seqs = super::log::device_change_seqs(conn, tenant, &duplicates).await?;
 
     // 6. Results, in input order.
     let results = batches
@@ -952,7 +937,7 @@ async fn apply_group(
                             change_id: change.change_id,
                             device_seq: change.device_seq,
                             status: outcome.status,
-                            seq: if outcome.status == ChangeStatus::Duplicate { original_seqs.get(&change.change_id).copied() } else { None },
+                            seq: if outcome.status == ChangeStatus::Duplicate { original_seqs.get(&(batch.device.to_string(), change.device_seq)).copied() } else { None },
                             lost_fields: vec![],
                             reason: outcome.reason.as_ref().map(|r| r.0),
                             message: outcome.reason.map(|r| r.1),
@@ -1004,10 +989,10 @@ impl CacheFill {
 
 /// The log's op and old values: old values of changed columns for an update (a value written in
 /// another notation is not a change), the whole old row for a delete, none for an insert.
-fn log_op_and_old(table: &TableSchema, decision: &Decision, before: Option<&Object>, after: Option<&Object>) -> (&'static str, Option<Object>) {
+fn log_op_and_old(table: &TableSchema, decision: &Decision, before: Option<&Object>, after: Option<&Object>) -> (LogOp, Option<Object>) {
     match (&decision.effect, before) {
-        (Effect::Delete, _) => ("delete", before.cloned()),
-        (_, None) => ("insert", None),
+        (Effect::Delete, _) => (LogOp::Delete, before.cloned()),
+        (_, None) => (LogOp::Insert, None),
         (_, Some(before)) => {
             let changed: Object = after
                 .into_iter()
@@ -1018,7 +1003,7 @@ fn log_op_and_old(table: &TableSchema, decision: &Decision, before: Option<&Obje
                 })
                 .map(|(k, _)| (k.clone(), before.get(k).cloned().unwrap_or(Value::Null)))
                 .collect();
-            ("update", Some(changed))
+            (LogOp::Update, Some(changed))
         }
     }
 }
@@ -1334,58 +1319,44 @@ fn image_as_written(table: &TableSchema, image: &mut Object, previous: Option<&O
     }
 }
 
-/// Columns of the change log insert, one vector per column, borrowing the deltas' images and
-/// the changes as written (no copy of a row per change).
-struct LogColumns<'a> {
-    seq: Vec<i64>,
-    table: Vec<&'a str>,
-    op: Vec<&'static str>,
-    pk: Vec<Json<&'a Object>>,
-    new_row: Vec<Option<JsonText<&'a Object>>>,
-    old: Vec<Option<JsonText<&'a Object>>>,
-    written: Vec<Option<JsonText<&'a Object>>>,
-    origin: Vec<&'a str>,
-    user: Vec<Option<&'a str>>,
-    change_id: Vec<Uuid>,
-    device_seq: Vec<i64>,
-    wall: Vec<i64>,
-    counter: Vec<i32>,
+/// The group's log record (none when it logged nothing), and for each device the range of its
+/// device_seqs that the record holds (`log_device_ranges`, for the acks of re-sent changes).
+struct LogRecord<'a> {
+    text: Option<String>,
+    devices: Vec<&'a str>,
+    first_device_seqs: Vec<i64>,
+    last_device_seqs: Vec<i64>,
 }
 
-impl<'a> LogColumns<'a> {
-    /// One entry per delta, with the pending change it came from and its log op.
-    fn of(deltas: &'a [Delta], changes: impl Iterator<Item = (&'a Pending<'a>, &'static str)>) -> LogColumns<'a> {
-        let n = deltas.len();
-        let mut log = LogColumns {
-            seq: Vec::with_capacity(n),
-            table: Vec::with_capacity(n),
-            op: Vec::with_capacity(n),
-            pk: Vec::with_capacity(n),
-            new_row: Vec::with_capacity(n),
-            old: Vec::with_capacity(n),
-            written: Vec::with_capacity(n),
-            origin: Vec::with_capacity(n),
-            user: Vec::with_capacity(n),
-            change_id: Vec::with_capacity(n),
-            device_seq: Vec::with_capacity(n),
-            wall: Vec::with_capacity(n),
-            counter: Vec::with_capacity(n),
-        };
-        for (delta, (pend, op)) in deltas.iter().zip(changes) {
-            log.seq.push(delta.seq as i64);
-            log.table.push(&delta.table);
-            log.op.push(op);
-            log.pk.push(Json(&delta.key));
-            log.new_row.push(delta.row.as_ref().map(JsonText));
-            log.old.push(delta.old.as_ref().map(JsonText));
-            log.written.push((pend.change.op == Op::Upsert).then_some(JsonText(&pend.change.fields)));
-            log.origin.push(&pend.clock.device);
-            log.user.push(pend.clock.user.as_deref());
-            log.change_id.push(pend.change.change_id);
-            log.device_seq.push(pend.change.device_seq as i64);
-            log.wall.push(pend.clock.hlc.wall_ms as i64);
-            log.counter.push(pend.clock.hlc.counter as i32);
-        }
-        log
+impl<'a> LogRecord<'a> {
+    /// One change per delta, with the pending change it came from and its log op.
+    fn of(deltas: &'a [Delta], changes: impl Iterator<Item = (&'a Pending<'a>, LogOp)>) -> LogRecord<'a> {
+        let mut ranges: BTreeMap<&'a str, (i64, i64)> = BTreeMap::new();
+        let logged: Vec<ChangeToLog<'a>> = deltas
+            .iter()
+            .zip(changes)
+            .map(|(delta, (pend, op))| {
+                let device_seq = pend.change.device_seq as i64;
+                let range = ranges.entry(pend.clock.device.as_str()).or_insert((device_seq, device_seq));
+                *range = (range.0.min(device_seq), range.1.max(device_seq));
+                ChangeToLog {
+                    table: &delta.table,
+                    op,
+                    key: &delta.key,
+                    row: delta.row.as_ref(),
+                    old: delta.old.as_ref(),
+                    written: (pend.change.op == Op::Upsert).then_some(&pend.change.fields),
+                    origin: Some(&pend.clock.device),
+                    user: pend.clock.user.as_deref(),
+                    change_id: Some(pend.change.change_id),
+                    device_seq: Some(pend.change.device_seq),
+                    wall_ms: pend.clock.hlc.wall_ms,
+                    counter: pend.clock.hlc.counter,
+                }
+            })
+            .collect();
+        let text = (!logged.is_empty()).then(|| record::encode(&logged));
+        let (devices, (first_device_seqs, last_device_seqs)) = ranges.into_iter().map(|(d, (f, l))| (d, (f, l))).unzip();
+        LogRecord { text, devices, first_device_seqs, last_device_seqs }
     }
 }

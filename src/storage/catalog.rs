@@ -202,7 +202,8 @@ impl TableSchema {
     pub fn tombstones_sql(&self, row_restricted: bool) -> String {
         format!(
             "select v.pk as key, coalesce(l.old_values::jsonb, v.last_values) as old_values from synchub.row_versions v \
-             left join synchub.change_log l on l.tenant_id = $1 and l.seq = v.version and l.op = 'delete' \
+             left join lateral (select synchub.json_value(e -> 4) as old_values \
+               from (select synchub.log_entry($1, v.version) as e) x where e ->> 1 = 'd') l on true \
              where v.tenant_id = $1 and v.table_name = '{table_literal}' and v.deleted is not null \
              and ($2::jsonb is null or v.pk_text > $2::jsonb::text) \
              and not exists (select from {table} t, jsonb_populate_record(null::{table}, v.pk) k where {tenant} and ({tk}) = ({kk})) {restricted}\

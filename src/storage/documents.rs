@@ -13,7 +13,8 @@ use sqlx::{PgConnection, Row};
 
 use super::as_written::keep_as_written;
 use super::catalog::TableSchema;
-use super::log::{delta_columns, delta_of_entry, row_versions_by_key};
+use super::log::{changes_between, row_versions, row_versions_by_key};
+use super::record::LoggedChange;
 use super::Store;
 use crate::error::{Error, Result};
 use crate::ids::{Seq, TenantId};
@@ -71,35 +72,17 @@ pub enum SnapshotPhase {
 /// Document reads see one consistent state of the tenant.
 const READ_SNAPSHOT: &str = "begin isolation level repeatable read, read only";
 
-/// The log entries of a table after a seq that are their rows' latest (the row's version is the
-/// entry's seq): `$1` tenant, `$2` after, `$3` table, `$4` limit, and with a row restriction,
-/// `$5` column and `$6` value, as text, in the entry's new row or its old values.
-macro_rules! changed_sql {
-    ($restricted:literal) => {
-        concat!(
-            "select ",
-            delta_columns!(),
-            " from synchub.change_log l where l.tenant_id = $1 and l.seq > $2 and l.table_name = $3 \
-             and exists (select from synchub.row_versions v \
-               where v.tenant_id = $1 and v.table_name = $3 and v.pk_text = l.pk::text and v.version = l.seq) ",
-            $restricted,
-            "order by l.seq limit $4"
-        )
-    };
-}
-
-const CHANGED_SQL: &str = changed_sql!("");
-const CHANGED_RESTRICTED_SQL: &str =
-    changed_sql!("and ((coalesce(l.new_row, l.old_values) ->> $5::text) = $6::text or (l.old_values ->> $5::text) = $6::text) ");
+/// How many seqs of the log a read of changed documents decodes at a time.
+const CHANGED_SCAN_SEQS: Seq = 1_000;
 
 /// The latest log image of rows of a table: `$1` tenant, `$2` table, `$3` keys (jsonb[]).
 /// Past a trim of the log, the image its last entry had, kept in `row_versions.last_values`.
-/// Each key is looked up on its own (`ROW_VERSIONS_BY_KEY`).
+/// Each key is looked up on its own (`ROW_VERSIONS_BY_KEY`), its entry by the row's version
+/// (`synchub.log_entry`, migration 0015).
 const LATEST_IMAGES_SQL: &str = concat!(
-    "select v.pk, coalesce(l.new_row::jsonb, v.last_values) ",
+    "select pk, image from (select v.pk, coalesce(synchub.json_value(synchub.log_entry($1, v.version) -> 3)::jsonb, v.last_values) as image ",
     row_versions_by_key!(),
-    " left join synchub.change_log l on l.tenant_id = $1 and l.seq = v.version \
-     where v.deleted is null and coalesce(l.new_row::jsonb, v.last_values) is not null"
+    " where v.deleted is null) x where image is not null"
 );
 
 impl Store {
@@ -128,7 +111,7 @@ impl Store {
                 format!("changes after seq {after} are no longer kept (the log starts after {}); resync", state.log_floor),
             ));
         }
-        let entries = latest_entries(&mut tx, tenant, table, after, limit, restriction).await?;
+        let entries = latest_entries(&mut tx, tenant, table, (after, state.head_seq), limit, restriction).await?;
         tx.commit().await?;
         let mut docs: Vec<StoredDocument> = entries.into_iter().filter_map(|entry| changed_document(table, entry, access)).collect();
         strip_hidden(table, access, &mut docs);
@@ -217,20 +200,47 @@ fn snapshot_since(after: Option<&SnapshotCursor>, state: &LogState) -> Result<Se
     Ok(cursor.since)
 }
 
+/// This table's log entries after `after` (up to the tenant's `head`) that are their rows'
+/// latest (the row's version is the entry's seq), in seq order, at most `limit`; with a row
+/// restriction, only entries whose new row or old values hold the value. The log is decoded
+/// `CHANGED_SCAN_SEQS` at a time until the page is full.
 async fn latest_entries(
     conn: &mut PgConnection,
     tenant: &TenantId,
     table: &TableSchema,
-    after: Seq,
+    (after, head): (Seq, Seq),
     limit: u32,
     restriction: Option<(&str, &str)>,
 ) -> Result<Vec<Delta>> {
-    let sql = if restriction.is_some() { CHANGED_RESTRICTED_SQL } else { CHANGED_SQL };
-    let mut query = sqlx::query(sql).bind(tenant.as_str()).bind(after as i64).bind(&table.name).bind(i64::from(limit));
-    if let Some((column, value)) = restriction {
-        query = query.bind(column).bind(value);
+    let limit = limit as usize;
+    let mut found = Vec::new();
+    let mut from = after;
+    while found.len() < limit && from < head {
+        let upto = from.saturating_add(CHANGED_SCAN_SEQS).min(head);
+        let candidates: Vec<LoggedChange> = changes_between(conn, tenant, from, upto)
+            .await?
+            .into_iter()
+            .filter(|c| c.table == table.name && restriction.is_none_or(|r| holds_restricted(c, r)))
+            .collect();
+        let keys: Vec<Value> = candidates.iter().map(|c| Value::Object(c.key.clone())).collect();
+        let versions = row_versions(conn, tenant, &table.name, &keys).await?;
+        found.extend(candidates.into_iter().zip(versions).filter(|(c, version)| c.seq == *version).map(|(c, _)| c.into_delta()));
+        from = upto;
     }
-    Ok(query.fetch_all(&mut *conn).await?.iter().map(delta_of_entry).collect())
+    found.truncate(limit);
+    Ok(found)
+}
+
+/// Whether the change's new row (else its old values), or its old values, hold `value` in
+/// `column`, compared as text the way Postgres's `->>` renders it.
+fn holds_restricted(change: &LoggedChange, (column, value): (&str, &str)) -> bool {
+    let as_text = |v: &Value| match v {
+        Value::String(s) => s == value,
+        Value::Null => false,
+        other => other.to_string() == value,
+    };
+    let image = change.row.as_ref().or(change.old.as_ref());
+    image.and_then(|i| i.get(column)).is_some_and(as_text) || change.old.as_ref().and_then(|o| o.get(column)).is_some_and(as_text)
 }
 
 /// A row's latest change as the reader sees the document: live with its new row, or deleted

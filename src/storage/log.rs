@@ -2,25 +2,19 @@
 //! after a position, and snapshot pages of a table's current rows with their versions. Each
 //! read is a transaction scoped to its tenant ([`Store::begin_tenant`]).
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use protocol::{Delta, ErrorCode, Object, Op, SnapshotRow};
+use protocol::{Delta, ErrorCode, Object, SnapshotRow};
 use serde_json::Value;
 use sqlx::Row;
 
+use super::record::{self, LoggedChange};
 use super::Store;
 use crate::error::{Error, Result};
 use crate::ids::{Seq, TenantId};
 use crate::rules::AccessView;
 use crate::storage::catalog::TableSchema;
-
-/// The columns of a change log entry that make its delta (see [`delta_of_entry`]).
-macro_rules! delta_columns {
-    () => {
-        "seq, table_name, op, pk, new_row, old_values, origin_device, change_id"
-    };
-}
-pub(super) use delta_columns;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TenantHead {
@@ -65,7 +59,7 @@ impl Store {
     }
 
     /// Up to `limit` log entries with `after < seq <= upto`, in seq order, with the tenant's
-    /// head seq and log floor as of the read.
+    /// head seq and log floor as of the read (entries at or below the floor are never served).
     pub async fn read_log(&self, tenant: &TenantId, after: Seq, upto: Option<Seq>, limit: u32) -> Result<LogPage> {
         let _read = self.read_permit().await?;
         let mut tx = self.begin_tenant(tenant).await?;
@@ -73,24 +67,15 @@ impl Store {
             .bind(tenant.as_str())
             .fetch_optional(&mut *tx)
             .await?;
-        let rows = sqlx::query(
-            concat!(
-                "select ",
-                delta_columns!(),
-                " from synchub.change_log where tenant_id = $1 and seq > $2 and ($3::int8 is null or seq <= $3) order by seq limit $4"
-            ),
-        )
-        .bind(tenant.as_str())
-        .bind(after as i64)
-        .bind(upto.map(|s| s as i64))
-        .bind(limit as i64)
-        .fetch_all(&mut *tx)
-        .await?;
+        let (head, floor) = head.map_or((0, 0), |(h, f)| (h as Seq, f as Seq));
+        // Seqs are gap-free above the floor: `limit` entries end at `after + limit`.
+        let from = after.max(floor);
+        let last = upto.unwrap_or(head).min(from.saturating_add(limit as Seq));
+        let changes = changes_between(&mut tx, tenant, from, last).await?;
         tx.commit().await?;
-        let deltas = rows.iter().map(delta_of_entry).collect::<Vec<_>>();
-        let (head, floor) = head.unwrap_or((0, 0));
-        let head_seq = (head as Seq).max(deltas.last().map_or(0, |d| d.seq));
-        Ok(LogPage { deltas, head_seq, log_floor: floor as Seq })
+        let deltas: Vec<Delta> = changes.into_iter().map(LoggedChange::into_delta).collect();
+        let head_seq = head.max(deltas.last().map_or(0, |d| d.seq));
+        Ok(LogPage { deltas, head_seq, log_floor: floor })
     }
 
     /// One page of a table's rows in key order, read together with the head seq in one
@@ -145,33 +130,67 @@ impl Store {
         Ok((page, head_seq, epoch))
     }
 
-    /// The seqs at which these change ids were committed (for acks of re-sent changes).
-    pub async fn committed_seqs(&self, tenant: &TenantId, change_ids: &[uuid::Uuid]) -> Result<Vec<(uuid::Uuid, Seq)>> {
-        let mut tx = self.begin_tenant(tenant).await?;
-        let rows: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
-            "select change_id, seq from synchub.change_log where tenant_id = $1 and change_id = any($2)",
-        )
-        .bind(tenant.as_str())
-        .bind(change_ids)
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(rows.into_iter().map(|(id, seq)| (id, seq as Seq)).collect())
-    }
 }
 
-/// A change log entry (its `delta_columns!()`) as a delta.
-pub(super) fn delta_of_entry(r: &sqlx::postgres::PgRow) -> Delta {
-    Delta {
-        seq: r.get::<i64, _>("seq") as Seq,
-        table: r.get("table_name"),
-        op: if r.get::<&str, _>("op") == "delete" { Op::Delete } else { Op::Upsert },
-        key: object(r.get("pk")).unwrap_or_default(),
-        row: object(r.get("new_row")),
-        old: object(r.get("old_values")),
-        origin: r.get("origin_device"),
-        change_id: r.get("change_id"),
+/// The changes of the tenant's log with `after < seq <= upto`, in seq order: the records that
+/// hold them, read in one statement and sliced here. Every read of the log's changes goes
+/// through this function (and [`device_change_seqs`]): the records' format is this module's
+/// business (see `record`).
+pub(super) async fn changes_between(conn: &mut sqlx::PgConnection, tenant: &TenantId, after: Seq, upto: Seq) -> Result<Vec<LoggedChange>> {
+    if upto <= after {
+        return Ok(Vec::new());
     }
+    let records: Vec<(i64, String)> = sqlx::query_as(
+        "select first_seq, changes::text from synchub.log_groups \
+         where tenant_id = $1 and last_seq > $2 and first_seq <= $3 order by last_seq",
+    )
+    .bind(tenant.as_str())
+    .bind(after as i64)
+    .bind(upto as i64)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut changes = Vec::new();
+    for (first_seq, text) in records {
+        changes.extend(record::decode_range(&text, first_seq as Seq, after, Some(upto)).map_err(|err| Error::Internal(err.to_string()))?);
+    }
+    Ok(changes)
+}
+
+/// The seqs at which these changes of devices (device, device_seq) were logged; a change that
+/// wrote nothing, or whose record was trimmed, is not found. For the acks of re-sent changes.
+pub(super) async fn device_change_seqs(
+    conn: &mut sqlx::PgConnection,
+    tenant: &TenantId,
+    wanted: &[(&str, u64)],
+) -> Result<HashMap<(String, u64), Seq>> {
+    if wanted.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let (devices, device_seqs): (Vec<&str>, Vec<i64>) = wanted.iter().map(|(d, s)| (*d, *s as i64)).unzip();
+    let records: Vec<(i64, String)> = sqlx::query_as(
+        "select g.first_seq, g.changes::text from synchub.log_groups g where g.tenant_id = $1 and g.last_seq in ( \
+           select r.group_last_seq from unnest($2::text[], $3::int8[]) as x(device, device_seq) \
+           cross join lateral (select r.group_last_seq from synchub.log_device_ranges r \
+             where r.tenant_id = $1 and r.device_id = x.device and r.last_device_seq >= x.device_seq \
+             order by r.last_device_seq limit 1) r)",
+    )
+    .bind(tenant.as_str())
+    .bind(&devices)
+    .bind(&device_seqs)
+    .fetch_all(&mut *conn)
+    .await?;
+    let wanted: HashSet<(&str, u64)> = wanted.iter().copied().collect();
+    let mut found = HashMap::new();
+    for (first_seq, text) in records {
+        for change in record::decode(&text, first_seq as Seq).map_err(|err| Error::Internal(err.to_string()))? {
+            if let (Some(origin), Some(device_seq)) = (change.origin, change.device_seq) {
+                if wanted.contains(&(origin.as_str(), device_seq)) {
+                    found.insert((origin, device_seq), change.seq);
+                }
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// `from` the `row_versions` rows (as `v`) of the keys `$3` (jsonb[]) of tenant `$1`'s table

@@ -9,6 +9,7 @@ pub mod conflicts;
 pub mod documents;
 pub mod json_text;
 pub mod log;
+pub mod record;
 pub mod refusal;
 pub mod row_cache;
 pub mod subscriptions;

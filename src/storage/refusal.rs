@@ -6,13 +6,14 @@
 use protocol::ErrorCode;
 use sqlx::postgres::PgDatabaseError;
 
-/// The unique index that keeps one tenant's change ids distinct (migration 0001).
-const CHANGE_ID_INDEX: &str = "change_log_change_id";
+/// The keys of the hub's own log (migration 0015): a violation there is the hub's fault (the
+/// group commit handles the one it expects, a seq taken by another writer), never a change's.
+const LOG_KEYS: [&str; 2] = ["log_groups_pkey", "log_device_ranges_pkey"];
 
 /// What a database error says about the change that met it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Blame {
-    /// The change itself: its values, its key or its change id. The same change fails the same
+    /// The change itself: its values or its key. The same change fails the same
     /// way every time, so it is rejected for good with this code and message.
     Change(ErrorCode, String),
     /// The connection, the server, a lock or a timeout: nothing to do with the change, which
@@ -51,9 +52,7 @@ fn blame_code(code: &str, constraint: Option<&str>, column: Option<&str>) -> Bla
     };
     let refused = |message: String| Blame::Change(ErrorCode::InvalidValue, message);
     match (class, code) {
-        (_, "23505") if constraint == Some(CHANGE_ID_INDEX) => {
-            Blame::Change(ErrorCode::ChangeIdReused, "this change_id belongs to another change the hub already committed".into())
-        }
+        (_, "23505") if constraint.is_some_and(|c| LOG_KEYS.contains(&c)) => Blame::Unknown,
         (_, "23505") => refused("a value that must be unique is already taken".into()),
         (_, "23502") => refused(of_column("a required value is missing")),
         (_, "23503") => refused("the change refers to a row that does not exist".into()),
@@ -79,12 +78,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn values_keys_and_reused_ids_are_the_changes_fault_in_the_hubs_words() {
+    fn values_and_keys_are_the_changes_fault_in_the_hubs_words() {
         let code = |sqlstate, constraint| match blame_code(sqlstate, constraint, None) {
             Blame::Change(code, _) => Some(code),
             _ => None,
         };
-        assert_eq!(code("23505", Some("change_log_change_id")), Some(ErrorCode::ChangeIdReused));
+        assert_eq!(code("23505", Some("log_groups_pkey")), None);
         assert_eq!(code("23505", Some("products_pkey")), Some(ErrorCode::InvalidValue));
         for sqlstate in ["22P02", "22003", "22021", "23502", "23503", "23514", "42804", "54000", "P0001"] {
             assert_eq!(code(sqlstate, None), Some(ErrorCode::InvalidValue), "{sqlstate}");
