@@ -18,7 +18,7 @@ use uuid::Uuid;
 use super::as_written::{keep_as_written, same_value};
 use super::catalog::{Catalog, TableSchema};
 use super::conflicts::{self, ResolveConflict};
-use super::json_text::RawJson;
+use super::json_text::{JsonText, RawJson};
 use super::record::{self, ChangeToLog, LogOp};
 use super::refusal::{self, Blame};
 use super::row_cache::{CachedRow, RowCache};
@@ -576,7 +576,7 @@ macro_rules! bookkeeping_sql {
            select $1, d, f, l, $3 from unnest($5::text[], $6::int8[], $7::int8[]) as x(d, f, l)), \
          versions as (\
            insert into synchub.row_versions (tenant_id, table_name, pk, version, deleted, clocks) \
-           select $1, t, k, v, d, c from unnest($8::text[], $9::jsonb[], $10::int8[], $11::jsonb[], $12::jsonb[]) as x(t, k, v, d, c) \
+           select $1, t, k, v, d, c from unnest($8::text[], $9::jsonb[], $10::int8[], $11::json[], $12::json[]) as x(t, k, v, d, c) \
            on conflict (tenant_id, table_name, pk_text) do update set version = excluded.version, deleted = excluded.deleted, clocks = excluded.clocks), ",
             $conflicts,
             "cursors as (\
@@ -1014,8 +1014,8 @@ struct RowVersionColumns<'a> {
     tables: Vec<&'a str>,
     keys: Vec<Json<&'a Object>>,
     versions: Vec<i64>,
-    deleted: Vec<Option<Json<RealClock<'a>>>>,
-    clocks: Vec<Json<RealClocks<'a>>>,
+    deleted: Vec<Option<JsonText<RealClock<'a>>>>,
+    clocks: Vec<JsonText<RealClocks<'a>>>,
 }
 
 impl<'a> RowVersionColumns<'a> {
@@ -1025,8 +1025,8 @@ impl<'a> RowVersionColumns<'a> {
             columns.tables.push(table.as_str());
             columns.keys.push(Json(&slot.key));
             columns.versions.push(real_version(slot.state.version, head) as i64);
-            columns.deleted.push(slot.state.deleted.as_ref().map(|clock| Json(RealClock { clock, head })));
-            columns.clocks.push(Json(RealClocks { clocks: &slot.state.clocks, head }));
+            columns.deleted.push(slot.state.deleted.as_ref().map(|clock| JsonText(RealClock { clock, head })));
+            columns.clocks.push(JsonText(RealClocks { clocks: &slot.state.clocks, head }));
         }
         columns
     }
