@@ -1886,8 +1886,9 @@ async fn check_log(db: &sqlx::PgPool, tenant: &str, fuzz: &Fuzzer) -> Result<(),
     let mut seen = HashSet::new();
     for row in &rows {
         let change = (row.1.unwrap_or_default(), row.3.unwrap_or(-1) as u64);
-        if !seen.insert(change.0) {
-            return Err(format!("change {} twice in the log", change.0));
+        // A change is its device's and device_seq's (its id may repeat an earlier change's).
+        if !seen.insert(change.1) {
+            return Err(format!("device_seq {} (change {}) twice in the log", change.1, change.0));
         }
         if !committed.contains(&change) && !maybe.contains(&change) {
             return Err(format!("log row {row:?} is of no change the hub committed for the session"));
