@@ -635,10 +635,12 @@ async fn apply_group(
     let batches: &[BatchInput] = assigned.as_deref().unwrap_or(batches);
     let mut resolvable: HashSet<i64> = conflicts::lock_open(conn, tenant, &locks.conflicts).await?.into_iter().collect();
     let mut pending: Vec<Pending> = Vec::new();
-    // A change id names one change: a later change of the group under the same id could never
-    // be logged (the log keeps ids unique), and would fail the group's log statement.
-    let mut change_ids: HashSet<Uuid> = HashSet::with_capacity(batches.iter().map(|b| b.changes.len()).sum());
+    // A change id names one change: a second change under the same id in one batch is the
+    // client's mistake (beyond its batch, a change is told apart by device and device_seq alone,
+    // whatever its id; see `change_id_reused` in the protocol).
+    let mut change_ids: HashSet<Uuid> = HashSet::new();
     for (b, batch) in batches.iter().enumerate() {
+        change_ids.clear();
         // A conflict is resolved by the first batch of the group that resolves it.
         let may_resolve = batch.resolves.is_none_or(|r| resolvable.remove(&r.conflict_id));
         for (i, change) in batch.changes.iter().enumerate() {
@@ -647,7 +649,7 @@ async fn apply_group(
                 continue;
             }
             if !change_ids.insert(change.change_id) {
-                outcomes[b][i] = Some(reject(ErrorCode::ChangeIdReused, "an earlier change of this batch or group has the same change_id"));
+                outcomes[b][i] = Some(reject(ErrorCode::ChangeIdReused, "an earlier change of this batch has the same change_id"));
                 continue;
             }
             if let Some(conflict_id) = batch.resolves.filter(|_| !may_resolve).map(|r| r.conflict_id) {
