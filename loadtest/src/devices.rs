@@ -10,12 +10,14 @@ use std::time::{Duration, Instant};
 use protocol::{Change, ClientFrame, Hlc, Object, Op, ServerFrame};
 use serde::Serialize;
 use serde_json::{json, Value};
+use sqlx::PgPool;
 use tokio::sync::{watch, Semaphore};
 use uuid::Uuid;
 
 use crate::client::{Received, Receiver, Sender, Target};
 use crate::report::{Monitor, Report, Stats};
 use crate::tokens::TokenSource;
+use crate::wal::WalWindow;
 
 #[derive(Debug, Clone, Serialize, clap::Args)]
 pub struct DevicesArgs {
@@ -172,6 +174,11 @@ struct Device {
 }
 
 pub async fn run(target: Target, tokens: TokenSource, args: DevicesArgs, hub_pid: Option<u32>) -> Report {
+    run_measuring_wal(target, tokens, args, hub_pid, None).await
+}
+
+/// [`run`], reporting as well the WAL the hub's Postgres (`database`) wrote over the window.
+pub async fn run_measuring_wal(target: Target, tokens: TokenSource, args: DevicesArgs, hub_pid: Option<u32>, database: Option<&PgPool>) -> Report {
     let prefix = args.id_prefix.clone().unwrap_or_else(|| format!("lt-{}", &Uuid::new_v4().simple().to_string()[..8]));
     let stats = Arc::new(Stats::default());
     let timed: Arc<Timed> = Arc::new(Mutex::new(HashMap::new()));
@@ -204,6 +211,8 @@ pub async fn run(target: Target, tokens: TokenSource, args: DevicesArgs, hub_pid
         args.warmup_secs
     );
     monitor.reset(&stats);
+    let mut wal = WalWindow::new(database);
+    wal.open().await;
     let started = Instant::now();
     let _ = go_tx.send(true);
     let forget_old = || timed.lock().unwrap().retain(|_, t| t.elapsed() < crate::report::LATENCY_MAX);
@@ -212,6 +221,7 @@ pub async fn run(target: Target, tokens: TokenSource, args: DevicesArgs, hub_pid
         let warmup = Duration::from_secs(args.warmup_secs);
         monitor.watch_tasks(&stats, started, &mut tasks, started + warmup, forget_old).await;
         monitor.end_warmup(&stats, started.elapsed());
+        wal.open().await;
         window_opened = Instant::now();
     }
     let deadline = window_opened + Duration::from_secs(args.duration_secs);
@@ -219,10 +229,11 @@ pub async fn run(target: Target, tokens: TokenSource, args: DevicesArgs, hub_pid
     let measured = window_opened.elapsed();
     let _ = stop_tx.send(true);
     monitor.stop(&stats);
+    let wal_bytes = wal.close().await;
     // Tasks that ended within the window were joined there (awaiting them again would panic).
     crate::report::join_by(tasks.into_iter().filter(|t| !t.is_finished()), Duration::from_secs(15)).await;
     let parameters = serde_json::to_value(&args).unwrap_or(Value::Null);
-    monitor.finish("devices", parameters, &stats, measured)
+    Report { wal_bytes, ..monitor.finish("devices", parameters, &stats, measured) }
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -1,7 +1,7 @@
 //! `synchub-loadtest`: drives a synchub hub over real WebSockets on loopback with bounded,
 //! self-stopping scenarios, and reports latency, throughput, errors and hub CPU/memory.
 
-use synchub_loadtest::{client, compare, dashboards, devices, error, fanout, idle, pg_ceiling, plot, replay, soak, storm, tables, tokens};
+use synchub_loadtest::{client, compare, dashboards, devices, error, fanout, idle, lean_tables, pg_ceiling, plot, replay, soak, storm, tables, tokens};
 
 use std::path::PathBuf;
 
@@ -57,9 +57,13 @@ enum Command {
         hub: HubArgs,
         #[command(flatten)]
         args: devices::DevicesArgs,
+        /// The hub's database, to report the WAL Postgres wrote over the measured window.
+        #[arg(long)]
+        database_url: Option<String>,
     },
     /// The same rows written straight to Postgres with plain SQL: the ceiling for merge
-    /// (`--with-log`: with the hub's log, versions and cursors as well).
+    /// (`--with-log`: with the previous hub's log, versions and cursors as well; `--lean-log`:
+    /// with the hub's current log format instead).
     PgCeiling {
         #[command(flatten)]
         args: pg_ceiling::CeilingArgs,
@@ -146,6 +150,12 @@ enum Command {
         #[arg(long)]
         fail_on_worse: bool,
     },
+    /// Print the tables of loadtest/run-lean-log (the previous hub against this one) from the
+    /// `lean-*.json` reports in a results folder, as markdown.
+    LeanLogTables {
+        #[arg(long, default_value = "bench-results")]
+        results: PathBuf,
+    },
     /// Rewrite the tables of BENCHMARKS.md from the JSON reports in a results folder.
     Tables {
         #[arg(long)]
@@ -194,10 +204,14 @@ impl HubArgs {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let report = match cli.command {
-        Command::Devices { hub, args } => {
+        Command::Devices { hub, args, database_url } => {
             let hub_pid = hub.hub_pid;
             let (target, tokens) = hub.connect_parts()?;
-            devices::run(target, tokens, args, hub_pid).await
+            let database = match database_url {
+                Some(url) => Some(sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&url).await?),
+                None => None,
+            };
+            devices::run_measuring_wal(target, tokens, args, hub_pid, database.as_ref()).await
         }
         Command::Replay { hub, args } => {
             let hub_pid = hub.hub_pid;
@@ -270,6 +284,10 @@ async fn main() -> anyhow::Result<()> {
             if worse && fail_on_worse {
                 std::process::exit(1);
             }
+            return Ok(());
+        }
+        Command::LeanLogTables { results } => {
+            print!("{}", lean_tables::render(&results));
             return Ok(());
         }
         Command::Tables { results, benchmarks } => {

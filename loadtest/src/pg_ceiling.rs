@@ -7,7 +7,13 @@
 //! statement, into copies of the hub's own tables: a change-log entry per change (seq from the
 //! tenant's head, locked first, the row image, the old values of the written fields, the fields
 //! as written), the row's version with a clock per field, and the writer's cursor. No merge
-//! decisions, rules or conflict records: what Postgres alone costs for the hub's storage.
+//! decisions, rules or conflict records: what Postgres alone costs for the hub's storage. The
+//! log is the previous hub's (a row per change, migrations 0001 and 0013), defined here.
+//!
+//! With `--lean-log`, the same in the hub's current log format ([`crate::lean_log`]): a record
+//! per batch, built and encoded by the writer as the hub does.
+//!
+//! Reports give the WAL Postgres wrote over the run (`wal_bytes`).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -21,7 +27,9 @@ use uuid::Uuid;
 
 use crate::devices::{self, Workload};
 use crate::error::Result;
+use crate::lean_log;
 use crate::report::{Monitor, Report, Stats};
+use crate::wal::WalWindow;
 
 #[derive(Debug, Clone, Serialize, clap::Args)]
 pub struct CeilingArgs {
@@ -51,41 +59,118 @@ pub struct CeilingArgs {
     /// `--with-log`, its own head, which its writers take in turn, as a hub tenant's merges do).
     #[arg(long, default_value_t = 1)]
     pub tenants: usize,
-    /// Write the hub's bookkeeping too (needs the hub's schema in the database).
+    /// Write the hub's bookkeeping too, with the previous hub's log of a row per change
+    /// (needs the hub's schema in the database).
     #[arg(long)]
     pub with_log: bool,
+    /// Write the hub's bookkeeping too, with the lean log: a record per batch built by the
+    /// writer, as the hub now writes it (needs the hub's schema, migration 0015 or later).
+    #[arg(long, conflicts_with = "with_log")]
+    #[serde(default)]
+    pub lean_log: bool,
+}
+
+/// What each batch writes beside the rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bookkeeping {
+    None,
+    PreviousLog,
+    LeanLog,
+}
+
+impl CeilingArgs {
+    fn bookkeeping(&self) -> Bookkeeping {
+        match (self.with_log, self.lean_log) {
+            (true, _) => Bookkeeping::PreviousLog,
+            (false, true) => Bookkeeping::LeanLog,
+            (false, false) => Bookkeeping::None,
+        }
+    }
 }
 
 const TABLE_SQL: &str = "create table if not exists loadtest_products (like products including defaults including constraints); \
     alter table loadtest_products drop constraint if exists loadtest_products_pkey; \
     alter table loadtest_products add primary key (id)";
 
-/// Copies of the hub's log, versions and cursors, and a head per tenant (trigger-free, with
-/// the hub tables' keys and indexes).
-const LOG_TABLES_SQL: &str = "create table if not exists loadtest_change_log (like synchub.change_log including all); \
-    create table if not exists loadtest_row_versions (like synchub.row_versions including all); \
-    create table if not exists loadtest_device_cursors (like synchub.device_cursors including all); \
-    create table if not exists loadtest_heads (tenant_id text primary key, head_seq bigint not null default 0)";
+/// A head per tenant, made anew for each run.
+const HEADS_TABLE_SQL: &str = "drop table if exists loadtest_heads; \
+    create table loadtest_heads (tenant_id text primary key, head_seq bigint not null default 0)";
+
+/// The previous hub's log, versions and cursors (trigger-free, with their keys and indexes), as
+/// its migrations left them (0001, 0007, 0009, 0013 and 0014), whatever the hub's own tables have
+/// become since: the log a row per change, keyed by tenant and seq, change ids unique per tenant,
+/// row images and written fields as `json`; clocks as `jsonb`. Like the copies `--with-log` made
+/// of the hub's tables before (`like … including all`), with the default fill factor.
+const PREVIOUS_TABLES_SQL: &str = "drop table if exists loadtest_change_log, loadtest_row_versions, loadtest_device_cursors; \
+    create table loadtest_change_log (\
+      tenant_id text not null, \
+      seq bigint not null, \
+      table_name text not null, \
+      op text not null check (op in ('insert', 'update', 'delete')), \
+      pk jsonb not null, \
+      new_row json, \
+      old_values json, \
+      written json, \
+      origin_device text, \
+      user_id text, \
+      change_id uuid, \
+      device_seq bigint, \
+      hlc_wall_ms bigint, \
+      hlc_counter integer, \
+      committed_at timestamptz not null default now(), \
+      primary key (tenant_id, seq)); \
+    create unique index loadtest_change_log_change_id on loadtest_change_log (tenant_id, change_id) where change_id is not null; \
+    create table loadtest_row_versions (\
+      tenant_id text not null, \
+      table_name text not null, \
+      pk jsonb not null, \
+      version bigint not null, \
+      deleted jsonb, \
+      clocks jsonb not null default '{}', \
+      pk_text text not null generated always as (pk::text) stored, \
+      last_values jsonb, \
+      primary key (tenant_id, table_name, pk_text)); \
+    create table loadtest_device_cursors (\
+      tenant_id text not null, \
+      device_id text not null, \
+      last_device_seq bigint not null default 0, \
+      user_id text, \
+      updated_at timestamptz not null default now(), \
+      primary key (tenant_id, device_id))";
+
+/// The tables of each kind of bookkeeping, made anew.
+async fn create_tables(pool: &sqlx::PgPool, bookkeeping: Bookkeeping) -> Result<()> {
+    sqlx::raw_sql(TABLE_SQL).execute(pool).await?;
+    sqlx::query("truncate loadtest_products").execute(pool).await?;
+    let tables_sql = match bookkeeping {
+        Bookkeeping::None => return Ok(()),
+        Bookkeeping::PreviousLog => PREVIOUS_TABLES_SQL,
+        Bookkeeping::LeanLog => lean_log::TABLES_SQL,
+    };
+    sqlx::raw_sql(HEADS_TABLE_SQL).execute(pool).await?;
+    sqlx::raw_sql(tables_sql).execute(pool).await?;
+    Ok(())
+}
 
 pub async fn run(args: CeilingArgs) -> Result<Report> {
     let pool = PgPoolOptions::new().max_connections(args.connections).connect(&args.database_url).await?;
-    sqlx::raw_sql(TABLE_SQL).execute(&pool).await?;
-    sqlx::query("truncate loadtest_products").execute(&pool).await?;
-    if args.with_log {
-        sqlx::raw_sql(LOG_TABLES_SQL).execute(&pool).await?;
-        sqlx::raw_sql("truncate loadtest_change_log, loadtest_row_versions, loadtest_device_cursors, loadtest_heads").execute(&pool).await?;
+    let bookkeeping = args.bookkeeping();
+    create_tables(&pool, bookkeeping).await?;
+    let tenants = args.tenants.max(1);
+    for t in (0..tenants).filter(|_| bookkeeping != Bookkeeping::None) {
+        sqlx::query("insert into loadtest_heads (tenant_id) values ($1)").bind(format!("ceiling-{t}")).execute(&pool).await?;
     }
     let stats = Arc::new(Stats::default());
     let prefix = Uuid::new_v4().simple().to_string();
     let mut monitor = Monitor::new(None);
     monitor.reset(&stats);
+    // A connection of the pool's own, so the writers never wait for it nor it for them.
+    let wal_pool = PgPoolOptions::new().max_connections(1).connect(&args.database_url).await?;
+    let mut wal = WalWindow::new(Some(&wal_pool));
+    wal.open().await;
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.duration_secs);
     let mut tasks = Vec::new();
-    let tenants = args.tenants.max(1);
-    for t in (0..tenants).filter(|_| args.with_log) {
-        sqlx::query("insert into loadtest_heads (tenant_id) values ($1)").bind(format!("ceiling-{t}")).execute(&pool).await?;
-    }
     for n in 0..args.writers {
         let (pool, stats, args) = (pool.clone(), stats.clone(), args.clone());
         let writer = Writer { tenant: format!("ceiling-{}", n % tenants), device: format!("w{n}") };
@@ -97,16 +182,17 @@ pub async fn run(args: CeilingArgs) -> Result<Report> {
             args.conflict_rate,
         );
         tasks.push(tokio::spawn(async move {
+            let mut clocks = lean_log::Clocks::default();
             for _ in 0..args.batches_per_writer {
                 if Instant::now() >= deadline {
                     break;
                 }
                 let changes: Vec<_> = (0..args.batch).map(|_| workload.next().0).collect();
                 let t = Instant::now();
-                let written = if args.with_log {
-                    write_logged_batch(&pool, &writer, &changes).await
-                } else {
-                    write_batch(&pool, "ceiling", &changes).await
+                let written = match bookkeeping {
+                    Bookkeeping::None => write_batch(&pool, "ceiling", &changes).await,
+                    Bookkeeping::PreviousLog => write_logged_batch(&pool, &writer, &changes).await,
+                    Bookkeeping::LeanLog => lean_log::write_batch(&pool, &writer, &mut clocks, &changes).await,
                 };
                 match written {
                     Ok(()) => {
@@ -121,8 +207,9 @@ pub async fn run(args: CeilingArgs) -> Result<Report> {
     // The writers stop by themselves (count or duration); the window ends when they do.
     let measured = monitor.watch_tasks(&stats, started, &mut tasks, started + Duration::from_secs(24 * 3600), || {}).await;
     monitor.stop(&stats);
+    let wal_bytes = wal.close().await;
     let parameters = serde_json::to_value(&args).unwrap_or(Value::Null);
-    Ok(monitor.finish("pg-ceiling", parameters, &stats, measured))
+    Ok(Report { wal_bytes, ..monitor.finish("pg-ceiling", parameters, &stats, measured) })
 }
 
 /// One transaction: full rows upserted, partial rows updated; each key once per statement.
@@ -193,9 +280,69 @@ async fn write_batch(pool: &sqlx::PgPool, tenant: &str, changes: &[protocol::Cha
 }
 
 /// Who a writer is, in the log and cursor tables.
-struct Writer {
-    tenant: String,
-    device: String,
+pub(crate) struct Writer {
+    pub tenant: String,
+    pub device: String,
+}
+
+type RowValues = (Option<(String, String)>, i32, i32);
+
+/// Each row a batch writes, once, with the batch's last values (keys in order, so that writers
+/// sharing rows lock them in one order), as the arguments of the upsert and the update.
+#[derive(Default)]
+pub(crate) struct LastValues {
+    pub full_ids: Vec<Uuid>,
+    pub skus: Vec<String>,
+    pub names: Vec<String>,
+    pub full_prices: Vec<i32>,
+    pub full_stocks: Vec<i32>,
+    pub part_ids: Vec<Uuid>,
+    pub part_prices: Vec<i32>,
+    pub part_stocks: Vec<i32>,
+}
+
+impl LastValues {
+    pub fn of(changes: &[protocol::Change]) -> LastValues {
+        // By key: sku and name when a change wrote the whole row, price and stock.
+        let mut rows: std::collections::BTreeMap<Uuid, RowValues> = std::collections::BTreeMap::new();
+        for c in changes {
+            let int = |k: &str| c.fields.get(k).and_then(Value::as_i64).unwrap_or(0) as i32;
+            let full = c.fields.get("sku").and_then(Value::as_str).map(|sku| {
+                (sku.to_string(), c.fields.get("name").and_then(Value::as_str).unwrap_or_default().to_string())
+            });
+            let row = rows.entry(devices::key_uuid(c)).or_insert((None, 0, 0));
+            *row = (full.or(row.0.take()), int("price_cents"), int("stock"));
+        }
+        let mut values = LastValues::default();
+        for (id, (full, price, stock)) in rows {
+            match full {
+                Some((sku, name)) => {
+                    values.full_ids.push(id);
+                    values.skus.push(sku);
+                    values.names.push(name);
+                    values.full_prices.push(price);
+                    values.full_stocks.push(stock);
+                }
+                None => {
+                    values.part_ids.push(id);
+                    values.part_prices.push(price);
+                    values.part_stocks.push(stock);
+                }
+            }
+        }
+        values
+    }
+}
+
+/// Take `count` seqs from the tenant's head, locking it until commit (a hub tenant's merges
+/// take turns); returns the seq before them.
+pub(crate) async fn take_head(conn: &mut sqlx::PgConnection, tenant: &str, count: usize) -> Result<i64> {
+    let base = sqlx::query_scalar("update loadtest_heads set head_seq = head_seq + $2 where tenant_id = $1 returning head_seq - $2")
+        .bind(tenant)
+        .bind(count as i64)
+        .fetch_one(conn)
+        .await?;
+    Ok(base)
 }
 
 /// One transaction: the tenant's head (locked, as a hub tenant's merges take turns), then the
@@ -203,34 +350,7 @@ struct Writer {
 /// one statement.
 async fn write_logged_batch(pool: &sqlx::PgPool, writer: &Writer, changes: &[protocol::Change]) -> Result<()> {
     let Some(last) = changes.last() else { return Ok(()) };
-    // Each row written once, with the last values of the batch (keys in order, as above).
-    let mut rows: std::collections::BTreeMap<Uuid, (Option<(String, String)>, i32, i32)> = std::collections::BTreeMap::new();
-    for c in changes {
-        let int = |k: &str| c.fields.get(k).and_then(Value::as_i64).unwrap_or(0) as i32;
-        let full = c.fields.get("sku").and_then(Value::as_str).map(|sku| {
-            (sku.to_string(), c.fields.get("name").and_then(Value::as_str).unwrap_or_default().to_string())
-        });
-        let row = rows.entry(devices::key_uuid(c)).or_insert((None, 0, 0));
-        *row = (full.or(row.0.take()), int("price_cents"), int("stock"));
-    }
-    let (mut full_ids, mut skus, mut names, mut full_prices, mut full_stocks) = (vec![], vec![], vec![], vec![], vec![]);
-    let (mut part_ids, mut part_prices, mut part_stocks) = (vec![], vec![], vec![]);
-    for (id, (full, price, stock)) in rows {
-        match full {
-            Some((sku, name)) => {
-                full_ids.push(id);
-                skus.push(sku);
-                names.push(name);
-                full_prices.push(price);
-                full_stocks.push(stock);
-            }
-            None => {
-                part_ids.push(id);
-                part_prices.push(price);
-                part_stocks.push(stock);
-            }
-        }
-    }
+    let rows = LastValues::of(changes);
     let ids: Vec<Uuid> = changes.iter().map(devices::key_uuid).collect();
     let written: Vec<Value> = changes.iter().map(|c| Value::Object(c.fields.clone())).collect();
     // The log keeps the fields as written in a `json` column, as the hub's does: sent as text,
@@ -241,11 +361,7 @@ async fn write_logged_batch(pool: &sqlx::PgPool, writer: &Writer, changes: &[pro
     let walls: Vec<i64> = changes.iter().map(|c| c.hlc.wall_ms as i64).collect();
     let counters: Vec<i32> = changes.iter().map(|c| c.hlc.counter as i32).collect();
     let mut tx = pool.begin().await?;
-    let base: i64 = sqlx::query_scalar("update loadtest_heads set head_seq = head_seq + $2 where tenant_id = $1 returning head_seq - $2")
-        .bind(&writer.tenant)
-        .bind(changes.len() as i64)
-        .fetch_one(&mut *tx)
-        .await?;
+    let base = take_head(&mut tx, &writer.tenant, changes.len()).await?;
     sqlx::query(
         // The rows before the statement (its snapshot); no row lock, which a write of the same
         // statement would make skip the row: the head serializes the tenant's writers.
@@ -282,14 +398,14 @@ async fn write_logged_batch(pool: &sqlx::PgPool, writer: &Writer, changes: &[pro
     )
     .bind(&writer.tenant)
     .bind(&ids)
-    .bind(&full_ids)
-    .bind(&skus)
-    .bind(&names)
-    .bind(&full_prices)
-    .bind(&full_stocks)
-    .bind(&part_ids)
-    .bind(&part_prices)
-    .bind(&part_stocks)
+    .bind(&rows.full_ids)
+    .bind(&rows.skus)
+    .bind(&rows.names)
+    .bind(&rows.full_prices)
+    .bind(&rows.full_stocks)
+    .bind(&rows.part_ids)
+    .bind(&rows.part_prices)
+    .bind(&rows.part_stocks)
     .bind(&ids)
     .bind(&written)
     .bind(&change_ids)

@@ -188,6 +188,9 @@ pub struct Report {
     pub loadgen_cpu_s: f64,
     /// CPU seconds the hypervisor took from the machine over the measured window (all CPUs).
     pub steal_cpu_s: f64,
+    /// Bytes of WAL Postgres wrote over the measured window (when the scenario was given the
+    /// database; see [`crate::wal`]).
+    pub wal_bytes: Option<u64>,
     /// Seconds of load before the measured window (`--warmup-secs`); the timeline includes them.
     pub warmup_s: f64,
     /// Latencies over the warm-up and the measured window together, when there was a warm-up.
@@ -473,6 +476,7 @@ impl Monitor {
             postgres_cpu_s: postgres_at_end.since(&self.start_postgres),
             loadgen_cpu_s: own_cpu_at_end - self.start_cpu,
             steal_cpu_s: end.machine_steal_s - self.start_sample.machine_steal_s,
+            wal_bytes: None,
             warmup_s: self.warmup.as_ref().map_or(0.0, |(_, _, d)| d.as_secs_f64()),
             ack_latency_with_warmup: self.warmup.as_ref().map(|(ack, _, _)| with_warmup(ack, &ack_latency)),
             delivery_latency_with_warmup: self.warmup.as_ref().map(|(_, delivery, _)| with_warmup(delivery, &delivery_latency)),
@@ -539,6 +543,11 @@ impl Report {
             ),
         );
         row("hub RSS max", format!("{} KiB", self.hub_rss_max_kib));
+        if let Some(bytes) = self.wal_bytes {
+            let changes = self.changes_merged_per_s * self.duration_s;
+            let per_change = if changes > 0.0 { format!(", {:.0} B per change", bytes as f64 / changes) } else { String::new() };
+            row("WAL written", format!("{:.1} MiB{per_change}", bytes as f64 / (1024.0 * 1024.0)));
+        }
         out
     }
 }

@@ -7,12 +7,12 @@ use serde_json::Value;
 
 use crate::error::{LoadError, Result};
 
-fn load(dir: &Path, name: &str) -> Option<Value> {
+pub(crate) fn load(dir: &Path, name: &str) -> Option<Value> {
     let text = std::fs::read_to_string(dir.join(format!("{name}.json"))).ok()?;
     serde_json::from_str(&text).ok()
 }
 
-fn num(v: &Value, path: &[&str]) -> f64 {
+pub(crate) fn num(v: &Value, path: &[&str]) -> f64 {
     path.iter().try_fold(v, |v, k| v.get(*k)).and_then(Value::as_f64).unwrap_or(0.0)
 }
 
@@ -22,13 +22,13 @@ fn idle_window_s(report: &Value) -> f64 {
 }
 
 /// Errors of a report, all codes together.
-fn error_count(report: &Value) -> u64 {
+pub(crate) fn error_count(report: &Value) -> u64 {
     report.get("errors").and_then(Value::as_object).map(|m| m.values().filter_map(Value::as_u64).sum()).unwrap_or(0)
 }
 
 /// The runs of one measurement: `{name}-r1.json`, `{name}-r2.json`, … as `run-benchmarks`
 /// repeats them, or a single `{name}.json`.
-fn repeated_runs(dir: &Path, name: &str) -> Vec<Value> {
+pub(crate) fn repeated_runs(dir: &Path, name: &str) -> Vec<Value> {
     let repeated: Vec<Value> = (1..).map_while(|run| load(dir, &format!("{name}-r{run}"))).collect();
     if repeated.is_empty() {
         load(dir, name).into_iter().collect()
@@ -39,7 +39,7 @@ fn repeated_runs(dir: &Path, name: &str) -> Vec<Value> {
 
 /// The run with the median of the figure at `path` (the lower middle one of an even count), and
 /// the lowest and highest of that figure over all runs.
-fn median_run_by<'a>(runs: &'a [Value], path: &[&str]) -> Option<(&'a Value, f64, f64)> {
+pub(crate) fn median_run_by<'a>(runs: &'a [Value], path: &[&str]) -> Option<(&'a Value, f64, f64)> {
     let figure = |r: &Value| num(r, path);
     let mut sorted: Vec<&Value> = runs.iter().collect();
     sorted.sort_by(|a, b| figure(a).total_cmp(&figure(b)));
@@ -68,7 +68,7 @@ pub fn median_report(dir: &Path, name: &str) -> Option<Value> {
 }
 
 /// A median rate, with the range of the runs when there were several.
-fn rate_cell(runs: &[Value]) -> String {
+pub(crate) fn rate_cell(runs: &[Value]) -> String {
     match median_run(runs) {
         None => "not run".into(),
         Some((median, low, high)) if runs.len() > 1 => {

@@ -1,0 +1,304 @@
+//! The `pg-ceiling --lean-log` baseline: what Postgres alone costs for the hub's bookkeeping in
+//! its lean log format (migration 0015), built the way the hub builds it. Each writer's batch is
+//! one transaction: the tenant's head (locked until commit), the rows (each once, with the
+//! batch's last values, returning their images), then in one statement the batch's record (one
+//! row of a copy of `synchub.log_groups`, encoded by the writer with the hub's own
+//! `synchub::storage::record::encode`), the writer's range of device seqs (one row of a copy of
+//! `synchub.log_device_ranges`), each written row's version and field clocks once, and the
+//! writer's cursor. No merge decisions, rules, conflict records or fan-out.
+//!
+//! Unlike the hub, which keeps the rows it merges in a cache, the writer reads the rows as they
+//! were before the batch in the statement that writes them, as `--with-log` does.
+
+use std::collections::{BTreeMap, HashMap};
+
+use protocol::{Change, Object};
+use serde_json::{json, Value};
+use sqlx::{PgConnection, Row};
+use synchub::storage::json_text::{JsonText, RawJson};
+use synchub::storage::record::{self, ChangeToLog, LogOp};
+use uuid::Uuid;
+
+use crate::devices;
+use crate::error::Result;
+use crate::pg_ceiling::{take_head, LastValues, Writer};
+
+/// Copies of the hub's log, versions and cursors as they are now (trigger-free; `including all`
+/// keeps the keys, the check and the records' compression, not the fill factor), made anew.
+pub const TABLES_SQL: &str = "drop table if exists loadtest_log_groups, loadtest_log_device_ranges, loadtest_row_versions, \
+      loadtest_device_cursors; \
+    create table loadtest_log_groups (like synchub.log_groups including all); \
+    create table loadtest_log_device_ranges (like synchub.log_device_ranges including all); \
+    create table loadtest_row_versions (like synchub.row_versions including all); \
+    create table loadtest_device_cursors (like synchub.device_cursors including all)";
+
+/// One batch, as one of the hub's group commits writes it.
+pub(crate) async fn write_batch(pool: &sqlx::PgPool, writer: &Writer, clocks: &mut Clocks, changes: &[Change]) -> Result<()> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let mut tx = pool.begin().await?;
+    let base = take_head(&mut tx, &writer.tenant, changes.len()).await?;
+    let images = write_rows(&mut tx, &writer.tenant, changes).await?;
+    let record = record_text(changes, &images, &writer.device);
+    let versions = clocks.versions(changes, base, &writer.device);
+    write_bookkeeping(&mut tx, writer, base, changes, &record, &versions).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// A written row as it was before the batch (none when the batch created it) and after it, as
+/// Postgres renders it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Images {
+    pub before: Option<Object>,
+    pub after: Object,
+}
+
+/// Write each row of the batch once (full rows upserted, partial rows updated, as `--with-log`
+/// does), returning the rows' images by id.
+async fn write_rows(conn: &mut PgConnection, tenant: &str, changes: &[Change]) -> Result<HashMap<Uuid, Images>> {
+    let rows = LastValues::of(changes);
+    let ids: Vec<Uuid> = rows.full_ids.iter().chain(&rows.part_ids).copied().collect();
+    let returned = sqlx::query(
+        // The rows before the statement (its snapshot; the head serializes the tenant's writers).
+        "with old as materialized (\
+           select q.id, to_json(q) as img from loadtest_products q where q.id = any($2)), \
+         full_rows as (\
+           insert into loadtest_products as t (tenant_id, id, sku, name, price_cents, stock) \
+           select $1, * from unnest($3::uuid[], $4::text[], $5::text[], $6::int4[], $7::int4[]) \
+           on conflict (id) do update set sku = excluded.sku, name = excluded.name, price_cents = excluded.price_cents, stock = excluded.stock \
+           returning t.id, to_json(t) as img), \
+         partial_rows as (\
+           update loadtest_products p set price_cents = x.price, stock = x.stock \
+           from unnest($8::uuid[], $9::int4[], $10::int4[]) as x(id, price, stock) where p.id = x.id \
+           returning p.id, to_json(p) as img) \
+         select new.id, new.img as after, old.img as before \
+         from (select * from full_rows union all select * from partial_rows) new left join old on old.id = new.id",
+    )
+    .bind(tenant)
+    .bind(&ids)
+    .bind(&rows.full_ids)
+    .bind(&rows.skus)
+    .bind(&rows.names)
+    .bind(&rows.full_prices)
+    .bind(&rows.full_stocks)
+    .bind(&rows.part_ids)
+    .bind(&rows.part_prices)
+    .bind(&rows.part_stocks)
+    .fetch_all(&mut *conn)
+    .await?;
+    let object = |v: Option<Value>| match v {
+        Some(Value::Object(m)) => Some(m),
+        _ => None,
+    };
+    Ok(returned
+        .into_iter()
+        .map(|r| (r.get("id"), Images { before: object(r.get("before")), after: object(r.get("after")).unwrap_or_default() }))
+        .collect())
+}
+
+/// The old values of the fields `written` changes in `before` (null for a field it lacked).
+pub fn old_values(before: &Object, written: &Object) -> Object {
+    written
+        .iter()
+        .filter(|(k, v)| before.get(*k) != Some(*v))
+        .map(|(k, _)| (k.clone(), before.get(k).cloned().unwrap_or(Value::Null)))
+        .collect()
+}
+
+/// The batch's record, its changes at consecutive seqs, as the hub logs a group's: an insert for
+/// a row's first write when the row did not exist, else an update with the old values of the
+/// fields it changed; each change's row as the change left it (a row's later change in the batch
+/// compares with the row as the earlier one left it).
+pub fn record_text(changes: &[Change], images: &HashMap<Uuid, Images>, device: &str) -> String {
+    let mut latest: HashMap<Uuid, Object> = HashMap::new();
+    let mut logged: Vec<(LogOp, Object, Option<Object>)> = Vec::with_capacity(changes.len());
+    for c in changes {
+        let id = devices::key_uuid(c);
+        let image = images.get(&id);
+        let prior = latest.remove(&id).or_else(|| image.and_then(|i| i.before.clone()));
+        let (op, old) = match &prior {
+            Some(before) => (LogOp::Update, Some(old_values(before, &c.fields))),
+            None => (LogOp::Insert, None),
+        };
+        let mut row = prior.or_else(|| image.map(|i| i.after.clone())).unwrap_or_else(|| c.key.clone());
+        row.extend(c.fields.iter().map(|(k, v)| (k.clone(), v.clone())));
+        latest.insert(id, row.clone());
+        logged.push((op, row, old));
+    }
+    let entries: Vec<ChangeToLog> = changes
+        .iter()
+        .zip(&logged)
+        .map(|(c, (op, row, old))| ChangeToLog {
+            table: &c.table,
+            op: *op,
+            key: &c.key,
+            row: Some(row),
+            old: old.as_ref(),
+            written: Some(&c.fields),
+            origin: Some(device),
+            user: Some(device),
+            change_id: Some(c.change_id),
+            device_seq: Some(c.device_seq),
+            wall_ms: c.hlc.wall_ms,
+            counter: c.hlc.counter,
+        })
+        .collect();
+    record::encode(&entries)
+}
+
+/// A writer's rows' field clocks, as the hub keeps them for the rows it merges, so that each
+/// written row's version carries all of its clocks.
+#[derive(Default)]
+pub struct Clocks(HashMap<Uuid, Object>);
+
+/// The rows a batch wrote, once each in key order: key, version (the seq of its last change) and
+/// field clocks (`{field: [wall_ms, counter, device, seq, user]}`), as arguments.
+#[derive(Debug, Default, PartialEq)]
+pub struct Versions {
+    pub keys: Vec<Value>,
+    pub versions: Vec<i64>,
+    pub clocks: Vec<Value>,
+}
+
+impl Clocks {
+    /// The versions of the rows `changes` wrote at seqs `base + 1 …`.
+    pub fn versions(&mut self, changes: &[Change], base: i64, device: &str) -> Versions {
+        let mut written: BTreeMap<Uuid, (&Object, i64)> = BTreeMap::new();
+        for (n, c) in changes.iter().enumerate() {
+            let seq = base + 1 + n as i64;
+            let id = devices::key_uuid(c);
+            let clocks = self.0.entry(id).or_default();
+            for field in c.fields.keys() {
+                clocks.insert(field.clone(), json!([c.hlc.wall_ms, c.hlc.counter, device, seq, device]));
+            }
+            written.insert(id, (&c.key, seq));
+        }
+        let mut out = Versions::default();
+        for (id, (key, version)) in written {
+            out.keys.push(Value::Object(key.clone()));
+            out.versions.push(version);
+            out.clocks.push(Value::Object(self.0.get(&id).cloned().unwrap_or_default()));
+        }
+        out
+    }
+}
+
+/// The record, the writer's device range, the rows' versions and the cursor, in one statement.
+async fn write_bookkeeping(
+    conn: &mut PgConnection,
+    writer: &Writer,
+    base: i64,
+    changes: &[Change],
+    record: &str,
+    versions: &Versions,
+) -> Result<()> {
+    let (first, last) = (changes[0].device_seq as i64, changes[changes.len() - 1].device_seq as i64);
+    // Clocks go as `json` text, as the hub sends them.
+    let clocks: Vec<JsonText<&Value>> = versions.clocks.iter().map(JsonText).collect();
+    sqlx::query(
+        "with log as (\
+           insert into loadtest_log_groups (tenant_id, first_seq, last_seq, changes) values ($1, $2, $3, $4::json)), \
+         ranges as (\
+           insert into loadtest_log_device_ranges (tenant_id, device_id, first_device_seq, last_device_seq, group_last_seq) \
+           values ($1, $5, $6, $7, $3)), \
+         versions as (\
+           insert into loadtest_row_versions (tenant_id, table_name, pk, version, clocks) \
+           select $1, 'products', k, v, c from unnest($8::jsonb[], $9::int8[], $10::json[]) as x(k, v, c) \
+           on conflict (tenant_id, table_name, pk_text) do update set version = excluded.version, deleted = excluded.deleted, \
+             clocks = excluded.clocks) \
+         insert into loadtest_device_cursors (tenant_id, device_id, user_id, last_device_seq) values ($1, $5, $5, $7) \
+         on conflict (tenant_id, device_id) do update set \
+           last_device_seq = greatest(loadtest_device_cursors.last_device_seq, excluded.last_device_seq), \
+           user_id = excluded.user_id, updated_at = now()",
+    )
+    .bind(&writer.tenant)
+    .bind(base + 1)
+    .bind(base + changes.len() as i64)
+    .bind(RawJson(record))
+    .bind(&writer.device)
+    .bind(first)
+    .bind(last)
+    .bind(&versions.keys)
+    .bind(&versions.versions)
+    .bind(&clocks)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use synchub::storage::record::decode;
+
+    fn object(v: Value) -> Object {
+        match v {
+            Value::Object(m) => m,
+            _ => Object::new(),
+        }
+    }
+
+    fn change(id: Uuid, device_seq: u64, fields: Value) -> Change {
+        Change {
+            change_id: Uuid::from_u128(device_seq as u128),
+            device_seq,
+            table: "products".into(),
+            op: protocol::Op::Upsert,
+            key: object(json!({"id": id})),
+            fields: object(fields),
+            hlc: protocol::Hlc { wall_ms: 1_000 + device_seq, counter: device_seq as u32 },
+            base_version: 0,
+        }
+    }
+
+    #[test]
+    fn old_values_are_the_changed_fields_before_the_change() {
+        let before = object(json!({"sku": "A", "price_cents": 5, "stock": 1}));
+        let written = object(json!({"price_cents": 7, "stock": 1, "name": "x"}));
+        assert_eq!(old_values(&before, &written), object(json!({"price_cents": 5, "name": null})));
+    }
+
+    #[test]
+    fn the_record_logs_inserts_then_updates_each_from_the_row_the_last_change_left() {
+        let (new, old) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let changes = [
+            change(new, 1, json!({"sku": "N", "name": "New", "price_cents": 10, "stock": 1})),
+            change(old, 2, json!({"price_cents": 20, "stock": 2})),
+            change(new, 3, json!({"price_cents": 11, "stock": 1})),
+        ];
+        let image = |id: Uuid, name: &str, price: i64, stock: i64| {
+            object(json!({"tenant_id": "t", "id": id, "sku": &name[..1], "name": name, "price_cents": price, "stock": stock}))
+        };
+        let images = HashMap::from([
+            (new, Images { before: None, after: image(new, "New", 11, 1) }),
+            (old, Images { before: Some(image(old, "Old", 5, 2)), after: image(old, "Old", 20, 2) }),
+        ]);
+        let text = record_text(&changes, &images, "w1");
+        let read = decode(&text, 41).unwrap();
+        assert_eq!(read.iter().map(|c| (c.seq, c.op)).collect::<Vec<_>>(), [(41, LogOp::Insert), (42, LogOp::Update), (43, LogOp::Update)]);
+        assert_eq!(read[0].old, None);
+        // The insert's row is the row as it left it, not as the batch did.
+        assert_eq!(read[0].row.as_ref().unwrap()["price_cents"], json!(10));
+        assert_eq!(read[1].old, Some(object(json!({"price_cents": 5}))));
+        assert_eq!(read[2].old, Some(object(json!({"price_cents": 10}))));
+        assert_eq!(read[2].row, Some(image(new, "New", 11, 1)));
+        assert_eq!(read[1].row, Some(image(old, "Old", 20, 2)));
+        assert_eq!(read[2].written, Some(changes[2].fields.clone()));
+        assert_eq!((read[2].origin.as_deref(), read[2].device_seq, read[2].change_id), (Some("w1"), Some(3), Some(changes[2].change_id)));
+        assert_eq!((read[2].wall_ms, read[2].counter), (1_003, 3));
+    }
+
+    #[test]
+    fn versions_are_one_per_row_with_every_clock_the_writer_knows() {
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let mut clocks = Clocks::default();
+        let first = clocks.versions(&[change(b, 1, json!({"sku": "B"})), change(a, 2, json!({"sku": "A", "stock": 1}))], 10, "w");
+        assert_eq!(first.versions, [12, 11], "in key order");
+        let second = clocks.versions(&[change(a, 3, json!({"stock": 2})), change(a, 4, json!({"stock": 3}))], 20, "w");
+        assert_eq!(second.keys, [json!({"id": a})]);
+        assert_eq!(second.versions, [22]);
+        assert_eq!(second.clocks, [json!({"sku": [1_002, 2, "w", 12, "w"], "stock": [1_004, 4, "w", 22, "w"]})]);
+    }
+}
