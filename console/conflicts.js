@@ -20,6 +20,21 @@ function deleteWon(c) {
   return c.policy === 'delete_wins';
 }
 
+/** Why the winning side was kept, in words a manager reads without the sync spec. */
+export function whyKept(c) {
+  if (deleteWon(c)) return 'a delete wins';
+  if (c.policy === 'client_wins') return 'this table keeps the latest push';
+  return 'newer';
+}
+
+/** "Kept: pos-2's change (newer)" and "Not kept: pos-1's change": a side of the conflict in
+ * plain words. */
+export function sideWords(c, name) {
+  const kept = (c.winner === 'server' ? 'server' : 'incoming') === name;
+  const whose = `${c[name]?.device ?? 'an unknown device'}'s change`;
+  return kept ? `Kept: ${whose} (${whyKept(c)})` : `Not kept: ${whose}`;
+}
+
 export class Conflicts {
   constructor() {
     this.api = null;
@@ -156,6 +171,7 @@ export class Conflicts {
 
   item(c) {
     const won = c.winner === 'server' ? 'server' : 'incoming';
+    const lost = won === 'server' ? 'incoming' : 'server';
     // A side that won by deleting the row has no value: say so.
     const valueOf = (name) => (deleteWon(c) && name === won ? 'deleted' : show(c[name]?.value));
     return h('li', { class: `conflict-item status-${c.status}${this.openId === c.id ? ' selected' : ''}`, dataset: { id: c.id } },
@@ -168,7 +184,7 @@ export class Conflicts {
       },
       // The spaces between the lines keep the button's accessible name readable.
       h('span', { class: 'ci-title' }, `#${c.id} ${c.table} · ${c.field}`), ' ',
-      h('span', { class: 'ci-values' }, `${valueOf('server')} (${c.server?.device ?? '?'}) vs ${valueOf('incoming')} (${c.incoming?.device ?? '?'}), ${won} won`), ' ',
+      h('span', { class: 'ci-values' }, `${sideWords(c, won)}: ${valueOf(won)} · not kept: ${valueOf(lost)} from ${c[lost]?.device ?? '?'}`), ' ',
       h('span', { class: 'ci-meta' }, h('span', { class: `status status-${c.status}` }, c.status), ' · ', dateTime(c.created_at))));
   }
 
@@ -221,8 +237,8 @@ export class Conflicts {
       const s = c[name] ?? {};
       const won = name === winnerSide;
       return h('section', { class: `side side-${name} ${won ? 'won' : 'lost'}`, 'aria-labelledby': `side-${name}-h` },
-        h('h4', { id: `side-${name}-h` }, name === 'server' ? 'Server' : 'Incoming', ' ',
-          h('span', { class: `tag ${won ? 'tag-won' : 'tag-lost'}` }, won ? 'won' : 'lost')),
+        h('h4', { id: `side-${name}-h` }, sideWords(c, name), ' ',
+          h('span', { class: 'muted side-role' }, name === 'server' ? '(stored first)' : '(pushed later)')),
         h('p', { class: 'value', dataset: { side: name } }, won && deleteWon(c) ? `deleted by ${s.device ?? '?'}` : show(s.value)),
         dl([
           ['Device', s.device ?? '—'],
@@ -280,6 +296,7 @@ export class Conflicts {
           }
         }
       };
+      const deviceOf = (side) => c[side]?.device ?? 'the other device';
       const winnerValue = c[winnerSide]?.value;
       const otherValue = c[otherSide]?.value;
       // The row was deleted and stays so: no value can be written to it from here.
@@ -295,10 +312,10 @@ export class Conflicts {
         errorEl) : h('section', { class: 'resolve', 'aria-labelledby': 'resolve-h' },
         h('h4', { id: 'resolve-h' }, 'Resolve'),
         h('div', { class: 'actions' },
-          h('button', { type: 'button', class: 'primary', 'data-focus-key': 'keep', onclick: () => act({ action: 'keep' }, 'keep winner') },
-            `Keep winner: ${show(winnerValue)}`),
-          h('button', { type: 'button', class: 'primary', 'data-focus-key': 'take_other', onclick: () => act({ action: 'take_other' }, 'take other value') },
-            `Take other value: ${show(otherValue)}`),
+          h('button', { type: 'button', class: 'primary', 'data-focus-key': 'keep', onclick: () => act({ action: 'keep' }, `keep ${deviceOf(winnerSide)}'s value`) },
+            `Keep ${deviceOf(winnerSide)}'s value: ${show(winnerValue)}`),
+          h('button', { type: 'button', class: 'primary', 'data-focus-key': 'take_other', onclick: () => act({ action: 'take_other' }, `use ${deviceOf(otherSide)}'s value`) },
+            `Use ${deviceOf(otherSide)}'s value instead: ${show(otherValue)}`),
           h('button', { type: 'button', 'data-focus-key': 'dismiss', onclick: () => act({ action: 'dismiss' }, 'dismiss') },
             'Dismiss (write nothing)')),
         h('form', {

@@ -205,6 +205,13 @@ try {
     expect(a && b && Math.abs(a.y - b.y) < 4 && b.x > a.x + a.width - 1, 'the two values are not side by side');
     await page.locator('#conflict-detail .side.won').waitFor();
     await page.locator('#conflict-detail .current dl').waitFor();
+    // In plain words: whose change was kept and why, not "server" and "incoming".
+    const kept = (await page.locator('#conflict-detail .side.won h4').innerText()).trim();
+    const notKept = (await page.locator('#conflict-detail .side.lost h4').innerText()).trim();
+    expect(/^Kept: \S+'s change \(newer\)/.test(kept), `the kept side says "${kept}"`);
+    expect(/^Not kept: \S+'s change/.test(notKept), `the other side says "${notKept}"`);
+    const line = (await page.locator('#conflict-list li.selected .ci-values').innerText()).trim();
+    expect(line.startsWith('Kept: ') && line.includes(' · not kept: '), `the list says "${line}"`);
   });
 
   await check('Escape closes the view and returns focus to the list; Enter opens it again', async () => {
@@ -223,9 +230,9 @@ try {
     await page.setViewportSize({ width: 1280, height: 900 });
   });
 
-  await check('keyboard: Tab reaches "Take other value", Enter resolves', async () => {
+  await check('keyboard: Tab reaches "Use the other value instead", Enter resolves', async () => {
     await page.locator('#detail-h').focus();
-    const { info, trail } = await tabUntil(page, (i) => i.tag === 'button' && i.text.startsWith('Take other value'), 10, 'the "Take other value" button');
+    const { info, trail } = await tabUntil(page, (i) => i.tag === 'button' && /^Use \S+'s value instead/.test(i.text), 10, 'the "Use …\'s value instead" button');
     say(`keyboard: ${trail.length} Tab presses: ${trail.join(' → ')}`);
     expect(info.text.includes(other), `the button should name the other value ${other}: "${info.text}"`);
     expect(info.outline !== 'none', 'the focused resolve button shows no focus outline');
@@ -254,7 +261,7 @@ try {
     say('showing the second conflict');
     const moved = await Promise.race([nextStdinLine(), new Promise((r) => setTimeout(() => r(null), 60000))]);
     expect(moved !== null, 'the test did not say that the price moved');
-    await page.getByRole('button', { name: /^Keep winner/ }).click();
+    await page.getByRole('button', { name: /^Keep \S+'s value/ }).click();
     await page.locator('#conflict-detail .resolve .error', { hasText: 'changed since this page showed it' }).waitFor();
     await page.locator('#conflict-detail .current strong', { hasText: '95' }).waitFor();
     await page.locator('#badge-text', { hasText: 'Conflicts: 1 open' }).waitFor();
@@ -274,7 +281,7 @@ try {
     await page.locator('#conflict-list li', { hasText: 'deleted' }).first().locator('.conflict-open').click();
     await page.locator('#conflict-detail .side.won .value', { hasText: 'deleted by pos-a' }).waitFor();
     expect(!(await page.locator('#conflict-detail').innerText()).includes('null'), 'the deleted side shows null');
-    expect(await page.getByRole('button', { name: /^Take other value/ }).count() === 0, 'a value it cannot write is offered');
+    expect(await page.getByRole('button', { name: /^Use \S+'s value instead/ }).count() === 0, 'a value it cannot write is offered');
     await page.getByRole('button', { name: 'Keep it deleted' }).click();
     await page.locator('#conflict-detail .resolve.done', { hasText: 'Resolved' }).waitFor();
     await page.locator('#badge-text', { hasText: 'Conflicts: 0 open' }).waitFor();
