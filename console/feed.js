@@ -231,10 +231,13 @@ function learnKey(state, key) {
   state.rows = new Map([...state.rows.values()].map((row) => [keyOf(row, cols), row]));
 }
 
+/** What an entry's label says for its kind. */
+const KIND_TEXT = { 'left-filter': 'left the filter' };
+
 function head(sub, kind, extra) {
   return h('p', { class: 'entry-head' },
     h('span', { class: 'when' }, clock()), ' ',
-    h('span', { class: `kind kind-${kind}` }, kind), ' ',
+    h('span', { class: `kind kind-${kind}` }, KIND_TEXT[kind] ?? kind), ' ',
     h('span', { class: 'sub-name' }, sub), ' ',
     h('span', { class: 'muted' }, extra));
 }
@@ -253,7 +256,8 @@ function snapshotEntry(frame) {
 }
 
 function deltaEntry(sub, d) {
-  const kind = d.op === 'delete' ? 'delete' : d.old && Object.keys(d.old).length ? 'update' : 'insert';
+  // A delete with `left` is a row that still exists but no longer matches the subscription.
+  const kind = d.op === 'delete' ? (d.left ? 'left-filter' : 'delete') : d.old && Object.keys(d.old).length ? 'update' : 'insert';
   const lines = [];
   if (kind === 'update') {
     for (const [col, before] of Object.entries(d.old)) {

@@ -299,7 +299,7 @@ impl AccessView {
             // Moved out: the device removes the row it had.
             let mut old = crate::sync::views::previous_image(delta).unwrap_or_default();
             self.strip_hidden(table, &mut old);
-            return Some(Cow::Owned(Delta { op: Op::Delete, row: None, old: Some(old), ..delta.clone() }));
+            return Some(Cow::Owned(Delta { op: Op::Delete, row: None, old: Some(old), left: true, ..delta.clone() }));
         }
         if delta.op == Op::Delete && !old_inside {
             return None;
@@ -460,6 +460,7 @@ mod tests {
             old: old.map(obj),
             origin: None,
             change_id: None,
+            left: false,
         }
     }
 
@@ -557,7 +558,7 @@ mod tests {
         // Moved from me to someone else: a delete with the old image.
         let moved = delta(Op::Upsert, Some(json!({"id": 1, "employee_id": "emp-2", "title": "b", "cost_cents": 1})), Some(json!({"employee_id": "emp-1"})));
         let seen = emp.visible_delta(&moved).unwrap();
-        assert_eq!(seen.op, Op::Delete);
+        assert_eq!((seen.op, seen.left), (Op::Delete, true), "moved out: a delete that says the row left");
         assert!(seen.row.is_none());
         assert_eq!(seen.old.as_ref().unwrap(), &obj(json!({"id": 1, "employee_id": "emp-1", "title": "b"})));
         assert_eq!(seen.seq, 7);

@@ -94,7 +94,7 @@ async fn each_filter_operator_on_snapshot_and_live_deltas() {
     device.push(vec![upsert("products", key.clone(), json!({"stock": 1}), 11, now_ms(), moved.version)]).await;
     let (deltas, _) = dash.next_sub_delta("and").await;
     assert_eq!(deltas.len(), 1);
-    assert_eq!((deltas[0].op, deltas[0].row.is_none()), (Op::Delete, true), "left the subscription");
+    assert_eq!((deltas[0].op, deltas[0].row.is_none(), deltas[0].left), (Op::Delete, true, true), "left the subscription");
     assert_eq!(deltas[0].old.as_ref().unwrap()["stock"], json!(15), "the previous image");
     let (deltas, _) = dash.next_sub_delta("Lt").await;
     assert_eq!((deltas[0].op, deltas[0].row.as_ref().unwrap()["stock"].clone()), (Op::Upsert, json!(1)), "entered");

@@ -271,6 +271,7 @@ mod tests {
             old: json!({"name": "Coffee"}).as_object().cloned(),
             origin: Some("pos-1".into()),
             change_id,
+            left: false,
         }
     }
 

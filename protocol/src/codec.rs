@@ -392,6 +392,7 @@ mod tests {
             old: Some(json!({"price_cents": 250}).as_object().unwrap().clone()),
             origin: Some("pos-1".into()),
             change_id: Some(uuid::Uuid::from_u128(seq as u128)),
+            left: false,
         };
         let deltas = vec![delta(4), delta(5)];
         let owned = ServerFrame::CatchUp { deltas: deltas.clone(), seq: 5, head_seq: 9 };

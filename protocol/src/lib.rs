@@ -351,6 +351,14 @@ pub struct Delta {
     pub origin: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub change_id: Option<Uuid>,
+    /// On a delete: the row still exists but left what this reader sees (a subscription's
+    /// filter, or the rows the reader's role may read); absent otherwise.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub left: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 /// A `catch_up` frame over borrowed deltas: encodes to the same bytes as

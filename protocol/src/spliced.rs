@@ -146,6 +146,7 @@ mod tests {
             old: (seq % 2 == 0).then(|| json!({"name": "before"}).as_object().cloned().unwrap()),
             origin: (seq % 3 != 0).then(|| "pos-1".to_string()),
             change_id: (seq % 4 != 0).then(uuid::Uuid::now_v7),
+            left: false,
         }
     }
 

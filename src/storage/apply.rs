@@ -813,6 +813,7 @@ async fn apply_group(
                 old,
                 origin: Some(batches[pend.batch].device.to_string()),
                 change_id: Some(pend.change.change_id),
+                left: false,
             });
         }
         for c in &decision.conflicts {

@@ -128,6 +128,7 @@ impl LoggedChange {
             old: self.old,
             origin: self.origin,
             change_id: self.change_id,
+            left: false,
         }
     }
 }

@@ -42,6 +42,7 @@ pub fn subscription_view<'a>(table: &str, filter: &[Condition], delta: &'a Delta
         old: Some(before),
         origin: delta.origin.clone(),
         change_id: delta.change_id,
+        left: true,
     }))
 }
 
@@ -65,6 +66,7 @@ mod tests {
             old: old.map(obj),
             origin: Some("pos-1".into()),
             change_id: None,
+            left: false,
         }
     }
 
@@ -83,7 +85,7 @@ mod tests {
 
         let leaves = delta(Op::Upsert, Some(json!({"id": 1, "stock": 12})), Some(json!({"stock": 4})));
         let seen = subscription_view("products", &filter, &leaves).unwrap();
-        assert_eq!(seen.op, Op::Delete);
+        assert_eq!((seen.op, seen.left), (Op::Delete, true), "a delete that says the row left the filter");
         assert_eq!(seen.row, None);
         assert_eq!(seen.old, Some(obj(json!({"id": 1, "stock": 4}))));
         assert_eq!((seen.seq, &seen.key), (9, &leaves.key));
@@ -92,7 +94,7 @@ mod tests {
         assert!(subscription_view("products", &filter, &never).is_none());
 
         let deleted = delta(Op::Delete, None, Some(json!({"id": 1, "stock": 2})));
-        assert!(matches!(subscription_view("products", &filter, &deleted), Some(Cow::Borrowed(_))));
+        assert!(matches!(subscription_view("products", &filter, &deleted), Some(Cow::Borrowed(d)) if !d.left), "a real delete");
         let deleted_elsewhere = delta(Op::Delete, None, Some(json!({"id": 1, "stock": 20})));
         assert!(subscription_view("products", &filter, &deleted_elsewhere).is_none());
 

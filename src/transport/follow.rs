@@ -249,6 +249,7 @@ mod tests {
                 old: None,
                 origin: None,
                 change_id: None,
+                left: false,
             })
             .collect();
         SharedFrame::split_by_origin(after, deltas).pop().unwrap()

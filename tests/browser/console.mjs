@@ -154,6 +154,17 @@ try {
     await page.locator('#feed .entry.snapshot', { hasText: '2 rows' }).waitFor();
   });
 
+  await check('a second subscription: products at 92 cents or less', async () => {
+    await page.locator('#sub-form').getByLabel('Name').fill('cheap');
+    await page.locator('#sub-form').getByLabel('Table').fill('products');
+    const cond = page.locator('#condition-list li').first();
+    await cond.getByLabel('Column').fill('price_cents');
+    await cond.getByLabel('Operator').selectOption('lte');
+    await cond.getByLabel('Value').fill('92');
+    await page.getByRole('button', { name: 'Subscribe', exact: true }).click();
+    await page.locator('#feed .entry.snapshot', { hasText: 'cheap' }).waitFor();
+  });
+
   await check('presence shows the devices', async () => {
     for (const d of devices) await page.locator('#presence-list', { hasText: `device ${d}` }).waitFor();
   });
@@ -261,6 +272,9 @@ try {
     say('showing the second conflict');
     const moved = await Promise.race([nextStdinLine(), new Promise((r) => setTimeout(() => r(null), 60000))]);
     expect(moved !== null, 'the test did not say that the price moved');
+    // At 95 the product left the "cheap" subscription: said so, not called a delete.
+    await page.locator('#feed .entry.left-filter', { hasText: 'left the filter' }).waitFor();
+    expect(await page.locator('#feed .entry.delete').count() === 0, 'a row that left a filter is shown as deleted');
     await page.getByRole('button', { name: /^Keep \S+'s value/ }).click();
     await page.locator('#conflict-detail .resolve .error', { hasText: 'changed since this page showed it' }).waitFor();
     await page.locator('#conflict-detail .current strong', { hasText: '95' }).waitFor();

@@ -314,7 +314,7 @@ fn previous_image_text(row: &Object, old: &Object) -> String {
 
 /// A snapshot row as an `INSERT` message marked `snapshot: true`, at the snapshot's seq.
 pub fn snapshot_payload(row: &Object, table: &TableSchema, id: u32, seq: Seq, stamp: &Stamp<'_>) -> String {
-    let delta = Delta { seq, table: table.name.clone(), op: Op::Upsert, key: Object::new(), row: Some(row.clone()), old: None, origin: None, change_id: None };
+    let delta = Delta { seq, table: table.name.clone(), op: Op::Upsert, key: Object::new(), row: Some(row.clone()), old: None, origin: None, change_id: None, left: false };
     payload_with(&delta, table, &[id], stamp, true)
 }
 
@@ -346,7 +346,7 @@ mod tests {
     }
 
     fn delta(op: Op, row: Option<Value>, old: Option<Value>) -> Delta {
-        Delta { seq: 9, table: "orders".into(), op, key: obj(json!({"id": 1})), row: row.map(obj), old: old.map(obj), origin: None, change_id: None }
+        Delta { seq: 9, table: "orders".into(), op, key: obj(json!({"id": 1})), row: row.map(obj), old: old.map(obj), origin: None, change_id: None, left: false }
     }
 
     fn binding(events: EventFilter, filter: Vec<Condition>) -> Binding {
