@@ -19,6 +19,33 @@ export class Api {
     this.token = token;
   }
 
+  /** The response of a GET, or ApiError (network, or the API's {"code","message"}). */
+  async fetchOk(path, accept) {
+    let response;
+    try {
+      response = await fetch(path, { headers: { Authorization: `Bearer ${this.token}`, Accept: accept }, cache: 'no-store' });
+    } catch {
+      throw new ApiError(0, 'network', 'The hub could not be reached. Check the connection and try again.');
+    }
+    if (!response.ok) {
+      const data = await response.json().catch(() => null);
+      if (data && typeof data.code === 'string') throw new ApiError(response.status, data.code, data.message || data.code);
+      throw new ApiError(response.status, 'http_error', `The hub answered HTTP ${response.status}.`);
+    }
+    return response;
+  }
+
+  /** Every conflict the filters ({status, table}) match, as CSV text in a Blob. */
+  async exportCsv(filters = {}) {
+    const query = new URLSearchParams();
+    for (const [k, v] of Object.entries(filters)) {
+      if (v !== undefined && v !== null && v !== '') query.set(k, String(v));
+    }
+    const qs = query.toString();
+    const response = await this.fetchOk(`/v1/conflicts/export.csv${qs ? `?${qs}` : ''}`, 'text/csv');
+    return response.blob();
+  }
+
   async request(method, path, body) {
     let response;
     try {

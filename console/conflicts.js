@@ -60,6 +60,7 @@ export class Conflicts {
       this.load();
     });
     this.moreBtn.addEventListener('click', () => this.load(false));
+    $('#conflict-export').addEventListener('click', () => this.exportCsv());
     this.badge.addEventListener('click', (e) => {
       e.preventDefault();
       this.panel.scrollIntoView({ block: 'start' });
@@ -71,6 +72,28 @@ export class Conflicts {
         this.close();
       }
     });
+  }
+
+  /** Download every conflict the shown filters match as a CSV file (the form's values as
+   * they are now, shown or not). */
+  async exportCsv() {
+    const form = new FormData($('#conflict-filters'));
+    const filters = { status: String(form.get('status') ?? ''), table: String(form.get('table') ?? '').trim() };
+    this.errorEl.textContent = '';
+    this.noteEl.textContent = 'Preparing the CSV file…';
+    try {
+      const blob = await this.api.exportCsv(filters);
+      const url = URL.createObjectURL(blob);
+      const link = h('a', { href: url, download: `conflicts-${filters.status || 'any'}.csv`, hidden: true });
+      document.body.append(link);
+      link.click();
+      link.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 60_000);
+      this.noteEl.textContent = 'The CSV file was downloaded.';
+    } catch (err) {
+      this.noteEl.textContent = '';
+      this.errorEl.textContent = `Could not export the conflicts: ${describe(err)}`;
+    }
   }
 
   /** Start over with a new token: empty list, closed detail, filters as they are. */

@@ -328,6 +328,9 @@ pub struct Config {
     pub conflict_page_default: u32,
     /// Most conflicts per page of `GET /v1/conflicts`. Default 500; a larger `limit` is lowered to it.
     pub conflict_page_max: u32,
+    /// Most conflicts in one `GET /v1/conflicts/export.csv`. Default 100,000; more matching is
+    /// refused `invalid_filter`.
+    pub conflict_export_max_rows: u32,
 
     /// Tables to register at start-up.
     pub tables: Vec<TableConfig>,
@@ -454,6 +457,7 @@ impl Default for Config {
             max_broadcast_payload_bytes: 64 * 1024,
             conflict_page_default: 50,
             conflict_page_max: 500,
+            conflict_export_max_rows: 100_000,
             tables: Vec::new(),
             rxdb_collections: Vec::new(),
             rxdb_auth_timeout_ms: 10_000,
@@ -526,6 +530,7 @@ impl Config {
             ("max_broadcast_payload_bytes", self.max_broadcast_payload_bytes as u64),
             ("conflict_page_default", self.conflict_page_default as u64),
             ("conflict_page_max", self.conflict_page_max as u64),
+            ("conflict_export_max_rows", self.conflict_export_max_rows as u64),
             ("rxdb_auth_timeout_ms", self.rxdb_auth_timeout_ms),
             ("rxdb_pending_requests", self.rxdb_pending_requests as u64),
             ("rxdb_max_pull_documents", self.rxdb_max_pull_documents as u64),

@@ -909,3 +909,65 @@ async fn a_resolution_based_on_a_value_that_changed_is_refused_and_writes_nothin
     assert_eq!(after["current"]["row"]["price_cents"], 300);
     hub.shutdown().await;
 }
+
+#[actix_web::test]
+async fn every_matching_conflict_downloads_as_csv() {
+    let hub = TestHub::start_with(|config| {
+        // Pages of 2, so the export reads several; at most 3 rows in one file.
+        config.conflict_page_default = 2;
+        config.conflict_page_max = 2;
+        config.conflict_export_max_rows = 3;
+    })
+    .await;
+    let api = Api::of(&hub);
+    let mgr = manager(TENANT);
+    let mut a = Dev::connect(&hub, TENANT, "pos-1").await;
+    let mut b = Dev::connect(&hub, TENANT, "pos-2").await;
+    // Three conflicts; the last one's losing name would run as a formula in a spreadsheet.
+    price_conflict(&mut a, &mut b, 200, 300, true).await;
+    price_conflict(&mut a, &mut b, 400, 500, false).await;
+    let id = Uuid::now_v7();
+    let key = json!({"id": id});
+    let now = now_ms();
+    let v1 = a.upsert("products", key.clone(), product(id, "Tea", 100), now - 5_000, 0).await.seq.unwrap();
+    a.upsert("products", key.clone(), json!({"name": "Green tea"}), now - 1_000, v1).await;
+    let r = b.upsert("products", key.clone(), json!({"name": "=HYPERLINK(\"http://x\",\"y\")"}), now - 3_000, v1).await;
+    assert_eq!(r.status, ChangeStatus::Conflict);
+    // Another tenant's conflict is never in the file.
+    let mut x = Dev::connect(&hub, OTHER, "pos-1").await;
+    let mut y = Dev::connect(&hub, OTHER, "pos-2").await;
+    price_conflict(&mut x, &mut y, 1, 2, true).await;
+
+    let export = |query: Vec<(&'static str, &'static str)>| {
+        let request = api.http.get(format!("{}/v1/conflicts/export.csv", api.base)).query(&query).bearer_auth(&mgr);
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let content_type = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_string());
+            (status, content_type, response.text().await.unwrap())
+        }
+    };
+    let (status, content_type, text) = export(vec![("status", "open")]).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(content_type.as_deref(), Some("text/csv; charset=utf-8"));
+    let lines: Vec<&str> = text.split("\r\n").filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines[0], synchub::http::conflicts_csv::COLUMNS.join(","));
+    assert_eq!(lines.len(), 4, "the header and three conflicts over two pages:\n{text}");
+    let listed: Vec<i64> = lines[1..].iter().map(|l| l.split(',').next().unwrap().parse().unwrap()).collect();
+    assert!(listed.windows(2).all(|w| w[0] > w[1]), "newest first: {listed:?}");
+    assert!(lines[1].contains("\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\""), "a formula from a device is defused: {}", lines[1]);
+    assert!(lines[1].contains(",products,") && lines[1].contains(",pos-2,"), "{}", lines[1]);
+
+    // Filters as the list's; paging is the export's own business.
+    let (_, _, text) = export(vec![("status", "resolved")]).await;
+    assert_eq!(text.split("\r\n").filter(|l| !l.is_empty()).count(), 1, "only the header: {text}");
+    assert_error(api.get("/v1/conflicts/export.csv", Some(&mgr), &[("limit", "1")]).await, 400, "invalid_filter");
+    assert_error(api.get("/v1/conflicts/export.csv", Some(&mgr), &[("since", "2024-02-31T00:00:00Z")]).await, 400, "invalid_filter");
+    assert_error(api.get("/v1/conflicts/export.csv", Some(&token(TENANT, "emp", "Employee", None)), &[]).await, 403, "forbidden");
+    // One more conflict than conflict_export_max_rows: refused, naming the setting.
+    price_conflict(&mut a, &mut b, 600, 700, true).await;
+    let (status, body) = api.get("/v1/conflicts/export.csv", Some(&mgr), &[]).await;
+    assert_error((status, body.clone()), 400, "invalid_filter");
+    assert!(body["message"].as_str().unwrap().contains("conflict_export_max_rows"), "{body}");
+    hub.shutdown().await;
+}

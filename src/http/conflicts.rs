@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::auth::Manager;
+use super::conflicts_csv;
 use super::error::ApiError;
 use super::{check_accepting, submit};
 use crate::actors::messages::{ConflictNews, TellConflicts};
@@ -87,6 +88,41 @@ pub async fn list(hub: web::Data<Arc<Hub>>, manager: Manager, query: web::Query<
     let filter = query.into_inner().filter(&hub)?;
     let (conflicts, next) = hub.store.list_conflicts(&manager.0.tenant, &filter).await?;
     Ok(HttpResponse::Ok().json(json!({"conflicts": conflicts, "next_before_id": next})))
+}
+
+/// `GET /v1/conflicts/export.csv`: every conflict the filters match, newest first, as CSV
+/// (`conflicts_csv`), read a page of `conflict_page_max` at a time; more than
+/// `conflict_export_max_rows` is refused `invalid_filter`, naming the limit.
+pub async fn export_csv(hub: web::Data<Arc<Hub>>, manager: Manager, query: web::Query<ListQuery>) -> Result<HttpResponse, ApiError> {
+    let query = query.into_inner();
+    if query.limit.is_some() || query.before_id.is_some() {
+        return Err(invalid("an export takes every conflict the filters match: no limit or before_id"));
+    }
+    let mut filter = query.filter(&hub)?;
+    filter.limit = hub.config.conflict_page_max;
+    let max = hub.config.conflict_export_max_rows as usize;
+    let mut body = conflicts_csv::header();
+    let mut rows = 0;
+    loop {
+        let (page, next) = hub.store.list_conflicts(&manager.0.tenant, &filter).await?;
+        rows += page.len();
+        if rows > max {
+            return Err(invalid(format!(
+                "more than {max} conflicts match (conflict_export_max_rows); narrow the filters, e.g. with since and until"
+            )));
+        }
+        for conflict in &page {
+            body.push_str(&conflicts_csv::line(conflict));
+        }
+        match next {
+            Some(before) => filter.before_id = Some(before),
+            None => break,
+        }
+    }
+    Ok(HttpResponse::Ok()
+        .content_type("text/csv; charset=utf-8")
+        .insert_header(("Content-Disposition", "attachment; filename=\"conflicts.csv\""))
+        .body(body))
 }
 
 /// `GET /v1/conflicts/counts`

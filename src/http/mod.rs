@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod conflicts;
+pub mod conflicts_csv;
 pub mod error;
 pub mod sessions;
 pub mod writers;
@@ -36,6 +37,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, config: &Config) {
     cfg.app_data(json).app_data(query).app_data(path);
     cfg.route("/v1/conflicts", web::get().to(conflicts::list))
         .route("/v1/conflicts/counts", web::get().to(conflicts::counts))
+        .route("/v1/conflicts/export.csv", web::get().to(conflicts::export_csv))
         .route("/v1/conflicts/{id}", web::get().to(conflicts::get))
         .route("/v1/conflicts/{id}/resolve", web::post().to(conflicts::resolve))
         .route("/v1/tenants/{tenant}/push", web::post().to(writers::push))

@@ -15,6 +15,7 @@
 // Exits 0 when every step passed, 1 with the reason otherwise.
 
 import { chromium } from 'playwright-core';
+import { readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import path from 'node:path';
 
@@ -258,6 +259,17 @@ try {
     await page.locator('#feed .entry.update', { hasText: other }).first().waitFor();
     await page.locator('#conflict-detail .current', { hasText: other }).waitFor();
     await page.locator('#conflict-detail .resolution-facts', { hasText: other }).waitFor();
+  });
+
+  await check('download every conflict as CSV', async () => {
+    await page.locator('#cf-status').selectOption('');
+    const [download] = await Promise.all([page.waitForEvent('download'), page.locator('#conflict-export').click()]);
+    const text = readFileSync(await download.path(), 'utf8');
+    const lines = text.trimEnd().split('\r\n');
+    expect(lines[0].startsWith('id,created_at,status,table,key,field,kept,policy,stored_value'), `the CSV header is "${lines[0]}"`);
+    expect(lines.some((l) => /^\d+,.*,resolved,products,/.test(l) && l.includes(other)), `no resolved conflict with ${other} in:\n${text}`);
+    await page.locator('#conflicts-note', { hasText: 'downloaded' }).waitFor();
+    await page.locator('#cf-status').selectOption('open');
   });
 
   say('ready for a second conflict');
