@@ -1359,7 +1359,7 @@ impl<'a> LogRecord<'a> {
             })
             .collect();
         let text = (!logged.is_empty()).then(|| record::encode(&logged));
-        let (devices, (first_device_seqs, last_device_seqs)) = ranges.into_iter().map(|(d, (f, l))| (d, (f, l))).unzip();
+        let (devices, (first_device_seqs, last_device_seqs)) = ranges.into_iter().unzip();
         LogRecord { text, devices, first_device_seqs, last_device_seqs }
     }
 }
