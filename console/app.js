@@ -5,7 +5,7 @@ import { $, h, replace, dateTime } from './dom.js';
 import { savedToken, saveToken, forgetToken, describeToken } from './token.js';
 import { Api, ApiError } from './api.js';
 import { HubSocket } from './hub.js';
-import { Feed } from './feed.js';
+import { Feed, forgetSubscriptions } from './feed.js';
 import { Presence, PRESENCE_SUB } from './presence.js';
 import { Conflicts, CONFLICT_SUB } from './conflicts.js';
 
@@ -235,7 +235,12 @@ async function main() {
       $('#sign-in-form').requestSubmit();
     }
   });
-  $('#sign-out').addEventListener('click', () => signOut());
+  // Signing out forgets the tab's subscriptions too; a token that expired keeps them (and the
+  // review's place, in the URL) for the fresh token pasted next.
+  $('#sign-out').addEventListener('click', () => {
+    forgetSubscriptions();
+    signOut();
+  });
   $('#retry').addEventListener('click', () => session?.socket.retryNow());
   await loadConfig();
   const token = savedToken();

@@ -35,6 +35,27 @@ export function sideWords(c, name) {
   return kept ? `Kept: ${whose} (${whyKept(c)})` : `Not kept: ${whose}`;
 }
 
+/** The review's place in the page's URL (`#status=open&table=products&conflict=17`), so that a
+ * reload keeps it and a link can point at one conflict. */
+export function readPlace(hash = location.hash) {
+  const params = new URLSearchParams(hash.replace(/^#/, ''));
+  const id = Number.parseInt(params.get('conflict') ?? '', 10);
+  return {
+    status: params.has('status') ? params.get('status') : 'open',
+    table: params.get('table') ?? '',
+    conflict: Number.isSafeInteger(id) && id > 0 ? id : null,
+  };
+}
+
+function writePlace(filters, conflict) {
+  const params = new URLSearchParams();
+  params.set('status', filters.status);
+  if (filters.table) params.set('table', filters.table);
+  if (conflict !== null) params.set('conflict', String(conflict));
+  const hash = `#${params.toString()}`;
+  if (location.hash !== hash) history.replaceState(null, '', hash);
+}
+
 export class Conflicts {
   constructor() {
     this.api = null;
@@ -48,6 +69,7 @@ export class Conflicts {
     this.badge = $('#badge');
     this.badgeText = $('#badge-text');
     this.filters = { status: 'open', table: '' };
+    this.takePlace();
     this.items = new Map(); // id -> conflict, in list order
     this.nextBeforeId = null;
     this.openId = null;
@@ -57,7 +79,13 @@ export class Conflicts {
       e.preventDefault();
       const form = new FormData(e.target);
       this.filters = { status: String(form.get('status') ?? ''), table: String(form.get('table') ?? '').trim() };
+      writePlace(this.filters, this.openId);
       this.load();
+    });
+    // A link to another conflict or filter followed within the page.
+    window.addEventListener('hashchange', () => {
+      this.takePlace();
+      if (this.api && !this.panel.hidden) this.load();
     });
     this.moreBtn.addEventListener('click', () => this.load(false));
     $('#conflict-export').addEventListener('click', () => this.exportCsv());
@@ -94,6 +122,17 @@ export class Conflicts {
       this.noteEl.textContent = '';
       this.errorEl.textContent = `Could not export the conflicts: ${describe(err)}`;
     }
+  }
+
+  /** Filters from the URL into the form; returns the conflict the URL names, if any. */
+  takePlace() {
+    const place = readPlace();
+    this.filters = { status: place.status, table: place.table };
+    const status = $('#cf-status');
+    if ([...status.options].some((o) => o.value === place.status)) status.value = place.status;
+    $('#cf-table').value = place.table;
+    this.wanted = place.conflict;
+    return place.conflict;
   }
 
   /** Start over with a new token: empty list, closed detail, filters as they are. */
@@ -166,6 +205,12 @@ export class Conflicts {
     for (const c of page.conflicts) this.items.set(c.id, c);
     this.nextBeforeId = page.next_before_id ?? null;
     this.renderList();
+    // A conflict the URL names (a link, or the page reloaded) opens once the list is there.
+    if (reset && this.wanted !== null) {
+      const wanted = this.wanted;
+      this.wanted = null;
+      if (this.openId !== wanted) this.show(wanted, { keepFocus: true });
+    }
   }
 
   matches(c) {
@@ -214,6 +259,7 @@ export class Conflicts {
   close() {
     const id = this.openId;
     this.openId = null;
+    writePlace(this.filters, null);
     this.detailEl.hidden = true;
     this.detailEl.replaceChildren();
     this.renderList();
@@ -224,6 +270,7 @@ export class Conflicts {
   /** Open one conflict: read it with its current row and render the side-by-side view. */
   async show(id, { keepFocus = false } = {}) {
     this.openId = id;
+    writePlace(this.filters, id);
     this.renderList();
     let data;
     try {

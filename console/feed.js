@@ -4,6 +4,26 @@
 import { $, h, replace, show, showObject, clock, parseValue } from './dom.js';
 
 const MAX_ENTRIES = 200;
+/** Where the tab keeps its subscriptions across reloads (sessionStorage, like the token). */
+const SAVED_SUBS = 'synchub.console.subscriptions';
+
+function savedSubs() {
+  try {
+    const specs = JSON.parse(sessionStorage.getItem(SAVED_SUBS) ?? '[]');
+    return Array.isArray(specs) ? specs.filter((s) => s && typeof s.sub === 'string' && typeof s.table === 'string') : [];
+  } catch {
+    return [];
+  }
+}
+
+/** Forget the tab's subscriptions (signing out). */
+export function forgetSubscriptions() {
+  try {
+    sessionStorage.removeItem(SAVED_SUBS);
+  } catch {
+    // storage unavailable: nothing kept
+  }
+}
 const MAX_SNAPSHOT_ROWS_SHOWN = 50;
 
 const OPS = [
@@ -48,7 +68,33 @@ export class Feed {
     this.conditions.replaceChildren();
     this.error.textContent = '';
     this.addCondition(false);
+    // The subscriptions this tab had before a reload come back.
+    for (const spec of savedSubs()) this.watch(spec).catch(() => {});
     this.renderSubs();
+  }
+
+  /** Keep the tab's subscriptions for a reload. */
+  saveSubs() {
+    try {
+      sessionStorage.setItem(SAVED_SUBS, JSON.stringify([...this.tables.values()].map((t) => t.spec)));
+    } catch {
+      // storage unavailable: they last until the reload
+    }
+  }
+
+  /** Subscribe with `spec`; refused, it is dropped and the error thrown. */
+  async watch(spec) {
+    this.tables.set(spec.sub, { spec, rows: new Map(), seq: null, keyCols: ['id'] });
+    this.renderSubs();
+    try {
+      await this.socket.subscribe(spec);
+      this.saveSubs();
+    } catch (err) {
+      this.tables.delete(spec.sub);
+      this.saveSubs();
+      this.renderSubs();
+      throw err;
+    }
   }
 
   addCondition(focus) {
@@ -115,14 +161,10 @@ export class Feed {
       this.error.textContent = err.message;
       return;
     }
-    this.tables.set(spec.sub, { spec, rows: new Map(), seq: null, keyCols: ['id'] });
-    this.renderSubs();
     try {
-      await this.socket.subscribe(spec);
+      await this.watch(spec);
       $('#sub-name').value = '';
     } catch (err) {
-      this.tables.delete(spec.sub);
-      this.renderSubs();
       this.error.textContent = `The hub refused the subscription: ${err.message ?? 'unknown error'} (${err.code ?? 'error'}).`;
     }
   }
@@ -130,12 +172,14 @@ export class Feed {
   /** A subscription re-sent after a reconnect was refused. */
   refused(spec, err) {
     if (!this.tables.delete(spec.sub)) return;
+    this.saveSubs();
     this.renderSubs();
     this.note(`Subscription “${spec.sub}” was refused after reconnecting: ${err.message} (${err.code}).`, 'error');
   }
 
   async unsubscribe(name) {
     this.tables.delete(name);
+    this.saveSubs();
     this.renderSubs();
     try {
       await this.socket.unsubscribe(name);

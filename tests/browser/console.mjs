@@ -331,6 +331,33 @@ try {
     await dismiss.waitFor({ state: 'detached' });
   });
 
+  await check('a reload keeps the filters, the open conflict and the subscriptions', async () => {
+    await page.locator('#cf-status').selectOption('resolved');
+    await page.getByRole('button', { name: 'Show', exact: true }).click();
+    const first = page.locator('#conflict-list li button.conflict-open').first();
+    await first.click();
+    await page.locator('#conflict-detail .sides').waitFor();
+    const title = (await page.locator('#detail-h').innerText()).trim();
+    const hash = await page.evaluate(() => location.hash);
+    expect(/status=resolved/.test(hash) && /conflict=\d+/.test(hash), `the URL does not say where the review is: "${hash}"`);
+    await page.reload();
+    await page.locator('#conn[data-state="open"]').waitFor();
+    await page.locator('#conflict-detail .sides').waitFor();
+    const again = (await page.locator('#detail-h').innerText()).trim();
+    expect(again === title, `after a reload "${again}" is open, not "${title}"`);
+    expect((await page.locator('#cf-status').inputValue()) === 'resolved', 'the status filter was lost');
+    await page.locator('#sub-list li', { hasText: 'cheap' }).waitFor();
+    await page.locator('#feed .entry.snapshot', { hasText: 'cheap' }).waitFor();
+    // A link to a conflict opens it.
+    await page.getByRole('button', { name: /^Close conflict/ }).click();
+    await page.evaluate((h) => { location.hash = h; }, hash);
+    await page.locator('#conflict-detail .sides').waitFor();
+    expect((await page.locator('#detail-h').innerText()).trim() === title, 'the link did not open its conflict');
+    await page.getByRole('button', { name: /^Close conflict/ }).click();
+    await page.locator('#cf-status').selectOption('open');
+    await page.getByRole('button', { name: 'Show', exact: true }).click();
+  });
+
   await check('an Employee sees the feed and presence, not conflicts', async () => {
     const other = await browser.newContext({ viewport: { width: 375, height: 812 } });
     const emp = await other.newPage();
