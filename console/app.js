@@ -15,6 +15,10 @@ const DEFAULT_CONFIG = {
   manager_roles: ['Manager'],
 };
 const MAX_BANNERS = 5;
+/** How long before its token expires the console asks for a fresh one, ms. */
+const EXPIRY_WARNING_MS = 5 * 60 * 1000;
+/** The longest timer a browser keeps (about 24.8 days); later moments are re-armed. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
 
 let config = DEFAULT_CONFIG;
 let session = null; // {token, identity, api, socket, isManager, feed, presence, conflicts}
@@ -51,8 +55,10 @@ function showSignIn(message = '') {
 function signOut(message = '', keepText = false) {
   if (session) {
     session.socket.stop();
+    session.timers.forEach(clearTimeout);
     session = null;
   }
+  $('#renew').hidden = true;
   forgetToken();
   if (!keepText) $('#token').value = '';
   showSignIn(message);
@@ -74,12 +80,15 @@ async function signIn(token) {
     $('#token').focus();
     return;
   }
-  if (session) session.socket.stop();
+  if (session) {
+    session.socket.stop();
+    session.timers.forEach(clearTimeout);
+  }
   saveToken(token);
 
   const api = new Api(token);
   const url = `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/v1/ws`;
-  const s = { token, identity, api };
+  const s = { token, identity, api, timers: [] };
   session = s;
   s.socket = new HubSocket(url, token, {
     status: (state, detail) => onStatus(s, state, detail),
@@ -93,6 +102,7 @@ async function signIn(token) {
   s.conflicts.bind(api);
 
   renderIdentity(identity);
+  watchExpiry(s);
   $('#sign-in').hidden = true;
   $('#sign-in-error').textContent = '';
   $('#workspace').hidden = false;
@@ -137,6 +147,75 @@ function renderIdentity(id) {
   if (id.expiresAt) parts.push(['Expires', dateTime(id.expiresAt)]);
   replace($('#who'), parts.map(([k, v], i) => [i ? ' · ' : '', h('span', { class: 'muted' }, `${k} `), h('span', { class: 'who-value' }, v)]));
   $('#who').hidden = false;
+}
+
+/** Run `fn` at `at` (ms since the epoch), as long as `s` is the session. */
+function at(s, when, fn) {
+  const wait = when - Date.now();
+  const timer = setTimeout(() => {
+    if (session !== s) return;
+    if (wait > MAX_TIMER_MS) at(s, when, fn);
+    else fn();
+  }, Math.max(0, Math.min(wait, MAX_TIMER_MS)));
+  s.timers.push(timer);
+}
+
+/** Ask for a fresh token ahead of the expiry, and say when the token in force has expired. */
+function watchExpiry(s) {
+  s.timers.forEach(clearTimeout);
+  s.timers = [];
+  $('#renew').hidden = true;
+  const expires = s.identity.expiresAt?.getTime();
+  if (!expires) return;
+  at(s, expires - EXPIRY_WARNING_MS, () => {
+    $('#renew-when').textContent = `This token expires at ${dateTime(s.identity.expiresAt)}. Paste a fresh one to stay signed in; the page stays as it is.`;
+    $('#renew').hidden = false;
+  });
+  at(s, expires, () => {
+    $('#renew-when').textContent = `This token expired at ${dateTime(s.identity.expiresAt)}. Paste a fresh one now; the hub closes the connection shortly.`;
+    setConn('Token expired: paste a fresh one', 'error');
+  });
+}
+
+/** Replace the session's token with a fresh one of the same tenant and user: on the open
+ * socket (protocol `auth`), for the API, for reconnects and for a reload. */
+async function renew(s, token) {
+  token = token.trim();
+  let identity;
+  try {
+    if (!token) throw new Error('Paste a token first.');
+    identity = describeToken(token, config.claims);
+  } catch (err) {
+    $('#renew-error').textContent = err.message;
+    return;
+  }
+  if (identity.tenant !== s.identity.tenant || identity.user !== s.identity.user) {
+    $('#renew-error').textContent = `The fresh token is for ${identity.user ?? '?'} of ${identity.tenant ?? '?'}; this page is ${s.identity.user} of ${s.identity.tenant}. Sign out to change user.`;
+    return;
+  }
+  if (identity.expiresAt && identity.expiresAt.getTime() < Date.now()) {
+    $('#renew-error').textContent = `That token expired on ${dateTime(identity.expiresAt)} too.`;
+    return;
+  }
+  try {
+    await s.socket.request({ type: 'auth', token });
+  } catch (err) {
+    // Offline: the fresh token is used when the socket says hello again.
+    if (err.code !== 'not_connected') {
+      $('#renew-error').textContent = `The hub refused the fresh token: ${err.message} (${err.code}).`;
+      return;
+    }
+  }
+  if (session !== s) return;
+  Object.assign(s, { token, identity });
+  s.socket.token = token;
+  s.api.token = token;
+  saveToken(token);
+  renderIdentity(identity);
+  $('#renew-token').value = '';
+  $('#renew-error').textContent = '';
+  if (s.socket.welcomed) setConn('Live', 'open');
+  watchExpiry(s);
 }
 
 function onStatus(s, state, detail) {
@@ -242,6 +321,10 @@ async function main() {
     signOut();
   });
   $('#retry').addEventListener('click', () => session?.socket.retryNow());
+  $('#renew-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    if (session) renew(session, $('#renew-token').value);
+  });
   await loadConfig();
   const token = savedToken();
   if (token) {

@@ -134,6 +134,9 @@ async fn manager_resolves_a_conflict_in_the_browser_and_the_device_receives_it()
         .env("CONSOLE_URL", format!("http://{}", hub.addr))
         .env("CONSOLE_TOKEN", &manager)
         .env("CONSOLE_EMPLOYEE_TOKEN", token(TENANT, "employee-eli", "Employee", None))
+        // The same manager with a token that expires in two minutes, and a fresh one.
+        .env("CONSOLE_SHORT_TOKEN", manager_token_for(120))
+        .env("CONSOLE_FRESH_TOKEN", manager_token_for(7200))
         .env("CONSOLE_SCREENSHOT", &screenshot)
         .env("CHROMIUM", CHROMIUM)
         .env("E2E_DEVICES", "pos-a,pos-b")
@@ -245,4 +248,10 @@ async fn manager_resolves_a_conflict_in_the_browser_and_the_device_receives_it()
     let price: i32 = sqlx::query_scalar("select price_cents from public.products where id = $1").bind(id).fetch_one(&hub.db).await.unwrap();
     assert_eq!(price, 280, "the application's table holds the value the manager took");
     hub.shutdown().await;
+}
+
+/// The console test's manager, with a token that expires in `secs` seconds.
+fn manager_token_for(secs: u64) -> String {
+    let claims = json!({"sub": "manager-mia", "role": "Manager", "tenant_id": TENANT, "exp": synchub::auth::unix_now() + secs});
+    synchub::auth::mint_hs256(SECRET, &claims)
 }

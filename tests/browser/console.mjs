@@ -6,6 +6,8 @@
 //   CONSOLE_URL          hub base URL, e.g. http://127.0.0.1:40123
 //   CONSOLE_TOKEN        a manager token of the tenant
 //   CONSOLE_EMPLOYEE_TOKEN  an Employee token of the tenant, user employee-eli (no conflict review for it)
+//   CONSOLE_SHORT_TOKEN     the manager's token expiring within the console's warning time
+//   CONSOLE_FRESH_TOKEN     the manager's fresh token, to renew it with
 //   CONSOLE_SCREENSHOT   where to save the screenshot (PNG); a phone-width one goes next to it
 //   E2E_DEVICES          comma-separated device ids that must show as online
 //   E2E_WINNER, E2E_OTHER  the conflict's winning and losing values, as the console shows them (JSON)
@@ -37,6 +39,8 @@ function fail(msg) {
 const url = env('CONSOLE_URL');
 const token = env('CONSOLE_TOKEN');
 const employeeToken = env('CONSOLE_EMPLOYEE_TOKEN');
+const shortToken = env('CONSOLE_SHORT_TOKEN');
+const freshToken = env('CONSOLE_FRESH_TOKEN');
 const screenshot = env('CONSOLE_SCREENSHOT');
 const devices = env('E2E_DEVICES', '').split(',').filter(Boolean);
 const winner = env('E2E_WINNER');
@@ -125,7 +129,7 @@ try {
   });
 
   await check('sign in with the manager token', async () => {
-    await page.getByLabel('Token').fill(token);
+    await page.getByLabel('Token', { exact: true }).fill(token);
     await page.getByRole('button', { name: 'Sign in' }).click();
     await page.locator('#conn[data-state="open"]').waitFor();
     const who = await page.locator('#who').innerText();
@@ -358,14 +362,41 @@ try {
     await page.getByRole('button', { name: 'Show', exact: true }).click();
   });
 
+  await check('a token about to expire: warned, renewed in place, nothing lost', async () => {
+    await page.getByRole('button', { name: 'Sign out' }).click();
+    await page.getByLabel('Token', { exact: true }).fill(shortToken);
+    await page.getByRole('button', { name: 'Sign in' }).click();
+    await page.locator('#conn[data-state="open"]').waitFor();
+    await page.locator('#renew-when', { hasText: 'expires at' }).waitFor();
+    await page.locator('#cf-status').selectOption('resolved');
+    await page.getByRole('button', { name: 'Show', exact: true }).click();
+    await page.locator('#conflict-list li button.conflict-open').first().click();
+    await page.locator('#conflict-detail .sides').waitFor();
+    const title = (await page.locator('#detail-h').innerText()).trim();
+    await page.evaluate(() => { window.stillThisPage = true; });
+    // Another user's token is not a renewal.
+    await page.locator('#renew-token').fill(employeeToken);
+    await page.getByRole('button', { name: 'Renew' }).click();
+    await page.locator('#renew-error', { hasText: 'employee-eli' }).waitFor();
+    await page.locator('#renew-token').fill(freshToken);
+    await page.getByRole('button', { name: 'Renew' }).click();
+    await page.locator('#renew').waitFor({ state: 'hidden' });
+    expect(await page.evaluate(() => window.stillThisPage === true), 'the page was reloaded');
+    expect((await page.locator('#detail-h').innerText()).trim() === title, 'the open conflict was lost');
+    expect((await page.locator('#conn').getAttribute('data-state')) === 'open', 'the connection is not live');
+    expect((await page.locator('#renew-token').inputValue()) === '', 'the renew box was not cleared');
+    expect(await page.evaluate((t) => Object.values({ ...sessionStorage }).includes(t), freshToken), 'a reload would not use the fresh token');
+    await page.getByRole('button', { name: /^Close conflict/ }).click();
+  });
+
   await check('an Employee sees the feed and presence, not conflicts', async () => {
     const other = await browser.newContext({ viewport: { width: 375, height: 812 } });
     const emp = await other.newPage();
     emp.setDefaultTimeout(STEP_MS);
     emp.on('pageerror', (err) => pageErrors.push(`employee page: ${err.message}`));
     await emp.goto(`${url}/console`);
-    await emp.getByLabel('Token').fill(employeeToken);
-    await emp.getByLabel('Token').press('Enter');
+    await emp.getByLabel('Token', { exact: true }).fill(employeeToken);
+    await emp.getByLabel('Token', { exact: true }).press('Enter');
     await emp.locator('#conn[data-state="open"]').waitFor();
     for (const d of devices) await emp.locator('#presence-list', { hasText: `device ${d}` }).waitFor();
     await emp.locator('#sub-form').waitFor();
