@@ -331,6 +331,9 @@ pub struct Config {
     /// Most conflicts in one `GET /v1/conflicts/export.csv`. Default 100,000; more matching is
     /// refused `invalid_filter`.
     pub conflict_export_max_rows: u32,
+    /// Most conflicts one `POST /v1/conflicts/resolve` reviews. Default 500; more is refused
+    /// `invalid_batch`.
+    pub conflict_bulk_max: u32,
 
     /// Tables to register at start-up.
     pub tables: Vec<TableConfig>,
@@ -458,6 +461,7 @@ impl Default for Config {
             conflict_page_default: 50,
             conflict_page_max: 500,
             conflict_export_max_rows: 100_000,
+            conflict_bulk_max: 500,
             tables: Vec::new(),
             rxdb_collections: Vec::new(),
             rxdb_auth_timeout_ms: 10_000,
@@ -531,6 +535,7 @@ impl Config {
             ("conflict_page_default", self.conflict_page_default as u64),
             ("conflict_page_max", self.conflict_page_max as u64),
             ("conflict_export_max_rows", self.conflict_export_max_rows as u64),
+            ("conflict_bulk_max", self.conflict_bulk_max as u64),
             ("rxdb_auth_timeout_ms", self.rxdb_auth_timeout_ms),
             ("rxdb_pending_requests", self.rxdb_pending_requests as u64),
             ("rxdb_max_pull_documents", self.rxdb_max_pull_documents as u64),

@@ -971,3 +971,70 @@ async fn every_matching_conflict_downloads_as_csv() {
     assert!(body["message"].as_str().unwrap().contains("conflict_export_max_rows"), "{body}");
     hub.shutdown().await;
 }
+
+#[actix_web::test]
+async fn many_conflicts_are_reviewed_at_once_each_still_conditional() {
+    let hub = TestHub::start_with(|config| config.conflict_bulk_max = 3).await;
+    let api = Api::of(&hub);
+    let mgr = manager(TENANT);
+    let mut a = Dev::connect(&hub, TENANT, "pos-1").await;
+    let mut b = Dev::connect(&hub, TENANT, "pos-2").await;
+    // Three conflicts on prices; the second's price moves on afterwards, so keeping what the
+    // conflict left there is refused.
+    let (k1, _) = price_conflict(&mut a, &mut b, 200, 300, true).await;
+    let (k2, v2) = price_conflict(&mut a, &mut b, 400, 500, true).await;
+    let (k3, _) = price_conflict(&mut a, &mut b, 600, 700, true).await;
+    let moved = a.upsert("products", k2.clone(), json!({"price_cents": 450}), now_ms(), v2).await;
+    assert_eq!(moved.status, ChangeStatus::Applied);
+    let id = |key: &Value| {
+        let api = &api;
+        let key = key.clone();
+        async move { conflict_of(api, TENANT, &key).await["id"].as_i64().unwrap() }
+    };
+    let (c1, c2, c3) = (id(&k1).await, id(&k2).await, id(&k3).await);
+    // Another tenant's conflict id is not found, and does not stop the others.
+    let mut x = Dev::connect(&hub, OTHER, "pos-1").await;
+    let mut y = Dev::connect(&hub, OTHER, "pos-2").await;
+    let (kx, _) = price_conflict(&mut x, &mut y, 1, 2, true).await;
+    let foreign = conflict_of(&api, OTHER, &kx).await["id"].as_i64().unwrap();
+
+    let (status, body) = api.post("/v1/conflicts/resolve", Some(&mgr), &json!({"action": "keep", "ids": [c1, c2, foreign]})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!((body["applied"].as_u64(), body["refused"].as_u64()), (Some(1), Some(2)), "{body}");
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results[0]["id"], json!(c1));
+    assert_eq!((results[0]["applied"].clone(), results[0]["conflict"]["status"].clone()), (json!(true), json!("resolved")));
+    assert_eq!((results[1]["applied"].clone(), results[1]["code"].clone()), (json!(false), json!("stale_conflict")), "{body}");
+    assert_eq!(results[2]["code"], json!("not_found"), "{body}");
+    let price: i32 = sqlx::query_scalar("select price_cents from products where tenant_id = $1 and id = $2")
+        .bind(TENANT)
+        .bind(Uuid::parse_str(k2["id"].as_str().unwrap()).unwrap())
+        .fetch_one(&hub.db)
+        .await
+        .unwrap();
+    assert_eq!(price, 450, "the refused one wrote nothing");
+    let (_, other_tenant) = api.get(&format!("/v1/conflicts/{foreign}"), Some(&manager(OTHER)), &[]).await;
+    assert_eq!(other_tenant["conflict"]["status"], json!("open"), "another tenant's conflict untouched");
+
+    // Every open one a filter matches: c2 and c3, dismissed.
+    let (status, body) = api.post("/v1/conflicts/resolve", Some(&mgr), &json!({"action": "dismiss", "filter": {"status": "open", "table": "products"}})).await;
+    assert_eq!(status, 200, "{body}");
+    let done: Vec<i64> = body["results"].as_array().unwrap().iter().filter(|r| r["applied"] == json!(true)).map(|r| r["id"].as_i64().unwrap()).collect();
+    assert_eq!(done, vec![c3, c2], "newest first");
+    let (_, counts) = api.get("/v1/conflicts/counts", Some(&mgr), &[]).await;
+    assert_eq!((counts["open"].as_u64(), counts["resolved"].as_u64(), counts["dismissed"].as_u64()), (Some(0), Some(1), Some(2)));
+
+    // Refused as a whole: a bad action, both or neither of ids and filter, more than
+    // conflict_bulk_max, another role.
+    assert_error(api.post("/v1/conflicts/resolve", Some(&mgr), &json!({"action": "value", "ids": [c1]})).await, 400, "invalid_batch");
+    assert_error(api.post("/v1/conflicts/resolve", Some(&mgr), &json!({"action": "keep"})).await, 400, "invalid_batch");
+    assert_error(api.post("/v1/conflicts/resolve", Some(&mgr), &json!({"action": "keep", "ids": [c1], "filter": {}})).await, 400, "invalid_batch");
+    assert_error(api.post("/v1/conflicts/resolve", Some(&mgr), &json!({"action": "keep", "ids": [1, 2, 3, 4]})).await, 400, "invalid_batch");
+    assert_error(api.post("/v1/conflicts/resolve", Some(&mgr), &json!({"action": "keep", "filter": {"limit": 1}})).await, 400, "invalid_filter");
+    assert_error(
+        api.post("/v1/conflicts/resolve", Some(&token(TENANT, "emp", "Employee", None)), &json!({"action": "keep", "ids": [c1]})).await,
+        403,
+        "forbidden",
+    );
+    hub.shutdown().await;
+}

@@ -235,7 +235,7 @@ fn resolution_change(conflict: &ConflictRecord, body: &ResolveBody, version: u64
 
 /// `{"action": "dismiss"}`: the conflict is closed as `dismissed` with nothing written, and the
 /// sessions watching conflicts are told (a `resolved` event whose record says `dismissed`).
-async fn dismiss(hub: &Hub, manager: &Manager, id: i64) -> Result<HttpResponse, ApiError> {
+async fn dismiss(hub: &Hub, manager: &Manager, id: i64) -> Result<Value, ApiError> {
     let identity = &manager.0;
     let Some((conflict, open)) = hub.store.dismiss_conflict(&identity.tenant, id, identity.user.as_str()).await? else {
         return Err(ApiError::new(ErrorCode::ConflictNotOpen, format!("conflict {id} is not open")));
@@ -246,7 +246,7 @@ async fn dismiss(hub: &Hub, manager: &Manager, id: i64) -> Result<HttpResponse, 
         let _ = actor.try_send(TellConflicts(news));
     }
     hub.metrics.conflict_resolutions.fetch_add(1, Ordering::Relaxed);
-    Ok(HttpResponse::Ok().json(json!({ "conflict": conflict })))
+    Ok(json!({ "conflict": conflict }))
 }
 
 /// `POST /v1/conflicts/{id}/resolve`
@@ -257,15 +257,18 @@ pub async fn resolve(
     body: web::Json<ResolveBody>,
 ) -> Result<HttpResponse, ApiError> {
     check_accepting(&hub)?;
-    let id = id.into_inner();
+    Ok(HttpResponse::Ok().json(resolve_one(&hub, &manager, id.into_inner(), body.into_inner()).await?))
+}
+
+/// Resolve (or dismiss) one open conflict of the manager's tenant; its answer's body.
+async fn resolve_one(hub: &Hub, manager: &Manager, id: i64, body: ResolveBody) -> Result<Value, ApiError> {
     let identity = &manager.0;
-    let conflict = find(&hub, &manager, id).await?;
+    let conflict = find(hub, manager, id).await?;
     if conflict.status != ReviewStatus::Open {
         return Err(ApiError::new(ErrorCode::ConflictNotOpen, format!("conflict {id} is not open")));
     }
-    let body = body.into_inner();
     if matches!(body, ResolveBody::Dismiss) {
-        return dismiss(&hub, &manager, id).await;
+        return dismiss(hub, manager, id).await;
     }
     let (row, version) = hub.store.current_row(&identity.tenant, &conflict.table, &conflict.key).await?;
     let resolution = match body {
@@ -289,7 +292,7 @@ pub async fn resolve(
         access: None,
         conditions,
     };
-    let result = submit(&hub, &identity.tenant, input)
+    let result = submit(hub, &identity.tenant, input)
         .await?
         .pop()
         .ok_or_else(|| ApiError(Error::Internal("a resolution got no result".into())))?;
@@ -306,6 +309,84 @@ pub async fn resolve(
         return Err(ApiError::new(code, message));
     }
     hub.metrics.conflict_resolutions.fetch_add(1, Ordering::Relaxed);
-    let conflict = find(&hub, &manager, id).await?;
-    Ok(HttpResponse::Ok().json(json!({"conflict": conflict, "result": result})))
+    let conflict = find(hub, manager, id).await?;
+    Ok(json!({"conflict": conflict, "result": result}))
+}
+
+/// A review of many conflicts at once: `ids`, or every conflict a `filter` matches (the list's
+/// filters), resolved the same way. No `value`: each is written under the condition a single
+/// resolution without `expected` has (the field still holds what the conflict left).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BulkBody {
+    action: String,
+    ids: Option<Vec<i64>>,
+    filter: Option<ListQuery>,
+}
+
+/// `POST /v1/conflicts/resolve`: each conflict resolved in its own transaction, in the order
+/// given (or newest first), and a summary of what was applied and what was refused.
+pub async fn resolve_many(hub: web::Data<Arc<Hub>>, manager: Manager, body: web::Json<BulkBody>) -> Result<HttpResponse, ApiError> {
+    check_accepting(&hub)?;
+    let body = body.into_inner();
+    let action = || -> Result<ResolveBody, ApiError> {
+        match body.action.as_str() {
+            "keep" => Ok(ResolveBody::Keep { expected: None }),
+            "take_other" => Ok(ResolveBody::TakeOther { expected: None }),
+            "dismiss" => Ok(ResolveBody::Dismiss),
+            other => Err(ApiError::new(ErrorCode::InvalidBatch, format!("action `{other}`: expected keep, take_other or dismiss"))),
+        }
+    };
+    action()?;
+    let max = hub.config.conflict_bulk_max as usize;
+    let ids = match (body.ids, body.filter) {
+        (Some(ids), None) if ids.len() <= max => ids,
+        (Some(ids), None) => {
+            return Err(ApiError::new(ErrorCode::InvalidBatch, format!("{} ids: at most {max} at once (conflict_bulk_max)", ids.len())))
+        }
+        (None, Some(query)) => matching_ids(&hub, &manager, query, max).await?,
+        _ => return Err(ApiError::new(ErrorCode::InvalidBatch, "give either `ids` or `filter`")),
+    };
+    let mut results = Vec::with_capacity(ids.len());
+    let (mut applied, mut refused) = (0, 0);
+    for id in ids {
+        match resolve_one(&hub, &manager, id, action()?).await {
+            Ok(done) => {
+                applied += 1;
+                results.push(json!({"id": id, "applied": true, "conflict": done["conflict"]}));
+            }
+            // The hub going away stops the review; the rest is told as not done.
+            Err(ApiError(Error::ShuttingDown)) => return Err(ApiError(Error::ShuttingDown)),
+            Err(err) => {
+                refused += 1;
+                let (code, message) = err.code_and_message();
+                results.push(json!({"id": id, "applied": false, "code": code, "message": message}));
+            }
+        }
+    }
+    Ok(HttpResponse::Ok().json(json!({"applied": applied, "refused": refused, "results": results})))
+}
+
+/// The ids of the conflicts `query` matches, newest first, at most `max` (more is refused).
+async fn matching_ids(hub: &Hub, manager: &Manager, query: ListQuery, max: usize) -> Result<Vec<i64>, ApiError> {
+    if query.limit.is_some() || query.before_id.is_some() {
+        return Err(invalid("a filter for many conflicts takes no limit or before_id"));
+    }
+    let mut filter = query.filter(hub)?;
+    filter.limit = hub.config.conflict_page_max;
+    let mut ids = Vec::new();
+    loop {
+        let (page, next) = hub.store.list_conflicts(&manager.0.tenant, &filter).await?;
+        ids.extend(page.iter().map(|c| c.id));
+        if ids.len() > max {
+            return Err(ApiError::new(
+                ErrorCode::InvalidBatch,
+                format!("more than {max} conflicts match (conflict_bulk_max); narrow the filter"),
+            ));
+        }
+        match next {
+            Some(before) => filter.before_id = Some(before),
+            None => return Ok(ids),
+        }
+    }
 }

@@ -24,6 +24,15 @@ impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
         ApiError(Error::client(code, message))
     }
+
+    /// The wire code and the message a client may read (never the database's text), for an
+    /// error reported inside an answer rather than as one; logged when it is not the client's.
+    pub fn code_and_message(&self) -> (&'static str, String) {
+        if !matches!(self.0, Error::Client { .. } | Error::RateLimited { .. }) {
+            tracing::warn!(err = %self.0, "HTTP request failed in part");
+        }
+        (self.0.code().as_str(), self.0.public_message())
+    }
 }
 
 impl fmt::Display for ApiError {

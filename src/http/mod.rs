@@ -38,6 +38,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, config: &Config) {
     cfg.route("/v1/conflicts", web::get().to(conflicts::list))
         .route("/v1/conflicts/counts", web::get().to(conflicts::counts))
         .route("/v1/conflicts/export.csv", web::get().to(conflicts::export_csv))
+        .route("/v1/conflicts/resolve", web::post().to(conflicts::resolve_many))
         .route("/v1/conflicts/{id}", web::get().to(conflicts::get))
         .route("/v1/conflicts/{id}/resolve", web::post().to(conflicts::resolve))
         .route("/v1/tenants/{tenant}/push", web::post().to(writers::push))
