@@ -98,6 +98,11 @@ export class Api {
     return this.request('GET', `/v1/conflicts/${encodeURIComponent(id)}`);
   }
 
+  /** Resolve many: action "keep" | "take_other" | "dismiss", for these ids. */
+  resolveMany(action, ids) {
+    return this.request('POST', '/v1/conflicts/resolve', { action, ids });
+  }
+
   /** action: {action: "keep"} | {action: "take_other"} | {action: "value", value}. */
   resolve(id, action) {
     return this.request('POST', `/v1/conflicts/${encodeURIComponent(id)}/resolve`, action);

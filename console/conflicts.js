@@ -74,6 +74,7 @@ export class Conflicts {
     this.nextBeforeId = null;
     this.openId = null;
     this.loadSeq = 0;
+    this.chosen = new Set(); // ids selected for a bulk action
 
     $('#conflict-filters').addEventListener('submit', (e) => {
       e.preventDefault();
@@ -89,6 +90,12 @@ export class Conflicts {
     });
     this.moreBtn.addEventListener('click', () => this.load(false));
     $('#conflict-export').addEventListener('click', () => this.exportCsv());
+    $('#bulk-all').addEventListener('change', (e) => {
+      this.chosen = e.target.checked ? new Set([...this.items.values()].filter((c) => c.status === 'open').map((c) => c.id)) : new Set();
+      this.renderList();
+    });
+    const bulk = [['#bulk-keep', 'keep', 'kept what was kept'], ['#bulk-take-other', 'take_other', 'used the other values'], ['#bulk-dismiss', 'dismiss', 'dismissed']];
+    for (const [button, action, done] of bulk) $(button).addEventListener('click', () => this.resolveChosen(action, done));
     this.badge.addEventListener('click', (e) => {
       e.preventDefault();
       this.panel.scrollIntoView({ block: 'start' });
@@ -100,6 +107,33 @@ export class Conflicts {
         this.close();
       }
     });
+  }
+
+  /** Resolve the selected conflicts the same way; say what was applied and what was refused. */
+  async resolveChosen(action, done) {
+    const ids = [...this.chosen].sort((a, b) => b - a);
+    if (!ids.length) return;
+    const result = $('#bulk-result');
+    this.errorEl.textContent = '';
+    result.textContent = `Working on ${ids.length} conflict${ids.length === 1 ? '' : 's'}…`;
+    let out;
+    try {
+      out = await this.api.resolveMany(action, ids);
+    } catch (err) {
+      result.textContent = '';
+      this.errorEl.textContent = `Could not review the selected conflicts: ${describe(err)}`;
+      return;
+    }
+    for (const r of out.results) {
+      if (r.applied && r.conflict) this.items.set(r.id, r.conflict);
+    }
+    const refused = out.results.filter((r) => !r.applied);
+    this.chosen = new Set(refused.map((r) => r.id));
+    const summary = `${out.applied} ${done}` + (refused.length ? `; ${refused.length} refused: ${refused.map((r) => `#${r.id} (${r.message})`).join('; ')}` : '.');
+    result.textContent = summary;
+    this.renderList();
+    this.refreshCounts();
+    if (this.openId !== null && out.results.some((r) => r.id === this.openId)) this.show(this.openId, { keepFocus: true });
   }
 
   /** Download every conflict the shown filters match as a CSV file (the form's values as
@@ -232,7 +266,14 @@ export class Conflicts {
 
   renderList() {
     const items = [...this.items.values()].sort((a, b) => b.id - a.id);
+    // Only open conflicts that are shown stay selected.
+    this.chosen = new Set([...this.chosen].filter((id) => this.items.get(id)?.status === 'open'));
     replace(this.listEl, items.map((c) => this.item(c)));
+    const open = items.filter((c) => c.status === 'open').length;
+    $('#bulk').hidden = open === 0 && this.chosen.size === 0;
+    $('#bulk-all').checked = open > 0 && this.chosen.size === open;
+    $('#bulk-count').textContent = `${this.chosen.size} selected`;
+    for (const id of ['#bulk-keep', '#bulk-take-other', '#bulk-dismiss']) $(id).disabled = this.chosen.size === 0;
     this.emptyEl.hidden = items.length > 0;
     this.moreBtn.hidden = this.nextBeforeId === null;
   }
@@ -242,7 +283,22 @@ export class Conflicts {
     const lost = won === 'server' ? 'incoming' : 'server';
     // A side that won by deleting the row has no value: say so.
     const valueOf = (name) => (deleteWon(c) && name === won ? 'deleted' : show(c[name]?.value));
+    const pick = c.status === 'open'
+      ? h('input', {
+        type: 'checkbox',
+        class: 'conflict-pick',
+        'aria-label': `Select conflict #${c.id}`,
+        checked: this.chosen.has(c.id),
+        onchange: (e) => {
+          if (e.target.checked) this.chosen.add(c.id);
+          else this.chosen.delete(c.id);
+          this.renderList();
+          this.listEl.querySelector(`li[data-id="${c.id}"] .conflict-pick`)?.focus();
+        },
+      })
+      : null;
     return h('li', { class: `conflict-item status-${c.status}${this.openId === c.id ? ' selected' : ''}`, dataset: { id: c.id } },
+      pick,
       h('button', {
         type: 'button',
         class: 'conflict-open',

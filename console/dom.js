@@ -95,3 +95,29 @@ export function parseValue(text) {
     return text;
   }
 }
+
+/**
+ * Tells screen readers how much a busy list changed, at most once per interval, instead of
+ * reading every entry as it arrives: `count()` for each entry, `say(n)` builds the sentence.
+ */
+export class Summarizer {
+  constructor(el, say, intervalMs = 10_000) {
+    this.el = el;
+    this.say = say;
+    this.intervalMs = intervalMs;
+    this.pending = 0;
+    this.timer = null;
+  }
+
+  count() {
+    this.pending += 1;
+    if (this.timer === null) this.timer = setTimeout(() => this.flush(), this.intervalMs);
+  }
+
+  flush() {
+    this.timer = null;
+    if (this.pending === 0) return;
+    this.el.textContent = this.say(this.pending);
+    this.pending = 0;
+  }
+}

@@ -1,7 +1,7 @@
 // Live change feed: a subscription editor (table, AND of conditions, snapshot), the list of
 // subscriptions on the socket, and the feed of `sub_rows` / `sub_delta` frames, newest first.
 
-import { $, h, replace, show, showObject, clock, parseValue } from './dom.js';
+import { $, h, replace, show, showObject, clock, parseValue, Summarizer } from './dom.js';
 
 const MAX_ENTRIES = 200;
 /** Where the tab keeps its subscriptions across reloads (sessionStorage, like the token). */
@@ -249,6 +249,9 @@ export class Feed {
   }
 
   add(li) {
+    // Read out as a summary every few seconds, not entry by entry (a busy store would flood it).
+    this.summary ??= new Summarizer($('#feed-summary'), (n) => `${n} new ${n === 1 ? 'entry' : 'entries'} in the feed.`);
+    this.summary.count();
     this.feed.prepend(li);
     while (this.feed.childElementCount > MAX_ENTRIES) this.feed.lastElementChild.remove();
   }

@@ -1,7 +1,7 @@
 // Presence: who is online in the tenant (the `presence` list, then `presence_diff` joins and
 // leaves), and a short log of the joins and leaves seen.
 
-import { $, h, replace, clock, timeEl } from './dom.js';
+import { $, h, replace, clock, timeEl, Summarizer } from './dom.js';
 
 export const PRESENCE_SUB = 'presence';
 const MAX_LOG = 20;
@@ -59,6 +59,8 @@ export class Presence {
   }
 
   logEvent(p, what) {
+    this.summary ??= new Summarizer($('#presence-summary'), (n) => `${n} ${n === 1 ? 'join or leave' : 'joins and leaves'} since the last summary.`);
+    this.summary.count();
     this.log.querySelector('.empty')?.remove();
     this.log.prepend(h('li', {}, h('span', { class: 'when' }, clock()), ' ', `${who(p)} ${what} (${where(p)})`));
     while (this.log.childElementCount > MAX_LOG) this.log.lastElementChild.remove();

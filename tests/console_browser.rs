@@ -214,6 +214,24 @@ async fn manager_resolves_a_conflict_in_the_browser_and_the_device_receives_it()
             stdin.write_all(b"pushed\n").await.unwrap();
             stdin.flush().await.unwrap();
         }
+        if line == "console-e2e: ready for bulk review" {
+            // Two more conflicts B loses; then A moves the oat milk's price on, so keeping what
+            // that conflict left is refused.
+            for (seq, product) in [(4, id), (5, dismissed_id)] {
+                let results = b.push(vec![upsert("products", json!({"id": product}), json!({"price_cents": 10 + seq}), seq, now - 60_000, 0)]).await;
+                assert_eq!(results[0].status, ChangeStatus::Conflict, "{results:?}");
+            }
+            let version: i64 = sqlx::query_scalar("select version from synchub.row_versions where tenant_id = $1 and pk = $2")
+                .bind(TENANT)
+                .bind(json!({"id": dismissed_id}))
+                .fetch_one(&hub.db)
+                .await
+                .unwrap();
+            let moved = a.push(vec![upsert("products", json!({"id": dismissed_id}), json!({"price_cents": 96}), 6, now_ms(), version as u64)]).await;
+            assert_eq!(moved[0].status, ChangeStatus::Applied, "{moved:?}");
+            stdin.write_all(b"pushed\n").await.unwrap();
+            stdin.flush().await.unwrap();
+        }
         if line == "console-e2e: ready for a second conflict" {
             let results = b.push(vec![upsert("products", json!({"id": dismissed_id}), json!({"price_cents": 70}), 2, now - 60_000, 0)]).await;
             assert_eq!(results[0].status, ChangeStatus::Conflict, "B's older write conflicts: {results:?}");

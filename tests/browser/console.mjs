@@ -317,6 +317,28 @@ try {
     await page.locator('#badge-text', { hasText: 'Conflicts: 0 open' }).waitFor();
   });
 
+  say('ready for bulk review');
+  await check('bulk review: select all, keep (one refused as stale), then dismiss the rest', async () => {
+    const line = await Promise.race([nextStdinLine(), new Promise((r) => setTimeout(() => r(null), 60000))]);
+    expect(line !== null, 'the test did not say that it pushed two more conflicts');
+    await page.getByRole('button', { name: /^Close conflict/ }).click();
+    await page.locator('#badge-text', { hasText: 'Conflicts: 2 open' }).waitFor();
+    await page.locator('#conflict-list .conflict-pick').nth(1).waitFor();
+    // With the keyboard: the "Select all shown" box, then the action.
+    await page.locator('#bulk-all').focus();
+    await page.keyboard.press('Space');
+    await page.locator('#bulk-count', { hasText: '2 selected' }).waitFor();
+    await page.locator('#bulk-keep').click();
+    const summary = page.locator('#bulk-result');
+    await summary.filter({ hasText: 'refused' }).waitFor();
+    const text = await summary.innerText();
+    expect(/^1 kept what was kept; 1 refused: #\d+ \(`price_cents` changed/.test(text), `the summary says "${text}"`);
+    await page.locator('#bulk-count', { hasText: '1 selected' }).waitFor();
+    await page.locator('#bulk-dismiss').click();
+    await summary.filter({ hasText: '1 dismissed' }).waitFor();
+    await page.locator('#badge-text', { hasText: 'Conflicts: 0 open' }).waitFor();
+  });
+
   await check('phone width: nothing overflows after resolving', async () => {
     await page.setViewportSize({ width: 375, height: 812 });
     await page.waitForTimeout(200);
@@ -407,6 +429,15 @@ try {
     await page.locator('#presence-log', { hasText: 'employee-eli joined' }).waitFor();
     await other.close();
     await page.locator('#presence-log', { hasText: 'employee-eli left' }).waitFor();
+  });
+
+  await check('screen readers get summaries of the busy feed, not every entry', async () => {
+    for (const list of ['#feed', '#presence-log']) {
+      const live = await page.locator(list).getAttribute('aria-live');
+      expect(live === 'off', `${list} is read out entry by entry (aria-live ${live})`);
+    }
+    await page.locator('#feed-summary', { hasText: /\d+ new entr(y|ies) in the feed/ }).waitFor({ state: 'attached' });
+    expect((await page.locator('#feed-summary').getAttribute('role')) === 'status', 'the summary is not a status');
   });
 
   await check('no script errors', async () => {
