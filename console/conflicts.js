@@ -40,17 +40,43 @@ export function sideWords(c, name) {
 export function readPlace(hash = location.hash) {
   const params = new URLSearchParams(hash.replace(/^#/, ''));
   const id = Number.parseInt(params.get('conflict') ?? '', 10);
+  const day = (name) => (/^\d{4}-\d{2}-\d{2}$/.test(params.get(name) ?? '') ? params.get(name) : '');
   return {
     status: params.has('status') ? params.get('status') : 'open',
     table: params.get('table') ?? '',
+    device: params.get('device') ?? '',
+    since: day('since'),
+    until: day('until'),
     conflict: Number.isSafeInteger(id) && id > 0 ? id : null,
   };
+}
+
+const FILTER_TEXT = ['table', 'device', 'since', 'until'];
+
+/** The filters as the form shows them: dates as the form's local days. */
+function formFilters() {
+  const form = new FormData($('#conflict-filters'));
+  const filters = { status: String(form.get('status') ?? '') };
+  for (const name of FILTER_TEXT) filters[name] = String(form.get(name) ?? '').trim();
+  return filters;
+}
+
+/** The API's query for the filters: days become the local day's start (and the end of the
+ * "to" day, exclusive) as RFC 3339. */
+function apiFilters(filters) {
+  const start = (day, plus = 0) => {
+    if (!day) return '';
+    const d = new Date(`${day}T00:00:00`);
+    d.setDate(d.getDate() + plus);
+    return d.toISOString();
+  };
+  return { status: filters.status, table: filters.table, device: filters.device, since: start(filters.since), until: start(filters.until, 1) };
 }
 
 function writePlace(filters, conflict) {
   const params = new URLSearchParams();
   params.set('status', filters.status);
-  if (filters.table) params.set('table', filters.table);
+  for (const name of FILTER_TEXT) if (filters[name]) params.set(name, filters[name]);
   if (conflict !== null) params.set('conflict', String(conflict));
   const hash = `#${params.toString()}`;
   if (location.hash !== hash) history.replaceState(null, '', hash);
@@ -68,7 +94,7 @@ export class Conflicts {
     this.detailEl = $('#conflict-detail');
     this.badge = $('#badge');
     this.badgeText = $('#badge-text');
-    this.filters = { status: 'open', table: '' };
+    this.filters = { status: 'open', table: '', device: '', since: '', until: '' };
     this.takePlace();
     this.items = new Map(); // id -> conflict, in list order
     this.nextBeforeId = null;
@@ -78,8 +104,7 @@ export class Conflicts {
 
     $('#conflict-filters').addEventListener('submit', (e) => {
       e.preventDefault();
-      const form = new FormData(e.target);
-      this.filters = { status: String(form.get('status') ?? ''), table: String(form.get('table') ?? '').trim() };
+      this.filters = formFilters();
       writePlace(this.filters, this.openId);
       this.load();
     });
@@ -139,12 +164,11 @@ export class Conflicts {
   /** Download every conflict the shown filters match as a CSV file (the form's values as
    * they are now, shown or not). */
   async exportCsv() {
-    const form = new FormData($('#conflict-filters'));
-    const filters = { status: String(form.get('status') ?? ''), table: String(form.get('table') ?? '').trim() };
+    const filters = formFilters();
     this.errorEl.textContent = '';
     this.noteEl.textContent = 'Preparing the CSV file…';
     try {
-      const blob = await this.api.exportCsv(filters);
+      const blob = await this.api.exportCsv(apiFilters(filters));
       const url = URL.createObjectURL(blob);
       const link = h('a', { href: url, download: `conflicts-${filters.status || 'any'}.csv`, hidden: true });
       document.body.append(link);
@@ -161,10 +185,11 @@ export class Conflicts {
   /** Filters from the URL into the form; returns the conflict the URL names, if any. */
   takePlace() {
     const place = readPlace();
-    this.filters = { status: place.status, table: place.table };
+    this.filters = { status: place.status };
+    for (const name of FILTER_TEXT) this.filters[name] = place[name];
     const status = $('#cf-status');
     if ([...status.options].some((o) => o.value === place.status)) status.value = place.status;
-    $('#cf-table').value = place.table;
+    for (const name of FILTER_TEXT) $(`#cf-${name}`).value = place[name];
     this.wanted = place.conflict;
     return place.conflict;
   }
@@ -222,7 +247,7 @@ export class Conflicts {
   async load(reset = true) {
     const seq = ++this.loadSeq;
     this.errorEl.textContent = '';
-    const query = { status: this.filters.status, table: this.filters.table, limit: PAGE };
+    const query = { ...apiFilters(this.filters), limit: PAGE };
     if (!reset) query.before_id = this.nextBeforeId;
     let page;
     try {
@@ -248,7 +273,11 @@ export class Conflicts {
   }
 
   matches(c) {
-    return (!this.filters.status || c.status === this.filters.status) && (!this.filters.table || c.table === this.filters.table);
+    const f = apiFilters(this.filters);
+    const created = Date.parse(c.created_at);
+    return (!f.status || c.status === f.status) && (!f.table || c.table === f.table)
+      && (!f.device || c.server?.device === f.device || c.incoming?.device === f.device)
+      && (!f.since || created >= Date.parse(f.since)) && (!f.until || created < Date.parse(f.until));
   }
 
   onFrame(frame) {

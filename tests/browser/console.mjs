@@ -357,6 +357,33 @@ try {
     await dismiss.waitFor({ state: 'detached' });
   });
 
+  await check('filters by device and by days', async () => {
+    const day = (plus) => page.evaluate((p) => {
+      const d = new Date();
+      d.setDate(d.getDate() + p);
+      return `${d.getFullYear()}-${String(d.getMonth() + 1).padStart(2, '0')}-${String(d.getDate()).padStart(2, '0')}`;
+    }, plus);
+    const show = () => page.getByRole('button', { name: 'Show', exact: true }).click();
+    await page.locator('#cf-status').selectOption('');
+    await page.locator('#cf-device').fill('nobody');
+    await show();
+    await page.locator('#conflict-empty').waitFor();
+    await page.locator('#cf-device').fill('pos-b');
+    await page.locator('#cf-since').fill(await day(0));
+    await page.locator('#cf-until').fill(await day(0));
+    await show();
+    await page.locator('#conflict-list li').nth(2).waitFor();
+    const hash = await page.evaluate(() => location.hash);
+    expect(hash.includes('device=pos-b') && hash.includes(`since=${await day(0)}`), `the URL lacks the filters: "${hash}"`);
+    await page.locator('#cf-since').fill(await day(1));
+    await page.locator('#cf-until').fill('');
+    await show();
+    await page.locator('#conflict-empty').waitFor();
+    for (const f of ['#cf-device', '#cf-since']) await page.locator(f).fill('');
+    await page.locator('#cf-status').selectOption('open');
+    await show();
+  });
+
   await check('a reload keeps the filters, the open conflict and the subscriptions', async () => {
     await page.locator('#cf-status').selectOption('resolved');
     await page.getByRole('button', { name: 'Show', exact: true }).click();
