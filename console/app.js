@@ -64,19 +64,23 @@ function signOut(message = '', keepText = false) {
   showSignIn(message);
 }
 
+/** Who a pasted token says it is; throws an Error that says what is wrong with it. */
+function identityOf(token) {
+  if (!token) throw new Error('Paste a token first.');
+  const identity = describeToken(token, config.claims);
+  if (identity.expiresAt && identity.expiresAt.getTime() < Date.now()) {
+    throw new Error(`This token expired on ${dateTime(identity.expiresAt)}. Paste a fresh one.`);
+  }
+  return identity;
+}
+
 async function signIn(token) {
   token = token.trim();
   let identity;
   try {
-    if (!token) throw new Error('Paste a token first.');
-    identity = describeToken(token, config.claims);
+    identity = identityOf(token);
   } catch (err) {
     $('#sign-in-error').textContent = err.message;
-    $('#token').focus();
-    return;
-  }
-  if (identity.expiresAt && identity.expiresAt.getTime() < Date.now()) {
-    $('#sign-in-error').textContent = `This token expired on ${dateTime(identity.expiresAt)}. Paste a fresh one.`;
     $('#token').focus();
     return;
   }
@@ -183,18 +187,13 @@ async function renew(s, token) {
   token = token.trim();
   let identity;
   try {
-    if (!token) throw new Error('Paste a token first.');
-    identity = describeToken(token, config.claims);
+    identity = identityOf(token);
   } catch (err) {
     $('#renew-error').textContent = err.message;
     return;
   }
   if (identity.tenant !== s.identity.tenant || identity.user !== s.identity.user) {
     $('#renew-error').textContent = `The fresh token is for ${identity.user ?? '?'} of ${identity.tenant ?? '?'}; this page is ${s.identity.user} of ${s.identity.tenant}. Sign out to change user.`;
-    return;
-  }
-  if (identity.expiresAt && identity.expiresAt.getTime() < Date.now()) {
-    $('#renew-error').textContent = `That token expired on ${dateTime(identity.expiresAt)} too.`;
     return;
   }
   try {

@@ -1,4 +1,5 @@
--- The lean log: one record per group commit instead of one row per change.
+-- The lean log: one record per group commit instead of one row per change, and row versions'
+-- clocks as json text.
 --
 -- A row of synchub.change_log cost Postgres about as much as the application row it described
 -- several times over (a heap row and two index entries per change, jsonb keys, three json
@@ -122,7 +123,19 @@ language sql stable as $$
      limit 1
 $$;
 
--- Writes by other SQL clients: one record of one change each.
+-- Row versions keep their clocks as `json`: the text the hub writes, only checked to be JSON.
+-- As `jsonb`, Postgres parsed every version row's clocks into a tree and rebuilt it in binary
+-- on every merge (the hub reads them back whole and never queries inside them). The format is
+-- unchanged: `{column: [wall_ms, counter, device, version, user]}`, and `deleted` the clock of a
+-- delete.
+alter table synchub.row_versions
+    alter column clocks drop default,
+    alter column clocks type json using clocks::json,
+    alter column clocks set default '{}'::json,
+    alter column deleted type json using deleted::json;
+
+-- Writes by other SQL clients: one record of one change each; clocks merged as jsonb, stored as
+-- json.
 create or replace function synchub.capture_change() returns trigger
 language plpgsql security definer set search_path = pg_catalog, pg_temp as $$
 declare
@@ -177,7 +190,7 @@ begin
         values (tenant, wire_name, key, next_seq, null,
                 (select coalesce(jsonb_object_agg(c, clock), '{}') from jsonb_object_keys(changed) c))
         on conflict (tenant_id, table_name, pk_text) do update
-           set version = excluded.version, deleted = null, clocks = rv.clocks || excluded.clocks;
+           set version = excluded.version, deleted = null, clocks = (rv.clocks::jsonb || excluded.clocks::jsonb)::json;
     end if;
     perform pg_notify('synchub_log', tenant);
     return null;

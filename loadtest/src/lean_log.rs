@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::devices;
 use crate::error::Result;
-use crate::pg_ceiling::{take_head, LastValues, Writer};
+use crate::pg_ceiling::{take_head, write_rows_ctes, LastValues, Writer};
 
 /// Copies of the hub's log, versions and cursors as they are now (trigger-free; `including all`
 /// keeps the keys, the check and the records' compression, not the fill factor), made anew.
@@ -62,19 +62,13 @@ async fn write_rows(conn: &mut PgConnection, tenant: &str, changes: &[Change]) -
     let ids: Vec<Uuid> = rows.full_ids.iter().chain(&rows.part_ids).copied().collect();
     let returned = sqlx::query(
         // The rows before the statement (its snapshot; the head serializes the tenant's writers).
-        "with old as materialized (\
-           select q.id, to_json(q) as img from loadtest_products q where q.id = any($2)), \
-         full_rows as (\
-           insert into loadtest_products as t (tenant_id, id, sku, name, price_cents, stock) \
-           select $1, * from unnest($3::uuid[], $4::text[], $5::text[], $6::int4[], $7::int4[]) \
-           on conflict (id) do update set sku = excluded.sku, name = excluded.name, price_cents = excluded.price_cents, stock = excluded.stock \
-           returning t.id, to_json(t) as img), \
-         partial_rows as (\
-           update loadtest_products p set price_cents = x.price, stock = x.stock \
-           from unnest($8::uuid[], $9::int4[], $10::int4[]) as x(id, price, stock) where p.id = x.id \
-           returning p.id, to_json(p) as img) \
-         select new.id, new.img as after, old.img as before \
-         from (select * from full_rows union all select * from partial_rows) new left join old on old.id = new.id",
+        concat!(
+            "with old as materialized (\
+               select q.id, to_json(q) as img from loadtest_products q where q.id = any($2)), ",
+            write_rows_ctes!(),
+            " select new.id, new.img as after, old.img as before \
+             from (select * from full_rows union all select * from partial_rows) new left join old on old.id = new.id"
+        ),
     )
     .bind(tenant)
     .bind(&ids)

@@ -88,6 +88,25 @@ impl CeilingArgs {
     }
 }
 
+
+/// The rows of a batch written the way the best plain SQL would (`full_rows`: whole rows
+/// upserted from `$3`–`$7`; `partial_rows`: prices and stock updated from `$8`–`$10`), each
+/// returning its image: the CTEs that the baselines with bookkeeping share.
+macro_rules! write_rows_ctes {
+    () => {
+        "full_rows as (\
+           insert into loadtest_products as t (tenant_id, id, sku, name, price_cents, stock) \
+           select $1, * from unnest($3::uuid[], $4::text[], $5::text[], $6::int4[], $7::int4[]) \
+           on conflict (id) do update set sku = excluded.sku, name = excluded.name, price_cents = excluded.price_cents, stock = excluded.stock \
+           returning t.id, to_json(t) as img), \
+         partial_rows as (\
+           update loadtest_products p set price_cents = x.price, stock = x.stock \
+           from unnest($8::uuid[], $9::int4[], $10::int4[]) as x(id, price, stock) where p.id = x.id \
+           returning p.id, to_json(p) as img)"
+    };
+}
+pub(crate) use write_rows_ctes;
+
 const TABLE_SQL: &str = "create table if not exists loadtest_products (like products including defaults including constraints); \
     alter table loadtest_products drop constraint if exists loadtest_products_pkey; \
     alter table loadtest_products add primary key (id)";
@@ -365,17 +384,11 @@ async fn write_logged_batch(pool: &sqlx::PgPool, writer: &Writer, changes: &[pro
     sqlx::query(
         // The rows before the statement (its snapshot); no row lock, which a write of the same
         // statement would make skip the row: the head serializes the tenant's writers.
-        "with old as materialized (\
-           select q.id, to_jsonb(q) as img from loadtest_products q where q.id = any($2)), \
-         full_rows as (\
-           insert into loadtest_products as t (tenant_id, id, sku, name, price_cents, stock) \
-           select $1, * from unnest($3::uuid[], $4::text[], $5::text[], $6::int4[], $7::int4[]) \
-           on conflict (id) do update set sku = excluded.sku, name = excluded.name, price_cents = excluded.price_cents, stock = excluded.stock \
-           returning t.id, to_json(t) as img), \
-         partial_rows as (\
-           update loadtest_products p set price_cents = x.price, stock = x.stock \
-           from unnest($8::uuid[], $9::int4[], $10::int4[]) as x(id, price, stock) where p.id = x.id \
-           returning p.id, to_json(p) as img), \
+        concat!(
+            "with old as materialized (\
+               select q.id, to_jsonb(q) as img from loadtest_products q where q.id = any($2)), ",
+            write_rows_ctes!(),
+            ", \
          new as (select * from full_rows union all select * from partial_rows), \
          c as (select * from unnest($11::uuid[], $12::jsonb[], $13::uuid[], $14::int8[], $15::int8[], $16::int4[], $20::text[]) \
            with ordinality as c(id, written, change_id, device_seq, wall, counter, written_text, n)), \
@@ -394,7 +407,8 @@ async fn write_logged_batch(pool: &sqlx::PgPool, writer: &Writer, changes: &[pro
            on conflict (tenant_id, table_name, pk_text) do update set version = excluded.version, \
              clocks = loadtest_row_versions.clocks || excluded.clocks) \
          insert into loadtest_device_cursors (tenant_id, device_id, user_id, last_device_seq) values ($1, $18, $18, $19) \
-         on conflict (tenant_id, device_id) do update set last_device_seq = excluded.last_device_seq, updated_at = now()",
+         on conflict (tenant_id, device_id) do update set last_device_seq = excluded.last_device_seq, updated_at = now()"
+        ),
     )
     .bind(&writer.tenant)
     .bind(&ids)
