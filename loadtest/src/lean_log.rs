@@ -60,7 +60,7 @@ pub struct Images {
 async fn write_rows(conn: &mut PgConnection, tenant: &str, changes: &[Change]) -> Result<HashMap<Uuid, Images>> {
     let rows = LastValues::of(changes);
     let ids: Vec<Uuid> = rows.full_ids.iter().chain(&rows.part_ids).copied().collect();
-    let returned = sqlx::query(
+    let query = sqlx::query(
         // The rows before the statement (its snapshot; the head serializes the tenant's writers).
         concat!(
             "with old as materialized (\
@@ -71,17 +71,8 @@ async fn write_rows(conn: &mut PgConnection, tenant: &str, changes: &[Change]) -
         ),
     )
     .bind(tenant)
-    .bind(&ids)
-    .bind(&rows.full_ids)
-    .bind(&rows.skus)
-    .bind(&rows.names)
-    .bind(&rows.full_prices)
-    .bind(&rows.full_stocks)
-    .bind(&rows.part_ids)
-    .bind(&rows.part_prices)
-    .bind(&rows.part_stocks)
-    .fetch_all(&mut *conn)
-    .await?;
+    .bind(&ids);
+    let returned = rows.bind(query).fetch_all(&mut *conn).await?;
     let object = |v: Option<Value>| match v {
         Some(Value::Object(m)) => Some(m),
         _ => None,

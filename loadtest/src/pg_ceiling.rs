@@ -321,6 +321,22 @@ pub(crate) struct LastValues {
 }
 
 impl LastValues {
+    /// `query` with these rows bound as `$3`–`$10` of `write_rows_ctes!()`.
+    pub fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.full_ids)
+            .bind(&self.skus)
+            .bind(&self.names)
+            .bind(&self.full_prices)
+            .bind(&self.full_stocks)
+            .bind(&self.part_ids)
+            .bind(&self.part_prices)
+            .bind(&self.part_stocks)
+    }
+
     pub fn of(changes: &[protocol::Change]) -> LastValues {
         // By key: sku and name when a change wrote the whole row, price and stock.
         let mut rows: std::collections::BTreeMap<Uuid, RowValues> = std::collections::BTreeMap::new();
@@ -381,7 +397,7 @@ async fn write_logged_batch(pool: &sqlx::PgPool, writer: &Writer, changes: &[pro
     let counters: Vec<i32> = changes.iter().map(|c| c.hlc.counter as i32).collect();
     let mut tx = pool.begin().await?;
     let base = take_head(&mut tx, &writer.tenant, changes.len()).await?;
-    sqlx::query(
+    let query = sqlx::query(
         // The rows before the statement (its snapshot); no row lock, which a write of the same
         // statement would make skip the row: the head serializes the tenant's writers.
         concat!(
@@ -411,15 +427,8 @@ async fn write_logged_batch(pool: &sqlx::PgPool, writer: &Writer, changes: &[pro
         ),
     )
     .bind(&writer.tenant)
-    .bind(&ids)
-    .bind(&rows.full_ids)
-    .bind(&rows.skus)
-    .bind(&rows.names)
-    .bind(&rows.full_prices)
-    .bind(&rows.full_stocks)
-    .bind(&rows.part_ids)
-    .bind(&rows.part_prices)
-    .bind(&rows.part_stocks)
+    .bind(&ids);
+    rows.bind(query)
     .bind(&ids)
     .bind(&written)
     .bind(&change_ids)
