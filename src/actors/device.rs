@@ -116,6 +116,10 @@ struct PushQueues {
     to_forward: VecDeque<(u64, Uuid, BatchInput)>,
     /// Queued at the tenant actor, oldest first, with the receivers of their results.
     awaiting_acks: VecDeque<(u64, Uuid, tokio::sync::oneshot::Receiver<Result<Vec<protocol::ChangeResult>, Error>>)>,
+    /// A push is being handed to the tenant actor.
+    forwarding: bool,
+    /// The oldest of `awaiting_acks` is being waited for.
+    awaiting_ack: bool,
 }
 
 /// Session state for what goes wrong or arrives in pieces.
@@ -154,17 +158,11 @@ pub struct DeviceSession {
     /// Pushes on their way to the tenant actor and back (boxed at the first push, like `rare`:
     /// an idle session stays small).
     pushes: Option<Box<PushQueues>>,
-    /// A push is being handed to the tenant actor.
-    forwarding: bool,
-    /// The oldest of `pushes.awaiting_acks` is being waited for.
-    awaiting_ack: bool,
     closing: bool,
     /// A `resume` is reading the tenant's head.
     resuming: bool,
     /// Bad frames and fragments, which most sessions never see.
     rare: Option<Box<RareState>>,
-    /// The hub records this session's traffic (its tenant is in `record_tenants`).
-    recording: bool,
     /// The token verified with the upgrade request, in force from `hello` on unless `hello`
     /// carries one (taken at `hello`).
     upgrade_identity: Option<Box<Identity>>,
@@ -188,12 +186,9 @@ impl DeviceSession {
             subscriptions: None,
             catch_up_paused: false,
             pushes: None,
-            forwarding: false,
-            awaiting_ack: false,
             closing: false,
             resuming: false,
             rare: None,
-            recording: false,
             upgrade_identity: upgrade_identity.map(Box::new),
         }
     }
@@ -210,10 +205,21 @@ impl DeviceSession {
         &mut self.subscriptions.get_or_insert_with(Box::default).list
     }
 
+    /// Whether the hub records this session's traffic (its tenant is in `record_tenants`).
+    /// Asked, not kept: a flag would cost every session its bytes (see the allocation test).
+    fn recording(&self) -> bool {
+        match (&self.core.hub.recorder, &self.auth) {
+            (Some(recorder), Some(auth)) => recorder.records(auth.identity.tenant.as_str()),
+            _ => false,
+        }
+    }
+
     /// Add an event of this session to the capture file, when its tenant is recorded.
     fn record(&self, event: CaptureEvent) {
-        if let (true, Some(recorder), Some(auth)) = (self.recording, &self.core.hub.recorder, &self.auth) {
-            recorder.record(self.core.id, &auth.identity, event);
+        if let (Some(recorder), Some(auth)) = (&self.core.hub.recorder, &self.auth) {
+            if recorder.records(auth.identity.tenant.as_str()) {
+                recorder.record(self.core.id, &auth.identity, event);
+            }
         }
     }
 
@@ -291,7 +297,7 @@ impl DeviceSession {
 
     fn handle_frame(&mut self, ctx: &mut ws::WebsocketContext<Self>, frame: ClientFrame) {
         let id = frame.request_id();
-        if self.recording && !matches!(frame, ClientFrame::Hello { .. }) {
+        if self.recording() && !matches!(frame, ClientFrame::Hello { .. }) {
             self.record(CaptureEvent::Frame { msgpack: self.encoding == Encoding::MsgPack, frame: frame.clone().without_token() });
         }
         match frame {
@@ -394,7 +400,6 @@ impl DeviceSession {
         let (user, role) = (identity.user.clone(), identity.role.clone());
         let tenant_id = identity.tenant.clone();
         self.auth = Some(Authenticated { identity, tenant: tenant.downgrade(), view });
-        self.recording = self.core.hub.recorder.as_ref().is_some_and(|r| r.records(tenant_id.as_str()));
         let hello = ClientFrame::Hello { mode: Default::default(), id, versions, token: String::new(), device_id: Some(device.to_string()), position: position.clone() };
         self.record(CaptureEvent::Frame { msgpack: self.encoding == Encoding::MsgPack, frame: hello });
         // `started` set the link before any frame was read.
@@ -558,13 +563,10 @@ impl DeviceSession {
     /// concurrent sends could overtake each other while its mailbox is full, and a batch merged
     /// before an earlier one of the same device would be refused `seq_gap`.
     fn forward_pushes(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
-        if self.forwarding {
-            return;
-        }
-        let next = self.pushes.as_mut().and_then(|p| p.to_forward.pop_front());
-        let (Some(auth), Some((id, batch_id, input))) = (self.auth.as_ref(), next) else { return };
+        let Some(pushes) = self.pushes.as_mut().filter(|p| !p.forwarding) else { return };
+        let (Some(auth), Some((id, batch_id, input))) = (self.auth.as_ref(), pushes.to_forward.pop_front()) else { return };
         let tenant = auth.tenant.upgrade();
-        self.forwarding = true;
+        pushes.forwarding = true;
         let queue = async move {
             match tenant {
                 Some(tenant) => tenant.send(ApplyBatch { input }).await,
@@ -572,7 +574,9 @@ impl DeviceSession {
             }
         };
         ctx.spawn(queue.into_actor(self).map(move |queued, session, ctx| {
-            session.forwarding = false;
+            if let Some(pushes) = session.pushes.as_mut() {
+                pushes.forwarding = false;
+            }
             match queued {
                 Ok(Ok(answer)) => {
                     session.pushes.get_or_insert_with(Box::default).awaiting_acks.push_back((id, batch_id, answer));
@@ -587,13 +591,13 @@ impl DeviceSession {
 
     /// Wait for the results of the oldest queued push, so that acks go out in push order.
     fn await_next_ack(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
-        if self.awaiting_ack {
-            return;
-        }
-        let Some((id, batch_id, answer)) = self.pushes.as_mut().and_then(|p| p.awaiting_acks.pop_front()) else { return };
-        self.awaiting_ack = true;
+        let Some(pushes) = self.pushes.as_mut().filter(|p| !p.awaiting_ack) else { return };
+        let Some((id, batch_id, answer)) = pushes.awaiting_acks.pop_front() else { return };
+        pushes.awaiting_ack = true;
         ctx.spawn(async move { answer.await }.into_actor(self).map(move |reply, session, ctx| {
-            session.awaiting_ack = false;
+            if let Some(pushes) = session.pushes.as_mut() {
+                pushes.awaiting_ack = false;
+            }
             session.push_done(ctx, id, batch_id, reply.unwrap_or(Err(Error::ShuttingDown)));
             session.await_next_ack(ctx);
         }));
@@ -606,7 +610,7 @@ impl DeviceSession {
         }
         match reply {
             Ok(results) => {
-                if self.recording {
+                if self.recording() {
                     let acked = results.iter().map(|r| AckedChange { device_seq: r.device_seq, status: r.status, seq: r.seq }).collect();
                     self.record(CaptureEvent::Ack { batch_id, results: acked });
                 }
@@ -1221,17 +1225,22 @@ mod tests {
         fn handle(&mut self, _: Result<ws::Message, ws::ProtocolError>, _: &mut Self::Context) {}
     }
 
-    /// Every open socket holds its session inside actix-web-actors' context future, boxed as
-    /// the response body with 8 bytes more (actix-http's error mapper): one allocation that
-    /// every idle connection pays. At 632 bytes or less it fits jemalloc's 640-byte size class
-    /// (the next is 768). State an idle session does not use is boxed, or kept in its
-    /// `SessionHandle`, to stay under it.
+    /// Every open socket holds its session inside actix-web-actors' context future, wrapped
+    /// in the framing guard's `OutboundCloser` and boxed as the response body with 8 bytes
+    /// more (actix-http's error mapper): one allocation that every idle connection pays. At
+    /// 640 bytes or less it fits jemalloc's 640-byte size class (the next is 768). State an
+    /// idle session does not use is boxed, or kept in its `SessionHandle` or the guard's
+    /// `Verdict`, to stay under it.
     #[actix_web::test]
     async fn an_idle_session_fits_its_allocation_class() {
+        use crate::transport::frame_guard::{OutboundCloser, Verdict};
         assert_eq!(std::mem::size_of::<super::DeviceSession>() % 8, 0);
         let empty = futures_util::stream::empty::<Result<bytes::Bytes, actix_web::error::PayloadError>>();
-        let context = ws::WebsocketContext::create(SameSize([0; std::mem::size_of::<super::DeviceSession>() / 8]), empty);
-        let size = std::mem::size_of_val(&context);
-        assert!(size + 8 <= 640, "a session's context is {size} bytes; box state an idle session does not use");
+        let session = SameSize([0; std::mem::size_of::<super::DeviceSession>() / 8]);
+        let context = ws::WebsocketContext::with_codec(session, empty, actix_http::ws::Codec::new());
+        let verdict = std::rc::Rc::new(Verdict::new(Default::default()));
+        let body = OutboundCloser::new(context, verdict);
+        let size = std::mem::size_of_val(&body);
+        assert!(size + 8 <= 640, "a session's response body is {size} bytes; box state an idle session does not use");
     }
 }

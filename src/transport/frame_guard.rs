@@ -26,7 +26,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use protocol::CloseCode;
 
-use crate::server::Hub;
+use crate::metrics::Metrics;
 
 /// How long the connection stays open for the client's answer to our close frame (as the
 /// session waits for the answer to its own).
@@ -51,12 +51,34 @@ const fn too_big(reason: &'static str) -> Violation {
     Violation { code: CloseCode::MessageTooBig, reason }
 }
 
-/// What one connection's two halves share (one worker thread runs both).
-#[derive(Debug, Default)]
+/// What one connection's two halves share (one worker thread runs both), and the output
+/// side's own state: kept here rather than in [`OutboundCloser`], which is boxed with the
+/// session's context as the response body, so that this allocation, paid by every idle
+/// connection, stays in its size class (see the session's allocation test).
 pub struct Verdict {
     violation: Cell<Option<Violation>>,
     /// The client's close frame arrived after the violation, or its input ended.
     input_over: Cell<bool>,
+    /// A close frame went out (the session's, or ours).
+    close_sent: Cell<bool>,
+    /// The output has ended.
+    output_over: Cell<bool>,
+    /// Set once the close frame is out: the connection ends at this deadline at the latest.
+    closing: Cell<Option<Pin<Box<tokio::time::Sleep>>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Verdict {
+    pub fn new(metrics: Arc<Metrics>) -> Verdict {
+        Verdict {
+            violation: Cell::new(None),
+            input_over: Cell::new(false),
+            close_sent: Cell::new(false),
+            output_over: Cell::new(false),
+            closing: Cell::new(None),
+            metrics,
+        }
+    }
 }
 
 /// Longest control frame payload (RFC 6455 §5.5).
@@ -87,22 +109,24 @@ pub struct FrameScanner {
     client_closed: bool,
     /// Bytes of the current frame header read so far (at most 14).
     header: [u8; 14],
-    header_len: usize,
+    header_len: u8,
     /// The frame whose payload is being read, and how much of it is left.
     payload: Option<Payload>,
     remaining: u64,
     fin: bool,
     mask: [u8; 4],
-    /// Position in the current payload, for the mask.
-    position: u64,
+    /// Position in the current payload modulo 4: the mask byte that applies next.
+    mask_offset: u8,
     /// The kind of the fragmented message in progress, if any (`true`: text), and its size
     /// so far.
     fragmented_text: Option<bool>,
     message_bytes: u64,
     /// The end of a text message's last complete character, carried into its next bytes.
     utf8_carry: [u8; 4],
-    utf8_carry_len: usize,
-    close_payload: Vec<u8>,
+    utf8_carry_len: u8,
+    /// A close frame's payload so far (boxed: every connection holds a scanner, few read a
+    /// close frame's reason).
+    close_payload: Option<Box<Vec<u8>>>,
 }
 
 impl FrameScanner {
@@ -117,12 +141,12 @@ impl FrameScanner {
             remaining: 0,
             fin: false,
             mask: [0; 4],
-            position: 0,
+            mask_offset: 0,
             fragmented_text: None,
             message_bytes: 0,
             utf8_carry: [0; 4],
             utf8_carry_len: 0,
-            close_payload: Vec::new(),
+            close_payload: None,
         }
     }
 
@@ -172,9 +196,9 @@ impl FrameScanner {
     /// many bytes it took.
     fn read_header(&mut self, input: &[u8]) -> (usize, Result<(), Violation>) {
         let mut taken = 0;
-        while self.header_len < self.header_needed() {
+        while usize::from(self.header_len) < self.header_needed() {
             let Some(&byte) = input.get(taken) else { return (taken, Ok(())) };
-            self.header[self.header_len] = byte;
+            self.header[usize::from(self.header_len)] = byte;
             self.header_len += 1;
             taken += 1;
         }
@@ -209,13 +233,14 @@ impl FrameScanner {
             short => u64::from(short),
         };
         if masked {
-            self.mask.copy_from_slice(&self.header[self.header_len - 4..self.header_len]);
+            let end = usize::from(self.header_len);
+            self.mask.copy_from_slice(&self.header[end - 4..end]);
         } else {
             self.mask = [0; 4];
         }
         self.header_len = 0;
         self.remaining = length;
-        self.position = 0;
+        self.mask_offset = 0;
         self.fin = b0 & 0x80 != 0;
         let opcode = b0 & 0x0f;
         if self.draining {
@@ -273,12 +298,13 @@ impl FrameScanner {
                 // Unmasked a block at a time behind the carried bytes of a split character.
                 let mut block = [0u8; 4 + 1024];
                 for piece in bytes.chunks(1024) {
-                    let carry = self.utf8_carry_len;
+                    let carry = usize::from(self.utf8_carry_len);
                     block[..carry].copy_from_slice(&self.utf8_carry[..carry]);
+                    let offset = usize::from(self.mask_offset);
                     for (j, byte) in piece.iter().enumerate() {
-                        block[carry + j] = byte ^ self.mask[((self.position + j as u64) % 4) as usize];
+                        block[carry + j] = byte ^ self.mask[(offset + j) % 4];
                     }
-                    self.position += piece.len() as u64;
+                    self.mask_offset = ((offset + piece.len()) % 4) as u8;
                     let text = &block[..carry + piece.len()];
                     self.utf8_carry_len = match std::str::from_utf8(text) {
                         Ok(_) => 0,
@@ -286,7 +312,7 @@ impl FrameScanner {
                         Err(e) if e.error_len().is_none() => {
                             let tail = &text[e.valid_up_to()..];
                             self.utf8_carry[..tail.len()].copy_from_slice(tail);
-                            tail.len()
+                            tail.len() as u8
                         }
                         Err(_) => {
                             self.payload = Some(Payload::Discarded);
@@ -296,9 +322,10 @@ impl FrameScanner {
                 }
             }
             Some(Payload::Close) if !self.draining => {
+                let close_payload = self.close_payload.get_or_insert_with(Box::default);
                 for byte in bytes {
-                    self.close_payload.push(byte ^ self.mask[(self.position % 4) as usize]);
-                    self.position += 1;
+                    close_payload.push(byte ^ self.mask[usize::from(self.mask_offset)]);
+                    self.mask_offset = (self.mask_offset + 1) % 4;
                 }
             }
             _ => {}
@@ -314,7 +341,7 @@ impl FrameScanner {
             return Ok(());
         }
         match payload {
-            Some(Payload::Close) => match std::mem::take(&mut self.close_payload).as_slice() {
+            Some(Payload::Close) => match self.close_payload.take().as_deref().map_or(&[][..], Vec::as_slice) {
                 [] => Ok(()),
                 [_] => Err(protocol_error("close frame with a one-byte payload")),
                 // RFC 6455 §7.4: the codes a peer may send.
@@ -392,21 +419,16 @@ impl<S: Stream<Item = Result<Bytes, PayloadError>> + Unpin> Stream for InboundGu
     }
 }
 
-/// The session's output; after a violation, a close frame of its code and the end.
+/// The session's output; after a violation, a close frame of its code and the end. Its state
+/// is in the shared [`Verdict`].
 pub struct OutboundCloser<S> {
     inner: S,
     verdict: Rc<Verdict>,
-    hub: Arc<Hub>,
-    /// A close frame went out (the session's, or ours).
-    close_sent: bool,
-    /// Set once the close frame is out: the connection ends at this deadline at the latest.
-    closing: Option<Pin<Box<tokio::time::Sleep>>>,
-    ended: bool,
 }
 
 impl<S> OutboundCloser<S> {
-    pub fn new(inner: S, verdict: Rc<Verdict>, hub: Arc<Hub>) -> OutboundCloser<S> {
-        OutboundCloser { inner, verdict, hub, close_sent: false, closing: None, ended: false }
+    pub fn new(inner: S, verdict: Rc<Verdict>) -> OutboundCloser<S> {
+        OutboundCloser { inner, verdict }
     }
 }
 
@@ -417,29 +439,32 @@ where
     type Item = Result<Bytes, E>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.ended {
+        let verdict = self.verdict.clone();
+        if verdict.output_over.get() {
             return Poll::Ready(None);
         }
-        if self.closing.is_some() {
-            return self.poll_closing(cx);
+        if let Some(closing) = verdict.closing.take() {
+            return self.poll_closing(cx, closing);
         }
         // The session runs inside this poll, and its input with it: what it wrote for the
         // frames before a violation comes out before the close frame.
         let polled = Pin::new(&mut self.inner).poll_next(cx);
         if let Poll::Ready(Some(Ok(bytes))) = &polled {
-            self.close_sent |= holds_close_frame(bytes);
+            if holds_close_frame(bytes) {
+                verdict.close_sent.set(true);
+            }
             return polled;
         }
-        let Some(violation) = self.verdict.violation.get() else { return polled };
+        let Some(violation) = verdict.violation.get() else { return polled };
         if matches!(polled, Poll::Ready(None)) {
-            self.ended = true;
+            verdict.output_over.set(true);
         }
-        self.closing = Some(Box::pin(tokio::time::sleep(CLOSE_REPLY_WAIT)));
-        if self.close_sent {
-            return self.poll_closing(cx);
+        let closing = Box::pin(tokio::time::sleep(CLOSE_REPLY_WAIT));
+        if verdict.close_sent.replace(true) {
+            return self.poll_closing(cx, closing);
         }
-        self.close_sent = true;
-        self.hub.metrics.closed(violation.code);
+        verdict.closing.set(Some(closing));
+        verdict.metrics.closed(violation.code);
         tracing::debug!(code = violation.code.code(), reason = violation.reason, "closing a connection whose framing is invalid");
         let mut frame = BytesMut::new();
         let reason = CloseReason { code: WsCloseCode::Other(violation.code.code()), description: Some(violation.reason.to_owned()) };
@@ -453,20 +478,22 @@ where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
 {
     /// After the close frame: nothing more is sent; the end comes with the client's answer,
-    /// the end of its input or of the session, or the deadline.
-    fn poll_closing(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, E>>> {
-        while !self.ended {
+    /// the end of its input or of the session, or the deadline (`closing`).
+    fn poll_closing(&mut self, cx: &mut Context<'_>, mut closing: Pin<Box<tokio::time::Sleep>>) -> Poll<Option<Result<Bytes, E>>> {
+        let verdict = &self.verdict;
+        while !verdict.output_over.get() {
             match Pin::new(&mut self.inner).poll_next(cx) {
                 Poll::Ready(Some(_)) => continue,
-                Poll::Ready(None) => self.ended = true,
+                Poll::Ready(None) => verdict.output_over.set(true),
                 Poll::Pending => break,
             }
         }
-        let deadline_passed = self.closing.as_mut().is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready());
-        if self.ended || self.verdict.input_over.get() || deadline_passed {
-            self.ended = true;
+        let deadline_passed = closing.as_mut().poll(cx).is_ready();
+        if verdict.output_over.get() || verdict.input_over.get() || deadline_passed {
+            verdict.output_over.set(true);
             return Poll::Ready(None);
         }
+        verdict.closing.set(Some(closing));
         Poll::Pending
     }
 }
@@ -495,6 +522,13 @@ mod tests {
     use super::*;
 
     const MAX: usize = 64 * 1024;
+
+    /// Every connection holds a scanner, in the allocation of the task reading its socket.
+    #[test]
+    fn the_scanner_stays_small() {
+        let size = std::mem::size_of::<FrameScanner>();
+        assert!(size <= 64, "the frame scanner is {size} bytes");
+    }
 
     /// A client frame: masked with a fixed key.
     fn frame(first: u8, payload: &[u8]) -> Vec<u8> {

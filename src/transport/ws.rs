@@ -60,10 +60,10 @@ where
 {
     let mut response = ws::handshake(req)?;
     let max = hub.config.max_frame_bytes;
-    let verdict = Rc::new(Verdict::default());
+    let verdict = Rc::new(Verdict::new(hub.metrics.clone()));
     let input = InboundGuard::new(stream, max, verdict.clone());
     let output = ws::WebsocketContext::with_codec(session, input, Codec::new().max_size(max));
-    Ok(response.streaming(OutboundCloser::new(output, verdict, hub.clone())))
+    Ok(response.streaming(OutboundCloser::new(output, verdict)))
 }
 
 /// The verified token of the upgrade request, if it carried one: `Authorization: Bearer <jwt>`,
