@@ -1,11 +1,15 @@
 //! The demo point-of-sale schema that `synchub dev` loads (products, customers, orders,
-//! order lines, each with a tenant column), its demo tenant, and ready-made tokens.
+//! order lines, each with a tenant column), its demo tenant, and ready-made tokens; with
+//! `--demo`, [`devices`] runs two simulated tills against the hub.
 
 use serde_json::json;
 use sqlx::PgPool;
 
 use crate::config::{MergePolicy, TableConfig};
 use crate::error::Result;
+
+#[path = "demo_devices.rs"]
+pub mod devices;
 
 pub const DEMO_TENANT: &str = "demo-store";
 

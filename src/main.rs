@@ -1,5 +1,6 @@
 //! `synchub serve` runs against `DATABASE_URL`; `synchub dev` brings up a private Postgres
-//! cluster, a demo schema and tenant, and prints ready-to-use tokens.
+//! cluster, a demo schema and tenant, and prints ready-to-use tokens (and with `--demo` runs
+//! two simulated tills against it).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,6 +53,11 @@ enum Command {
         /// PostgreSQL can reach) and this folder keeps a pointer to them.
         #[arg(long, default_value = ".synchub")]
         data_dir: PathBuf,
+        /// Once the hub is ready, run two simulated tills (pos-1 and pos-2) against it: sales
+        /// every few seconds, and now and then one goes offline and edits what the other edits,
+        /// so that conflicts are logged for review in the console.
+        #[arg(long)]
+        demo: bool,
     },
 }
 
@@ -75,7 +81,8 @@ async fn run() -> anyhow::Result<()> {
     let mut config = Config::load(cli.config.as_deref()).context("loading configuration")?;
     let mut cluster = None;
     let dev = matches!(cli.command, Command::Dev { .. });
-    if let Command::Dev { data_dir } = &cli.command {
+    let demo_devices = matches!(cli.command, Command::Dev { demo: true, .. });
+    if let Command::Dev { data_dir, .. } = &cli.command {
         std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
         if config.database_url.0.is_empty() {
             let started = PgCluster::start(ClusterOptions { data_dir: data_dir.clone(), ephemeral: false })
@@ -96,6 +103,7 @@ async fn run() -> anyhow::Result<()> {
     }
 
     let running = server::start(config.clone()).await.context("starting the hub")?;
+    let mut tills = None;
     if dev {
         demo::seed(&running.hub.store.pool).await.context("seeding the demo tenant")?;
         println!("\nsynchub dev is ready: ws://{}/v1/ws  (tenant `{}`)", running.addr, demo::DEMO_TENANT);
@@ -103,14 +111,28 @@ async fn run() -> anyhow::Result<()> {
         if cluster.is_some() {
             println!("  database: {}", config.database_url.0);
         }
-        for (who, token) in demo::tokens(&config.jwt_hs256_secret.0, 30) {
+        let tokens = demo::tokens(&config.jwt_hs256_secret.0, 30);
+        for (who, token) in &tokens {
             println!("  {who}:\n    {token}");
         }
         println!();
+        if demo_devices {
+            // The tills are clients of the running hub: they start after it is ready, and
+            // whatever befalls them is a printed line and a retry, never the hub's concern.
+            let options = demo::devices::Options::new(format!("ws://{}/v1/ws", running.addr), tokens[0].1.clone(), tokens[1].1.clone());
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let pool = running.hub.store.pool.clone();
+            let task = tokio::spawn(demo::devices::run(options, pool, async move { let _ = stopped.await; }, |line: &str| println!("demo: {line}")));
+            tills = Some((stop, task));
+        }
     }
 
     shutdown_signal().await;
     tracing::info!("shutting down");
+    if let Some((stop, task)) = tills {
+        let _ = stop.send(());
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), task).await;
+    }
     running.shutdown().await;
     if let Some(cluster) = cluster {
         cluster.stop().await;
