@@ -8,6 +8,7 @@ import { HubSocket } from './hub.js';
 import { Feed, forgetSubscriptions } from './feed.js';
 import { Presence, PRESENCE_SUB } from './presence.js';
 import { Conflicts, CONFLICT_SUB } from './conflicts.js';
+import { Operations } from './operations.js';
 
 const DEFAULT_CONFIG = {
   claims: { tenant: 'tenant_id', user: 'sub', role: 'role', device: 'device_id' },
@@ -56,6 +57,7 @@ function signOut(message = '', keepText = false) {
   if (session) {
     session.socket.stop();
     session.timers.forEach(clearTimeout);
+    session.operations.bind(null);
     session = null;
   }
   $('#renew').hidden = true;
@@ -104,6 +106,7 @@ async function signIn(token) {
   s.feed.bind(s.socket);
   s.presence.reset();
   s.conflicts.bind(api);
+  s.operations.bind(api);
 
   renderIdentity(identity);
   watchExpiry(s);
@@ -119,6 +122,7 @@ async function signIn(token) {
     if (session !== s) return;
     s.isManager = true;
     s.conflicts.enable();
+    s.operations.enable();
     s.conflicts.setOpenCount(counts.open);
     s.socket.subscribe({ sub: CONFLICT_SUB, channel: 'conflicts' }).catch(() => {});
     s.conflicts.load();
@@ -301,7 +305,7 @@ function showBanner(frame) {
 }
 
 async function main() {
-  panels = { feed: new Feed(), presence: new Presence(), conflicts: new Conflicts() };
+  panels = { feed: new Feed(), presence: new Presence(), conflicts: new Conflicts(), operations: new Operations() };
   $('#sign-in-form').addEventListener('submit', (e) => {
     e.preventDefault();
     signIn($('#token').value);

@@ -40,6 +40,7 @@ static ASSETS: &[Asset] = &[
     asset!("dom.js", JS),
     asset!("feed.js", JS),
     asset!("hub.js", JS),
+    asset!("operations.js", JS),
     asset!("presence.js", JS),
     asset!("token.js", JS),
 ];

@@ -480,7 +480,17 @@ impl DeviceSession {
             self.must_resync(ctx, head.head_seq, ErrorCode::PositionTooOld)
         } else {
             self.device_after = position.seq;
+            self.note_seen(Some(position.seq));
             self.start_catch_up(ctx, position.seq)
+        }
+    }
+
+    /// Tell the operations view (in the background: nothing waits for it, nothing fails with
+    /// it) that this device was seen now, with the position it has.
+    fn note_seen(&self, position: Option<Seq>) {
+        if let (Some(auth), SessionMode::Device) = (&self.auth, self.mode) {
+            let who = &auth.identity;
+            self.core.hub.store.note_device_seen(&who.tenant, &who.device, &who.user, position);
         }
     }
 
@@ -1048,6 +1058,10 @@ impl Actor for DeviceSession {
         let held = self.subscriptions().iter().filter(|s| !matches!(s.target, Target::Table { ready: false, .. })).count();
         self.core.hub.metrics.subscriptions.fetch_sub(held as i64, Ordering::Relaxed);
         self.record(CaptureEvent::Close);
+        // The last seq sent to the device, once it resumed (before, its position is unknown).
+        if matches!(self.phase, Phase::Streaming | Phase::AwaitResume) {
+            self.note_seen((self.phase == Phase::Streaming).then_some(self.device_after));
+        }
         if let Some(auth) = &self.auth {
             if let Some(tenant) = auth.tenant.upgrade() {
                 let _ = tenant.try_send(Unsubscribe { session: self.core.id });

@@ -58,6 +58,11 @@ pub struct Unsubscribe {
     pub session: SessionId,
 }
 
+/// Who is online in the tenant now, as presence lists them (for the operations view).
+#[derive(Message)]
+#[rtype(result = "Arc<Vec<PresenceEntry>>")]
+pub struct Online;
+
 /// A session asks its tenant actor for log entries after `after` from memory; `None` when
 /// they are not all there (the session then reads Postgres). Answers with the shared frames
 /// that hold the next `limit` entries (the first may also hold entries up to `after`, the last

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 
 use super::messages::{
     ApplyBatch, Broadcast, ConflictNews, JoinTopic, LeaveTopic, LiveFrame, LogAppended, Notice, RecentLog, SessionControl, SharedFrame,
-    SharedServerFrame, Subscribe, TellConflicts, Topic, TopicEventKind, Track, Unsubscribe, Watch,
+    SharedServerFrame, Online, Subscribe, TellConflicts, Topic, TopicEventKind, Track, Unsubscribe, Watch,
 };
 use super::topics::{Deliveries, Topics};
 use super::registry::TenantRegistry;
@@ -653,6 +653,14 @@ impl Handler<Unsubscribe> for TenantActor {
     fn handle(&mut self, msg: Unsubscribe, _ctx: &mut Context<Self>) {
         self.remove_sessions([msg.session]);
         self.last_activity = Instant::now();
+    }
+}
+
+impl Handler<Online> for TenantActor {
+    type Result = MessageResult<Online>;
+
+    fn handle(&mut self, _: Online, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.presence_list())
     }
 }
 

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod conflicts;
 pub mod conflicts_csv;
 pub mod error;
+pub mod operations;
 pub mod sessions;
 pub mod writers;
 
@@ -41,6 +42,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, config: &Config) {
         .route("/v1/conflicts/resolve", web::post().to(conflicts::resolve_many))
         .route("/v1/conflicts/{id}", web::get().to(conflicts::get))
         .route("/v1/conflicts/{id}/resolve", web::post().to(conflicts::resolve))
+        .route("/v1/operations", web::get().to(operations::operations))
         .route("/v1/tenants/{tenant}/push", web::post().to(writers::push))
         .route("/v1/tenants/{tenant}/broadcast", web::post().to(writers::broadcast))
         .route("/v1/sessions/{session}/token", web::post().to(sessions::refresh_token));

@@ -438,6 +438,35 @@ pub(super) async fn mark_resolved(conn: &mut PgConnection, tenant: &TenantId, ma
     rows.into_iter().map(conflict_record).collect()
 }
 
+impl Store {
+    /// How many conflicts the tenant logged in each of the `hours` whole UTC hours ending with
+    /// the current one (oldest first, every hour present), whatever their review status.
+    pub async fn conflicts_per_hour(&self, tenant: &TenantId, now_ms: i64, hours: u32) -> Result<Vec<(i64, u64)>> {
+        const HOUR_MS: i64 = super::log::HOUR_MS;
+        let first_hour = now_ms.div_euclid(HOUR_MS) * HOUR_MS - (i64::from(hours.max(1)) - 1) * HOUR_MS;
+        let _read = self.read_permit().await?;
+        let mut tx = self.begin_tenant_with(tenant, "begin read only", &[], "").await?;
+        // Each status is its own range of the (tenant, status, created_at) index.
+        let rows: Vec<(i64, i64)> = sqlx::query_as(
+            "select (floor(extract(epoch from created_at) / 3600) * 3600000)::int8 as hour_ms, count(*)::int8 \
+             from synchub.conflicts where tenant_id = $1 and review_status in ('open', 'resolved', 'dismissed') \
+               and created_at >= to_timestamp($2::float8 / 1000) group by 1",
+        )
+        .bind(tenant.as_str())
+        .bind(first_hour as f64)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut buckets: Vec<(i64, u64)> = (0..i64::from(hours.max(1))).map(|i| (first_hour + i * HOUR_MS, 0)).collect();
+        for (hour_ms, count) in rows {
+            if let Some(bucket) = usize::try_from((hour_ms - first_hour) / HOUR_MS).ok().and_then(|i| buckets.get_mut(i)) {
+                bucket.1 = count.max(0) as u64;
+            }
+        }
+        Ok(buckets)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

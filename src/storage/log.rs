@@ -132,6 +132,56 @@ impl Store {
 
 }
 
+/// One hour of the tenant's log: how many changes were committed in it, and how many devices
+/// pushed some of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HourOfChanges {
+    /// The hour's start, Unix ms (a whole UTC hour).
+    pub hour_ms: i64,
+    /// Changes logged (every writer's: devices, the console, SQL clients).
+    pub changes: u64,
+    /// Devices whose changes were among them.
+    pub devices: u64,
+}
+
+/// An hour in ms.
+pub const HOUR_MS: i64 = 3_600_000;
+
+impl Store {
+    /// The tenant's changes per hour for the `hours` whole UTC hours ending with the current
+    /// one (oldest first, every hour present), counted from the log's records (`log_groups`,
+    /// by commit time) and the devices' ranges in them: the records themselves are not read.
+    /// Hours whose log was trimmed count only what is left.
+    pub async fn changes_per_hour(&self, tenant: &TenantId, now_ms: i64, hours: u32) -> Result<Vec<HourOfChanges>> {
+        let first_hour = now_ms.div_euclid(HOUR_MS) * HOUR_MS - (i64::from(hours.max(1)) - 1) * HOUR_MS;
+        let _read = self.read_permit().await?;
+        let mut tx = self.begin_tenant_with(tenant, "begin isolation level repeatable read, read only", &[], "").await?;
+        let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+            "with g as materialized (select last_seq, last_seq - first_seq + 1 as n, \
+                 (floor(extract(epoch from committed_at) / 3600) * 3600000)::int8 as hour_ms \
+               from synchub.log_groups where tenant_id = $1 and committed_at >= to_timestamp($2::float8 / 1000)) \
+             , d as (select g.hour_ms, count(distinct r.device_id) as devices from g \
+                 join synchub.log_device_ranges r on r.tenant_id = $1 and r.group_last_seq = g.last_seq group by g.hour_ms) \
+             select g.hour_ms, sum(g.n)::int8, coalesce(max(d.devices), 0)::int8 \
+             from g left join d on d.hour_ms = g.hour_ms group by g.hour_ms",
+        )
+        .bind(tenant.as_str())
+        .bind(first_hour as f64)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut buckets: Vec<HourOfChanges> =
+            (0..i64::from(hours.max(1))).map(|i| HourOfChanges { hour_ms: first_hour + i * HOUR_MS, ..Default::default() }).collect();
+        for (hour_ms, changes, devices) in rows {
+            if let Some(bucket) = usize::try_from((hour_ms - first_hour) / HOUR_MS).ok().and_then(|i| buckets.get_mut(i)) {
+                bucket.changes = changes.max(0) as u64;
+                bucket.devices = devices.max(0) as u64;
+            }
+        }
+        Ok(buckets)
+    }
+}
+
 /// The changes of the tenant's log with `after < seq <= upto`, in seq order: the records that
 /// hold them, read in one statement and sliced here. Every read of the log's changes goes
 /// through this function (and [`device_change_seqs`]): the records' format is this module's

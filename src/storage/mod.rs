@@ -6,6 +6,7 @@ pub mod apply;
 pub mod as_written;
 pub mod catalog;
 pub mod conflicts;
+pub mod device_status;
 pub mod documents;
 pub mod json_text;
 pub mod log;

@@ -1,0 +1,170 @@
+//! Device status for the operations view: when the hub last saw each device of a tenant and the
+//! last position (seq) it knows the device has (`synchub.device_cursors.last_seen_at`,
+//! `last_position`, migration 0016), and the read of every device's status with the tenant's
+//! head.
+//!
+//! The writes come from device sessions (a resume from a position, the session's end) and must
+//! never slow or fail a session or a push: [`Store::note_device_seen`] spawns the write and
+//! returns at once, at most [`MAX_STATUS_WRITES`] run at a time (more are dropped: a status is
+//! only ever a little staler), each counts against the session reads' share of the pool, gives
+//! up on a locked cursor row after [`STATUS_LOCK_TIMEOUT_MS`] (a group commit holds it), and a
+//! failure is logged, never reported to the client.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::Store;
+use crate::error::{Error, Result};
+use crate::ids::{DeviceId, Seq, TenantId, UserId, CONSOLE_DEVICE_PREFIX, DASHBOARD_DEVICE_PREFIX};
+
+/// Status writes in flight at once, over every tenant; past it a write is dropped (and counted
+/// in the log), so a reconnect storm cannot queue unbounded work behind the sessions' reads.
+pub const MAX_STATUS_WRITES: usize = 64;
+/// How long a status write waits for a device's cursor row that a group commit holds, ms; it
+/// then gives up rather than wait behind the merge.
+pub const STATUS_LOCK_TIMEOUT_MS: u64 = 1_000;
+/// The most devices one status read returns (by device id); the answer says when there were more.
+pub const MAX_DEVICES_LISTED: i64 = 5_000;
+
+static WRITES_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+static WRITES_DROPPED: AtomicUsize = AtomicUsize::new(0);
+
+/// Frees a slot of [`WRITES_IN_FLIGHT`] however the write ends (a panic included).
+struct Slot;
+
+impl Slot {
+    fn take() -> Option<Slot> {
+        WRITES_IN_FLIGHT
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_STATUS_WRITES).then_some(n + 1))
+            .ok()
+            .map(|_| Slot)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        WRITES_IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A device as the hub last knew it (one row of `synchub.device_cursors`).
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceStatus {
+    pub device_id: String,
+    pub user_id: Option<String>,
+    /// When a session of the device last said hello or ended, Unix ms.
+    pub last_seen_ms: Option<i64>,
+    /// The last seq the hub knows the device has.
+    pub position: Option<Seq>,
+    /// The last `device_seq` of the device's changes the hub has taken.
+    pub last_device_seq: u64,
+    /// When the device's latest logged change was committed, Unix ms (none once the log
+    /// holding it was trimmed).
+    pub last_push_ms: Option<i64>,
+}
+
+/// The tenant's head and its devices, read together.
+#[derive(Debug, Clone)]
+pub struct DeviceStatuses {
+    pub head_seq: Seq,
+    pub devices: Vec<DeviceStatus>,
+    /// More devices than [`MAX_DEVICES_LISTED`]: the list holds the first by id.
+    pub truncated: bool,
+}
+
+impl Store {
+    /// Record, in the background, that a session of `device` was seen now, with the position
+    /// it has (`None`: unknown, e.g. a session that ended before it resumed). Returns at once.
+    pub fn note_device_seen(self: &Arc<Self>, tenant: &TenantId, device: &DeviceId, user: &UserId, position: Option<Seq>) {
+        // A session that stops while its arbiter shuts down has no runtime left to write with.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let Some(slot) = Slot::take() else {
+            let dropped = WRITES_DROPPED.fetch_add(1, Ordering::Relaxed) + 1;
+            // Once, then every thousandth: a storm should not flood the log either.
+            if dropped % 1000 == 1 {
+                tracing::warn!(dropped, "device status writes dropped: {MAX_STATUS_WRITES} in flight");
+            }
+            return;
+        };
+        let (store, tenant, device, user) = (self.clone(), tenant.clone(), device.to_string(), user.to_string());
+        runtime.spawn(async move {
+            let _slot = slot;
+            let write = store.within_transaction_deadline(store.write_device_seen(&tenant, &device, &user, position));
+            match write.await {
+                Ok(()) | Err(Error::ShuttingDown) => {}
+                Err(err) => tracing::warn!(%err, %tenant, %device, "device status not written"),
+            }
+        });
+    }
+
+    async fn write_device_seen(&self, tenant: &TenantId, device: &str, user: &str, position: Option<Seq>) -> Result<()> {
+        let _read = self.read_permit().await?;
+        let lock_timeout = STATUS_LOCK_TIMEOUT_MS.to_string();
+        let mut tx = self.begin_tenant_with(tenant, "begin", &[("lock_timeout", &lock_timeout)], "").await?;
+        // updated_at stays the cursor's (it moves with pushes); a position not known keeps the
+        // last one known.
+        sqlx::query(
+            "insert into synchub.device_cursors (tenant_id, device_id, user_id, last_seen_at, last_position) \
+             values ($1, $2, $3, now(), $4) \
+             on conflict (tenant_id, device_id) do update set last_seen_at = excluded.last_seen_at, \
+               last_position = coalesce(excluded.last_position, device_cursors.last_position), \
+               user_id = coalesce(device_cursors.user_id, excluded.user_id)",
+        )
+        .bind(tenant.as_str())
+        .bind(device)
+        .bind(user)
+        .bind(position.map(|p| p as i64))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Every device of the tenant the hub has a cursor for (not the console's or dashboards'),
+    /// by id, with the tenant's head seq, in one snapshot.
+    pub async fn device_statuses(&self, tenant: &TenantId) -> Result<DeviceStatuses> {
+        let _read = self.read_permit().await?;
+        let mut tx = self.begin_tenant_with(tenant, "begin isolation level repeatable read, read only", &[], "").await?;
+        let head: Option<i64> = sqlx::query_scalar("select head_seq from synchub.tenants where tenant_id = $1")
+            .bind(tenant.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        // The latest push: the device's last range, by the primary key, and its group's time.
+        let rows: Vec<(String, Option<String>, Option<i64>, Option<i64>, i64, Option<i64>)> = sqlx::query_as(
+            "select c.device_id, c.user_id, (extract(epoch from c.last_seen_at) * 1000)::int8, c.last_position, c.last_device_seq, \
+               (select (extract(epoch from g.committed_at) * 1000)::int8 \
+                  from synchub.log_device_ranges r \
+                  join synchub.log_groups g on g.tenant_id = r.tenant_id and g.last_seq = r.group_last_seq \
+                 where r.tenant_id = c.tenant_id and r.device_id = c.device_id \
+                 order by r.last_device_seq desc limit 1) \
+             from synchub.device_cursors c \
+             where c.tenant_id = $1 and left(c.device_id, $2) <> $3 and left(c.device_id, $4) <> $5 \
+             order by c.device_id limit $6",
+        )
+        .bind(tenant.as_str())
+        .bind(CONSOLE_DEVICE_PREFIX.len() as i32)
+        .bind(CONSOLE_DEVICE_PREFIX)
+        .bind(DASHBOARD_DEVICE_PREFIX.len() as i32)
+        .bind(DASHBOARD_DEVICE_PREFIX)
+        .bind(MAX_DEVICES_LISTED + 1)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let truncated = rows.len() as i64 > MAX_DEVICES_LISTED;
+        let devices = rows
+            .into_iter()
+            .take(MAX_DEVICES_LISTED as usize)
+            .map(|(device_id, user_id, last_seen_ms, position, last_device_seq, last_push_ms)| DeviceStatus {
+                device_id,
+                user_id,
+                last_seen_ms,
+                position: position.map(|p| p.max(0) as Seq),
+                last_device_seq: last_device_seq.max(0) as u64,
+                last_push_ms,
+            })
+            .collect();
+        Ok(DeviceStatuses { head_seq: head.unwrap_or(0).max(0) as Seq, devices, truncated })
+    }
+}
