@@ -125,8 +125,8 @@ async fn devices_at_work(hub: &TestHub, api: &Api) -> (String, Client) {
 
     // A device last seen two days ago, at seq 1.
     sqlx::query(
-        "insert into synchub.device_cursors (tenant_id, device_id, user_id, last_device_seq, last_seen_at, last_position) \
-         values ($1, 'till-old', 'user-till-old', 0, now() - interval '2 days', 1)",
+        "insert into synchub.device_status (tenant_id, device_id, user_id, last_seen_at, last_position) \
+         values ($1, 'till-old', 'user-till-old', now() - interval '2 days', 1)",
     )
     .bind(TENANT)
     .execute(&hub.db)
@@ -192,7 +192,14 @@ async fn the_view_shows_devices_their_positions_lag_and_the_last_day_by_hour() {
 
     let c = device(&view, "till-c");
     assert_eq!((c["position"].clone(), c["lag"].clone()), (json!(head_seq), json!(0)), "at the head when it left: {c}");
-    assert!(c["last_push"].is_null(), "till-c never pushed: {c}");
+    assert!(c["last_push"].is_null() && c["last_device_seq"] == 0, "till-c never pushed: {c}");
+    // Its status is a table of its own: a device that never pushed has no cursor.
+    let cursors: i64 = sqlx::query_scalar("select count(*) from synchub.device_cursors where tenant_id = $1 and device_id = 'till-c'")
+        .bind(TENANT)
+        .fetch_one(&hub.db)
+        .await
+        .unwrap();
+    assert_eq!(cursors, 0);
 
     let old = device(&view, "till-old");
     assert_eq!((old["online"].clone(), old["position"].clone(), old["lag"].clone()), (json!(false), json!(1), json!(head_seq - 1)), "{old}");
@@ -217,6 +224,15 @@ async fn the_view_shows_devices_their_positions_lag_and_the_last_day_by_hour() {
     let other = api.operations_when(&manager(OTHER), "the other tenant's device offline", |v| v["devices"][0]["online"] == false).await;
     let ids: Vec<&str> = other["devices"].as_array().unwrap().iter().map(|d| d["device_id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["till-elsewhere"]);
+    // Row-level security keeps the status table to one tenant, as the hub's other tables.
+    let mut tx = hub.db.begin().await.unwrap();
+    sqlx::query("select set_config('synchub.tenant', $1, true)").bind(OTHER).execute(&mut *tx).await.unwrap();
+    let visible: Vec<String> = sqlx::query_scalar("select tenant_id from synchub.device_status").fetch_all(&mut *tx).await.unwrap();
+    assert!(visible.iter().filter(|t| *t == TENANT).count() >= 3, "the hub's own login sees every tenant: {visible:?}");
+    sqlx::query("set local role synchub_tenant").execute(&mut *tx).await.unwrap();
+    let visible: Vec<String> = sqlx::query_scalar("select tenant_id from synchub.device_status").fetch_all(&mut *tx).await.unwrap();
+    assert_eq!(visible, [OTHER], "as the tenant role, only synchub.tenant's rows");
+    tx.rollback().await.unwrap();
     hub.shutdown().await;
 }
 

@@ -1,14 +1,13 @@
 //! Device status for the operations view: when the hub last saw each device of a tenant and the
-//! last position (seq) it knows the device has (`synchub.device_cursors.last_seen_at`,
-//! `last_position`, migration 0016), and the read of every device's status with the tenant's
-//! head.
+//! last position (seq) it knows the device has (`synchub.device_status`, migration 0016), and
+//! the read of every device's status (with its cursor and latest push) and the tenant's head.
 //!
 //! The writes come from device sessions (a resume from a position, the session's end) and must
 //! never slow or fail a session or a push: [`Store::note_device_seen`] spawns the write and
 //! returns at once, at most [`MAX_STATUS_WRITES`] run at a time (more are dropped: a status is
-//! only ever a little staler), each counts against the session reads' share of the pool, gives
-//! up on a locked cursor row after [`STATUS_LOCK_TIMEOUT_MS`] (a group commit holds it), and a
-//! failure is logged, never reported to the client.
+//! only ever a little staler), each counts against the session reads' share of the pool and
+//! touches only its own table (never a row a merge locks), waits at most
+//! [`STATUS_LOCK_TIMEOUT_MS`] for its row, and a failure is logged, never reported to the client.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,8 +21,8 @@ use crate::ids::{DeviceId, Seq, TenantId, UserId, CONSOLE_DEVICE_PREFIX, DASHBOA
 /// Status writes in flight at once, over every tenant; past it a write is dropped (and counted
 /// in the log), so a reconnect storm cannot queue unbounded work behind the sessions' reads.
 pub const MAX_STATUS_WRITES: usize = 64;
-/// How long a status write waits for a device's cursor row that a group commit holds, ms; it
-/// then gives up rather than wait behind the merge.
+/// How long a status write waits for the device's status row (another status write of the same
+/// device holds it), ms.
 pub const STATUS_LOCK_TIMEOUT_MS: u64 = 1_000;
 /// The most devices one status read returns (by device id); the answer says when there were more.
 pub const MAX_DEVICES_LISTED: i64 = 5_000;
@@ -49,7 +48,7 @@ impl Drop for Slot {
     }
 }
 
-/// A device as the hub last knew it (one row of `synchub.device_cursors`).
+/// A device as the hub last knew it (its rows of `synchub.device_status` and `device_cursors`).
 #[derive(Debug, Clone, Serialize)]
 pub struct DeviceStatus {
     pub device_id: String,
@@ -64,6 +63,10 @@ pub struct DeviceStatus {
     /// holding it was trimmed).
     pub last_push_ms: Option<i64>,
 }
+
+/// A row of [`Store::device_statuses`]' query: device, user, last seen (ms), position, last
+/// device_seq, last push (ms).
+type StatusRow = (String, Option<String>, Option<i64>, Option<i64>, i64, Option<i64>);
 
 /// The tenant's head and its devices, read together.
 #[derive(Debug, Clone)]
@@ -103,14 +106,12 @@ impl Store {
         let _read = self.read_permit().await?;
         let lock_timeout = STATUS_LOCK_TIMEOUT_MS.to_string();
         let mut tx = self.begin_tenant_with(tenant, "begin", &[("lock_timeout", &lock_timeout)], "").await?;
-        // updated_at stays the cursor's (it moves with pushes); a position not known keeps the
-        // last one known.
+        // A position not known keeps the last one known.
         sqlx::query(
-            "insert into synchub.device_cursors (tenant_id, device_id, user_id, last_seen_at, last_position) \
+            "insert into synchub.device_status as s (tenant_id, device_id, user_id, last_seen_at, last_position) \
              values ($1, $2, $3, now(), $4) \
              on conflict (tenant_id, device_id) do update set last_seen_at = excluded.last_seen_at, \
-               last_position = coalesce(excluded.last_position, device_cursors.last_position), \
-               user_id = coalesce(device_cursors.user_id, excluded.user_id)",
+               last_position = coalesce(excluded.last_position, s.last_position), user_id = excluded.user_id",
         )
         .bind(tenant.as_str())
         .bind(device)
@@ -122,8 +123,8 @@ impl Store {
         Ok(())
     }
 
-    /// Every device of the tenant the hub has a cursor for (not the console's or dashboards'),
-    /// by id, with the tenant's head seq, in one snapshot.
+    /// Every device of the tenant the hub has a status or a cursor for (not the console's or
+    /// dashboards'), by id, with the tenant's head seq, in one snapshot.
     pub async fn device_statuses(&self, tenant: &TenantId) -> Result<DeviceStatuses> {
         let _read = self.read_permit().await?;
         let mut tx = self.begin_tenant_with(tenant, "begin isolation level repeatable read, read only", &[], "").await?;
@@ -132,16 +133,20 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?;
         // The latest push: the device's last range, by the primary key, and its group's time.
-        let rows: Vec<(String, Option<String>, Option<i64>, Option<i64>, i64, Option<i64>)> = sqlx::query_as(
-            "select c.device_id, c.user_id, (extract(epoch from c.last_seen_at) * 1000)::int8, c.last_position, c.last_device_seq, \
+        let rows: Vec<StatusRow> = sqlx::query_as(
+            "select d.device_id, coalesce(s.user_id, c.user_id), (extract(epoch from s.last_seen_at) * 1000)::int8, s.last_position, \
+               coalesce(c.last_device_seq, 0), \
                (select (extract(epoch from g.committed_at) * 1000)::int8 \
                   from synchub.log_device_ranges r \
                   join synchub.log_groups g on g.tenant_id = r.tenant_id and g.last_seq = r.group_last_seq \
-                 where r.tenant_id = c.tenant_id and r.device_id = c.device_id \
+                 where r.tenant_id = $1 and r.device_id = d.device_id \
                  order by r.last_device_seq desc limit 1) \
-             from synchub.device_cursors c \
-             where c.tenant_id = $1 and left(c.device_id, $2) <> $3 and left(c.device_id, $4) <> $5 \
-             order by c.device_id limit $6",
+             from (select device_id from synchub.device_status where tenant_id = $1 \
+                   union select device_id from synchub.device_cursors where tenant_id = $1) d \
+             left join synchub.device_status s on s.tenant_id = $1 and s.device_id = d.device_id \
+             left join synchub.device_cursors c on c.tenant_id = $1 and c.device_id = d.device_id \
+             where left(d.device_id, $2) <> $3 and left(d.device_id, $4) <> $5 \
+             order by d.device_id limit $6",
         )
         .bind(tenant.as_str())
         .bind(CONSOLE_DEVICE_PREFIX.len() as i32)
