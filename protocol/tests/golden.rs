@@ -27,25 +27,33 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 // ---------------------------------------------------------------------------------------------
-// Sample data: a café's point-of-sale tenant with two tills.
+// Sample data: the demo café that `synchub dev` loads (its schema in `src/demo.rs` of the hub:
+// products, orders and order_lines, each keyed by the tenant and the columns a change sends),
+// with its two tills and a manager, as its printed tokens name them.
 
-const TENANT: &str = "0192f0a4-1c3e-7b2a-9d41-5e8f3a6c7b10";
-const TILL_1: &str = "pos-till-01";
-const TILL_2: &str = "pos-till-02";
+const TENANT: &str = "demo-store";
+const TILL_1: &str = "pos-1";
+const TILL_2: &str = "pos-2";
+const ANA: &str = "employee-ana";
+const BEN: &str = "employee-ben";
+const MIA: &str = "manager-mia";
+const STORE: &str = "store-1";
 const EPOCH: &str = "01JCQ5Z8T1M4W6X9Y2B3C4D5E6";
 const NEW_EPOCH: &str = "01JCRB0K2N7P3Q8S5T1V4W6X9Y";
-const TOKEN: &str = "eyJhbGciOiJFUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJ1XzQ4MjEiLCJleHAiOjE3MzE2NjQ4MDB9.Qm9ndXNTaWduYXR1cmVGb3JEb2NzT25seQ";
-const FRESH_TOKEN: &str = "eyJhbGciOiJFUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJ1XzQ4MjEiLCJleHAiOjE3MzE2Njg0MDB9.QW5vdGhlckJvZ3VzU2lnbmF0dXJlRm9yRG9jcw";
+// HS256 tokens with the demo's claims (`sub`, `role`, `tenant_id`, `device_id`, `exp`); the
+// signatures are placeholders.
+const TOKEN: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJlbXBsb3llZS1hbmEiLCJyb2xlIjoiRW1wbG95ZWUiLCJ0ZW5hbnRfaWQiOiJkZW1vLXN0b3JlIiwiZGV2aWNlX2lkIjoicG9zLTEiLCJleHAiOjE3MzE2NjQ4MDB9.Qm9ndXNTaWduYXR1cmVGb3JEb2NzT25seQ";
+const FRESH_TOKEN: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJlbXBsb3llZS1hbmEiLCJyb2xlIjoiRW1wbG95ZWUiLCJ0ZW5hbnRfaWQiOiJkZW1vLXN0b3JlIiwiZGV2aWNlX2lkIjoicG9zLTEiLCJleHAiOjE3MzE2Njg0MDB9.QW5vdGhlckJvZ3VzU2lnbmF0dXJlRm9yRG9jcw";
+const MANAGER_TOKEN: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJtYW5hZ2VyLW1pYSIsInJvbGUiOiJNYW5hZ2VyIiwidGVuYW50X2lkIjoiZGVtby1zdG9yZSIsImV4cCI6MTczMTY2NDgwMH0.TWFuYWdlckJvZ3VzU2lnbmF0dXJlRm9yRG9jcw";
 
-const FLAT_WHITE: &str = "0192f0a4-6b1d-7c55-8e02-3f4a5b6c7d01";
-const CROISSANT: &str = "0192f0a4-6b1d-7c55-8e02-3f4a5b6c7d02";
-const OAT_LATTE: &str = "0192f0a4-6b1d-7c55-8e02-3f4a5b6c7d03";
+// The demo's seeded products (`synchub dev` inserts them with stock 50).
+const ESPRESSO: &str = "00000000-0000-4000-8000-000000000001";
+const FLAT_WHITE: &str = "00000000-0000-4000-8000-000000000002";
+const CROISSANT: &str = "00000000-0000-4000-8000-000000000003";
+const SEEDED_AT: &str = "2024-11-14T17:02:09.318254+00:00";
 const ORDER_41: &str = "0193304e-8a10-7d2e-b6f4-2c9a1e5d7f41";
 const ORDER_42: &str = "0193304f-1b22-7a90-8c3d-4e6f8a0b2c42";
 const ORDER_43: &str = "01933051-0c35-7f18-9a2b-6d4e8f1a3c43";
-const LINE_A: &str = "0193304f-9e4b-7c61-a2d8-5b7c9e1f3a0a";
-const LINE_B: &str = "01933051-0c36-7e02-b4c6-8d0e2f4a6b0b";
-const LINE_C: &str = "01933051-0c37-7b45-8e1f-0a2c4e6f8d0c";
 
 fn uuid(s: &str) -> Uuid {
     Uuid::parse_str(s).expect("valid uuid literal")
@@ -76,6 +84,11 @@ fn key(id: &str) -> Object {
     obj(json!({ "id": id }))
 }
 
+/// An order line's key: its order and line number.
+fn line_key(order_id: &str, line_no: u32) -> Object {
+    obj(json!({ "order_id": order_id, "line_no": line_no }))
+}
+
 fn hlc(wall_ms: u64, counter: u32) -> Hlc {
     Hlc { wall_ms, counter }
 }
@@ -101,10 +114,11 @@ fn rejected(change_id: &str, device_seq: u64, reason: ErrorCode, message: &str) 
     }
 }
 
-fn product_row(id: &str, name: &str, sku: &str, price_cents: u64, active: bool) -> Object {
+/// A product row as the hub sends it: every column, `updated_at` as Postgres filled it in.
+fn product_row(id: &str, name: &str, sku: &str, price_cents: u64, stock: u64, active: bool) -> Object {
     obj(json!({
         "id": id, "tenant_id": TENANT, "name": name, "sku": sku,
-        "price_cents": price_cents, "active": active,
+        "price_cents": price_cents, "stock": stock, "active": active, "updated_at": SEEDED_AT,
     }))
 }
 
@@ -156,7 +170,7 @@ fn goldens() -> Vec<Golden> {
                 mode: SessionMode::Dashboard,
                 id: 1,
                 versions: vec![1],
-                token: TOKEN.into(),
+                token: MANAGER_TOKEN.into(),
                 device_id: None,
                 position: None,
             },
@@ -182,8 +196,8 @@ fn goldens() -> Vec<Golden> {
                 sub: "orders-today".into(),
                 table: Some("orders".into()),
                 filter: vec![
-                    Condition { column: "store_id".into(), op: FilterOp::In, value: json!(["store-7"]) },
-                    Condition { column: "opened_at".into(), op: FilterOp::Gte, value: json!("2024-11-15") },
+                    Condition { column: "store_id".into(), op: FilterOp::In, value: json!([STORE, "store-2"]) },
+                    Condition { column: "created_at".into(), op: FilterOp::Gte, value: json!("2024-11-15") },
                     Condition { column: "status".into(), op: FilterOp::Neq, value: json!("void") },
                 ],
                 snapshot: false,
@@ -205,8 +219,7 @@ fn goldens() -> Vec<Golden> {
             ServerFrame::SubRows {
                 sub: "low-stock".into(),
                 rows: vec![SnapshotRow {
-                    row: obj(json!({"id": CROISSANT, "tenant_id": TENANT, "sku": "BAK-CR-01", "name": "Butter croissant",
-                                    "price_cents": 310, "stock": 4, "active": true})),
+                    row: product_row(CROISSANT, "Croissant", "CRS-01", 310, 4, true),
                     version: 1042,
                 }],
                 seq: 1045,
@@ -223,8 +236,7 @@ fn goldens() -> Vec<Golden> {
                         table: "products".into(),
                         op: Op::Upsert,
                         key: key(FLAT_WHITE),
-                        row: Some(obj(json!({"id": FLAT_WHITE, "tenant_id": TENANT, "sku": "BEV-FW-01", "name": "Flat white",
-                                             "price_cents": 420, "stock": 9, "active": true}))),
+                        row: Some(product_row(FLAT_WHITE, "Flat white", "FLW-01", 380, 9, true)),
                         old: Some(obj(json!({"stock": 10}))),
                         origin: Some(TILL_2.into()),
                         change_id: Some(uuid("01933052-1d40-7a11-8b22-c3d4e5f6a7b8")),
@@ -236,8 +248,7 @@ fn goldens() -> Vec<Golden> {
                         op: Op::Delete,
                         key: key(CROISSANT),
                         row: None,
-                        old: Some(obj(json!({"id": CROISSANT, "tenant_id": TENANT, "sku": "BAK-CR-01", "name": "Butter croissant",
-                                             "price_cents": 310, "stock": 4, "active": true}))),
+                        old: Some(product_row(CROISSANT, "Croissant", "CRS-01", 310, 4, true)),
                         origin: None,
                         change_id: None,
                         left: false,
@@ -254,7 +265,7 @@ fn goldens() -> Vec<Golden> {
                     PresenceEntry {
                         session_id: uuid("0193304f-8c00-7e5a-b1c2-d3e4f5a6b7c8"),
                         device_id: TILL_1.into(),
-                        user_id: "u_4821".into(),
+                        user_id: ANA.into(),
                         role: "Employee".into(),
                         mode: SessionMode::Device,
                         since_ms: 1_731_661_300_000,
@@ -262,7 +273,7 @@ fn goldens() -> Vec<Golden> {
                     PresenceEntry {
                         session_id: uuid("01933050-0a00-7b11-8c22-d3e4f5a6b7c9"),
                         device_id: "dashboard:01933050-0a00-7b11-8c22-d3e4f5a6b7c9".into(),
-                        user_id: "u_0007".into(),
+                        user_id: MIA.into(),
                         role: "Manager".into(),
                         mode: SessionMode::Dashboard,
                         since_ms: 1_731_661_320_500,
@@ -277,7 +288,7 @@ fn goldens() -> Vec<Golden> {
                 joins: vec![PresenceEntry {
                     session_id: uuid("01933052-77aa-7c01-9d12-e3f4a5b6c7d8"),
                     device_id: TILL_2.into(),
-                    user_id: "u_5120".into(),
+                    user_id: BEN.into(),
                     role: "Employee".into(),
                     mode: SessionMode::Device,
                     since_ms: 1_731_661_402_250,
@@ -293,7 +304,7 @@ fn goldens() -> Vec<Golden> {
                 conflict: Box::new(ConflictRecord {
                     id: 17,
                     table: "products".into(),
-                    key: key(OAT_LATTE),
+                    key: key(ESPRESSO),
                     field: "price_cents".into(),
                     status: ReviewStatus::Open,
                     winner: "incoming".into(),
@@ -301,17 +312,17 @@ fn goldens() -> Vec<Golden> {
                     base_version: 1040,
                     seq: Some(1050),
                     server: ConflictSide {
-                        value: json!(480),
+                        value: json!(260),
                         hlc: hlc(1_731_661_380_000, 0),
                         device: TILL_1.into(),
-                        user: Some("u_4821".into()),
+                        user: Some(ANA.into()),
                         version: Some(1046),
                     },
                     incoming: ConflictSide {
-                        value: json!(450),
+                        value: json!(240),
                         hlc: hlc(1_731_661_390_120, 2),
                         device: TILL_2.into(),
-                        user: Some("u_5120".into()),
+                        user: Some(BEN.into()),
                         version: None,
                     },
                     change_id: uuid("01933053-0b10-7e21-8f32-a4b5c6d7e8f9"),
@@ -358,7 +369,7 @@ fn goldens() -> Vec<Golden> {
                 id: 1,
                 versions: vec![1],
                 token: String::new(),
-                device_id: Some("pos-till-01".into()),
+                device_id: Some(TILL_1.into()),
                 position: Some(Position { epoch: EPOCH.into(), seq: 1041 }),
             },
         ),
@@ -372,10 +383,8 @@ fn goldens() -> Vec<Golden> {
                     device_seq: 18,
                     table: "order_lines".into(),
                     op: Op::Upsert,
-                    key: key(LINE_A),
-                    fields: obj(json!({
-                        "order_id": ORDER_41, "product_id": FLAT_WHITE, "qty": 2, "unit_price_cents": 420,
-                    })),
+                    key: line_key(ORDER_41, 1),
+                    fields: obj(json!({ "product_id": FLAT_WHITE, "quantity": 2, "unit_price_cents": 380 })),
                     hlc: hlc(1_731_661_331_512, 0),
                     base_version: 0,
                 }],
@@ -394,7 +403,8 @@ fn goldens() -> Vec<Golden> {
                         op: Op::Upsert,
                         key: key(ORDER_43),
                         fields: obj(json!({
-                            "opened_at": "2024-11-15T09:14:02.118Z", "status": "open", "total_cents": 710,
+                            "store_id": STORE, "employee_id": ANA, "created_at": "2024-11-15T09:14:02.118Z",
+                            "status": "open", "total_cents": 670,
                         })),
                         hlc: hlc(1_731_662_042_118, 0),
                         base_version: 0,
@@ -404,10 +414,8 @@ fn goldens() -> Vec<Golden> {
                         device_seq: 20,
                         table: "order_lines".into(),
                         op: Op::Upsert,
-                        key: key(LINE_B),
-                        fields: obj(json!({
-                            "order_id": ORDER_43, "product_id": FLAT_WHITE, "qty": 1, "unit_price_cents": 420,
-                        })),
+                        key: line_key(ORDER_43, 1),
+                        fields: obj(json!({ "product_id": FLAT_WHITE, "quantity": 1, "unit_price_cents": 380 })),
                         hlc: hlc(1_731_662_042_118, 1),
                         base_version: 0,
                     },
@@ -416,10 +424,8 @@ fn goldens() -> Vec<Golden> {
                         device_seq: 21,
                         table: "order_lines".into(),
                         op: Op::Upsert,
-                        key: key(LINE_C),
-                        fields: obj(json!({
-                            "order_id": ORDER_43, "product_id": CROISSANT, "qty": 1, "unit_price_cents": 290,
-                        })),
+                        key: line_key(ORDER_43, 2),
+                        fields: obj(json!({ "product_id": CROISSANT, "quantity": 1, "unit_price_cents": 290 })),
                         hlc: hlc(1_731_662_042_118, 2),
                         base_version: 0,
                     },
@@ -429,7 +435,7 @@ fn goldens() -> Vec<Golden> {
                         table: "orders".into(),
                         op: Op::Upsert,
                         key: key(ORDER_43),
-                        fields: obj(json!({ "paid_at": "2024-11-15T09:14:11.056Z", "status": "paid" })),
+                        fields: obj(json!({ "status": "paid" })),
                         hlc: hlc(1_731_662_051_056, 0),
                         base_version: 0,
                     },
@@ -446,7 +452,7 @@ fn goldens() -> Vec<Golden> {
                     device_seq: 23,
                     table: "order_lines".into(),
                     op: Op::Delete,
-                    key: key(LINE_C),
+                    key: line_key(ORDER_43, 2),
                     fields: Object::new(),
                     hlc: hlc(1_731_662_120_903, 0),
                     base_version: 1048,
@@ -458,7 +464,7 @@ fn goldens() -> Vec<Golden> {
         c("client_snapshot", ClientFrame::Snapshot { id: 7, table: "products".into(), after: None, limit: Some(2) }),
         c(
             "client_snapshot_next_page",
-            ClientFrame::Snapshot { id: 8, table: "products".into(), after: Some(key(CROISSANT)), limit: Some(2) },
+            ClientFrame::Snapshot { id: 8, table: "products".into(), after: Some(key(FLAT_WHITE)), limit: Some(2) },
         ),
         c("client_ping", ClientFrame::Ping { id: 10 }),
         // ---- server frames ----
@@ -489,7 +495,7 @@ fn goldens() -> Vec<Golden> {
                         table: "products".into(),
                         op: Op::Upsert,
                         key: key(CROISSANT),
-                        row: Some(product_row(CROISSANT, "Butter croissant", "BAK-CR-01", 310, true)),
+                        row: Some(product_row(CROISSANT, "Croissant", "CRS-01", 310, 50, true)),
                         old: Some(obj(json!({ "price_cents": 290 }))),
                         origin: None,
                         change_id: None,
@@ -501,10 +507,10 @@ fn goldens() -> Vec<Golden> {
                         op: Op::Upsert,
                         key: key(ORDER_42),
                         row: Some(obj(json!({
-                            "id": ORDER_42, "tenant_id": TENANT, "opened_at": "2024-11-15T08:58:40.311Z",
-                            "paid_at": "2024-11-15T09:01:57.640Z", "status": "paid", "total_cents": 900,
+                            "id": ORDER_42, "tenant_id": TENANT, "store_id": STORE, "customer_id": null,
+                            "status": "paid", "total_cents": 960, "employee_id": BEN, "created_at": "2024-11-15T08:58:40.311Z",
                         }))),
-                        old: Some(obj(json!({ "paid_at": null, "status": "open" }))),
+                        old: Some(obj(json!({ "status": "open" }))),
                         origin: Some(TILL_2.into()),
                         change_id: Some(uuid("0193304f-0a7c-7d31-8e42-f5a6b7c8d9e0")),
                         left: false,
@@ -531,22 +537,22 @@ fn goldens() -> Vec<Golden> {
                 results: vec![
                     result("01933052-49f7-7d08-8b19-c2d3e4f5a617", 23, ChangeStatus::Duplicate, Some(1050)),
                     result("01933054-7b01-7c12-9d23-e4f5a6b7c818", 24, ChangeStatus::Applied, Some(1052)),
-                    // The till re-enabled the oat latte while the back office changed its price.
+                    // The till put the espresso back on sale while the back office changed its price.
                     ChangeResult {
-                        row: Some(product_row(OAT_LATTE, "Oat latte", "BEV-OL-01", 490, true)),
+                        row: Some(product_row(ESPRESSO, "Espresso", "ESP-01", 270, 40, true)),
                         ..result("01933054-7b02-7c13-9d24-e4f5a6b7c819", 25, ChangeStatus::Merged, Some(1053))
                     },
-                    // The till set the flat white to 450 offline; till 2's later 440 won (lww).
+                    // The till set the flat white to 400 offline; till 2's later 390 won (lww).
                     ChangeResult {
                         lost_fields: vec!["price_cents".into()],
-                        row: Some(product_row(FLAT_WHITE, "Flat white", "BEV-FW-01", 440, true)),
+                        row: Some(product_row(FLAT_WHITE, "Flat white", "FLW-01", 390, 42, true)),
                         ..result("01933054-7b03-7c14-9d25-e4f5a6b7c81a", 26, ChangeStatus::Conflict, Some(1054))
                     },
                     rejected(
                         "01933054-7b04-7c15-9d26-e4f5a6b7c81b",
                         27,
                         ErrorCode::UnknownColumn,
-                        "table products has no column colour",
+                        "products has no column `colour`",
                     ),
                 ],
             },
@@ -579,8 +585,8 @@ fn goldens() -> Vec<Golden> {
                     seq: 1045,
                     table: "products".into(),
                     op: Op::Upsert,
-                    key: key(OAT_LATTE),
-                    row: Some(product_row(OAT_LATTE, "Oat latte", "BEV-OL-01", 480, false)),
+                    key: key(ESPRESSO),
+                    row: Some(product_row(ESPRESSO, "Espresso", "ESP-01", 250, 0, false)),
                     old: Some(obj(json!({ "active": true }))),
                     origin: Some(TILL_2.into()),
                     change_id: Some(uuid("0193304f-b7e1-7a02-9c13-d4e5f6a7b8c9")),
@@ -596,11 +602,11 @@ fn goldens() -> Vec<Golden> {
                     seq: 1050,
                     table: "order_lines".into(),
                     op: Op::Delete,
-                    key: key(LINE_C),
+                    key: line_key(ORDER_43, 2),
                     row: None,
                     old: Some(obj(json!({
-                        "id": LINE_C, "tenant_id": TENANT, "order_id": ORDER_43, "product_id": CROISSANT,
-                        "qty": 1, "unit_price_cents": 290,
+                        "tenant_id": TENANT, "order_id": ORDER_43, "line_no": 2, "product_id": CROISSANT,
+                        "quantity": 1, "unit_price_cents": 290,
                     }))),
                     origin: Some(TILL_1.into()),
                     change_id: Some(uuid("01933052-49f7-7d08-8b19-c2d3e4f5a617")),
@@ -619,15 +625,12 @@ fn goldens() -> Vec<Golden> {
                 id: 7,
                 table: "products".into(),
                 rows: vec![
-                    SnapshotRow { row: product_row(FLAT_WHITE, "Flat white", "BEV-FW-01", 420, true), version: 1874 },
-                    SnapshotRow {
-                        row: product_row(CROISSANT, "Butter croissant", "BAK-CR-01", 310, true),
-                        version: 2196,
-                    },
+                    SnapshotRow { row: product_row(ESPRESSO, "Espresso", "ESP-01", 270, 36, true), version: 1874 },
+                    SnapshotRow { row: product_row(FLAT_WHITE, "Flat white", "FLW-01", 390, 41, true), version: 2196 },
                 ],
                 seq: 2210,
                 epoch: NEW_EPOCH.into(),
-                next_after: Some(key(CROISSANT)),
+                next_after: Some(key(FLAT_WHITE)),
             },
         ),
         s(
@@ -636,7 +639,7 @@ fn goldens() -> Vec<Golden> {
                 id: 8,
                 table: "products".into(),
                 rows: vec![SnapshotRow {
-                    row: product_row(OAT_LATTE, "Oat latte", "BEV-OL-01", 480, false),
+                    row: product_row(CROISSANT, "Croissant", "CRS-01", 310, 0, false),
                     version: 2203,
                 }],
                 seq: 2211,
