@@ -200,6 +200,53 @@ impl AllocatorStats {
 /// as an arena allocates again (or from its background threads): the arenas of threads that
 /// went quiet after a burst would otherwise keep them resident. Returns the resident bytes
 /// before and after, where the allocator can tell.
+/// Return this thread's cached free memory to its arena (`thread.tcache.flush`). A thread's
+/// cache is flushed only by that thread, or when it allocates again: an idle thread's cache
+/// keeps the pages of what it holds in use, whatever the arenas purge.
+pub fn flush_thread_cache() {
+    let name = c"thread.tcache.flush";
+    // SAFETY: a control that reads and writes no value; the name is a valid C string.
+    unsafe { tikv_jemalloc_sys::mallctl(name.as_ptr(), std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut(), 0) };
+}
+
+/// The hub's threads that allocate for it (its HTTP workers and tenant arbiters), so that an
+/// idle hub can have each flush its allocator cache before the arenas are purged.
+#[derive(Default)]
+pub struct AllocatingThreads(Mutex<Vec<actix::dev::ArbiterHandle>>);
+
+/// How long an idle hub waits for a thread to flush its cache.
+const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl AllocatingThreads {
+    pub fn add(&self, thread: actix::dev::ArbiterHandle) {
+        // unwrap: the lock is never held across a panic.
+        self.0.lock().unwrap().push(thread);
+    }
+
+    /// Each thread flushes its cache (on itself), then every arena is purged: resident bytes
+    /// before and after the purge, where the allocator can tell.
+    pub async fn flush_and_purge(&self) -> Option<(u64, u64)> {
+        flush_thread_cache();
+        let threads = self.0.lock().unwrap().clone();
+        let flushed: Vec<_> = threads
+            .iter()
+            .filter_map(|thread| {
+                let (done, flushed) = tokio::sync::oneshot::channel();
+                thread
+                    .spawn(async move {
+                        flush_thread_cache();
+                        let _ = done.send(());
+                    })
+                    .then_some(flushed)
+            })
+            .collect();
+        for flushed in flushed {
+            let _ = tokio::time::timeout(FLUSH_WAIT, flushed).await;
+        }
+        tokio::task::spawn_blocking(purge_allocator).await.ok().flatten()
+    }
+}
+
 pub fn purge_allocator() -> Option<(u64, u64)> {
     let before = AllocatorStats::read()?.resident;
     // `arena.<MALLCTL_ARENAS_ALL>.purge`: every arena's dirty and muzzy pages.

@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::ids::{SessionId, TenantId};
 use crate::limits::Limits;
-use crate::metrics::{AllocatorStats, Gauges, Metrics};
+use crate::metrics::{AllocatingThreads, AllocatorStats, Gauges, Metrics};
 use crate::recorder::Recorder;
 use crate::rules::Rules;
 use crate::storage::Store;
@@ -42,6 +42,8 @@ pub struct Hub {
     pub recorder: Option<Recorder>,
     /// Rate limits and the session cap.
     pub limits: Limits,
+    /// Its HTTP workers and tenant arbiters, whose allocator caches an idle hub flushes.
+    pub threads: AllocatingThreads,
     accepting: AtomicBool,
 }
 
@@ -88,13 +90,20 @@ pub async fn start(config: Config) -> Result<RunningHub> {
         rules,
         recorder,
         limits: Limits::from_config(&config),
+        threads: AllocatingThreads::default(),
         accepting: AtomicBool::new(true),
     });
+    for arbiter in &arbiters {
+        hub.threads.add(arbiter.handle());
+    }
     let listener = tokio::spawn(listen_for_log_writes(store.clone(), registry));
 
     let data = web::Data::new(hub.clone());
     let app_config = config.clone();
+    let workers = hub.clone();
     let server = HttpServer::new(move || {
+        // Called on each worker's thread as it starts.
+        workers.threads.add(Arbiter::current());
         App::new()
             .app_data(data.clone())
             .configure(|cfg| crate::http::routes(cfg, &app_config))

@@ -13,7 +13,6 @@ use actix::prelude::*;
 use super::device::DeviceSession;
 use super::messages::{LiveFrame, Notice, RefreshToken, SessionControl};
 use crate::ids::SessionId;
-use crate::metrics;
 use crate::server::Hub;
 
 /// What the hub keeps of an open session: where to reach it, its deadline, and when its client
@@ -148,8 +147,11 @@ pub async fn run(hub: Arc<Hub>) {
             // The last tenant actor stopped: the hub is idle, and what its row caches, queues
             // and frames held is free. Returned now rather than never, for arenas that no
             // longer allocate do not decay on their own.
-            tokio::task::spawn_blocking(|| {
-                if let Some((before, after)) = metrics::purge_allocator() {
+            // Each thread's allocator cache goes back first: it would keep the pages of what it
+            // caches in use.
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                if let Some((before, after)) = hub.threads.flush_and_purge().await {
                     tracing::info!(resident_before = before, resident_after = after, "hub idle: free memory returned to the system");
                 }
             });
