@@ -1203,6 +1203,8 @@ impl Fuzzer {
                     max_batch_changes: MAX_BATCH_CHANGES as u32,
                     catch_up_page_changes: limits.catch_up_page_changes,
                     snapshot_page_rows: limits.snapshot_page_rows,
+                    // The hub's default, announced so that a client knows how far it may pipeline.
+                    session_pushes_in_flight: 64,
                 };
                 if limits != expected {
                     return Err(format!("welcome limits {limits:?}"));

@@ -290,6 +290,10 @@ pub struct Limits {
     pub max_batch_changes: u32,
     pub catch_up_page_changes: u32,
     pub snapshot_page_rows: u32,
+    /// Pushes the session may have awaiting their acks; one more is refused `busy`. Absent
+    /// (0) from a hub that does not announce it.
+    #[serde(default)]
+    pub session_pushes_in_flight: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

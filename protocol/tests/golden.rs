@@ -482,6 +482,7 @@ fn goldens() -> Vec<Golden> {
                     max_batch_changes: 500,
                     catch_up_page_changes: 500,
                     snapshot_page_rows: 1000,
+                    session_pushes_in_flight: 64,
                 },
             },
         ),

@@ -445,6 +445,7 @@ impl DeviceSession {
                 max_batch_changes: session.core.hub.config.max_batch_changes as u32,
                 catch_up_page_changes: session.core.hub.config.catch_up_page_changes,
                 snapshot_page_rows: session.core.hub.config.snapshot_page_rows,
+                session_pushes_in_flight: u32::try_from(session.core.hub.config.session_pushes_in_flight).unwrap_or(u32::MAX),
             };
             session.core.hub.metrics.sessions_opened.fetch_add(1, Ordering::Relaxed);
             session.send(
