@@ -84,6 +84,11 @@ export class Api {
     return this.request('GET', '/v1/conflicts/counts');
   }
 
+  /** The synced tables: key, columns, label column and formats (GET /v1/catalog). */
+  catalog() {
+    return this.request('GET', '/v1/catalog');
+  }
+
   /** filters: {status, table, before_id, limit}; empty values are left out. */
   conflicts(filters = {}) {
     const query = new URLSearchParams();

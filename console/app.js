@@ -8,6 +8,7 @@ import { HubSocket } from './hub.js';
 import { Feed, forgetSubscriptions } from './feed.js';
 import { Presence, PRESENCE_SUB } from './presence.js';
 import { Conflicts, CONFLICT_SUB } from './conflicts.js';
+import { catalog } from './catalog.js';
 import { Operations } from './operations.js';
 
 const DEFAULT_CONFIG = {
@@ -106,6 +107,14 @@ async function signIn(token) {
   s.feed.bind(s.socket);
   s.presence.reset();
   s.conflicts.bind(api);
+  // The tables and columns the forms offer, and how values read (any role may ask); the
+  // console's own table list stands in when the hub cannot say.
+  const catalogRead = api.catalog().then((body) => catalog.set(body), () => {}).then(() => {
+    if (session !== s) return;
+    s.feed.offerTables(config.tables ?? []);
+    const names = catalog.names().length ? catalog.names() : config.tables ?? [];
+    replace($('#tables'), names.map((t) => h('option', { value: t })));
+  });
   s.operations.bind(api);
 
   renderIdentity(identity);
@@ -125,6 +134,8 @@ async function signIn(token) {
     s.operations.enable();
     s.conflicts.setOpenCount(counts.open);
     s.socket.subscribe({ sub: CONFLICT_SUB, channel: 'conflicts' }).catch(() => {});
+    await catalogRead;
+    if (session !== s) return;
     s.conflicts.load();
   } catch (err) {
     if (session !== s) return;

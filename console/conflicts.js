@@ -4,9 +4,12 @@
 
 import { $, h, replace, show, dl, timeEl, dateTime, parseValue } from './dom.js';
 import { ApiError } from './api.js';
+import { catalog } from './catalog.js';
 
 export const CONFLICT_SUB = 'conflicts';
 const PAGE = 50;
+/** Conflicts whose labels are read at once, as they come in live. */
+const LABEL_READS = 8;
 
 const RESOLUTION_TEXT = {
   keep: 'kept the winning value',
@@ -45,13 +48,16 @@ export function readPlace(hash = location.hash) {
     status: params.has('status') ? params.get('status') : 'open',
     table: params.get('table') ?? '',
     device: params.get('device') ?? '',
+    user: params.get('user') ?? '',
+    field: params.get('field') ?? '',
+    label: params.get('label') ?? '',
     since: day('since'),
     until: day('until'),
     conflict: Number.isSafeInteger(id) && id > 0 ? id : null,
   };
 }
 
-const FILTER_TEXT = ['table', 'device', 'since', 'until'];
+const FILTER_TEXT = ['table', 'device', 'user', 'field', 'label', 'since', 'until'];
 
 /** The filters as the form shows them: dates as the form's local days. */
 function formFilters() {
@@ -70,7 +76,8 @@ function apiFilters(filters) {
     d.setDate(d.getDate() + plus);
     return d.toISOString();
   };
-  return { status: filters.status, table: filters.table, device: filters.device, since: start(filters.since), until: start(filters.until, 1) };
+  const { status, table, device, user, field, label } = filters;
+  return { status, table, device, user, field, label, since: start(filters.since), until: start(filters.until, 1) };
 }
 
 function writePlace(filters, conflict) {
@@ -94,7 +101,7 @@ export class Conflicts {
     this.detailEl = $('#conflict-detail');
     this.badge = $('#badge');
     this.badgeText = $('#badge-text');
-    this.filters = { status: 'open', table: '', device: '', since: '', until: '' };
+    this.filters = { status: 'open', table: '', device: '', user: '', field: '', label: '', since: '', until: '' };
     this.takePlace();
     this.items = new Map(); // id -> conflict, in list order
     this.nextBeforeId = null;
@@ -272,11 +279,14 @@ export class Conflicts {
     }
   }
 
+  /** Whether a conflict matches the filters; its label is checked only when it has one. */
   matches(c) {
     const f = apiFilters(this.filters);
     const created = Date.parse(c.created_at);
+    const either = (side) => c.server?.[side] === f[side] || c.incoming?.[side] === f[side];
     return (!f.status || c.status === f.status) && (!f.table || c.table === f.table)
-      && (!f.device || c.server?.device === f.device || c.incoming?.device === f.device)
+      && (!f.device || either('device')) && (!f.user || either('user')) && (!f.field || c.field === f.field)
+      && (!f.label || !c.row_label || c.row_label.toLowerCase().includes(f.label.toLowerCase()))
       && (!f.since || created >= Date.parse(f.since)) && (!f.until || created < Date.parse(f.until));
   }
 
@@ -284,13 +294,37 @@ export class Conflicts {
     if (frame.type !== 'conflict' || frame.sub !== CONFLICT_SUB) return;
     const c = frame.conflict;
     if (typeof frame.open === 'number') this.setOpenCount(frame.open);
-    if (this.items.has(c.id)) {
-      this.items.set(c.id, c); // updated in place, even if it no longer matches the filter
+    const known = this.items.get(c.id);
+    if (known) {
+      // Updated in place, even if it no longer matches the filter; frames carry no label.
+      this.items.set(c.id, { ...c, row_label: c.row_label ?? known.row_label });
     } else if (this.matches(c)) {
-      this.items = new Map([[c.id, c], ...this.items]);
+      if (!c.row_label && catalog.labelColumn(c.table)) this.labelLater(c);
+      else this.items = new Map([[c.id, c], ...this.items]);
     }
     this.renderList();
     if (this.openId === c.id) this.show(c.id, { keepFocus: true });
+  }
+
+  /** A new conflict of a labelled table comes in without its label (conflict frames carry
+   * none): read it through the API, a few at a time, then list it if it still matches. Past
+   * that many waiting, it is listed as it came. */
+  labelLater(c) {
+    this.labelling ??= new Set();
+    if (this.labelling.size >= LABEL_READS) {
+      if (!this.filters.label) this.items = new Map([[c.id, c], ...this.items]);
+      return;
+    }
+    this.labelling.add(c.id);
+    const api = this.api;
+    api.conflict(c.id).then((out) => out.conflict ?? out, () => c).then((full) => {
+      this.labelling.delete(c.id);
+      if (this.api !== api || this.items.has(c.id)) return;
+      const record = full;
+      if (!this.matches(record) || (this.filters.label && !record.row_label)) return;
+      this.items = new Map([[record.id, record], ...this.items]);
+      this.renderList();
+    });
   }
 
   renderList() {
@@ -311,7 +345,7 @@ export class Conflicts {
     const won = c.winner === 'server' ? 'server' : 'incoming';
     const lost = won === 'server' ? 'incoming' : 'server';
     // A side that won by deleting the row has no value: say so.
-    const valueOf = (name) => (deleteWon(c) && name === won ? 'deleted' : show(c[name]?.value));
+    const valueOf = (name) => (deleteWon(c) && name === won ? 'deleted' : fieldValue(c, c[name]?.value));
     const pick = c.status === 'open'
       ? h('input', {
         type: 'checkbox',
@@ -336,7 +370,7 @@ export class Conflicts {
         onclick: () => this.show(c.id),
       },
       // The spaces between the lines keep the button's accessible name readable.
-      h('span', { class: 'ci-title' }, `#${c.id} ${c.table} · ${c.field}`), ' ',
+      h('span', { class: 'ci-title' }, `#${c.id} ${rowName(c)} · ${c.field}`), ' ',
       h('span', { class: 'ci-values' }, `${sideWords(c, won)}: ${valueOf(won)} · not kept: ${valueOf(lost)} from ${c[lost]?.device ?? '?'}`), ' ',
       h('span', { class: 'ci-meta' }, h('span', { class: `status status-${c.status}` }, c.status), ' · ', dateTime(c.created_at))));
   }
@@ -394,7 +428,7 @@ export class Conflicts {
       return h('section', { class: `side side-${name} ${won ? 'won' : 'lost'}`, 'aria-labelledby': `side-${name}-h` },
         h('h4', { id: `side-${name}-h` }, sideWords(c, name), ' ',
           h('span', { class: 'muted side-role' }, name === 'server' ? '(stored first)' : '(pushed later)')),
-        h('p', { class: 'value', dataset: { side: name } }, won && deleteWon(c) ? `deleted by ${s.device ?? '?'}` : show(s.value)),
+        h('p', { class: 'value', dataset: { side: name } }, won && deleteWon(c) ? `deleted by ${s.device ?? '?'}` : fieldValue(c, s.value)),
         dl([
           ['Device', s.device ?? '—'],
           ['User', s.user ?? '—'],
@@ -407,7 +441,7 @@ export class Conflicts {
     const currentSection = h('section', { class: 'current', 'aria-labelledby': 'current-h' },
       h('h4', { id: 'current-h' }, row ? `Current row (version ${current.version})` : 'Current row'),
       row
-        ? dl(Object.entries(row).map(([col, v]) => [col, col === c.field ? h('strong', {}, show(v)) : show(v)]), 'row-facts')
+        ? dl(Object.entries(row).map(([col, v]) => [col, col === c.field ? h('strong', {}, catalog.format(c.table, col, v)) : catalog.format(c.table, col, v)]), 'row-facts')
         : h('p', { class: 'muted' }, 'The row no longer exists.'));
 
     const resultEl = h('p', { class: 'result', role: 'status', tabindex: '-1' });
@@ -428,7 +462,7 @@ export class Conflicts {
           const out = await this.api.resolve(c.id, action);
           const seq = out.result?.seq;
           this.items.set(c.id, out.conflict);
-          const written = 'resolved_value' in out.conflict ? ` (${show(out.conflict.resolved_value)})` : '';
+          const written = 'resolved_value' in out.conflict ? ` (${fieldValue(c, out.conflict.resolved_value)})` : '';
           this.lastResult = `Conflict #${c.id} resolved: ${RESOLUTION_TEXT[action.action]}${written}${seq ? `, written as change ${seq}` : ''}.`;
           this.refreshCounts();
           await this.show(c.id, { keepFocus: true });
@@ -454,23 +488,25 @@ export class Conflicts {
       const deviceOf = (side) => c[side]?.device ?? 'the other device';
       const winnerValue = c[winnerSide]?.value;
       const otherValue = c[otherSide]?.value;
-      // The row was deleted and stays so: no value can be written to it from here.
+      // The row was deleted: it is kept deleted, or restored as it was with the other value.
       const deletedForGood = deleteWon(c) && !row;
       const input = h('input', { id: valueId, name: 'value', autocomplete: 'off', 'aria-describedby': `${valueId}-help`, 'data-focus-key': 'value' });
       resolveSection = deletedForGood ? h('section', { class: 'resolve', 'aria-labelledby': 'resolve-h' },
         h('h4', { id: 'resolve-h' }, 'Resolve'),
-        h('p', { class: 'hint' }, `The row was deleted by ${c[winnerSide]?.device ?? '?'}; a deleted row cannot be brought back from here.`),
+        h('p', { class: 'hint' }, `The row was deleted by ${c[winnerSide]?.device ?? '?'}. Keep it deleted, or restore it as it was when deleted, with ${c[otherSide]?.device ?? 'the other device'}'s value.`),
         h('div', { class: 'actions' },
           h('button', { type: 'button', class: 'primary', 'data-focus-key': 'keep', onclick: () => act({ action: 'keep' }, 'keep it deleted') }, 'Keep it deleted'),
+          h('button', { type: 'button', 'data-focus-key': 'take_other', onclick: () => act({ action: 'take_other' }, `restore the row with ${deviceOf(otherSide)}'s value`) },
+            `Restore it with ${deviceOf(otherSide)}'s value: ${fieldValue(c, otherValue)}`),
           h('button', { type: 'button', 'data-focus-key': 'dismiss', onclick: () => act({ action: 'dismiss' }, 'dismiss') }, 'Dismiss (write nothing)')),
         resultEl,
         errorEl) : h('section', { class: 'resolve', 'aria-labelledby': 'resolve-h' },
         h('h4', { id: 'resolve-h' }, 'Resolve'),
         h('div', { class: 'actions' },
           h('button', { type: 'button', class: 'primary', 'data-focus-key': 'keep', onclick: () => act({ action: 'keep' }, `keep ${deviceOf(winnerSide)}'s value`) },
-            `Keep ${deviceOf(winnerSide)}'s value: ${show(winnerValue)}`),
+            `Keep ${deviceOf(winnerSide)}'s value: ${fieldValue(c, winnerValue)}`),
           h('button', { type: 'button', class: 'primary', 'data-focus-key': 'take_other', onclick: () => act({ action: 'take_other' }, `use ${deviceOf(otherSide)}'s value`) },
-            `Use ${deviceOf(otherSide)}'s value instead: ${show(otherValue)}`),
+            `Use ${deviceOf(otherSide)}'s value instead: ${fieldValue(c, otherValue)}`),
           h('button', { type: 'button', 'data-focus-key': 'dismiss', onclick: () => act({ action: 'dismiss' }, 'dismiss') },
             'Dismiss (write nothing)')),
         h('form', {
@@ -484,7 +520,7 @@ export class Conflicts {
               return;
             }
             const value = parseValue(input.value);
-            act({ action: 'value', value }, `write ${show(value)}`);
+            act({ action: 'value', value }, `write ${fieldValue(c, value)}`);
           },
         },
         h('label', { for: valueId }, `New value for ${c.field}`),
@@ -500,7 +536,7 @@ export class Conflicts {
           c.resolution ? ['Resolution', RESOLUTION_TEXT[c.resolution] ?? c.resolution] : null,
           c.reviewed_by ? ['By', c.reviewed_by] : null,
           c.reviewed_at ? ['At', timeEl(c.reviewed_at)] : null,
-          'resolved_value' in c ? ['Value written', show(c.resolved_value)] : null,
+          'resolved_value' in c ? ['Value written', fieldValue(c, c.resolved_value)] : null,
           c.resolution_seq ? ['Written as change', String(c.resolution_seq)] : null,
         ], 'resolution-facts'),
         resultEl,
@@ -511,12 +547,22 @@ export class Conflicts {
       this.detailHead(c.id),
       h('p', { class: 'meta' },
         h('span', { class: `status status-${c.status}` }, c.status), ' ',
-        `${c.table} · key ${Object.entries(c.key ?? {}).map(([k, v]) => `${k}=${show(v)}`).join(', ')} · field `,
+        `${c.row_label ? `${c.row_label} · ` : ''}${c.table} · key ${Object.entries(c.key ?? {}).map(([k, v]) => `${k}=${show(v)}`).join(', ')} · field `,
         h('code', {}, c.field), ` · policy ${c.policy} · logged `, timeEl(c.created_at)),
       h('div', { class: 'sides' }, side('server'), side('incoming')),
       currentSection,
       resolveSection);
   }
+}
+
+/** The conflict's field value as people read it (money, local time: the table's formats). */
+function fieldValue(c, value) {
+  return catalog.format(c.table, c.field, value);
+}
+
+/** The row a conflict is on: its label (and table) where the table has a label column. */
+function rowName(c) {
+  return c.row_label ? `${c.row_label} (${c.table})` : c.table;
 }
 
 function describe(err) {

@@ -2,6 +2,7 @@
 // subscriptions on the socket, and the feed of `sub_rows` / `sub_delta` frames, newest first.
 
 import { $, h, replace, show, showObject, clock, parseValue, Summarizer } from './dom.js';
+import { catalog } from './catalog.js';
 
 const MAX_ENTRIES = 200;
 /** Where the tab keeps its subscriptions across reloads (sessionStorage, like the token). */
@@ -56,8 +57,32 @@ export class Feed {
       this.submit();
     });
     $('#add-condition').addEventListener('click', () => this.addCondition(true));
+    $('#sub-table').addEventListener('change', () => this.offerColumns());
     $('#feed-clear').addEventListener('click', () => this.feed.replaceChildren());
     this.renderSubs();
+  }
+
+  /** The tables the form offers: the catalog's, else `names` (the console's config). */
+  offerTables(names) {
+    const select = $('#sub-table');
+    const chosen = select.value;
+    const tables = catalog.names().length ? catalog.names() : names;
+    replace(select, h('option', { value: '' }, 'Choose a table'), tables.map((t) => h('option', { value: t }, t)));
+    if (tables.includes(chosen)) select.value = chosen;
+    this.offerColumns();
+  }
+
+  /** Each condition's column choices: the chosen table's columns, as the catalog has them. */
+  offerColumns() {
+    for (const select of this.conditions.querySelectorAll('select[name=column]')) this.fillColumns(select);
+  }
+
+  fillColumns(select) {
+    const chosen = select.value;
+    const columns = catalog.columns($('#sub-table').value);
+    replace(select, h('option', { value: '' }, columns.length ? 'Choose a column' : 'Choose a table first'),
+      columns.map((c) => h('option', { value: c.name }, `${c.name} (${c.type})`)));
+    if (columns.some((c) => c.name === chosen)) select.value = chosen;
   }
 
   /** Start over on a new socket (after sign-in): no subscriptions, empty feed, one empty condition row. */
@@ -104,7 +129,7 @@ export class Feed {
     const li = h(
       'li',
       { class: 'condition' },
-      h('div', { class: 'field' }, h('label', { for: id('col') }, 'Column'), h('input', { id: id('col'), name: 'column', autocomplete: 'off', required: true })),
+      h('div', { class: 'field' }, h('label', { for: id('col') }, 'Column'), h('select', { id: id('col'), name: 'column' })),
       h('div', { class: 'field' }, h('label', { for: id('op') }, 'Operator'), select),
       h('div', { class: 'field' }, h('label', { for: id('val') }, 'Value'), h('input', { id: id('val'), name: 'value', autocomplete: 'off', 'aria-describedby': 'cond-help' })),
       h('button', {
@@ -114,18 +139,19 @@ export class Feed {
         onclick: () => {
           const next = li.nextElementSibling ?? li.previousElementSibling;
           li.remove();
-          (next?.querySelector('input') ?? $('#add-condition')).focus();
+          (next?.querySelector('select') ?? $('#add-condition')).focus();
         },
       }, 'Remove'),
     );
+    this.fillColumns(li.querySelector('select[name=column]'));
     this.conditions.append(li);
-    if (focus) li.querySelector('input').focus();
+    if (focus) li.querySelector('select').focus();
   }
 
   /** Read the form into a subscribe spec, or throw an Error with what to fix. */
   readForm() {
-    const table = $('#sub-table').value.trim();
-    if (!table) throw new Error('Name the table to watch.');
+    const table = $('#sub-table').value;
+    if (!table) throw new Error('Choose the table to watch.');
     let name = $('#sub-name').value.trim();
     if (!name) {
       do name = `${table}-${++this.nameSeq}`; while (this.socket.has(name));
@@ -134,11 +160,11 @@ export class Feed {
     if (this.socket.has(name)) throw new Error(`A subscription named “${name}” exists already: choose another name.`);
     const filter = [];
     for (const li of this.conditions.querySelectorAll('li')) {
-      const column = li.querySelector('[name=column]').value.trim();
+      const column = li.querySelector('[name=column]').value;
       const op = li.querySelector('[name=op]').value;
       const raw = li.querySelector('[name=value]').value;
       if (!column && raw.trim() === '') continue; // an untouched row: no condition
-      if (!column) throw new Error('A condition has a value but no column: name the column or remove the condition.');
+      if (!column) throw new Error('A condition has a value but no column: choose the column or remove the condition.');
       // An empty value would be sent as "" and match only empty text: ask for one instead.
       if (raw.trim() === '') throw new Error(`The condition on ${column} has no value: type one (for empty text, type "").`);
       let value = parseValue(raw);
@@ -225,7 +251,7 @@ export class Feed {
       case 'sub_rows':
         if (!state) return;
         for (const r of frame.rows) state.rows.set(keyOf(r.row, state.keyCols), r.row);
-        this.add(snapshotEntry(frame));
+        this.add(snapshotEntry(frame, state.spec.table));
         this.renderSubs();
         break;
       case 'sub_delta':
@@ -289,7 +315,7 @@ function head(sub, kind, extra) {
     h('span', { class: 'muted' }, extra));
 }
 
-function snapshotEntry(frame) {
+function snapshotEntry(frame, table) {
   const rows = frame.rows.slice(0, MAX_SNAPSHOT_ROWS_SHOWN);
   const more = frame.rows.length - rows.length;
   const count = `${frame.rows.length} row${frame.rows.length === 1 ? '' : 's'} at seq ${frame.seq}${frame.last ? '' : ' (more pages follow)'}`;
@@ -297,9 +323,21 @@ function snapshotEntry(frame) {
     head(frame.sub, 'snapshot', count),
     frame.rows.length
       ? h('details', {}, h('summary', {}, 'Show rows'),
-        h('ul', { class: 'rows' }, rows.map((r) => h('li', {}, h('span', { class: 'muted' }, `v${r.version} `), showObject(r.row)))),
+        h('ul', { class: 'rows' }, rows.map((r) => h('li', {}, h('span', { class: 'muted' }, `v${r.version} `), rowText(table, r.row)))),
         more > 0 ? h('p', { class: 'muted' }, `…and ${more} more`) : null)
       : null);
+}
+
+/** A delta's row label (from its row, or the old values of a delete), then a separator. */
+function rowLabel(d) {
+  const label = catalog.labelOf(d.table, d.row ?? d.old);
+  return label === null ? null : [h('strong', { class: 'row-label' }, label), ' · '];
+}
+
+/** A row as `col=value, …`, led by its label where its table has one. */
+function rowText(table, row) {
+  const label = catalog.labelOf(table, row);
+  return label === null ? catalog.formatRow(table, row) : [h('strong', { class: 'row-label' }, label), ' · ', catalog.formatRow(table, row)];
 }
 
 function deltaEntry(sub, d) {
@@ -308,15 +346,16 @@ function deltaEntry(sub, d) {
   const lines = [];
   if (kind === 'update') {
     for (const [col, before] of Object.entries(d.old)) {
-      lines.push(h('li', {}, h('span', { class: 'col' }, col), ': ', h('span', { class: 'before' }, show(before)), ' → ', h('span', { class: 'after' }, show(d.row?.[col]))));
+      const [was, now] = [catalog.format(d.table, col, before), catalog.format(d.table, col, d.row?.[col])];
+      lines.push(h('li', {}, h('span', { class: 'col' }, col), ': ', h('span', { class: 'before' }, was), ' → ', h('span', { class: 'after' }, now)));
     }
   } else if (kind === 'insert') {
-    lines.push(h('li', {}, showObject(d.row)));
+    lines.push(h('li', {}, catalog.formatRow(d.table, d.row)));
   } else if (d.old) {
-    lines.push(h('li', {}, h('span', { class: 'muted' }, 'was '), showObject(d.old)));
+    lines.push(h('li', {}, h('span', { class: 'muted' }, 'was '), catalog.formatRow(d.table, d.old)));
   }
   return h('li', { class: `entry delta ${kind}` },
     head(sub, kind, `${d.table} · seq ${d.seq}`),
-    h('p', { class: 'key' }, h('span', { class: 'muted' }, 'key '), showObject(d.key), d.origin ? h('span', { class: 'muted' }, ` · by ${d.origin}`) : h('span', { class: 'muted' }, ' · by SQL')),
+    h('p', { class: 'key' }, rowLabel(d), h('span', { class: 'muted' }, 'key '), showObject(d.key), d.origin ? h('span', { class: 'muted' }, ` · by ${d.origin}`) : h('span', { class: 'muted' }, ' · by SQL')),
     lines.length ? h('ul', { class: 'changes' }, lines) : null);
 }

@@ -2,10 +2,11 @@
 //! `SYNCHUB_<FIELD>` environment variables. Every limit lives here with its unit and default;
 //! the README's configuration table mirrors this file.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::rules::RuleConfig;
@@ -50,7 +51,7 @@ impl MergePolicy {
 
 /// A table to register for sync at start-up (tables may also be registered in SQL with
 /// `select synchub.register_table('products', 'tenant_id')`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct TableConfig {
     /// Table name, optionally schema-qualified.
     pub name: String,
@@ -58,6 +59,23 @@ pub struct TableConfig {
     pub tenant_column: String,
     #[serde(default)]
     pub policy: MergePolicy,
+    /// A column that names a row for people (e.g. `products.name`): the console and the
+    /// conflict API show it beside the key, and conflicts can be searched by it.
+    #[serde(default)]
+    pub label_column: Option<String>,
+    /// How the console shows some columns' values (`[tables.formats] price_cents = "money_cents"`).
+    #[serde(default)]
+    pub formats: BTreeMap<String, ColumnFormat>,
+}
+
+/// How the console shows a column's values; the data itself is never changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ColumnFormat {
+    /// An integer count of cents, shown as money in `console_currency` (1234 → $12.34).
+    MoneyCents,
+    /// A timestamp, shown in the viewer's local time.
+    LocalTime,
 }
 
 /// A server-side writer (a bridge, a back office job) that pushes changes and broadcasts over
@@ -335,6 +353,9 @@ pub struct Config {
     /// `invalid_batch`.
     pub conflict_bulk_max: u32,
 
+    /// The currency of `money_cents` columns in the console (ISO 4217 code). Default "USD".
+    pub console_currency: String,
+
     /// Tables to register at start-up.
     pub tables: Vec<TableConfig>,
 
@@ -461,6 +482,7 @@ impl Default for Config {
             conflict_page_default: 50,
             conflict_page_max: 500,
             conflict_export_max_rows: 100_000,
+            console_currency: "USD".into(),
             conflict_bulk_max: 500,
             tables: Vec::new(),
             rxdb_collections: Vec::new(),
@@ -553,6 +575,15 @@ impl Config {
         }
         if self.group_commit_max_changes < self.max_batch_changes {
             return Err(Error::Config("group_commit_max_changes must be at least max_batch_changes".into()));
+        }
+        if self.console_currency.len() != 3 || !self.console_currency.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(Error::Config(format!("console_currency `{}` must be an ISO 4217 code such as USD or EUR", self.console_currency)));
+        }
+        for table in &self.tables {
+            let named = table.label_column.iter().chain(table.formats.keys());
+            if let Some(bad) = named.into_iter().find(|c| c.is_empty() || c.contains('\0')) {
+                return Err(Error::Config(format!("tables `{}`: `{bad}` is not a column name", table.name)));
+            }
         }
         if self.conflict_page_default > self.conflict_page_max {
             return Err(Error::Config("conflict_page_default must be at most conflict_page_max".into()));

@@ -36,6 +36,7 @@ static ASSETS: &[Asset] = &[
     asset!("app.css", "text/css; charset=utf-8"),
     asset!("app.js", JS),
     asset!("api.js", JS),
+    asset!("catalog.js", JS),
     asset!("conflicts.js", JS),
     asset!("dom.js", JS),
     asset!("feed.js", JS),

@@ -59,12 +59,23 @@ create table if not exists public.order_lines (
 );
 "#;
 
-/// The demo tables, as start-up registrations.
+/// The demo tables, as start-up registrations, with the label columns and value formats the
+/// console shows them by.
 pub fn tables() -> Vec<TableConfig> {
-    ["products", "customers", "orders", "order_lines"]
-        .into_iter()
-        .map(|name| TableConfig { name: name.into(), tenant_column: "tenant_id".into(), policy: MergePolicy::Lww })
-        .collect()
+    use crate::config::ColumnFormat::{LocalTime, MoneyCents};
+    let table = |name: &str, label: Option<&str>, formats: &[(&str, crate::config::ColumnFormat)]| TableConfig {
+        name: name.into(),
+        tenant_column: "tenant_id".into(),
+        policy: MergePolicy::Lww,
+        label_column: label.map(String::from),
+        formats: formats.iter().map(|(c, f)| (c.to_string(), *f)).collect(),
+    };
+    vec![
+        table("products", Some("name"), &[("price_cents", MoneyCents), ("updated_at", LocalTime)]),
+        table("customers", Some("name"), &[]),
+        table("orders", None, &[("total_cents", MoneyCents), ("created_at", LocalTime)]),
+        table("order_lines", None, &[("unit_price_cents", MoneyCents)]),
+    ]
 }
 
 pub async fn install_schema(pool: &PgPool) -> Result<()> {

@@ -467,7 +467,7 @@ async fn resolutions_sync_as_ordinary_changes_and_are_logged() {
 }
 
 #[actix_web::test]
-async fn a_delete_that_won_is_kept_and_cannot_be_undone() {
+async fn a_delete_that_won_is_kept_or_the_row_restored_with_the_other_value() {
     let hub = TestHub::start().await;
     let api = Api::of(&hub);
     let mgr = manager(TENANT);
@@ -475,7 +475,7 @@ async fn a_delete_that_won_is_kept_and_cannot_be_undone() {
     let mut b = Dev::connect(&hub, TENANT, "pos-2").await;
     let now = now_ms();
     let mut keys = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..4 {
         // a deletes the product; b, which saw only its creation, changes its price.
         let id = Uuid::now_v7();
         let key = json!({"id": id});
@@ -485,24 +485,76 @@ async fn a_delete_that_won_is_kept_and_cannot_be_undone() {
         assert_eq!(r.status, ChangeStatus::Conflict);
         keys.push(key);
     }
+    let resolve = |id: &Value, body: Value| {
+        let (api, mgr, path) = (&api, &mgr, format!("/v1/conflicts/{id}/resolve"));
+        async move { api.post(&path, Some(mgr), &body).await }
+    };
+    let price = |key: &Value| {
+        let id = Uuid::parse_str(key["id"].as_str().unwrap()).unwrap();
+        let db = hub.db.clone();
+        async move {
+            sqlx::query_as::<_, (String, i32)>("select name, price_cents from public.products where tenant_id = $1 and id = $2")
+                .bind(TENANT)
+                .bind(id)
+                .fetch_optional(&db)
+                .await
+                .unwrap()
+        }
+    };
+
+    // Keep: the delete stays, nothing is written.
     let keep = conflict_of(&api, TENANT, &keys[0]).await;
     assert_eq!(keep["policy"], "delete_wins");
-    let (status, resolved) = api.post(&format!("/v1/conflicts/{}/resolve", keep["id"]), Some(&mgr), &json!({"action": "keep"})).await;
+    let (status, resolved) = resolve(&keep["id"], json!({"action": "keep"})).await;
     assert_eq!(status, 200, "{resolved}");
     assert_eq!(resolved["result"]["status"], "applied");
     assert_eq!(resolved["result"]["seq"], Value::Null, "keeping the delete writes nothing");
     assert_eq!(resolved["conflict"]["status"], "resolved");
     assert_eq!(resolved["conflict"]["resolution"], "keep");
     assert_eq!(resolved["conflict"]["resolution_seq"], Value::Null);
+    assert_eq!(price(&keys[0]).await, None);
 
-    let undo = conflict_of(&api, TENANT, &keys[1]).await["id"].as_i64().unwrap();
+    // The other value: the row comes back as it was deleted, with the price b wrote, as an
+    // ordinary change that devices receive.
+    let restore = conflict_of(&api, TENANT, &keys[1]).await;
+    let (status, resolved) = resolve(&restore["id"], json!({"action": "take_other"})).await;
+    assert_eq!(status, 200, "{resolved}");
+    assert_eq!(resolved["result"]["status"], "applied", "{resolved}");
+    assert!(resolved["result"]["seq"].is_u64(), "the restore is logged: {resolved}");
+    assert_eq!((&resolved["conflict"]["resolution"], &resolved["conflict"]["resolved_value"]), (&json!("take_other"), &json!(300)));
+    assert_eq!(price(&keys[1]).await, Some(("Tea".to_string(), 300)));
+    let delta = delta_from(&mut a.c, "console:mgr-1").await;
+    assert_eq!((delta.key.clone(), delta.row.as_ref().and_then(|r| r.get("name").cloned())), (obj(keys[1].clone()), Some(json!("Tea"))));
+
+    // Re-created meanwhile (here by SQL): a restore is refused, nothing written, still open.
+    let recreated = conflict_of(&api, TENANT, &keys[2]).await;
+    let id = Uuid::parse_str(keys[2]["id"].as_str().unwrap()).unwrap();
+    sqlx::query("insert into public.products (tenant_id, id, sku, name, price_cents) values ($1, $2, 'SKU-NEW', 'Chai', 250)")
+        .bind(TENANT)
+        .bind(id)
+        .execute(&hub.db)
+        .await
+        .unwrap();
     for body in [json!({"action": "take_other"}), json!({"action": "value", "value": 5})] {
-        assert_error(api.post(&format!("/v1/conflicts/{undo}/resolve"), Some(&mgr), &body).await, 409, "row_deleted");
+        assert_error(resolve(&recreated["id"], body).await, 409, "stale_conflict");
     }
-    let (_, still) = api.get(&format!("/v1/conflicts/{undo}"), Some(&mgr), &[]).await;
+    let (_, still) = api.get(&format!("/v1/conflicts/{}", recreated["id"]), Some(&mgr), &[]).await;
     assert_eq!(still["conflict"]["status"], "open", "a refused resolution leaves the conflict open");
-    assert_eq!(still["current"]["row"], Value::Null);
+    assert_eq!(price(&keys[2]).await, Some(("Chai".to_string(), 250)));
+
+    // A value of the reviewer's own restores the row with it.
+    let own = conflict_of(&api, TENANT, &keys[3]).await;
+    let (status, resolved) = resolve(&own["id"], json!({"action": "value", "value": 7})).await;
+    assert_eq!(status, 200, "{resolved}");
+    assert_eq!(price(&keys[3]).await, Some(("Tea".to_string(), 7)));
     hub.shutdown().await;
+}
+
+fn obj(value: Value) -> protocol::Object {
+    match value {
+        Value::Object(o) => o,
+        other => panic!("not an object: {other}"),
+    }
 }
 
 #[actix_web::test]
@@ -741,7 +793,7 @@ async fn the_group_returns_the_conflicts_it_logged_and_resolved() {
     let version = out.results[1][0].seq.unwrap();
     let resolving = |price: i64| BatchInput {
         assign_device_seqs: true,
-        resolves: Some(ResolveConflict { conflict_id: logged.id, resolution: Resolution::Value }),
+        resolves: Some(ResolveConflict { conflict_id: logged.id, resolution: Resolution::Value, field: "price_cents".into() }),
         ..batch("console:mgr", vec![upsert("products", key.clone(), json!({"price_cents": price}), 99, now, version)])
     };
     let out = store.commit_group(&mut conn, &tenant, &[resolving(7), resolving(8)], limits, None, &mut cache).await.unwrap();
@@ -957,6 +1009,7 @@ async fn every_matching_conflict_downloads_as_csv() {
     assert!(listed.windows(2).all(|w| w[0] > w[1]), "newest first: {listed:?}");
     assert!(lines[1].contains("\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\""), "a formula from a device is defused: {}", lines[1]);
     assert!(lines[1].contains(",products,") && lines[1].contains(",pos-2,"), "{}", lines[1]);
+    assert!(lines[1].ends_with(",Green tea") && lines[2].ends_with(",Tea"), "the rows' labels come last:\n{text}");
 
     // Filters as the list's; paging is the export's own business.
     let (_, _, text) = export(vec![("status", "resolved")]).await;
@@ -1037,4 +1090,111 @@ async fn many_conflicts_are_reviewed_at_once_each_still_conditional() {
         "forbidden",
     );
     hub.shutdown().await;
+}
+
+/// A conflict on `field` of a new product named `name`: `a` writes `a_value`, then `b`, which saw
+/// only the creation, writes `b_value` with an earlier clock.
+async fn field_conflict(a: &mut Dev, b: &mut Dev, name: &str, field: &str, a_value: i64, b_value: i64) -> Value {
+    let id = Uuid::now_v7();
+    let key = json!({"id": id});
+    let now = now_ms();
+    let v1 = a.upsert("products", key.clone(), product(id, name, 100), now - 5_000, 0).await.seq.expect("created");
+    assert_eq!(a.upsert("products", key.clone(), json!({ field: a_value }), now - 1_000, v1).await.status, ChangeStatus::Applied);
+    let r = b.upsert("products", key.clone(), json!({ field: b_value }), now - 3_000, v1).await;
+    assert_eq!(r.status, ChangeStatus::Conflict, "{r:?}");
+    key
+}
+
+#[actix_web::test]
+async fn conflicts_carry_their_row_label_and_are_found_by_label_user_and_field() {
+    let hub = TestHub::start().await;
+    let api = Api::of(&hub);
+    let mgr = manager(TENANT);
+    let mut a = Dev::connect(&hub, TENANT, "pos-1").await;
+    let mut b = Dev::connect(&hub, TENANT, "pos-2").await;
+    let tea = field_conflict(&mut a, &mut b, "Green Tea", "price_cents", 200, 300).await;
+    let beans = field_conflict(&mut a, &mut b, "Coffee beans", "stock", 5, 7).await;
+    // The demo config labels products by name.
+    let listed = |body: &Value| -> Vec<(Value, Value)> {
+        body["conflicts"].as_array().unwrap().iter().map(|c| (c["key"].clone(), c["row_label"].clone())).collect()
+    };
+    let (status, all) = api.get("/v1/conflicts", Some(&mgr), &[]).await;
+    assert_eq!(status, 200, "{all}");
+    assert_eq!(listed(&all), vec![(beans.clone(), json!("Coffee beans")), (tea.clone(), json!("Green Tea"))]);
+    let search = |query: Vec<(&'static str, &'static str)>| {
+        let (api, mgr) = (&api, &mgr);
+        async move {
+            let (status, body) = api.get("/v1/conflicts", Some(mgr), &query).await;
+            assert_eq!(status, 200, "{query:?}: {body}");
+            listed(&body).into_iter().map(|(key, _)| key).collect::<Vec<_>>()
+        }
+    };
+    // Search by label: part of it, in any case.
+    assert_eq!(search(vec![("label", "TEA")]).await, vec![tea.clone()]);
+    assert_eq!(search(vec![("label", "beans")]).await, vec![beans.clone()]);
+    assert_eq!(search(vec![("label", "milk")]).await, Vec::<Value>::new());
+    // By field, and by either side's user.
+    assert_eq!(search(vec![("field", "stock")]).await, vec![beans.clone()]);
+    assert_eq!(search(vec![("field", "price_cents"), ("label", "tea")]).await, vec![tea.clone()]);
+    assert_eq!(search(vec![("user", "user-pos-2")]).await, vec![beans.clone(), tea.clone()]);
+    assert_eq!(search(vec![("user", "user-pos-9")]).await, Vec::<Value>::new());
+    // A NUL or an empty value is refused before the database.
+    assert_error(api.get("/v1/conflicts", Some(&mgr), &[("label", "")]).await, 400, "invalid_filter");
+    assert_error(api.get("/v1/conflicts", Some(&mgr), &[("user", "a\0b")]).await, 400, "invalid_filter");
+
+    // Once the row is deleted, its label comes from its last values.
+    let (_, one) = api.get("/v1/conflicts", Some(&mgr), &[("label", "tea")]).await;
+    let id = one["conflicts"][0]["id"].as_i64().unwrap();
+    let version = head_of(&hub, TENANT).await as u64;
+    assert!(a.delete("products", tea.clone(), now_ms(), version).await.seq.is_some());
+    let (status, conflict) = api.get(&format!("/v1/conflicts/{id}"), Some(&mgr), &[]).await;
+    assert_eq!(status, 200, "{conflict}");
+    assert_eq!(conflict["conflict"]["row_label"], json!("Green Tea"), "{conflict}");
+    assert_eq!(search(vec![("label", "green")]).await, vec![tea.clone()]);
+
+    // Another tenant's rows never label or match this tenant's conflicts.
+    let mut x = Dev::connect(&hub, OTHER, "pos-1").await;
+    let mut y = Dev::connect(&hub, OTHER, "pos-2").await;
+    field_conflict(&mut x, &mut y, "Coffee beans", "stock", 1, 2).await;
+    assert_eq!(search(vec![("label", "beans")]).await, vec![beans.clone()]);
+    hub.shutdown().await;
+}
+
+#[actix_web::test]
+async fn the_catalog_offers_real_columns_with_labels_and_formats() {
+    let hub = TestHub::start_with(|config| config.console_currency = "EUR".into()).await;
+    let api = Api::of(&hub);
+    let (status, body) = api.get("/v1/catalog", Some(&manager(TENANT)), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["currency"], json!("EUR"));
+    let tables = body["tables"].as_array().unwrap();
+    let names: Vec<&str> = tables.iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["customers", "order_lines", "orders", "products"]);
+    let products = &tables[3];
+    assert_eq!(products["key"], json!(["id"]));
+    assert_eq!(products["tenant_column"], json!("tenant_id"));
+    assert_eq!(products["label_column"], json!("name"));
+    assert_eq!(products["formats"], json!({"price_cents": "money_cents", "updated_at": "local_time"}));
+    let columns: Vec<(&str, &str)> =
+        products["columns"].as_array().unwrap().iter().map(|c| (c["name"].as_str().unwrap(), c["type"].as_str().unwrap())).collect();
+    assert!(columns.contains(&("stock", "integer")) && columns.contains(&("updated_at", "timestamp with time zone")), "{columns:?}");
+    assert!(!columns.iter().any(|(name, _)| *name == "tenant_id"), "the tenant column is the token's: {columns:?}");
+    assert_eq!(tables[1]["label_column"], Value::Null);
+    let (status, for_employee) = api.get("/v1/catalog", Some(&token(TENANT, "emp", "Employee", None)), &[]).await;
+    assert_eq!((status, &for_employee), (200, &body), "every role reads the same catalog");
+    assert_error(api.get("/v1/catalog", None, &[]).await, 401, "invalid_token");
+    hub.shutdown().await;
+}
+
+#[actix_web::test]
+async fn a_label_or_format_of_a_column_the_table_lacks_stops_the_start() {
+    for (label, format) in [(Some("nmae"), None), (None, Some("price"))] {
+        let mut config = test_config(fresh_database().await);
+        let products = config.tables.iter_mut().find(|t| t.name == "products").unwrap();
+        products.label_column = label.map(String::from);
+        products.formats = format.map(|c| (c.to_string(), synchub::config::ColumnFormat::MoneyCents)).into_iter().collect();
+        let err = synchub::server::start(config).await.err().expect("the hub refuses to start");
+        let named = label.or(format).unwrap();
+        assert!(err.to_string().contains(&format!("`{named}`")) && err.to_string().contains("products"), "{err}");
+    }
 }

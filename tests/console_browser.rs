@@ -5,7 +5,9 @@
 //! written shown), and the device receives the resolution as an ordinary delta; on a second
 //! conflict a "keep" based on a value that changed meanwhile is refused and the conflict is
 //! dismissed, writing nothing; a conflict a delete won shows who deleted the row and offers
-//! only what can be done; a broadcast shows as a banner.
+//! keeping it deleted or restoring it with the other value, and the row comes back; rows show
+//! by their labels and prices as money; conflicts are found by row label, field and user; a
+//! broadcast shows as a banner.
 //!
 //! The test installs what it needs when it is missing (it runs as root on a fresh Debian
 //! machine under `cargo test --workspace`): `chromium` with apt-get, and playwright-core (pinned

@@ -151,7 +151,7 @@ async fn hub_with_notes() -> TestHub {
         .unwrap();
     db.close().await;
     TestHub::start_on(url, |config| {
-        config.tables.push(TableConfig { name: "notes".into(), tenant_column: "tenant_id".into(), policy: MergePolicy::Lww });
+        config.tables.push(TableConfig { name: "notes".into(), tenant_column: "tenant_id".into(), policy: MergePolicy::Lww, ..Default::default() });
     })
     .await
 }

@@ -63,7 +63,7 @@ async fn start(adjust: impl FnOnce(&mut Config)) -> TestHub {
     sqlx::raw_sql(FIELD_SERVICE_SQL).execute(&db).await.unwrap();
     let mut config = test_config(url.clone());
     for name in ["work_orders", "service_types"] {
-        config.tables.push(TableConfig { name: name.into(), tenant_column: "tenant_id".into(), policy: MergePolicy::Lww });
+        config.tables.push(TableConfig { name: name.into(), tenant_column: "tenant_id".into(), policy: MergePolicy::Lww, ..Default::default() });
     }
     config.rules = field_service_rules();
     adjust(&mut config);
@@ -509,7 +509,7 @@ async fn an_application_that_had_row_level_security_keeps_its_own_policies() {
     .await
     .unwrap();
     let mut config = test_config(url.clone());
-    config.tables.push(TableConfig { name: "work_orders".into(), tenant_column: "tenant_id".into(), policy: MergePolicy::Lww });
+    config.tables.push(TableConfig { name: "work_orders".into(), tenant_column: "tenant_id".into(), policy: MergePolicy::Lww, ..Default::default() });
     let running = synchub::server::start(config).await.expect("hub starts");
     let hub = TestHub { addr: running.addr, running: Some(running), db, database_url: url };
     let policies: Vec<String> =

@@ -44,7 +44,7 @@ const ITEMS_SQL: &str = "create table public.items (
 /// `items` synced next to the demo tables. No `config.rxdb` section: a collection named like
 /// its table needs none.
 fn register_items(config: &mut Config) {
-    config.tables.push(TableConfig { name: "items".into(), tenant_column: "tenant_id".into(), policy: MergePolicy::Lww });
+    config.tables.push(TableConfig { name: "items".into(), tenant_column: "tenant_id".into(), policy: MergePolicy::Lww, ..Default::default() });
     // The clients' schema says `note: ['string', 'null']`: nulls come back as null.
     config.rxdb_collections.push(RxdbCollectionConfig {
         name: "items".into(),

@@ -50,7 +50,7 @@ async fn hub() -> TestHub {
     db.close().await;
     TestHub::start_on(url, |config| {
         for name in ["readings", "stamped"] {
-            config.tables.push(TableConfig { name: name.into(), tenant_column: "tenant_id".into(), policy: MergePolicy::Lww });
+            config.tables.push(TableConfig { name: name.into(), tenant_column: "tenant_id".into(), policy: MergePolicy::Lww, ..Default::default() });
         }
     })
     .await

@@ -549,4 +549,8 @@ pub struct ConflictRecord {
     /// The value the resolution wrote, once resolved with a write.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolved_value: Option<Value>,
+    /// The row's label (its table's `label_column`, from the row or, once deleted, its last
+    /// values), in the conflict review API; absent where the table has none or in frames.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row_label: Option<String>,
 }

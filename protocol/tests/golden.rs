@@ -333,6 +333,7 @@ fn goldens() -> Vec<Golden> {
                     resolution: None,
                     resolution_seq: None,
                     resolved_value: None,
+                    row_label: None,
                 }),
                 open: 3,
             },

@@ -33,6 +33,27 @@ fn hub(req: &HttpRequest) -> Result<Arc<Hub>, ApiError> {
         .ok_or_else(|| ApiError::new(ErrorCode::Internal, "hub state missing"))
 }
 
+/// A verified token of any role (within the tenant's HTTP rate). The tenant is the token's.
+pub struct Member(pub Identity);
+
+impl Member {
+    fn from_request(req: &HttpRequest) -> Result<Member, ApiError> {
+        let hub = hub(req)?;
+        let identity = hub.verifier.verify(bearer(req)?)?;
+        hub.limits.http(&identity.tenant)?;
+        Ok(Member(identity))
+    }
+}
+
+impl FromRequest for Member {
+    type Error = ApiError;
+    type Future = Ready<Result<Member, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        ready(Member::from_request(req))
+    }
+}
+
 /// A verified token whose role may review conflicts. The tenant is the token's.
 pub struct Manager(pub Identity);
 

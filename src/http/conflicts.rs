@@ -25,7 +25,7 @@ use crate::storage::apply::BatchInput;
 use crate::storage::conflicts::{ConflictFilter, ResolveConflict, Resolution, Timestamp};
 use crate::sync::conditional::WriteCondition;
 
-/// Longest table or device name accepted as a filter, characters.
+/// Longest table, device, user or field name, or label text, accepted as a filter, characters.
 const MAX_FILTER_NAME_CHARS: usize = 200;
 
 #[derive(Deserialize)]
@@ -34,6 +34,9 @@ pub struct ListQuery {
     status: Option<String>,
     table: Option<String>,
     device: Option<String>,
+    user: Option<String>,
+    field: Option<String>,
+    label: Option<String>,
     since: Option<String>,
     until: Option<String>,
     limit: Option<u32>,
@@ -54,7 +57,8 @@ impl ListQuery {
             Some(other) => return Err(invalid(format!("status `{other}`: expected open, resolved or dismissed"))),
         };
         // Text goes to Postgres as a parameter: it must hold no NUL, which `text` cannot store.
-        for (name, value) in [("table", &self.table), ("device", &self.device)] {
+        let names = [("table", &self.table), ("device", &self.device), ("user", &self.user), ("field", &self.field), ("label", &self.label)];
+        for (name, value) in names {
             if value.as_ref().is_some_and(|v| v.is_empty() || v.chars().count() > MAX_FILTER_NAME_CHARS || v.contains('\0')) {
                 return Err(invalid(format!("{name} must be 1 to {MAX_FILTER_NAME_CHARS} characters, none of them NUL")));
             }
@@ -75,6 +79,9 @@ impl ListQuery {
             status,
             table: self.table,
             device: self.device,
+            user: self.user,
+            field: self.field,
+            label: self.label,
             since,
             until,
             before_id: self.before_id,
@@ -197,8 +204,16 @@ fn resolution_condition(conflict: &ConflictRecord, body: &ResolveBody) -> WriteC
 }
 
 /// The change that writes a resolution, at the row's current version so that it does not
-/// conflict; `None` when it would write nothing because the conflict's delete stays.
-fn resolution_change(conflict: &ConflictRecord, body: &ResolveBody, version: u64, row_exists: bool) -> Result<Change, ApiError> {
+/// conflict. Where a delete won, a keep is a delete of the missing row (nothing written) and
+/// the other value, or a new one, restores the row: `deleted_values` (what it held when it was
+/// deleted) with the field set.
+fn resolution_change(
+    conflict: &ConflictRecord,
+    body: &ResolveBody,
+    version: u64,
+    row_exists: bool,
+    deleted_values: Option<Object>,
+) -> Result<Change, ApiError> {
     let winner_is_server = conflict.winner == "server";
     let (winner, loser) = if winner_is_server { (&conflict.server, &conflict.incoming) } else { (&conflict.incoming, &conflict.server) };
     let by_delete = conflict.policy == "delete_wins";
@@ -230,7 +245,32 @@ fn resolution_change(conflict: &ConflictRecord, body: &ResolveBody, version: u64
         // Handled by `dismiss`, before any write is made.
         ResolveBody::Dismiss => return Err(ApiError(Error::Internal("a dismissal writes nothing".into()))),
     };
+    if by_delete {
+        if row_exists {
+            return Err(ApiError::new(
+                ErrorCode::StaleConflict,
+                "the row was re-created since the delete won; nothing was written: look at it and resolve again",
+            ));
+        }
+        let Some(mut fields) = deleted_values else {
+            return Err(ApiError::new(ErrorCode::RowDeleted, "the row's values from before its delete are no longer kept; it cannot be restored"));
+        };
+        fields.insert(conflict.field.clone(), value);
+        return Ok(change(Op::Upsert, fields));
+    }
     Ok(change(Op::Upsert, Object::from_iter([(conflict.field.clone(), value)])))
+}
+
+/// The condition a restore is written under: the row is still deleted (re-created meanwhile,
+/// it is refused `stale_conflict`).
+fn restore_condition() -> WriteCondition {
+    WriteCondition {
+        assumed: Some(Object::new()),
+        assumed_deleted: true,
+        compared: Arc::from(Vec::<String>::new()),
+        merge: false,
+        refuse: Some(ErrorCode::StaleConflict),
+    }
 }
 
 /// `{"action": "dismiss"}`: the conflict is closed as `dismissed` with nothing written, and the
@@ -277,17 +317,34 @@ async fn resolve_one(hub: &Hub, manager: &Manager, id: i64, body: ResolveBody) -
         // (`Dismiss` returned above.)
         ResolveBody::Value { .. } | ResolveBody::Dismiss => Resolution::Value,
     };
-    let change = resolution_change(&conflict, &body, version, row.is_some())?;
-    // Conditional on what the reviewer saw while the row is there (a deleted row is answered
-    // `row_deleted` by the merge, as before).
-    let conditions = if row.is_some() && change.op == Op::Upsert { vec![Some(resolution_condition(&conflict, &body))] } else { Vec::new() };
+    let restores = conflict.policy == "delete_wins" && !matches!(body, ResolveBody::Keep { .. });
+    let deleted_values = if restores && row.is_none() {
+        let schema = hub.store.catalog_with(&conflict.table).await.get(&conflict.table).cloned();
+        // The values to restore: what the table still has columns for, the tenant's own.
+        hub.store.deleted_values(&identity.tenant, &conflict.table, &conflict.key).await?.map(|values| {
+            values
+                .into_iter()
+                .filter(|(column, _)| schema.as_ref().is_some_and(|s| s.columns.contains_key(column) && *column != s.tenant_column))
+                .collect()
+        })
+    } else {
+        None
+    };
+    let change = resolution_change(&conflict, &body, version, row.is_some(), deleted_values)?;
+    // Conditional on what the reviewer saw: the field's value while the row is there, the row
+    // still deleted for a restore (a deleted row is otherwise answered `row_deleted` by the merge).
+    let conditions = match (restores, row.is_some(), change.op) {
+        (true, false, Op::Upsert) => vec![Some(restore_condition())],
+        (false, true, Op::Upsert) => vec![Some(resolution_condition(&conflict, &body))],
+        _ => Vec::new(),
+    };
     let input = BatchInput {
         device: DeviceId::new(format!("{CONSOLE_DEVICE_PREFIX}{}", identity.user)),
         user: identity.user.clone(),
         batch_id: Uuid::now_v7(),
         changes: vec![change],
         assign_device_seqs: true,
-        resolves: Some(ResolveConflict { conflict_id: id, resolution }),
+        resolves: Some(ResolveConflict { conflict_id: id, resolution, field: conflict.field.clone() }),
         // Managers only (`manager_roles`): a review is not bound by device rules.
         access: None,
         conditions,

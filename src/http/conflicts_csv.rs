@@ -8,7 +8,7 @@ use serde_json::Value;
 use crate::storage::conflicts::status_str;
 
 /// The header line's columns, in order.
-pub const COLUMNS: [&str; 20] = [
+pub const COLUMNS: [&str; 21] = [
     "id",
     "created_at",
     "status",
@@ -29,6 +29,7 @@ pub const COLUMNS: [&str; 20] = [
     "reviewed_at",
     "resolution",
     "resolved_value",
+    "row_label",
 ];
 
 /// The header line, with its line end.
@@ -41,7 +42,7 @@ pub fn header() -> String {
 /// One conflict's line, with its line end.
 pub fn line(c: &ConflictRecord) -> String {
     let kept = if c.winner == "server" { "stored" } else { "pushed" };
-    let cells: [String; 20] = [
+    let cells: [String; 21] = [
         c.id.to_string(),
         c.created_at.clone(),
         status_str(c.status).to_string(),
@@ -62,6 +63,7 @@ pub fn line(c: &ConflictRecord) -> String {
         c.reviewed_at.clone().unwrap_or_default(),
         c.resolution.clone().unwrap_or_default(),
         c.resolved_value.as_ref().map(value_text).unwrap_or_default(),
+        c.row_label.clone().unwrap_or_default(),
     ];
     let mut out = String::new();
     for (i, cell) in cells.iter().enumerate() {
@@ -159,11 +161,12 @@ mod tests {
             resolution: Some("value".into()),
             resolution_seq: Some(13),
             resolved_value: Some(json!(null)),
+            row_label: Some("Oat milk".into()),
         };
         assert_eq!(header().trim_end().split(',').count(), COLUMNS.len());
         assert_eq!(
             line(&c),
-            "7,2026-12-07T10:00:00Z,resolved,products,\"{\"\"id\"\":\"\"p1\"\"}\",name,pushed,lww,\"Tea, green\",pos-1,,250,pos-2,,3,12,mia,2026-12-07T11:00:00Z,value,null\r\n"
+            "7,2026-12-07T10:00:00Z,resolved,products,\"{\"\"id\"\":\"\"p1\"\"}\",name,pushed,lww,\"Tea, green\",pos-1,,250,pos-2,,3,12,mia,2026-12-07T11:00:00Z,value,null,Oat milk\r\n"
         );
     }
 }

@@ -1,10 +1,12 @@
-//! The HTTP API beside the WebSocket: conflict review for managers (`/v1/conflicts*`),
+//! The HTTP API beside the WebSocket: conflict review for managers (`/v1/conflicts*`) and the
+//! tables as they see them (`/v1/catalog`),
 //! server-side writers (`/v1/tenants/{tenant}/push`, `/broadcast`) and a session's token
 //! refresh (`/v1/sessions/{id}/token`). Here: the routes, the
 //! request limits and error answers of the extractors, and the one way a batch reaches its
 //! tenant actor from HTTP (the same queue, merge and cursor rules as a device's push).
 
 pub mod auth;
+pub mod catalog;
 pub mod conflicts;
 pub mod conflicts_csv;
 pub mod error;
@@ -36,7 +38,8 @@ pub fn routes(cfg: &mut web::ServiceConfig, config: &Config) {
     // A path that does not parse (an id that is not a number) names nothing.
     let path = web::PathConfig::default().error_handler(|_, _req| ApiError::new(ErrorCode::NotFound, "no such object").into());
     cfg.app_data(json).app_data(query).app_data(path);
-    cfg.route("/v1/conflicts", web::get().to(conflicts::list))
+    cfg.route("/v1/catalog", web::get().to(catalog::catalog))
+        .route("/v1/conflicts", web::get().to(conflicts::list))
         .route("/v1/conflicts/counts", web::get().to(conflicts::counts))
         .route("/v1/conflicts/export.csv", web::get().to(conflicts::export_csv))
         .route("/v1/conflicts/resolve", web::post().to(conflicts::resolve_many))

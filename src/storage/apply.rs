@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use super::as_written::{keep_as_written, same_value};
 use super::catalog::{Catalog, TableSchema};
+use super::presentation::Presentation;
 use super::conflicts::{self, ResolveConflict};
 use super::json_text::{JsonText, RawJson};
 use super::record::{self, ChangeToLog, LogOp};
@@ -464,7 +465,8 @@ impl Store {
             let settings = if changes >= LARGE_GROUP_CHANGES { LARGE_GROUP_SETTINGS } else { MERGE_SETTINGS };
             let begin = self.tenant_begin_sql(tenant, "begin", settings, "savepoint synchub_group");
             let mut tx = conn.begin_with(begin).await?;
-            let done = match apply_group(&mut tx, &catalog, tenant, batches, limits, expected_head, usable.as_deref_mut(), refuse).await? {
+            let presentation = &self.presentation;
+            let done = match apply_group(&mut tx, &catalog, presentation, tenant, batches, limits, expected_head, usable.as_deref_mut(), refuse).await? {
                 Applied::Done(output, fill) => (output, fill),
                 Applied::HeadMoved => {
                     tracing::debug!(tenant = %tenant, "head moved under the group; redone with the head locked");
@@ -473,7 +475,7 @@ impl Store {
                         cache.clear();
                     }
                     sqlx::query("rollback to savepoint synchub_group").execute(&mut *tx).await?;
-                    match apply_group(&mut tx, &catalog, tenant, batches, limits, None, None, refuse).await? {
+                    match apply_group(&mut tx, &catalog, presentation, tenant, batches, limits, None, None, refuse).await? {
                         Applied::Done(output, fill) => (output, fill),
                         Applied::HeadMoved => return Err(Error::Internal("the tenant's head moved while locked".into())),
                     }
@@ -611,6 +613,7 @@ const BOOKKEEPING_NO_CONFLICTS_SQL: &str =
 async fn apply_group(
     conn: &mut PgConnection,
     catalog: &Catalog,
+    presentation: &Presentation,
     tenant: &TenantId,
     batches: &[BatchInput],
     limits: ApplyLimits,
@@ -625,7 +628,7 @@ async fn apply_group(
     // columns the identity may write, and the conflicts the group resolves (locked).
     let locks = GroupLocks {
         devices: batches.iter().map(|b| b.device.as_str()).collect(),
-        conflicts: batches.iter().filter_map(|b| b.resolves.map(|r| r.conflict_id)).collect(),
+        conflicts: batches.iter().filter_map(|b| b.resolves.as_ref().map(|r| r.conflict_id)).collect(),
     };
     // Hub-numbered batches take their device_seqs from the cursors, so these are read first;
     // otherwise they come with the rows (step 2), a round trip less.
@@ -642,7 +645,7 @@ async fn apply_group(
     for (b, batch) in batches.iter().enumerate() {
         change_ids.clear();
         // A conflict is resolved by the first batch of the group that resolves it.
-        let may_resolve = batch.resolves.is_none_or(|r| resolvable.remove(&r.conflict_id));
+        let may_resolve = batch.resolves.as_ref().is_none_or(|r| resolvable.remove(&r.conflict_id));
         for (i, change) in batch.changes.iter().enumerate() {
             if let Some(refusal) = refuse {
                 outcomes[b][i] = Some(reject(refusal.0, refusal.1.clone()));
@@ -652,7 +655,7 @@ async fn apply_group(
                 outcomes[b][i] = Some(reject(ErrorCode::ChangeIdReused, "an earlier change of this batch has the same change_id"));
                 continue;
             }
-            if let Some(conflict_id) = batch.resolves.filter(|_| !may_resolve).map(|r| r.conflict_id) {
+            if let Some(conflict_id) = batch.resolves.as_ref().filter(|_| !may_resolve).map(|r| r.conflict_id) {
                 outcomes[b][i] = Some(reject(ErrorCode::ConflictNotOpen, format!("conflict {conflict_id} is not open")));
                 continue;
             }
@@ -884,13 +887,14 @@ async fn apply_group(
         Err(sqlx::Error::Database(err)) if take_head.is_some() && err.constraint() == Some(LOG_SEQ_KEY) => return Ok(Applied::HeadMoved),
         Err(err) => return Err(err.into()),
     };
-    let logged_conflicts = conflicts::conflict_records(logged_conflicts)?;
+    let mut logged_conflicts = conflicts::conflict_records(logged_conflicts)?;
+    label_conflicts(&mut logged_conflicts, &state, presentation);
 
     // Resolutions: a resolving batch whose change was not rejected marks its conflict (locked
     // and open since step 1) resolved.
     let mut marks = Vec::new();
     for (b, batch) in batches.iter().enumerate() {
-        let (Some(resolves), Some(last)) = (batch.resolves, batch.changes.len().checked_sub(1)) else { continue };
+        let (Some(resolves), Some(last)) = (batch.resolves.as_ref(), batch.changes.len().checked_sub(1)) else { continue };
         let rejected = (0..batch.changes.len()).any(|i| {
             outcomes[b][i].is_some() || results_by_change.get(&(b, i)).is_none_or(|r| r.status == ChangeStatus::Rejected)
         });
@@ -903,7 +907,7 @@ async fn apply_group(
             user: batch.user.clone(),
             resolution: resolves.resolution,
             seq: results_by_change.get(&(b, last)).and_then(|r| r.seq),
-            value: (change.op == Op::Upsert).then(|| change.fields.values().next().cloned()).flatten(),
+            value: (change.op == Op::Upsert).then(|| change.fields.get(&resolves.field).cloned()).flatten(),
         });
     }
     let resolved = conflicts::mark_resolved(conn, tenant, &marks).await?;
@@ -1307,6 +1311,28 @@ async fn merge_and_write(
         }
     }
     Ok(())
+}
+
+/// Each logged conflict's row label (its table's label column) from the row as the group left
+/// it, so that conflict frames carry it as the review API does; none for a row the group
+/// deleted.
+fn label_conflicts(records: &mut [ConflictRecord], state: &MergeState, presentation: &Presentation) {
+    let labelled = |table: &str| presentation.get(table).and_then(|p| p.label_column.as_deref());
+    if !records.iter().any(|r| labelled(&r.table).is_some()) {
+        return;
+    }
+    // Keys as JSON text: both sides are the key Postgres normalized, in its order.
+    let rows: HashMap<(&str, String), &RowSlot> =
+        state.rows.iter().map(|((table, _), slot)| ((table.as_str(), Value::Object(slot.key.clone()).to_string()), slot)).collect();
+    for record in records.iter_mut() {
+        let Some(column) = labelled(&record.table) else { continue };
+        let slot = rows.get(&(record.table.as_str(), Value::Object(record.key.clone()).to_string()));
+        record.row_label = match slot.and_then(|s| s.state.values.as_ref()?.get(column)) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(text)) => Some(text.clone()),
+            Some(other) => Some(other.to_string()),
+        };
+    }
 }
 
 /// The row image a write returned, with the values a client wrote where Postgres holds them

@@ -106,6 +106,29 @@ impl TableSchema {
         )
     }
 
+    /// The text of `label_column` for the row whose normalized key is the `jsonb` expression
+    /// `key` (`$1` tenant): from the row, or once deleted from the old values its delete
+    /// logged (through `synchub.log_entry`) or, past a trim, its tombstone's last values; null
+    /// when none holds it. A scalar subquery, for a select list or a condition.
+    pub fn label_sql(&self, label_column: &str, key: &str) -> String {
+        format!(
+            "(select coalesce((select t.{label}::text from {table} t where {tenant} and ({tk}) = ({kk}) limit 1), \
+               (select coalesce(synchub.json_value(x.e -> 4)::jsonb, v.last_values) ->> '{label_literal}' \
+                 from synchub.row_versions v \
+                 left join lateral (select synchub.log_entry($1, v.version) as e) x on x.e ->> 1 = 'd' \
+                 where v.tenant_id = $1 and v.table_name = '{table_literal}' and v.pk_text = ({key})::text \
+                   and v.deleted is not null limit 1)) \
+             from jsonb_populate_record(null::{table}, {key}) k)",
+            label = quote_ident(label_column),
+            label_literal = label_column.replace('\'', "''"),
+            table = self.name,
+            table_literal = self.name.replace('\'', "''"),
+            tenant = self.tenant_match("t"),
+            tk = self.key_list("t"),
+            kk = self.key_list("k"),
+        )
+    }
+
     /// `$1` tenant, `$2` normalized key (jsonb) → the current row (null when missing) and
     /// its version from `synchub.row_versions` (0 when never written through the log). Reads
     /// without locking, for the review API.

@@ -41,10 +41,13 @@ impl Resolution {
 
 /// A batch that writes a conflict's resolution: the merge marks the conflict resolved in the
 /// same transaction as the write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResolveConflict {
     pub conflict_id: i64,
     pub resolution: Resolution,
+    /// The conflict's field: its value in the resolving change is the value the resolution
+    /// wrote (a restore writes the whole row).
+    pub field: String,
 }
 
 /// Filters of `GET /v1/conflicts`; every one optional but `limit`.
@@ -54,6 +57,11 @@ pub struct ConflictFilter {
     pub table: Option<String>,
     /// Either side's device.
     pub device: Option<String>,
+    /// Either side's user.
+    pub user: Option<String>,
+    pub field: Option<String>,
+    /// Text the row's label holds, compared without case.
+    pub label: Option<String>,
     /// Inclusive, on `created_at`.
     pub since: Option<Timestamp>,
     /// Exclusive, on `created_at`.
@@ -113,6 +121,8 @@ struct ConflictRow {
     resolution_seq: Option<i64>,
     #[serde(default)]
     resolved_value: Option<Value>,
+    #[serde(default)]
+    row_label: Option<String>,
 }
 
 /// One `synchub.conflicts` row (`to_jsonb(c)`) as the wire's conflict record.
@@ -144,6 +154,7 @@ pub fn conflict_record(row: Value) -> Result<ConflictRecord> {
         resolution: r.resolution,
         resolution_seq: r.resolution_seq.map(|s| s as u64),
         resolved_value: r.resolved_value,
+        row_label: r.row_label,
     })
 }
 
@@ -263,8 +274,9 @@ impl Store {
         let mut tx = self.begin_tenant(tenant).await?;
         let limit = filter.limit.max(1);
         // One more than the page, to know whether another page follows.
-        let rows: Vec<Value> = sqlx::query_scalar(
-            "select to_jsonb(c) from synchub.conflicts c \
+        let rows: Vec<Value> = sqlx::query_scalar(&format!(
+            "select to_jsonb(c) || jsonb_build_object('row_label', l.label) from synchub.conflicts c \
+             cross join lateral (select {label} as label) l \
              where c.tenant_id = $1 \
                and ($2::text is null or c.review_status = $2) \
                and ($3::text is null or c.table_name = $3) \
@@ -272,8 +284,12 @@ impl Store {
                and ($5::timestamptz is null or c.created_at >= $5::timestamptz) \
                and ($6::timestamptz is null or c.created_at < $6::timestamptz) \
                and ($7::int8 is null or c.conflict_id < $7) \
+               and ($9::text is null or c.server_user = $9 or c.incoming_user = $9) \
+               and ($10::text is null or c.field = $10) \
+               and ($11::text is null or strpos(lower(l.label), lower($11)) > 0) \
              order by c.conflict_id desc limit $8",
-        )
+            label = self.presentation().conflict_label_sql(&self.catalog()),
+        ))
         .bind(tenant.as_str())
         .bind(filter.status.map(status_str))
         .bind(filter.table.as_deref())
@@ -282,6 +298,9 @@ impl Store {
         .bind(filter.until)
         .bind(filter.before_id)
         .bind(i64::from(limit) + 1)
+        .bind(filter.user.as_deref())
+        .bind(filter.field.as_deref())
+        .bind(filter.label.as_deref())
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -354,7 +373,11 @@ impl Store {
     pub async fn conflict(&self, tenant: &TenantId, id: i64) -> Result<Option<ConflictRecord>> {
         let _read = self.read_permit().await?;
         let mut tx = self.begin_tenant(tenant).await?;
-        let row: Option<Value> = sqlx::query_scalar("select to_jsonb(c) from synchub.conflicts c where c.tenant_id = $1 and c.conflict_id = $2")
+        let sql = format!(
+            "select to_jsonb(c) || jsonb_build_object('row_label', {label}) from synchub.conflicts c where c.tenant_id = $1 and c.conflict_id = $2",
+            label = self.presentation().conflict_label_sql(&self.catalog()),
+        );
+        let row: Option<Value> = sqlx::query_scalar(&sql)
             .bind(tenant.as_str())
             .bind(id)
             .fetch_optional(&mut *tx)
@@ -381,6 +404,29 @@ impl Store {
             _ => None,
         };
         Ok((values, row.get::<i64, _>("version") as u64))
+    }
+
+    /// The values a deleted row had when it was deleted: the old values its delete logged or,
+    /// once that entry is trimmed, the ones its tombstone kept. `None` when the row is not
+    /// deleted (it was never written through the hub, or is there again) or nothing kept them.
+    pub async fn deleted_values(&self, tenant: &TenantId, table: &str, key: &Object) -> Result<Option<Object>> {
+        let _read = self.read_permit().await?;
+        let mut tx = self.begin_tenant(tenant).await?;
+        let values: Option<Option<Value>> = sqlx::query_scalar(
+            "select coalesce(synchub.json_value(x.e -> 4)::jsonb, v.last_values) from synchub.row_versions v \
+             left join lateral (select synchub.log_entry($1, v.version) as e) x on x.e ->> 1 = 'd' \
+             where v.tenant_id = $1 and v.table_name = $2 and v.pk_text = $3::jsonb::text and v.deleted is not null",
+        )
+        .bind(tenant.as_str())
+        .bind(table)
+        .bind(Value::Object(key.clone()))
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(match values.flatten() {
+            Some(Value::Object(values)) => Some(values),
+            _ => None,
+        })
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod apply;
 pub mod as_written;
 pub mod catalog;
+pub mod presentation;
 pub mod conflicts;
 pub mod device_status;
 pub mod documents;
@@ -50,6 +51,8 @@ pub struct Store {
     /// How long one of the tenant actors' transactions may take (config
     /// `db_transaction_timeout_ms`).
     transaction_timeout: Duration,
+    /// Tables' label columns and formats (config `[[tables]]`).
+    presentation: presentation::Presentation,
 }
 
 /// How many of the pool's connections session reads and group commits may hold at once: half
@@ -127,6 +130,7 @@ impl Store {
         }
         let catalog = Catalog::load(&pool).await?;
         tracing::info!(tables = ?catalog.names().collect::<Vec<_>>(), "synced tables loaded");
+        let presentation = presentation::Presentation::resolve(&pool, &catalog, &config.tables).await?;
         let (reads, merges) = pool_shares(config.db_pool_size);
         Ok(Arc::new(Store {
             pool,
@@ -136,6 +140,7 @@ impl Store {
             row_level_security: config.row_level_security,
             row_budget: row_cache::RowBudget::new(config.row_cache_total_rows),
             transaction_timeout: config.db_transaction_timeout(),
+            presentation,
         }))
     }
 
@@ -197,6 +202,10 @@ impl Store {
     /// Wait for a turn to read (without a deadline: a waiting session costs no connection).
     async fn read_permit(&self) -> Result<tokio::sync::SemaphorePermit<'_>> {
         self.reads.acquire().await.map_err(|_| Error::ShuttingDown)
+    }
+
+    pub fn presentation(&self) -> &presentation::Presentation {
+        &self.presentation
     }
 
     pub fn catalog(&self) -> Arc<Catalog> {

@@ -47,6 +47,12 @@ const winner = env('E2E_WINNER');
 const other = env('E2E_OTHER');
 const broadcast = env('E2E_BROADCAST');
 const phoneShot = screenshot.replace(/(\.png)?$/, '-375.png');
+/** A screenshot of a step, kept beside the others as a test artifact. */
+async function stepShot(page, name) {
+  const file = screenshot.replace(/(\.png)?$/, `-${name}.png`);
+  await page.screenshot({ path: file, fullPage: true });
+  say(`screenshot (${name}): ${path.resolve(file)}`);
+}
 const STEP_MS = 20000;
 
 const stdinLines = createInterface({ input: process.stdin });
@@ -140,9 +146,9 @@ try {
   });
 
   await check('a condition without a value is refused, not sent as ""', async () => {
-    await page.locator('#sub-form').getByLabel('Table').fill('products');
+    await page.locator('#sub-form').getByLabel('Table').selectOption('products');
     const cond = page.locator('#condition-list li').first();
-    await cond.getByLabel('Column').fill('price_cents');
+    await cond.getByLabel('Column').selectOption('price_cents');
     await cond.getByLabel('Operator').selectOption('gte');
     await page.getByRole('button', { name: 'Subscribe' }).click();
     await page.locator('#sub-form', { hasText: 'has no value' }).waitFor();
@@ -150,9 +156,9 @@ try {
   });
 
   await check('subscribe to products with a filter and a snapshot', async () => {
-    await page.locator('#sub-form').getByLabel('Table').fill('products');
+    await page.locator('#sub-form').getByLabel('Table').selectOption('products');
     const cond = page.locator('#condition-list li').first();
-    await cond.getByLabel('Column').fill('price_cents');
+    await cond.getByLabel('Column').selectOption('price_cents');
     await cond.getByLabel('Operator').selectOption('gte');
     await cond.getByLabel('Value').fill('0');
     await page.getByRole('button', { name: 'Subscribe' }).click();
@@ -161,9 +167,9 @@ try {
 
   await check('a second subscription: products at 92 cents or less', async () => {
     await page.locator('#sub-form').getByLabel('Name').fill('cheap');
-    await page.locator('#sub-form').getByLabel('Table').fill('products');
+    await page.locator('#sub-form').getByLabel('Table').selectOption('products');
     const cond = page.locator('#condition-list li').first();
-    await cond.getByLabel('Column').fill('price_cents');
+    await cond.getByLabel('Column').selectOption('price_cents');
     await cond.getByLabel('Operator').selectOption('lte');
     await cond.getByLabel('Value').fill('92');
     await page.getByRole('button', { name: 'Subscribe', exact: true }).click();
@@ -191,6 +197,17 @@ try {
     expect(count === 1, `the list shows ${count} conflicts, expected 1`);
   });
 
+  // The demo config labels products by name and shows price_cents as money.
+  let winnerShown;
+  let otherShown;
+  await check('the conflict names its row by its label, values read as money', async () => {
+    await page.locator('#conflict-list li .ci-title', { hasText: 'Flat white (products)' }).waitFor();
+    const money = (cents) => page.evaluate((c) => new Intl.NumberFormat(undefined, { style: 'currency', currency: 'USD' }).format(c / 100), Number(cents));
+    [winnerShown, otherShown] = [await money(winner), await money(other)];
+    const values = (await page.locator('#conflict-list li .ci-values').innerText()).trim();
+    expect(values.includes(winnerShown) && values.includes(otherShown), `the list should show ${winnerShown} and ${otherShown}: "${values}"`);
+  });
+
   let conflictTitle;
   await check('the broadcast shows as a banner', async () => {
     await page.locator('#banners .banner', { hasText: broadcast }).waitFor();
@@ -216,7 +233,7 @@ try {
     const incoming = page.locator('#conflict-detail .side-incoming .value');
     const [sv, iv] = [(await server.innerText()).trim(), (await incoming.innerText()).trim()];
     const shown = new Set([sv, iv]);
-    expect(shown.has(winner) && shown.has(other), `expected values ${winner} and ${other} side by side, the page shows ${sv} and ${iv}`);
+    expect(shown.has(winnerShown) && shown.has(otherShown), `expected values ${winnerShown} and ${otherShown} side by side, the page shows ${sv} and ${iv}`);
     const [a, b] = [await server.boundingBox(), await incoming.boundingBox()];
     expect(a && b && Math.abs(a.y - b.y) < 4 && b.x > a.x + a.width - 1, 'the two values are not side by side');
     await page.locator('#conflict-detail .side.won').waitFor();
@@ -250,7 +267,7 @@ try {
     await page.locator('#detail-h').focus();
     const { info, trail } = await tabUntil(page, (i) => i.tag === 'button' && /^Use \S+'s value instead/.test(i.text), 10, 'the "Use …\'s value instead" button');
     say(`keyboard: ${trail.length} Tab presses: ${trail.join(' → ')}`);
-    expect(info.text.includes(other), `the button should name the other value ${other}: "${info.text}"`);
+    expect(info.text.includes(otherShown), `the button should name the other value ${otherShown}: "${info.text}"`);
     expect(info.outline !== 'none', 'the focused resolve button shows no focus outline');
     await page.keyboard.press('Enter');
     await page.locator('#conflict-detail .resolve.done').waitFor();
@@ -260,9 +277,10 @@ try {
 
   await check('the badge goes to 0 and the feed shows the change', async () => {
     await page.locator('#badge-text', { hasText: 'Conflicts: 0 open' }).waitFor();
-    await page.locator('#feed .entry.update', { hasText: other }).first().waitFor();
-    await page.locator('#conflict-detail .current', { hasText: other }).waitFor();
-    await page.locator('#conflict-detail .resolution-facts', { hasText: other }).waitFor();
+    await page.locator('#feed .entry.update', { hasText: otherShown }).first().waitFor();
+    await page.locator('#feed .entry.update .row-label', { hasText: 'Flat white' }).first().waitFor();
+    await page.locator('#conflict-detail .current', { hasText: otherShown }).waitFor();
+    await page.locator('#conflict-detail .resolution-facts', { hasText: otherShown }).waitFor();
   });
 
   await check('download every conflict as CSV', async () => {
@@ -293,6 +311,7 @@ try {
     expect(await page.locator('#feed .entry.delete').count() === 0, 'a row that left a filter is shown as deleted');
     await page.getByRole('button', { name: /^Keep \S+'s value/ }).click();
     await page.locator('#conflict-detail .resolve .error', { hasText: 'changed since this page showed it' }).waitFor();
+    await stepShot(page, 'stale-keep');
     await page.locator('#conflict-detail .current strong', { hasText: '95' }).waitFor();
     await page.locator('#badge-text', { hasText: 'Conflicts: 1 open' }).waitFor();
     await page.getByRole('button', { name: 'Dismiss (write nothing)' }).click();
@@ -304,7 +323,7 @@ try {
   });
 
   say('ready for a delete that wins');
-  await check('a delete that won: "deleted by", and only what can be done', async () => {
+  await check('a delete that won: "deleted by", and what can be done: keep it deleted or restore it', async () => {
     const line = await Promise.race([nextStdinLine(), new Promise((r) => setTimeout(() => r(null), 60000))]);
     expect(line !== null, 'the test did not say that it pushed the change to a deleted row');
     await page.locator('#badge-text', { hasText: 'Conflicts: 1 open' }).waitFor();
@@ -312,9 +331,14 @@ try {
     await page.locator('#conflict-detail .side.won .value', { hasText: 'deleted by pos-a' }).waitFor();
     expect(!(await page.locator('#conflict-detail').innerText()).includes('null'), 'the deleted side shows null');
     expect(await page.getByRole('button', { name: /^Use \S+'s value instead/ }).count() === 0, 'a value it cannot write is offered');
-    await page.getByRole('button', { name: 'Keep it deleted' }).click();
+    await page.getByRole('button', { name: 'Keep it deleted' }).waitFor();
+    const price = await page.evaluate(() => new Intl.NumberFormat(undefined, { style: 'currency', currency: 'USD' }).format(3));
+    await page.getByRole('button', { name: `Restore it with pos-b's value: ${price}` }).click();
     await page.locator('#conflict-detail .resolve.done', { hasText: 'Resolved' }).waitFor();
     await page.locator('#badge-text', { hasText: 'Conflicts: 0 open' }).waitFor();
+    // The row is back as it was deleted, with pos-b's price.
+    await page.locator('#conflict-detail .current', { hasText: 'Chai' }).waitFor();
+    await page.locator('#conflict-detail .current strong', { hasText: price }).waitFor();
   });
 
   say('ready for bulk review');
@@ -333,6 +357,7 @@ try {
     await summary.filter({ hasText: 'refused' }).waitFor();
     const text = await summary.innerText();
     expect(/^1 kept what was kept; 1 refused: #\d+ \(`price_cents` changed/.test(text), `the summary says "${text}"`);
+    await stepShot(page, 'bulk-review');
     await page.locator('#bulk-count', { hasText: '1 selected' }).waitFor();
     await page.locator('#bulk-dismiss').click();
     await summary.filter({ hasText: '1 dismissed' }).waitFor();
@@ -384,6 +409,40 @@ try {
     await show();
   });
 
+  await check('search by row label, field and user', async () => {
+    const show = () => page.getByRole('button', { name: 'Show', exact: true }).click();
+    const titles = async (ok) => {
+      let shown = [];
+      for (let i = 0; i < 100; i += 1) {
+        shown = await page.locator('#conflict-list li .ci-title').allInnerTexts();
+        if (ok(shown)) return shown;
+        await page.waitForTimeout(100);
+      }
+      return shown;
+    };
+    await page.locator('#cf-status').selectOption('');
+    // The chai's conflict (its row restored by then).
+    await page.locator('#cf-label').fill('chai');
+    await show();
+    let shown = await titles((t) => t.length === 1 && t[0].includes('Chai (products)'));
+    expect(shown.length === 1 && shown[0].includes('Chai (products)'), `"chai" should find the chai's conflict alone: ${JSON.stringify(shown)}`);
+    await page.locator('#cf-label').fill('OAT');
+    await page.locator('#cf-field').fill('price_cents');
+    await page.locator('#cf-user').fill('user-pos-b');
+    await show();
+    shown = await titles((t) => t.length === 2 && t.every((x) => x.includes('Oat milk (products)')));
+    expect(shown.length === 2 && shown.every((x) => x.includes('Oat milk (products)')), `"OAT" by user-pos-b on price_cents: ${JSON.stringify(shown)}`);
+    const hash = await page.evaluate(() => location.hash);
+    expect(/label=OAT/.test(hash) && /user=user-pos-b/.test(hash) && /field=price_cents/.test(hash), `the URL lacks the filters: "${hash}"`);
+    await stepShot(page, 'filters');
+    await page.locator('#cf-user').fill('nobody');
+    await show();
+    await page.locator('#conflict-empty').waitFor();
+    for (const f of ['#cf-label', '#cf-field', '#cf-user']) await page.locator(f).fill('');
+    await page.locator('#cf-status').selectOption('open');
+    await show();
+  });
+
   await check('a reload keeps the filters, the open conflict and the subscriptions', async () => {
     await page.locator('#cf-status').selectOption('resolved');
     await page.getByRole('button', { name: 'Show', exact: true }).click();
@@ -417,6 +476,7 @@ try {
     await page.getByRole('button', { name: 'Sign in' }).click();
     await page.locator('#conn[data-state="open"]').waitFor();
     await page.locator('#renew-when', { hasText: 'expires at' }).waitFor();
+    await stepShot(page, 'token-expiring');
     await page.locator('#cf-status').selectOption('resolved');
     await page.getByRole('button', { name: 'Show', exact: true }).click();
     await page.locator('#conflict-list li button.conflict-open').first().click();
