@@ -610,6 +610,7 @@ const BOOKKEEPING_SQL: &str = bookkeeping_sql!(
 const BOOKKEEPING_NO_CONFLICTS_SQL: &str =
     bookkeeping_sql!("conflicts as (select * from synchub.conflicts where false and $13::jsonb is not null), ");
 
+#[allow(clippy::too_many_arguments)]
 async fn apply_group(
     conn: &mut PgConnection,
     catalog: &Catalog,
