@@ -21,36 +21,6 @@ const LIMITED_TOKEN: &str = "limited-token-0123456789";
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-struct Api {
-    base: String,
-    http: reqwest::Client,
-}
-
-impl Api {
-    fn of(hub: &TestHub) -> Api {
-        Api { base: format!("http://{}", hub.addr), http: reqwest::Client::new() }
-    }
-
-    async fn send(&self, request: reqwest::RequestBuilder, token: Option<&str>) -> (u16, Value) {
-        let request = match token {
-            Some(t) => request.bearer_auth(t),
-            None => request,
-        };
-        let response = request.send().await.expect("HTTP request");
-        let status = response.status().as_u16();
-        let body = response.json::<Value>().await.unwrap_or(Value::Null);
-        (status, body)
-    }
-
-    async fn get(&self, path: &str, token: Option<&str>, query: &[(&str, &str)]) -> (u16, Value) {
-        self.send(self.http.get(format!("{}{path}", self.base)).query(query), token).await
-    }
-
-    async fn post(&self, path: &str, token: Option<&str>, body: &Value) -> (u16, Value) {
-        self.send(self.http.post(format!("{}{path}", self.base)).json(body), token).await
-    }
-}
-
 fn manager(tenant: &str) -> String {
     token(tenant, "mgr-1", "Manager", None)
 }

@@ -15,11 +15,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Mutex;
 use std::time::Duration;
 
+use common::browser::{ensure_browser_tools, repo, target_dir, CHROMIUM};
 use common::*;
 use protocol::{ChangeStatus, ServerFrame};
 use serde_json::{json, Value};
@@ -28,36 +27,13 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use uuid::Uuid;
 
 const TENANT: &str = "console-store";
-const CHROMIUM: &str = "/usr/bin/chromium";
 const SERVICE_TOKEN: &str = "alerts-service-token-0123456789";
 const BROADCAST_TEXT: &str = "Card terminals are offline: take cash only";
 /// The whole browser run, from launch to the last check.
 const BROWSER_RUN: Duration = Duration::from_secs(240);
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("target"))
-}
 
-/// Chromium, node (20 or newer) and playwright-core, installed if missing. Idempotent; one
-/// installer at a time within this test binary.
-fn ensure_browser_tools() {
-    static ONCE: Mutex<bool> = Mutex::new(false);
-    let mut done = ONCE.lock().unwrap_or_else(|e| e.into_inner());
-    if *done {
-        return;
-    }
-    if !Path::new(CHROMIUM).exists() {
-        node::apt_install(&["chromium"], "installing Debian's chromium for the console test (needs root and the Debian archive)");
-        assert!(Path::new(CHROMIUM).exists(), "apt-get installed chromium but {CHROMIUM} is missing");
-    }
-    node::ensure_node(20, "the console test (playwright-core)");
-    node::npm_ci(&repo().join("tests/browser"), "the console test (playwright-core)");
-    *done = true;
-}
 
 #[actix_web::test]
 async fn console_files_are_served_with_types_caching_and_a_strict_policy() {
@@ -105,7 +81,7 @@ async fn console_files_are_served_with_types_caching_and_a_strict_policy() {
 
 #[actix_web::test]
 async fn manager_resolves_a_conflict_in_the_browser_and_the_device_receives_it() {
-    ensure_browser_tools();
+    ensure_browser_tools("the console test");
     // The devices' sockets are not read while the browser works; a long heartbeat keeps them.
     let hub = TestHub::start_with(|c| {
         c.heartbeat_timeout_ms = 600_000;

@@ -9,11 +9,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Mutex;
 use std::time::Duration;
 
+use common::browser::{ensure_browser_tools, repo, target_dir, CHROMIUM};
 use common::*;
 use protocol::{ChangeStatus, Position};
 use serde_json::{json, Value};
@@ -22,28 +21,18 @@ use uuid::Uuid;
 
 const TENANT: &str = "store-ops";
 const OTHER: &str = "store-elsewhere";
-const CHROMIUM: &str = "/usr/bin/chromium";
 /// The whole browser run, from launch to the last check.
 const BROWSER_RUN: Duration = Duration::from_secs(180);
 
-struct Api {
-    base: String,
-    http: reqwest::Client,
+/// `GET /v1/operations` of a test hub.
+trait OperationsApi {
+    async fn operations(&self, token: Option<&str>) -> (u16, Value);
+    async fn operations_when(&self, token: &str, what: &str, ready: impl Fn(&Value) -> bool) -> Value;
 }
 
-impl Api {
-    fn of(hub: &TestHub) -> Api {
-        Api { base: format!("http://{}", hub.addr), http: reqwest::Client::new() }
-    }
-
+impl OperationsApi for Api {
     async fn operations(&self, token: Option<&str>) -> (u16, Value) {
-        let mut request = self.http.get(format!("{}/v1/operations", self.base));
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        let response = request.send().await.expect("HTTP request");
-        let status = response.status().as_u16();
-        (status, response.json::<Value>().await.unwrap_or(Value::Null))
+        self.get("/v1/operations", token, &[]).await
     }
 
     /// The view once `ready` holds for it (status writes happen in the background).
@@ -269,33 +258,12 @@ async fn only_managers_see_operations_within_the_rate_limit() {
 // In the browser
 // ---------------------------------------------------------------------------------------------
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("target"))
-}
 
-/// Chromium, node (20 or newer) and playwright-core, installed if missing (as the console test).
-fn ensure_browser_tools() {
-    static ONCE: Mutex<bool> = Mutex::new(false);
-    let mut done = ONCE.lock().unwrap_or_else(|e| e.into_inner());
-    if *done {
-        return;
-    }
-    if !Path::new(CHROMIUM).exists() {
-        node::apt_install(&["chromium"], "installing Debian's chromium for the operations view test (needs root and the Debian archive)");
-        assert!(Path::new(CHROMIUM).exists(), "apt-get installed chromium but {CHROMIUM} is missing");
-    }
-    node::ensure_node(20, "the operations view test (playwright-core)");
-    node::npm_ci(&repo().join("tests/browser"), "the operations view test (playwright-core)");
-    *done = true;
-}
 
 #[actix_web::test]
 async fn a_manager_reads_the_operations_view_in_the_browser() {
-    ensure_browser_tools();
+    ensure_browser_tools("the operations view test");
     let hub = TestHub::start_with(|c| c.heartbeat_timeout_ms = 600_000).await;
     let api = Api::of(&hub);
     let (_, _till_b) = devices_at_work(&hub, &api).await;

@@ -17,6 +17,7 @@
 // Exits 0 when every step passed, 1 with the reason otherwise.
 
 import { chromium } from 'playwright-core';
+import { launchPage } from './page.mjs';
 import { readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import path from 'node:path';
@@ -109,20 +110,7 @@ async function noHorizontalOverflow(page, where) {
     `${where}: the page overflows horizontally (scrollWidth ${m.scroll} > ${m.client}; too wide: ${m.wide.join(', ') || 'n/a'})`);
 }
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  args: ['--no-sandbox', '--disable-dev-shm-usage'],
-  headless: true,
-}).catch((err) => fail(`cannot start chromium: ${err.message}`));
-
-const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
-const page = await context.newPage();
-page.setDefaultTimeout(STEP_MS);
-const pageErrors = [];
-page.on('pageerror', (err) => pageErrors.push(err.message));
-page.on('console', (msg) => {
-  if (msg.type() === 'error') pageErrors.push(`console: ${msg.text()}`);
-});
+const { browser, page, pageErrors } = await launchPage(chromium, { stepMs: STEP_MS, fail });
 
 let ok = false;
 try {

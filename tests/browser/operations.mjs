@@ -16,6 +16,7 @@
 // Exits 0 when every step passed, 1 with the reason otherwise.
 
 import { chromium } from 'playwright-core';
+import { launchPage } from './page.mjs';
 import path from 'node:path';
 
 function say(msg) {
@@ -51,20 +52,7 @@ function expect(cond, msg) {
   if (!cond) throw new Error(msg);
 }
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  args: ['--no-sandbox', '--disable-dev-shm-usage'],
-  headless: true,
-}).catch((err) => fail(`cannot start chromium: ${err.message}`));
-
-const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
-const page = await context.newPage();
-page.setDefaultTimeout(STEP_MS);
-const pageErrors = [];
-page.on('pageerror', (err) => pageErrors.push(err.message));
-page.on('console', (msg) => {
-  if (msg.type() === 'error') pageErrors.push(`console: ${msg.text()}`);
-});
+const { browser, page, pageErrors } = await launchPage(chromium, { stepMs: STEP_MS, fail });
 
 /** The text of the device row whose header cell is `device`. */
 async function rowText(device) {

@@ -2,6 +2,7 @@
 //! on port 0, and a WebSocket client that speaks the protocol crate's codec.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod driver;
 pub mod node;
 
@@ -474,5 +475,36 @@ impl Drop for HubThread {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// The HTTP API of a test hub: each call answers its status and JSON body (null when none).
+pub struct Api {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub fn of(hub: &TestHub) -> Api {
+        Api { base: format!("http://{}", hub.addr), http: reqwest::Client::new() }
+    }
+
+    pub async fn send(&self, request: reqwest::RequestBuilder, token: Option<&str>) -> (u16, Value) {
+        let request = match token {
+            Some(t) => request.bearer_auth(t),
+            None => request,
+        };
+        let response = request.send().await.expect("HTTP request");
+        let status = response.status().as_u16();
+        let body = response.json::<Value>().await.unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>, query: &[(&str, &str)]) -> (u16, Value) {
+        self.send(self.http.get(format!("{}{path}", self.base)).query(query), token).await
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: &Value) -> (u16, Value) {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(body), token).await
     }
 }
