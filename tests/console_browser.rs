@@ -18,7 +18,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::browser::{ensure_browser_tools, repo, target_dir, CHROMIUM};
+use common::browser::{echo_and_keep, ensure_browser_tools, repo, target_dir, CHROMIUM};
 use common::*;
 use protocol::{ChangeStatus, ServerFrame};
 use serde_json::{json, Value};
@@ -129,17 +129,7 @@ async fn manager_resolves_a_conflict_in_the_browser_and_the_device_receives_it()
         .expect("node starts (tests/browser/console.mjs)");
     let mut stdin = node.stdin.take().unwrap();
     let mut lines = BufReader::new(node.stdout.take().unwrap()).lines();
-    let stderr = node.stderr.take().unwrap();
-    let stderr_text = tokio::spawn(async move {
-        let mut text = String::new();
-        let mut lines = BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            eprintln!("{line}");
-            text.push_str(&line);
-            text.push('\n');
-        }
-        text
-    });
+    let stderr_text = echo_and_keep(node.stderr.take().unwrap());
 
     let deadline = tokio::time::Instant::now() + BROWSER_RUN;
     let mut pushed = false;

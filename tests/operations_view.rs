@@ -12,7 +12,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::browser::{ensure_browser_tools, repo, target_dir, CHROMIUM};
+use common::browser::{echo_and_keep, ensure_browser_tools, repo, target_dir, CHROMIUM};
 use common::*;
 use protocol::{ChangeStatus, Position};
 use serde_json::{json, Value};
@@ -291,17 +291,7 @@ async fn a_manager_reads_the_operations_view_in_the_browser() {
         .spawn()
         .expect("node starts (tests/browser/operations.mjs)");
     let mut lines = BufReader::new(node.stdout.take().unwrap()).lines();
-    let stderr = node.stderr.take().unwrap();
-    let stderr_text = tokio::spawn(async move {
-        let mut text = String::new();
-        let mut lines = BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            eprintln!("{line}");
-            text.push_str(&line);
-            text.push('\n');
-        }
-        text
-    });
+    let stderr_text = echo_and_keep(node.stderr.take().unwrap());
     let deadline = tokio::time::Instant::now() + BROWSER_RUN;
     let mut output = Vec::new();
     loop {

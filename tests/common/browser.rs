@@ -33,3 +33,18 @@ pub fn ensure_browser_tools(purpose: &str) {
     node::npm_ci(&repo().join("tests/browser"), &format!("{purpose} (playwright-core)"));
     *done = true;
 }
+
+/// Echo a browser script's error output as it comes, and keep it for the failure message.
+pub fn echo_and_keep(stderr: tokio::process::ChildStderr) -> tokio::task::JoinHandle<String> {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    tokio::spawn(async move {
+        let mut text = String::new();
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("{line}");
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    })
+}
