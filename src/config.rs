@@ -353,6 +353,12 @@ pub struct Config {
     /// `invalid_batch`.
     pub conflict_bulk_max: u32,
 
+    /// Device status writes (last seen, position) in flight at once; more are dropped. Default 64.
+    pub device_status_writes: usize,
+    /// How long a device status write waits for its row, ms. Default 1,000.
+    pub device_status_lock_timeout_ms: u64,
+    /// Most devices `GET /v1/operations` lists (by id; it says when there are more). Default 5,000.
+    pub operations_max_devices: u32,
     /// The currency of `money_cents` columns in the console (ISO 4217 code). Default "USD".
     pub console_currency: String,
 
@@ -483,6 +489,9 @@ impl Default for Config {
             conflict_page_max: 500,
             conflict_export_max_rows: 100_000,
             console_currency: "USD".into(),
+            device_status_writes: 64,
+            device_status_lock_timeout_ms: 1_000,
+            operations_max_devices: 5_000,
             conflict_bulk_max: 500,
             tables: Vec::new(),
             rxdb_collections: Vec::new(),
@@ -557,6 +566,9 @@ impl Config {
             ("conflict_page_default", self.conflict_page_default as u64),
             ("conflict_page_max", self.conflict_page_max as u64),
             ("conflict_export_max_rows", self.conflict_export_max_rows as u64),
+            ("device_status_writes", self.device_status_writes as u64),
+            ("device_status_lock_timeout_ms", self.device_status_lock_timeout_ms),
+            ("operations_max_devices", u64::from(self.operations_max_devices)),
             ("conflict_bulk_max", self.conflict_bulk_max as u64),
             ("rxdb_auth_timeout_ms", self.rxdb_auth_timeout_ms),
             ("rxdb_pending_requests", self.rxdb_pending_requests as u64),

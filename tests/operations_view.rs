@@ -262,6 +262,25 @@ async fn only_managers_see_operations_within_the_rate_limit() {
 
 
 #[actix_web::test]
+async fn the_device_list_stops_at_its_limit_and_says_so() {
+    let hub = TestHub::start_with(|c| c.operations_max_devices = 2).await;
+    let api = Api::of(&hub);
+    for device in ["till-1", "till-2", "till-3"] {
+        sqlx::query("insert into synchub.device_status (tenant_id, device_id, user_id, last_seen_at, last_position) values ($1, $2, 'u', now(), 0)")
+            .bind(TENANT)
+            .bind(device)
+            .execute(&hub.db)
+            .await
+            .unwrap();
+    }
+    let (status, view) = api.operations(Some(&manager(TENANT))).await;
+    assert_eq!(status, 200, "{view}");
+    let listed: Vec<&str> = view["devices"].as_array().unwrap().iter().map(|d| d["device_id"].as_str().unwrap()).collect();
+    assert_eq!((listed, &view["devices_truncated"]), (vec!["till-1", "till-2"], &json!(true)));
+    hub.shutdown().await;
+}
+
+#[actix_web::test]
 async fn a_manager_reads_the_operations_view_in_the_browser() {
     ensure_browser_tools("the operations view test");
     let hub = TestHub::start_with(|c| c.heartbeat_timeout_ms = 600_000).await;

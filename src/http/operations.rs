@@ -84,7 +84,7 @@ pub async fn operations(hub: web::Data<Arc<Hub>>, manager: Manager) -> Result<Ht
         None => Arc::new(Vec::new()),
     };
     // One after another: each takes one of the session reads' connections, not three at once.
-    let statuses = hub.store.device_statuses(tenant).await?;
+    let statuses = hub.store.device_statuses(tenant, hub.config.operations_max_devices).await?;
     let changes = hub.store.changes_per_hour(tenant, now, HOURS).await?;
     let conflicts = hub.store.conflicts_per_hour(tenant, now, HOURS).await?;
     let head = statuses.head_seq;

@@ -4,13 +4,15 @@
 //!
 //! The writes come from device sessions (a resume from a position, the session's end) and must
 //! never slow or fail a session or a push: [`Store::note_device_seen`] spawns the write and
-//! returns at once, at most [`MAX_STATUS_WRITES`] run at a time (more are dropped: a status is
+//! returns at once, at most `device_status_writes` run at a time (more are dropped: a status is
 //! only ever a little staler), each counts against the session reads' share of the pool and
 //! touches only its own table (never a row a merge locks), waits at most
-//! [`STATUS_LOCK_TIMEOUT_MS`] for its row, and a failure is logged, never reported to the client.
+//! `device_status_lock_timeout_ms` for its row, and a failure is logged, never reported to the
+//! client.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -18,33 +20,20 @@ use super::Store;
 use crate::error::{Error, Result};
 use crate::ids::{DeviceId, Seq, TenantId, UserId, CONSOLE_DEVICE_PREFIX, DASHBOARD_DEVICE_PREFIX};
 
-/// Status writes in flight at once, over every tenant; past it a write is dropped (and counted
-/// in the log), so a reconnect storm cannot queue unbounded work behind the sessions' reads.
-pub const MAX_STATUS_WRITES: usize = 64;
-/// How long a status write waits for the device's status row (another status write of the same
-/// device holds it), ms.
-pub const STATUS_LOCK_TIMEOUT_MS: u64 = 1_000;
-/// The most devices one status read returns (by device id); the answer says when there were more.
-pub const MAX_DEVICES_LISTED: i64 = 5_000;
-
-static WRITES_IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
-static WRITES_DROPPED: AtomicUsize = AtomicUsize::new(0);
-
-/// Frees a slot of [`WRITES_IN_FLIGHT`] however the write ends (a panic included).
-struct Slot;
-
-impl Slot {
-    fn take() -> Option<Slot> {
-        WRITES_IN_FLIGHT
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_STATUS_WRITES).then_some(n + 1))
-            .ok()
-            .map(|_| Slot)
-    }
+/// The bounds of the status writes (config `device_status_writes`, `device_status_lock_timeout_ms`):
+/// writes in flight at once over every tenant, past which a write is dropped (and counted in
+/// the log), so a reconnect storm cannot queue unbounded work behind the sessions' reads; and how
+/// long a write waits for the device's status row (another write of the same device holds it).
+pub struct StatusWrites {
+    in_flight: Arc<tokio::sync::Semaphore>,
+    max: usize,
+    dropped: AtomicUsize,
+    lock_timeout: Duration,
 }
 
-impl Drop for Slot {
-    fn drop(&mut self) {
-        WRITES_IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+impl StatusWrites {
+    pub fn new(max: usize, lock_timeout: Duration) -> StatusWrites {
+        StatusWrites { in_flight: Arc::new(tokio::sync::Semaphore::new(max)), max, dropped: AtomicUsize::new(0), lock_timeout }
     }
 }
 
@@ -73,7 +62,7 @@ type StatusRow = (String, Option<String>, Option<i64>, Option<i64>, i64, Option<
 pub struct DeviceStatuses {
     pub head_seq: Seq,
     pub devices: Vec<DeviceStatus>,
-    /// More devices than [`MAX_DEVICES_LISTED`]: the list holds the first by id.
+    /// More devices than the read asked for at most: the list holds the first by id.
     pub truncated: bool,
 }
 
@@ -83,11 +72,12 @@ impl Store {
     pub fn note_device_seen(self: &Arc<Self>, tenant: &TenantId, device: &DeviceId, user: &UserId, position: Option<Seq>) {
         // A session that stops while its arbiter shuts down has no runtime left to write with.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        let Some(slot) = Slot::take() else {
-            let dropped = WRITES_DROPPED.fetch_add(1, Ordering::Relaxed) + 1;
+        let writes = &self.status_writes;
+        let Ok(slot) = writes.in_flight.clone().try_acquire_owned() else {
+            let dropped = writes.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             // Once, then every thousandth: a storm should not flood the log either.
             if dropped % 1000 == 1 {
-                tracing::warn!(dropped, "device status writes dropped: {MAX_STATUS_WRITES} in flight");
+                tracing::warn!(dropped, in_flight = writes.max, "device status writes dropped (device_status_writes)");
             }
             return;
         };
@@ -104,7 +94,7 @@ impl Store {
 
     async fn write_device_seen(&self, tenant: &TenantId, device: &str, user: &str, position: Option<Seq>) -> Result<()> {
         let _read = self.read_permit().await?;
-        let lock_timeout = STATUS_LOCK_TIMEOUT_MS.to_string();
+        let lock_timeout = self.status_writes.lock_timeout.as_millis().to_string();
         let mut tx = self.begin_tenant_with(tenant, "begin", &[("lock_timeout", &lock_timeout)], "").await?;
         // A position not known keeps the last one known.
         sqlx::query(
@@ -124,8 +114,9 @@ impl Store {
     }
 
     /// Every device of the tenant the hub has a status or a cursor for (not the console's or
-    /// dashboards'), by id, with the tenant's head seq, in one snapshot.
-    pub async fn device_statuses(&self, tenant: &TenantId) -> Result<DeviceStatuses> {
+    /// dashboards'), by id, at most `max`, with the tenant's head seq, in one snapshot.
+    pub async fn device_statuses(&self, tenant: &TenantId, max: u32) -> Result<DeviceStatuses> {
+        let max = i64::from(max.max(1));
         let _read = self.read_permit().await?;
         let mut tx = self.begin_tenant_with(tenant, "begin isolation level repeatable read, read only", &[], "").await?;
         let head: Option<i64> = sqlx::query_scalar("select head_seq from synchub.tenants where tenant_id = $1")
@@ -153,14 +144,14 @@ impl Store {
         .bind(CONSOLE_DEVICE_PREFIX)
         .bind(DASHBOARD_DEVICE_PREFIX.len() as i32)
         .bind(DASHBOARD_DEVICE_PREFIX)
-        .bind(MAX_DEVICES_LISTED + 1)
+        .bind(max + 1)
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        let truncated = rows.len() as i64 > MAX_DEVICES_LISTED;
+        let truncated = rows.len() as i64 > max;
         let devices = rows
             .into_iter()
-            .take(MAX_DEVICES_LISTED as usize)
+            .take(max as usize)
             .map(|(device_id, user_id, last_seen_ms, position, last_device_seq, last_push_ms)| DeviceStatus {
                 device_id,
                 user_id,

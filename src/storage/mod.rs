@@ -53,6 +53,9 @@ pub struct Store {
     transaction_timeout: Duration,
     /// Tables' label columns and formats (config `[[tables]]`).
     presentation: presentation::Presentation,
+    /// The bounds of the devices' status writes (config `device_status_writes`,
+    /// `device_status_lock_timeout_ms`).
+    status_writes: device_status::StatusWrites,
 }
 
 /// How many of the pool's connections session reads and group commits may hold at once: half
@@ -141,6 +144,10 @@ impl Store {
             row_budget: row_cache::RowBudget::new(config.row_cache_total_rows),
             transaction_timeout: config.db_transaction_timeout(),
             presentation,
+            status_writes: device_status::StatusWrites::new(
+                config.device_status_writes,
+                Duration::from_millis(config.device_status_lock_timeout_ms),
+            ),
         }))
     }
 
