@@ -201,7 +201,7 @@ export class Operations {
     $('#ops-empty').hidden = devices.length > 0;
     const hours = data.hours ?? [];
     if (hours.length) {
-      replace($('#ops-changes'), barChart('ops-changes', 'Changes pushed per hour', hours, 'changes'));
+      replace($('#ops-changes'), barChart('ops-changes', 'Changes pushed per hour', hours, 'pushed'));
       replace($('#ops-conflicts'), barChart('ops-conflicts', 'Conflicts per hour', hours, 'conflicts'));
     }
   }

@@ -203,11 +203,22 @@ async fn the_view_shows_devices_their_positions_lag_and_the_last_day_by_hour() {
     assert!(starts[0] % 3_600_000 == 0 && (0..3_600_000).contains(&(now_ms() as i64 - starts[23])), "the last is the current hour: {starts:?}");
     let sum = |key: &str| hours.iter().map(|h| h[key].as_u64().unwrap()).sum::<u64>();
     assert_eq!(sum("changes"), head_seq, "every change of the log is in its hour: {hours:?}");
+    assert_eq!(sum("pushed"), head_seq, "here every change was a device's push: {hours:?}");
     let conflicts: i64 = sqlx::query_scalar("select count(*) from synchub.conflicts where tenant_id = $1").bind(TENANT).fetch_one(&hub.db).await.unwrap();
     assert!(conflicts >= 1);
     assert_eq!(sum("conflicts"), conflicts as u64, "{hours:?}");
     assert!(sum("devices") >= 2, "till-a and till-b pushed: {hours:?}");
     assert!(view["now"].is_string() && !view["devices_truncated"].as_bool().unwrap());
+
+    // A change written by SQL is logged, but pushed by no device.
+    sqlx::query("update public.products set stock = stock + 1 where tenant_id = $1 and name = 'Cortado'")
+        .bind(TENANT)
+        .execute(&hub.db)
+        .await
+        .unwrap();
+    let (_, later) = api.operations(Some(&mgr)).await;
+    let later_sum = |key: &str| later["hours"].as_array().unwrap().iter().map(|h| h[key].as_u64().unwrap()).sum::<u64>();
+    assert_eq!((later_sum("changes"), later_sum("pushed")), (head_seq + 1, head_seq), "{later:#}");
 
     // The other tenant sees only its own device.
     let other = api.operations_when(&manager(OTHER), "the other tenant's device offline", |v| v["devices"][0]["online"] == false).await;

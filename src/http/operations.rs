@@ -53,6 +53,8 @@ struct Hour {
     hour: String,
     /// Changes logged in the hour (devices', the console's and other writers').
     changes: u64,
+    /// Of them, the devices' pushes'.
+    pushed: u64,
     /// Devices that pushed some of them.
     devices: u64,
     /// Conflicts logged in the hour.
@@ -127,7 +129,7 @@ pub async fn operations(hub: web::Data<Arc<Hub>>, manager: Manager) -> Result<Ht
     let hours = changes
         .iter()
         .zip(&conflicts)
-        .map(|(c, (_, conflicts))| Hour { hour: rfc3339(c.hour_ms).unwrap_or_default(), changes: c.changes, devices: c.devices, conflicts: *conflicts })
+        .map(|(c, (_, conflicts))| Hour { hour: rfc3339(c.hour_ms).unwrap_or_default(), changes: c.changes, pushed: c.pushed, devices: c.devices, conflicts: *conflicts })
         .collect();
     let body = Operations {
         now: rfc3339(now).unwrap_or_default(),

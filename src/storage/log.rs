@@ -12,7 +12,7 @@ use sqlx::Row;
 use super::record::{self, LoggedChange};
 use super::Store;
 use crate::error::{Error, Result};
-use crate::ids::{Seq, TenantId};
+use crate::ids::{Seq, TenantId, CONSOLE_DEVICE_PREFIX};
 use crate::rules::AccessView;
 use crate::storage::catalog::TableSchema;
 
@@ -140,6 +140,8 @@ pub struct HourOfChanges {
     pub hour_ms: i64,
     /// Changes logged (every writer's: devices, the console, SQL clients).
     pub changes: u64,
+    /// Of them, the devices' own (their pushes'; not the console's or SQL writers').
+    pub pushed: u64,
     /// Devices whose changes were among them.
     pub devices: u64,
 }
@@ -156,25 +158,30 @@ impl Store {
         let first_hour = now_ms.div_euclid(HOUR_MS) * HOUR_MS - (i64::from(hours.max(1)) - 1) * HOUR_MS;
         let _read = self.read_permit().await?;
         let mut tx = self.begin_tenant_with(tenant, "begin isolation level repeatable read, read only", &[], "").await?;
-        let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+        let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
             "with g as materialized (select last_seq, last_seq - first_seq + 1 as n, \
                  (floor(extract(epoch from committed_at) / 3600) * 3600000)::int8 as hour_ms \
                from synchub.log_groups where tenant_id = $1 and committed_at >= to_timestamp($2::float8 / 1000)) \
-             , d as (select g.hour_ms, count(distinct r.device_id) as devices from g \
-                 join synchub.log_device_ranges r on r.tenant_id = $1 and r.group_last_seq = g.last_seq group by g.hour_ms) \
-             select g.hour_ms, sum(g.n)::int8, coalesce(max(d.devices), 0)::int8 \
+             , d as (select g.hour_ms, count(distinct r.device_id) as devices, \
+                   sum(r.last_device_seq - r.first_device_seq + 1) as pushed from g \
+                 join synchub.log_device_ranges r on r.tenant_id = $1 and r.group_last_seq = g.last_seq \
+                 where left(r.device_id, $3) <> $4 group by g.hour_ms) \
+             select g.hour_ms, sum(g.n)::int8, coalesce(max(d.pushed), 0)::int8, coalesce(max(d.devices), 0)::int8 \
              from g left join d on d.hour_ms = g.hour_ms group by g.hour_ms",
         )
         .bind(tenant.as_str())
         .bind(first_hour as f64)
+        .bind(CONSOLE_DEVICE_PREFIX.len() as i32)
+        .bind(CONSOLE_DEVICE_PREFIX)
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
         let mut buckets: Vec<HourOfChanges> =
             (0..i64::from(hours.max(1))).map(|i| HourOfChanges { hour_ms: first_hour + i * HOUR_MS, ..Default::default() }).collect();
-        for (hour_ms, changes, devices) in rows {
+        for (hour_ms, changes, pushed, devices) in rows {
             if let Some(bucket) = usize::try_from((hour_ms - first_hour) / HOUR_MS).ok().and_then(|i| buckets.get_mut(i)) {
                 bucket.changes = changes.max(0) as u64;
+                bucket.pushed = pushed.max(0) as u64;
                 bucket.devices = devices.max(0) as u64;
             }
         }
