@@ -542,6 +542,8 @@ impl Till {
         }
     }
 
+    /// One message from the hub. Long because it is the till's whole reading of the protocol:
+    /// one arm per server frame it acts on, each a few lines.
     async fn on_message(&mut self, message: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>, pool: &PgPool, report: &mut impl FnMut(&str)) {
         let bytes = match message {
             Some(Ok(Message::Text(text))) => text.into_bytes(),
