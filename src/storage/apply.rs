@@ -1322,12 +1322,18 @@ fn label_conflicts(records: &mut [ConflictRecord], state: &MergeState, presentat
     if !records.iter().any(|r| labelled(&r.table).is_some()) {
         return;
     }
-    // Keys as JSON text: both sides are the key Postgres normalized, in its order.
-    let rows: HashMap<(&str, String), &RowSlot> =
-        state.rows.iter().map(|((table, _), slot)| ((table.as_str(), Value::Object(slot.key.clone()).to_string()), slot)).collect();
+    // Keys as JSON text (maps serialize in key order), for the rows of the conflicts' tables only.
+    let key_text = |key: &Object| serde_json::to_string(key).unwrap_or_default();
+    let tables: HashSet<&str> = records.iter().map(|r| r.table.as_str()).collect();
+    let rows: HashMap<(&str, String), &RowSlot> = state
+        .rows
+        .iter()
+        .filter(|((table, _), _)| tables.contains(table.as_str()))
+        .map(|((table, _), slot)| ((table.as_str(), key_text(&slot.key)), slot))
+        .collect();
     for record in records.iter_mut() {
         let Some(column) = labelled(&record.table) else { continue };
-        let slot = rows.get(&(record.table.as_str(), Value::Object(record.key.clone()).to_string()));
+        let slot = rows.get(&(record.table.as_str(), key_text(&record.key)));
         record.row_label = match slot.and_then(|s| s.state.values.as_ref()?.get(column)) {
             None | Some(Value::Null) => None,
             Some(Value::String(text)) => Some(text.clone()),
