@@ -103,8 +103,8 @@ async fn footprint(db: &sqlx::PgPool, tenant: &str) -> Vec<i64> {
     out
 }
 
-#[actix_web::test]
-async fn no_entry_point_crosses_tenants_or_tells_what_another_tenant_holds() {
+/// A hub with two service tokens (one for every tenant, one for B only) and its HTTP API.
+async fn hub_with_bridges() -> (TestHub, Api) {
     let hub = TestHub::start_with(|config| {
         config.service_tokens = vec![
             ServiceToken { name: "bridge".into(), token: Secret(EVERY_TENANT.into()), tenants: vec![] },
@@ -113,6 +113,12 @@ async fn no_entry_point_crosses_tenants_or_tells_what_another_tenant_holds() {
     })
     .await;
     let api = Api { base: format!("http://{}", hub.addr), http: reqwest::Client::new() };
+    (hub, api)
+}
+
+#[actix_web::test]
+async fn no_entry_point_crosses_tenants_or_tells_what_another_tenant_holds() {
+    let (hub, api) = hub_with_bridges().await;
 
     // A's world: a product, a conflict on it, and a session whose id B will try.
     let (mut a1, a1_session) = device_session(&hub, A, "pos-a1").await;
@@ -441,14 +447,7 @@ fn products_binding(extra: Value) -> Value {
 
 #[actix_web::test]
 async fn the_rxdb_and_supabase_endpoints_do_not_cross_tenants_or_tell_what_another_tenant_holds() {
-    let hub = TestHub::start_with(|config| {
-        config.service_tokens = vec![
-            ServiceToken { name: "bridge".into(), token: Secret(EVERY_TENANT.into()), tenants: vec![] },
-            ServiceToken { name: "b-bridge".into(), token: Secret(B_ONLY.into()), tenants: vec![B.into()] },
-        ];
-    })
-    .await;
-    let api = Api { base: format!("http://{}", hub.addr), http: reqwest::Client::new() };
+    let (hub, api) = hub_with_bridges().await;
 
     // A's products, and B's own one (the control: B's sessions do see B's rows).
     let (mut a1, _) = device_session(&hub, A, "pos-a1").await;
