@@ -406,6 +406,32 @@ pub struct Config {
     /// Default none: private joins are refused.
     pub supabase_private_channels: Vec<PrivateChannelRule>,
 
+    // ---- cluster mode ----
+    /// NATS server(s) linking several hubs over one Postgres (`nats://host:4222`, several
+    /// comma-separated); `synchub serve --nats` sets it too. Default none: a single node with
+    /// the in-process bus.
+    pub nats_url: Option<String>,
+    /// This node's name in the cluster (presence, metrics, logs). Default: the host name and
+    /// a random suffix, new at each start.
+    pub node_id: Option<String>,
+    /// First token of every NATS subject the hub uses, so that several clusters can share one
+    /// NATS. Default `"synchub"`.
+    pub cluster_subject_prefix: String,
+    /// Messages waiting to be handed to NATS, per node, messages. Default 8192; past it a
+    /// message is dropped (counted), and other nodes read what it carried from Postgres.
+    pub cluster_publish_queue: usize,
+    /// How often a node tells the others it is alive, ms. Default 1000.
+    pub cluster_heartbeat_ms: u64,
+    /// A node silent for this long is taken for dead: its sessions leave every presence list,
+    /// ms. Default 5000.
+    pub cluster_node_timeout_ms: u64,
+    /// How long a node waits for a missing seq to arrive over NATS before it reads it from
+    /// Postgres, ms. Default 20.
+    pub cluster_gap_wait_ms: u64,
+    /// While NATS is unreachable, how often each node reads its tenants' heads from Postgres
+    /// to find changes committed by other nodes, ms. Default 250.
+    pub cluster_fallback_poll_ms: u64,
+
     // ---- roles and rules ----
     /// `[[rules]]`: per table and role, read/write access, a row restriction to a claim, and
     /// hidden columns (see [`crate::rules`]). Default none: every role reads and writes
@@ -506,6 +532,14 @@ impl Default for Config {
             supabase_held_frames: 256,
             supabase_sessions_channel: Some("sessions".into()),
             supabase_private_channels: Vec::new(),
+            nats_url: None,
+            node_id: None,
+            cluster_subject_prefix: "synchub".into(),
+            cluster_publish_queue: 8192,
+            cluster_heartbeat_ms: 1000,
+            cluster_node_timeout_ms: 5000,
+            cluster_gap_wait_ms: 20,
+            cluster_fallback_poll_ms: 250,
             rules: Vec::new(),
             row_level_security: true,
         }
@@ -579,10 +613,26 @@ impl Config {
             ("supabase_messages_per_second", self.supabase_messages_per_second as u64),
             ("supabase_pending_requests", self.supabase_pending_requests as u64),
             ("supabase_held_frames", self.supabase_held_frames as u64),
+            ("cluster_publish_queue", self.cluster_publish_queue as u64),
+            ("cluster_heartbeat_ms", self.cluster_heartbeat_ms),
+            ("cluster_node_timeout_ms", self.cluster_node_timeout_ms),
+            ("cluster_fallback_poll_ms", self.cluster_fallback_poll_ms),
         ];
         for (name, value) in positive {
             if value == 0 {
                 return Err(Error::Config(format!("{name} must be greater than 0")));
+            }
+        }
+        if self.cluster_node_timeout_ms < 2 * self.cluster_heartbeat_ms {
+            return Err(Error::Config("cluster_node_timeout_ms must be at least twice cluster_heartbeat_ms".into()));
+        }
+        let subject_token = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !subject_token(&self.cluster_subject_prefix) {
+            return Err(Error::Config(format!("cluster_subject_prefix `{}` must be letters, digits, `-` or `_`", self.cluster_subject_prefix)));
+        }
+        if let Some(node) = &self.node_id {
+            if !subject_token(node) || node.len() > 64 {
+                return Err(Error::Config(format!("node_id `{node}` must be 1 to 64 letters, digits, `-` or `_`")));
             }
         }
         if self.group_commit_max_changes < self.max_batch_changes {
@@ -663,6 +713,11 @@ impl Config {
     }
     pub fn readyz_timeout(&self) -> Duration {
         Duration::from_millis(self.readyz_timeout_ms)
+    }
+
+    /// Cluster mode is on: a NATS URL is set.
+    pub fn clustered(&self) -> bool {
+        self.nats_url.as_deref().is_some_and(|u| !u.trim().is_empty())
     }
 }
 

@@ -38,6 +38,11 @@ string_id!(
     /// A user, from the token's subject claim.
     UserId
 );
+string_id!(
+    /// A hub process in a cluster (`node_id`): who sent a cluster message, whose sessions a
+    /// presence entry lists.
+    NodeId
+);
 
 /// Position in a tenant's change log; gap-free in commit order.
 pub type Seq = u64;

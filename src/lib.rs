@@ -4,6 +4,7 @@
 //!
 //! # Layout
 //! - [`config`]: every setting and limit, from a TOML file and `SYNCHUB_*` variables.
+//! - [`cluster`]: cluster mode: the NATS link between hubs over one Postgres, node ids, heartbeats.
 //! - [`auth`]: JWT → [`auth::Identity`] (tenant, user, role, device, claims).
 //! - [`rules`]: roles and rules: which tables and rows a role reads and writes, hidden columns.
 //! - [`limits`]: rate limits per device, session and tenant, and the cap on sessions.
@@ -24,6 +25,7 @@
 
 pub mod actors;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod console;
 pub mod demo;

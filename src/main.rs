@@ -44,7 +44,15 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve against the database in `DATABASE_URL` (or `database_url` in the config).
-    Serve,
+    Serve {
+        /// Cluster mode: link to the other nodes over this NATS server (`nats://host:4222`,
+        /// several comma-separated); overrides `nats_url`.
+        #[arg(long)]
+        nats: Option<String>,
+        /// This node's id in the cluster; overrides `node_id`.
+        #[arg(long)]
+        node_id: Option<String>,
+    },
     /// Development hub: a private Postgres cluster in `--data-dir` (unless DATABASE_URL is
     /// set), the demo point-of-sale schema and tenant, and printed tokens.
     Dev {
@@ -79,6 +87,11 @@ async fn run() -> anyhow::Result<()> {
     telemetry::init();
     let cli = Cli::parse();
     let mut config = Config::load(cli.config.as_deref()).context("loading configuration")?;
+    if let Command::Serve { nats, node_id } = &cli.command {
+        config.nats_url = nats.clone().or(config.nats_url.take());
+        config.node_id = node_id.clone().or(config.node_id.take());
+        config.validate().context("checking configuration")?;
+    }
     let mut cluster = None;
     let dev = matches!(cli.command, Command::Dev { .. });
     let demo_devices = matches!(cli.command, Command::Dev { demo: true, .. });

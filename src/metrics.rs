@@ -78,6 +78,17 @@ pub struct Metrics {
     /// requests refused by reason.
     pub supabase_sessions_opened: AtomicU64,
     pub supabase_joins: AtomicU64,
+    /// Cluster mode: messages handed to NATS, dropped instead (link down, queue full, too
+    /// large), and received from other nodes; seq gaps read from Postgres; polls of the
+    /// tenants' heads while NATS was down; and the lag of other nodes' commits here.
+    pub cluster_published: AtomicU64,
+    pub cluster_publish_dropped: AtomicU64,
+    pub cluster_received: AtomicU64,
+    pub cluster_gap_fills: AtomicU64,
+    pub cluster_fallback_polls: AtomicU64,
+    pub cluster_deltas_received: AtomicU64,
+    pub cluster_lag_ms_sum: AtomicU64,
+    pub cluster_lag_count: AtomicU64,
     supabase_messages: [AtomicU64; SUPABASE_MESSAGES.len()],
     supabase_refusals: [AtomicU64; SUPABASE_REFUSALS.len()],
     errors: Mutex<BTreeMap<&'static str, u64>>,
@@ -171,6 +182,14 @@ pub struct Gauges {
     pub row_cache_rows: usize,
     /// The allocator's own figures (`None` where it cannot tell).
     pub memory: Option<AllocatorStats>,
+    /// In cluster mode: whether the NATS link is up, and the nodes alive (this one included).
+    pub cluster: Option<ClusterGauges>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ClusterGauges {
+    pub nats_connected: bool,
+    pub nodes: usize,
 }
 
 /// jemalloc's figures, in bytes: what the hub asked for, the pages those allocations span,
@@ -322,6 +341,18 @@ impl Metrics {
         buckets.push(("_count".into(), commits));
         metric("synchub_group_commit_seconds", "histogram", "Time from the start of a group transaction to its commit.", &buckets);
         metric("synchub_deltas_committed_total", "counter", "Log entries committed and fanned out.", &one(get(&self.deltas_committed)));
+        if let Some(cluster) = gauges.cluster {
+            metric("synchub_cluster_nats_connected", "gauge", "Whether this node's NATS link is up (1) or down (0).", &one(f64::from(u8::from(cluster.nats_connected))));
+            metric("synchub_cluster_nodes", "gauge", "Nodes alive as far as this one knows, itself included.", &one(cluster.nodes as f64));
+            metric("synchub_cluster_published_total", "counter", "Cluster messages handed to NATS.", &one(get(&self.cluster_published)));
+            metric("synchub_cluster_publish_dropped_total", "counter", "Cluster messages dropped instead (NATS down, queue full); other nodes read what they carried from Postgres.", &one(get(&self.cluster_publish_dropped)));
+            metric("synchub_cluster_received_total", "counter", "Cluster messages received from other nodes.", &one(get(&self.cluster_received)));
+            metric("synchub_cluster_deltas_received_total", "counter", "Log entries received from other nodes over NATS.", &one(get(&self.cluster_deltas_received)));
+            metric("synchub_cluster_gap_fills_total", "counter", "Seq gaps (lost or late cluster messages) read from Postgres.", &one(get(&self.cluster_gap_fills)));
+            metric("synchub_cluster_fallback_polls_total", "counter", "Reads of the tenants' heads from Postgres while NATS was down.", &one(get(&self.cluster_fallback_polls)));
+            let lag = [("_sum".to_string(), get(&self.cluster_lag_ms_sum) / 1e3), ("_count".to_string(), get(&self.cluster_lag_count))];
+            metric("synchub_cluster_lag_seconds", "summary", "From another node's commit to its deltas arriving here (wall clocks of both nodes).", &lag);
+        }
         let rows = [("{source=\"postgres\"}".to_string(), get(&self.merge_rows_read)), ("{source=\"cache\"}".to_string(), get(&self.merge_rows_from_cache))];
         metric("synchub_merge_rows_total", "counter", "Rows group commits merged into, by where they found them: read and locked in Postgres, or kept by the tenant actor from its earlier groups.", &rows);
         metric("synchub_frames_sent_total", "counter", "Frames written to sessions.", &one(get(&self.frames_sent)));
@@ -382,7 +413,8 @@ mod tests {
         m.error(ErrorCode::InvalidValue);
         m.http_pushes.fetch_add(2, Relaxed);
         let memory = AllocatorStats { allocated: 10, active: 20, resident: 30, metadata: 4 };
-        let text = m.render(&Gauges { sessions: 2, tenants: 1, db_connections: 3, db_idle: 1, row_cache_rows: 0, memory: Some(memory) });
+        let text = m.render(&Gauges { sessions: 2, tenants: 1, db_connections: 3, db_idle: 1, row_cache_rows: 0, memory: Some(memory), cluster: Some(ClusterGauges { nats_connected: true, nodes: 3 }) });
+        assert!(text.contains("synchub_cluster_nodes 3\n"));
         assert!(text.contains("synchub_sessions 2\n"));
         assert!(text.contains("synchub_changes_total{status=\"conflict\"} 1\n"));
         assert!(text.contains("synchub_session_closes_total{code=\"4008\"} 1\n"));
@@ -392,7 +424,7 @@ mod tests {
         m.rxdb_request("masterWrite");
         m.rxdb_request("nonsense");
         m.rxdb_failure("refused_write");
-        let text = m.render(&Gauges { sessions: 2, tenants: 1, db_connections: 3, db_idle: 1, row_cache_rows: 0, memory: Some(AllocatorStats { allocated: 10, active: 20, resident: 30, metadata: 4 }) });
+        let text = m.render(&Gauges { sessions: 2, tenants: 1, db_connections: 3, db_idle: 1, row_cache_rows: 0, memory: Some(AllocatorStats { allocated: 10, active: 20, resident: 30, metadata: 4 }), cluster: None });
         assert!(text.contains("synchub_rxdb_requests_total{method=\"masterWrite\"} 1\n"));
         assert!(text.contains("synchub_rxdb_requests_total{method=\"other\"} 1\n"));
         assert!(text.contains("synchub_rxdb_failures_total{kind=\"refused_write\"} 1\n"));

@@ -18,11 +18,12 @@ use crate::actors::messages::SessionControl;
 use crate::actors::sweep::{self, SessionHandle};
 use crate::actors::registry::TenantRegistry;
 use crate::auth::TokenVerifier;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::ids::{SessionId, TenantId};
 use crate::limits::Limits;
-use crate::metrics::{AllocatingThreads, AllocatorStats, Gauges, Metrics};
+use crate::metrics::{AllocatingThreads, AllocatorStats, ClusterGauges, Gauges, Metrics};
 use crate::recorder::Recorder;
 use crate::rules::Rules;
 use crate::storage::Store;
@@ -44,6 +45,8 @@ pub struct Hub {
     pub limits: Limits,
     /// Its HTTP workers and tenant arbiters, whose allocator caches an idle hub flushes.
     pub threads: AllocatingThreads,
+    /// Cluster mode (`nats_url`): the link to the other nodes.
+    pub cluster: Option<Arc<Cluster>>,
     accepting: AtomicBool,
 }
 
@@ -61,6 +64,8 @@ pub struct RunningHub {
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     listener: tokio::task::JoinHandle<()>,
     session_clock: tokio::task::JoinHandle<()>,
+    /// Cluster mode: the relay of cluster events and the poller of heads while NATS is down.
+    cluster_tasks: Vec<tokio::task::JoinHandle<()>>,
     arbiters: Vec<Arbiter>,
 }
 
@@ -79,7 +84,21 @@ pub async fn start(config: Config) -> Result<RunningHub> {
         Some(path) => Some(Recorder::start(path, &config.record_tenants, config.record_queue_entries, metrics.clone())?),
         None => None,
     };
-    let registry = TenantRegistry::new(store.clone(), config.clone(), metrics.clone(), arbiters.iter().map(Arbiter::handle).collect());
+    let (cluster, cluster_events) = match config.clustered() {
+        true => {
+            let (cluster, events) = Cluster::start(&config, metrics.clone()).await?;
+            (Some(cluster), Some(events))
+        }
+        false => (None, None),
+    };
+    let registry = TenantRegistry::new(store.clone(), config.clone(), metrics.clone(), arbiters.iter().map(Arbiter::handle).collect(), cluster.clone());
+    let mut cluster_tasks = Vec::new();
+    if let (Some(cluster), Some(events)) = (&cluster, cluster_events) {
+        use crate::actors::cluster_events;
+        cluster_tasks.push(tokio::spawn(cluster_events::relay(registry.clone(), events)));
+        let every = Duration::from_millis(config.cluster_fallback_poll_ms);
+        cluster_tasks.push(tokio::spawn(cluster_events::poll_heads_while_down(cluster.clone(), store.clone(), registry.clone(), metrics.clone(), every)));
+    }
     let hub = Arc::new(Hub {
         config: config.clone(),
         verifier,
@@ -91,6 +110,7 @@ pub async fn start(config: Config) -> Result<RunningHub> {
         recorder,
         limits: Limits::from_config(&config),
         threads: AllocatingThreads::default(),
+        cluster,
         accepting: AtomicBool::new(true),
     });
     for arbiter in &arbiters {
@@ -135,21 +155,31 @@ pub async fn start(config: Config) -> Result<RunningHub> {
     let server = tokio::spawn(server);
     tracing::info!(%addr, "synchub listening; WebSocket at /v1/ws, RxDB replication at /rxdb/v1, Supabase Realtime at /realtime/v1");
     let session_clock = tokio::spawn(sweep::run(hub.clone()));
-    Ok(RunningHub { addr, hub, handle, server, listener, session_clock, arbiters })
+    Ok(RunningHub { addr, hub, handle, server, listener, session_clock, cluster_tasks, arbiters })
 }
 
+/// Ready while Postgres answers. The body names both links; a NATS outage leaves the node
+/// ready: it still commits and acknowledges, and reads other nodes' commits from Postgres
+/// (taking every node out of the load balancer for it would turn slower deliveries into an
+/// outage).
 async fn readyz(hub: web::Data<Arc<Hub>>) -> HttpResponse {
+    let nats = match &hub.cluster {
+        None => "off",
+        Some(cluster) if cluster.connected() => "up",
+        Some(_) => "down",
+    };
+    let node = hub.cluster.as_ref().map(|c| format!("node: {}\n", c.node())).unwrap_or_default();
     if !hub.accepting() {
-        return HttpResponse::ServiceUnavailable().body("shutting down");
+        return HttpResponse::ServiceUnavailable().body(format!("shutting down\n{node}"));
     }
     // A database that does not answer at all (frozen, or a network that drops packets) must
     // not hold the probe: it is not ready either.
     let waited = hub.config.readyz_timeout();
     match tokio::time::timeout(waited, hub.store.ping()).await.unwrap_or(Err(Error::StorageTimeout(waited))) {
-        Ok(()) => HttpResponse::Ok().body("ready"),
+        Ok(()) => HttpResponse::Ok().body(format!("ready\n{node}postgres: up\nnats: {nats}\n")),
         Err(err) => {
             tracing::warn!(%err, "readiness check failed");
-            HttpResponse::ServiceUnavailable().body("database unavailable")
+            HttpResponse::ServiceUnavailable().body(format!("database unavailable\n{node}postgres: down\nnats: {nats}\n"))
         }
     }
 }
@@ -162,6 +192,7 @@ async fn metrics_text(hub: web::Data<Arc<Hub>>) -> HttpResponse {
         db_idle: hub.store.pool.num_idle(),
         row_cache_rows: hub.store.row_budget().held(),
         memory: AllocatorStats::read(),
+        cluster: hub.cluster.as_ref().map(|c| ClusterGauges { nats_connected: c.connected(), nodes: c.live_nodes() }),
     };
     HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(hub.metrics.render(&gauges))
 }
@@ -203,7 +234,7 @@ impl RunningHub {
     /// Graceful shutdown: refuse new sessions, let sessions finish their in-flight pushes
     /// (whose transactions the tenant actors complete) and close them with 1001, then stop.
     pub async fn shutdown(self) {
-        let RunningHub { hub, handle, server, listener, session_clock, arbiters, .. } = self;
+        let RunningHub { hub, handle, server, listener, session_clock, cluster_tasks, arbiters, .. } = self;
         hub.accepting.store(false, Ordering::Relaxed);
         let deadline = Instant::now() + hub.config.shutdown_timeout();
         let mut told = std::collections::HashSet::new();
@@ -215,6 +246,11 @@ impl RunningHub {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // Its sessions are closed: the other nodes drop them from presence now rather than
+        // after the node timeout.
+        if let Some(cluster) = &hub.cluster {
+            cluster.leave().await;
+        }
         handle.stop(true).await;
         let _ = server.await;
         if let Some(recorder) = &hub.recorder {
@@ -222,6 +258,9 @@ impl RunningHub {
         }
         listener.abort();
         session_clock.abort();
+        for task in cluster_tasks {
+            task.abort();
+        }
         for arbiter in arbiters {
             arbiter.stop();
         }

@@ -191,6 +191,11 @@ impl SharedServerFrame {
 #[rtype(result = "()")]
 pub struct TellConflicts(pub ConflictNews);
 
+/// News of the cluster as a whole (cluster mode): a resync, a node that joined or went.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ClusterNews(pub crate::cluster::ClusterEvent);
+
 /// Rows were written to the tenant's log by someone else (another SQL client).
 #[derive(Message)]
 #[rtype(result = "()")]

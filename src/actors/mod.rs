@@ -1,4 +1,5 @@
 //! Actors: per-socket device sessions, per-tenant actors, and the registry between them.
+pub mod cluster_events;
 pub mod device;
 pub mod messages;
 pub mod registry;

@@ -8,8 +8,9 @@ use std::sync::{Arc, Weak};
 use actix::prelude::*;
 use dashmap::DashMap;
 
-use super::messages::LogAppended;
+use super::messages::{ClusterNews, LogAppended};
 use super::tenant::TenantActor;
+use crate::cluster::{Cluster, ClusterEvent};
 use crate::config::Config;
 use crate::ids::TenantId;
 use crate::metrics::Metrics;
@@ -21,13 +22,21 @@ pub struct TenantRegistry {
     store: Arc<Store>,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    /// Cluster mode: the NATS link every tenant actor publishes on and subscribes through.
+    cluster: Option<Arc<Cluster>>,
     this: Weak<TenantRegistry>,
 }
 
 impl TenantRegistry {
-    pub fn new(store: Arc<Store>, config: Arc<Config>, metrics: Arc<Metrics>, arbiters: Vec<ArbiterHandle>) -> Arc<TenantRegistry> {
+    pub fn new(
+        store: Arc<Store>,
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        arbiters: Vec<ArbiterHandle>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Arc<TenantRegistry> {
         assert!(!arbiters.is_empty(), "at least one arbiter");
-        Arc::new_cyclic(|this| TenantRegistry { actors: DashMap::new(), arbiters, store, config, metrics, this: this.clone() })
+        Arc::new_cyclic(|this| TenantRegistry { actors: DashMap::new(), arbiters, store, config, metrics, cluster, this: this.clone() })
     }
 
     /// The tenant's actor, started if it is not running.
@@ -46,7 +55,7 @@ impl TenantRegistry {
         let mut hasher = DefaultHasher::new();
         tenant.hash(&mut hasher);
         let arbiter = &self.arbiters[(hasher.finish() % self.arbiters.len() as u64) as usize];
-        let actor = TenantActor::new(tenant.clone(), self.store.clone(), self.config.clone(), self.metrics.clone(), self.this.clone());
+        let actor = TenantActor::new(tenant.clone(), self.store.clone(), self.config.clone(), self.metrics.clone(), self.this.clone(), self.cluster.clone());
         TenantActor::start_in_arbiter(arbiter, move |_| actor)
     }
 
@@ -78,6 +87,22 @@ impl TenantRegistry {
         for entry in self.actors.iter() {
             let _ = entry.value().try_send(LogAppended);
         }
+    }
+
+    /// Tell every running tenant actor of a cluster event. A resync that does not fit a busy
+    /// actor's mailbox is caught by its periodic re-read; presence news is retried.
+    pub async fn cluster_event(&self, event: ClusterEvent) {
+        let actors: Vec<Addr<TenantActor>> = self.actors.iter().map(|e| e.value().clone()).collect();
+        for actor in actors {
+            if actor.try_send(ClusterNews(event.clone())).is_err() && event != ClusterEvent::Resync {
+                let _ = actor.send(ClusterNews(event.clone())).await;
+            }
+        }
+    }
+
+    /// The tenants with a running actor.
+    pub fn running_tenants(&self) -> Vec<TenantId> {
+        self.actors.iter().map(|e| e.key().clone()).collect()
     }
 
     pub fn tenant_count(&self) -> usize {

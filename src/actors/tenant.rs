@@ -2,6 +2,7 @@
 //! queued up while a transaction was in flight in one transaction (group commit), and after
 //! commit fans the deltas out to the tenant's sessions in seq order, with no gap.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -12,15 +13,16 @@ use protocol::{ChangeResult, Channel, ConflictEvent, Delta, PresenceEntry, Sessi
 use tokio::sync::oneshot;
 
 use super::messages::{
-    ApplyBatch, Broadcast, ConflictNews, JoinTopic, LeaveTopic, LiveFrame, LogAppended, Notice, RecentLog, SessionControl, SharedFrame,
+    ApplyBatch, Broadcast, ClusterNews, ConflictNews, JoinTopic, LeaveTopic, LiveFrame, LogAppended, Notice, RecentLog, SessionControl, SharedFrame,
     SharedServerFrame, Online, Subscribe, TellConflicts, Topic, TopicEventKind, Track, Unsubscribe, Watch,
 };
 use super::topics::{Deliveries, Topics};
 use super::registry::TenantRegistry;
 use super::sweep::SessionHandle;
+use crate::cluster::{Body, Cluster, ClusterEvent, Envelope, RemoteSession, RemoteTrack};
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::ids::{DeviceId, Seq, SessionId, TenantId, UserId};
+use crate::ids::{DeviceId, NodeId, Seq, SessionId, TenantId, UserId};
 use crate::metrics::Metrics;
 use crate::storage::apply::{ApplyLimits, BatchInput};
 use crate::storage::log::TenantHead;
@@ -113,6 +115,29 @@ pub struct TenantActor {
     last_activity: Instant,
     /// Channels joined by name (Supabase Realtime): members, broadcasts, presence.
     topics: Topics,
+    /// Cluster mode: the link to the other nodes.
+    cluster: Option<Arc<Cluster>>,
+    /// The tenant's sessions on other nodes, by node.
+    remote: HashMap<NodeId, RemoteNode>,
+    /// The tenant's NATS subscription is held, or being taken (the tick retries it when not).
+    subscription: Subscription,
+    /// A seq gap waits `cluster_gap_wait_ms` for the missing seqs to arrive over NATS.
+    gap_wait_pending: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Subscription {
+    Off,
+    Taking,
+    Held,
+}
+
+/// What this node knows of another node's sessions of the tenant.
+struct RemoteNode {
+    /// When it last said anything about the tenant: a node that dies before any heartbeat of
+    /// it was heard is forgotten once this is older than `cluster_node_timeout_ms`.
+    heard: Instant,
+    sessions: HashMap<SessionId, RemoteSession>,
 }
 
 impl TenantActor {
@@ -122,6 +147,7 @@ impl TenantActor {
         config: Arc<Config>,
         metrics: Arc<Metrics>,
         registry: std::sync::Weak<TenantRegistry>,
+        cluster: Option<Arc<Cluster>>,
     ) -> Self {
         TenantActor {
             tenant,
@@ -145,6 +171,10 @@ impl TenantActor {
             log_dirty: false,
             last_activity: Instant::now(),
             topics: Topics::new(config.supabase_sessions_channel.as_deref().filter(|c| !c.is_empty()).map(Arc::from)),
+            cluster,
+            remote: HashMap::new(),
+            subscription: Subscription::Off,
+            gap_wait_pending: false,
             config,
         }
     }
@@ -236,10 +266,11 @@ impl TenantActor {
                         }
                         let _ = reply.send(Ok(results));
                     }
+                    actor.publish_deltas(&output.deltas);
                     if let Some(open) = output.open_conflicts {
                         let opened = output.conflicts.into_iter().map(|c| (ConflictEvent::Opened, c));
                         let events = opened.chain(output.resolved.into_iter().map(|c| (ConflictEvent::Resolved, c))).collect();
-                        actor.tell_conflicts(ConflictNews { events, open });
+                        actor.tell_conflicts(ConflictNews { events, open }, true);
                     }
                     actor.accept(output.deltas, ctx);
                 }
@@ -273,10 +304,36 @@ impl TenantActor {
         if !batch.is_empty() {
             self.fan_out(batch);
         }
-        if !self.ready.is_empty() {
-            // Someone else wrote seqs before ours: read them from the log.
-            self.read_log(ctx);
+        self.fill_gap(ctx);
+    }
+
+    /// Seqs are missing before those in `ready`: someone else committed them. Alone, the hub
+    /// reads them at once (another SQL writer's, whose notification brought them); in a
+    /// cluster they are most likely another node's commit still on its way over NATS, so they
+    /// are read from the log only if they have not come within `cluster_gap_wait_ms`.
+    fn fill_gap(&mut self, ctx: &mut Context<Self>) {
+        if self.ready.is_empty() {
+            return;
         }
+        // Bounded: what is dropped here is read from the log in its turn.
+        let limit = self.config.group_commit_max_changes.saturating_mul(4).max(LOG_READ_PAGE as usize);
+        while self.ready.len() > limit {
+            self.ready.pop_last();
+        }
+        if self.cluster.is_none() {
+            return self.read_log(ctx);
+        }
+        if self.gap_wait_pending {
+            return;
+        }
+        self.gap_wait_pending = true;
+        ctx.run_later(Duration::from_millis(self.config.cluster_gap_wait_ms), |actor, ctx| {
+            actor.gap_wait_pending = false;
+            if !actor.ready.is_empty() {
+                actor.metrics.cluster_gap_fills.fetch_add(1, Ordering::Relaxed);
+                actor.read_log(ctx);
+            }
+        });
     }
 
     fn fan_out(&mut self, deltas: Vec<Delta>) {
@@ -319,6 +376,9 @@ impl TenantActor {
             let deliveries = self.topics.remove_session(id);
             self.deliver_topic_events(deliveries);
         }
+        if !leaves.is_empty() {
+            self.publish(Body::Presence { joins: Vec::new(), leaves: leaves.iter().map(|e| e.session_id).collect() });
+        }
         self.announce_presence(Vec::new(), leaves);
     }
 
@@ -336,7 +396,7 @@ impl TenantActor {
     }
 
     fn presence_list(&self) -> Arc<Vec<PresenceEntry>> {
-        Arc::new(online(&self.sessions))
+        Arc::new(online(&self.sessions, &self.remote))
     }
 
     fn announce_presence(&mut self, joins: Vec<PresenceEntry>, leaves: Vec<PresenceEntry>) {
@@ -356,8 +416,8 @@ impl TenantActor {
 
     /// Watchers that missed a diff get the whole list again.
     fn refresh_stale_presence(&mut self) {
-        let sessions = &self.sessions;
-        let deliveries = self.topics.refresh_stale(|| online(sessions));
+        let (sessions, remote) = (&self.sessions, &self.remote);
+        let deliveries = self.topics.refresh_stale(|| online(sessions, remote));
         self.deliver_topic_events(deliveries);
         if !self.sessions.values().any(|s| s.presence_stale) {
             return;
@@ -370,11 +430,15 @@ impl TenantActor {
         }
     }
 
-    /// Conflicts a commit opened or resolved, to the sessions watching them. A watcher whose
-    /// mailbox is full misses them; the review API lists them all.
-    fn tell_conflicts(&mut self, news: ConflictNews) {
+    /// Conflicts a commit opened or resolved, to the sessions watching them (and, when they
+    /// happened here, to the other nodes' sessions). A watcher whose mailbox is full misses
+    /// them; the review API lists them all.
+    fn tell_conflicts(&mut self, news: ConflictNews, here: bool) {
         if news.events.is_empty() {
             return;
+        }
+        if here && self.cluster.is_some() {
+            self.publish(Body::Conflicts { events: news.events.clone(), open: news.open });
         }
         let news = Arc::new(news);
         for sub in self.sessions.values().filter(|s| s.watches_conflicts) {
@@ -495,6 +559,9 @@ impl TenantActor {
         if self.log_dirty && !self.reading_log {
             self.read_log(ctx);
         }
+        if self.cluster.is_some() {
+            self.cluster_tick(ctx);
+        }
         let idle = self.sessions.is_empty() && self.queue.is_empty() && !self.committing && !self.reading_log;
         if idle && self.last_activity.elapsed() >= self.config.tenant_idle() {
             if let Some(registry) = self.registry.upgrade() {
@@ -506,8 +573,9 @@ impl TenantActor {
 }
 
 /// The tenant's sessions as presence lists them, oldest first.
-fn online(sessions: &HashMap<SessionId, Subscriber>) -> Vec<PresenceEntry> {
+fn online(sessions: &HashMap<SessionId, Subscriber>, remote: &HashMap<NodeId, RemoteNode>) -> Vec<PresenceEntry> {
     let mut online: Vec<PresenceEntry> = sessions.iter().map(|(id, s)| s.presence(*id)).collect();
+    online.extend(remote.values().flat_map(|node| node.sessions.values().map(|s| s.entry.clone())));
     online.sort_by_key(|e| (e.since_ms, e.session_id));
     online
 }
@@ -528,12 +596,25 @@ impl Actor for TenantActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(self.config.tenant_mailbox);
         ctx.run_interval(TICK, |actor, ctx| actor.tick(ctx));
-        // Learn where the log stands before handling anything else.
+        // Learn where the log stands before handling anything else. In a cluster, listen to the
+        // other nodes first: a commit of theirs after the read then arrives over NATS, and one
+        // before it is below the head and skipped.
         let store = self.store.clone();
         let tenant = self.tenant.clone();
-        let head = async move { store.within_transaction_deadline(store.tenant_head(&tenant)).await };
-        ctx.wait(head.into_actor(self).map(|head, actor, ctx| match head {
+        let cluster = self.cluster.clone();
+        self.subscription = if cluster.is_some() { Subscription::Taking } else { Subscription::Off };
+        let head = async move {
+            let subscription = match &cluster {
+                Some(cluster) => Some(cluster.subscribe(&tenant).await),
+                None => None,
+            };
+            (subscription, store.within_transaction_deadline(store.tenant_head(&tenant)).await)
+        };
+        ctx.wait(head.into_actor(self).map(|(subscription, head), actor, ctx| match head {
             Ok(head) => {
+                if let Some(subscription) = subscription {
+                    actor.follow_cluster(subscription, ctx);
+                }
                 actor.fanned = head.head_seq;
                 actor.committed_head = Some(head.head_seq);
                 actor.epoch = head.epoch;
@@ -642,6 +723,9 @@ impl Handler<Subscribe> for TenantActor {
         };
         let joined = subscriber.presence(msg.session);
         self.sessions.insert(msg.session, subscriber);
+        if self.cluster.is_some() {
+            self.publish(Body::Presence { joins: vec![RemoteSession { entry: joined.clone(), exclusive: msg.exclusive }], leaves: Vec::new() });
+        }
         self.announce_presence(vec![joined], Vec::new());
         MessageResult(TenantHead { epoch: self.epoch.clone(), head_seq: self.fanned, log_floor: self.log_floor })
     }
@@ -691,6 +775,18 @@ impl Handler<Broadcast> for TenantActor {
     /// devices are spared); sessions that joined the channel as a topic get it as the topic's
     /// event. Ephemeral: a session whose mailbox is full misses it.
     fn handle(&mut self, msg: Broadcast, _ctx: &mut Context<Self>) -> usize {
+        if self.cluster.is_some() {
+            let Broadcast { channel, event, payload, private, from } = &msg;
+            let body = Body::Broadcast { channel: channel.clone(), event: event.clone(), payload: payload.to_string(), private: *private, from: *from };
+            self.publish(body);
+        }
+        self.deliver_broadcast(msg)
+    }
+}
+
+impl TenantActor {
+    /// A broadcast to the sessions of this node; answers how many it was handed to.
+    fn deliver_broadcast(&mut self, msg: Broadcast) -> usize {
         let topic = Topic { name: Arc::from(msg.channel.as_str()), private: msg.private };
         let event = msg.event.as_deref().unwrap_or("broadcast");
         let deliveries = self.topics.broadcast(&topic, event, &msg.payload, msg.from);
@@ -718,8 +814,8 @@ impl Handler<JoinTopic> for TenantActor {
         if !self.sessions.contains_key(&msg.session) {
             return; // gone meanwhile
         }
-        let sessions = &self.sessions;
-        let deliveries = self.topics.join(msg.session, msg.topic, msg.receive_own, msg.presence, || online(sessions));
+        let (sessions, remote) = (&self.sessions, &self.remote);
+        let deliveries = self.topics.join(msg.session, msg.topic, msg.receive_own, msg.presence, || online(sessions, remote));
         self.deliver_topic_events(deliveries);
     }
 }
@@ -728,6 +824,9 @@ impl Handler<LeaveTopic> for TenantActor {
     type Result = ();
 
     fn handle(&mut self, msg: LeaveTopic, _ctx: &mut Context<Self>) {
+        if self.topics.is_member(msg.session, &msg.topic) {
+            self.publish_track(msg.session, &msg.topic, "", None);
+        }
         let deliveries = self.topics.leave(msg.session, &msg.topic);
         self.deliver_topic_events(deliveries);
     }
@@ -737,6 +836,9 @@ impl Handler<Track> for TenantActor {
     type Result = ();
 
     fn handle(&mut self, msg: Track, _ctx: &mut Context<Self>) {
+        if self.topics.is_member(msg.session, &msg.topic) {
+            self.publish_track(msg.session, &msg.topic, &msg.key, msg.meta.as_ref());
+        }
         let deliveries = self.topics.track(msg.session, &msg.topic, msg.key, msg.meta);
         self.deliver_topic_events(deliveries);
     }
@@ -746,7 +848,7 @@ impl Handler<TellConflicts> for TenantActor {
     type Result = ();
 
     fn handle(&mut self, msg: TellConflicts, _ctx: &mut Context<Self>) {
-        self.tell_conflicts(msg.0);
+        self.tell_conflicts(msg.0, true);
     }
 }
 
@@ -756,5 +858,208 @@ impl Handler<LogAppended> for TenantActor {
     fn handle(&mut self, _: LogAppended, ctx: &mut Context<Self>) {
         self.last_activity = Instant::now();
         self.read_log(ctx);
+    }
+}
+
+/// Cluster mode: what this tenant's actor tells the other nodes, and what it does with what
+/// they tell it.
+impl TenantActor {
+    fn publish(&self, body: Body<'_>) {
+        if let Some(cluster) = &self.cluster {
+            cluster.publish(&self.tenant, body);
+        }
+    }
+
+    /// A group's deltas, encoded once for every other node.
+    fn publish_deltas(&self, deltas: &[Delta]) {
+        let (Some(first), Some(last)) = (deltas.first(), deltas.last()) else { return };
+        if self.cluster.is_some() {
+            let committed_ms = super::sweep::unix_ms();
+            self.publish(Body::Deltas { first: first.seq, last: last.seq, committed_ms, deltas: Some(Cow::Borrowed(deltas)) });
+        }
+    }
+
+    fn publish_track(&self, session: SessionId, topic: &Topic, key: &str, meta: Option<&serde_json::Map<String, serde_json::Value>>) {
+        if self.cluster.is_some() {
+            let meta = meta.map(|m| serde_json::Value::Object(m.clone()).to_string());
+            self.publish(Body::Track(RemoteTrack { session, topic: topic.name.to_string(), private: topic.private, key: key.to_owned(), meta }));
+        }
+    }
+
+    /// Every session of this node, and what they tracked, for the other nodes.
+    fn publish_snapshot(&self) {
+        if self.sessions.is_empty() {
+            return;
+        }
+        let sessions = self.sessions.iter().map(|(id, s)| RemoteSession { entry: s.presence(*id), exclusive: s.exclusive }).collect();
+        let local = &self.sessions;
+        let tracked = self
+            .topics
+            .tracked_by(|session| local.contains_key(&session))
+            .into_iter()
+            .map(|(session, topic, key, meta)| RemoteTrack {
+                session,
+                topic: topic.name.to_string(),
+                private: topic.private,
+                key: key.to_string(),
+                meta: Some(serde_json::Value::Object(meta).to_string()),
+            })
+            .collect();
+        self.publish(Body::PresenceSnapshot { sessions, tracked });
+    }
+
+    fn follow_cluster(&mut self, subscription: Result<impl futures_util::Stream<Item = Envelope<'static>> + 'static>, ctx: &mut Context<Self>) {
+        match subscription {
+            Ok(stream) => {
+                ctx.add_stream(stream);
+                self.subscription = Subscription::Held;
+                self.publish(Body::PresenceAsk);
+            }
+            Err(err) => {
+                tracing::warn!(tenant = %self.tenant, %err, "cannot subscribe to the tenant's cluster subject; retrying");
+                self.subscription = Subscription::Off;
+            }
+        }
+    }
+
+    fn cluster_tick(&mut self, ctx: &mut Context<Self>) {
+        let Some(cluster) = self.cluster.clone() else { return };
+        if self.subscription == Subscription::Off {
+            self.subscription = Subscription::Taking;
+            let tenant = self.tenant.clone();
+            let subscribe = async move { cluster.subscribe(&tenant).await };
+            ctx.spawn(subscribe.into_actor(self).map(|subscription, actor, ctx| {
+                actor.follow_cluster(subscription, ctx);
+                // What was committed while no subscription was held.
+                actor.log_dirty = true;
+            }));
+            return;
+        }
+        // Sessions of a node that died before this one heard any heartbeat of it.
+        let timeout = Duration::from_millis(self.config.cluster_node_timeout_ms);
+        let silent: Vec<NodeId> =
+            self.remote.iter().filter(|(node, known)| known.heard.elapsed() > timeout && !cluster.is_alive(node)).map(|(node, _)| node.clone()).collect();
+        for node in silent {
+            self.forget_node(&node);
+        }
+    }
+
+    /// Another node's sessions joined or left.
+    fn remote_presence(&mut self, node: NodeId, joins: Vec<RemoteSession>, leaves: Vec<SessionId>) {
+        let known = self.remote.entry(node).or_insert_with(|| RemoteNode { heard: Instant::now(), sessions: HashMap::new() });
+        known.heard = Instant::now();
+        let left: Vec<PresenceEntry> = leaves.iter().filter_map(|id| known.sessions.remove(id)).map(|s| s.entry).collect();
+        let mut joined = Vec::with_capacity(joins.len());
+        let mut replaced = Vec::new();
+        for session in joins {
+            if session.exclusive {
+                // One live session per device across the cluster: the newer replaces the older.
+                let device = session.entry.device_id.as_str();
+                let since = session.entry.since_ms;
+                replaced.extend(self.sessions.iter().filter(|(_, s)| s.exclusive && s.device.as_str() == device && s.since_ms <= since).map(|(id, _)| *id));
+            }
+            joined.push(session.entry.clone());
+            known.sessions.insert(session.entry.session_id, session);
+        }
+        let untracked = self.topics.forget_remote(&leaves);
+        self.deliver_topic_events(untracked);
+        for id in &replaced {
+            if let Some(old) = self.sessions.get(id) {
+                let _ = old.link.session.try_control(SessionControl::Replaced);
+            }
+        }
+        self.remove_sessions(replaced);
+        self.announce_presence(joined, left);
+    }
+
+    /// Another node's whole list: it replaces what was known of that node.
+    fn remote_snapshot(&mut self, node: NodeId, sessions: Vec<RemoteSession>, tracked: Vec<RemoteTrack>) {
+        let before: Vec<SessionId> = self.remote.get(&node).map(|k| k.sessions.keys().copied().collect()).unwrap_or_default();
+        let gone: Vec<SessionId> = before.into_iter().filter(|id| !sessions.iter().any(|s| s.entry.session_id == *id)).collect();
+        let new: Vec<RemoteSession> = sessions
+            .into_iter()
+            .filter(|s| !self.remote.get(&node).is_some_and(|k| k.sessions.contains_key(&s.entry.session_id)))
+            .collect();
+        self.remote_presence(node, new, gone);
+        for track in tracked {
+            self.remote_track(track);
+        }
+    }
+
+    fn remote_track(&mut self, track: RemoteTrack) {
+        let meta = match track.meta.as_deref().map(serde_json::from_str::<serde_json::Value>) {
+            None => None,
+            Some(Ok(serde_json::Value::Object(meta))) => Some(meta),
+            Some(_) => return,
+        };
+        let topic = Topic { name: Arc::from(track.topic), private: track.private };
+        let deliveries = self.topics.track_remote(track.session, &topic, Arc::from(track.key), meta);
+        self.deliver_topic_events(deliveries);
+    }
+
+    /// A node is gone: its sessions leave.
+    fn forget_node(&mut self, node: &NodeId) {
+        let Some(known) = self.remote.remove(node) else { return };
+        let ids: Vec<SessionId> = known.sessions.keys().copied().collect();
+        let untracked = self.topics.forget_remote(&ids);
+        self.deliver_topic_events(untracked);
+        self.announce_presence(Vec::new(), known.sessions.into_values().map(|s| s.entry).collect());
+    }
+
+    fn remote_deltas(&mut self, last: Seq, committed_ms: u64, deltas: Option<Vec<Delta>>, ctx: &mut Context<Self>) {
+        let lag = super::sweep::unix_ms().saturating_sub(committed_ms);
+        self.metrics.cluster_lag_ms_sum.fetch_add(lag, Ordering::Relaxed);
+        self.metrics.cluster_lag_count.fetch_add(1, Ordering::Relaxed);
+        self.last_activity = Instant::now();
+        match deltas {
+            Some(deltas) => {
+                self.metrics.cluster_deltas_received.fetch_add(deltas.len() as u64, Ordering::Relaxed);
+                self.accept(deltas, ctx);
+            }
+            // Too large to travel: read from the log.
+            None if last > self.fanned => self.read_log(ctx),
+            None => {}
+        }
+    }
+}
+
+impl StreamHandler<Envelope<'static>> for TenantActor {
+    fn handle(&mut self, envelope: Envelope<'static>, ctx: &mut Context<Self>) {
+        let node = NodeId::new(envelope.node);
+        match envelope.body {
+            Body::Deltas { last, committed_ms, deltas, .. } => self.remote_deltas(last, committed_ms, deltas.map(Cow::into_owned), ctx),
+            Body::Presence { joins, leaves } => self.remote_presence(node, joins, leaves),
+            Body::PresenceSnapshot { sessions, tracked } => self.remote_snapshot(node, sessions, tracked),
+            Body::PresenceAsk => self.publish_snapshot(),
+            Body::Track(track) => self.remote_track(track),
+            Body::Broadcast { channel, event, payload, private, from } => {
+                let Ok(payload) = serde_json::from_str(&payload) else { return };
+                self.deliver_broadcast(Broadcast { channel, event, payload, private, from });
+            }
+            Body::Conflicts { events, open } => self.tell_conflicts(ConflictNews { events, open }, false),
+            Body::Heartbeat | Body::Leaving => {}
+        }
+    }
+
+    /// The subscription ended (the client closed): the tick takes it again.
+    fn finished(&mut self, _ctx: &mut Context<Self>) {
+        self.subscription = Subscription::Off;
+    }
+}
+
+impl Handler<ClusterNews> for TenantActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ClusterNews, ctx: &mut Context<Self>) {
+        match msg.0 {
+            ClusterEvent::Resync => {
+                // Whatever NATS lost: seqs from the log, presence from the nodes.
+                self.read_log(ctx);
+                self.publish(Body::PresenceAsk);
+                self.publish_snapshot();
+            }
+            ClusterEvent::NodeJoined(_) => self.publish_snapshot(),
+            ClusterEvent::NodeGone(node) => self.forget_node(&node),
+        }
     }
 }

@@ -177,12 +177,73 @@ impl Topics {
     /// `session` shows `meta` under `key` on `topic` (replacing what it showed there), or stops
     /// showing itself (`None`). Only a member may track.
     pub fn track(&mut self, session: SessionId, topic: &Topic, key: Arc<str>, meta: Option<Map<String, Value>>) -> Deliveries {
+        if !self.is_member(session, topic) {
+            return Vec::new();
+        }
+        self.show(session, topic, key, meta)
+    }
+
+    /// A session of another node shows itself on `topic` (or stops, with `None`), as it did
+    /// there: the topic keeps it even while no session here joined it, for those that will.
+    pub fn track_remote(&mut self, session: SessionId, topic: &Topic, key: Arc<str>, meta: Option<Map<String, Value>>) -> Deliveries {
+        if meta.is_none() && !self.topics.contains_key(topic) {
+            return Vec::new();
+        }
+        self.topics.entry(topic.clone()).or_default();
+        let deliveries = self.show(session, topic, key, meta);
+        self.drop_if_unused(topic);
+        deliveries
+    }
+
+    /// Sessions of other nodes that went away: what they tracked leaves every topic.
+    pub fn forget_remote(&mut self, sessions: &[SessionId]) -> Deliveries {
+        if sessions.is_empty() {
+            return Vec::new();
+        }
+        let topics: Vec<Topic> = self.topics.keys().cloned().collect();
+        let mut deliveries = Vec::new();
+        for topic in topics {
+            let Some(state) = self.topics.get_mut(&topic) else { continue };
+            let mut leaves = PresenceMap::default();
+            for session in sessions {
+                let gone = Self::untrack_in(state, *session);
+                for (key, value) in gone.0 {
+                    for meta in value.get("metas").and_then(Value::as_array).into_iter().flatten() {
+                        leaves.add(&key, meta.clone());
+                    }
+                }
+            }
+            if !leaves.is_empty() {
+                deliveries.extend(self.diff(&topic, PresenceMap::default(), leaves));
+            }
+            self.drop_if_unused(&topic);
+        }
+        deliveries
+    }
+
+    /// What the sessions for which `here` holds tracked, on which topic and under which key.
+    pub fn tracked_by(&self, here: impl Fn(SessionId) -> bool) -> Vec<(SessionId, Topic, Arc<str>, Map<String, Value>)> {
+        let mut tracked = Vec::new();
+        for (topic, state) in &self.topics {
+            for (key, list) in &state.presences {
+                for t in list.iter().filter(|t| here(t.session)) {
+                    tracked.push((t.session, topic.clone(), key.clone(), t.meta.clone()));
+                }
+            }
+        }
+        tracked
+    }
+
+    fn drop_if_unused(&mut self, topic: &Topic) {
+        if self.topics.get(topic).is_some_and(|s| s.members.is_empty() && s.presences.is_empty()) {
+            self.topics.remove(topic);
+        }
+    }
+
+    fn show(&mut self, session: SessionId, topic: &Topic, key: Arc<str>, meta: Option<Map<String, Value>>) -> Deliveries {
         self.next_ref += 1;
         let phx_ref = format!("F{:x}", self.next_ref);
         let Some(state) = self.topics.get_mut(topic) else { return Vec::new() };
-        if !state.members.contains_key(&session) {
-            return Vec::new();
-        }
         let mut previous: Option<(Arc<str>, Tracked)> = None;
         state.presences.retain(|k, tracked| {
             if let Some(i) = tracked.iter().position(|t| t.session == session) {

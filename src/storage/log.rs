@@ -58,6 +58,18 @@ impl Store {
         })
     }
 
+    /// The heads of `tenants` (those the log knows), in one read as the hub's own login: a
+    /// cluster node whose NATS link is down polls them to learn of other nodes' commits.
+    pub async fn tenant_heads(&self, tenants: &[TenantId]) -> Result<Vec<(TenantId, Seq)>> {
+        let ids: Vec<&str> = tenants.iter().map(TenantId::as_str).collect();
+        let _read = self.read_permit().await?;
+        let rows: Vec<(String, i64)> = sqlx::query_as("select tenant_id, head_seq from synchub.tenants where tenant_id = any($1)")
+            .bind(&ids)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(|(t, h)| (TenantId::new(t), h as Seq)).collect())
+    }
+
     /// Up to `limit` log entries with `after < seq <= upto`, in seq order, with the tenant's
     /// head seq and log floor as of the read (entries at or below the floor are never served).
     pub async fn read_log(&self, tenant: &TenantId, after: Seq, upto: Option<Seq>, limit: u32) -> Result<LogPage> {
