@@ -2,6 +2,7 @@
 //! `rate` times a second on average, `burst` times at once, and say how long to wait when it is
 //! over. Kept per key in a bounded map, so a flood of one key costs others nothing but the look-up.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -56,6 +57,12 @@ impl Rate {
         }
     }
 
+    /// This rate shared by `nodes` nodes: each admits its part (at least one token at once).
+    pub fn share(&self, nodes: usize) -> Rate {
+        let nodes = nodes.max(1) as f64;
+        Rate { per_sec: self.per_sec / nodes, burst: (self.burst / nodes).max(1.0) }
+    }
+
     /// Whether `bucket` would be full again by `now` (then forgetting it changes nothing).
     fn refilled(&self, bucket: &Bucket, now: Instant) -> bool {
         bucket.tokens + now.saturating_duration_since(bucket.at).as_secs_f64() * self.per_sec >= self.burst
@@ -78,12 +85,18 @@ impl RateLimiter {
 
     /// Take one token for `key`: `Ok`, or how long to wait for one.
     pub fn take(&self, key: &str) -> Result<(), Duration> {
+        self.take_share(key, 1)
+    }
+
+    /// Take one token for `key` from this node's share of the rate, of `nodes` nodes.
+    pub fn take_share(&self, key: &str, nodes: usize) -> Result<(), Duration> {
         if self.rate.unlimited() {
             return Ok(());
         }
+        let rate = self.rate.share(nodes);
         let now = Instant::now();
         if let Some(mut bucket) = self.buckets.get_mut(key) {
-            return self.rate.take(&mut bucket, now);
+            return rate.take(&mut bucket, now);
         }
         if self.buckets.len() >= self.max_keys {
             self.forget_refilled();
@@ -92,8 +105,8 @@ impl RateLimiter {
                 return Ok(());
             }
         }
-        let mut bucket = self.buckets.entry(Arc::from(key)).or_insert_with(|| self.rate.full(now));
-        self.rate.take(&mut bucket, now)
+        let mut bucket = self.buckets.entry(Arc::from(key)).or_insert_with(|| rate.full(now));
+        rate.take(&mut bucket, now)
     }
 
     /// Forget the keys whose buckets are full again: they start full when next seen.
@@ -117,6 +130,9 @@ pub struct Limits {
     pub session_subscribes: Rate,
     /// Sessions this process holds at most.
     pub max_connections: usize,
+    /// Nodes of the cluster alive (1 alone): a tenant's rates are shared among them, each
+    /// node admitting its part, so that together they hold the configured rate.
+    nodes: Arc<AtomicUsize>,
 }
 
 impl Limits {
@@ -132,24 +148,34 @@ impl Limits {
                 0 => open_file_limit().saturating_sub(FD_RESERVE).max(MIN_AUTO_CONNECTIONS),
                 n => n,
             },
+            nodes: Arc::new(AtomicUsize::new(1)),
         }
+    }
+
+    /// Where the cluster keeps the count of live nodes for the tenant rates.
+    pub fn cluster_nodes(&self) -> Arc<AtomicUsize> {
+        self.nodes.clone()
+    }
+
+    fn nodes(&self) -> usize {
+        self.nodes.load(Ordering::Relaxed).max(1)
     }
 
     /// A push (a batch) by `device` of `tenant`: its device's and its tenant's rates.
     pub fn push(&self, tenant: &TenantId, device: &DeviceId) -> Result<()> {
         let limited = |retry_after| Error::RateLimited { what: "pushes", retry_after };
         self.device_pushes.take(&device_key(tenant.as_str(), device.as_str())).map_err(limited)?;
-        self.tenant_pushes.take(tenant.as_str()).map_err(limited)
+        self.tenant_pushes.take_share(tenant.as_str(), self.nodes()).map_err(limited)
     }
 
     /// A new session (`hello`) of `tenant`.
     pub fn connect(&self, tenant: &TenantId) -> Result<()> {
-        self.tenant_connects.take(tenant.as_str()).map_err(|retry_after| Error::RateLimited { what: "new sessions", retry_after })
+        self.tenant_connects.take_share(tenant.as_str(), self.nodes()).map_err(|retry_after| Error::RateLimited { what: "new sessions", retry_after })
     }
 
     /// An HTTP API request for `tenant`.
     pub fn http(&self, tenant: &TenantId) -> Result<()> {
-        self.tenant_http.take(tenant.as_str()).map_err(|retry_after| Error::RateLimited { what: "API requests", retry_after })
+        self.tenant_http.take_share(tenant.as_str(), self.nodes()).map_err(|retry_after| Error::RateLimited { what: "API requests", retry_after })
     }
 }
 
@@ -207,6 +233,17 @@ mod tests {
         assert_eq!(limiter.take("c"), Ok(()));
         assert_eq!(limiter.keys(), 2);
         assert!(limiter.take("a").is_err(), "a's bucket is kept while it is not full");
+    }
+
+    #[test]
+    fn a_tenant_rate_shared_by_three_nodes_holds_across_them() {
+        // Each node admits a third: three nodes together admit the burst, and the rate.
+        let nodes: Vec<RateLimiter> = (0..3).map(|_| RateLimiter::new(Rate::new(30, 9), 10)).collect();
+        let admitted = nodes.iter().map(|n| (0..20).filter(|_| n.take_share("t", 3).is_ok()).count()).sum::<usize>();
+        assert_eq!(admitted, 9);
+        let alone = RateLimiter::new(Rate::new(30, 9), 10);
+        assert_eq!((0..20).filter(|_| alone.take_share("t", 1).is_ok()).count(), 9);
+        assert_eq!(Rate::new(30, 2).share(3), Rate { per_sec: 10.0, burst: 1.0 }, "a share keeps at least one token");
     }
 
     #[test]

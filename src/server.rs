@@ -92,10 +92,11 @@ pub async fn start(config: Config) -> Result<RunningHub> {
         false => (None, None),
     };
     let registry = TenantRegistry::new(store.clone(), config.clone(), metrics.clone(), arbiters.iter().map(Arbiter::handle).collect(), cluster.clone());
+    let limits = Limits::from_config(&config);
     let mut cluster_tasks = Vec::new();
     if let (Some(cluster), Some(events)) = (&cluster, cluster_events) {
         use crate::actors::cluster_events;
-        cluster_tasks.push(tokio::spawn(cluster_events::relay(registry.clone(), events)));
+        cluster_tasks.push(tokio::spawn(cluster_events::relay(cluster.clone(), registry.clone(), events, limits.cluster_nodes())));
         let every = Duration::from_millis(config.cluster_fallback_poll_ms);
         cluster_tasks.push(tokio::spawn(cluster_events::poll_heads_while_down(cluster.clone(), store.clone(), registry.clone(), metrics.clone(), every)));
     }
@@ -108,7 +109,7 @@ pub async fn start(config: Config) -> Result<RunningHub> {
         metrics,
         rules,
         recorder,
-        limits: Limits::from_config(&config),
+        limits,
         threads: AllocatingThreads::default(),
         cluster,
         accepting: AtomicBool::new(true),

@@ -3,7 +3,7 @@
 //! that other nodes' commits still reach this node's sessions, only later.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,9 +15,11 @@ use crate::ids::{Seq, TenantId};
 use crate::metrics::Metrics;
 use crate::storage::Store;
 
-/// Hand each cluster event to every running tenant actor, in order.
-pub async fn relay(registry: Arc<TenantRegistry>, mut events: mpsc::Receiver<ClusterEvent>) {
+/// Hand each cluster event to every running tenant actor, in order, and keep `nodes` (the
+/// count the tenant rate limits are shared by) current.
+pub async fn relay(cluster: Arc<Cluster>, registry: Arc<TenantRegistry>, mut events: mpsc::Receiver<ClusterEvent>, nodes: Arc<AtomicUsize>) {
     while let Some(event) = events.recv().await {
+        nodes.store(cluster.live_nodes(), Ordering::Relaxed);
         registry.cluster_event(event).await;
     }
 }

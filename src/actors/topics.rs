@@ -351,6 +351,26 @@ mod tests {
     }
 
     #[test]
+    fn another_nodes_presence_shows_until_its_session_goes() {
+        let mut topics = Topics::new(None);
+        let (here, there) = (SessionId::new_v4(), SessionId::new_v4());
+        let room = topic("room1");
+        // Tracked on another node before anyone here joined: kept for those who will.
+        assert!(topics.track_remote(there, &room, Arc::from("bob"), meta(json!({"at": "till 2"}))).is_empty());
+        let state = topics.join(here, room.clone(), false, true, Vec::new);
+        assert_eq!(payload(&state[0].1)["bob"]["metas"][0]["at"], json!("till 2"));
+        assert!(topics.tracked_by(|s| s == here).is_empty(), "a snapshot of this node leaves the other node's out");
+        assert_eq!(topics.tracked_by(|s| s == there).len(), 1);
+        let left = topics.forget_remote(&[there]);
+        assert_eq!(left.len(), 1);
+        assert_eq!(payload(&left[0].1)["leaves"]["bob"]["metas"][0]["at"], json!("till 2"));
+        assert!(topics.track(there, &room, Arc::from("bob"), meta(json!({}))).is_empty(), "a remote session is no member here");
+        // An untrack of a topic nobody here knows creates nothing.
+        assert!(topics.track_remote(there, &topic("elsewhere"), Arc::from("bob"), None).is_empty());
+        assert!(!topics.topics.contains_key(&topic("elsewhere")));
+    }
+
+    #[test]
     fn presence_state_then_diffs_with_refs() {
         let mut topics = Topics::new(None);
         let (a, b) = (SessionId::new_v4(), SessionId::new_v4());
