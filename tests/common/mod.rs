@@ -4,6 +4,8 @@
 
 pub mod browser;
 pub mod driver;
+pub mod hub_process;
+pub mod nats;
 pub mod node;
 
 use std::net::SocketAddr;

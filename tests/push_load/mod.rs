@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -17,11 +16,13 @@ use protocol::{Change, ChangeResult, ChangeStatus, ClientFrame, Encoding, ErrorC
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
+// The hub process lives in tests/common/hub_process.rs; its old names stay here for the tests
+// that use this module (not every one uses every name).
+#[allow(unused_imports)]
+pub use crate::common::hub_process::{tail, HubProcess, START_LIMIT};
 use crate::common::{now_ms, obj, token, SECRET};
 
 pub const TENANT: &str = "crash-tenant";
@@ -39,8 +40,6 @@ pub const FINAL_BATCHES: usize = 5;
 /// A hub that says nothing for this long is stuck, not slow (a liveness bound, not a timing
 /// assertion: pushes are acked in milliseconds).
 const SILENCE: Duration = Duration::from_secs(60);
-/// Time a started hub has to report its address and pass `/readyz`.
-pub const START_LIMIT: Duration = Duration::from_secs(120);
 
 /// A TOML configuration for `synchub serve` on `database_url`, with the demo tables.
 /// `settings`: more top-level `key = value` lines.
@@ -65,113 +64,6 @@ pub fn write_config(dir: &Path, database_url: &str, settings: &str) -> PathBuf {
 
 fn toml_string(s: &str) -> String {
     serde_json::to_string(s).unwrap() // a JSON string is a valid TOML basic string here
-}
-
-/// The hub binary running `serve`; killed (SIGKILL) when dropped.
-pub struct HubProcess {
-    pub child: Child,
-    pub addr: SocketAddr,
-}
-
-impl HubProcess {
-    /// Start the hub, read the address it bound from its log, and wait for `/readyz`.
-    /// Returns it and the time from spawning it to ready.
-    pub async fn start(config: &Path, log: &Path) -> (HubProcess, Duration) {
-        let started = Instant::now();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_synchub"))
-            .arg("--config")
-            .arg(config)
-            .arg("serve")
-            .env("RUST_LOG", "info,sqlx=warn")
-            .env("NO_COLOR", "1")
-            .env_remove("DATABASE_URL")
-            .env_remove("SYNCHUB_CONFIG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("the hub binary starts");
-        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-        let file = tokio::fs::File::create(log).await.unwrap();
-        let file = std::sync::Arc::new(tokio::sync::Mutex::new(file));
-        tokio::spawn(copy_log(child.stdout.take().unwrap(), file.clone(), Some(addr_tx)));
-        tokio::spawn(copy_log(child.stderr.take().unwrap(), file, None));
-        let addr = match tokio::time::timeout(START_LIMIT, addr_rx).await {
-            Ok(Ok(addr)) => addr,
-            _ => panic!("the hub did not report its address; exit {:?}; log {}:\n{}", child.try_wait(), log.display(), tail(log)),
-        };
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + START_LIMIT;
-        loop {
-            let ready = http.get(format!("http://{addr}/readyz")).timeout(Duration::from_secs(5)).send().await;
-            if matches!(&ready, Ok(r) if r.status() == 200) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the hub at {addr} never became ready; log {}:\n{}", log.display(), tail(log));
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("the hub exited ({status}) before it was ready; log {}:\n{}", log.display(), tail(log));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        (HubProcess { child, addr }, started.elapsed())
-    }
-
-    /// SIGKILL, and wait until the process is gone.
-    pub async fn kill(&mut self) {
-        self.child.start_kill().expect("SIGKILL the hub");
-        let _ = self.child.wait().await;
-    }
-}
-
-/// Copy the hub's output to its log file; pass the address of the "listening" line to `addr`.
-async fn copy_log(
-    out: impl tokio::io::AsyncRead + Unpin,
-    file: std::sync::Arc<tokio::sync::Mutex<tokio::fs::File>>,
-    mut addr: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
-) {
-    let mut lines = BufReader::new(out).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        if line.contains("synchub listening") {
-            if let Some(found) = listening_addr(&line) {
-                if let Some(tx) = addr.take() {
-                    let _ = tx.send(found);
-                }
-            }
-        }
-        let mut f = file.lock().await;
-        let _ = f.write_all(line.as_bytes()).await;
-        let _ = f.write_all(b"\n").await;
-        let _ = f.flush().await;
-    }
-}
-
-/// `addr=127.0.0.1:PORT` in a log line, colours or not.
-fn listening_addr(line: &str) -> Option<SocketAddr> {
-    let plain: String = {
-        let mut out = String::new();
-        let mut chars = line.chars();
-        while let Some(c) = chars.next() {
-            if c == '\u{1b}' {
-                // skip an ANSI escape: ESC [ … letter
-                for c in chars.by_ref() {
-                    if c.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            } else {
-                out.push(c);
-            }
-        }
-        out
-    };
-    let rest = &plain[plain.find("addr=")? + "addr=".len()..];
-    rest.split_whitespace().next()?.parse().ok()
-}
-
-pub fn tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
 /// A batch as first sent; a re-send keeps its batch id and changes.
