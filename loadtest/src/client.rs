@@ -21,11 +21,37 @@ pub const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3
 
 pub type Ws = WebSocketStream<TcpStream>;
 
-/// Where and how to connect.
-#[derive(Debug, Clone)]
-pub struct Target {
+/// One hub node: its WebSocket URL and the address it listens on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
     pub url: String,
     pub addr: SocketAddr,
+}
+
+impl Node {
+    fn parse(url: &str) -> Result<Node> {
+        let rest = url.strip_prefix("ws://").ok_or_else(|| LoadError::Usage(format!("{url}: only ws:// URLs are supported")))?;
+        let host_port = rest.split('/').next().unwrap_or(rest);
+        let addr: SocketAddr = host_port.parse().map_err(|_| LoadError::Usage(format!("{url}: give the host as ip:port")))?;
+        if !addr.ip().is_loopback() {
+            return Err(LoadError::Usage(format!("{url}: load tests target loopback (127.0.0.0/8) only")));
+        }
+        Ok(Node { url: url.to_string(), addr })
+    }
+}
+
+/// Where and how to connect.
+///
+/// A target is one hub or several nodes of a cluster: `--url` takes a comma-separated list,
+/// and client socket number `n` goes to node `n % nodes` (see [`Target::node_index`]), so every
+/// scenario spreads its clients over the nodes the same way, whatever it numbers them by.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The first node's URL and address (the only ones, with one node).
+    pub url: String,
+    pub addr: SocketAddr,
+    /// Every node, the first included; never empty.
+    pub nodes: Vec<Node>,
     pub encoding: Encoding,
     /// Source addresses to spread sockets over (empty: let the kernel choose).
     pub sources: Vec<IpAddr>,
@@ -34,18 +60,31 @@ pub struct Target {
 }
 
 impl Target {
+    /// `url` is one WebSocket URL, or several separated by commas (the nodes of a cluster).
     pub fn new(url: &str, encoding: Encoding, source_addrs: usize) -> Result<Target> {
-        let rest = url.strip_prefix("ws://").ok_or_else(|| LoadError::Usage(format!("{url}: only ws:// URLs are supported")))?;
-        let host_port = rest.split('/').next().unwrap_or(rest);
-        let addr: SocketAddr = host_port.parse().map_err(|_| LoadError::Usage(format!("{url}: give the host as ip:port")))?;
-        if !addr.ip().is_loopback() {
-            return Err(LoadError::Usage(format!("{url}: load tests target loopback (127.0.0.0/8) only")));
-        }
+        let nodes = url.split(',').map(str::trim).filter(|u| !u.is_empty()).map(Node::parse).collect::<Result<Vec<_>>>()?;
+        let first = nodes.first().cloned().ok_or_else(|| LoadError::Usage("--url: give at least one ws:// URL".into()))?;
         let sources = (1..=source_addrs.min(250)).map(|i| IpAddr::from([127, 0, 0, i as u8])).collect();
-        Ok(Target { url: url.to_string(), addr, encoding, sources, answer_timeout: ANSWER_TIMEOUT })
+        Ok(Target { url: first.url, addr: first.addr, nodes, encoding, sources, answer_timeout: ANSWER_TIMEOUT })
     }
 
-    /// Open WebSocket number `n` to `url` (on this target's address), from its source address.
+    /// The node client socket number `n` connects to: `n % nodes`.
+    pub fn node_index(&self, n: usize) -> usize {
+        n % self.nodes.len().max(1)
+    }
+
+    /// The node of client socket number `n` (see [`Target::node_index`]).
+    pub fn node(&self, n: usize) -> &Node {
+        &self.nodes[self.node_index(n)]
+    }
+
+    /// The WebSocket URL of client socket number `n`'s node.
+    pub fn url_of(&self, n: usize) -> &str {
+        &self.node(n).url
+    }
+
+    /// Open WebSocket number `n` to `url`, which must be on socket `n`'s node (see
+    /// [`Target::url_of`]; another path or query on it is fine), from its source address.
     pub async fn connect_raw(&self, url: &str, n: usize) -> Result<Ws> {
         self.connect_raw_with(url, n, None).await
     }
@@ -65,27 +104,28 @@ impl Target {
             let value = format!("Bearer {token}").parse().map_err(|_| LoadError::Usage("the token is not a valid header value".into()))?;
             request.headers_mut().insert(http::header::AUTHORIZATION, value);
         }
+        let addr = self.node(n).addr;
         let stream = if self.sources.is_empty() {
-            TcpStream::connect(self.addr).await?
+            TcpStream::connect(addr).await?
         } else {
             let socket = TcpSocket::new_v4()?;
             socket.bind(SocketAddr::new(self.sources[n % self.sources.len()], 0))?;
-            socket.connect(self.addr).await?
+            socket.connect(addr).await?
         };
         stream.set_nodelay(true)?;
         let (ws, _) = tokio_tungstenite::client_async(request, stream).await.map_err(connect_error)?;
         Ok(ws)
     }
 
-    /// Open protocol socket number `n`.
+    /// Open protocol socket number `n`, on its node.
     pub async fn connect(&self, n: usize) -> Result<Client> {
-        Ok(self.client(self.connect_raw(&self.url, n).await?))
+        Ok(self.client(self.connect_raw(self.url_of(n), n).await?))
     }
 
     /// Open protocol socket number `n`, authenticated with the upgrade request (its `hello`
     /// then needs no token).
     pub async fn connect_authorized(&self, n: usize, token: &str) -> Result<Client> {
-        Ok(self.client(self.connect_raw_with(&self.url, n, Some(token)).await?))
+        Ok(self.client(self.connect_raw_with(self.url_of(n), n, Some(token)).await?))
     }
 
     fn client(&self, ws: Ws) -> Client {
@@ -273,6 +313,66 @@ mod tests {
             change_id,
             left: false,
         }
+    }
+
+    #[test]
+    fn one_url_is_one_node_as_before() {
+        let target = Target::new("ws://127.0.0.1:8080/v1/ws", Encoding::Json, 0).unwrap();
+        assert_eq!(target.url, "ws://127.0.0.1:8080/v1/ws");
+        assert_eq!(target.addr, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(target.nodes.len(), 1);
+        for n in [0, 1, 7, 100_000, 200_003] {
+            assert_eq!(target.node_index(n), 0);
+            assert_eq!(target.url_of(n), "ws://127.0.0.1:8080/v1/ws");
+        }
+    }
+
+    #[test]
+    fn several_urls_spread_client_n_over_node_n_mod_len() {
+        let target = Target::new("ws://127.0.0.1:8001/v1/ws, ws://127.0.0.1:8002/v1/ws,ws://127.0.0.2:8003/v1/ws", Encoding::MsgPack, 4).unwrap();
+        let ports: Vec<u16> = target.nodes.iter().map(|n| n.addr.port()).collect();
+        assert_eq!(ports, [8001, 8002, 8003]);
+        // The first node stays the target's own URL and address (scenarios that use one node).
+        assert_eq!((target.url.as_str(), target.addr.port()), ("ws://127.0.0.1:8001/v1/ws", 8001));
+        let spread: Vec<u16> = (0..7).map(|n| target.node(n).addr.port()).collect();
+        assert_eq!(spread, [8001, 8002, 8003, 8001, 8002, 8003, 8001]);
+        assert_eq!(target.url_of(4), "ws://127.0.0.1:8002/v1/ws");
+        // Every node gets its share of any run of consecutive clients: 3,000 over 3 nodes.
+        let mut counts = [0; 3];
+        for n in 100_000..103_000 {
+            counts[target.node_index(n)] += 1;
+        }
+        assert_eq!(counts, [1000, 1000, 1000]);
+        // A trailing comma is no node; an empty list, a non-loopback or non-ws node is refused.
+        assert_eq!(Target::new("ws://127.0.0.1:1/a,", Encoding::Json, 0).unwrap().nodes.len(), 1);
+        assert!(Target::new(",", Encoding::Json, 0).is_err());
+        assert!(Target::new("ws://127.0.0.1:1/a,ws://10.0.0.1:2/a", Encoding::Json, 0).is_err());
+        assert!(Target::new("ws://127.0.0.1:1/a,wss://127.0.0.1:2/a", Encoding::Json, 0).is_err());
+    }
+
+    #[tokio::test]
+    async fn sockets_connect_to_their_own_node() {
+        // Three listeners stand in for three nodes; each counts the sockets it accepts.
+        let mut listeners = Vec::new();
+        for _ in 0..3 {
+            listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+        }
+        let urls: Vec<String> = listeners.iter().map(|l| format!("ws://{}/v1/ws", l.local_addr().unwrap())).collect();
+        let mut target = Target::new(&urls.join(","), Encoding::Json, 0).unwrap();
+        target.answer_timeout = std::time::Duration::from_millis(200);
+        // Upgrades are never answered: the connects time out, after the TCP connect landed.
+        for n in 0..5 {
+            assert!(target.connect(n).await.is_err());
+        }
+        let mut accepted = Vec::new();
+        for listener in &listeners {
+            let mut count = 0;
+            while let Ok(Ok(_)) = tokio::time::timeout(std::time::Duration::from_millis(50), listener.accept()).await {
+                count += 1;
+            }
+            accepted.push(count);
+        }
+        assert_eq!(accepted, [2, 2, 1]);
     }
 
     #[test]

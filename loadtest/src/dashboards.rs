@@ -147,7 +147,8 @@ pub async fn run(target: Target, tokens: TokenSource, args: DashboardsArgs, hub_
             let token = tokens.token_for(&tenant, &format!("{tenant}-sb{n}"), &format!("manager-sb{n}"), "Manager");
             let client = SupabaseClient {
                 target: target.clone(),
-                url: phoenix::realtime_url(&target.url, &token, vsn)?,
+                // On the node its socket number goes to (see `join`).
+                url: phoenix::realtime_url(target.url_of(200_000 + n), &token, vsn)?,
                 token,
                 n,
                 vsn,

@@ -23,7 +23,8 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 struct HubArgs {
-    /// WebSocket URL of the hub (loopback only).
+    /// WebSocket URL of the hub (loopback only); for a cluster, the nodes' URLs separated by
+    /// commas: client socket n connects to the (n mod count)-th.
     #[arg(long, default_value = "ws://127.0.0.1:8080/v1/ws")]
     url: String,
     /// The hub's HS256 secret, to mint device tokens.
@@ -41,9 +42,15 @@ struct HubArgs {
     /// Spread sockets over this many source addresses 127.0.0.1..=127.0.0.N (0: kernel's choice).
     #[arg(long, default_value_t = 0)]
     source_addrs: usize,
-    /// Pid of the hub, to report its CPU time and memory.
-    #[arg(long)]
-    hub_pid: Option<u32>,
+    /// Pid of the hub, to report its CPU time and memory; for a cluster, every node's pid,
+    /// separated by commas (their CPU and memory are summed as the hub's, and each node's CPU
+    /// is also reported apart).
+    #[arg(long, value_delimiter = ',')]
+    hub_pid: Vec<u32>,
+    /// Another process to report the CPU time of, apart from the hub's: NAME=PID (e.g.
+    /// `nats-server=1234`); repeatable.
+    #[arg(long, value_parser = parse_side_pid)]
+    side_pid: Vec<(String, u32)>,
     /// Seconds a client waits for the hub to accept its socket, and then to answer its hello.
     #[arg(long, default_value_t = 30)]
     answer_timeout_secs: u64,
@@ -165,7 +172,20 @@ enum Command {
     },
 }
 
+/// `NAME=PID`.
+fn parse_side_pid(text: &str) -> Result<(String, u32), String> {
+    let (name, pid) = text.rsplit_once('=').ok_or_else(|| format!("{text}: give NAME=PID"))?;
+    let pid = pid.trim().parse().map_err(|_| format!("{text}: the pid is not a number"))?;
+    Ok((name.trim().to_string(), pid))
+}
+
 impl HubArgs {
+    /// The hub's pid (the first node's), having set every node and side process to be measured.
+    fn watched_hub_pid(&self) -> Option<u32> {
+        synchub_loadtest::proc_stats::watch(self.hub_pid.clone(), self.side_pid.clone());
+        self.hub_pid.first().copied()
+    }
+
     fn connect_parts(self) -> Result<(client::Target, tokens::TokenSource), error::LoadError> {
         let encoding = if self.msgpack { Encoding::MsgPack } else { Encoding::Json };
         let mut target = client::Target::new(&self.url, encoding, self.source_addrs)?;
@@ -205,7 +225,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let report = match cli.command {
         Command::Devices { hub, args, database_url } => {
-            let hub_pid = hub.hub_pid;
+            let hub_pid = hub.watched_hub_pid();
             let (target, tokens) = hub.connect_parts()?;
             let database = match database_url {
                 Some(url) => Some(sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&url).await?),
@@ -214,18 +234,18 @@ async fn main() -> anyhow::Result<()> {
             devices::run_measuring_wal(target, tokens, args, hub_pid, database.as_ref()).await
         }
         Command::Replay { hub, args } => {
-            let hub_pid = hub.hub_pid;
+            let hub_pid = hub.watched_hub_pid();
             let (target, tokens) = hub.connect_parts()?;
             replay::run(target, tokens, args, hub_pid).await?
         }
         Command::Dashboards { hub, args } => {
-            let hub_pid = hub.hub_pid;
+            let hub_pid = hub.watched_hub_pid();
             let (target, tokens) = hub.connect_parts()?;
             dashboards::run(target, tokens, args, hub_pid).await?
         }
         Command::PgCeiling { args } => pg_ceiling::run(args).await?,
         Command::Fanout { hub, args } => {
-            let hub_pid = hub.hub_pid;
+            let hub_pid = hub.watched_hub_pid();
             let url = args.nats_url.clone();
             let mut hub = hub;
             if let Some(url) = url {
@@ -237,7 +257,7 @@ async fn main() -> anyhow::Result<()> {
             fanout::run(target, tokens, args, hub_pid).await?
         }
         Command::Idle { hub, args } => {
-            let hub_pid = hub.hub_pid.ok_or_else(|| anyhow::anyhow!("idle needs --hub-pid to measure the hub"))?;
+            let hub_pid = hub.watched_hub_pid().ok_or_else(|| anyhow::anyhow!("idle needs --hub-pid to measure the hub"))?;
             let worker_args = hub.worker_args();
             let report = tokio::task::spawn_blocking(move || idle::run(&worker_args, args, hub_pid)).await??;
             print!("{}", report.table());
@@ -253,7 +273,7 @@ async fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Storm { hub, args } => {
-            let hub_pid = hub.hub_pid;
+            let hub_pid = hub.watched_hub_pid();
             let (target, tokens) = hub.connect_parts()?;
             let report = storm::run(target, tokens, args, hub_pid).await?;
             print!("{}", report.table());

@@ -95,11 +95,52 @@ fn machine_steal() -> f64 {
     std::fs::read_to_string("/proc/stat").ok().as_deref().and_then(steal_seconds_of).unwrap_or(0.0)
 }
 
-/// Samples one process; `None` pid samples nothing of the hub (Postgres is still read).
+/// Processes measured beside the hub, set once for the whole run by the command line
+/// (`--hub-pid` with several pids, `--side-pid`): the other nodes of a cluster, whose CPU time
+/// and memory count as the hub's, and named processes such as nats-server, counted apart.
+#[derive(Debug, Clone, Default)]
+struct Watched {
+    /// Every hub node's pid, the one the scenario is given first.
+    hubs: Vec<u32>,
+    others: Vec<(String, u32)>,
+}
+
+static WATCHED: std::sync::OnceLock<Watched> = std::sync::OnceLock::new();
+
+/// Measure `hubs` (every node; the first is the pid the scenarios are given) as one hub, and
+/// `others` apart, by name. Once per process; later calls change nothing.
+pub fn watch(hubs: Vec<u32>, others: Vec<(String, u32)>) {
+    let _ = WATCHED.set(Watched { hubs, others });
+}
+
+/// The pids that count as the hub's with `hub_pid`: it and the other nodes being watched.
+fn hub_pids(hub_pid: Option<u32>) -> Vec<u32> {
+    hub_pids_in(WATCHED.get(), hub_pid)
+}
+
+fn hub_pids_in(watched: Option<&Watched>, hub_pid: Option<u32>) -> Vec<u32> {
+    let mut pids: Vec<u32> = hub_pid.into_iter().collect();
+    if hub_pid.is_some() {
+        pids.extend(watched.map_or(&[][..], |w| &w.hubs[..]).iter().filter(|p| Some(**p) != hub_pid));
+    }
+    pids
+}
+
+/// CPU seconds so far of each process watched apart, by name: each hub node when there are
+/// several (`hub node 1 (pid …)`), then the named others. Empty unless [`watch`] was called.
+pub fn others_cpu() -> Vec<(String, f64)> {
+    let Some(w) = WATCHED.get() else { return Vec::new() };
+    let nodes = if w.hubs.len() > 1 { w.hubs.iter().enumerate().map(|(i, pid)| (format!("hub node {} (pid {pid})", i + 1), *pid)).collect() } else { Vec::new() };
+    nodes.into_iter().chain(w.others.iter().cloned()).map(|(name, pid)| (name, cpu_seconds(pid).unwrap_or(0.0))).collect()
+}
+
+/// Samples the hub (with the other nodes being watched, summed); `None` pid samples nothing of
+/// the hub (Postgres is still read).
 pub fn sample(hub_pid: Option<u32>) -> Sample {
+    let pids = hub_pids(hub_pid);
     Sample {
-        hub_cpu_s: hub_pid.and_then(cpu_seconds).unwrap_or(0.0),
-        hub_rss_kib: hub_pid.and_then(rss_kib).unwrap_or(0),
+        hub_cpu_s: pids.iter().filter_map(|p| cpu_seconds(*p)).sum(),
+        hub_rss_kib: pids.iter().filter_map(|p| rss_kib(*p)).sum(),
         machine_steal_s: machine_steal(),
     }
 }
@@ -111,7 +152,18 @@ pub fn own_cpu_seconds() -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{cpu_times_of, steal_seconds_of, CpuTimes, PostgresCpu};
+    use super::{cpu_times_of, hub_pids_in, steal_seconds_of, CpuTimes, PostgresCpu, Watched};
+
+    #[test]
+    fn the_nodes_of_a_cluster_count_as_the_hub_once_each() {
+        let cluster = Watched { hubs: vec![10, 20, 30], others: vec![("nats-server".into(), 40)] };
+        assert_eq!(hub_pids_in(Some(&cluster), Some(10)), [10, 20, 30]);
+        // The scenario's pid is counted once even when it is not listed first.
+        assert_eq!(hub_pids_in(Some(&cluster), Some(20)), [20, 10, 30]);
+        // Without a hub pid nothing is the hub's; with nothing watched, the one pid as before.
+        assert!(hub_pids_in(Some(&cluster), None).is_empty());
+        assert_eq!(hub_pids_in(None, Some(7)), [7]);
+    }
 
     #[test]
     fn cpu_times_with_the_parent_and_ended_children() {

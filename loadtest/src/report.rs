@@ -186,6 +186,10 @@ pub struct Report {
     pub hub_rss_max_kib: u64,
     pub postgres_cpu_s: f64,
     pub loadgen_cpu_s: f64,
+    /// CPU seconds over the measured window of processes watched apart (`--side-pid`, and each
+    /// node when `--hub-pid` names several; `hub_cpu_s` is the nodes' sum), by name.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub other_cpu_s: BTreeMap<String, f64>,
     /// CPU seconds the hypervisor took from the machine over the measured window (all CPUs).
     pub steal_cpu_s: f64,
     /// Bytes of WAL Postgres wrote over the measured window (when the scenario was given the
@@ -251,6 +255,9 @@ pub struct Monitor {
     sample_at_stop: Option<(Sample, f64, PostgresCpu)>,
     /// Postgres's processes when the measured window opened.
     start_postgres: PostgresCpu,
+    /// The processes watched apart, when the window opened and when it closed.
+    start_others: Vec<(String, f64)>,
+    others_at_stop: Option<Vec<(String, f64)>>,
     /// The same counters when the measured window opened.
     start_counts: (u64, u64),
 }
@@ -271,6 +278,8 @@ impl Monitor {
             at_stop: None,
             sample_at_stop: None,
             start_postgres: PostgresCpu::read(),
+            start_others: proc_stats::others_cpu(),
+            others_at_stop: None,
             start_counts: (0, 0),
         }
     }
@@ -279,6 +288,7 @@ impl Monitor {
     pub fn reset(&mut self, stats: &Stats) {
         self.start_sample = proc_stats::sample(self.hub_pid);
         self.start_postgres = PostgresCpu::read();
+        self.start_others = proc_stats::others_cpu();
         self.start_cpu = proc_stats::own_cpu_seconds();
         self.last_cpu = self.start_sample.hub_cpu_s;
         self.last_steal = self.start_sample.machine_steal_s;
@@ -429,6 +439,7 @@ impl Monitor {
     pub fn stop(&mut self, stats: &Stats) {
         self.at_stop = Some((stats.merged_total(), stats.deltas_received.load(Ordering::Relaxed)));
         self.sample_at_stop = Some((proc_stats::sample(self.hub_pid), proc_stats::own_cpu_seconds(), PostgresCpu::read()));
+        self.others_at_stop = Some(proc_stats::others_cpu());
     }
 
     pub fn finish(mut self, scenario: &str, parameters: Value, stats: &Stats, measured: Duration) -> Report {
@@ -440,6 +451,14 @@ impl Monitor {
             .sample_at_stop
             .take()
             .unwrap_or_else(|| (proc_stats::sample(self.hub_pid), proc_stats::own_cpu_seconds(), PostgresCpu::read()));
+        let others_at_end = self.others_at_stop.take().unwrap_or_else(proc_stats::others_cpu);
+        let other_cpu_s = others_at_end
+            .into_iter()
+            .map(|(name, end)| {
+                let start = self.start_others.iter().find(|(n, _)| *n == name).map_or(0.0, |(_, s)| *s);
+                (name, (end - start).max(0.0))
+            })
+            .collect();
         let secs = measured.as_secs_f64().max(1e-6);
         let outcomes = BTreeMap::from([
             ("applied", stats.applied.load(Ordering::Relaxed)),
@@ -475,6 +494,7 @@ impl Monitor {
             hub_rss_max_kib: self.rss_max.max(end.hub_rss_kib),
             postgres_cpu_s: postgres_at_end.since(&self.start_postgres),
             loadgen_cpu_s: own_cpu_at_end - self.start_cpu,
+            other_cpu_s,
             steal_cpu_s: end.machine_steal_s - self.start_sample.machine_steal_s,
             wal_bytes: None,
             warmup_s: self.warmup.as_ref().map_or(0.0, |(_, _, d)| d.as_secs_f64()),
@@ -542,6 +562,9 @@ impl Report {
                 self.hub_cpu_s, self.postgres_cpu_s, self.loadgen_cpu_s, self.steal_cpu_s
             ),
         );
+        if !self.other_cpu_s.is_empty() {
+            row("CPU seconds, apart", self.other_cpu_s.iter().map(|(k, v)| format!("{k} {v:.1}")).collect::<Vec<_>>().join(", "));
+        }
         row("hub RSS max", format!("{} KiB", self.hub_rss_max_kib));
         if let Some(bytes) = self.wal_bytes {
             let changes = self.changes_merged_per_s * self.duration_s;
