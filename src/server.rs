@@ -156,6 +156,10 @@ pub async fn start(config: Config) -> Result<RunningHub> {
     let server = tokio::spawn(server);
     tracing::info!(%addr, "synchub listening; WebSocket at /v1/ws, RxDB replication at /rxdb/v1, Supabase Realtime at /realtime/v1");
     let session_clock = tokio::spawn(sweep::run(hub.clone()));
+    let mut cluster_tasks = cluster_tasks;
+    if let Some(cluster) = &hub.cluster {
+        cluster_tasks.push(tokio::spawn(crate::http::sessions::serve_forwarded_refreshes(hub.clone(), cluster.clone())));
+    }
     Ok(RunningHub { addr, hub, handle, server, listener, session_clock, cluster_tasks, arbiters })
 }
 

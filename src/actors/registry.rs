@@ -10,7 +10,7 @@ use dashmap::DashMap;
 
 use super::messages::{ClusterNews, LogAppended};
 use super::tenant::TenantActor;
-use crate::cluster::{Cluster, ClusterEvent};
+use crate::cluster::{Body, Cluster, ClusterEvent};
 use crate::config::Config;
 use crate::ids::TenantId;
 use crate::metrics::Metrics;
@@ -97,6 +97,14 @@ impl TenantRegistry {
             if actor.try_send(ClusterNews(event.clone())).is_err() && event != ClusterEvent::Resync {
                 let _ = actor.send(ClusterNews(event.clone())).await;
             }
+        }
+    }
+
+    /// Tell the other nodes what a tenant with no actor here has for their sessions (a
+    /// broadcast, conflict news); a running actor passes such news on itself.
+    pub fn publish_elsewhere(&self, tenant: &TenantId, body: Body<'_>) {
+        if let Some(cluster) = &self.cluster {
+            cluster.publish(tenant, body);
         }
     }
 

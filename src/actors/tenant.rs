@@ -1037,7 +1037,7 @@ impl StreamHandler<Envelope<'static>> for TenantActor {
                 self.deliver_broadcast(Broadcast { channel, event, payload, private, from });
             }
             Body::Conflicts { events, open } => self.tell_conflicts(ConflictNews { events, open }, false),
-            Body::Heartbeat | Body::Leaving => {}
+            Body::Heartbeat | Body::Leaving | Body::RefreshToken { .. } | Body::Refreshed { .. } => {}
         }
     }
 

@@ -190,6 +190,35 @@ impl Cluster {
         }))
     }
 
+    /// Ask the node holding a session (whichever it is) and wait up to `wait` for its answer;
+    /// `None` when no node answered (no node holds it, or NATS is down).
+    pub async fn ask_session_holder(&self, body: Body<'_>, wait: Duration) -> Option<Envelope<'static>> {
+        let bytes = Bytes::from(Envelope::new(&self.node, body).encode());
+        let request = self.client.request(subjects::session_control(&self.prefix), bytes);
+        match tokio::time::timeout(wait, request).await {
+            Ok(Ok(message)) => Envelope::decode(&message.payload).ok(),
+            _ => None,
+        }
+    }
+
+    /// Requests of other nodes about sessions, each with where to answer.
+    pub async fn session_requests(&self) -> Result<impl Stream<Item = (Envelope<'static>, async_nats::Subject)> + Unpin + 'static> {
+        let subscriber = self
+            .client
+            .subscribe(subjects::session_control(&self.prefix))
+            .await
+            .map_err(|e| Error::Internal(format!("NATS subscribe: {e}")))?;
+        Ok(subscriber.filter_map(|message| std::future::ready(message.reply.and_then(|reply| Envelope::decode(&message.payload).ok().map(|e| (e, reply))))))
+    }
+
+    /// Answer a request of another node.
+    pub async fn answer(&self, reply: async_nats::Subject, body: Body<'_>) {
+        let bytes = Bytes::from(Envelope::new(&self.node, body).encode());
+        if let Err(err) = self.client.publish(reply, bytes).await {
+            tracing::warn!(%err, "cannot answer a cluster request");
+        }
+    }
+
     /// Tell the other nodes this one is stopping, and give the message a moment to leave.
     pub async fn leave(&self) {
         let bytes = Envelope::new(&self.node, Body::Leaving).encode();

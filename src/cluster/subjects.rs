@@ -33,6 +33,12 @@ pub fn nodes(prefix: &str) -> String {
     format!("{prefix}.nodes")
 }
 
+/// The subject of requests about sessions (their token refreshes), which every node hears and
+/// the node holding the session answers.
+pub fn session_control(prefix: &str) -> String {
+    format!("{prefix}.sessions")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

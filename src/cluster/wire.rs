@@ -4,7 +4,7 @@
 
 use std::borrow::Cow;
 
-use protocol::{ConflictEvent, ConflictRecord, Delta, PresenceEntry};
+use protocol::{ConflictEvent, ConflictRecord, Delta, ErrorCode, PresenceEntry};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{NodeId, Seq, SessionId};
@@ -43,6 +43,12 @@ pub enum Body<'a> {
     Broadcast { channel: String, event: Option<String>, payload: String, private: bool, from: Option<SessionId> },
     /// Conflicts opened or resolved, and the tenant's open count after them.
     Conflicts { events: Vec<(ConflictEvent, ConflictRecord)>, open: u64 },
+    /// On the session-control subject, as a request: the node holding `session` refreshes
+    /// its token with `token` (sent by a client over HTTP to another node), by the same rules
+    /// as if it came to it, and answers [`Body::Refreshed`]; the other nodes stay silent.
+    RefreshToken { session: SessionId, token: String },
+    /// The answer: the new expiry (Unix seconds), or the error code and message for the client.
+    Refreshed { expires_at: Option<u64>, code: Option<ErrorCode>, message: String },
     /// On the nodes' subject: the sender is alive.
     Heartbeat,
     /// On the nodes' subject: the sender is stopping; its sessions are gone or going.
@@ -141,6 +147,8 @@ mod tests {
             Body::PresenceAsk,
             Body::Track(track),
             Body::Broadcast { channel: "c".into(), event: None, payload: "{\"x\":[1,2]}".into(), private: true, from: None },
+            Body::RefreshToken { session: uuid::Uuid::new_v4(), token: "t".into() },
+            Body::Refreshed { expires_at: None, code: Some(ErrorCode::TenantMismatch), message: "no".into() },
             Body::Heartbeat,
             Body::Leaving,
         ] {

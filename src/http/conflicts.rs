@@ -16,6 +16,7 @@ use super::auth::Manager;
 use super::conflicts_csv;
 use super::error::ApiError;
 use super::{check_accepting, submit};
+use crate::cluster::Body;
 use crate::actors::messages::{ConflictNews, TellConflicts};
 use crate::actors::sweep::unix_ms;
 use crate::error::Error;
@@ -280,10 +281,13 @@ async fn dismiss(hub: &Hub, manager: &Manager, id: i64) -> Result<Value, ApiErro
     let Some((conflict, open)) = hub.store.dismiss_conflict(&identity.tenant, id, identity.user.as_str()).await? else {
         return Err(ApiError::new(ErrorCode::ConflictNotOpen, format!("conflict {id} is not open")));
     };
-    if let Some(actor) = hub.registry.running(&identity.tenant) {
-        let news = ConflictNews { events: vec![(ConflictEvent::Resolved, conflict.clone())], open };
-        // Best effort, as every conflict event: the review API lists them all.
-        let _ = actor.try_send(TellConflicts(news));
+    let events = vec![(ConflictEvent::Resolved, conflict.clone())];
+    // Best effort, as every conflict event: the review API lists them all.
+    match hub.registry.running(&identity.tenant) {
+        Some(actor) => {
+            let _ = actor.try_send(TellConflicts(ConflictNews { events, open }));
+        }
+        None => hub.registry.publish_elsewhere(&identity.tenant, Body::Conflicts { events, open }),
     }
     hub.metrics.conflict_resolutions.fetch_add(1, Ordering::Relaxed);
     Ok(json!({ "conflict": conflict }))

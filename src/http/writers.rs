@@ -14,6 +14,7 @@ use uuid::Uuid;
 use super::auth::ServiceWriter;
 use super::error::ApiError;
 use super::{check_accepting, submit};
+use crate::cluster::Body;
 use crate::actors::messages::Broadcast;
 use crate::ids::{id_problem, DeviceId, TenantId, UserId};
 use crate::server::Hub;
@@ -97,13 +98,17 @@ pub async fn broadcast(
         return Err(ApiError::new(ErrorCode::ValueTooLarge, format!("payload is {size} bytes, more than {max} (max_broadcast_payload_bytes)")));
     }
     hub.metrics.http_broadcasts.fetch_add(1, Ordering::Relaxed);
-    // A tenant without a running actor has no session to reach: none is started for it.
+    // A tenant without a running actor has no session here to reach: none is started for it
+    // (in a cluster, the other nodes still hear of it).
     let sessions = match hub.registry.running(&tenant) {
         Some(actor) => actor
             .send(Broadcast { channel, event, payload, private: false, from: None })
             .await
             .map_err(|_| ApiError::new(ErrorCode::Unavailable, "tenant actor unavailable; retry"))?,
-        None => 0,
+        None => {
+            hub.registry.publish_elsewhere(&tenant, Body::Broadcast { channel, event, payload: payload.to_string(), private: false, from: None });
+            0
+        }
     };
     Ok(HttpResponse::Accepted().json(json!({"sessions": sessions})))
 }

@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::ws::{refuse_upgrade, serve};
+use crate::cluster::Body;
 use crate::actors::messages::Broadcast;
 use crate::auth::Identity;
 use crate::error::Error;
@@ -147,13 +148,19 @@ async fn send_all(hub: &Hub, identity: &Identity, messages: Vec<Checked>) -> Htt
         return refused(&err);
     }
     hub.metrics.supabase_messages("rest_broadcast", messages.len() as u64);
-    // A tenant without a running actor has no session to reach.
+    // A tenant without a running actor has no session here to reach (in a cluster, the other
+    // nodes still hear of it).
     if let Some(actor) = hub.registry.running(&identity.tenant) {
         for m in messages {
             let msg = Broadcast { channel: m.channel, event: Some(m.event), payload: m.payload, private: m.private, from: None };
             if actor.send(msg).await.is_err() {
                 return error(StatusCode::SERVICE_UNAVAILABLE, "tenant unavailable; retry");
             }
+        }
+    } else {
+        for m in messages {
+            let body = Body::Broadcast { channel: m.channel, event: Some(m.event), payload: m.payload.to_string(), private: m.private, from: None };
+            hub.registry.publish_elsewhere(&identity.tenant, body);
         }
     }
     HttpResponse::Accepted().finish()
