@@ -59,9 +59,18 @@ struct Cluster {
 }
 
 impl Cluster {
-    /// NATS, a fresh database and `n` hubs (node ids `node-1`…), started together; returns once
-    /// every node is connected to NATS and knows all `n` nodes.
+    /// NATS, a fresh database and `n` hubs (node ids `node-1`…), started one after another;
+    /// returns once every node is connected to NATS and knows all `n` nodes.
     async fn start(name: &str, n: usize) -> Cluster {
+        Self::start_nodes(name, n, false).await
+    }
+
+    /// `start`, with the hubs' processes started at once (as a deployment may).
+    async fn start_at_once(name: &str, n: usize) -> Cluster {
+        Self::start_nodes(name, n, true).await
+    }
+
+    async fn start_nodes(name: &str, n: usize, at_once: bool) -> Cluster {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cluster").join(format!("{name}-{}", &Uuid::new_v4().simple().to_string()[..8]));
         std::fs::create_dir_all(&dir).unwrap();
         println!("cluster test {name}: hub and NATS logs in {}", dir.display());
@@ -76,7 +85,15 @@ impl Cluster {
                 HubProcess::start_with(&config, &log, &["--nats", &url], &[("SYNCHUB_NODE_ID", node_id.as_str())]).await.0
             }
         });
-        let nodes = futures_util::future::join_all(starts).await;
+        let nodes = if at_once {
+            futures_util::future::join_all(starts).await
+        } else {
+            let mut nodes = Vec::new();
+            for start in starts {
+                nodes.push(start.await);
+            }
+            nodes
+        };
         let db = sqlx::PgPool::connect(&database_url).await.unwrap();
         let cluster = Cluster { name: name.into(), dir, nats, nodes, db, http: reqwest::Client::new() };
         for i in 1..=n {
@@ -209,7 +226,11 @@ struct Dev {
     token: String,
     /// Nodes in the order it uses them: it starts on the first; a lost session moves it on.
     addrs: Vec<SocketAddr>,
+    /// The node number of each of `addrs`.
+    node_numbers: Vec<usize>,
     at: usize,
+    /// Hellos refused in a row on the current node.
+    refused_hellos: usize,
     rng: StdRng,
     shared_rows: Vec<Uuid>,
     own_rows: Vec<Uuid>,
@@ -220,6 +241,9 @@ struct Dev {
     /// Re-sent on every new session, as a device that lost its acks would: answered `duplicate`.
     last_acked: Option<(Batch, Vec<ChangeResult>)>,
     acked: Vec<Acked>,
+    /// Seqs of its own acked changes past the position: they count once every seq before them
+    /// has been applied (protocol §5, "Position").
+    own_ahead: BTreeSet<u64>,
     /// Seq → change id of every delta delivered, catch-up and live.
     delivered: BTreeMap<u64, Option<Uuid>>,
     /// Deltas delivered live, by origin device.
@@ -228,7 +252,8 @@ struct Dev {
     acked_batches: Arc<AtomicUsize>,
     problems: Vec<String>,
     sessions: usize,
-    nodes_used: Vec<SocketAddr>,
+    /// The node of each session.
+    nodes_used: Vec<usize>,
     duplicates_on_resend: usize,
     closes: BTreeMap<u16, usize>,
     refusals: BTreeMap<String, usize>,
@@ -244,22 +269,24 @@ fn fleet(addrs: &[SocketAddr], per_node: usize, seed: u64) -> Vec<Dev> {
     for home in 1..=addrs.len() {
         for j in 0..per_node {
             let id = format!("n{home}-dev{j}");
-            let order = (0..addrs.len()).map(|k| addrs[(home - 1 + k) % addrs.len()]).collect();
-            devices.push(Dev::new(id, home, order, shared.clone(), StdRng::seed_from_u64(rng.gen())));
+            let order: Vec<usize> = (0..addrs.len()).map(|k| (home - 1 + k) % addrs.len() + 1).collect();
+            devices.push(Dev::new(id, home, order.iter().map(|n| addrs[n - 1]).collect(), order, shared.clone(), StdRng::seed_from_u64(rng.gen())));
         }
     }
     devices
 }
 
 impl Dev {
-    fn new(id: String, home: usize, addrs: Vec<SocketAddr>, shared_rows: Vec<Uuid>, mut rng: StdRng) -> Dev {
+    fn new(id: String, home: usize, addrs: Vec<SocketAddr>, node_numbers: Vec<usize>, shared_rows: Vec<Uuid>, mut rng: StdRng) -> Dev {
         let own_rows = (0..OWN_ROWS).map(|_| Uuid::from_u128(rng.gen())).collect();
         Dev {
             token: token(TENANT, &format!("user-{id}"), "Employee", Some(&id)),
             id,
             home,
             addrs,
+            node_numbers,
             at: 0,
+            refused_hellos: 0,
             rng,
             shared_rows,
             own_rows,
@@ -268,6 +295,7 @@ impl Dev {
             in_doubt: None,
             last_acked: None,
             acked: Vec::new(),
+            own_ahead: BTreeSet::new(),
             delivered: BTreeMap::new(),
             live_from: BTreeMap::new(),
             live_deltas: Arc::default(),
@@ -289,7 +317,7 @@ impl Dev {
 
     fn describe(&self) -> String {
         format!(
-            "{}: position {}, sessions {} on {:?}, closes {:?}, refusals {:?}, problems {:?}",
+            "{}: position {}, sessions {} on nodes {:?}, closes {:?}, refusals {:?}, problems {:?}",
             self.id,
             self.seq(),
             self.sessions,
@@ -321,12 +349,21 @@ impl Dev {
                 }
             }
             if !self.hello().await {
-                self.lost();
+                // A node that refuses a hello (its database out of reach, say) is tried again,
+                // twice; a node that is gone fails to connect and the next one is tried.
+                self.refused_hellos += 1;
+                if self.refused_hellos >= 3 {
+                    self.refused_hellos = 0;
+                    self.lost();
+                } else {
+                    self.ws = None;
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
+            self.refused_hellos = 0;
             self.sessions += 1;
-            self.nodes_used.push(addr);
+            self.nodes_used.push(self.node_numbers[self.at]);
             if let Some((batch, results)) = self.last_acked.clone() {
                 let Some((again, _)) = self.push(&batch).await else {
                     self.lost();
@@ -335,7 +372,7 @@ impl Dev {
                 for (before, now) in results.iter().zip(&again) {
                     if now.status != ChangeStatus::Duplicate || now.seq != before.seq {
                         self.problems.push(format!(
-                            "{}: re-sent acked change {} (device_seq {}, acked {:?} at seq {:?}) on {addr} came back {:?} at seq {:?}",
+                            "{}: re-sent acked change {} (device_seq {}, acked {:?} at seq {:?}) to {addr} came back {:?} at seq {:?}",
                             self.id, before.change_id, before.device_seq, before.status, before.seq, now.status, now.seq
                         ));
                     }
@@ -475,6 +512,9 @@ impl Dev {
             if self.delivered.insert(delta.seq, delta.change_id).is_some() {
                 self.problems.push(format!("{}: seq {} delivered twice", self.id, delta.seq));
             }
+            if live && delta.origin.as_deref() == Some(self.id.as_str()) {
+                self.problems.push(format!("{}: its own change at seq {} came back in a live delta", self.id, delta.seq));
+            }
             if live {
                 *self.live_from.entry(delta.origin.clone().unwrap_or_else(|| "sql".into())).or_default() += 1;
                 self.live_deltas.fetch_add(1, Ordering::Relaxed);
@@ -483,12 +523,21 @@ impl Dev {
         self.advance(seq);
     }
 
+    /// The position moves to a frame's seq (a frame may cover less than an ack already took it
+    /// to), then over its own acked seqs that follow.
     fn advance(&mut self, seq: u64) {
         if let Some(p) = &mut self.position {
-            if seq < p.seq {
-                self.problems.push(format!("{}: the stream went back from seq {} to {seq}", self.id, p.seq));
-            }
             p.seq = p.seq.max(seq);
+            while let Some(&next) = self.own_ahead.first() {
+                if next <= p.seq {
+                    self.own_ahead.remove(&next);
+                } else if next == p.seq + 1 {
+                    self.own_ahead.remove(&next);
+                    p.seq = next;
+                } else {
+                    break;
+                }
+            }
         }
     }
 
@@ -511,12 +560,22 @@ impl Dev {
                 ChangeStatus::Applied | ChangeStatus::Merged | ChangeStatus::Conflict => {}
                 ChangeStatus::Duplicate if resent => {}
                 _ => {
-                    self.problems.push(format!("{}: change {} (device_seq {}, resent: {resent}) got {result:?}", self.id, change.change_id, change.device_seq));
+                    let id = change.key.get("id").and_then(|v| v.as_str()).and_then(|v| v.parse::<Uuid>().ok());
+                    let row = if id.is_some_and(|id| self.shared_rows.contains(&id)) { "a row every device writes" } else { "a row of its own" };
+                    self.problems.push(format!(
+                        "{}: change {} (device_seq {}, resent: {resent}) to {row}, key {:?}, got {result:?}",
+                        self.id, change.change_id, change.device_seq, change.key
+                    ));
                     continue;
                 }
             }
             self.acked.push(Acked { change_id: change.change_id, device_seq: change.device_seq, status: result.status, seq: result.seq });
+            if let Some(seq) = result.seq {
+                self.own_ahead.insert(seq);
+            }
         }
+        let at = self.seq();
+        self.advance(at);
         self.in_doubt = None;
         self.last_acked = Some((batch.clone(), results));
     }
@@ -691,11 +750,6 @@ async fn check(db: &sqlx::PgPool, devices: &[Dev]) -> (Vec<String>, u64) {
         }
         if !missing.is_empty() {
             problems.push(format!("{}: {} seqs never reached it: {:?}", d.id, missing.len(), &missing[..missing.len().min(20)]));
-        }
-        for seq in d.delivered.keys() {
-            if own.contains(&(*seq as i64)) {
-                problems.push(format!("{}: its own change at seq {seq} came back as a delta", d.id));
-            }
         }
     }
     (problems, head as u64)
@@ -969,6 +1023,76 @@ async fn presence_is_cluster_wide_and_forgets_a_killed_node() {
     assert!(changed.is_none(), "presence changed {changed:?} after node 3's sessions left: {:?}", view.devices());
 }
 
+/// Three nodes started at the same moment on a fresh database (each registers the synced tables
+/// at start) all come up and form the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_started_at_once_on_a_fresh_database_all_come_up() {
+    let cluster = Cluster::start_at_once("at-once", 3).await;
+    let mut device = device_on(cluster.addr(1), "pos-1").await;
+    let mut other = device_on(cluster.addr(3), "pos-3").await;
+    let id = Uuid::now_v7();
+    let results = device.push(vec![common::upsert("products", json!({"id": id}), common::product(id, "First", 100), 1, now_ms(), 0)]).await;
+    assert_eq!(results[0].status, ChangeStatus::Applied, "{results:?}");
+    let (deltas, _) = other.next_deltas().await;
+    assert_eq!(deltas.iter().map(|d| d.seq).collect::<Vec<_>>(), vec![results[0].seq.unwrap()]);
+}
+
+/// A tenant that devices on every node meet for the first time at the same moment: each node
+/// starts the tenant's actor (reading its head, creating its row), and every hello is welcomed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_tenant_met_on_every_node_at_once_welcomes_every_device() {
+    let cluster = Cluster::start("new-tenant", 3).await;
+    async fn first_answer(addr: SocketAddr, tenant: String, device: String) -> Result<Client, String> {
+        let mut c = Client::connect(addr, Encoding::Json).await;
+        let id = c.next_id();
+        let token = token(&tenant, &format!("user-{device}"), "Employee", Some(&device));
+        c.send(&ClientFrame::Hello { mode: Default::default(), id, versions: vec![1], token, device_id: None, position: None }).await;
+        match c.recv_timeout(common::WAIT).await {
+            Some(ServerFrame::Welcome { .. }) => Ok(c),
+            other => Err(format!("{tenant}/{device} on {addr}: {other:?}, then closed {:?}", c.closed)),
+        }
+    }
+    let mut refused = Vec::new();
+    for round in 0..20 {
+        let tenant = format!("fresh-{round}");
+        let hellos = (1..=3).map(|n| first_answer(cluster.addr(n), tenant.clone(), format!("dev-{n}")));
+        for answer in futures_util::future::join_all(hellos).await {
+            match answer {
+                Ok(mut c) => {
+                    let _ = c.ws.close(None).await;
+                }
+                Err(e) => refused.push(e),
+            }
+        }
+    }
+    assert!(refused.is_empty(), "{} of 60 first hellos were not welcomed ({}):\n{}", refused.len(), cluster.logs(), refused.join("\n"));
+}
+
+/// One new row written by devices on three nodes at the same moment merges as it would on one
+/// node (last writer wins): no change is rejected, every device ends with the same row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_new_row_written_on_three_nodes_at_once_merges() {
+    let cluster = Cluster::start("same-row", 3).await;
+    let mut devices = Vec::new();
+    for n in 1..=3 {
+        devices.push(device_on(cluster.addr(n), &format!("pos-{n}")).await);
+    }
+    let mut rejected = Vec::new();
+    for round in 0..30u64 {
+        let id = Uuid::now_v7();
+        let pushes = devices.iter_mut().enumerate().map(|(i, d)| {
+            let change = common::upsert("products", json!({"id": id}), common::product(id, &format!("round {round} by pos-{}", i + 1), 100 + i as i64), round + 1, now_ms(), 0);
+            d.push(vec![change])
+        });
+        for (i, results) in futures_util::future::join_all(pushes).await.into_iter().enumerate() {
+            if !matches!(results[0].status, ChangeStatus::Applied | ChangeStatus::Merged | ChangeStatus::Conflict) {
+                rejected.push(format!("round {round}, row {id}, pos-{} on node-{}: {:?}", i + 1, i + 1, results[0]));
+            }
+        }
+    }
+    assert!(rejected.is_empty(), "{} of 90 writes of new rows were not merged ({}):\n{}", rejected.len(), cluster.logs(), rejected.join("\n"));
+}
+
 /// d. Node 3 is killed (SIGKILL) while two devices per node push: its devices resume on node 1
 /// from their positions; every acked change is in the log and in every device's stream once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1018,13 +1142,25 @@ async fn a_nats_outage_slows_deliveries_but_loses_nothing() {
     // The outage lasts a while (about ten of the fallback polls' periods, at least).
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let outage_to: Vec<(usize, usize)> = counters.iter().map(|c| (c.2.load(Ordering::Relaxed), c.3.load(Ordering::Relaxed))).collect();
+    // What went wrong during the outage, reported at the end with the rest (so that one run
+    // tells all).
+    let mut failures = Vec::new();
     for n in 1..=3 {
         let polls = cluster.metric(n, "synchub_cluster_fallback_polls_total").await;
-        assert!(polls.is_some_and(|p| p > 0.0), "node-{n} never polled the heads during the outage: {polls:?}");
+        if !polls.is_some_and(|p| p > 0.0) {
+            failures.push(format!("node-{n} never polled the heads during the outage: synchub_cluster_fallback_polls_total = {polls:?}"));
+        }
     }
     for ((c, from), to) in counters.iter().zip(&outage_from).zip(&outage_to) {
-        assert!(to.0 > from.0, "{}: no push acked during the NATS outage ({} → {} batches)", c.0, from.0, to.0);
-        assert!(to.1 > from.1, "{}: no delta from another node during the NATS outage ({} → {} deltas)", c.0, from.1, to.1);
+        if to.0 <= from.0 {
+            failures.push(format!("{}: no push acked during the NATS outage ({} → {} batches)", c.0, from.0, to.0));
+        }
+        if to.1 <= from.1 {
+            failures.push(format!("{}: no delta from another node during the NATS outage ({} → {} deltas)", c.0, from.1, to.1));
+        }
+    }
+    for f in &failures {
+        println!("nats outage: {f}");
     }
 
     tokio::task::block_in_place(|| cluster.nats.restart());
@@ -1048,6 +1184,7 @@ async fn a_nats_outage_slows_deliveries_but_loses_nothing() {
         assert_eq!(d.sessions, 1, "{}: the NATS outage cost it its session ({})", d.id, d.describe());
     }
     println!("nats outage: head {head}, during the outage {outage_from:?} → {outage_to:?} (acked batches, live deltas)");
+    assert!(failures.is_empty(), "during the NATS outage ({}):\n{}", cluster.logs(), failures.join("\n"));
 }
 
 /// f. Node 3 is drained (SIGTERM) while two devices per node push: its devices are closed with

@@ -59,7 +59,12 @@ impl HubProcess {
         tokio::spawn(copy_log(child.stderr.take().unwrap(), file, None));
         let addr = match tokio::time::timeout(START_LIMIT, addr_rx).await {
             Ok(Ok(addr)) => addr,
-            _ => panic!("the hub did not report its address; exit {:?}; log {}:\n{}", child.try_wait(), log.display(), tail(log)),
+            _ => {
+                // It exited, most likely: let its last lines reach the log first.
+                let exit = tokio::time::timeout(Duration::from_secs(2), child.wait()).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                panic!("the hub did not report its address; exit {exit:?}; log {}:\n{}", log.display(), tail(log))
+            }
         };
         let http = reqwest::Client::new();
         let deadline = Instant::now() + START_LIMIT;
