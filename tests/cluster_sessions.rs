@@ -172,3 +172,53 @@ async fn a_tenants_push_rate_is_shared_by_the_nodes() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// Node A keeps the rows its groups wrote; node B's commit to one of them, once A has fanned it
+/// out, must drop that row from A's cache: A's next merge of it sees B's write (and loses to
+/// it, B's clock being later), not the row as A last left it. A SQL client's write is seen the
+/// same way.
+#[actix_web::test]
+async fn a_node_merges_against_rows_another_node_or_a_sql_client_wrote() {
+    let nats = NatsServer::start(&log_dir());
+    let (a, b) = two_nodes(&nats, |_| {}).await;
+    let (mut on_a, _, _) = Client::device(&a, TENANT, "pos-1").await;
+    let (mut on_b, _, _) = Client::device(&b, TENANT, "pos-2").await;
+    let t = synchub::auth::unix_now() * 1000;
+    let tea = uuid::Uuid::new_v4();
+    let key = json!({"id": tea});
+    let created = on_a.push(vec![upsert("products", key.clone(), json!({"sku": "TEA", "name": "Tea", "price_cents": 300}), 1, t, 0)]).await;
+    let v1 = created[0].seq.unwrap();
+    let raised = on_a.push(vec![upsert("products", key.clone(), json!({"price_cents": 310}), 2, t + 10, v1)]).await;
+    let v2 = raised[0].seq.unwrap();
+    // B writes the price later (by its clock), from what it has seen.
+    let on_b_write = on_b.push(vec![upsert("products", key.clone(), json!({"price_cents": 500}), 1, t + 1_000, v2)]).await;
+    let v3 = on_b_write[0].seq.unwrap();
+    // A's device sees B's change: node A has fanned it out (and followed the head).
+    loop {
+        let (deltas, _) = on_a.next_deltas().await;
+        if deltas.iter().any(|d| d.seq == v3) {
+            break;
+        }
+    }
+    // A, offline meanwhile, writes an older price from v2: B's later write wins the field.
+    let stale = on_a.push(vec![upsert("products", key.clone(), json!({"price_cents": 320}), 3, t + 20, v2)]).await;
+    assert_eq!(stale[0].status, protocol::ChangeStatus::Conflict, "{stale:?}");
+    let price: i32 = sqlx::query_scalar("select price_cents from products where tenant_id = $1 and id = $2").bind(TENANT).bind(tea).fetch_one(&a.db).await.unwrap();
+    assert_eq!(price, 500, "node A merged against the row as node B left it");
+
+    // A SQL client's write: A's next merge sees it too.
+    sqlx::query("update products set price_cents = 700 where tenant_id = $1 and id = $2").bind(TENANT).bind(tea).execute(&a.db).await.unwrap();
+    let head: i64 = sqlx::query_scalar("select head_seq from synchub.tenants where tenant_id = $1").bind(TENANT).fetch_one(&a.db).await.unwrap();
+    loop {
+        let (deltas, _) = on_a.next_deltas().await;
+        if deltas.iter().any(|d| d.seq == head as u64) {
+            break;
+        }
+    }
+    let after_sql = on_a.push(vec![upsert("products", key.clone(), json!({"price_cents": 330}), 4, t + 30, v3)]).await;
+    assert_eq!(after_sql[0].status, protocol::ChangeStatus::Conflict, "{after_sql:?}");
+    let price: i32 = sqlx::query_scalar("select price_cents from products where tenant_id = $1 and id = $2").bind(TENANT).bind(tea).fetch_one(&a.db).await.unwrap();
+    assert_eq!(price, 700, "the SQL client's write is later than pos-1's clock");
+    a.shutdown().await;
+    b.shutdown().await;
+}

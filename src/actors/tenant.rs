@@ -340,6 +340,9 @@ impl TenantActor {
         let after = self.fanned;
         let seq = deltas.last().map(|d| d.seq).unwrap_or(after);
         self.fanned = seq;
+        if !self.committing && self.committed_head == Some(after) {
+            self.follow_head(after, seq, &deltas);
+        }
         self.metrics.deltas_committed.fetch_add(deltas.len() as u64, Ordering::Relaxed);
         let frames = Arc::new(SharedFrame::split_by_origin(after, deltas));
         // Remembered even with no session: catch-up from memory answers up to `fanned`, so a
@@ -365,6 +368,23 @@ impl TenantActor {
         }
         self.remove_sessions(gone);
         self.nudge_lagged();
+    }
+
+    /// Someone else's seqs `after + 1 ..= seq` (another node's commit, another SQL client's
+    /// write) follow this actor's last commit with none missing: the next group expects the
+    /// new head rather than finding it moved and being redone, and the row cache drops the
+    /// rows they wrote and stays usable. (Another writer between them shows in the group's own
+    /// transaction, as always.)
+    ///
+    /// Only the hub's own commits name rows exactly as the cache holds them (by the keys its
+    /// merge read from Postgres); after another SQL client's write the cache starts over.
+    fn follow_head(&mut self, after: Seq, seq: Seq, deltas: &[Delta]) {
+        self.committed_head = Some(seq);
+        let hub_written = deltas.iter().all(|d| d.origin.is_some());
+        if let Some(cache) = self.row_cache.as_mut().filter(|_| hub_written) {
+            let written = deltas.iter().map(|d| (d.table.as_str(), serde_json::to_string(&d.key).unwrap_or_default()));
+            cache.advance(after, seq, written);
+        }
     }
 
     /// Forget sessions and tell presence watchers they left.

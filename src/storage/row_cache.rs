@@ -175,6 +175,27 @@ impl RowCache {
         false
     }
 
+    /// Another writer's changes `from + 1 ..= to` (another node's commit, another SQL
+    /// client's write), each named by its table and key as Postgres renders it (JSON text):
+    /// when the rows are current as of `from`, the rows those changes wrote are dropped and the
+    /// rest is current as of `to`. Otherwise nothing changes (and the rows are not usable at
+    /// `to`). Returns whether the rows are now current as of `to`.
+    pub fn advance<'a>(&mut self, from: Seq, to: Seq, written: impl Iterator<Item = (&'a str, String)>) -> bool {
+        if self.head != Some(from) {
+            return false;
+        }
+        for (table, key) in written {
+            if let Some(rows) = self.rows.get_mut(table) {
+                if rows.remove(key.as_str()).is_some() {
+                    self.held -= 1;
+                    self.budget.release(1);
+                }
+            }
+        }
+        self.head = Some(to);
+        true
+    }
+
     /// Take out the row a device addresses with `pushed_key` (its key object as JSON text), if
     /// held and merged under this `table` description. Returns the key as Postgres renders it
     /// (as JSON text) and the row.
@@ -350,6 +371,27 @@ mod tests {
         cache.put(8, [row(&table, "a", 8)].into_iter(), [alias(&table, r#"{"id":"a"}"#, "a")].into_iter());
         assert!(cache.usable_at(Some(8)));
         assert!(cache.take(&products(), r#"{"id":"a"}"#).is_none(), "merged under another description of the table");
+    }
+
+    #[test]
+    fn another_writers_changes_drop_their_rows_and_keep_the_rest_current() {
+        let table = products();
+        let budget = RowBudget::new(100);
+        let mut cache = RowCache::new(10, budget.clone());
+        let aliases = |ids: &[&str]| ids.iter().map(|id| alias(&table, &json!({"id": id}).to_string(), id)).collect::<Vec<_>>();
+        cache.put(7, [row(&table, "a", 7), row(&table, "b", 6)].into_iter(), aliases(&["a", "b"]).into_iter());
+        // Another node wrote b at 8 and 9, and a row of a table not held.
+        let written = [("products", json!({"id": "b"}).to_string()), ("products", json!({"id": "b"}).to_string()), ("customers", json!({"id": 1}).to_string())];
+        assert!(cache.advance(7, 9, written.into_iter()));
+        assert_eq!((cache.len(), budget.held()), (1, 1));
+        assert!(cache.usable_at(Some(9)), "current as of the other writer's head");
+        assert!(cache.take(&table, r#"{"id":"b"}"#).is_none(), "the row it wrote is read again");
+        assert!(cache.take(&table, r#"{"id":"a"}"#).is_some(), "the row it did not write is kept");
+
+        // Changes that do not follow the cache's head (some are unknown) change nothing.
+        cache.put(9, [row(&table, "c", 9)].into_iter(), aliases(&["c"]).into_iter());
+        assert!(!cache.advance(10, 12, std::iter::empty()));
+        assert!(!cache.usable_at(Some(12)));
     }
 
     #[test]
