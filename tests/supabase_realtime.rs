@@ -1514,3 +1514,60 @@ async fn snapshot_then_live_without_a_gap_under_concurrent_writes(vsn: &str) {
     sb.exit().await;
     hub.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Two nodes
+// ---------------------------------------------------------------------------------------------
+
+/// supabase-js clients on two hubs of one cluster (one database, a nats-server of the test's
+/// own): presence tracked on one node shows on the other, and leaves it with the channel; a
+/// broadcast sent on one node reaches the other's subscriber; a device's push to one node is a
+/// postgres_changes event on the other.
+#[actix_web::test]
+async fn presence_broadcasts_and_changes_cross_two_nodes() {
+    let nats = common::nats::NatsServer::start(&std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("sb-cluster-{}", Uuid::new_v4().simple())));
+    let url = fresh_database().await;
+    let node = |name: &'static str| {
+        let nats = nats.url();
+        move |c: &mut synchub::config::Config| {
+            c.nats_url = Some(nats);
+            c.node_id = Some(name.into());
+        }
+    };
+    let one = TestHub::start_on(url.clone(), node("sb-node-1")).await;
+    let two = TestHub::start_on(url, node("sb-node-2")).await;
+    let mut sb = SbDriver::start().await;
+    sb.create("a", &project_url(&one), &user_token(TENANT, "ann"), "2.0.0").await;
+    sb.create("b", &project_url(&two), &user_token(TENANT, "bob"), "2.0.0").await;
+    let listen = [presence("sync"), presence("join"), presence("leave"), broadcast("*"), changes(binding("*", "products", json!({})))];
+    sb.subscribe("a", "lobby", json!({"presence": {"key": "ann"}}), &listen).await;
+    sb.subscribe("b", "lobby", json!({"presence": {"key": "bob"}}), &listen).await;
+
+    assert_eq!(sb.track("a", "lobby", json!({"till": 1})).await, "ok");
+    until_events(&mut sb, "b", "lobby", WAIT, "bob on node 2 sees ann of node 1", |events| {
+        events.iter().any(|e| e["event"] == "join" && e["payload"]["key"] == "ann")
+    })
+    .await;
+    assert_eq!(presence_metas(&sb.presence_state("b", "lobby").await), BTreeMap::from([("ann".to_owned(), vec![json!({"till": 1})])]));
+
+    assert_eq!(sb.send("b", "lobby", "greet", json!({"from": "node 2"})).await, "ok");
+    sb.await_binding("a", "lobby", 3, 1).await;
+    assert_eq!(broadcasts(&sb.events("a", "lobby").await), vec![(3, "greet".into(), json!({"from": "node 2"}))]);
+
+    let mut dev = Dev::connect(&one, TENANT, "pos-1").await;
+    let id = Uuid::now_v7();
+    let change = dev.upsert("products", json!({"id": id}), product_fields(id, "Tea", 100), 0);
+    dev.push(vec![change]).await;
+    let events = sb.await_binding("b", "lobby", 4, 1).await;
+    assert_eq!(summary(&events), vec![ev("INSERT", id, Some(100), None)]);
+
+    assert_eq!(sb.remove_channel("a", "lobby").await, "ok");
+    until_events(&mut sb, "b", "lobby", WAIT, "ann leaves bob's presence", |events| {
+        events.iter().any(|e| e["event"] == "leave" && e["payload"]["key"] == "ann")
+    })
+    .await;
+    assert_eq!(presence_metas(&sb.presence_state("b", "lobby").await), BTreeMap::new());
+    sb.exit().await;
+    one.shutdown().await;
+    two.shutdown().await;
+}
