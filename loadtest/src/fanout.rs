@@ -70,6 +70,15 @@ pub async fn run(target: Target, tokens: TokenSource, args: FanoutArgs, hub_pid:
     let run = format!("fan-{}", &Uuid::new_v4().simple().to_string()[..8]);
     let mut tasks = Vec::new();
     for n in 0..args.subscribers {
+        if n == 1 && args.nats_url.is_none() {
+            // The first subscriber connects alone: the tenant's row is made at its first hello,
+            // and the first hellos of one new tenant at several nodes of a cluster at once are
+            // a race no real tenant runs (it is new once).
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while stats.connections_opened.load(Ordering::Relaxed) + stats.connections_failed.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
         let (target, stats, gate, stop) = (target.clone(), stats.clone(), gate.clone(), stop_rx.clone());
         let job = match &args.nats_url {
             Some(url) => tokio::spawn(nats_subscriber(target, url.clone(), n, stats, gate, stop)),
