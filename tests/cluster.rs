@@ -943,7 +943,8 @@ async fn devices_on_three_nodes_stay_in_live_sync() {
 }
 
 /// b. A dashboard on node 3 sees a native push to node 1, an HTTP push to node 2 and a plain SQL
-/// write, in seq order; the device on node 1 receives the other two live.
+/// write, in seq order; the device on node 1 receives the other two live, and its session is
+/// replaced (4010) when it connects to node 2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dashboard_sees_writes_made_through_every_node_and_in_sql() {
     let cluster = Cluster::start("dashboard", 3).await;
@@ -1003,6 +1004,13 @@ async fn a_dashboard_sees_writes_made_through_every_node_and_in_sql() {
     }
     assert_eq!(got, vec![(seq_b, json!("HTTP on node 2")), (seq_b + 1, json!("Written in SQL"))]);
     assert!(dash.inbox.iter().all(|f| !matches!(f, ServerFrame::SubDelta { .. })), "nothing more: {:?}", dash.inbox);
+
+    // A device keeps one session across the cluster: pos-1 connecting to node 2 replaces its
+    // session on node 1 (closed with 4010), and resumes there.
+    let mut again = Client::connect(cluster.addr(2), Encoding::Json).await;
+    let (_, head) = again.hello(&token(TENANT, "user-pos-1", "Employee", Some("pos-1")), None, None).await;
+    assert_eq!(head, seq_b + 1);
+    assert_eq!(device.expect_close().await, 4010, "the older session of pos-1, on node 1");
 }
 
 /// c. A presence watcher on node 1 lists the sessions of nodes 2 and 3; once node 3 is killed,
