@@ -51,6 +51,10 @@ struct HubArgs {
     /// `nats-server=1234`); repeatable.
     #[arg(long, value_parser = parse_side_pid)]
     side_pid: Vec<(String, u32)>,
+    /// Pid of the hub's Postgres postmaster: only its cluster counts as Postgres's CPU (by
+    /// default every `postgres` process of the machine does).
+    #[arg(long)]
+    postgres_pid: Option<u32>,
     /// Seconds a client waits for the hub to accept its socket, and then to answer its hello.
     #[arg(long, default_value_t = 30)]
     answer_timeout_secs: u64,
@@ -183,6 +187,9 @@ impl HubArgs {
     /// The hub's pid (the first node's), having set every node and side process to be measured.
     fn watched_hub_pid(&self) -> Option<u32> {
         synchub_loadtest::proc_stats::watch(self.hub_pid.clone(), self.side_pid.clone());
+        if let Some(pid) = self.postgres_pid {
+            synchub_loadtest::proc_stats::postgres_only(pid);
+        }
         self.hub_pid.first().copied()
     }
 

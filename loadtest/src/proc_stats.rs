@@ -51,17 +51,25 @@ fn cpu_times_of(stat: &str) -> Option<CpuTimes> {
 #[derive(Debug, Clone, Default)]
 pub struct PostgresCpu(HashMap<u32, CpuTimes>);
 
+/// The postmaster whose cluster alone counts as Postgres (`--postgres-pid`), when set.
+static POSTMASTER: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// Count only the cluster of this postmaster (it and its children) as Postgres, not every
+/// `postgres` process of the machine (other clusters may run beside the measured one). Once
+/// per process.
+pub fn postgres_only(postmaster: u32) {
+    let _ = POSTMASTER.set(postmaster);
+}
+
 impl PostgresCpu {
     pub fn read() -> PostgresCpu {
         let Ok(entries) = std::fs::read_dir("/proc") else { return PostgresCpu::default() };
-        PostgresCpu(
-            entries
-                .flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-                .filter(|pid| std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("comm")).is_ok_and(|c| c.trim() == "postgres"))
-                .filter_map(|pid| Some((pid, cpu_times_of(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?)))
-                .collect(),
-        )
+        let all = entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("comm")).is_ok_and(|c| c.trim() == "postgres"))
+            .filter_map(|pid| Some((pid, cpu_times_of(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?)));
+        PostgresCpu(all.filter(|(pid, t)| of_cluster(POSTMASTER.get().copied(), *pid, t)).collect())
     }
 
     /// CPU seconds Postgres used from `start` to this reading: what each process used since
@@ -75,6 +83,12 @@ impl PostgresCpu {
             start.0.iter().filter(|(pid, was)| !self.0.contains_key(pid) && self.0.contains_key(&was.parent)).map(|(_, was)| total(was)).sum();
         (grown - before_start_of_ended).max(0.0)
     }
+}
+
+/// Whether a `postgres` process counts: every one, or with a postmaster named, it and its
+/// children.
+fn of_cluster(postmaster: Option<u32>, pid: u32, times: &CpuTimes) -> bool {
+    postmaster.is_none_or(|pm| pid == pm || times.parent == pm)
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -152,7 +166,19 @@ pub fn own_cpu_seconds() -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{cpu_times_of, hub_pids_in, steal_seconds_of, CpuTimes, PostgresCpu, Watched};
+    use super::{cpu_times_of, hub_pids_in, of_cluster, steal_seconds_of, CpuTimes, PostgresCpu, Watched};
+
+    #[test]
+    fn a_named_postmaster_counts_its_own_cluster_only() {
+        let backend = CpuTimes { parent: 10, own_s: 1.0, ended_children_s: 0.0 };
+        let other = CpuTimes { parent: 20, own_s: 1.0, ended_children_s: 0.0 };
+        let postmaster = CpuTimes { parent: 1, own_s: 1.0, ended_children_s: 0.0 };
+        assert!(of_cluster(Some(10), 10, &postmaster));
+        assert!(of_cluster(Some(10), 11, &backend));
+        assert!(!of_cluster(Some(10), 21, &other));
+        assert!(!of_cluster(Some(10), 20, &postmaster));
+        assert!(of_cluster(None, 21, &other));
+    }
 
     #[test]
     fn the_nodes_of_a_cluster_count_as_the_hub_once_each() {
