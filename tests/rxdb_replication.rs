@@ -856,3 +856,50 @@ async fn a_reader_that_falls_behind_is_told_to_resync() {
     assert!(streamed < 300, "the live changes past the budget were withheld, not buffered ({streamed} streamed)");
     hub.shutdown().await;
 }
+
+/// Two RxDB clients on two hubs of one cluster (one database, a nats-server of the test's own):
+/// each one's inserts, updates and removals reach the other through the other node.
+#[actix_web::test]
+async fn rxdb_clients_on_two_nodes_replicate_through_the_cluster() {
+    let nats = common::nats::NatsServer::start(&std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("rx-cluster-{}", uuid::Uuid::new_v4().simple())));
+    let url = fresh_database().await;
+    let db = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::raw_sql(ITEMS_SQL).execute(&db).await.unwrap();
+    db.close().await;
+    let node = |name: &'static str| {
+        let nats = nats.url();
+        move |config: &mut Config| {
+            register_items(config);
+            config.nats_url = Some(nats);
+            config.node_id = Some(name.into());
+        }
+    };
+    let one = TestHub::start_on(url.clone(), node("rx-node-1")).await;
+    let two = TestHub::start_on(url, node("rx-node-2")).await;
+    let mut rx = RxDriver::start().await;
+    rx.connected("a", "items", &rxdb_url(&one), &device_token(TENANT, "rx-a")).await;
+    rx.connected("b", "items", &rxdb_url(&two), &device_token(TENANT, "rx-b")).await;
+
+    rx.insert("a", &[item("c1", 1)]).await;
+    rx.await_doc("b", "c1", item("c1", 1)).await;
+    rx.patch("b", &["c1"], json!({"qty": 2, "note": "from node 2"})).await;
+    rx.await_doc("a", "c1", json!({"qty": 2, "note": "from node 2"})).await;
+    rx.insert("b", &ids("n", 0..20).iter().map(|id| item(id, 3)).collect::<Vec<_>>()).await;
+    rx.remove("a", &["c1"]).await;
+    rx.await_gone("b", "c1").await;
+    let docs = rx.await_equal(&["a", "b"], 20, CONVERGE).await;
+    assert_table_holds(&one, "items", TENANT, &docs).await;
+    for client in ["a", "b"] {
+        rx.assert_no_errors(client, &[]).await;
+        assert_eq!(rx.conflicts(client).await, Vec::<Value>::new());
+    }
+    // Each node had the other's changes over NATS (the log's 5 s re-read would converge too).
+    for hub in [&one, &two] {
+        let text = reqwest::get(format!("http://{}/metrics", hub.addr)).await.unwrap().text().await.unwrap();
+        let received = text.lines().find_map(|l| l.strip_prefix("synchub_cluster_deltas_received_total ")).and_then(|v| v.parse::<f64>().ok());
+        assert!(received.is_some_and(|n| n >= 1.0), "deltas from the other node over NATS: {received:?}");
+    }
+    rx.exit().await;
+    one.shutdown().await;
+    two.shutdown().await;
+}
