@@ -3,7 +3,9 @@
 //! stay in live sync (every seq once and in order), a dashboard sees writes made through every
 //! node and straight in SQL, presence is cluster-wide and forgets a killed node, devices of a
 //! killed or drained node resume on another one without losing or doubling a change, and a NATS
-//! outage only slows deliveries down (nodes poll the tenants' heads in Postgres).
+//! outage only slows deliveries down (nodes poll the tenants' heads in Postgres). Races that only
+//! a cluster has: nodes starting at once on a fresh database, a new tenant met on every node at
+//! once, the same new rows written on every node at once.
 //!
 //! Hub and NATS logs go to `target/tmp/cluster/<test>-<id>/` (printed at the start of each test).
 //! `CLUSTER_SEED` replays the devices' choices of a run.
@@ -1277,6 +1279,8 @@ async fn a_nats_outage_slows_deliveries_but_loses_nothing() {
     tokio::task::block_in_place(|| cluster.nats.restart());
     for n in 1..=3 {
         cluster.wait_metric(n, "synchub_cluster_nats_connected", |v| v == 1.0, "reconnected to NATS").await;
+        // The nodes took each other for dead during the outage (no heartbeats); they meet again.
+        cluster.wait_metric(n, "synchub_cluster_nodes", |v| v == 3.0, "knowing all 3 nodes again").await;
         let (status, body) = cluster.readyz(n).await;
         assert!(status == 200 && body.contains("nats: up"), "node-{n}'s /readyz after the outage: {status} {body}");
     }
