@@ -7,7 +7,8 @@
 //! a cluster has: nodes starting at once on a fresh database, a new tenant met on every node at
 //! once, the same new rows written on every node at once.
 //!
-//! Hub and NATS logs go to `target/tmp/cluster/<test>-<id>/` (printed at the start of each test).
+//! Hub and NATS logs go to `target/tmp/cluster/<test>-<id>/` (printed at the start of each test),
+//! kept when the test fails.
 //! `CLUSTER_SEED` replays the devices' choices of a run.
 
 mod common;
@@ -155,6 +156,15 @@ impl Cluster {
     async fn head(&self) -> u64 {
         let head: Option<i64> = sqlx::query_scalar("select head_seq from synchub.tenants where tenant_id = $1").bind(TENANT).fetch_optional(&self.db).await.unwrap();
         head.unwrap_or(0) as u64
+    }
+}
+
+impl Drop for Cluster {
+    /// The logs are kept when the test failed (a panic is unwinding), removed otherwise.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
