@@ -334,6 +334,11 @@ const LOG_SEQ_KEY: &str = "log_groups_pkey";
 /// Changes from which a group counts as large.
 const LARGE_GROUP_CHANGES: usize = 64;
 
+/// What a group's transaction runs after its settings in a cluster: the tenant's group lock
+/// (keyed by the tenant just set), then the group's savepoint; in the same round trip.
+const CLUSTER_GROUP_LOCK_THEN_SAVEPOINT: &str =
+    "select pg_advisory_xact_lock(hashtextextended('synchub.group:' || current_setting('synchub.tenant'), 0)); savepoint synchub_group";
+
 impl Store {
     /// Commit one group of batches for a tenant. Errors are group-wide and temporary
     /// (nothing was committed); per-change problems come back as rejected results.
@@ -463,7 +468,13 @@ impl Store {
             // refused value rolls back to (at a batch of one change, round trips are the cost).
             let changes: usize = batches.iter().map(|b| b.changes.len()).sum();
             let settings = if changes >= LARGE_GROUP_CHANGES { LARGE_GROUP_SETTINGS } else { MERGE_SETTINGS };
-            let begin = self.tenant_begin_sql(tenant, "begin", settings, "savepoint synchub_group");
+            // In a cluster, the groups of one tenant are serialized across nodes by a lock taken
+            // first (on one node its actor does it): otherwise two nodes' groups lock the rows
+            // they share in different orders (a deadlock) or both insert the same new row (one
+            // fails on its key). An advisory lock, not the head row: other SQL writers' triggers
+            // take the head after their rows, and a group waits for the head after its rows too.
+            let then = if self.clustered { CLUSTER_GROUP_LOCK_THEN_SAVEPOINT } else { "savepoint synchub_group" };
+            let begin = self.tenant_begin_sql(tenant, "begin", settings, then);
             let mut tx = conn.begin_with(begin).await?;
             let presentation = &self.presentation;
             let done = match apply_group(&mut tx, &catalog, presentation, tenant, batches, limits, expected_head, usable.as_deref_mut(), refuse).await? {

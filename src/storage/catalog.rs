@@ -388,7 +388,12 @@ pub async fn register_table(pool: &PgPool, name: &str, tenant_column: &str, poli
     let rls = if row_level_security { "on" } else { "off" };
     let fail = |e: sqlx::Error| Error::Config(format!("cannot register table {name}: {e}"));
     let mut tx = pool.begin().await?;
-    sqlx::query("select set_config('synchub.row_level_security', $1, true)").bind(rls).execute(&mut *tx).await?;
+    // Hubs that start together against one database (a cluster) register one at a time:
+    // concurrent changes to one table's triggers and policies fail ("tuple concurrently updated").
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended('synchub.register_table', 0)), set_config('synchub.row_level_security', $1, true)")
+        .bind(rls)
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("select synchub.register_table($1::regclass, $2, $3)")
         .bind(name)
         .bind(tenant_column)

@@ -48,8 +48,15 @@ impl Store {
              select epoch, head_seq, log_floor from synchub.tenants where tenant_id = $1 limit 1",
         )
         .bind(tenant.as_str())
-        .fetch_one(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
+        // Another transaction created the tenant after this statement's snapshot (another
+        // node meeting the same new tenant): the insert waited for it and did nothing, and the
+        // select could not see its row. A new statement does.
+        let row = match row {
+            Some(row) => row,
+            None => sqlx::query("select epoch, head_seq, log_floor from synchub.tenants where tenant_id = $1").bind(tenant.as_str()).fetch_one(&mut *tx).await?,
+        };
         tx.commit().await?;
         Ok(TenantHead {
             epoch: row.get::<String, _>("epoch").into(),

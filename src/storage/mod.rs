@@ -46,6 +46,8 @@ pub struct Store {
     catalog: RwLock<(Arc<Catalog>, Instant)>,
     /// Tenant-scoped transactions run as `synchub_tenant` (config `row_level_security`).
     row_level_security: bool,
+    /// Cluster mode: other hubs commit for the same tenants (see `apply`'s group lock).
+    clustered: bool,
     /// Rows the tenants' row caches hold together (config `row_cache_total_rows`).
     row_budget: row_cache::RowBudget,
     /// How long one of the tenant actors' transactions may take (config
@@ -141,6 +143,7 @@ impl Store {
             merges: Arc::new(tokio::sync::Semaphore::new(merges)),
             catalog: RwLock::new((Arc::new(catalog), Instant::now())),
             row_level_security: config.row_level_security,
+            clustered: config.clustered(),
             row_budget: row_cache::RowBudget::new(config.row_cache_total_rows),
             transaction_timeout: config.db_transaction_timeout(),
             presentation,
