@@ -289,6 +289,14 @@ async fn heartbeats(cluster: Arc<Cluster>, every: Duration, timeout: Duration) {
             _ = tick.tick() => {
                 if cluster.connected() {
                     cluster.enqueue(subject.clone(), heartbeat.clone());
+                } else {
+                    // Cut off from NATS, this node cannot tell a dead peer from a silent link:
+                    // presence stays as it was, and peers that do not come back with the link
+                    // are taken for dead a timeout after it returns.
+                    if let Ok(mut peers) = cluster.peers.lock() {
+                        peers.values_mut().for_each(|heard| *heard = Instant::now());
+                    }
+                    continue;
                 }
                 let silent: Vec<NodeId> = cluster
                     .peers
