@@ -25,7 +25,7 @@ fn sample(text: &str, series: &str) -> f64 {
 async fn health_readiness_and_metrics() {
     let hub = TestHub::start().await;
     assert_eq!(get(&hub, "/healthz").await, (200, "ok".to_string()));
-    assert_eq!(get(&hub, "/readyz").await, (200, "ready".to_string()));
+    assert_eq!(get(&hub, "/readyz").await, (200, "ready\npostgres: up\nnats: off\n".to_string()), "one node: no NATS link");
 
     let (status, before) = get(&hub, "/metrics").await;
     assert_eq!(status, 200);
