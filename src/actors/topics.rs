@@ -15,6 +15,14 @@ use crate::ids::SessionId;
 /// Events for sessions: who gets which.
 pub type Deliveries = Vec<(SessionId, Arc<TopicEvent>)>;
 
+/// A session's presence on a topic, as another node is told of it.
+pub struct TrackedPresence {
+    pub session: SessionId,
+    pub topic: Topic,
+    pub key: Arc<str>,
+    pub meta: Map<String, Value>,
+}
+
 #[derive(Default)]
 pub struct Topics {
     topics: HashMap<Topic, TopicState>,
@@ -222,12 +230,12 @@ impl Topics {
     }
 
     /// What the sessions for which `here` holds tracked, on which topic and under which key.
-    pub fn tracked_by(&self, here: impl Fn(SessionId) -> bool) -> Vec<(SessionId, Topic, Arc<str>, Map<String, Value>)> {
+    pub fn tracked_by(&self, here: impl Fn(SessionId) -> bool) -> Vec<TrackedPresence> {
         let mut tracked = Vec::new();
         for (topic, state) in &self.topics {
             for (key, list) in &state.presences {
                 for t in list.iter().filter(|t| here(t.session)) {
-                    tracked.push((t.session, topic.clone(), key.clone(), t.meta.clone()));
+                    tracked.push(TrackedPresence { session: t.session, topic: topic.clone(), key: key.clone(), meta: t.meta.clone() });
                 }
             }
         }
