@@ -458,7 +458,6 @@ impl Store {
         cache: &mut RowCache,
         refuse: Option<&(ErrorCode, String)>,
     ) -> Result<GroupOutput> {
-        let mut usable = cache.usable_at(expected_head).then_some(&mut *cache);
         let committed = async {
             let catalog = match batches.iter().flat_map(|b| &b.changes).map(|c| c.table.as_str()).find(|t| self.catalog().get(t).is_none()) {
                 Some(unknown) => self.catalog_with(unknown).await,
@@ -476,6 +475,19 @@ impl Store {
             let then = if self.clustered { CLUSTER_GROUP_LOCK_THEN_SAVEPOINT } else { "savepoint synchub_group" };
             let begin = self.tenant_begin_sql(tenant, "begin", settings, then);
             let mut tx = conn.begin_with(begin).await?;
+            // In a cluster, another node may have committed since this tenant's last group here:
+            // the head as of the lock tells (one more round trip), so the group goes with rows
+            // read from Postgres rather than running once with stale ones and again after the
+            // head check fails. Only another SQL writer can move the head now (caught as ever).
+            let expected_head = match self.clustered {
+                true => sqlx::query_scalar::<_, i64>("select head_seq from synchub.tenants where tenant_id = $1")
+                    .bind(tenant.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .map(|head| head as Seq),
+                false => expected_head,
+            };
+            let mut usable = cache.usable_at(expected_head).then_some(&mut *cache);
             let presentation = &self.presentation;
             let done = match apply_group(&mut tx, &catalog, presentation, tenant, batches, limits, expected_head, usable.as_deref_mut(), refuse).await? {
                 Applied::Done(output, fill) => (output, fill),
