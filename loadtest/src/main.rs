@@ -180,7 +180,25 @@ enum Command {
 fn parse_side_pid(text: &str) -> Result<(String, u32), String> {
     let (name, pid) = text.rsplit_once('=').ok_or_else(|| format!("{text}: give NAME=PID"))?;
     let pid = pid.trim().parse().map_err(|_| format!("{text}: the pid is not a number"))?;
-    Ok((name.trim().to_string(), pid))
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(format!("{text}: give the process a name (NAME=PID)"));
+    }
+    Ok((name.to_string(), pid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_side_pid;
+
+    #[test]
+    fn a_side_process_is_named_and_numbered() {
+        assert_eq!(parse_side_pid("nats-server=4242"), Ok(("nats-server".to_string(), 4242)));
+        assert_eq!(parse_side_pid(" redis = 7 "), Ok(("redis".to_string(), 7)));
+        assert!(parse_side_pid("4242").is_err(), "no name");
+        assert!(parse_side_pid("=4242").is_err(), "an empty name");
+        assert!(parse_side_pid("nats=abc").is_err(), "no pid");
+    }
 }
 
 impl HubArgs {
