@@ -1,0 +1,149 @@
+//! A value the merge writes means what `jsonb_populate_record` makes of it: the row the hub
+//! stores is the row that function builds from the fields, and a value it refuses is refused
+//! with the change (never cut to fit, never rounded differently), for inserts and updates, alone
+//! and in one batch. A differential test: any other way of binding rows (text arrays were
+//! tried, measured and dropped) must keep it passing.
+
+mod common;
+
+use common::*;
+use protocol::ChangeStatus;
+use serde_json::{json, Value};
+use synchub::config::{MergePolicy, TableConfig};
+
+const TENANT: &str = "written-values";
+
+const SCHEMA: &str = "
+create table typed (
+    tenant_id text not null,
+    id        text not null,
+    v5        varchar(5),
+    c3        character(3),
+    n         numeric(6,2),
+    ts        timestamp(0),
+    tz        timestamptz,
+    d         date,
+    tm        time,
+    b         boolean,
+    i2        smallint,
+    i8        bigint,
+    f         double precision,
+    r         real,
+    j         jsonb,
+    js        json,
+    arr       text[],
+    u         uuid,
+    note      text,
+    primary key (tenant_id, id)
+);
+";
+
+/// Field sets, each written into a row of its own: values Postgres takes as they are, takes after
+/// its own rounding or padding, and refuses.
+fn field_sets() -> Vec<Value> {
+    vec![
+        json!({"v5": "abc", "n": 1.234, "i2": 5, "i8": "7", "b": true, "note": "plain"}),
+        json!({"v5": "abcdef"}),
+        json!({"v5": "abc  "}),
+        json!({"n": "12.5", "f": 1.5, "r": 0.1, "tz": "2026-01-01T10:00:00.123456+01:00"}),
+        json!({"n": 99999.999}),
+        json!({"ts": "2026-01-01 10:00:00.6", "d": "2026-02-03", "tm": "10:11:12.5"}),
+        json!({"b": "yes", "i2": 70000}),
+        json!({"i2": 5.0}),
+        json!({"u": "not-a-uuid"}),
+        json!({"u": "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11", "j": {"z": 1, "a": [1, 2.50]}}),
+        json!({"j": "text", "note": null, "b": null}),
+        json!({"note": 1.50}),
+        json!({"note": true}),
+        json!({"b": 1}),
+        json!({"i8": [1]}),
+        json!({"c3": "ab"}),
+        json!({"js": {"b": 1,  "a": 2}}),
+        json!({"arr": ["x", "y"]}),
+    ]
+}
+
+async fn hub() -> TestHub {
+    let url = fresh_database().await;
+    let db = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::raw_sql(SCHEMA).execute(&db).await.unwrap();
+    db.close().await;
+    TestHub::start_on(url, |config| {
+        config.tables.push(TableConfig { name: "typed".into(), tenant_column: "tenant_id".into(), policy: MergePolicy::Lww, ..Default::default() });
+    })
+    .await
+}
+
+/// What `jsonb_populate_record` builds from `fields` for row `id` (as `to_jsonb`), or `None`
+/// when it refuses them.
+async fn populated(hub: &TestHub, id: &str, fields: &Value) -> Option<Value> {
+    let mut image = fields.clone();
+    image["tenant_id"] = json!(TENANT);
+    image["id"] = json!(id);
+    sqlx::query_scalar("select to_jsonb(jsonb_populate_record(null::typed, $1))").bind(image).fetch_one(&hub.db).await.ok()
+}
+
+async fn stored(hub: &TestHub, id: &str) -> Option<Value> {
+    sqlx::query_scalar("select to_jsonb(t) from typed t where tenant_id = $1 and id = $2")
+        .bind(TENANT)
+        .bind(id)
+        .fetch_optional(&hub.db)
+        .await
+        .unwrap()
+}
+
+/// Checks row `id` after `fields` were pushed to it with result `status`; `before` is the row
+/// before the push (none for an insert).
+async fn check(hub: &TestHub, id: &str, fields: &Value, status: ChangeStatus, before: Option<Value>) {
+    let mut expected_fields = before.clone().unwrap_or_else(|| json!({}));
+    for (name, value) in fields.as_object().unwrap() {
+        expected_fields[name] = value.clone();
+    }
+    match populated(hub, id, &expected_fields).await {
+        Some(row) => {
+            assert_eq!(status, ChangeStatus::Applied, "{id}: {fields} is a value Postgres takes");
+            assert_eq!(stored(hub, id).await, Some(row), "{id}: {fields} stored as jsonb_populate_record builds it");
+        }
+        None => {
+            assert_eq!(status, ChangeStatus::Rejected, "{id}: {fields} is a value Postgres refuses");
+            assert_eq!(stored(hub, id).await, before, "{id}: a refused value leaves the row as it was");
+        }
+    }
+}
+
+#[actix_web::test]
+async fn rows_hold_what_jsonb_populate_record_builds_from_the_fields() {
+    let hub = hub().await;
+    let (mut writer, _, _) = Client::device(&hub, TENANT, "writer").await;
+    let mut device_seq = 0;
+    let mut next = || {
+        device_seq += 1;
+        device_seq
+    };
+
+    // Inserts, one push each.
+    for (i, fields) in field_sets().iter().enumerate() {
+        let id = format!("alone-{i}");
+        let results = writer.push(vec![upsert("typed", json!({"id": id}), fields.clone(), next(), now_ms(), 0)]).await;
+        check(&hub, &id, fields, results[0].status, None).await;
+    }
+
+    // Updates of existing rows, one push each.
+    for (i, fields) in field_sets().iter().enumerate() {
+        let id = format!("updated-{i}");
+        let first = writer.push(vec![upsert("typed", json!({"id": id}), json!({"note": "before"}), next(), now_ms(), 0)]).await;
+        assert_eq!(first[0].status, ChangeStatus::Applied);
+        let before = stored(&hub, &id).await;
+        let results = writer.push(vec![upsert("typed", json!({"id": id}), fields.clone(), next(), now_ms(), first[0].seq.unwrap())]).await;
+        check(&hub, &id, fields, results[0].status, before).await;
+    }
+
+    // All the inserts in one batch: the refused ones are found change by change, the others merge.
+    let sets = field_sets();
+    let batch = sets.iter().enumerate().map(|(i, fields)| upsert("typed", json!({"id": format!("batch-{i}")}), fields.clone(), next(), now_ms(), 0)).collect();
+    let results = writer.push(batch).await;
+    for (i, fields) in sets.iter().enumerate() {
+        check(&hub, &format!("batch-{i}"), fields, results[i].status, None).await;
+    }
+    hub.shutdown().await;
+}
