@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use protocol::{Change, Object};
 use serde_json::{json, Value};
 use sqlx::{PgConnection, Row};
-use synchub::storage::json_text::{JsonText, RawJson};
+use synchub::storage::json_text::JsonText;
 use synchub::storage::record::{self, ChangeToLog, LogOp};
 use uuid::Uuid;
 
@@ -184,7 +184,7 @@ async fn write_bookkeeping(
     let clocks: Vec<JsonText<&Value>> = versions.clocks.iter().map(JsonText).collect();
     sqlx::query(
         "with log as (\
-           insert into loadtest_log_groups (tenant_id, first_seq, last_seq, changes) values ($1, $2, $3, $4::json)), \
+           insert into loadtest_log_groups (tenant_id, first_seq, last_seq, changes) values ($1, $2, $3, $4::text)), \
          ranges as (\
            insert into loadtest_log_device_ranges (tenant_id, device_id, first_device_seq, last_device_seq, group_last_seq) \
            values ($1, $5, $6, $7, $3)), \
@@ -201,7 +201,7 @@ async fn write_bookkeeping(
     .bind(&writer.tenant)
     .bind(base + 1)
     .bind(base + changes.len() as i64)
-    .bind(RawJson(record))
+    .bind(record)
     .bind(&writer.device)
     .bind(first)
     .bind(last)

@@ -19,7 +19,7 @@ use super::as_written::{keep_as_written, same_value};
 use super::catalog::{Catalog, TableSchema};
 use super::presentation::Presentation;
 use super::conflicts::{self, ResolveConflict};
-use super::json_text::{JsonText, RawJson};
+use super::json_text::JsonText;
 use super::record::{self, ChangeToLog, LogOp};
 use super::refusal::{self, Blame};
 use super::row_cache::{CachedRow, RowCache};
@@ -595,7 +595,7 @@ macro_rules! bookkeeping_sql {
            update synchub.tenants set head_seq = head_seq + $18 where tenant_id = $1 and head_seq = $17 returning 1), \
          log as (\
            insert into synchub.log_groups (tenant_id, first_seq, last_seq, changes) \
-           select $1, $2, $3, $4::json where $4::json is not null), \
+           select $1, $2, $3, $4::text where $4::text is not null), \
          ranges as (\
            insert into synchub.log_device_ranges (tenant_id, device_id, first_device_seq, last_device_seq, group_last_seq) \
            select $1, d, f, l, $3 from unnest($5::text[], $6::int8[], $7::int8[]) as x(d, f, l)), \
@@ -886,7 +886,7 @@ async fn apply_group(
     .bind(tenant.as_str())
     .bind((head + 1) as i64)
     .bind(new_head as i64)
-    .bind(log.text.as_deref().map(RawJson))
+    .bind(log.text.as_deref())
     .bind(&log.devices)
     .bind(&log.first_device_seqs)
     .bind(&log.last_device_seqs)

@@ -35,22 +35,6 @@ impl<T: Serialize> Encode<'_, Postgres> for JsonText<T> {
     }
 }
 
-/// Text that is already JSON (such as a log record), bound as `json` as it is.
-pub struct RawJson<'a>(pub &'a str);
-
-impl Type<Postgres> for RawJson<'_> {
-    fn type_info() -> PgTypeInfo {
-        PgTypeInfo::with_oid(JSON_OID)
-    }
-}
-
-impl Encode<'_, Postgres> for RawJson<'_> {
-    fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
-        buf.extend_from_slice(self.0.as_bytes());
-        Ok(IsNull::No)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,8 +46,5 @@ mod tests {
         assert!(matches!(JsonText(&value).encode_by_ref(&mut buf), Ok(IsNull::No)));
         assert_eq!(&buf[..], br#"{"name":"Flat white","price":4.5}"#);
         assert_eq!(<JsonText<()> as Type<Postgres>>::type_info().oid(), Some(JSON_OID));
-        let mut buf = PgArgumentBuffer::default();
-        assert!(matches!(RawJson("[[1]]").encode_by_ref(&mut buf), Ok(IsNull::No)));
-        assert_eq!(&buf[..], b"[[1]]", "as it is, not as a JSON string");
     }
 }

@@ -4,9 +4,10 @@
 //!
 //! `[table, op, key, row, old, written, origin, user, change_id, device_seq, wall_ms, counter]`
 //!
-//! with `op` one of `"i"`, `"u"`, `"d"`. It is stored as Postgres `json` (text checked to be
-//! JSON, compressed by Postgres), so that SQL can still read it (the `synchub.change_log` view,
-//! migration 0015) while the hub writes and reads it in one piece. This module is pure: it
+//! with `op` one of `"i"`, `"u"`, `"d"`. It is stored as Postgres `text` (compressed by
+//! Postgres; migration 0017: as `json`, Postgres checked every record it was handed), JSON that
+//! SQL can still read (`changes::json`, the `synchub.change_log` view, migrations 0015 and 0017)
+//! while the hub writes and reads it in one piece. This module is pure: it
 //! encodes a group's changes and decodes any slice of a record.
 
 use protocol::{Delta, Object, Op};
