@@ -15,7 +15,6 @@ use std::collections::{BTreeMap, HashMap};
 use protocol::{Change, Object};
 use serde_json::{json, Value};
 use sqlx::{PgConnection, Row};
-use synchub::storage::json_text::JsonText;
 use synchub::storage::record::{self, ChangeToLog, LogOp};
 use uuid::Uuid;
 
@@ -180,8 +179,8 @@ async fn write_bookkeeping(
     versions: &Versions,
 ) -> Result<()> {
     let (first, last) = (changes[0].device_seq as i64, changes[changes.len() - 1].device_seq as i64);
-    // Clocks go as `json` text, as the hub sends them.
-    let clocks: Vec<JsonText<&Value>> = versions.clocks.iter().map(JsonText).collect();
+    // Clocks go as JSON text into a `text` column, as the hub sends them.
+    let clocks: Vec<String> = versions.clocks.iter().map(Value::to_string).collect();
     sqlx::query(
         "with log as (\
            insert into loadtest_log_groups (tenant_id, first_seq, last_seq, changes) values ($1, $2, $3, $4::text)), \
@@ -190,7 +189,7 @@ async fn write_bookkeeping(
            values ($1, $5, $6, $7, $3)), \
          versions as (\
            insert into loadtest_row_versions (tenant_id, table_name, pk, version, clocks) \
-           select $1, 'products', k, v, c from unnest($8::jsonb[], $9::int8[], $10::json[]) as x(k, v, c) \
+           select $1, 'products', k, v, c from unnest($8::jsonb[], $9::int8[], $10::text[]) as x(k, v, c) \
            on conflict (tenant_id, table_name, pk_text) do update set version = excluded.version, deleted = excluded.deleted, \
              clocks = excluded.clocks) \
          insert into loadtest_device_cursors (tenant_id, device_id, user_id, last_device_seq) values ($1, $5, $5, $7) \

@@ -19,7 +19,6 @@ use super::as_written::{keep_as_written, same_value};
 use super::catalog::{Catalog, TableSchema};
 use super::presentation::Presentation;
 use super::conflicts::{self, ResolveConflict};
-use super::json_text::JsonText;
 use super::record::{self, ChangeToLog, LogOp};
 use super::refusal::{self, Blame};
 use super::row_cache::{CachedRow, RowCache};
@@ -601,7 +600,7 @@ macro_rules! bookkeeping_sql {
            select $1, d, f, l, $3 from unnest($5::text[], $6::int8[], $7::int8[]) as x(d, f, l)), \
          versions as (\
            insert into synchub.row_versions (tenant_id, table_name, pk, version, deleted, clocks) \
-           select $1, t, k, v, d, c from unnest($8::text[], $9::jsonb[], $10::int8[], $11::json[], $12::json[]) as x(t, k, v, d, c) \
+           select $1, t, k, v, d, c from unnest($8::text[], $9::jsonb[], $10::int8[], $11::text[], $12::text[]) as x(t, k, v, d, c) \
            on conflict (tenant_id, table_name, pk_text) do update set version = excluded.version, deleted = excluded.deleted, clocks = excluded.clocks), ",
             $conflicts,
             "cursors as (\
@@ -1045,8 +1044,9 @@ struct RowVersionColumns<'a> {
     tables: Vec<&'a str>,
     keys: Vec<Json<&'a Object>>,
     versions: Vec<i64>,
-    deleted: Vec<Option<JsonText<RealClock<'a>>>>,
-    clocks: Vec<JsonText<RealClocks<'a>>>,
+    /// As JSON text (`row_versions` keeps them as `text`, migration 0018).
+    deleted: Vec<Option<String>>,
+    clocks: Vec<String>,
 }
 
 impl<'a> RowVersionColumns<'a> {
@@ -1056,11 +1056,17 @@ impl<'a> RowVersionColumns<'a> {
             columns.tables.push(table.as_str());
             columns.keys.push(Json(&slot.key));
             columns.versions.push(real_version(slot.state.version, head) as i64);
-            columns.deleted.push(slot.state.deleted.as_ref().map(|clock| JsonText(RealClock { clock, head })));
-            columns.clocks.push(JsonText(RealClocks { clocks: &slot.state.clocks, head }));
+            columns.deleted.push(slot.state.deleted.as_ref().map(|clock| json_text(&RealClock { clock, head })));
+            columns.clocks.push(json_text(&RealClocks { clocks: &slot.state.clocks, head }));
         }
         columns
     }
+}
+
+/// `value` as JSON text.
+fn json_text(value: &impl serde::Serialize) -> String {
+    // unwrap: clocks are numbers and strings, which always serialize.
+    serde_json::to_string(value).expect("a clock serializes")
 }
 
 /// A field clock as `row_versions` stores it (`[wall_ms, counter, device, version, user]`, read
@@ -1208,9 +1214,9 @@ async fn load_rows(
             let mut row_state = RowState { version: row.get::<Option<i64>, _>("version").unwrap_or(0) as u64, ..RowState::default() };
             // A row that exists again (re-inserted by SQL before the trigger saw it) is not a tombstone.
             if values.is_none() {
-                row_state.deleted = row.get::<Option<Value>, _>("deleted").as_ref().and_then(clock_from_json);
+                row_state.deleted = json_column(&row, "deleted").as_ref().and_then(clock_from_json);
             }
-            if let Some(Value::Object(clocks)) = row.get::<Option<Value>, _>("clocks") {
+            if let Some(Value::Object(clocks)) = json_column(&row, "clocks") {
                 row_state.clocks = clocks.iter().filter_map(|(f, c)| Some((f.clone(), clock_from_json(c)?))).collect();
             }
             row_state.values = values;
@@ -1218,6 +1224,12 @@ async fn load_rows(
         }
     }
     Ok(cursors)
+}
+
+/// A `text` column holding JSON (the clocks of `row_versions`), parsed; `None` when null or not
+/// JSON (only SQL written by hand could make it so: the row then counts as having no clocks).
+fn json_column(row: &sqlx::postgres::PgRow, column: &str) -> Option<Value> {
+    serde_json::from_str(row.get::<Option<&str>, _>(column)?).ok()
 }
 
 /// Write statements of one merge pass: one per (round, table, kind, column set). A row

@@ -9,7 +9,6 @@ pub mod presentation;
 pub mod conflicts;
 pub mod device_status;
 pub mod documents;
-pub mod json_text;
 pub mod log;
 pub mod record;
 pub mod refusal;
