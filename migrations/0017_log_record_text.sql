@@ -7,14 +7,14 @@
 drop function synchub.change_log_after(text, bigint);
 drop view synchub.change_log;
 
-alter table synchub.log_groups alter column changes type text;
-
--- lz4 where this Postgres was built with it; pglz otherwise.
+-- The table is rewritten, its records compressed again: with lz4 where this Postgres was built
+-- with it (set in the same statement, or the rewrite would take the default), pglz otherwise.
 do $$
 begin
-    execute 'alter table synchub.log_groups alter column changes set compression lz4';
+    execute 'alter table synchub.log_groups alter column changes type text, alter column changes set compression lz4';
 exception when others then
     raise notice 'synchub: lz4 is not available; the log is compressed with pglz';
+    alter table synchub.log_groups alter column changes type text;
 end $$;
 
 -- The changes of one record, one row each.
