@@ -8,7 +8,6 @@ mod common;
 use common::*;
 use protocol::{ChangeStatus, Delta};
 use serde_json::{json, Value};
-use synchub::config::{MergePolicy, TableConfig};
 
 const TENANT: &str = "as-written";
 
@@ -44,16 +43,7 @@ create trigger stamp before insert or update on stamped for each row execute fun
 ";
 
 async fn hub() -> TestHub {
-    let url = fresh_database().await;
-    let db = sqlx::PgPool::connect(&url).await.unwrap();
-    sqlx::raw_sql(SCHEMA).execute(&db).await.unwrap();
-    db.close().await;
-    TestHub::start_on(url, |config| {
-        for name in ["readings", "stamped"] {
-            config.tables.push(TableConfig { name: name.into(), tenant_column: "tenant_id".into(), policy: MergePolicy::Lww, ..Default::default() });
-        }
-    })
-    .await
+    TestHub::start_with_schema(SCHEMA, &["readings", "stamped"]).await
 }
 
 /// The row as Postgres renders it (`to_jsonb`).

@@ -9,7 +9,6 @@ mod common;
 use common::*;
 use protocol::ChangeStatus;
 use serde_json::{json, Value};
-use synchub::config::{MergePolicy, TableConfig};
 
 const TENANT: &str = "written-values";
 
@@ -64,14 +63,7 @@ fn field_sets() -> Vec<Value> {
 }
 
 async fn hub() -> TestHub {
-    let url = fresh_database().await;
-    let db = sqlx::PgPool::connect(&url).await.unwrap();
-    sqlx::raw_sql(SCHEMA).execute(&db).await.unwrap();
-    db.close().await;
-    TestHub::start_on(url, |config| {
-        config.tables.push(TableConfig { name: "typed".into(), tenant_column: "tenant_id".into(), policy: MergePolicy::Lww, ..Default::default() });
-    })
-    .await
+    TestHub::start_with_schema(SCHEMA, &["typed"]).await
 }
 
 /// What `jsonb_populate_record` builds from `fields` for row `id` (as `to_jsonb`), or `None`

@@ -92,6 +92,26 @@ impl TestHub {
         TestHub { addr: running.addr, running: Some(running), db, database_url: url }
     }
 
+    /// A hub on a new database holding `schema`, syncing `tables` (tenant column `tenant_id`,
+    /// last writer wins per field).
+    pub async fn start_with_schema(schema: &str, tables: &[&str]) -> TestHub {
+        let url = fresh_database().await;
+        let db = sqlx::PgPool::connect(&url).await.unwrap();
+        sqlx::raw_sql(schema).execute(&db).await.unwrap();
+        db.close().await;
+        TestHub::start_on(url, |config| {
+            for name in tables {
+                config.tables.push(synchub::config::TableConfig {
+                    name: name.to_string(),
+                    tenant_column: "tenant_id".into(),
+                    policy: synchub::config::MergePolicy::Lww,
+                    ..Default::default()
+                });
+            }
+        })
+        .await
+    }
+
     pub async fn client(&self) -> Client {
         Client::connect(self.addr, Encoding::Json).await
     }
