@@ -261,7 +261,7 @@ async fn head_seq(hub: &TestHub) -> i64 {
 }
 
 async fn row_version(hub: &TestHub, table: &str, id: Uuid) -> Option<(i64, Option<Value>, Value)> {
-    sqlx::query_as("select version, deleted::json, clocks::json from synchub.row_versions where tenant_id = $1 and table_name = $2 and pk = $3")
+    sqlx::query_as("select version, deleted::json, synchub.field_clocks(clocks) from synchub.row_versions where tenant_id = $1 and table_name = $2 and pk = $3")
         .bind(TENANT)
         .bind(table)
         .bind(json!({"id": id}))

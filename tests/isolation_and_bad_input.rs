@@ -650,7 +650,7 @@ async fn a_rejected_change_leaves_its_row_untouched() {
     expected["name"] = json!("Scone 2");
     expected["stock"] = json!(7);
     assert_eq!(product_row(&hub.db, p).await.unwrap(), expected, "exactly the two good changes");
-    let (version, clocks): (i64, Value) = sqlx::query_as("select version, clocks::json from synchub.row_versions where tenant_id = 'store-1' and pk = $1")
+    let (version, clocks): (i64, Value) = sqlx::query_as("select version, synchub.field_clocks(clocks) from synchub.row_versions where tenant_id = 'store-1' and pk = $1")
         .bind(json!({"id": p}))
         .fetch_one(&hub.db)
         .await

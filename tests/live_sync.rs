@@ -167,6 +167,48 @@ async fn a_plain_sql_write_between_pushes_is_merged_against_not_the_row_the_hub_
     hub.shutdown().await;
 }
 
+/// The hub writes a row's field clocks in the compact form and the capture trigger merges a SQL
+/// write's clocks into them: the fields SQL did not write keep the device's clocks, and a later
+/// stale write from another device still loses to them.
+#[actix_web::test]
+async fn a_plain_sql_write_keeps_the_clocks_of_the_fields_it_did_not_write() {
+    let hub = TestHub::start().await;
+    let (mut a, _, _) = Client::device(&hub, "store-1", "pos-a").await;
+    let id = Uuid::new_v4();
+    let t = now_ms();
+    let results = a.push(vec![upsert("products", json!({"id": id}), product(id, "Tea", 300), 1, t, 0)]).await;
+    let inserted_at = results[0].seq.expect("committed");
+    let clocks = || async {
+        let (stored, read): (String, serde_json::Value) =
+            sqlx::query_as("select clocks, synchub.field_clocks(clocks) from synchub.row_versions where tenant_id = 'store-1' and pk = $1")
+                .bind(json!({"id": id}))
+                .fetch_one(&hub.db)
+                .await
+                .unwrap();
+        (stored, read)
+    };
+    let (stored, read) = clocks().await;
+    assert!(stored.starts_with('['), "the hub writes the compact form: {stored}");
+    let device_clock = json!([t, 0, "pos-a", inserted_at, "user-pos-a"]);
+    assert_eq!(read["price_cents"], device_clock);
+    assert_eq!(read["name"], device_clock);
+
+    sqlx::query("update products set name = 'Back office tea' where id = $1").bind(id).execute(&hub.db).await.unwrap();
+    let (_, read) = clocks().await;
+    assert_eq!(read["price_cents"], device_clock, "a field SQL did not write keeps its clock");
+    assert_eq!(read["sku"], device_clock);
+    assert_eq!((&read["name"][2], &read["name"][3]), (&json!(""), &json!(inserted_at + 1)), "SQL's clock on the field it wrote");
+
+    // Another device's write of price_cents, made before pos-a's, loses to pos-a's clock.
+    let (mut b, _, _) = Client::device(&hub, "store-1", "pos-b").await;
+    let results = b.push(vec![upsert("products", json!({"id": id}), json!({"price_cents": 999}), 1, t - 1_000, 0)]).await;
+    assert_eq!(results[0].status, ChangeStatus::Conflict, "{:?}", results[0]);
+    assert_eq!(results[0].lost_fields, vec!["price_cents".to_string()]);
+    let price: i32 = sqlx::query_scalar("select price_cents from products where id = $1").bind(id).fetch_one(&hub.db).await.unwrap();
+    assert_eq!(price, 300);
+    hub.shutdown().await;
+}
+
 /// A group whose changes write nothing against the rows the hub kept still checks that no other
 /// writer moved the head: here SQL brought a deleted row back, and the device's delete of it
 /// must delete it, not be taken for a delete of a row that is already gone.

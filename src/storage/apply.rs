@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use super::as_written::{keep_as_written, same_value};
 use super::catalog::{Catalog, TableSchema};
+use super::clocks;
 use super::presentation::Presentation;
 use super::conflicts::{self, ResolveConflict};
 use super::record::{self, ChangeToLog, LogOp};
@@ -283,16 +284,6 @@ fn change_refusal(err: &sqlx::Error, tenant: &TenantId) -> Option<Outcome> {
         }
         _ => None,
     }
-}
-
-fn clock_from_json(value: &Value) -> Option<FieldClock> {
-    let a = value.as_array()?;
-    Some(FieldClock {
-        hlc: Hlc { wall_ms: a.first()?.as_u64()?, counter: a.get(1)?.as_u64()? as u32 },
-        device: a.get(2)?.as_str()?.to_owned(),
-        version: a.get(3)?.as_u64()?,
-        user: a.get(4).and_then(Value::as_str).map(str::to_owned),
-    })
 }
 
 fn hlc_json(hlc: Hlc) -> Value {
@@ -1057,7 +1048,7 @@ impl<'a> RowVersionColumns<'a> {
             columns.keys.push(Json(&slot.key));
             columns.versions.push(real_version(slot.state.version, head) as i64);
             columns.deleted.push(slot.state.deleted.as_ref().map(|clock| json_text(&RealClock { clock, head })));
-            columns.clocks.push(json_text(&RealClocks { clocks: &slot.state.clocks, head }));
+            columns.clocks.push(clocks::encode(&slot.state.clocks, |version| real_version(version, head)));
         }
         columns
     }
@@ -1070,7 +1061,7 @@ fn json_text(value: &impl serde::Serialize) -> String {
 }
 
 /// A field clock as `row_versions` stores it (`[wall_ms, counter, device, version, user]`, read
-/// back by `clock_from_json`), its provisional version made real from the group's `head`.
+/// back by `clocks::clock_of`), its provisional version made real from the group's `head`.
 struct RealClock<'a> {
     clock: &'a FieldClock,
     head: Seq,
@@ -1080,18 +1071,6 @@ impl serde::Serialize for RealClock<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
         let c = self.clock;
         (c.hlc.wall_ms, c.hlc.counter, &c.device, real_version(c.version, self.head), &c.user).serialize(serializer)
-    }
-}
-
-/// A row's field clocks as `row_versions.clocks` stores them: `{field: clock}`.
-struct RealClocks<'a> {
-    clocks: &'a BTreeMap<String, FieldClock>,
-    head: Seq,
-}
-
-impl serde::Serialize for RealClocks<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        serializer.collect_map(self.clocks.iter().map(|(field, clock)| (field, RealClock { clock, head: self.head })))
     }
 }
 
@@ -1214,10 +1193,11 @@ async fn load_rows(
             let mut row_state = RowState { version: row.get::<Option<i64>, _>("version").unwrap_or(0) as u64, ..RowState::default() };
             // A row that exists again (re-inserted by SQL before the trigger saw it) is not a tombstone.
             if values.is_none() {
-                row_state.deleted = json_column(&row, "deleted").as_ref().and_then(clock_from_json);
+                row_state.deleted = json_column(&row, "deleted").as_ref().and_then(clocks::clock_of);
             }
-            if let Some(Value::Object(clocks)) = json_column(&row, "clocks") {
-                row_state.clocks = clocks.iter().filter_map(|(f, c)| Some((f.clone(), clock_from_json(c)?))).collect();
+            // Text that holds no clocks (only SQL written by hand could make it so) counts as none.
+            if let Some(read) = row.get::<Option<&str>, _>("clocks").and_then(clocks::decode) {
+                row_state.clocks = read;
             }
             row_state.values = values;
             state.rows.insert(id, RowSlot { key: as_object(key).unwrap_or_default(), state: row_state, writes: 0 });
@@ -1226,8 +1206,8 @@ async fn load_rows(
     Ok(cursors)
 }
 
-/// A `text` column holding JSON (the clocks of `row_versions`), parsed; `None` when null or not
-/// JSON (only SQL written by hand could make it so: the row then counts as having no clocks).
+/// A `text` column holding JSON (a tombstone's clock in `row_versions.deleted`), parsed; `None`
+/// when null or not JSON (only SQL written by hand could make it so: no tombstone then).
 fn json_column(row: &sqlx::postgres::PgRow, column: &str) -> Option<Value> {
     serde_json::from_str(row.get::<Option<&str>, _>(column)?).ok()
 }

@@ -5,6 +5,7 @@
 pub mod apply;
 pub mod as_written;
 pub mod catalog;
+pub mod clocks;
 pub mod presentation;
 pub mod conflicts;
 pub mod device_status;

@@ -7,13 +7,14 @@
 //! Postgres. A group that merges from the cache checks the head in its bookkeeping statement
 //! and is redone from rows read under lock when it moved (see `storage::apply`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use protocol::{Hlc, Object};
+use protocol::Object;
 
 use super::catalog::TableSchema;
+use super::clocks;
 use crate::ids::Seq;
 use crate::sync::merge::{FieldClock, RowState};
 
@@ -35,23 +36,15 @@ struct StoredRow {
     /// `None` when the row does not exist (never did, or deleted).
     values: Option<Box<str>>,
     version: u64,
-    /// `{field: [wall_ms, counter, device, version, user]}`, as `row_versions.clocks` has them.
+    /// As `row_versions.clocks` has them (`storage::clocks`).
     clocks: Box<str>,
     /// Rare: only tombstones have it.
     deleted: Option<Box<FieldClock>>,
 }
 
-/// A field clock written down: `[wall_ms, counter, device, version, user]`.
-type ClockText<'a> = (u64, u32, &'a str, u64, Option<&'a str>);
-
 impl StoredRow {
     fn of(row: CachedRow) -> Option<StoredRow> {
         let state = row.state;
-        let clocks: BTreeMap<&str, ClockText<'_>> = state
-            .clocks
-            .iter()
-            .map(|(field, c)| (field.as_str(), (c.hlc.wall_ms, c.hlc.counter, c.device.as_str(), c.version, c.user.as_deref())))
-            .collect();
         Some(StoredRow {
             table: row.table,
             values: match &state.values {
@@ -59,18 +52,14 @@ impl StoredRow {
                 None => None,
             },
             version: state.version,
-            clocks: serde_json::to_string(&clocks).ok()?.into_boxed_str(),
+            clocks: clocks::encode(&state.clocks, |version| version).into_boxed_str(),
             deleted: state.deleted.map(Box::new),
         })
     }
 
     /// The row as a group merges into it; `key` is the text it was held under.
     fn restore(self, key: &str) -> Option<CachedRow> {
-        let clocks: BTreeMap<String, (u64, u32, String, u64, Option<String>)> = serde_json::from_str(&self.clocks).ok()?;
-        let clocks = clocks
-            .into_iter()
-            .map(|(field, (wall_ms, counter, device, version, user))| (field, FieldClock { hlc: Hlc { wall_ms, counter }, device, user, version }))
-            .collect();
+        let clocks = clocks::decode(&self.clocks)?;
         let values = match &self.values {
             Some(text) => Some(serde_json::from_str(text).ok()?),
             None => None,
