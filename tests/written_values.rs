@@ -35,6 +35,28 @@ create table typed (
     note      text,
     primary key (tenant_id, id)
 );
+create table plain (
+    tenant_id text not null,
+    id        text not null,
+    n         integer,
+    label     text,
+    flag      boolean,
+    note      text,
+    primary key (tenant_id, id)
+);
+create table stamped (
+    tenant_id text not null,
+    id        text not null,
+    n         integer,
+    note      text,
+    primary key (tenant_id, id)
+);
+create function stamp() returns trigger language plpgsql as $$
+begin
+    new.note := 'stamped ' || new.n;
+    return new;
+end $$;
+create trigger stamped_before before insert or update on stamped for each row execute function stamp();
 ";
 
 /// Field sets, each written into a row of its own: values Postgres takes as they are, takes after
@@ -59,11 +81,12 @@ fn field_sets() -> Vec<Value> {
         json!({"c3": "ab"}),
         json!({"js": {"b": 1,  "a": 2}}),
         json!({"arr": ["x", "y"]}),
+        json!({"i8": 9007199254740993i64, "i2": -32768, "note": "tab\tand ü ", "b": false}),
     ]
 }
 
 async fn hub() -> TestHub {
-    TestHub::start_with_schema(SCHEMA, &["typed"]).await
+    TestHub::start_with_schema(SCHEMA, &["typed", "plain", "stamped"]).await
 }
 
 /// What `jsonb_populate_record` builds from `fields` for row `id` (as `to_jsonb`), or `None`
@@ -137,5 +160,81 @@ async fn rows_hold_what_jsonb_populate_record_builds_from_the_fields() {
     for (i, fields) in sets.iter().enumerate() {
         check(&hub, &format!("batch-{i}"), fields, results[i].status, None).await;
     }
+    hub.shutdown().await;
+}
+
+/// The merge takes an update's row from Postgres unless Postgres stores the values as written
+/// (`as_written::stored_as_written`) on a table whose updates store nothing else: then it lays
+/// the written values over the row it had. That rests on this: where `stored_as_written` says so,
+/// `jsonb_populate_record` renders the value exactly as written, or refuses it.
+#[actix_web::test]
+async fn values_stored_as_written_render_as_written() {
+    let hub = hub().await;
+    let types: Vec<(String, String)> = sqlx::query_as(
+        "select attname::text, format_type(atttypid, atttypmod) from pg_attribute where attrelid = 'typed'::regclass and attnum > 0 and not attisdropped",
+    )
+    .fetch_all(&hub.db)
+    .await
+    .unwrap();
+    let mut checked = 0;
+    for fields in field_sets() {
+        for (column, value) in fields.as_object().unwrap() {
+            let sql_type = &types.iter().find(|(name, _)| name == column).unwrap().1;
+            if !synchub::storage::as_written::stored_as_written(sql_type, value) {
+                continue;
+            }
+            if let Some(row) = populated(&hub, "x", &json!({ column: value })).await {
+                assert_eq!(&row[column], value, "{column} ({sql_type}): {value} renders as written");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 6, "only {checked} values checked");
+    hub.shutdown().await;
+}
+
+/// Updates' rows as other devices receive them are the rows as stored: on a table whose updates
+/// store the written values and nothing else, on one with a `before` trigger, and on one that
+/// gets such a trigger while the hub runs.
+#[actix_web::test]
+async fn an_update_delivers_the_row_as_stored_also_after_a_trigger_is_added() {
+    let hub = hub().await;
+    let (mut writer, _, _) = Client::device(&hub, TENANT, "writer").await;
+    let (mut reader, _, _) = Client::device(&hub, TENANT, "reader").await;
+    let mut device_seq = 0;
+    let stored_row = |table: &'static str| {
+        let db = hub.db.clone();
+        async move {
+            sqlx::query_scalar::<_, Value>(&format!("select to_jsonb(t) from {table} t where tenant_id = $1 and id = 'r1'"))
+                .bind(TENANT)
+                .fetch_one(&db)
+                .await
+                .unwrap()
+        }
+    };
+    // Pushes `fields` to row r1 of `table` and returns the row the reader received.
+    let mut write = async |table: &str, fields: Value, base: u64| {
+        device_seq += 1;
+        let results = writer.push(vec![upsert(table, json!({"id": "r1"}), fields, device_seq, now_ms(), base)]).await;
+        assert_eq!(results[0].status, ChangeStatus::Applied, "{results:?}");
+        let (deltas, _) = reader.next_deltas().await;
+        (Value::Object(deltas[0].row.clone().expect("an upsert's delta holds the row")), results[0].seq.unwrap())
+    };
+
+    let (_, at) = write("plain", json!({"n": 1, "label": "a", "flag": true, "note": "x"}), 0).await;
+    let (row, at) = write("plain", json!({"n": 2, "label": "b"}), at).await;
+    assert_eq!(row, stored_row("plain").await, "a plain update");
+    let (row, at) = write("plain", json!({"flag": null, "note": "y"}), at).await;
+    assert_eq!(row, stored_row("plain").await, "a plain update writing null");
+
+    let (_, stamped_at) = write("stamped", json!({"n": 1, "note": "x"}), 0).await;
+    let (row, _) = write("stamped", json!({"n": 2}), stamped_at).await;
+    assert_eq!(row["note"], json!("stamped 2"), "the trigger's value, not the row the hub had");
+    assert_eq!(row, stored_row("stamped").await);
+
+    sqlx::raw_sql("create trigger plain_before before update on plain for each row execute function stamp()").execute(&hub.db).await.unwrap();
+    let (row, _) = write("plain", json!({"n": 3}), at).await;
+    assert_eq!(row["note"], json!("stamped 3"), "a trigger added while the hub runs");
+    assert_eq!(row, stored_row("plain").await);
     hub.shutdown().await;
 }

@@ -38,6 +38,21 @@ pub fn keep_as_written<'t>(image: &mut Object, written: &Object, column_type: im
     }
 }
 
+/// Whether Postgres stores `value` in a column of type `sql_type` (its `format_type`) exactly as
+/// written, or refuses it, so that its JSON rendering of what it stored is `value` itself:
+/// integers in integer columns, strings in unbounded text columns, booleans, and null. Other
+/// pairs may be rounded, padded, truncated (a `varchar(n)` drops trailing spaces past `n`),
+/// converted or normalized, and the merge then takes the stored row back from Postgres.
+pub fn stored_as_written(sql_type: &str, value: &Value) -> bool {
+    match value {
+        Value::Null => true,
+        Value::Bool(_) => sql_type == "boolean",
+        Value::Number(n) => (n.is_i64() || n.is_u64()) && matches!(sql_type, "smallint" | "integer" | "bigint"),
+        Value::String(_) => matches!(sql_type, "text" | "character varying"),
+        Value::Array(_) | Value::Object(_) => false,
+    }
+}
+
 /// `sql_type` without type modifiers: `numeric(10,2)` → `numeric`, `timestamp(3) with time
 /// zone` → `timestamp with time zone`, `character varying(40)[]` → `character varying[]`.
 pub fn base_type(sql_type: &str) -> String {
@@ -371,6 +386,17 @@ mod tests {
     use serde_json::json;
 
     const TZ: &str = "timestamp with time zone";
+
+    #[test]
+    fn stored_as_written_only_where_postgres_keeps_the_json_as_it_is() {
+        for (ty, value) in [("integer", json!(5)), ("bigint", json!(-7)), ("smallint", json!(70000)), ("text", json!("a ")), ("character varying", json!("x")), ("boolean", json!(true)), ("numeric(6,2)", json!(null))] {
+            assert!(stored_as_written(ty, &value), "{ty} {value}");
+        }
+        // Converted, rounded, padded, trimmed or normalized.
+        for (ty, value) in [("integer", json!(5.0)), ("integer", json!("5")), ("bigint", json!(1e3)), ("numeric", json!(2)), ("character varying(5)", json!("abc  ")), ("character(3)", json!("ab")), ("text", json!(1)), ("boolean", json!("yes")), ("jsonb", json!({"a": 1})), ("uuid", json!("A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11")), ("text[]", json!(["x"])), ("timestamp with time zone", json!("2026-01-01T10:00:00Z")), ("public.short_text", json!("x"))] {
+            assert!(!stored_as_written(ty, &value), "{ty} {value}");
+        }
+    }
 
     #[test]
     fn timestamps_with_time_zone_compare_as_instants() {

@@ -31,6 +31,12 @@ pub struct TableSchema {
     /// as `to_jsonb` does (snapshots, the capture trigger) and is cheaper, `to_jsonb` otherwise
     /// ([`renders_as_jsonb`]).
     pub row_json: &'static str,
+    /// The table's shape ([`TableSchema::shape_sql`]) when Postgres stores an update's values
+    /// and nothing else: no generated column, no `before` row trigger, no rule. An update then
+    /// leaves the row as the hub knew it with the written values, where they are stored as
+    /// written (`as_written::stored_as_written`), and the merge need not have it returned.
+    /// `None` otherwise, and for catalogs not loaded from Postgres.
+    pub plain_updates: Option<String>,
     /// Reads the current rows of a set of keys and locks them (how: `build_read_sql`).
     pub read_sql: String,
     /// The same, and reads and locks the cursors of a group's devices as well.
@@ -179,6 +185,40 @@ impl TableSchema {
         )
     }
 
+    /// [`TableSchema::update_sql`] without the rows' images, for a table with `plain_updates`:
+    /// returns how many rows it updated and whether the table still has the shape `$3` (a
+    /// trigger, rule or column added since the catalog was loaded would change what an update
+    /// stores; the statement sees the table as its own lock leaves it).
+    pub fn plain_update_sql(&self, columns: &[&str]) -> String {
+        let sets: Vec<String> = columns.iter().map(|c| format!("{q} = v.{q}", q = quote_ident(c))).collect();
+        format!(
+            "with u as (update {table} t set {sets} from synchub.records_of(null::{table}, $2) v where {tenant} and ({tk}) = ({vk}) \
+             returning 1) select (select count(*) from u) as updated, {shape} = $3 as same_shape",
+            table = self.name,
+            sets = sets.join(", "),
+            tenant = self.tenant_match("t"),
+            tk = self.key_list("t"),
+            vk = self.key_list("v"),
+            shape = shape_sql(&self.name),
+        )
+    }
+
+    /// The current rows of the keys in `$2` (a jsonb array of objects holding the key columns,
+    /// as the writes take them), `$1` tenant: images of rows a plain update wrote when the
+    /// merge cannot know them after all.
+    pub fn images_sql(&self) -> String {
+        format!(
+            "select {keyobj} as key, {row_json}(t) as row from {table} t join synchub.records_of(null::{table}, $2) v \
+               on {tenant} and ({tk}) = ({vk})",
+            table = self.name,
+            tenant = self.tenant_match("t"),
+            tk = self.key_list("t"),
+            vk = self.key_list("v"),
+            keyobj = self.key_object("t"),
+            row_json = self.row_json,
+        )
+    }
+
     /// Insert new rows: `$1` tenant, `$2` jsonb array of {key columns, `columns`}; columns
     /// not named take their defaults.
     pub fn insert_sql(&self, columns: &[&str]) -> String {
@@ -303,6 +343,7 @@ impl Catalog {
             let mut columns = BTreeMap::new();
             let mut tenant_type = None;
             let row_json = if cols.iter().all(|c| renders_as_jsonb(c.get("ty"))) { "to_json" } else { "to_jsonb" };
+            let any_generated = cols.iter().any(|c| c.get::<bool, _>("generated"));
             for c in cols {
                 let col = Column { name: c.get("name"), sql_type: c.get("ty") };
                 if col.name == tenant_column {
@@ -316,7 +357,12 @@ impl Catalog {
                 tracing::warn!(table = %name, "registered table lacks its tenant column or a primary key; skipped");
                 continue;
             };
-            tables.insert(name.clone(), Arc::new(TableSchema::assemble(name, tenant_column, tenant_type, key, columns, policy, row_json)));
+            let shape: String = sqlx::query_scalar(&format!("select {}", shape_sql(&name))).fetch_one(pool).await?;
+            // No generated column, no `before` row trigger, no rule.
+            let plain = !any_generated && shape.ends_with(";0;0");
+            let mut schema = TableSchema::assemble(name.clone(), tenant_column, tenant_type, key, columns, policy, row_json);
+            schema.plain_updates = plain.then_some(shape);
+            tables.insert(name, Arc::new(schema));
         }
         Ok(Catalog { tables })
     }
@@ -346,6 +392,7 @@ impl TableSchema {
             columns,
             policy,
             row_json,
+            plain_updates: None,
             read_sql: String::new(),
             read_locking_cursors_sql: String::new(),
             delete_sql: String::new(),
@@ -355,6 +402,21 @@ impl TableSchema {
         schema.delete_sql = schema.build_delete_sql();
         schema
     }
+}
+
+/// A text that changes when anything that decides what an update of `table` (its
+/// `regclass::text`) stores changes: its columns (names, types, generated or not), and how many
+/// `before` row triggers and rules it has. The catalog keeps it for tables with neither
+/// (`plain_updates`), and their updates compare it.
+fn shape_sql(table: &str) -> String {
+    let table = table.replace('\'', "''");
+    format!(
+        "((select coalesce(string_agg(a.attname::text || ' ' || a.atttypid::text || ' ' || a.atttypmod::text || ' ' || a.attgenerated::text, \
+             ',' order by a.attnum), '') from pg_catalog.pg_attribute a \
+           where a.attrelid = '{table}'::regclass and a.attnum > 0 and not a.attisdropped) \
+         || ';' || (select count(*) from pg_catalog.pg_trigger g where g.tgrelid = '{table}'::regclass and g.tgtype & 3 = 3 and g.tgenabled <> 'D') \
+         || ';' || (select count(*) from pg_catalog.pg_rewrite r where r.ev_class = '{table}'::regclass))"
+    )
 }
 
 /// Whether `to_json` renders a column of this type (`format_type`) exactly as `to_jsonb` does.

@@ -320,6 +320,7 @@ mod tests {
             columns: Default::default(),
             policy: MergePolicy::Lww,
             row_json: "to_json",
+            plain_updates: None,
             read_sql: String::new(),
             read_locking_cursors_sql: String::new(),
             delete_sql: String::new(),
