@@ -209,6 +209,42 @@ async fn a_plain_sql_write_keeps_the_clocks_of_the_fields_it_did_not_write() {
     hub.shutdown().await;
 }
 
+/// A group updates in place the version rows it found, and writes again one that SQL run by
+/// hand deleted since (the row cache still held the row, and the head did not move).
+#[actix_web::test]
+async fn a_version_row_deleted_by_hand_is_written_again() {
+    let hub = TestHub::start().await;
+    let (mut a, _, _) = Client::device(&hub, "store-1", "pos-a").await;
+    let id = Uuid::new_v4();
+    let version = || async {
+        sqlx::query_as::<_, (i64, serde_json::Value)>(
+            "select version, synchub.field_clocks(clocks) from synchub.row_versions where tenant_id = 'store-1' and pk = $1",
+        )
+        .bind(json!({"id": id}))
+        .fetch_optional(&hub.db)
+        .await
+        .unwrap()
+    };
+    let t = now_ms();
+    let results = a.push(vec![upsert("products", json!({"id": id}), product(id, "Tea", 300), 1, t, 0)]).await;
+    let inserted_at = results[0].seq.expect("committed");
+    let results = a.push(vec![upsert("products", json!({"id": id}), json!({"price_cents": 310}), 2, t + 1, inserted_at)]).await;
+    let updated_at = results[0].seq.expect("committed");
+    let (v, clocks) = version().await.expect("a version row");
+    assert_eq!(v as u64, updated_at, "the version row found was updated");
+    assert_eq!(clocks["price_cents"], json!([t + 1, 0, "pos-a", updated_at, "user-pos-a"]));
+    assert_eq!(clocks["name"], json!([t, 0, "pos-a", inserted_at, "user-pos-a"]));
+
+    sqlx::query("delete from synchub.row_versions where tenant_id = 'store-1' and pk = $1").bind(json!({"id": id})).execute(&hub.db).await.unwrap();
+    let results = a.push(vec![upsert("products", json!({"id": id}), json!({"stock": 4}), 3, t + 2, updated_at)]).await;
+    let again_at = results[0].seq.expect("committed");
+    let (v, clocks) = version().await.expect("the version row is written again");
+    assert_eq!(v as u64, again_at);
+    assert_eq!(clocks["stock"], json!([t + 2, 0, "pos-a", again_at, "user-pos-a"]));
+    assert_eq!(clocks["price_cents"], json!([t + 1, 0, "pos-a", updated_at, "user-pos-a"]), "with the clocks the hub kept");
+    hub.shutdown().await;
+}
+
 /// A group whose changes write nothing against the rows the hub kept still checks that no other
 /// writer moved the head: here SQL brought a deleted row back, and the device's delete of it
 /// must delete it, not be taken for a delete of a row that is already gone.

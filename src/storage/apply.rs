@@ -155,6 +155,9 @@ struct RowSlot {
     state: RowState,
     /// Writes to this row so far in the group (a row appears once per statement).
     writes: usize,
+    /// Whether `synchub.row_versions` held the row's version when the group took the row (a
+    /// version of 0 is none): the bookkeeping then updates that version row rather than upsert it.
+    stored_version: bool,
 }
 
 type RowId = (String, String); // (table, normalized key)
@@ -577,7 +580,10 @@ struct CacheFill {
 
 /// The hub's bookkeeping statement of a group (step 5 of [`apply_group`]) around its conflicts
 /// part: the expected head, log, versions, conflicts and cursors in one statement, returning the
-/// conflicts logged, with their ids, and whether it took the head.
+/// conflicts logged, with their ids, whether it took the head, and how many of the version rows
+/// the group found it updated. Version rows the group found are updated in place (`$19`–`$23`):
+/// an upsert, as the new ones take (`$8`–`$12`), first probes the key for a conflict, then
+/// locks and updates the row it found.
 macro_rules! bookkeeping_sql {
     ($conflicts:literal) => {
         concat!(
@@ -592,7 +598,12 @@ macro_rules! bookkeeping_sql {
          versions as (\
            insert into synchub.row_versions (tenant_id, table_name, pk, version, deleted, clocks) \
            select $1, t, k, v, d, c from unnest($8::text[], $9::jsonb[], $10::int8[], $11::text[], $12::text[]) as x(t, k, v, d, c) \
-           on conflict (tenant_id, table_name, pk_text) do update set version = excluded.version, deleted = excluded.deleted, clocks = excluded.clocks), ",
+           on conflict (tenant_id, table_name, pk_text) do update set version = excluded.version, deleted = excluded.deleted, clocks = excluded.clocks), \
+         stored_versions as (\
+           update synchub.row_versions v set version = x.v, deleted = x.d, clocks = x.c \
+           from (select t, k::text as k_text, v, d, c from unnest($19::text[], $20::jsonb[], $21::int8[], $22::text[], $23::text[]) as x(t, k, v, d, c) \
+             offset 0) x \
+           where v.tenant_id = $1 and v.table_name = x.t and v.pk_text = x.k_text returning 1), ",
             $conflicts,
             "cursors as (\
            insert into synchub.device_cursors (tenant_id, device_id, user_id, last_device_seq) \
@@ -600,7 +611,7 @@ macro_rules! bookkeeping_sql {
            on conflict (tenant_id, device_id) do update set last_device_seq = greatest(device_cursors.last_device_seq, excluded.last_device_seq), \
              user_id = excluded.user_id, updated_at = now()) \
          select coalesce(jsonb_agg(to_jsonb(c) order by c.conflict_id), '[]'::jsonb), \
-           $17::int8 is null or exists (select from head) from conflicts c"
+           $17::int8 is null or exists (select from head), (select count(*) from stored_versions) from conflicts c"
         )
     };
 }
@@ -622,6 +633,12 @@ const BOOKKEEPING_SQL: &str = bookkeeping_sql!(
 /// not run for the many groups that log none. `$13` stays typed for the same arguments.
 const BOOKKEEPING_NO_CONFLICTS_SQL: &str =
     bookkeeping_sql!("conflicts as (select * from synchub.conflicts where false and $13::jsonb is not null), ");
+
+/// Version rows the bookkeeping statement did not find to update (only SQL run by hand could
+/// have deleted one since the group read it), written as new ones are.
+const UPSERT_VERSIONS_SQL: &str = "insert into synchub.row_versions (tenant_id, table_name, pk, version, deleted, clocks) \
+     select $1, t, k, v, d, c from unnest($2::text[], $3::jsonb[], $4::int8[], $5::text[], $6::text[]) as x(t, k, v, d, c) \
+     on conflict (tenant_id, table_name, pk_text) do update set version = excluded.version, deleted = excluded.deleted, clocks = excluded.clocks";
 
 #[allow(clippy::too_many_arguments)]
 async fn apply_group(
@@ -866,11 +883,11 @@ async fn apply_group(
 
     let (cursor_devices, (cursor_users, cursor_seqs)): (Vec<&str>, (Vec<&str>, Vec<i64>)) =
         devices_users.iter().map(|(d, (u, s))| (*d, (*u, *s as i64))).unzip();
-    let versions = RowVersionColumns::of(&state, head);
+    let (versions, stored_versions) = RowVersionColumns::of(&state, head);
     let log = LogRecord::of(&deltas, logged.iter().map(|&(p, op)| (&pending[p], op)));
     // One statement for the hub's own bookkeeping (`bookkeeping_sql`).
     let take_head = expected_head.filter(|_| state.next_ordinal > 0 || from_cache).map(|h| h as i64);
-    let bookkeeping: sqlx::Result<(Value, bool)> = sqlx::query_as(
+    let bookkeeping: sqlx::Result<(Value, bool, i64)> = sqlx::query_as(
         if conflicts.is_empty() { BOOKKEEPING_NO_CONFLICTS_SQL } else { BOOKKEEPING_SQL },
     )
     .bind(tenant.as_str())
@@ -891,11 +908,28 @@ async fn apply_group(
     .bind(&cursor_seqs)
     .bind(take_head)
     .bind(state.next_ordinal as i64)
+    .bind(&stored_versions.tables)
+    .bind(&stored_versions.keys)
+    .bind(&stored_versions.versions)
+    .bind(&stored_versions.deleted)
+    .bind(&stored_versions.clocks)
     .fetch_one(&mut *conn)
     .await;
     let logged_conflicts = match bookkeeping {
-        Ok((logged, true)) => logged,
-        Ok((_, false)) => return Ok(Applied::HeadMoved),
+        Ok((_, false, _)) => return Ok(Applied::HeadMoved),
+        Ok((logged, true, updated)) if updated as usize == stored_versions.tables.len() => logged,
+        Ok((logged, true, _)) => {
+            sqlx::query(UPSERT_VERSIONS_SQL)
+                .bind(tenant.as_str())
+                .bind(&stored_versions.tables)
+                .bind(&stored_versions.keys)
+                .bind(&stored_versions.versions)
+                .bind(&stored_versions.deleted)
+                .bind(&stored_versions.clocks)
+                .execute(&mut *conn)
+                .await?;
+            logged
+        }
         // Another writer's log entries took the seqs this pass expected (a reused change id
         // violates the log's other unique index: that one is the change's, see `refusal`).
         Err(sqlx::Error::Database(err)) if take_head.is_some() && err.constraint() == Some(LOG_SEQ_KEY) => return Ok(Applied::HeadMoved),
@@ -1031,6 +1065,7 @@ fn log_op_and_old(table: &TableSchema, decision: &Decision, before: Option<&Obje
 
 /// Versions, tombstones and field clocks of the rows this group wrote, one vector per column,
 /// borrowing the rows' keys and clocks (serialized straight into the statement's arguments).
+#[derive(Default)]
 struct RowVersionColumns<'a> {
     tables: Vec<&'a str>,
     keys: Vec<Json<&'a Object>>,
@@ -1041,16 +1076,19 @@ struct RowVersionColumns<'a> {
 }
 
 impl<'a> RowVersionColumns<'a> {
-    fn of(state: &'a MergeState, head: Seq) -> RowVersionColumns<'a> {
-        let mut columns = RowVersionColumns { tables: Vec::new(), keys: Vec::new(), versions: Vec::new(), deleted: Vec::new(), clocks: Vec::new() };
+    /// The rows the group wrote: those without a version row yet, and those with one.
+    fn of(state: &'a MergeState, head: Seq) -> (RowVersionColumns<'a>, RowVersionColumns<'a>) {
+        let mut new = RowVersionColumns::default();
+        let mut stored = RowVersionColumns::default();
         for ((table, _), slot) in state.rows.iter().filter(|(_, s)| s.writes > 0) {
+            let columns = if slot.stored_version { &mut stored } else { &mut new };
             columns.tables.push(table.as_str());
             columns.keys.push(Json(&slot.key));
             columns.versions.push(real_version(slot.state.version, head) as i64);
             columns.deleted.push(slot.state.deleted.as_ref().map(|clock| json_text(&RealClock { clock, head })));
             columns.clocks.push(clocks::encode(&slot.state.clocks, |version| real_version(version, head)));
         }
-        columns
+        (new, stored)
     }
 }
 
@@ -1150,7 +1188,7 @@ async fn load_rows(
                     if let Some((row_key, row)) = cache.as_deref_mut().and_then(|c| c.take(&table, at.key())) {
                         state.rows_from_cache += 1;
                         pending[p].row_id = Some((table_name.clone(), row_key.clone()));
-                        state.rows.entry((table_name.clone(), row_key.clone())).or_insert(RowSlot { key: row.key, state: row.state, writes: 0 });
+                        state.rows.entry((table_name.clone(), row_key.clone())).or_insert(RowSlot { key: row.key, stored_version: row.state.version > 0, state: row.state, writes: 0 });
                         cached.insert(at.into_key(), row_key);
                         continue;
                     }
@@ -1200,7 +1238,8 @@ async fn load_rows(
                 row_state.clocks = read;
             }
             row_state.values = values;
-            state.rows.insert(id, RowSlot { key: as_object(key).unwrap_or_default(), state: row_state, writes: 0 });
+            let stored_version = row_state.version > 0;
+            state.rows.insert(id, RowSlot { key: as_object(key).unwrap_or_default(), state: row_state, writes: 0, stored_version });
         }
     }
     Ok(cursors)
