@@ -31,7 +31,7 @@ pub struct TableSchema {
     /// as `to_jsonb` does (snapshots, the capture trigger) and is cheaper, `to_jsonb` otherwise
     /// ([`renders_as_jsonb`]).
     pub row_json: &'static str,
-    /// The table's shape ([`TableSchema::shape_sql`]) when Postgres stores an update's values
+    /// The table's shape ([`shape_sql`]) when Postgres stores an update's values
     /// and nothing else: no generated column, no `before` row trigger, no rule. An update then
     /// leaves the row as the hub knew it with the written values, where they are stored as
     /// written (`as_written::stored_as_written`), and the merge need not have it returned.
