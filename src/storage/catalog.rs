@@ -156,14 +156,10 @@ impl TableSchema {
     /// (`synchub.records_of`, migration 0010), whatever the planner's statistics say.
     fn build_delete_sql(&self) -> String {
         format!(
-            "delete from {table} t using synchub.records_of(null::{table}, $2) v where {tenant} and ({tk}) = ({vk}) \
-             returning {keyobj} as key, {row_json}(t) as row",
+            "delete from {table} t using synchub.records_of(null::{table}, $2) v where {matched} {returning}",
             table = self.name,
-            tenant = self.tenant_match("t"),
-            tk = self.key_list("t"),
-            vk = self.key_list("v"),
-            keyobj = self.key_object("t"),
-            row_json = self.row_json,
+            matched = self.row_of_record(),
+            returning = self.returning_image(),
         )
     }
 
@@ -171,18 +167,7 @@ impl TableSchema {
     /// batch comes through `synchub.records_of`, which the planner takes for one row, so each
     /// row is found by a key probe (migration 0010).
     pub fn update_sql(&self, columns: &[&str]) -> String {
-        let sets: Vec<String> = columns.iter().map(|c| format!("{q} = v.{q}", q = quote_ident(c))).collect();
-        format!(
-            "update {table} t set {sets} from synchub.records_of(null::{table}, $2) v where {tenant} and ({tk}) = ({vk}) \
-             returning {keyobj} as key, {row_json}(t) as row",
-            table = self.name,
-            sets = sets.join(", "),
-            tenant = self.tenant_match("t"),
-            tk = self.key_list("t"),
-            vk = self.key_list("v"),
-            keyobj = self.key_object("t"),
-            row_json = self.row_json,
-        )
+        format!("{} {}", self.update_from_records(columns), self.returning_image())
     }
 
     /// [`TableSchema::update_sql`] without the rows' images, for a table with `plain_updates`:
@@ -190,15 +175,9 @@ impl TableSchema {
     /// trigger, rule or column added since the catalog was loaded would change what an update
     /// stores; the statement sees the table as its own lock leaves it).
     pub fn plain_update_sql(&self, columns: &[&str]) -> String {
-        let sets: Vec<String> = columns.iter().map(|c| format!("{q} = v.{q}", q = quote_ident(c))).collect();
         format!(
-            "with u as (update {table} t set {sets} from synchub.records_of(null::{table}, $2) v where {tenant} and ({tk}) = ({vk}) \
-             returning 1) select (select count(*) from u) as updated, {shape} = $3 as same_shape",
-            table = self.name,
-            sets = sets.join(", "),
-            tenant = self.tenant_match("t"),
-            tk = self.key_list("t"),
-            vk = self.key_list("v"),
+            "with u as ({update} returning 1) select (select count(*) from u) as updated, {shape} = $3 as same_shape",
+            update = self.update_from_records(columns),
             shape = shape_sql(&self.name),
         )
     }
@@ -208,15 +187,33 @@ impl TableSchema {
     /// merge cannot know them after all.
     pub fn images_sql(&self) -> String {
         format!(
-            "select {keyobj} as key, {row_json}(t) as row from {table} t join synchub.records_of(null::{table}, $2) v \
-               on {tenant} and ({tk}) = ({vk})",
+            "select {keyobj} as key, {row_json}(t) as row from {table} t join synchub.records_of(null::{table}, $2) v on {matched}",
             table = self.name,
-            tenant = self.tenant_match("t"),
-            tk = self.key_list("t"),
-            vk = self.key_list("v"),
+            matched = self.row_of_record(),
             keyobj = self.key_object("t"),
             row_json = self.row_json,
         )
+    }
+
+    /// `update … from synchub.records_of(…, $2) v` of `columns`, each row `t` matched to its record.
+    fn update_from_records(&self, columns: &[&str]) -> String {
+        let sets: Vec<String> = columns.iter().map(|c| format!("{q} = v.{q}", q = quote_ident(c))).collect();
+        format!(
+            "update {table} t set {sets} from synchub.records_of(null::{table}, $2) v where {matched}",
+            table = self.name,
+            sets = sets.join(", "),
+            matched = self.row_of_record(),
+        )
+    }
+
+    /// Row `t` of tenant `$1` is the one record `v` names.
+    fn row_of_record(&self) -> String {
+        format!("{} and ({}) = ({})", self.tenant_match("t"), self.key_list("t"), self.key_list("v"))
+    }
+
+    /// A write's `returning`: row `t`'s normalized key and image.
+    fn returning_image(&self) -> String {
+        format!("returning {} as key, {}(t) as row", self.key_object("t"), self.row_json)
     }
 
     /// Insert new rows: `$1` tenant, `$2` jsonb array of {key columns, `columns`}; columns
@@ -229,13 +226,11 @@ impl TableSchema {
             values.push(format!("v.{}", quote_ident(c)));
         }
         format!(
-            "insert into {table} as t ({names}) select {values} from jsonb_populate_recordset(null::{table}, $2) v \
-             returning {keyobj} as key, {row_json}(t) as row",
+            "insert into {table} as t ({names}) select {values} from jsonb_populate_recordset(null::{table}, $2) v {returning}",
             table = self.name,
             names = names.join(", "),
             values = values.join(", "),
-            keyobj = self.key_object("t"),
-            row_json = self.row_json,
+            returning = self.returning_image(),
         )
     }
 
