@@ -57,6 +57,30 @@ begin
     return new;
 end $$;
 create trigger stamped_before before insert or update on stamped for each row execute function stamp();
+create table tallied (
+    tenant_id text not null,
+    id        text not null,
+    n         integer,
+    label     text,
+    primary key (tenant_id, id)
+);
+create table audited (like tallied including all);
+-- Rows each update statement on `tallied` wrote, and each row `audited`'s updates left.
+create table tally (statement_rows integer not null);
+create table audit (n integer, label text);
+create function tally() returns trigger language plpgsql security definer as $$
+begin
+    insert into tally select count(*) from updated_rows;
+    return null;
+end $$;
+create trigger tallied_updates after update on tallied referencing new table as updated_rows
+    for each statement execute function tally();
+create function audit() returns trigger language plpgsql security definer as $$
+begin
+    insert into audit values (new.n, new.label);
+    return null;
+end $$;
+create trigger audited_after after update on audited for each row execute function audit();
 ";
 
 /// Field sets, each written into a row of its own: values Postgres takes as they are, takes after
@@ -86,7 +110,7 @@ fn field_sets() -> Vec<Value> {
 }
 
 async fn hub() -> TestHub {
-    TestHub::start_with_schema(SCHEMA, &["typed", "plain", "stamped"]).await
+    TestHub::start_with_schema(SCHEMA, &["typed", "plain", "stamped", "tallied", "audited"]).await
 }
 
 /// What `jsonb_populate_record` builds from `fields` for row `id` (as `to_jsonb`), or `None`
@@ -236,5 +260,51 @@ async fn an_update_delivers_the_row_as_stored_also_after_a_trigger_is_added() {
     let (row, _) = write("plain", json!({"n": 3}), at).await;
     assert_eq!(row["note"], json!("stamped 3"), "a trigger added while the hub runs");
     assert_eq!(row, stored_row("plain").await);
+    hub.shutdown().await;
+}
+
+/// A group's successive updates of a row are written to a table without row triggers of the
+/// application's as one update with the last values, while every change still carries the row
+/// as it left it; a table with such a trigger has each update written.
+#[actix_web::test]
+async fn a_groups_updates_of_a_row_are_written_once_where_no_row_trigger_sees_them() {
+    let hub = hub().await;
+    let (mut writer, _, _) = Client::device(&hub, TENANT, "writer").await;
+    let (mut reader, _, _) = Client::device(&hub, TENANT, "reader").await;
+    let row = |id: &str, n: i64, label: &str| json!({"tenant_id": TENANT, "id": id, "n": n, "label": label});
+    for (round, table) in ["tallied", "audited"].into_iter().enumerate() {
+        let seq = 6 * round as u64;
+        let inserted = writer
+            .push(vec![
+                upsert(table, json!({"id": "r1"}), json!({"n": 0, "label": "a"}), seq + 1, now_ms(), 0),
+                upsert(table, json!({"id": "r2"}), json!({"n": 0, "label": "a"}), seq + 2, now_ms(), 0),
+            ])
+            .await;
+        let at = inserted[1].seq.unwrap_or_else(|| panic!("{table}: {inserted:?}"));
+        let written = [("r1", json!({"n": 1})), ("r1", json!({"label": "b"})), ("r2", json!({"n": 5})), ("r1", json!({"n": 2}))];
+        let changes = written.iter().enumerate().map(|(i, (id, fields))| upsert(table, json!({"id": id}), fields.clone(), seq + 3 + i as u64, now_ms(), at)).collect();
+        let results = writer.push(changes).await;
+        assert!(results.iter().all(|r| r.status == ChangeStatus::Applied), "{results:?}");
+        let mut deltas = Vec::new();
+        while deltas.len() < 6 {
+            deltas.extend(reader.next_deltas().await.0);
+        }
+        let rows: Vec<Value> = deltas[2..].iter().map(|d| Value::Object(d.row.clone().expect("an upsert's delta holds the row"))).collect();
+        assert_eq!(rows, [row("r1", 1, "a"), row("r1", 1, "b"), row("r2", 5, "a"), row("r1", 2, "b")], "{table}: each change's row as it left it");
+        for id in ["r1", "r2"] {
+            let stored: Value = sqlx::query_scalar(&format!("select to_jsonb(t) from {table} t where tenant_id = $1 and id = $2"))
+                .bind(TENANT)
+                .bind(id)
+                .fetch_one(&hub.db)
+                .await
+                .unwrap();
+            let last = rows.iter().rev().find(|r| r["id"] == json!(id)).unwrap();
+            assert_eq!(&stored, last, "{table}: the row as the last change left it");
+        }
+    }
+    let tallied: Vec<i32> = sqlx::query_scalar("select statement_rows from tally").fetch_all(&hub.db).await.unwrap();
+    assert_eq!(tallied.iter().sum::<i32>(), 2, "each row written once: {tallied:?}");
+    let audited: Vec<(i32, String)> = sqlx::query_as("select n, label from audit").fetch_all(&hub.db).await.unwrap();
+    assert_eq!(audited.len(), 4, "a row trigger sees every update: {audited:?}");
     hub.shutdown().await;
 }

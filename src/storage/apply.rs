@@ -1253,7 +1253,34 @@ fn json_column(row: &sqlx::postgres::PgRow, column: &str) -> Option<Value> {
 
 /// Write statements of one merge pass: one per (round, table, kind, column set). A row
 /// written twice in the group goes into two rounds, since a statement touches a row once.
+/// A group's writes by statement: round (a row's first write in the group is in round 0, its
+/// next in 1, …), table, kind and columns written; the positions of the decided changes and the
+/// rows to write, one per change but for runs of updates ([`UpdateRun`]), one per run.
 type WritePlan = BTreeMap<(usize, String, WriteKind, Vec<String>), (Vec<usize>, Vec<Value>)>;
+
+/// Successive plain updates of one row in a group, written as one update of every column they
+/// write with the last values (`PlainUpdates::coalesce`): a row a group updates ten times costs
+/// Postgres one row version, not ten, and the versions of a large group's rows fit their pages.
+struct UpdateRun {
+    round: usize,
+    table: String,
+    positions: Vec<usize>,
+    columns: Vec<String>,
+    /// The key and the values written, a later change's over an earlier's.
+    row: Object,
+}
+
+impl UpdateRun {
+    fn add(&mut self, position: usize, columns: Vec<String>, row: Object) {
+        self.positions.push(position);
+        self.row.extend(row);
+        for column in columns {
+            if let Err(at) = self.columns.binary_search(&column) {
+                self.columns.insert(at, column);
+            }
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum WriteKind {
@@ -1274,6 +1301,10 @@ async fn merge_and_write(
     which: &[usize],
 ) -> std::result::Result<(), sqlx::Error> {
     let mut plan = WritePlan::new();
+    // Runs of plain updates of one row, each written as one update (`PlainUpdates::coalesce`),
+    // and the run each row's last write is in, while it is one.
+    let mut runs: Vec<UpdateRun> = Vec::new();
+    let mut open_runs: HashMap<&RowId, usize> = HashMap::new();
     for &p in which {
         let pend = &pending[p];
         let Some(row_id) = &pend.row_id else { continue };
@@ -1319,7 +1350,7 @@ async fn merge_and_write(
                 json_row.extend(written.iter().map(|(c, v)| (c.clone(), v.clone())));
                 let kind = if slot.state.values.is_none() {
                     WriteKind::Insert
-                } else if pend.table.plain_updates.is_some()
+                } else if pend.table.plain().is_some()
                     && written.iter().all(|(c, v)| pend.table.column_type(c).is_some_and(|t| stored_as_written(t, v)))
                 {
                     WriteKind::PlainUpdate
@@ -1331,10 +1362,33 @@ async fn merge_and_write(
             _ => (WriteKind::Delete, Vec::new(), slot.key.clone()),
         };
         merge::advance(&mut slot.state, &decision, &pend.clock, PROVISIONAL + ordinal, None);
-        let entry = plan.entry((round, pend.table.name.clone(), kind, columns)).or_default();
-        entry.0.push(state.decided.len());
-        entry.1.push(Value::Object(json_row));
+        let position = state.decided.len();
+        let coalesce = kind == WriteKind::PlainUpdate && pend.table.plain().is_some_and(|p| p.coalesce);
+        match (coalesce, open_runs.get(row_id)) {
+            (true, Some(&run)) => {
+                // Joins the run: no write of its own, so the row's writes stay where they were.
+                slot.writes -= 1;
+                runs[run].add(position, columns, json_row);
+            }
+            (true, None) => {
+                open_runs.insert(row_id, runs.len());
+                let mut columns = columns;
+                columns.sort();
+                runs.push(UpdateRun { round, table: pend.table.name.clone(), positions: vec![position], columns, row: json_row });
+            }
+            (false, _) => {
+                open_runs.remove(row_id);
+                let entry = plan.entry((round, pend.table.name.clone(), kind, columns)).or_default();
+                entry.0.push(position);
+                entry.1.push(Value::Object(json_row));
+            }
+        }
         state.decided.push(Decided { pending: p, decision, before, after: None, ordinal: Some(ordinal), forbidden: None });
+    }
+    for run in runs {
+        let entry = plan.entry((run.round, run.table, WriteKind::PlainUpdate, run.columns)).or_default();
+        entry.0.extend(run.positions);
+        entry.1.push(Value::Object(run.row));
     }
 
     for ((round, _, kind, columns), (positions, rows)) in plan {
@@ -1344,13 +1398,20 @@ async fn merge_and_write(
         let mut images: HashMap<String, Object> = if matches!(kind, WriteKind::Update | WriteKind::PlainUpdate) && cols.is_empty() {
             HashMap::new() // nothing but the key: the row stays as it is
         } else {
-            if kind == WriteKind::PlainUpdate {
-                let shape = table.plain_updates.as_deref().unwrap_or_default();
-                let (updated, same_shape): (i64, bool) =
-                    sqlx::query_as(&table.plain_update_sql(&cols)).bind(tenant.as_str()).bind(Json(&rows)).bind(shape).fetch_one(&mut *conn).await?;
+            if let (WriteKind::PlainUpdate, Some(plain)) = (kind, &table.plain_updates) {
+                let (updated, same_shape): (i64, bool) = sqlx::query_as(&table.plain_update_sql(&cols))
+                    .bind(tenant.as_str())
+                    .bind(Json(&rows))
+                    .bind(&plain.shape)
+                    .fetch_one(&mut *conn)
+                    .await?;
                 // Every row, on a table as the catalog knows it: the images follow. Otherwise
                 // (a row row-level security hides, a trigger added since) they are read back.
                 known = updated as usize == rows.len() && same_shape;
+                if !same_shape {
+                    tracing::info!(table = %table.name, "the table changed since the catalog was loaded; its updates are returned from now on");
+                    plain.mark_changed();
+                }
             }
             let sql = match kind {
                 WriteKind::Insert => Some(table.insert_sql(&cols)),
@@ -1370,6 +1431,15 @@ async fn merge_and_write(
                 None => HashMap::new(),
             }
         };
+        // A run of updates wrote its row once: each change but the run's last has the row as the
+        // hub knows it (the row Postgres stored is the last's).
+        let run_continues: HashSet<usize> = match kind {
+            WriteKind::PlainUpdate if positions.len() > rows.len() => {
+                let mut seen = HashSet::new();
+                positions.iter().rev().filter(|&&pos| !seen.insert(&pending[state.decided[pos].pending].row_id)).copied().collect()
+            }
+            _ => HashSet::new(),
+        };
         for pos in positions {
             let row_id = pending[state.decided[pos].pending].row_id.as_ref().expect("decided change's row");
             let slot = state.rows.get_mut(row_id);
@@ -1378,8 +1448,12 @@ async fn merge_and_write(
                 WriteKind::Delete => None,
                 // The row before this write (a group's first write of it saw `before`; a later
                 // one, the image the previous write left) with the written values.
-                WriteKind::PlainUpdate if known => {
-                    let previous = if round == 0 { decided.before.clone() } else { slot.as_ref().and_then(|s| s.state.values.clone()) };
+                WriteKind::PlainUpdate if known || run_continues.contains(&pos) => {
+                    let previous = if round == 0 && decided.before.is_some() {
+                        decided.before.clone()
+                    } else {
+                        slot.as_ref().and_then(|s| s.state.values.clone())
+                    };
                     previous.map(|mut image| {
                         if let Effect::Write(written) = &decided.decision.effect {
                             image.extend(written.iter().map(|(c, v)| (c.clone(), v.clone())));

@@ -2,6 +2,7 @@
 //! policy, and the SQL the hub runs against each, built once when the catalog is loaded.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use sqlx::{PgPool, Row};
@@ -31,12 +32,12 @@ pub struct TableSchema {
     /// as `to_jsonb` does (snapshots, the capture trigger) and is cheaper, `to_jsonb` otherwise
     /// ([`renders_as_jsonb`]).
     pub row_json: &'static str,
-    /// The table's shape ([`shape_sql`]) when Postgres stores an update's values
-    /// and nothing else: no generated column, no `before` row trigger, no rule. An update then
-    /// leaves the row as the hub knew it with the written values, where they are stored as
-    /// written (`as_written::stored_as_written`), and the merge need not have it returned.
-    /// `None` otherwise, and for catalogs not loaded from Postgres.
-    pub plain_updates: Option<String>,
+    /// Set when Postgres stores an update's values and nothing else: no generated column, no
+    /// `before` row trigger, no rule. An update then leaves the row as the hub knew it with the
+    /// written values, where they are stored as written (`as_written::stored_as_written`), and
+    /// the merge need not have it returned. `None` otherwise, and for catalogs not loaded from
+    /// Postgres. Read it with [`TableSchema::plain`].
+    pub plain_updates: Option<PlainUpdates>,
     /// Reads the current rows of a set of keys and locks them (how: `build_read_sql`).
     pub read_sql: String,
     /// The same, and reads and locks the cursors of a group's devices as well.
@@ -44,11 +45,48 @@ pub struct TableSchema {
     pub delete_sql: String,
 }
 
+/// What the catalog knows of a table whose updates store their values and nothing else.
+#[derive(Debug, Clone)]
+pub struct PlainUpdates {
+    /// The table's shape ([`shape_sql`]) as loaded; each plain update compares it.
+    pub shape: String,
+    /// No row trigger but the hub's capture trigger (which leaves the hub's writes alone) and
+    /// Postgres's own (foreign keys, checked on the rows as they end): nothing sees a row between
+    /// two updates of one transaction, so a group's successive updates of a row are written as
+    /// one, with the last values.
+    pub coalesce: bool,
+    /// Set by the first update that found the shape changed (a trigger, rule or column added
+    /// while the hub runs): from then on the table's updates are returned, as any table's.
+    changed: Arc<AtomicBool>,
+}
+
+impl PlainUpdates {
+    /// From a table's shape as [`shape_sql`] renders it; `None` when its updates may store
+    /// more than their values (a generated column, a `before` row trigger, a rule).
+    pub fn of(shape: String, any_generated: bool) -> Option<PlainUpdates> {
+        let mut counts = shape.rsplit(';').take(3).map(|n| n.parse::<u64>().ok());
+        let (after_triggers, rules, before_triggers) = (counts.next()??, counts.next()??, counts.next()??);
+        (!any_generated && before_triggers == 0 && rules == 0)
+            .then(|| PlainUpdates { shape, coalesce: after_triggers == 0, changed: Arc::default() })
+    }
+
+    /// Note that an update found the table's shape changed since it was loaded.
+    pub fn mark_changed(&self) {
+        self.changed.store(true, Ordering::Relaxed);
+    }
+}
+
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 impl TableSchema {
+    /// How its updates may be written, while the table has the shape the catalog loaded
+    /// ([`TableSchema::plain_updates`]).
+    pub fn plain(&self) -> Option<&PlainUpdates> {
+        self.plain_updates.as_ref().filter(|p| !p.changed.load(Ordering::Relaxed))
+    }
+
     /// The `format_type` of a column; `None` for a column the table lacks (or a generated one).
     pub fn column_type(&self, column: &str) -> Option<&str> {
         self.columns.get(column).map(|c| c.sql_type.as_str())
@@ -353,10 +391,8 @@ impl Catalog {
                 continue;
             };
             let shape: String = sqlx::query_scalar(&format!("select {}", shape_sql(&name))).fetch_one(pool).await?;
-            // No generated column, no `before` row trigger, no rule.
-            let plain = !any_generated && shape.ends_with(";0;0");
             let mut schema = TableSchema::assemble(name.clone(), tenant_column, tenant_type, key, columns, policy, row_json);
-            schema.plain_updates = plain.then_some(shape);
+            schema.plain_updates = PlainUpdates::of(shape, any_generated);
             tables.insert(name, Arc::new(schema));
         }
         Ok(Catalog { tables })
@@ -400,9 +436,10 @@ impl TableSchema {
 }
 
 /// A text that changes when anything that decides what an update of `table` (its
-/// `regclass::text`) stores changes: its columns (names, types, generated or not), and how many
-/// `before` row triggers and rules it has. The catalog keeps it for tables with neither
-/// (`plain_updates`), and their updates compare it.
+/// `regclass::text`) stores, or who sees it, changes: its columns (names, types, generated or
+/// not), how many `before` row triggers and rules it has, and how many other row triggers but
+/// the hub's capture trigger and Postgres's own. The catalog keeps it for tables with neither of
+/// the first two (`plain_updates`), and their updates compare it.
 fn shape_sql(table: &str) -> String {
     let table = table.replace('\'', "''");
     format!(
@@ -410,7 +447,9 @@ fn shape_sql(table: &str) -> String {
              ',' order by a.attnum), '') from pg_catalog.pg_attribute a \
            where a.attrelid = '{table}'::regclass and a.attnum > 0 and not a.attisdropped) \
          || ';' || (select count(*) from pg_catalog.pg_trigger g where g.tgrelid = '{table}'::regclass and g.tgtype & 3 = 3 and g.tgenabled <> 'D') \
-         || ';' || (select count(*) from pg_catalog.pg_rewrite r where r.ev_class = '{table}'::regclass))"
+         || ';' || (select count(*) from pg_catalog.pg_rewrite r where r.ev_class = '{table}'::regclass) \
+         || ';' || (select count(*) from pg_catalog.pg_trigger g where g.tgrelid = '{table}'::regclass and g.tgtype & 3 = 1 \
+           and g.tgenabled <> 'D' and not g.tgisinternal and g.tgname <> 'synchub_capture'))"
     )
 }
 
@@ -464,7 +503,18 @@ pub async fn register_table(pool: &PgPool, name: &str, tenant_column: &str, poli
 
 #[cfg(test)]
 mod tests {
-    use super::renders_as_jsonb;
+    use super::{renders_as_jsonb, PlainUpdates};
+
+    #[test]
+    fn updates_are_plain_without_generated_columns_before_row_triggers_or_rules_and_coalesce_without_other_row_triggers() {
+        let of = |shape: &str, generated: bool| PlainUpdates::of(shape.into(), generated).map(|p| p.coalesce);
+        assert_eq!(of("id 25 -1 ,n 23 -1 ;0;0;0", false), Some(true));
+        assert_eq!(of("id 25 -1 ,n 23 -1 ;0;0;2", false), Some(false), "an application's after row trigger");
+        assert_eq!(of("id 25 -1 ,n 23 -1 ;1;0;0", false), None, "a before row trigger");
+        assert_eq!(of("id 25 -1 ,n 23 -1 ;0;1;0", false), None, "a rule");
+        assert_eq!(of("id 25 -1 ,n 23 -1 ;0;0;0", true), None, "a generated column");
+        assert_eq!(of("id 25 -1 ,n 23 -1 ;0;0", false), None, "a shape of another form");
+    }
 
     #[test]
     fn to_json_only_for_types_it_renders_as_to_jsonb_does() {
