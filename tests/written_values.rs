@@ -308,3 +308,36 @@ async fn a_groups_updates_of_a_row_are_written_once_where_no_row_trigger_sees_th
     assert_eq!(audited.len(), 4, "a row trigger sees every update: {audited:?}");
     hub.shutdown().await;
 }
+
+/// A row trigger added while the hub runs: the first group to update the table finds its shape
+/// changed, and from then on the table's updates are each written, as the trigger expects.
+#[actix_web::test]
+async fn updates_are_each_written_once_a_row_trigger_is_added_while_the_hub_runs() {
+    let hub = hub().await;
+    let (mut writer, _, _) = Client::device(&hub, TENANT, "writer").await;
+    let inserted = writer.push(vec![upsert("tallied", json!({"id": "t1"}), json!({"n": 0, "label": "a"}), 1, now_ms(), 0)]).await;
+    let mut base = inserted[0].seq.unwrap();
+    sqlx::raw_sql(
+        "create function count_row() returns trigger language plpgsql security definer as $$ \
+         begin insert into audit values (new.n, new.label); return null; end $$; \
+         create trigger tallied_after after update on tallied for each row execute function count_row();",
+    )
+    .execute(&hub.db)
+    .await
+    .unwrap();
+    let mut device_seq = 1;
+    for group in 0..2 {
+        let changes = (0..3)
+            .map(|i| {
+                device_seq += 1;
+                upsert("tallied", json!({"id": "t1"}), json!({"n": 10 * group + i}), device_seq, now_ms(), base)
+            })
+            .collect();
+        let results = writer.push(changes).await;
+        assert!(results.iter().all(|r| r.status == ChangeStatus::Applied), "{results:?}");
+        base = results[2].seq.unwrap();
+    }
+    let seen: Vec<i32> = sqlx::query_scalar("select n from audit").fetch_all(&hub.db).await.unwrap();
+    assert!(seen.ends_with(&[10, 11, 12]), "the second group's updates each written: {seen:?}");
+    hub.shutdown().await;
+}

@@ -337,6 +337,42 @@ mod tests {
         ((table.name.clone(), pushed.to_owned()), json!({"id": id}).to_string())
     }
 
+    fn any_value() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<u64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(serde_json::Value::from),
+            "[a-zé\"\\ ]{0,6}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                prop::collection::btree_map("[a-z]{1,4}", inner, 0..4).prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_row_comes_back_as_it_was_put(
+            values in proptest::option::of(proptest::collection::btree_map("[a-z_]{1,6}", any_value(), 0..6)),
+            version in 0u64..1_000,
+        ) {
+            let table = products();
+            let (id, mut cached) = row(&table, "a", version);
+            cached.state.values = values.map(|v| v.into_iter().collect());
+            cached.state.clocks = [("n".to_string(), FieldClock { hlc: Hlc { wall_ms: 5, counter: 1 }, device: "d".into(), user: None, version })].into();
+            let expected = cached.state.clone();
+            let mut cache = RowCache::new(10, RowBudget::new(10));
+            cache.put(version, [(id.clone(), cached)].into_iter(), std::iter::empty());
+            let (_, back) = cache.take(&table, &id.1).expect("held");
+            proptest::prop_assert_eq!(back.state, expected);
+        }
+    }
+
     #[test]
     fn rows_are_found_by_the_key_as_pushed_and_taken_out() {
         let table = products();
