@@ -4,18 +4,23 @@
 //! batch's last values, returning their images), then in one statement the batch's record (one
 //! row of a copy of `synchub.log_groups`, encoded by the writer with the hub's own
 //! `synchub::storage::record::encode`), the writer's range of device seqs (one row of a copy of
-//! `synchub.log_device_ranges`), each written row's version and field clocks once, and the
-//! writer's cursor. No merge decisions, rules, conflict records or fan-out.
+//! `synchub.log_device_ranges`), each written row's version once with its field clocks in the
+//! hub's compact form (`synchub::storage::clocks::encode`, migration 0019; updated in place when
+//! the writer wrote it before, upserted otherwise), and the writer's cursor. No merge decisions,
+//! rules, conflict records or fan-out.
 //!
-//! Unlike the hub, which keeps the rows it merges in a cache, the writer reads the rows as they
-//! were before the batch in the statement that writes them, as `--with-log` does.
+//! Unlike the hub, which keeps the rows it merges in a cache and does not have an update it can
+//! follow return its row, the writer reads the rows as they were before the batch in the
+//! statement that writes them and has every write return its row, as `--with-log` does.
 
 use std::collections::{BTreeMap, HashMap};
 
 use protocol::{Change, Object};
-use serde_json::{json, Value};
+use serde_json::Value;
 use sqlx::{PgConnection, Row};
+use synchub::storage::clocks;
 use synchub::storage::record::{self, ChangeToLog, LogOp};
+use synchub::sync::merge::FieldClock;
 use uuid::Uuid;
 
 use crate::devices;
@@ -23,13 +28,16 @@ use crate::error::Result;
 use crate::pg_ceiling::{take_head, write_rows_ctes, LastValues, Writer};
 
 /// Copies of the hub's log, versions and cursors as they are now (trigger-free; `including all`
-/// keeps the keys, the check and the records' compression, not the fill factor), made anew.
+/// keeps the keys, the check and the records' compression; the fill factor is set as the hub's
+/// migrations set it), made anew.
 pub const TABLES_SQL: &str = "drop table if exists loadtest_log_groups, loadtest_log_device_ranges, loadtest_row_versions, \
       loadtest_device_cursors; \
     create table loadtest_log_groups (like synchub.log_groups including all); \
     create table loadtest_log_device_ranges (like synchub.log_device_ranges including all); \
     create table loadtest_row_versions (like synchub.row_versions including all); \
-    create table loadtest_device_cursors (like synchub.device_cursors including all)";
+    create table loadtest_device_cursors (like synchub.device_cursors including all); \
+    alter table loadtest_row_versions set (fillfactor = 80); \
+    alter table loadtest_device_cursors set (fillfactor = 80)";
 
 /// One batch, as one of the hub's group commits writes it.
 pub(crate) async fn write_batch(pool: &sqlx::PgPool, writer: &Writer, clocks: &mut Clocks, changes: &[Change]) -> Result<()> {
@@ -135,41 +143,59 @@ pub fn record_text(changes: &[Change], images: &HashMap<Uuid, Images>, device: &
 /// A writer's rows' field clocks, as the hub keeps them for the rows it merges, so that each
 /// written row's version carries all of its clocks.
 #[derive(Default)]
-pub struct Clocks(HashMap<Uuid, Object>);
+pub struct Clocks(HashMap<Uuid, BTreeMap<String, FieldClock>>);
 
-/// The rows a batch wrote, once each in key order: key, version (the seq of its last change) and
-/// field clocks (`{field: [wall_ms, counter, device, seq, user]}`), as arguments.
+/// The rows a batch wrote, once each in key order, as the hub's bookkeeping statement takes them:
+/// those whose version row the writer wrote before (`stored`, updated in place) and the others
+/// (`new`, upserted).
 #[derive(Debug, Default, PartialEq)]
 pub struct Versions {
+    pub new: VersionRows,
+    pub stored: VersionRows,
+}
+
+/// Version rows as arguments: key, version (the seq of the row's last change) and field clocks in
+/// the hub's compact text form (`synchub::storage::clocks::encode`).
+#[derive(Debug, Default, PartialEq)]
+pub struct VersionRows {
     pub keys: Vec<Value>,
     pub versions: Vec<i64>,
-    pub clocks: Vec<Value>,
+    pub clocks: Vec<String>,
 }
 
 impl Clocks {
     /// The versions of the rows `changes` wrote at seqs `base + 1 …`.
     pub fn versions(&mut self, changes: &[Change], base: i64, device: &str) -> Versions {
-        let mut written: BTreeMap<Uuid, (&Object, i64)> = BTreeMap::new();
+        let mut written: BTreeMap<Uuid, (&Object, i64, bool)> = BTreeMap::new();
         for (n, c) in changes.iter().enumerate() {
             let seq = base + 1 + n as i64;
             let id = devices::key_uuid(c);
+            let stored = self.0.contains_key(&id);
             let clocks = self.0.entry(id).or_default();
+            let clock = FieldClock {
+                hlc: c.hlc,
+                device: device.to_owned(),
+                user: Some(device.to_owned()),
+                version: seq as u64,
+            };
             for field in c.fields.keys() {
-                clocks.insert(field.clone(), json!([c.hlc.wall_ms, c.hlc.counter, device, seq, device]));
+                clocks.insert(field.clone(), clock.clone());
             }
-            written.insert(id, (&c.key, seq));
+            written.entry(id).and_modify(|w| w.1 = seq).or_insert((&c.key, seq, stored));
         }
         let mut out = Versions::default();
-        for (id, (key, version)) in written {
-            out.keys.push(Value::Object(key.clone()));
-            out.versions.push(version);
-            out.clocks.push(Value::Object(self.0.get(&id).cloned().unwrap_or_default()));
+        for (id, (key, version, stored)) in written {
+            let rows = if stored { &mut out.stored } else { &mut out.new };
+            rows.keys.push(Value::Object(key.clone()));
+            rows.versions.push(version);
+            rows.clocks.push(clocks::encode(&self.0[&id], |v| v));
         }
         out
     }
 }
 
-/// The record, the writer's device range, the rows' versions and the cursor, in one statement.
+/// The record, the writer's device range, the rows' versions and the cursor, in one statement,
+/// as the hub's: version rows the writer wrote before are updated in place, the others upserted.
 async fn write_bookkeeping(
     conn: &mut PgConnection,
     writer: &Writer,
@@ -179,8 +205,6 @@ async fn write_bookkeeping(
     versions: &Versions,
 ) -> Result<()> {
     let (first, last) = (changes[0].device_seq as i64, changes[changes.len() - 1].device_seq as i64);
-    // Clocks go as JSON text into a `text` column, as the hub sends them.
-    let clocks: Vec<String> = versions.clocks.iter().map(Value::to_string).collect();
     sqlx::query(
         "with log as (\
            insert into loadtest_log_groups (tenant_id, first_seq, last_seq, changes) values ($1, $2, $3, $4::text)), \
@@ -191,7 +215,11 @@ async fn write_bookkeeping(
            insert into loadtest_row_versions (tenant_id, table_name, pk, version, clocks) \
            select $1, 'products', k, v, c from unnest($8::jsonb[], $9::int8[], $10::text[]) as x(k, v, c) \
            on conflict (tenant_id, table_name, pk_text) do update set version = excluded.version, deleted = excluded.deleted, \
-             clocks = excluded.clocks) \
+             clocks = excluded.clocks), \
+         stored_versions as (\
+           update loadtest_row_versions v set version = x.v, clocks = x.c \
+           from (select k::text as k_text, v, c from unnest($11::jsonb[], $12::int8[], $13::text[]) as x(k, v, c) offset 0) x \
+           where v.tenant_id = $1 and v.table_name = 'products' and v.pk_text = x.k_text) \
          insert into loadtest_device_cursors (tenant_id, device_id, user_id, last_device_seq) values ($1, $5, $5, $7) \
          on conflict (tenant_id, device_id) do update set \
            last_device_seq = greatest(loadtest_device_cursors.last_device_seq, excluded.last_device_seq), \
@@ -204,9 +232,12 @@ async fn write_bookkeeping(
     .bind(&writer.device)
     .bind(first)
     .bind(last)
-    .bind(&versions.keys)
-    .bind(&versions.versions)
-    .bind(&clocks)
+    .bind(&versions.new.keys)
+    .bind(&versions.new.versions)
+    .bind(&versions.new.clocks)
+    .bind(&versions.stored.keys)
+    .bind(&versions.stored.versions)
+    .bind(&versions.stored.clocks)
     .execute(conn)
     .await?;
     Ok(())
@@ -215,6 +246,7 @@ async fn write_bookkeeping(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use synchub::storage::record::decode;
 
     fn object(v: Value) -> Object {
@@ -276,13 +308,19 @@ mod tests {
 
     #[test]
     fn versions_are_one_per_row_with_every_clock_the_writer_knows() {
-        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let (a, b, c) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
         let mut clocks = Clocks::default();
         let first = clocks.versions(&[change(b, 1, json!({"sku": "B"})), change(a, 2, json!({"sku": "A", "stock": 1}))], 10, "w");
-        assert_eq!(first.versions, [12, 11], "in key order");
-        let second = clocks.versions(&[change(a, 3, json!({"stock": 2})), change(a, 4, json!({"stock": 3}))], 20, "w");
-        assert_eq!(second.keys, [json!({"id": a})]);
-        assert_eq!(second.versions, [22]);
-        assert_eq!(second.clocks, [json!({"sku": [1_002, 2, "w", 12, "w"], "stock": [1_004, 4, "w", 22, "w"]})]);
+        assert_eq!(first.new.versions, [12, 11], "in key order");
+        assert!(first.stored.keys.is_empty());
+        let second = clocks.versions(&[change(a, 3, json!({"stock": 2})), change(a, 4, json!({"stock": 3})), change(c, 5, json!({"sku": "C"}))], 20, "w");
+        assert_eq!((second.stored.keys.clone(), second.stored.versions.clone()), (vec![json!({"id": a})], vec![22]), "a's version row is updated in place");
+        assert_eq!((second.new.keys.clone(), second.new.versions.clone()), (vec![json!({"id": c})], vec![23]));
+        let written = |text: &str| -> Value {
+            let clocks = clocks::decode(text).unwrap();
+            clocks.iter().map(|(f, c)| (f.clone(), json!([c.hlc.wall_ms, c.hlc.counter, c.device, c.version, c.user]))).collect()
+        };
+        assert_eq!(written(&second.stored.clocks[0]), json!({"sku": [1_002, 2, "w", 12, "w"], "stock": [1_004, 4, "w", 22, "w"]}));
+        assert!(second.stored.clocks[0].starts_with('['), "in the compact form: {}", second.stored.clocks[0]);
     }
 }
