@@ -64,7 +64,7 @@ pub struct CeilingArgs {
     #[arg(long)]
     pub with_log: bool,
     /// Write the hub's bookkeeping too, with the lean log: a record per batch built by the
-    /// writer, as the hub now writes it (needs the hub's schema, migration 0015 or later).
+    /// writer, as the hub now writes it (needs the hub's schema, migration 0018 or later).
     #[arg(long, conflicts_with = "with_log")]
     #[serde(default)]
     pub lean_log: bool,
