@@ -1252,10 +1252,9 @@ fn json_column(row: &sqlx::postgres::PgRow, column: &str) -> Option<Value> {
 }
 
 /// Write statements of one merge pass: one per (round, table, kind, column set). A row
-/// written twice in the group goes into two rounds, since a statement touches a row once.
-/// A group's writes by statement: round (a row's first write in the group is in round 0, its
-/// next in 1, …), table, kind and columns written; the positions of the decided changes and the
-/// rows to write, one per change but for runs of updates ([`UpdateRun`]), one per run.
+/// written twice in the group goes into two rounds (its first write in round 0, its next in 1,
+/// …), since a statement touches a row once. Each holds the positions of the decided changes and
+/// the rows to write: one per change, but one per run of updates ([`UpdateRun`]).
 type WritePlan = BTreeMap<(usize, String, WriteKind, Vec<String>), (Vec<usize>, Vec<Value>)>;
 
 /// Successive plain updates of one row in a group, written as one update of every column they
