@@ -1352,3 +1352,48 @@ async fn a_drained_node_hands_its_devices_over() {
     }
     println!("drain: head {head}");
 }
+
+/// A stopping node's leaving message is the last the others hear from it on the nodes'
+/// subject: a heartbeat queued before it, or sent while the node finishes stopping, would make
+/// them count the node again. Heartbeats every few milliseconds keep one queued at any moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaving_node_sends_no_heartbeat_after_it_said_so() {
+    use synchub::cluster::{subjects, Body, Cluster as Link, Envelope};
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cluster").join(format!("leaving-{}", &Uuid::new_v4().simple().to_string()[..8]));
+    let nats = tokio::task::block_in_place(|| NatsServer::start(&dir));
+    let listener = async_nats::connect(nats.url()).await.unwrap();
+    let mut heard = listener.subscribe(subjects::nodes("synchub")).await.unwrap();
+    listener.flush().await.unwrap();
+    let heartbeat_ms = 2;
+    let config = synchub::config::Config {
+        nats_url: Some(nats.url()),
+        node_id: Some("leaver".into()),
+        cluster_heartbeat_ms: heartbeat_ms,
+        cluster_node_timeout_ms: 100,
+        ..Default::default()
+    };
+    let (link, _events) = Link::start(&config, Arc::new(synchub::metrics::Metrics::default())).await.unwrap();
+    for _ in 0..20 {
+        let message = tokio::time::timeout(SETTLE, heard.next()).await.ok().flatten().expect("the node's heartbeats before it leaves");
+        assert_eq!(Envelope::decode(&message.payload).unwrap().body, Body::Heartbeat);
+    }
+    link.leave().await;
+    // The node keeps running (as a stopping hub does while its server winds down): anything
+    // it sent after saying it was leaving has arrived by now, in order.
+    tokio::time::sleep(Duration::from_millis(100 * heartbeat_ms)).await;
+    listener.flush().await.unwrap();
+    let mut after_leaving = Vec::new();
+    let mut said_leaving = false;
+    // Bounded: a node that never stops sending would keep this loop going.
+    let drained_by = Instant::now() + Duration::from_secs(2);
+    while let Ok(Some(message)) = tokio::time::timeout_at(drained_by.into(), heard.next()).await {
+        let body = Envelope::decode(&message.payload).unwrap().body;
+        if said_leaving {
+            after_leaving.push(body);
+        } else {
+            said_leaving = body == Body::Leaving;
+        }
+    }
+    assert!(said_leaving, "the node never said it was leaving");
+    assert!(after_leaving.is_empty(), "the node sent {} messages after saying it was leaving: {:?}", after_leaving.len(), &after_leaving[..after_leaving.len().min(3)]);
+}

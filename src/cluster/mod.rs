@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -30,6 +30,8 @@ pub use wire::{Body, Envelope, RemoteSession, RemoteTrack};
 const EVENTS: usize = 1024;
 /// Used while the server has not told its own limit yet (NATS's default).
 const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+/// How long a stopping node waits for its leaving message to be published.
+const LEAVE_LIMIT: Duration = Duration::from_secs(1);
 
 /// What the tenant actors must hear about the cluster as a whole.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,13 +46,25 @@ pub enum ClusterEvent {
     NodeGone(NodeId),
 }
 
+/// A message for NATS, in the publishing queue; `published` hears when it was handed to the
+/// client (so that `leave` knows everything queued before it went first).
+struct Outgoing {
+    subject: String,
+    payload: Bytes,
+    published: Option<oneshot::Sender<()>>,
+}
+
 /// The link of this node to the others.
 pub struct Cluster {
     node: NodeId,
     prefix: String,
     client: async_nats::Client,
-    outbox: mpsc::Sender<(String, Bytes)>,
+    outbox: mpsc::Sender<Outgoing>,
     link: Arc<LinkState>,
+    /// Set once this node said it is stopping: it sends no heartbeat after that, which would
+    /// make the others count it again. (A lock, not an atomic: a heartbeat is queued while it
+    /// is held, so none can be checked before and queued after the leaving message.)
+    leaving: Mutex<bool>,
     /// Other nodes, with when each was last heard from.
     peers: Mutex<HashMap<NodeId, Instant>>,
     metrics: Arc<Metrics>,
@@ -115,7 +129,7 @@ impl Cluster {
             });
         let client = options.connect(servers).await.map_err(|e| Error::Config(format!("NATS: {e}")))?;
         let (outbox, outbox_rx) = mpsc::channel(config.cluster_publish_queue);
-        let cluster = Arc::new(Cluster { node, prefix: config.cluster_subject_prefix.clone(), client, outbox, link, peers: Mutex::new(HashMap::new()), metrics, events });
+        let cluster = Arc::new(Cluster { node, prefix: config.cluster_subject_prefix.clone(), client, outbox, link, leaving: Mutex::new(false), peers: Mutex::new(HashMap::new()), metrics, events });
         tokio::spawn(publish_in_order(cluster.client.clone(), outbox_rx, cluster.metrics.clone()));
         tokio::spawn(heartbeats(cluster.clone(), Duration::from_millis(config.cluster_heartbeat_ms), Duration::from_millis(config.cluster_node_timeout_ms)));
         tracing::info!(node = %cluster.node, nats = %url, "cluster mode");
@@ -158,7 +172,8 @@ impl Cluster {
     }
 
     fn enqueue(&self, subject: String, bytes: Vec<u8>) {
-        if !self.connected() || self.outbox.try_send((subject, Bytes::from(bytes))).is_err() {
+        let message = Outgoing { subject, payload: Bytes::from(bytes), published: None };
+        if !self.connected() || self.outbox.try_send(message).is_err() {
             self.metrics.cluster_publish_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -220,12 +235,25 @@ impl Cluster {
     }
 
     /// Tell the other nodes this one is stopping, and give the message a moment to leave.
+    /// It goes through the publishing queue, behind whatever is queued (a heartbeat that
+    /// followed it would make the others count this node again), and no heartbeat follows.
     pub async fn leave(&self) {
-        let bytes = Envelope::new(&self.node, Body::Leaving).encode();
-        if self.connected() {
-            let _ = self.client.publish(subjects::nodes(&self.prefix), Bytes::from(bytes)).await;
-            let _ = tokio::time::timeout(Duration::from_secs(1), self.client.flush()).await;
+        if let Ok(mut leaving) = self.leaving.lock() {
+            *leaving = true;
         }
+        if !self.connected() {
+            return;
+        }
+        let (published, sent) = oneshot::channel();
+        let payload = Bytes::from(Envelope::new(&self.node, Body::Leaving).encode());
+        let message = Outgoing { subject: subjects::nodes(&self.prefix), payload, published: Some(published) };
+        let queued_and_published = async {
+            if self.outbox.send(message).await.is_ok() {
+                let _ = sent.await;
+            }
+            let _ = self.client.flush().await;
+        };
+        let _ = tokio::time::timeout(LEAVE_LIMIT, queued_and_published).await;
     }
 
     fn heard_from(&self, node: NodeId) {
@@ -254,9 +282,13 @@ impl Cluster {
 
 /// Hand queued messages to NATS one at a time, so that they leave in the order they were
 /// queued (NATS keeps a publisher's order).
-async fn publish_in_order(client: async_nats::Client, mut outbox: mpsc::Receiver<(String, Bytes)>, metrics: Arc<Metrics>) {
-    while let Some((subject, payload)) = outbox.recv().await {
-        match client.publish(subject, payload).await {
+async fn publish_in_order(client: async_nats::Client, mut outbox: mpsc::Receiver<Outgoing>, metrics: Arc<Metrics>) {
+    while let Some(Outgoing { subject, payload, published }) = outbox.recv().await {
+        let outcome = client.publish(subject, payload).await;
+        if let Some(published) = published {
+            let _ = published.send(());
+        }
+        match outcome {
             Ok(()) => {
                 metrics.cluster_published.fetch_add(1, Ordering::Relaxed);
             }
@@ -288,6 +320,10 @@ async fn heartbeats(cluster: Arc<Cluster>, every: Duration, timeout: Duration) {
         tokio::select! {
             _ = tick.tick() => {
                 if cluster.connected() {
+                    let Ok(leaving) = cluster.leaving.lock() else { continue };
+                    if *leaving {
+                        continue;
+                    }
                     cluster.enqueue(subject.clone(), heartbeat.clone());
                 } else {
                     // Cut off from NATS, this node cannot tell a dead peer from a silent link:
