@@ -173,21 +173,31 @@ async fn create_tables(pool: &sqlx::PgPool, bookkeeping: Bookkeeping) -> Result<
 
 pub async fn run(args: CeilingArgs) -> Result<Report> {
     let bookkeeping = args.bookkeeping();
-    let mut options: PgConnectOptions = args.database_url.parse()?;
-    if bookkeeping == Bookkeeping::LeanLog {
-        // The copies start empty, and a plan Postgres keeps from then on (a scan of all version
-        // rows for each one updated in place) would stay for the whole run, where the hub's
-        // long-lived tables have been analyzed. Each statement is planned for its rows instead.
-        options = options.options([("plan_cache_mode", "force_custom_plan")]);
-    }
-    let pool = PgPoolOptions::new().max_connections(args.connections).connect_with(options).await?;
+    let options: PgConnectOptions = args.database_url.parse()?;
+    let mut pool = PgPoolOptions::new().max_connections(args.connections).connect_with(options.clone()).await?;
     create_tables(&pool, bookkeeping).await?;
     let tenants = args.tenants.max(1);
     for t in (0..tenants).filter(|_| bookkeeping != Bookkeeping::None) {
         sqlx::query("insert into loadtest_heads (tenant_id) values ($1)").bind(format!("ceiling-{t}")).execute(&pool).await?;
     }
-    let stats = Arc::new(Stats::default());
     let prefix = Uuid::new_v4().simple().to_string();
+    let mut writers: Vec<(Writer, Workload, lean_log::Clocks)> = (0..args.writers)
+        .map(|n| {
+            let writer = Writer { tenant: format!("ceiling-{}", n % tenants), device: format!("w{n}") };
+            let workload = Workload::new(
+                &format!("{prefix}-t{}", n % tenants),
+                &format!("{prefix}-w{n}"),
+                args.rows_per_writer,
+                args.shared_rows,
+                args.conflict_rate,
+            );
+            (writer, workload, lean_log::Clocks::default())
+        })
+        .collect();
+    if bookkeeping == Bookkeeping::LeanLog {
+        pool = warm_up_lean_log(pool, options, &args, &mut writers).await?;
+    }
+    let stats = Arc::new(Stats::default());
     let mut monitor = Monitor::new(None);
     monitor.reset(&stats);
     // A connection of the pool's own, so the writers never wait for it nor it for them.
@@ -197,18 +207,9 @@ pub async fn run(args: CeilingArgs) -> Result<Report> {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.duration_secs);
     let mut tasks = Vec::new();
-    for n in 0..args.writers {
+    for (writer, mut workload, mut clocks) in writers {
         let (pool, stats, args) = (pool.clone(), stats.clone(), args.clone());
-        let writer = Writer { tenant: format!("ceiling-{}", n % tenants), device: format!("w{n}") };
-        let mut workload = Workload::new(
-            &format!("{prefix}-t{}", n % tenants),
-            &format!("{prefix}-w{n}"),
-            args.rows_per_writer,
-            args.shared_rows,
-            args.conflict_rate,
-        );
         tasks.push(tokio::spawn(async move {
-            let mut clocks = lean_log::Clocks::default();
             for _ in 0..args.batches_per_writer {
                 if Instant::now() >= deadline {
                     break;
@@ -236,6 +237,27 @@ pub async fn run(args: CeilingArgs) -> Result<Report> {
     let wal_bytes = wal.close().await;
     let parameters = serde_json::to_value(&args).unwrap_or(Value::Null);
     Ok(Report { wal_bytes, ..monitor.finish("pg-ceiling", parameters, &stats, measured) })
+}
+
+/// Before the lean log's measured window, each writer's first batch, then statistics for the
+/// copies and new connections. The copies start empty, and a plan Postgres made for an empty
+/// table (a scan of every version row for each one updated in place) would be kept by each
+/// connection for the whole run, where the hub's long-lived tables have statistics.
+async fn warm_up_lean_log(
+    pool: sqlx::PgPool,
+    options: PgConnectOptions,
+    args: &CeilingArgs,
+    writers: &mut [(Writer, Workload, lean_log::Clocks)],
+) -> Result<sqlx::PgPool> {
+    for (writer, workload, clocks) in writers.iter_mut() {
+        let changes: Vec<_> = (0..args.batch).map(|_| workload.next().0).collect();
+        lean_log::write_batch(&pool, writer, clocks, &changes).await?;
+    }
+    sqlx::query("analyze loadtest_products, loadtest_heads, loadtest_log_groups, loadtest_log_device_ranges, loadtest_row_versions, loadtest_device_cursors")
+        .execute(&pool)
+        .await?;
+    pool.close().await;
+    Ok(PgPoolOptions::new().max_connections(args.connections).connect_with(options).await?)
 }
 
 /// One transaction: full rows upserted, partial rows updated; each key once per statement.
