@@ -318,6 +318,10 @@ pub struct Config {
     /// Rows all tenants' row caches hold together; a tenant's cache takes what is left.
     /// Default 131072.
     pub row_cache_total_rows: usize,
+    /// Numbered clock writers (a device and its user) the hub keeps, to write and read row
+    /// versions' field clocks with numbers for names; past it the hub forgets them all and
+    /// looks them up again. Default 1048576.
+    pub clock_writer_cache_entries: usize,
     /// Graceful shutdown: how long in-flight work may take, ms. Default 10000.
     pub shutdown_timeout_ms: u64,
 
@@ -503,6 +507,7 @@ impl Default for Config {
             catch_up_cache_deltas: 1000,
             row_cache_rows: 4096,
             row_cache_total_rows: 131_072,
+            clock_writer_cache_entries: 1_048_576,
             shutdown_timeout_ms: 10_000,
             record_file: None,
             record_tenants: Vec::new(),

@@ -209,6 +209,59 @@ async fn a_plain_sql_write_keeps_the_clocks_of_the_fields_it_did_not_write() {
     hub.shutdown().await;
 }
 
+/// A device's clocks name it by name in its first group and by its number
+/// (`synchub.clock_writers`) from the next one on. A hub started again, which has not seen the
+/// number, reads it back from Postgres: another device's stale write still loses to it and its
+/// conflict names the device; SQL reads a row holding both forms by names.
+#[actix_web::test]
+async fn a_numbered_writer_is_read_back_by_a_hub_that_has_not_seen_its_number() {
+    let mut hub = TestHub::start().await;
+    let (mut a, _, _) = Client::device(&hub, "store-1", "pos-a").await;
+    let id = Uuid::new_v4();
+    let t = now_ms();
+    let clocks = |db: sqlx::PgPool| async move {
+        let (stored, read): (String, serde_json::Value) =
+            sqlx::query_as("select clocks, synchub.field_clocks(clocks) from synchub.row_versions where tenant_id = 'store-1' and pk = $1")
+                .bind(json!({"id": id}))
+                .fetch_one(&db)
+                .await
+                .unwrap();
+        (stored, read)
+    };
+    let first = a.push(vec![upsert("products", json!({"id": id}), product(id, "Tea", 300), 1, t, 0)]).await[0].seq.expect("committed");
+    let (stored, _) = clocks(hub.db.clone()).await;
+    assert!(stored.contains("\"pos-a\""), "a writer without a number yet is named: {stored}");
+    let number: i32 = sqlx::query_scalar("select writer_id from synchub.clock_writers where tenant_id = 'store-1' and device = 'pos-a' and user_id = 'user-pos-a'")
+        .fetch_one(&hub.db)
+        .await
+        .expect("pos-a numbered after its first group");
+
+    let second = a.push(vec![upsert("products", json!({"id": id}), json!({"name": "Green tea"}), 2, t + 1, 0)]).await[0].seq.expect("committed");
+    let (stored, read) = clocks(hub.db.clone()).await;
+    assert!(!stored.contains("pos-a") && stored.contains(&format!(",{number},")), "the device by its number: {stored}");
+    assert_eq!(read["price_cents"], json!([t, 0, "pos-a", first, "user-pos-a"]));
+    assert_eq!(read["name"], json!([t + 1, 0, "pos-a", second, "user-pos-a"]));
+
+    hub.stop().await;
+    hub.start_again(|_| {}).await;
+    let (mut b, _, _) = Client::device(&hub, "store-1", "pos-b").await;
+    let results = b.push(vec![upsert("products", json!({"id": id}), json!({"price_cents": 999, "stock": 4}), 1, t - 1_000, 0)]).await;
+    assert_eq!(results[0].status, ChangeStatus::Conflict, "{:?}", results[0]);
+    assert_eq!(results[0].lost_fields, vec!["price_cents".to_string()], "pos-a's clock, read by number, wins price_cents");
+    let (server_device, server_user): (String, Option<String>) =
+        sqlx::query_as("select server_device, server_user from synchub.conflicts where tenant_id = 'store-1' and pk = $1 and field = 'price_cents'")
+            .bind(json!({"id": id}))
+            .fetch_one(&hub.db)
+            .await
+            .unwrap();
+    assert_eq!((server_device.as_str(), server_user.as_deref()), ("pos-a", Some("user-pos-a")));
+    let (stored, read) = clocks(hub.db.clone()).await;
+    assert!(stored.contains(&format!(",{number},")) && stored.contains("\"pos-b\""), "both forms in one row: {stored}");
+    assert_eq!(read["price_cents"], json!([t, 0, "pos-a", first, "user-pos-a"]));
+    assert_eq!(read["stock"], json!([t - 1_000, 0, "pos-b", results[0].seq.unwrap(), "user-pos-b"]));
+    hub.shutdown().await;
+}
+
 /// A group updates in place the version rows it found, and writes again one that SQL run by
 /// hand deleted since (the row cache still held the row, and the head did not move).
 #[actix_web::test]

@@ -5,9 +5,9 @@
 //! row of a copy of `synchub.log_groups`, encoded by the writer with the hub's own
 //! `synchub::storage::record::encode`), the writer's range of device seqs (one row of a copy of
 //! `synchub.log_device_ranges`), each written row's version once with its field clocks in the
-//! hub's compact form (`synchub::storage::clocks::encode`, migration 0019; updated in place when
-//! the writer wrote it before, upserted otherwise), and the writer's cursor. No merge decisions,
-//! rules, conflict records or fan-out.
+//! hub's compact form (`synchub::storage::clocks::encode`, the writer named by its number,
+//! migrations 0019 and 0020; updated in place when the writer wrote it before, upserted
+//! otherwise), and the writer's cursor. No merge decisions, rules, conflict records or fan-out.
 //!
 //! Unlike the hub, which keeps the rows it merges in a cache and does not have an update it can
 //! follow return its row, the writer reads the rows as they were before the batch in the
@@ -141,9 +141,13 @@ pub fn record_text(changes: &[Change], images: &HashMap<Uuid, Images>, device: &
 }
 
 /// A writer's rows' field clocks, as the hub keeps them for the rows it merges, so that each
-/// written row's version carries all of its clocks.
+/// written row's version carries all of its clocks, written with the writer's number as the hub
+/// writes a numbered writer's (migration 0020).
 #[derive(Default)]
-pub struct Clocks(HashMap<Uuid, BTreeMap<String, FieldClock>>);
+pub struct Clocks {
+    rows: HashMap<Uuid, BTreeMap<String, FieldClock>>,
+    writer: clocks::WriterNumber,
+}
 
 /// The rows a batch wrote, once each in key order, as the hub's bookkeeping statement takes them:
 /// those whose version row the writer wrote before (`stored`, updated in place) and the others
@@ -164,14 +168,19 @@ pub struct VersionRows {
 }
 
 impl Clocks {
+    /// Clocks of the writer numbered `writer`.
+    pub fn of_writer(writer: clocks::WriterNumber) -> Clocks {
+        Clocks { rows: HashMap::new(), writer }
+    }
+
     /// The versions of the rows `changes` wrote at seqs `base + 1 …`.
     pub fn versions(&mut self, changes: &[Change], base: i64, device: &str) -> Versions {
         let mut written: BTreeMap<Uuid, (&Object, i64, bool)> = BTreeMap::new();
         for (n, c) in changes.iter().enumerate() {
             let seq = base + 1 + n as i64;
             let id = devices::key_uuid(c);
-            let stored = self.0.contains_key(&id);
-            let clocks = self.0.entry(id).or_default();
+            let stored = self.rows.contains_key(&id);
+            let clocks = self.rows.entry(id).or_default();
             let clock = FieldClock {
                 hlc: c.hlc,
                 device: device.to_owned(),
@@ -188,7 +197,7 @@ impl Clocks {
             let rows = if stored { &mut out.stored } else { &mut out.new };
             rows.keys.push(Value::Object(key.clone()));
             rows.versions.push(version);
-            rows.clocks.push(clocks::encode(&self.0[&id], |v| v));
+            rows.clocks.push(clocks::encode(&self.rows[&id], |v| v, |_| Some(self.writer)));
         }
         out
     }
@@ -309,7 +318,7 @@ mod tests {
     #[test]
     fn versions_are_one_per_row_with_every_clock_the_writer_knows() {
         let (a, b, c) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
-        let mut clocks = Clocks::default();
+        let mut clocks = Clocks::of_writer(7);
         let first = clocks.versions(&[change(b, 1, json!({"sku": "B"})), change(a, 2, json!({"sku": "A", "stock": 1}))], 10, "w");
         assert_eq!(first.new.versions, [12, 11], "in key order");
         assert!(first.stored.keys.is_empty());
@@ -317,10 +326,10 @@ mod tests {
         assert_eq!((second.stored.keys.clone(), second.stored.versions.clone()), (vec![json!({"id": a})], vec![22]), "a's version row is updated in place");
         assert_eq!((second.new.keys.clone(), second.new.versions.clone()), (vec![json!({"id": c})], vec![23]));
         let written = |text: &str| -> Value {
-            let clocks = clocks::decode(text).unwrap();
+            let clocks = clocks::decode(text, |n| (n == 7).then(|| ("w".to_string(), Some("w".to_string())))).unwrap();
             clocks.iter().map(|(f, c)| (f.clone(), json!([c.hlc.wall_ms, c.hlc.counter, c.device, c.version, c.user]))).collect()
         };
         assert_eq!(written(&second.stored.clocks[0]), json!({"sku": [1_002, 2, "w", 12, "w"], "stock": [1_004, 4, "w", 22, "w"]}));
-        assert!(second.stored.clocks[0].starts_with('['), "in the compact form: {}", second.stored.clocks[0]);
+        assert!(second.stored.clocks[0].starts_with("[[1002,2,7,"), "in the compact form, with the writer's number: {}", second.stored.clocks[0]);
     }
 }

@@ -191,7 +191,7 @@ pub async fn run(args: CeilingArgs) -> Result<Report> {
                 args.shared_rows,
                 args.conflict_rate,
             );
-            (writer, workload, lean_log::Clocks::default())
+            (writer, workload, lean_log::Clocks::of_writer(n as u32 + 1))
         })
         .collect();
     if bookkeeping == Bookkeeping::LeanLog {

@@ -17,7 +17,8 @@ use uuid::Uuid;
 
 use super::as_written::{keep_as_written, same_value, stored_as_written};
 use super::catalog::{Catalog, TableSchema};
-use super::clocks;
+use super::clock_writers::ClockWriters;
+use super::clocks::{self, WriterNumber};
 use super::presentation::Presentation;
 use super::conflicts::{self, ResolveConflict};
 use super::record::{self, ChangeToLog, LogOp};
@@ -482,7 +483,8 @@ impl Store {
             };
             let mut usable = cache.usable_at(expected_head).then_some(&mut *cache);
             let presentation = &self.presentation;
-            let done = match apply_group(&mut tx, &catalog, presentation, tenant, batches, limits, expected_head, usable.as_deref_mut(), refuse).await? {
+            let writers = &self.clock_writers;
+            let done = match apply_group(&mut tx, &catalog, presentation, writers, tenant, batches, limits, expected_head, usable.as_deref_mut(), refuse).await? {
                 Applied::Done(output, fill) => (output, fill),
                 Applied::HeadMoved => {
                     tracing::debug!(tenant = %tenant, "head moved under the group; redone with the head locked");
@@ -491,7 +493,7 @@ impl Store {
                         cache.clear();
                     }
                     sqlx::query("rollback to savepoint synchub_group").execute(&mut *tx).await?;
-                    match apply_group(&mut tx, &catalog, presentation, tenant, batches, limits, None, None, refuse).await? {
+                    match apply_group(&mut tx, &catalog, presentation, writers, tenant, batches, limits, None, None, refuse).await? {
                         Applied::Done(output, fill) => (output, fill),
                         Applied::HeadMoved => return Err(Error::Internal("the tenant's head moved while locked".into())),
                     }
@@ -503,6 +505,12 @@ impl Store {
         .await;
         match committed {
             Ok((output, fill)) => {
+                if !fill.unnumbered.is_empty() {
+                    // Committed already: a writer left without a number is only written by name.
+                    if let Err(err) = self.clock_writers.number_all(conn, tenant, fill.unnumbered.iter()).await {
+                        tracing::warn!(tenant = %tenant, %err, "clock writers not numbered");
+                    }
+                }
                 cache.put(output.head_seq, fill.rows.into_iter(), fill.aliases.into_iter());
                 Ok(output)
             }
@@ -576,6 +584,8 @@ enum Applied {
 struct CacheFill {
     rows: Vec<(RowId, CachedRow)>,
     aliases: Vec<(RowId, String)>,
+    /// Clocks whose writers the group wrote by name, having no number for them (one per writer).
+    unnumbered: Vec<FieldClock>,
 }
 
 /// The hub's bookkeeping statement of a group (step 5 of [`apply_group`]) around its conflicts
@@ -645,6 +655,7 @@ async fn apply_group(
     conn: &mut PgConnection,
     catalog: &Catalog,
     presentation: &Presentation,
+    writers: &ClockWriters,
     tenant: &TenantId,
     batches: &[BatchInput],
     limits: ApplyLimits,
@@ -723,7 +734,7 @@ async fn apply_group(
 
     // 2. Current rows (locked) with their versions, and the devices' cursors (locked).
     let lock_devices = early_cursors.is_none().then_some(locks.devices.as_slice());
-    let (mut state, read_cursors) = load_all_rows(conn, tenant, &locks, &mut pending, &mut outcomes, lock_devices, cache).await?;
+    let (mut state, read_cursors) = load_all_rows(conn, tenant, writers, &locks, &mut pending, &mut outcomes, lock_devices, cache).await?;
     // Rows merged from the cache are current only if the head is still the expected one,
     // which the bookkeeping statement then checks whatever the group writes.
     let from_cache = state.rows_from_cache > 0;
@@ -771,7 +782,7 @@ async fn apply_group(
         // Rare: start over from the rows as loaded (reading them again is cheaper than
         // keeping a copy of the group's state on the common path).
         back_to_group_start(conn, tenant, &locks).await?;
-        state = load_all_rows(conn, tenant, &locks, &mut pending, &mut outcomes, None, None).await?.0;
+        state = load_all_rows(conn, tenant, writers, &locks, &mut pending, &mut outcomes, None, None).await?.0;
         for &p in &all {
             let pend = &pending[p];
             let id = pend.row_id.clone().unwrap_or_default();
@@ -883,7 +894,7 @@ async fn apply_group(
 
     let (cursor_devices, (cursor_users, cursor_seqs)): (Vec<&str>, (Vec<&str>, Vec<i64>)) =
         devices_users.iter().map(|(d, (u, s))| (*d, (*u, *s as i64))).unzip();
-    let (versions, stored_versions) = RowVersionColumns::of(&state, head);
+    let (versions, stored_versions, unnumbered) = RowVersionColumns::of(&state, head, |clock| writers.number(tenant, clock));
     let log = LogRecord::of(&deltas, logged.iter().map(|&(p, op)| (&pending[p], op)));
     // One statement for the hub's own bookkeeping (`bookkeeping_sql`).
     let take_head = expected_head.filter(|_| state.next_ordinal > 0 || from_cache).map(|h| h as i64);
@@ -1006,7 +1017,7 @@ async fn apply_group(
         })
         .collect();
     let (rows_read, rows_from_cache) = (state.rows_read, state.rows_from_cache);
-    let fill = CacheFill::of(catalog, state, head);
+    let fill = CacheFill::of(catalog, state, head, unnumbered);
     let output = GroupOutput {
         results,
         deltas,
@@ -1024,7 +1035,7 @@ async fn apply_group(
 impl CacheFill {
     /// The group's rows as committed: provisional versions made real from the `head` the
     /// group's seqs follow.
-    fn of(catalog: &Catalog, state: MergeState, head: Seq) -> CacheFill {
+    fn of(catalog: &Catalog, state: MergeState, head: Seq, unnumbered: Vec<FieldClock>) -> CacheFill {
         let real = |clock: &mut FieldClock| clock.version = real_version(clock.version, head);
         let rows = state
             .rows
@@ -1038,7 +1049,7 @@ impl CacheFill {
                 Some((id, CachedRow { table, key: slot.key, state: row }))
             })
             .collect();
-        CacheFill { rows, aliases: state.aliases }
+        CacheFill { rows, aliases: state.aliases, unnumbered }
     }
 }
 
@@ -1076,19 +1087,34 @@ struct RowVersionColumns<'a> {
 }
 
 impl<'a> RowVersionColumns<'a> {
-    /// The rows the group wrote: those without a version row yet, and those with one.
-    fn of(state: &'a MergeState, head: Seq) -> (RowVersionColumns<'a>, RowVersionColumns<'a>) {
+    /// The rows the group wrote: those without a version row yet, and those with one; clocks'
+    /// writers as `number` numbers them, and the clocks of writers it has no number for (one
+    /// per writer).
+    fn of(
+        state: &'a MergeState,
+        head: Seq,
+        number: impl Fn(&FieldClock) -> Option<WriterNumber>,
+    ) -> (RowVersionColumns<'a>, RowVersionColumns<'a>, Vec<FieldClock>) {
         let mut new = RowVersionColumns::default();
         let mut stored = RowVersionColumns::default();
+        let mut unnumbered: Vec<FieldClock> = Vec::new();
+        let mut number_or_note = |clock: &FieldClock| {
+            let found = number(clock);
+            let same_writer = |c: &FieldClock| c.device == clock.device && c.user == clock.user;
+            if found.is_none() && clock.user.is_some() && !unnumbered.iter().any(same_writer) {
+                unnumbered.push(clock.clone());
+            }
+            found
+        };
         for ((table, _), slot) in state.rows.iter().filter(|(_, s)| s.writes > 0) {
             let columns = if slot.stored_version { &mut stored } else { &mut new };
             columns.tables.push(table.as_str());
             columns.keys.push(Json(&slot.key));
             columns.versions.push(real_version(slot.state.version, head) as i64);
             columns.deleted.push(slot.state.deleted.as_ref().map(|clock| json_text(&RealClock { clock, head })));
-            columns.clocks.push(clocks::encode(&slot.state.clocks, |version| real_version(version, head)));
+            columns.clocks.push(clocks::encode(&slot.state.clocks, |version| real_version(version, head), &mut number_or_note));
         }
-        (new, stored)
+        (new, stored, unnumbered)
     }
 }
 
@@ -1117,9 +1143,11 @@ impl serde::Serialize for RealClock<'_> {
 /// With `lock_devices`, their cursors are read and locked as well and returned (`None` when no
 /// row was read). Called right after the group's savepoint was taken or rolled back to, with
 /// `locks` taken since (the devices' cursors aside when `lock_devices` is given).
+#[allow(clippy::too_many_arguments)]
 async fn load_all_rows(
     conn: &mut PgConnection,
     tenant: &TenantId,
+    writers: &ClockWriters,
     locks: &GroupLocks<'_>,
     pending: &mut [Pending<'_>],
     outcomes: &mut [Vec<Option<Outcome>>],
@@ -1127,7 +1155,7 @@ async fn load_all_rows(
     cache: Option<&mut RowCache>,
 ) -> Result<(MergeState, Option<Vec<(String, i64)>>)> {
     let mut state = MergeState::default();
-    match load_rows(conn, tenant, pending, &mut state, None, lock_devices, cache).await {
+    match load_rows(conn, tenant, writers, pending, &mut state, None, lock_devices, cache).await {
         Ok(cursors) => return Ok((state, cursors)),
         Err(err) if !matches!(refusal::blame(&err), Blame::Change(..)) => return Err(err.into()),
         Err(_) => {}
@@ -1136,7 +1164,7 @@ async fn load_all_rows(
     state = MergeState::default();
     for p in 0..pending.len() {
         sqlx::query("savepoint synchub_change").execute(&mut *conn).await?;
-        if let Err(err) = load_rows(conn, tenant, pending, &mut state, Some(p), None, None).await {
+        if let Err(err) = load_rows(conn, tenant, writers, pending, &mut state, Some(p), None, None).await {
             let refused = change_refusal(&err, tenant).ok_or(Error::Database(err))?;
             sqlx::query("rollback to savepoint synchub_change").execute(&mut *conn).await?;
             pending[p].row_id = None;
@@ -1150,9 +1178,11 @@ async fn load_all_rows(
 /// each change's normalized key; with `lock_devices`, the first table's statement that reads
 /// rows reads and locks their cursors too, returned when a row was read. Rows found in `cache`
 /// are taken from it instead (not locked; see `row_cache`).
+#[allow(clippy::too_many_arguments)]
 async fn load_rows(
     conn: &mut PgConnection,
     tenant: &TenantId,
+    writers: &ClockWriters,
     pending: &mut [Pending<'_>],
     state: &mut MergeState,
     only: Option<usize>,
@@ -1166,6 +1196,10 @@ async fn load_rows(
         }
     }
     let mut cursors = None;
+    // Rows whose clocks name writers by numbers this hub has not seen (another node gave them,
+    // or before a restart): decoded once those are looked up, in one statement.
+    let mut unknown_writers: Vec<WriterNumber> = Vec::new();
+    let mut undecoded: Vec<(RowId, String)> = Vec::new();
     for (table_name, members) in by_table {
         let table = pending[members[0]].table.clone();
         // Each key once: a row that several changes of the group write is read (and locked)
@@ -1234,12 +1268,29 @@ async fn load_rows(
                 row_state.deleted = json_column(&row, "deleted").as_ref().and_then(clocks::clock_of);
             }
             // Text that holds no clocks (only SQL written by hand could make it so) counts as none.
-            if let Some(read) = row.get::<Option<&str>, _>("clocks").and_then(clocks::decode) {
-                row_state.clocks = read;
+            match row.get::<Option<&str>, _>("clocks").map(|text| (text, clocks::decode(text, |n| writers.writer(n)))) {
+                Some((_, Ok(read))) => row_state.clocks = read,
+                Some((text, Err(clocks::Unreadable::UnknownWriters(numbers)))) => {
+                    unknown_writers.extend(numbers);
+                    undecoded.push((id.clone(), text.to_owned()));
+                }
+                Some((_, Err(clocks::Unreadable::NotClocks))) | None => {}
             }
             row_state.values = values;
             let stored_version = row_state.version > 0;
             state.rows.insert(id, RowSlot { key: as_object(key).unwrap_or_default(), state: row_state, writes: 0, stored_version });
+        }
+    }
+    if !undecoded.is_empty() {
+        unknown_writers.sort_unstable();
+        unknown_writers.dedup();
+        writers.learn(conn, tenant, &unknown_writers).await?;
+        for (id, text) in undecoded {
+            // Still unknown (only SQL written by hand could remove a number): no clocks, as for
+            // text that holds none.
+            if let (Some(slot), Ok(read)) = (state.rows.get_mut(&id), clocks::decode(&text, |n| writers.writer(n))) {
+                slot.state.clocks = read;
+            }
         }
     }
     Ok(cursors)

@@ -5,6 +5,7 @@
 pub mod apply;
 pub mod as_written;
 pub mod catalog;
+pub mod clock_writers;
 pub mod clocks;
 pub mod presentation;
 pub mod conflicts;
@@ -55,6 +56,9 @@ pub struct Store {
     transaction_timeout: Duration,
     /// Tables' label columns and formats (config `[[tables]]`).
     presentation: presentation::Presentation,
+    /// Numbers of the writers that row versions' clocks name (config
+    /// `clock_writer_cache_entries`).
+    clock_writers: clock_writers::ClockWriters,
     /// The bounds of the devices' status writes (config `device_status_writes`,
     /// `device_status_lock_timeout_ms`).
     status_writes: device_status::StatusWrites,
@@ -145,6 +149,7 @@ impl Store {
             row_level_security: config.row_level_security,
             clustered: config.clustered(),
             row_budget: row_cache::RowBudget::new(config.row_cache_total_rows),
+            clock_writers: clock_writers::ClockWriters::new(config.clock_writer_cache_entries),
             transaction_timeout: config.db_transaction_timeout(),
             presentation,
             status_writes: device_status::StatusWrites::new(
