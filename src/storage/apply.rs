@@ -589,8 +589,9 @@ struct CacheFill {
 }
 
 /// The hub's bookkeeping statement of a group (step 5 of [`apply_group`]) around its conflicts
-/// part: the expected head, log, versions, conflicts and cursors in one statement, returning the
-/// conflicts logged, with their ids, whether it took the head, and how many of the version rows
+/// part: the expected head, log, versions, conflicts and cursors in one statement, returning
+/// what Postgres gave each conflict logged (`[conflict_id, change_id, field, created_at]`; the
+/// hub has the rest), whether it took the head, and how many of the version rows
 /// the group found it updated. Version rows the group found are updated in place (`$19`–`$23`):
 /// an upsert, as the new ones take (`$8`–`$12`), first probes the key for a conflict, then
 /// locks and updates the row it found.
@@ -620,7 +621,7 @@ macro_rules! bookkeeping_sql {
            select $1, d, u, s from unnest($14::text[], $15::text[], $16::int8[]) as x(d, u, s) \
            on conflict (tenant_id, device_id) do update set last_device_seq = greatest(device_cursors.last_device_seq, excluded.last_device_seq), \
              user_id = excluded.user_id, updated_at = now()) \
-         select coalesce(jsonb_agg(to_jsonb(c) order by c.conflict_id), '[]'::jsonb), \
+         select coalesce(jsonb_agg(jsonb_build_array(c.conflict_id, c.change_id, c.field, c.created_at)), '[]'::jsonb), \
            $17::int8 is null or exists (select from head), (select count(*) from stored_versions) from conflicts c"
         )
     };
@@ -636,13 +637,13 @@ const BOOKKEEPING_SQL: &str = bookkeeping_sql!(
            from jsonb_to_recordset($13) as x(table_name text, pk jsonb, field text, base_version int8, server_version int8, \
              server_value jsonb, server_hlc jsonb, server_device text, server_user text, incoming_value jsonb, incoming_hlc jsonb, \
              incoming_device text, incoming_user text, winner text, policy text, change_id uuid, batch_id uuid, seq int8) \
-           returning *), "
+           returning conflict_id, change_id, field, created_at), "
 );
 
 /// Without: the conflicts table is left alone, so its statement triggers (migration 0012) do
 /// not run for the many groups that log none. `$13` stays typed for the same arguments.
 const BOOKKEEPING_NO_CONFLICTS_SQL: &str =
-    bookkeeping_sql!("conflicts as (select * from synchub.conflicts where false and $13::jsonb is not null), ");
+    bookkeeping_sql!("conflicts as (select conflict_id, change_id, field, created_at from synchub.conflicts where false and $13::jsonb is not null), ");
 
 /// Version rows the bookkeeping statement did not find to update (only SQL run by hand could
 /// have deleted one since the group read it), written as new ones are.
@@ -913,7 +914,7 @@ async fn apply_group(
     .bind(&versions.versions)
     .bind(&versions.deleted)
     .bind(&versions.clocks)
-    .bind(Value::Array(conflicts))
+    .bind(Json(&conflicts))
     .bind(&cursor_devices)
     .bind(&cursor_users)
     .bind(&cursor_seqs)
@@ -946,7 +947,7 @@ async fn apply_group(
         Err(sqlx::Error::Database(err)) if take_head.is_some() && err.constraint() == Some(LOG_SEQ_KEY) => return Ok(Applied::HeadMoved),
         Err(err) => return Err(err.into()),
     };
-    let mut logged_conflicts = conflicts::conflict_records(logged_conflicts)?;
+    let mut logged_conflicts = conflicts::logged_records(conflicts, logged_conflicts)?;
     label_conflicts(&mut logged_conflicts, &state, presentation);
 
     // Resolutions: a resolving batch whose change was not rejected marks its conflict (locked

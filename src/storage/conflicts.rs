@@ -3,6 +3,8 @@
 //! `synchub.conflicts` row (selected as `to_jsonb(c)`) to [`protocol::ConflictRecord`], used by
 //! these reads and by the merge (conflicts it logs, and the ones it resolves).
 
+use std::collections::HashMap;
+
 use protocol::{ConflictRecord, ConflictSide, Hlc, Object, ReviewStatus};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -158,13 +160,39 @@ pub fn conflict_record(row: Value) -> Result<ConflictRecord> {
     })
 }
 
-/// A JSON array of conflict rows (e.g. `jsonb_agg(to_jsonb(c))`) as records.
-pub fn conflict_records(rows: Value) -> Result<Vec<ConflictRecord>> {
-    match rows {
-        Value::Array(rows) => rows.into_iter().map(conflict_record).collect(),
-        Value::Null => Ok(Vec::new()),
-        other => Err(Error::Internal(format!("expected an array of conflict rows, got {other}"))),
+/// The conflicts a group logged, as records ordered by id: the rows it sent to be logged
+/// (`sent`, objects of `synchub.conflicts`' columns) completed with what Postgres gave each
+/// (`given`: `[conflict_id, change_id, field, created_at]`, a change's conflicts being one per
+/// field), open. Postgres's rows are not sent back whole: building them as JSON cost it more
+/// than inserting them.
+pub fn logged_records(sent: Vec<Value>, given: Value) -> Result<Vec<ConflictRecord>> {
+    let unreadable = |what: &str| Error::Internal(format!("unreadable logged conflict: {what}"));
+    let Value::Array(given) = given else { return Err(unreadable("not an array")) };
+    let mut by_change_field: HashMap<(String, String), (Value, Value)> = HashMap::with_capacity(given.len());
+    for entry in given {
+        let Value::Array(entry) = entry else { return Err(unreadable("an entry not an array")) };
+        let [conflict_id, Value::String(change_id), Value::String(field), created_at] = <[Value; 4]>::try_from(entry).map_err(|_| unreadable("an entry not of four"))?
+        else {
+            return Err(unreadable("an entry without its change and field"));
+        };
+        by_change_field.insert((change_id, field), (conflict_id, created_at));
     }
+    let mut records = sent
+        .into_iter()
+        .map(|mut row| {
+            let fields = row.as_object_mut().ok_or_else(|| unreadable("a sent row not an object"))?;
+            let key = (fields.get("change_id").and_then(Value::as_str), fields.get("field").and_then(Value::as_str));
+            let (Some(change_id), Some(field)) = key else { return Err(unreadable("a sent row without its change and field")) };
+            let (conflict_id, created_at) =
+                by_change_field.remove(&(change_id.to_owned(), field.to_owned())).ok_or_else(|| unreadable("a sent row not logged"))?;
+            fields.insert("conflict_id".into(), conflict_id);
+            fields.insert("created_at".into(), created_at);
+            fields.insert("review_status".into(), Value::String("open".into()));
+            conflict_record(row)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    records.sort_by_key(|r| r.id);
+    Ok(records)
 }
 
 /// A date-time a client gave, parsed at the boundary: a real RFC 3339 date-time
@@ -594,5 +622,32 @@ mod tests {
         assert_eq!(record.resolution_seq, Some(9));
         assert_eq!(record.resolved_value, Some(json!(100)));
         assert_eq!(record.seq, None);
+    }
+
+    #[test]
+    fn logged_conflicts_are_the_rows_sent_with_what_postgres_gave_them() {
+        let sent = |field: &str, change: &str| {
+            json!({
+                "table_name": "products", "pk": {"id": "a"}, "field": field, "base_version": 3, "server_version": 5,
+                "server_value": 100, "server_hlc": {"wall_ms": 10, "counter": 1}, "server_device": "pos-1", "server_user": "u1",
+                "incoming_value": 90, "incoming_hlc": {"wall_ms": 9, "counter": 0}, "incoming_device": "pos-2", "incoming_user": "u2",
+                "winner": "server", "policy": "lww", "change_id": change, "batch_id": "0192f0d8-0000-7000-8000-000000000002", "seq": 12
+            })
+        };
+        let (c1, c2) = ("0192f0d8-0000-7000-8000-000000000001", "0192f0d8-0000-7000-8000-000000000003");
+        let given = json!([
+            [42, c2, "stock", "2024-11-30T10:00:00.5+00:00"],
+            [40, c1, "price_cents", "2024-11-30T10:00:00+00:00"],
+            [41, c1, "stock", "2024-11-30T10:00:00+00:00"]
+        ]);
+        let records = logged_records(vec![sent("stock", c2), sent("price_cents", c1), sent("stock", c1)], given).unwrap();
+        let ids: Vec<(i64, &str, String)> = records.iter().map(|r| (r.id, r.field.as_str(), r.change_id.to_string())).collect();
+        assert_eq!(ids, [(40, "price_cents", c1.to_string()), (41, "stock", c1.to_string()), (42, "stock", c2.to_string())], "by id");
+        assert_eq!(records[2].created_at, "2024-11-30T10:00:00.5+00:00");
+        assert!(records.iter().all(|r| r.status == ReviewStatus::Open && r.reviewed_by.is_none() && r.resolution.is_none()));
+        assert_eq!((records[0].server.version, records[0].incoming.value.clone(), records[0].seq), (Some(5), json!(90), Some(12)));
+
+        let not_logged = logged_records(vec![sent("stock", c1)], json!([[40, c1, "price_cents", "2024-11-30T10:00:00+00:00"]]));
+        assert!(not_logged.is_err(), "a row Postgres did not log is an error, not a record without an id");
     }
 }
