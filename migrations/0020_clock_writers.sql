@@ -36,7 +36,9 @@ language sql stable parallel safe set search_path = pg_catalog, pg_temp as $$
     end
 $$;
 
--- Row-level security of 0005, 0015 and 0016, over the new table too.
+-- Row-level security of 0005, 0015 and 0016 over every table of the hub's schema that has a
+-- tenant_id column (the new one too), found rather than listed, so that a table added later is
+-- not left open by a migration that forgets to redefine this function.
 create or replace function synchub.secure_hub_tables() returns void
 language plpgsql as $$
 declare
@@ -47,7 +49,12 @@ begin
     end if;
     grant usage on schema synchub to synchub_tenant;
     grant usage, select on all sequences in schema synchub to synchub_tenant;
-    foreach t in array array['tenants', 'log_groups', 'log_device_ranges', 'device_cursors', 'device_status', 'row_versions', 'conflicts', 'clock_writers'] loop
+    for t in
+        select c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace
+         where n.nspname = 'synchub' and c.relkind = 'r'
+           and exists (select from pg_attribute a where a.attrelid = c.oid and a.attname = 'tenant_id' and not a.attisdropped)
+         order by c.relname
+    loop
         execute format('grant select, insert, update, delete on synchub.%I to synchub_tenant', t);
         execute format('alter table synchub.%I enable row level security', t);
         execute format('drop policy if exists synchub_tenant_only on synchub.%I', t);

@@ -481,6 +481,24 @@ async fn policies_and_the_hub_role_are_in_place() {
         assert!(policies.contains(&"synchub_tenant_only".to_string()) && policies.contains(&"synchub_tenant_rows".to_string()), "{table}: {policies:?}");
         assert_eq!(policies.contains(&"synchub_other_roles".to_string()), !table.starts_with("log_") && table != "tenants", "{table}");
     }
+    // So does every table of the hub's own that has a tenant_id column, a table added by a
+    // later migration too.
+    let hub_tables = sqlx::query(
+        "select c.relname::text as t, c.relrowsecurity as on, \
+           array(select polname::text from pg_policy p where p.polrelid = c.oid order by 1) as policies \
+         from pg_class c where c.relnamespace = 'synchub'::regnamespace and c.relkind = 'r' \
+           and exists (select from pg_attribute a where a.attrelid = c.oid and a.attname = 'tenant_id' and not a.attisdropped) order by 1",
+    )
+    .fetch_all(&hub.db)
+    .await
+    .unwrap();
+    let names: Vec<String> = hub_tables.iter().map(|r| r.get("t")).collect();
+    assert!(names.contains(&"clock_writers".to_string()) && names.contains(&"row_versions".to_string()), "{names:?}");
+    for r in hub_tables {
+        let (table, on, policies): (String, bool, Vec<String>) = (r.get("t"), r.get("on"), r.get("policies"));
+        assert!(on, "{table}");
+        assert!(policies.contains(&"synchub_tenant_only".to_string()) && policies.contains(&"synchub_tenant_rows".to_string()), "{table}: {policies:?}");
+    }
     // The capture function runs as its owner, with a fixed search_path.
     let (definer, config): (bool, Vec<String>) =
         sqlx::query_as("select prosecdef, coalesce(proconfig, '{}') from pg_proc where oid = 'synchub.capture_change'::regproc")
