@@ -108,9 +108,7 @@ impl ClockWriters {
         .bind(&users)
         .fetch_all(&mut *conn)
         .await?;
-        for (number, device, user) in numbered {
-            self.remember(tenant, number as WriterNumber, device, user);
-        }
+        self.remember_rows(tenant, numbered);
         Ok(())
     }
 
@@ -124,10 +122,15 @@ impl ClockWriters {
                 .bind(&wanted)
                 .fetch_all(&mut *conn)
                 .await?;
-        for (number, device, user) in found {
+        self.remember_rows(tenant, found);
+        Ok(())
+    }
+
+    /// `synchub.clock_writers` rows as read: `(writer_id, device, user_id)`.
+    fn remember_rows(&self, tenant: &TenantId, rows: Vec<(i32, String, String)>) {
+        for (number, device, user) in rows {
             self.remember(tenant, number as WriterNumber, device, user);
         }
-        Ok(())
     }
 }
 
