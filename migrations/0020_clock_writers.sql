@@ -5,9 +5,10 @@
 -- `[wall_ms, counter, writer_id, version, field, …]` (a number where the device's name was;
 -- src/storage/clocks.rs), with the number from this table. A number is given once, committed
 -- before any row names it, and never changes meaning, so every hub keeps the numbers it has
--- seen (src/storage/clock_writers.rs). Writers without a number yet (a device's first group
--- on a hub, SQL clients) keep the named form; rows written before keep theirs: nothing is
--- rewritten, and `synchub.field_clocks(clocks)` reads every form as the per-field one.
+-- seen (src/storage/clock_writers.rs). A group numbers its pushing devices first; writers a
+-- hub has no number for (SQL clients, devices that have not pushed to it) keep the named
+-- form, and rows written before keep theirs: nothing is rewritten, and
+-- `synchub.field_clocks(clocks)` reads every form as the per-field one.
 
 create table synchub.clock_writers (
     writer_id  integer generated always as identity primary key,

@@ -209,10 +209,11 @@ async fn a_plain_sql_write_keeps_the_clocks_of_the_fields_it_did_not_write() {
     hub.shutdown().await;
 }
 
-/// A device's clocks name it by name in its first group and by its number
-/// (`synchub.clock_writers`) from the next one on. A hub started again, which has not seen the
-/// number, reads it back from Postgres: another device's stale write still loses to it and its
-/// conflict names the device; SQL reads a row holding both forms by names.
+/// A device's clocks name it by its number (`synchub.clock_writers`, given before its first
+/// group) rather than by device and user. A hub started again, which has not seen the number,
+/// reads it back from Postgres: another device's stale write still loses to it and its conflict
+/// names the device. A writer the hub does not number (a plain SQL write) stays named beside
+/// numbered ones, and SQL reads every entry by names.
 #[actix_web::test]
 async fn a_numbered_writer_is_read_back_by_a_hub_that_has_not_seen_its_number() {
     let mut hub = TestHub::start().await;
@@ -228,19 +229,18 @@ async fn a_numbered_writer_is_read_back_by_a_hub_that_has_not_seen_its_number() 
                 .unwrap();
         (stored, read)
     };
+    let number = |db: sqlx::PgPool, device: &'static str| async move {
+        sqlx::query_scalar::<_, i32>("select writer_id from synchub.clock_writers where tenant_id = 'store-1' and device = $1 and user_id = 'user-' || $1")
+            .bind(device)
+            .fetch_one(&db)
+            .await
+            .unwrap_or_else(|err| panic!("{device} numbered: {err}"))
+    };
     let first = a.push(vec![upsert("products", json!({"id": id}), product(id, "Tea", 300), 1, t, 0)]).await[0].seq.expect("committed");
-    let (stored, _) = clocks(hub.db.clone()).await;
-    assert!(stored.contains("\"pos-a\""), "a writer without a number yet is named: {stored}");
-    let number: i32 = sqlx::query_scalar("select writer_id from synchub.clock_writers where tenant_id = 'store-1' and device = 'pos-a' and user_id = 'user-pos-a'")
-        .fetch_one(&hub.db)
-        .await
-        .expect("pos-a numbered after its first group");
-
-    let second = a.push(vec![upsert("products", json!({"id": id}), json!({"name": "Green tea"}), 2, t + 1, 0)]).await[0].seq.expect("committed");
+    let pos_a = number(hub.db.clone(), "pos-a").await;
     let (stored, read) = clocks(hub.db.clone()).await;
-    assert!(!stored.contains("pos-a") && stored.contains(&format!(",{number},")), "the device by its number: {stored}");
+    assert!(!stored.contains("pos-a") && stored.contains(&format!(",{pos_a},")), "the device by its number: {stored}");
     assert_eq!(read["price_cents"], json!([t, 0, "pos-a", first, "user-pos-a"]));
-    assert_eq!(read["name"], json!([t + 1, 0, "pos-a", second, "user-pos-a"]));
 
     hub.stop().await;
     hub.start_again(|_| {}).await;
@@ -248,6 +248,7 @@ async fn a_numbered_writer_is_read_back_by_a_hub_that_has_not_seen_its_number() 
     let results = b.push(vec![upsert("products", json!({"id": id}), json!({"price_cents": 999, "stock": 4}), 1, t - 1_000, 0)]).await;
     assert_eq!(results[0].status, ChangeStatus::Conflict, "{:?}", results[0]);
     assert_eq!(results[0].lost_fields, vec!["price_cents".to_string()], "pos-a's clock, read by number, wins price_cents");
+    let b_stock = results[0].seq.unwrap();
     let (server_device, server_user): (String, Option<String>) =
         sqlx::query_as("select server_device, server_user from synchub.conflicts where tenant_id = 'store-1' and pk = $1 and field = 'price_cents'")
             .bind(json!({"id": id}))
@@ -255,10 +256,20 @@ async fn a_numbered_writer_is_read_back_by_a_hub_that_has_not_seen_its_number() 
             .await
             .unwrap();
     assert_eq!((server_device.as_str(), server_user.as_deref()), ("pos-a", Some("user-pos-a")));
+
+    // A plain SQL write leaves its clock named (the capture trigger writes the per-field form);
+    // the device's next write keeps it so beside the numbered ones.
+    sqlx::query("update products set name = 'Back office tea' where id = $1").bind(id).execute(&hub.db).await.unwrap();
+    let results = b.push(vec![upsert("products", json!({"id": id}), json!({"sku": "TEA-2"}), 2, now_ms() + 1_000, 0)]).await;
+    assert!(results[0].seq.is_some() && results[0].lost_fields.is_empty(), "{:?}", results[0]);
+    let pos_b = number(hub.db.clone(), "pos-b").await;
     let (stored, read) = clocks(hub.db.clone()).await;
-    assert!(stored.contains(&format!(",{number},")) && stored.contains("\"pos-b\""), "both forms in one row: {stored}");
+    assert!(stored.starts_with("[["), "the hub writes the compact form: {stored}");
+    assert!(stored.contains(&format!(",{pos_a},")) && stored.contains(&format!(",{pos_b},")) && stored.contains("\"postgres\""), "{stored}");
     assert_eq!(read["price_cents"], json!([t, 0, "pos-a", first, "user-pos-a"]));
-    assert_eq!(read["stock"], json!([t - 1_000, 0, "pos-b", results[0].seq.unwrap(), "user-pos-b"]));
+    assert_eq!(read["stock"], json!([t - 1_000, 0, "pos-b", b_stock, "user-pos-b"]));
+    assert_eq!((&read["name"][2], &read["name"][4]), (&json!(""), &json!("postgres")), "SQL's clock, named");
+    assert_eq!(read["sku"][2], json!("pos-b"));
     hub.shutdown().await;
 }
 

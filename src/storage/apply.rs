@@ -467,6 +467,11 @@ impl Store {
             // fails on its key). An advisory lock, not the head row: other SQL writers' triggers
             // take the head after their rows, and a group waits for the head after its rows too.
             let then = if self.clustered { CLUSTER_GROUP_LOCK_THEN_SAVEPOINT } else { "savepoint synchub_group" };
+            // The pushing writers this hub has no number for get one first (a statement of its
+            // own, once per writer and hub), so the group writes their clocks by number; it
+            // commits before the group begins, so that failing it fails the group with nothing
+            // of it committed.
+            self.clock_writers.number_all(conn, tenant, batches.iter().map(|b| (b.device.as_str(), b.user.as_str()))).await?;
             let begin = self.tenant_begin_sql(tenant, "begin", settings, then);
             let mut tx = conn.begin_with(begin).await?;
             // In a cluster, another node may have committed since this tenant's last group here:
@@ -505,12 +510,6 @@ impl Store {
         .await;
         match committed {
             Ok((output, fill)) => {
-                if !fill.unnumbered.is_empty() {
-                    // Committed already: a writer left without a number is only written by name.
-                    if let Err(err) = self.clock_writers.number_all(conn, tenant, fill.unnumbered.iter()).await {
-                        tracing::warn!(tenant = %tenant, %err, "clock writers not numbered");
-                    }
-                }
                 cache.put(output.head_seq, fill.rows.into_iter(), fill.aliases.into_iter());
                 Ok(output)
             }
@@ -584,8 +583,6 @@ enum Applied {
 struct CacheFill {
     rows: Vec<(RowId, CachedRow)>,
     aliases: Vec<(RowId, String)>,
-    /// Clocks whose writers the group wrote by name, having no number for them (one per writer).
-    unnumbered: Vec<FieldClock>,
 }
 
 /// The hub's bookkeeping statement of a group (step 5 of [`apply_group`]) around its conflicts
@@ -895,7 +892,7 @@ async fn apply_group(
 
     let (cursor_devices, (cursor_users, cursor_seqs)): (Vec<&str>, (Vec<&str>, Vec<i64>)) =
         devices_users.iter().map(|(d, (u, s))| (*d, (*u, *s as i64))).unzip();
-    let (versions, stored_versions, unnumbered) = RowVersionColumns::of(&state, head, |clock| writers.number(tenant, clock));
+    let (versions, stored_versions) = RowVersionColumns::of(&state, head, |clock| writers.number(tenant, clock));
     let log = LogRecord::of(&deltas, logged.iter().map(|&(p, op)| (&pending[p], op)));
     // One statement for the hub's own bookkeeping (`bookkeeping_sql`).
     let take_head = expected_head.filter(|_| state.next_ordinal > 0 || from_cache).map(|h| h as i64);
@@ -1018,7 +1015,7 @@ async fn apply_group(
         })
         .collect();
     let (rows_read, rows_from_cache) = (state.rows_read, state.rows_from_cache);
-    let fill = CacheFill::of(catalog, state, head, unnumbered);
+    let fill = CacheFill::of(catalog, state, head);
     let output = GroupOutput {
         results,
         deltas,
@@ -1036,7 +1033,7 @@ async fn apply_group(
 impl CacheFill {
     /// The group's rows as committed: provisional versions made real from the `head` the
     /// group's seqs follow.
-    fn of(catalog: &Catalog, state: MergeState, head: Seq, unnumbered: Vec<FieldClock>) -> CacheFill {
+    fn of(catalog: &Catalog, state: MergeState, head: Seq) -> CacheFill {
         let real = |clock: &mut FieldClock| clock.version = real_version(clock.version, head);
         let rows = state
             .rows
@@ -1050,7 +1047,7 @@ impl CacheFill {
                 Some((id, CachedRow { table, key: slot.key, state: row }))
             })
             .collect();
-        CacheFill { rows, aliases: state.aliases, unnumbered }
+        CacheFill { rows, aliases: state.aliases }
     }
 }
 
@@ -1089,33 +1086,23 @@ struct RowVersionColumns<'a> {
 
 impl<'a> RowVersionColumns<'a> {
     /// The rows the group wrote: those without a version row yet, and those with one; clocks'
-    /// writers as `number` numbers them, and the clocks of writers it has no number for (one
-    /// per writer).
+    /// writers written as the numbers `number` gives them, by name when it gives none.
     fn of(
         state: &'a MergeState,
         head: Seq,
         number: impl Fn(&FieldClock) -> Option<WriterNumber>,
-    ) -> (RowVersionColumns<'a>, RowVersionColumns<'a>, Vec<FieldClock>) {
+    ) -> (RowVersionColumns<'a>, RowVersionColumns<'a>) {
         let mut new = RowVersionColumns::default();
         let mut stored = RowVersionColumns::default();
-        let mut unnumbered: Vec<FieldClock> = Vec::new();
-        let mut number_or_note = |clock: &FieldClock| {
-            let found = number(clock);
-            let same_writer = |c: &FieldClock| c.device == clock.device && c.user == clock.user;
-            if found.is_none() && clock.user.is_some() && !unnumbered.iter().any(same_writer) {
-                unnumbered.push(clock.clone());
-            }
-            found
-        };
         for ((table, _), slot) in state.rows.iter().filter(|(_, s)| s.writes > 0) {
             let columns = if slot.stored_version { &mut stored } else { &mut new };
             columns.tables.push(table.as_str());
             columns.keys.push(Json(&slot.key));
             columns.versions.push(real_version(slot.state.version, head) as i64);
             columns.deleted.push(slot.state.deleted.as_ref().map(|clock| json_text(&RealClock { clock, head })));
-            columns.clocks.push(clocks::encode(&slot.state.clocks, |version| real_version(version, head), &mut number_or_note));
+            columns.clocks.push(clocks::encode(&slot.state.clocks, |version| real_version(version, head), &number));
         }
-        (new, stored, unnumbered)
+        (new, stored)
     }
 }
 

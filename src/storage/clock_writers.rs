@@ -2,11 +2,11 @@
 //! clocks (`synchub.clock_writers`, migration 0020), as far as this hub has seen them.
 //!
 //! A number is committed before any row names it and never changes meaning, so a hub may keep
-//! every number it has seen, whichever node gave it. A group writes the clocks of writers
-//! without a number by name and numbers them after its commit (one round trip, once per writer
-//! and hub), so that the next groups write the number; a row naming a number this hub has not
-//! seen (another node gave it, or a restart forgot it) has it looked up in the group's
-//! transaction.
+//! every number it has seen, whichever node gave it. A group first numbers the pushing writers
+//! this hub has no number for (one statement of its own, once per writer and hub), and writes
+//! any other writer without a number here (another SQL client, a device not in the group) by
+//! name. A row naming a number this hub has not seen (another node gave it, or a restart forgot
+//! it) has it looked up in the group's transaction.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,9 +37,13 @@ impl ClockWriters {
 
     /// The number of `clock`'s writer in `tenant`, if this hub knows it.
     pub fn number(&self, tenant: &TenantId, clock: &FieldClock) -> Option<WriterNumber> {
-        let user = clock.user.as_deref()?;
+        self.number_of(tenant, &clock.device, clock.user.as_deref()?)
+    }
+
+    /// The number of `device` as `user` in `tenant`, if this hub knows it.
+    fn number_of(&self, tenant: &TenantId, device: &str, user: &str) -> Option<WriterNumber> {
         let devices = self.numbers.get(tenant)?;
-        devices.get(&clock.device)?.iter().find(|(u, _)| u == user).map(|&(_, number)| number)
+        devices.get(device)?.iter().find(|(u, _)| u == user).map(|&(_, number)| number)
     }
 
     /// Who `number` stands for, if this hub knows it.
@@ -67,24 +71,24 @@ impl ClockWriters {
         self.numbers.entry(tenant.clone()).or_default().entry(device).or_default().push((user, number));
     }
 
-    /// Number the writers of `clocks` (of `tenant`) that have none here: those that have one in
-    /// Postgres are learnt, the others given one. Committed at once (no transaction must be
-    /// open on `conn`), so that rows may name the numbers from now on. A writer another
-    /// transaction numbers at the same time is left for the next call.
+    /// Number the `writers` (device, user) of `tenant` that have none here: those that have
+    /// one in Postgres are learnt, the others given one. Committed at once (no transaction must
+    /// be open on `conn`), so that rows may name the numbers from now on. A writer another
+    /// transaction numbers at the same time is left for the next call. No statement when every
+    /// writer has a number here.
     pub async fn number_all<'a>(
         &self,
         conn: &mut PgConnection,
         tenant: &TenantId,
-        clocks: impl Iterator<Item = &'a FieldClock>,
+        writers: impl Iterator<Item = (&'a str, &'a str)>,
     ) -> sqlx::Result<()> {
         let mut devices: Vec<&str> = Vec::new();
         let mut users: Vec<&str> = Vec::new();
-        for clock in clocks {
-            let Some(user) = clock.user.as_deref() else { continue };
-            let known = self.number(tenant, clock).is_some();
-            let listed = devices.iter().zip(&users).any(|(d, u)| *d == clock.device && *u == user);
+        for (device, user) in writers {
+            let known = self.number_of(tenant, device, user).is_some();
+            let listed = devices.iter().zip(&users).any(|(d, u)| *d == device && *u == user);
             if !known && !listed {
-                devices.push(&clock.device);
+                devices.push(device);
                 users.push(user);
             }
         }
