@@ -143,7 +143,6 @@ pub fn record_text(changes: &[Change], images: &HashMap<Uuid, Images>, device: &
 /// A writer's rows' field clocks, as the hub keeps them for the rows it merges, so that each
 /// written row's version carries all of its clocks, written with the writer's number as the hub
 /// writes a numbered writer's (migration 0020).
-#[derive(Default)]
 pub struct Clocks {
     rows: HashMap<Uuid, BTreeMap<String, FieldClock>>,
     writer: clocks::WriterNumber,

@@ -51,11 +51,6 @@ impl ClockWriters {
         self.writers.get(&number).map(|named| named.clone())
     }
 
-    /// Entries held.
-    pub fn held(&self) -> usize {
-        self.held.load(Ordering::Relaxed)
-    }
-
     fn remember(&self, tenant: &TenantId, number: WriterNumber, device: String, user: String) {
         if self.writers.contains_key(&number) {
             return;
@@ -167,9 +162,9 @@ mod tests {
         writers.remember(&t, 1, "a".into(), "u".into());
         writers.remember(&t, 2, "b".into(), "u".into());
         writers.remember(&t, 2, "b".into(), "u".into());
-        assert_eq!(writers.held(), 2, "a number remembered twice is held once");
+        assert_eq!(writers.held.load(Ordering::Relaxed), 2, "a number remembered twice is held once");
         writers.remember(&t, 3, "c".into(), "u".into());
-        assert_eq!(writers.held(), 1);
+        assert_eq!(writers.held.load(Ordering::Relaxed), 1);
         assert_eq!(writers.writer(1), None);
         assert_eq!(writers.number(&t, &clock("c", Some("u"))), Some(3));
     }
