@@ -357,8 +357,11 @@ pub struct Config {
     /// `invalid_batch`.
     pub conflict_bulk_max: u32,
 
-    /// Device status writes (last seen, position) in flight at once; more are dropped. Default 64.
+    /// Devices whose status (last seen, position) waits to be written, over the hub; notes of
+    /// more devices are dropped. Default 65,536.
     pub device_status_writes: usize,
+    /// How often the waiting device statuses are written, ms. Default 250.
+    pub device_status_flush_ms: u64,
     /// How long a device status write waits for its row, ms. Default 1,000.
     pub device_status_lock_timeout_ms: u64,
     /// Most devices `GET /v1/operations` lists (by id; it says when there are more). Default 5,000.
@@ -520,7 +523,8 @@ impl Default for Config {
             conflict_page_max: 500,
             conflict_export_max_rows: 100_000,
             console_currency: "USD".into(),
-            device_status_writes: 64,
+            device_status_writes: 65_536,
+            device_status_flush_ms: 250,
             device_status_lock_timeout_ms: 1_000,
             operations_max_devices: 5_000,
             conflict_bulk_max: 500,
@@ -606,6 +610,7 @@ impl Config {
             ("conflict_page_max", self.conflict_page_max as u64),
             ("conflict_export_max_rows", self.conflict_export_max_rows as u64),
             ("device_status_writes", self.device_status_writes as u64),
+            ("device_status_flush_ms", self.device_status_flush_ms),
             ("device_status_lock_timeout_ms", self.device_status_lock_timeout_ms),
             ("operations_max_devices", u64::from(self.operations_max_devices)),
             ("conflict_bulk_max", self.conflict_bulk_max as u64),

@@ -154,6 +154,7 @@ impl Store {
             presentation,
             status_writes: device_status::StatusWrites::new(
                 config.device_status_writes,
+                Duration::from_millis(config.device_status_flush_ms),
                 Duration::from_millis(config.device_status_lock_timeout_ms),
             ),
         }))
