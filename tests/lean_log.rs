@@ -193,3 +193,49 @@ async fn trimming_in_the_middle_of_a_record_serves_exactly_the_seqs_after_the_fl
     assert_eq!(deltas.iter().map(|d| d.seq).collect::<Vec<_>>(), (23..=30).collect::<Vec<_>>());
     hub.shutdown().await;
 }
+
+/// A group's settings make its statements find rows by key even when the planner's statistics
+/// are behind: here they say the tenant has one version row and it has 3,001. Without
+/// `enable_bitmapscan` and `enable_hashjoin` off, the update of version rows by key read all of
+/// the tenant's version rows in a bitmap scan and joined them by hash.
+#[actix_web::test]
+async fn a_group_updates_version_rows_by_key_whatever_the_statistics_say() {
+    use synchub::storage::apply::{LARGE_GROUP_SETTINGS, MERGE_SETTINGS};
+    let hub = TestHub::start().await;
+    sqlx::raw_sql(
+        "alter table synchub.row_versions set (autovacuum_enabled = off); \
+         insert into synchub.row_versions (tenant_id, table_name, pk, version, clocks) values ('shop', 'products', '{\"id\": \"0\"}', 1, '[]'); \
+         analyze synchub.row_versions; \
+         insert into synchub.row_versions (tenant_id, table_name, pk, version, clocks) \
+           select 'shop', 'products', jsonb_build_object('id', i::text), 1, '[]' from generate_series(1, 3000) i",
+    )
+    .execute(&hub.db)
+    .await
+    .unwrap();
+    let keys: Vec<Value> = (1..=100).map(|i| json!({ "id": (i * 30).to_string() })).collect();
+    let tables = vec!["products"; keys.len()];
+    let versions = vec![2_i64; keys.len()];
+    for settings in [MERGE_SETTINGS, LARGE_GROUP_SETTINGS] {
+        let mut tx = hub.db.begin().await.unwrap();
+        for (name, value) in settings {
+            sqlx::query("select set_config($1, $2, true)").bind(name).bind(value).execute(&mut *tx).await.unwrap();
+        }
+        // The shape of the bookkeeping statement's update of the version rows a group found.
+        let plan: Value = sqlx::query_scalar(
+            "explain (format json) update synchub.row_versions v set version = x.v \
+             from (select t, k::text as k_text, v from unnest($1::text[], $2::jsonb[], $3::int8[]) as x(t, k, v) offset 0) x \
+             where v.tenant_id = $4 and v.table_name = x.t and v.pk_text = x.k_text",
+        )
+        .bind(&tables)
+        .bind(&keys)
+        .bind(&versions)
+        .bind("shop")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        let plan = plan.to_string();
+        assert!(plan.contains("\"Index Scan\"") && plan.contains("\"Nested Loop\""), "found by key: {plan}");
+        assert!(!plan.contains("Bitmap Heap Scan") && !plan.contains("Hash Join"), "not by the tenant's every row: {plan}");
+        tx.rollback().await.unwrap();
+    }
+}
