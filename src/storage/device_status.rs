@@ -13,6 +13,7 @@
 //! staler), and a failure is logged, never reported to the client. (One transaction per note
 //! cost a reconnect storm of 10,000 devices about a tenth of the hub's CPU.)
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -60,15 +61,15 @@ enum Noted {
 impl Waiting {
     fn note(&mut self, tenant: &TenantId, device: &str, seen: Seen, max: usize) -> Noted {
         let held = self.devices.len();
-        match self.devices.get_mut(&(tenant.clone(), device.to_owned())) {
-            Some(earlier) => {
-                let position = seen.position.or(earlier.position);
-                *earlier = Seen { position, ..seen };
+        match self.devices.entry((tenant.clone(), device.to_owned())) {
+            Entry::Occupied(mut earlier) => {
+                let position = seen.position.or(earlier.get().position);
+                earlier.insert(Seen { position, ..seen });
             }
-            None if held < max => {
-                self.devices.insert((tenant.clone(), device.to_owned()), seen);
+            Entry::Vacant(slot) if held < max => {
+                slot.insert(seen);
             }
-            None => return Noted::Dropped,
+            Entry::Vacant(_) => return Noted::Dropped,
         }
         if std::mem::replace(&mut self.flushing, true) {
             Noted::Kept
